@@ -1,0 +1,6 @@
+"""``python -m regfw``: the same as the ``regfw`` command."""
+import sys
+
+from regfw.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""The ``regfw`` command line (also ``python -m regfw``).
+
+Errors a user can fix print one line and exit 2; ``--debug`` shows the traceback instead.
+Plugins are loaded only by the commands that need them, so a broken plugin never breaks
+``regfw --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from regfw import __version__
+from regfw.errors import RegfwError
+
+
+def _config(args: argparse.Namespace):
+    from regfw.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from regfw.run import fit
+
+    cfg = _config(args)
+    result = fit(cfg, run_dir=args.run_dir)
+    print(f"\nrun directory: {result.run_dir}")
+    print(f"config:        {result.config_path}")
+    print(f"checkpoint:    {result.checkpoint}")
+    for name, value in result.metrics.items():
+        print(f"{name}: {value:.4f}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from regfw.factory import build_datamodule
+    from regfw.run import build_module
+
+    cfg = _config(args)
+    module = build_module(cfg, build_datamodule(cfg.data, seed=cfg.seed))
+    print(module.plan.format())
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from regfw.plugins import plugin_infos
+    from regfw.registry import get_registry
+
+    registry = get_registry()
+    infos = plugin_infos()
+    for info in infos:
+        provides = [s.name for s in registry.specs.values() if s.plugin == info.name]
+        origin = "built-in" if info.builtin else (info.distribution or "registered at run time")
+        print(f"{info.name} {info.version or ''} ({origin}; module {info.module})".replace("  ", " "))
+        print(f"  hooks:        {', '.join(info.hooks) or '-'}")
+        print(f"  regularizers: {', '.join(provides) or '-'}")
+        for name in provides:
+            desc = registry.specs[name].cls.description
+            if desc:
+                print(f"    {name}: {desc}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
+    text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from regfw.run import write_atomic
+
+    write_atomic(path, text)
+    print(f"wrote {path}; train with: regfw fit {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from regfw.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "fit": (cmd_fit, "train a config in a new run directory"),
+    "plan": (cmd_plan, "print what the regularizers would insert, and why, without training"),
+    "plugins": (cmd_plugins, "list the installed plugins and the regularizers they provide"),
+    "init": (cmd_init, "write a commented starter config"),
+    "demo": (cmd_demo, "train with and without the regularizers and compare"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regfw", description="Regularization and MC dropout uncertainty for PyTorch Lightning.")
+    parser.add_argument("--version", action="version", version=f"regfw {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parsers = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
+
+    for name in ("fit", "plan", "demo"):
+        p = parsers[name]
+        p.add_argument("config", nargs="?" if name == "demo" else None,
+                       default="templates/demo.yaml" if name == "demo" else None, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. trainer.max_epochs=3")
+    parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
+    parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
+    parsers["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS[args.command][0]
+    try:
+        return handler(args)
+    except RegfwError as exc:
+        if args.debug:
+            raise
+        print(f"regfw {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"regfw {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"regfw {args.command}: error: {type(exc).__name__}: {exc} (run `regfw --debug {args.command} ...` "
+              f"for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Configuration: an OmegaConf YAML file plus dotlist overrides, validated against dataclasses.
+
+Top-level sections: ``seed``, ``data``, ``model``, ``optimizer``, ``regularizers``,
+``uncertainty``, ``trainer`` and ``run``. Each regularizer's section is validated against its
+plugin's ``Config`` dataclass. Every error names the full dotted key, the value, what was
+expected and how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from regfw.errors import ConfigError
+
+# -- field helpers ------------------------------------------------------------------------------
+
+
+def rate(default: Optional[float] = None, *, doc: str = "") -> Any:
+    """A dropout-style rate in [0, 1)."""
+    return field(default=default, metadata={"range": (0.0, 1.0, "[0, 1)"), "doc": doc})
+
+
+def nonneg(default: Any = 0.0, *, doc: str = "") -> Any:
+    """A number >= 0."""
+    return field(default=default, metadata={"range": (0.0, None, ">= 0"), "doc": doc})
+
+
+def positive(default: Any, *, doc: str = "") -> Any:
+    """A number > 0."""
+    return field(default=default, metadata={"range": (0.0, None, "> 0", "exclusive"), "doc": doc})
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def closest_hint(name: str, known: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(
+            f"{key}: got {value!r}, expected one of {', '.join(repr(c) for c in choices)}."
+            f"{closest_hint(str(value), [str(c) for c in choices])}"
+        )
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: got {value!r}, expected null.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected true or false.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a number.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a whole number.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a string.")
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, expected a list.")
+        args = typing.get_args(tp)
+        if args:
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return list(value)
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: got {value!r}, expected a mapping.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return validate_dataclass(tp, value, key)
+    return value
+
+
+def _check_range(value: Any, meta: Mapping, key: str) -> None:
+    spec = meta.get("range")
+    if spec is None or value is None or not isinstance(value, (int, float)):
+        return
+    low, high, text = spec[0], spec[1], spec[2]
+    exclusive_low = len(spec) > 3
+    bad = (value <= low if exclusive_low else value < low) or (high is not None and value >= high)
+    if bad:
+        raise ConfigError(f"{key}: got {value!r}, expected a value in {text}. Change it or remove it to use the default.")
+
+
+def validate_dataclass(cls: type, data: Any, key: str) -> Any:
+    """An instance of dataclass ``cls`` from ``data``, or a :class:`ConfigError` naming ``key``."""
+    data = _to_plain(data)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key}: got {data!r}, expected a mapping of settings (or nothing for the defaults).")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            known = sorted(fields)
+            raise ConfigError(
+                f"{key}.{name}: unknown key. Known keys of {key}: {', '.join(known) or '(none)'}."
+                f"{closest_hint(str(name), known)}"
+            )
+        checked = _coerce(value, hints[name], f"{key}.{name}")
+        _check_range(checked, fields[name].metadata, f"{key}.{name}")
+        kwargs[name] = checked
+    try:
+        instance = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs:
+            _check_range(getattr(instance, f.name), f.metadata, f"{key}.{f.name}")
+    return instance
+
+
+# -- the top-level schema -------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """``data:`` a built-in dataset by ``name`` or a LightningDataModule by ``class_path``."""
+
+    name: Optional[Literal["digits", "diabetes"]] = "digits"
+    class_path: Optional[str] = None
+    init_args: dict = field(default_factory=dict)
+    batch_size: int = positive(64)
+    val_fraction: float = field(default=0.25, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive")})
+    #: Use only this fraction of the training split (smaller data overfits more).
+    train_fraction: float = field(default=1.0, metadata={"range": (0.0, 1.0000001, "(0, 1]", "exclusive")})
+    num_workers: int = nonneg(0)
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` a built-in model by ``name`` or an ``nn.Module`` by ``class_path``."""
+
+    name: Optional[Literal["mlp", "cnn", "lstm"]] = "mlp"
+    class_path: Optional[str] = None
+    init_args: dict = field(default_factory=dict)
+    #: ``auto`` picks cross-entropy for classification data, MSE for regression.
+    loss: Literal["auto", "cross_entropy", "mse", "gaussian_nll"] = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer:`` a ``torch.optim`` optimizer by name and its settings."""
+
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    lr: float = positive(1e-3)
+    weight_decay: float = nonneg(0.0)
+    momentum: float = nonneg(0.0)
+
+
+@dataclass
+class UncertaintyConfig:
+    """``uncertainty:`` Monte Carlo dropout at validation time."""
+
+    enabled: bool = True
+    samples: int = 30
+    every_n_epochs: int = positive(1)
+    strategy: Literal["auto", "loop", "batched"] = "auto"
+    max_batches: Optional[int] = None
+    score: Literal["mutual_information", "entropy", "variation_ratio", "variance"] = "entropy"
+    #: Refer samples whose score exceeds this to a human; None refers the top ``refer_fraction``.
+    threshold: Optional[float] = None
+    refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
+    budget_mb: float = positive(256.0)
+    plots: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    """``run:`` where run directories go."""
+
+    dir: str = "runs"
+    name: Optional[str] = None
+
+
+TOP_LEVEL = ("seed", "data", "model", "optimizer", "regularizers", "uncertainty", "trainer", "run")
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 20,
+    "accelerator": "cpu",
+    "devices": 1,
+    "log_every_n_steps": 10,
+    "enable_progress_bar": True,
+}
+
+
+@dataclass
+class Config:
+    """The validated, fully resolved configuration of a run."""
+
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    regularizers: dict
+    uncertainty: UncertaintyConfig
+    trainer: dict
+    run: RunConfig
+    source: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        out = {name: _as_plain(getattr(self, name)) for name in TOP_LEVEL}
+        return out
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+def _as_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    return value
+
+
+def _check_trainer(section: Mapping[str, Any]) -> dict:
+    import inspect
+
+    from pytorch_lightning import Trainer
+
+    known = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for name in section:
+        if name not in known:
+            raise ConfigError(
+                f"trainer.{name}: unknown key; the trainer section takes the arguments of "
+                f"pytorch_lightning.Trainer.{closest_hint(str(name), known)}"
+            )
+    return {**TRAINER_DEFAULTS, **section}
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides as a config; a malformed one is a :class:`ConfigError`."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3"
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"overrides {list(overrides)}: {exc}") from None
+
+
+def load_raw(path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) -> dict:
+    """The YAML file merged with ``overrides``, as plain containers, not yet validated."""
+    base = OmegaConf.create()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist. Create one with `regfw init {path}`.")
+        try:
+            base = OmegaConf.load(path)
+        except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(base, DictConfig):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level.")
+    try:
+        merged = OmegaConf.merge(base, parse_overrides(overrides))
+        return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config {str(path)!r}: {exc}") from None
+
+
+def validate(raw: Mapping[str, Any], source: Optional[str] = None, *, check_plugins: bool = True) -> Config:
+    """A :class:`Config` from plain containers; raises :class:`ConfigError` naming the key."""
+    for name in raw:
+        if name not in TOP_LEVEL:
+            raise ConfigError(
+                f"{name}: unknown top-level section. Known sections: {', '.join(TOP_LEVEL)}."
+                f"{closest_hint(str(name), TOP_LEVEL)}"
+            )
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: got {seed!r}, expected a whole number such as 0.")
+    data = validate_dataclass(DataConfig, raw.get("data"), "data")
+    model = validate_dataclass(ModelConfig, raw.get("model"), "model")
+    for section, obj in (("data", data), ("model", model)):
+        if obj.class_path:
+            obj.name = None
+        elif obj.name is None:
+            raise ConfigError(f"{section}: set either {section}.name (a built-in) or {section}.class_path.")
+    regs = _to_plain(raw.get("regularizers")) or {}
+    if not isinstance(regs, Mapping):
+        raise ConfigError(f"regularizers: got {regs!r}, expected a mapping of regularizer names to settings.")
+    trainer = _to_plain(raw.get("trainer")) or {}
+    if not isinstance(trainer, Mapping):
+        raise ConfigError(f"trainer: got {trainer!r}, expected a mapping of Trainer arguments.")
+    cfg = Config(
+        seed=seed,
+        data=data,
+        model=model,
+        optimizer=validate_dataclass(OptimizerConfig, raw.get("optimizer"), "optimizer"),
+        regularizers={},
+        uncertainty=validate_dataclass(UncertaintyConfig, raw.get("uncertainty"), "uncertainty"),
+        trainer=_check_trainer(trainer),
+        run=validate_dataclass(RunConfig, raw.get("run"), "run"),
+        source=source,
+    )
+    if cfg.uncertainty.samples < 2:
+        raise ConfigError(f"uncertainty.samples: got {cfg.uncertainty.samples}, expected at least 2 Monte Carlo samples.")
+    if check_plugins:
+        from regfw.registry import build_regularizers
+
+        built = build_regularizers(regs)
+        cfg.regularizers = {r.name: dataclasses.asdict(r.config) for r in built}
+        for reg in built:
+            reg.check(cfg)
+    else:
+        cfg.regularizers = dict(regs)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, merge and validate a config file; the entry point the CLI and users call."""
+    return validate(load_raw(path, overrides), source=str(path) if path else None)

@@ -1,0 +1,53 @@
+"""The common base of every stochastic layer in regfw."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def check_rate(p: float, name: str = "p", upper_inclusive: bool = True) -> float:
+    """Validate a drop rate and return it as a float.
+
+    Raises ``ValueError`` naming the value and the allowed interval, as ``torch.nn.Dropout`` does.
+    """
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {p!r}") from None
+    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+    if not ok:
+        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+class StochasticModule(nn.Module):
+    """Marker base class: a module whose training-mode output is random.
+
+    Monte Carlo dropout switches exactly these modules (plus torch's dropout modules and the
+    types plugins declare through ``regfw_stochastic_types``) to training mode at inference.
+    Subclasses keep their rate in the attribute ``p`` so that rate schedules can change it.
+    """
+
+    p: float
+
+
+class Rate:
+    """A validated drop-rate attribute for :class:`StochasticModule` subclasses.
+
+    ``p = Rate()`` in a class body makes ``module.p = value`` go through :func:`check_rate`,
+    so a rate schedule that computes a value outside [0, 1] fails at the assignment with the
+    value in the message instead of producing silent garbage in the next forward pass.
+    Forward passes read ``self.p`` each time, so a new value applies from the next call on.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = "_" + name
+
+    def __get__(self, obj: object, objtype: type | None = None) -> float:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        return obj.__dict__[self.slot]
+
+    def __set__(self, obj: object, value: float) -> None:
+        obj.__dict__[self.slot] = check_rate(value, self.name)

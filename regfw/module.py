@@ -1,0 +1,174 @@
+"""``RegularizedModule``: a LightningModule that trains any ``nn.Module`` with regularizers."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regfw.errors import ConfigError
+from regfw.plan import Plan, apply_plan, make_plan
+from regfw.regularizer import Regularizer
+
+LOSSES = ("cross_entropy", "mse", "gaussian_nll")
+
+
+def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL for a model whose last dimension holds ``[mean, raw variance]`` halves."""
+    mean, raw = output.chunk(2, dim=-1)
+    return F.gaussian_nll_loss(mean, target, F.softplus(raw) + 1e-6)
+
+
+def _loss_fn(loss: Union[str, Callable]) -> Callable:
+    if callable(loss):
+        return loss
+    table = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
+    if loss not in table:
+        raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)} or a callable.")
+    return table[loss]
+
+
+def _regularizer_section(regularizers: Any) -> dict:
+    if regularizers is None:
+        return {}
+    if isinstance(regularizers, Mapping):
+        return dict(regularizers)
+    section = {}
+    for reg in regularizers:
+        if not isinstance(reg, Regularizer):
+            raise ConfigError(f"regularizers: expected Regularizer objects or a mapping, got {reg!r}")
+        section[reg.name] = dataclasses.asdict(reg.config)
+    return section
+
+
+class RegularizedModule(pl.LightningModule):
+    """Train ``model`` with the selected regularizers applied.
+
+    The regularizers are applied when the module is built, from the serialisable settings kept
+    in ``hparams``, so ``RegularizedModule.load_from_checkpoint(path)`` rebuilds the same
+    structure (pass ``model=`` again for a model that was not built from a config).
+
+    Args:
+        model: any ``nn.Module`` (None: build it from ``model_config``).
+        loss: ``"cross_entropy"`` (classification), ``"mse"`` or ``"gaussian_nll"`` (regression),
+            or a callable ``loss(output, target)``.
+        regularizers: a ``regularizers:`` config mapping (``{"dropout": {"hidden": 0.3}}``) or
+            :class:`~regfw.Regularizer` objects.
+        optimizer: ``{"name": "adam", "lr": 1e-3, "weight_decay": 0, "momentum": 0}``.
+        n_examples: training-set size, for the rate policy.
+        example_input: one input batch; the forward call order decides which layer is the input
+            and which the output layer. Only its shape and dtype are kept.
+        model_config: ``{"name"|"class_path": ..., "init_args": {...}}`` to rebuild the model.
+    """
+
+    def __init__(
+        self,
+        model: Optional[nn.Module] = None,
+        loss: Union[str, Callable] = "cross_entropy",
+        regularizers: Union[Mapping[str, Any], Sequence[Regularizer], None] = None,
+        optimizer: Optional[Mapping[str, Any]] = None,
+        n_examples: Optional[int] = None,
+        example_input: Optional[torch.Tensor] = None,
+        model_config: Optional[Mapping[str, Any]] = None,
+        input_shape: Optional[Sequence[int]] = None,
+        input_dtype: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if example_input is not None:
+            input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
+        section = _regularizer_section(regularizers)
+        self.save_hyperparameters({
+            "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+            "regularizers": section,
+            "optimizer": dict(optimizer or {"name": "adam", "lr": 1e-3}),
+            "n_examples": n_examples,
+            "model_config": dict(model_config) if model_config else None,
+            "input_shape": input_shape,
+            "input_dtype": input_dtype,
+        })
+        if model is None:
+            if not model_config:
+                raise ConfigError("RegularizedModule: pass `model=` (an nn.Module) or `model_config=`.")
+            from regfw.factory import build_model
+
+            model = build_model(model_config)
+        self.model = model
+        self.loss_fn = _loss_fn(loss)
+        self.task = "classification" if loss == "cross_entropy" else "regression"
+        if input_shape is not None:
+            self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
+        from regfw.registry import build_regularizers
+
+        self.regularizers: list[Regularizer] = build_regularizers(section) if isinstance(regularizers, Mapping) or regularizers is None else list(regularizers)
+        self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
+        apply_plan(model, self.regularizers, self.plan)
+
+    # -- forward and steps -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.loss_fn(out, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        if self.task == "classification":
+            acc = (out.argmax(-1) == y).float().mean()
+            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
+        if penalties:
+            penalty = torch.stack([p.reshape(()) for p in penalties]).sum()
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(batch[0]))
+            loss = loss + penalty
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    # -- optimizer and callbacks -----------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Parameter groups contributed by at most one regularizer, else all trainable params."""
+        found = [(reg.name, g) for reg in self.regularizers if (g := reg.param_groups(self.model)) is not None]
+        if len(found) > 1:
+            raise ConfigError(
+                f"regularizers: {found[0][0]!r} and {found[1][0]!r} both define optimizer parameter groups; "
+                f"select only one of them"
+            )
+        if found:
+            return found[0][1]
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = dict(self.hparams.optimizer)
+        name = cfg.pop("name", "adam")
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+                   "rmsprop": torch.optim.RMSprop}
+        if name not in classes:
+            raise ConfigError(f"optimizer.name: got {name!r}, expected one of {', '.join(classes)}.")
+        if name not in ("sgd", "rmsprop"):
+            cfg.pop("momentum", None)
+        elif not cfg.get("momentum"):
+            cfg.pop("momentum", None)
+        return classes[name](self.param_groups(), **cfg)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [cb for reg in self.regularizers for cb in reg.callbacks()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from regfw import __version__
+
+        checkpoint["regfw"] = {
+            "version": __version__,
+            "regularizers": sorted(self.hparams.regularizers),
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+        }

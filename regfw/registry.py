@@ -1,0 +1,98 @@
+"""The registry of regularizers, filled by the plugins' ``regfw_register_regularizers`` hooks."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from regfw.errors import ConfigError
+from regfw.plugins import PluginError, get_plugin_manager, origin_of
+from regfw.regularizer import Regularizer
+
+
+@dataclass(frozen=True)
+class RegularizerSpec:
+    """A registered regularizer: its class and the plugin it came from."""
+
+    name: str
+    cls: type
+    plugin: str
+    distribution: Optional[str]
+
+    @property
+    def origin(self) -> str:
+        return f"plugin {self.plugin!r} ({self.distribution or 'not installed'}, {self.cls.__module__}.{self.cls.__qualname__})"
+
+
+def closest(name: str, known: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest known name, or an empty string."""
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+class Registry:
+    """Name -> :class:`RegularizerSpec`."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, RegularizerSpec] = {}
+
+    def register(self, cls: type, name: Optional[str] = None) -> None:
+        """Register ``cls`` under ``name`` (default ``cls.name``). Duplicates are errors."""
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise PluginError(f"register() takes a regfw.Regularizer subclass, got {cls!r}")
+        name = name or cls.name
+        if not name or not name.isidentifier():
+            raise PluginError(f"regularizer {cls.__qualname__} needs a `name` that is an identifier, got {name!r}")
+        if not dataclasses.is_dataclass(cls.Config):
+            raise PluginError(f"regularizer {name!r}: Config must be a dataclass, got {cls.Config!r}")
+        info = origin_of(cls.__module__)
+        spec = RegularizerSpec(name, cls, info.name if info else cls.__module__, info.distribution if info else None)
+        if name in self.specs:
+            raise PluginError(
+                f"regularizer {name!r} is registered twice: by {self.specs[name].origin} and by {spec.origin}; "
+                f"uninstall or disable one of them (REGFW_LOAD_PLUGINS)"
+            )
+        self.specs[name] = spec
+
+    def names(self) -> list[str]:
+        return sorted(self.specs)
+
+    def get(self, name: str, key: str = "regularizers") -> RegularizerSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            known = self.names()
+            raise ConfigError(
+                f"{key}.{name}: unknown regularizer {name!r}. Known regularizers: "
+                f"{', '.join(known) or '(none: no plugin is loaded)'}.{closest(name, known)} "
+                f"Run `regfw plugins` to see what is installed."
+            ) from None
+
+
+def get_registry() -> Registry:
+    """A registry built from every loaded plugin (rebuilt each call: plugins may come and go)."""
+    registry = Registry()
+    get_plugin_manager().hook.regfw_register_regularizers(register=registry.register)
+    return registry
+
+
+def build_regularizers(section: Optional[Mapping[str, Any]], registry: Optional[Registry] = None) -> list[Regularizer]:
+    """Regularizer objects for a ``regularizers:`` config section (validated on the way).
+
+    ``section`` maps names to their settings (a mapping, or None/``{}`` for all defaults).
+    A name mapped to ``false`` is left out, so an override can switch one off.
+    """
+    from regfw.config import validate_dataclass
+
+    registry = registry or get_registry()
+    out: list[Regularizer] = []
+    for name, settings in (section or {}).items():
+        if settings is False:
+            continue
+        spec = registry.get(str(name))
+        cfg = validate_dataclass(spec.cls.Config, settings or {}, f"regularizers.{name}")
+        reg = spec.cls(cfg)
+        reg.name = spec.name
+        out.append(reg)
+    return out

@@ -1,0 +1,151 @@
+"""The public base classes every regularizer plugin builds on.
+
+A regularizer is a class with a ``name``, a ``Config`` dataclass (its config section is
+validated against it) and a few optional methods that the host calls at well-defined times:
+
+``plan(model, ctx)``
+    once per model, before training: what this regularizer will do, as :class:`PlanItem` rows.
+    ``regfw plan`` prints these rows and :meth:`apply` carries out exactly these rows, so what
+    is printed cannot disagree with what is done.
+``apply(model, items)``
+    once per model: change the model (insert modules, wrap weights) as planned.
+``param_groups(model)``
+    optimizer parameter groups (for example decay / no-decay), or None.
+``penalty(model)``
+    a loss term added to every training step, or None.
+``callbacks()``
+    Lightning callbacks for per-step behaviour (constraints, schedules).
+``check(config)``
+    a chance to reject a combination with the rest of the resolved config.
+``describe(model)``
+    extra lines for ``regfw plan`` (for example the optimizer groups).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PlanContext:
+    """What a regularizer may know about the run when it plans.
+
+    ``layers`` is the classified model (see :func:`regfw.surgery.classify_model`), computed
+    once and shared by all regularizers.
+    """
+
+    n_examples: Optional[int] = None
+    n_params: Optional[int] = None
+    layers: list = field(default_factory=list)
+    example_input: Any = None
+
+
+@dataclass
+class PlanItem:
+    """One thing a regularizer does to one place of the model."""
+
+    regularizer: str
+    path: str
+    kind: str
+    variant: str
+    rate: Optional[float]
+    reason: str
+    #: ``before`` (on the layer's input), ``after`` (on the output of ``anchor``), ``set``
+    #: (change an existing module's rate), ``wrap`` (modify the layer itself) or ``note``.
+    action: str = "after"
+    #: The module path the inserted module hangs on (its forward hook runs there).
+    anchor: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+class Regularizer:
+    """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
+
+    #: The name users select in ``regularizers:`` of the config.
+    name: ClassVar[str] = ""
+    #: A dataclass describing the config section; every field needs a default.
+    Config: ClassVar[type] = type("EmptyConfig", (), {})
+    #: One line shown by ``regfw plugins``.
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    # Everything below is optional; the defaults do nothing.
+    def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+        return []
+
+    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
+        return None
+
+    def param_groups(self, model: nn.Module) -> Optional[list[dict]]:
+        return None
+
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
+    def callbacks(self) -> list:
+        return []
+
+    def check(self, config: Any) -> None:
+        return None
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class InjectingRegularizer(Regularizer):
+    """A regularizer that inserts one module per layer of chosen kinds.
+
+    Subclasses implement :meth:`rate_for` (or rely on its default reading ``config.<kind>``
+    and falling back to the rate policy of :mod:`regfw.kinds`) and :meth:`make_module`.
+    Placement follows :func:`regfw.surgery.plan_insertions`: the input kind gets its module on
+    the first layer's input; other kinds after the activation that follows the layer (never
+    between a layer and its BatchNorm); the model's output layer gets nothing.
+    """
+
+    #: The kinds this regularizer acts on, e.g. ``("input", "hidden")``.
+    kinds: ClassVar[tuple[str, ...]] = ()
+    #: The variant name shown in plans (defaults to ``name``).
+    variant: ClassVar[str] = ""
+
+    def variant_for(self, kind: str) -> str:
+        return self.variant or self.name
+
+    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[Optional[float], str]:
+        """The rate for ``kind`` and why: explicit in the config, policy, or the table default.
+
+        Returns ``(None, reason)`` to leave the kind out.
+        """
+        from regfw import kinds as K
+
+        explicit = getattr(self.config, kind, None)
+        if explicit is not None:
+            return float(explicit), "explicit"
+        if kind not in K.RATE_TABLE:
+            return None, "no default rate"
+        if getattr(self.config, "policy", "auto") == "default":
+            return K.rate_range(kind).default, "default (rate table)"
+        return K.policy_rate(kind, ctx.n_examples, ctx.n_params), K.explain_policy(kind, ctx.n_examples, ctx.n_params)
+
+    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
+        raise NotImplementedError
+
+    def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+        from regfw.surgery import plan_insertions
+
+        return plan_insertions(self, model, ctx)
+
+    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
+        from regfw.surgery import apply_insertions
+
+        apply_insertions(self, model, items)
