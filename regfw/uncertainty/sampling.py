@@ -1,0 +1,618 @@
+"""Monte Carlo dropout sampling: T stochastic forward passes of a model, with dropout on.
+
+Gal & Ghahramani 2016 ("Dropout as a Bayesian Approximation") show that a network trained with
+dropout, run at test time with dropout still active, samples from an approximate posterior
+predictive. :func:`mc_predict` does exactly that, and nothing else changes:
+
+* only the stochastic modules (:func:`stochastic_modules`) are put in training mode; every
+  other module, BatchNorm in particular, stays in eval mode, so running statistics are used
+  and never updated (:func:`mc_mode`); every module's ``training`` flag is restored after;
+* the masks come from a random stream of their own: sampling runs inside
+  :func:`torch.random.fork_rng` seeded from ``seed`` (or a fresh seed / a dedicated
+  :class:`torch.Generator`), so the global RNG state -- and with it training -- is exactly as
+  if sampling had never happened (:func:`isolated_rng`);
+* everything runs under :func:`torch.no_grad`.
+
+How the T passes are computed is a *strategy*, a function in :data:`STRATEGIES`::
+
+    fn(model, inputs, samples, *, budget_bytes, **kw) -> Tensor[T, B, ...]
+
+called inside :func:`mc_mode` and :func:`isolated_rng`. Built in: ``"loop"`` (T full passes)
+and ``"batched"`` (the batch repeated T times, run in chunks that fit ``budget_bytes``).
+``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast` (which registers
+itself on import); when that module is not available ``"auto"`` means ``"batched"``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from importlib import import_module
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from regfw.layers.base import StochasticModule
+from regfw.uncertainty.summaries import (
+    ClassificationSummary,
+    RegressionSummary,
+    classification_summary,
+    regression_summary,
+)
+
+__all__ = [
+    "TORCH_STOCHASTIC_TYPES",
+    "DEFAULT_BUDGET_BYTES",
+    "DEFAULT_SAMPLES",
+    "STRATEGIES",
+    "TASKS",
+    "MCResult",
+    "mc_predict",
+    "mc_mode",
+    "eval_mode",
+    "isolated_rng",
+    "is_stochastic",
+    "stochastic_modules",
+    "stochastic_types",
+    "register_strategy",
+    "resolve_strategy",
+    "loop_strategy",
+    "batched_strategy",
+    "estimate_row_bytes",
+    "derive_seed",
+    "split_mean_logvar",
+]
+
+#: torch's own dropout modules (all subclass ``nn.modules.dropout._DropoutNd``).
+TORCH_STOCHASTIC_TYPES: tuple[type, ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+#: Default memory budget of the ``batched`` strategy for the activations of one chunk.
+DEFAULT_BUDGET_BYTES: int = 256 * 2**20
+#: Default number of Monte Carlo samples T.
+DEFAULT_SAMPLES: int = 30
+TASKS: tuple[str, ...] = ("classification", "regression")
+
+Strategy = Callable[..., Tensor]
+
+
+# --------------------------------------------------------------------------- stochastic modules
+
+
+_warned: set[str] = set()
+
+
+def _plugin_stochastic_types() -> tuple[type, ...]:
+    """The module types plugins declare through the ``regfw_stochastic_types`` hook."""
+    try:
+        from regfw.plugins import get_plugin_manager
+    except ImportError:
+        return ()
+    try:
+        answers = get_plugin_manager().hook.regfw_stochastic_types()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop MC dropout
+        message = (
+            f"regfw_stochastic_types could not be asked ({type(exc).__name__}: {exc}); Monte Carlo "
+            "dropout uses the built-in stochastic types only"
+        )
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return ()
+    found: list[type] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        if isinstance(answer, type):
+            answer = [answer]
+        for t in answer:
+            if not isinstance(t, type):
+                raise TypeError(
+                    f"regfw_stochastic_types must return module types, got {t!r} of type {type(t).__name__}"
+                )
+            found.append(t)
+    return tuple(found)
+
+
+def stochastic_types() -> tuple[type, ...]:
+    """Every module type MC dropout switches on: torch's dropout modules,
+    :class:`regfw.layers.base.StochasticModule` and the types plugins declare."""
+    return (*TORCH_STOCHASTIC_TYPES, StochasticModule, *_plugin_stochastic_types())
+
+
+def _rate_is_zero(module: nn.Module) -> bool:
+    """True when the module has a rate attribute ``p`` and every rate in it is 0."""
+    p = getattr(module, "p", None)
+    if p is None:
+        return False
+    if isinstance(p, Tensor):
+        return bool(p.numel() > 0 and torch.all(p == 0))
+    if isinstance(p, (list, tuple)):
+        return len(p) > 0 and all(float(v) == 0.0 for v in p)
+    try:
+        return float(p) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def is_stochastic(module: nn.Module, types: Optional[tuple[type, ...]] = None) -> bool:
+    """Whether ``module`` is random in training mode: a dropout-family type with a rate > 0.
+
+    ``types`` defaults to :func:`stochastic_types` (pass it when testing many modules, to ask
+    the plugins once). Matching is by type (``isinstance``), never by class name.
+    """
+    types = stochastic_types() if types is None else types
+    return isinstance(module, types) and not _rate_is_zero(module)
+
+
+def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` for every stochastic module of ``model`` with a rate > 0.
+
+    ``model.named_modules()`` is searched, so regularizer layers attached as child modules
+    (e.g. ``fc1.regfw_dropout``) are found as well as ordinary ones.
+    """
+    types = stochastic_types()
+    return [(name, m) for name, m in model.named_modules() if is_stochastic(m, types)]
+
+
+def _dropout_family(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    types = stochastic_types()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+
+
+def _require_stochastic(model: nn.Module) -> list[nn.Module]:
+    found = stochastic_modules(model)
+    if found:
+        return [m for _, m in found]
+    family = _dropout_family(model)
+    if family:
+        names = ", ".join(n or "<root>" for n, _ in family[:5]) + (" ..." if len(family) > 5 else "")
+        what = (
+            f"the model's {len(family)} dropout-family module(s) ({names}) all have rate p = 0"
+        )
+    else:
+        what = "the model has no dropout-family module"
+    raise ValueError(
+        f"Monte Carlo dropout needs a stochastic module with a rate > 0, but {what}, so every "
+        "sample would be identical. Fix: select a dropout regularizer in the config, e.g. "
+        "`regularizers: {dropout: {}}`, or add an nn.Dropout(p > 0) to the model "
+        "(a custom stochastic layer should subclass regfw.layers.base.StochasticModule or be "
+        "declared through the regfw_stochastic_types hook)."
+    )
+
+
+# --------------------------------------------------------------------------- modes and RNG
+
+
+@contextlib.contextmanager
+def mc_mode(model: nn.Module, modules: Optional[Iterable[nn.Module]] = None) -> Iterator[list[nn.Module]]:
+    """Put only the stochastic modules of ``model`` in training mode, all others in eval.
+
+    BatchNorm and every other non-stochastic module stay in eval mode (running statistics
+    used, never updated). On exit -- also when an exception is raised -- every module's
+    previous ``training`` flag is restored exactly. ``modules`` overrides the set switched on
+    (default :func:`stochastic_modules`). Yields the list of modules switched on.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        stoch = [m for _, m in stochastic_modules(model)] if modules is None else list(modules)
+        on = {id(m) for m in stoch}
+        model.eval()
+        for m in stoch:
+            m.train(True)
+        for m in model.modules():  # undo train(True) reaching non-stochastic children
+            if m.training and id(m) not in on:
+                m.training = False
+        yield stoch
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the whole model in eval mode, restoring every module's flag on exit."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _devices(model: nn.Module, inputs: Any) -> set[torch.device]:
+    found: set[torch.device] = set()
+    for t in (*model.parameters(), *model.buffers()):
+        found.add(t.device)
+    for t in _tensors(inputs):
+        found.add(t.device)
+    return found
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int, devices: Iterable[torch.device] = ()) -> Iterator[None]:
+    """Run the block on a random stream seeded by ``seed``, leaving the global RNG untouched.
+
+    The CPU generator and the default generator of every accelerator device in ``devices``
+    are forked (:func:`torch.random.fork_rng`) and reseeded; on exit their states are restored
+    exactly, so a training run is bit-identical with or without the block.
+    """
+    by_type: dict[str, set[int]] = {}
+    for d in devices:
+        d = torch.device(d)
+        if d.type in ("cpu", "meta"):
+            continue
+        mod = torch.get_device_module(d.type)
+        index = d.index if d.index is not None else mod.current_device()
+        by_type.setdefault(d.type, set()).add(int(index))
+    with contextlib.ExitStack() as stack:
+        # the CPU generator is always forked; device_type only matters with devices listed
+        stack.enter_context(torch.random.fork_rng(devices=[], device_type="cuda"))
+        for dtype, idx in sorted(by_type.items()):
+            stack.enter_context(torch.random.fork_rng(devices=sorted(idx), device_type=dtype))
+        torch.default_generator.manual_seed(seed)
+        for dtype, idx in by_type.items():
+            mod = torch.get_device_module(dtype)
+            gens = getattr(mod, "default_generators", None)
+            for i in idx:
+                if gens is not None and i < len(gens):
+                    gens[i].manual_seed(seed)
+                else:  # pragma: no cover - accelerators without per-device generators
+                    mod.manual_seed(seed)
+        yield
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*values: int) -> int:
+    """A seed in ``[0, 2**62)`` mixed from integers (SplitMix64), e.g. ``(seed, epoch, batch)``.
+
+    Deterministic across processes and Python versions (no ``hash()``), so a run resumed from
+    a checkpoint draws the same masks for the same epoch and batch.
+    """
+    x = 0x2545F4914F6CDD1D
+    for v in values:
+        x = (x ^ (int(v) & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x & ((1 << 62) - 1)
+
+
+def _resolve_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        return seed
+    if generator is not None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    # a fresh, non-deterministic seed from a private generator: the global RNG is not used
+    return int(torch.Generator().seed() % 2**62)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"Monte Carlo sampling needs a model whose forward returns one tensor, got "
+            f"{type(out).__name__}. Wrap the model so that it returns a tensor; a regression "
+            "model predicting variances can return mean and log-variance concatenated on the "
+            "last dimension and use output_transform=regfw.uncertainty.split_mean_logvar."
+        )
+    return out
+
+
+def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: Optional[int] = None, **kw: Any) -> Tensor:
+    """T full forward passes of the batch, stacked: ``[T, B, ...]``. Memory of one pass."""
+    return torch.stack([_forward(model, inputs) for _ in range(samples)])
+
+
+def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
+    """Estimate the activation memory of one input row in one forward pass, in bytes.
+
+    One probe pass of the single row ``row`` (batch size 1) is run with forward hooks on every
+    leaf module. The estimate is::
+
+        bytes(input row) + 2 * (sum of the output bytes of every leaf module + root output)
+
+    Under ``no_grad`` each intermediate is freed once consumed, so the sum over all module
+    outputs is an upper bound for what the modules hold at once; the factor 2 covers tensors
+    made by functional operations between modules (``F.relu``, ``torch.cat``, views made
+    contiguous), which have no hook. Activations scale linearly with the number of rows, so a
+    chunk of ``n`` rows is estimated at ``n`` times this value. Weights are not counted (they
+    are already resident) and neither is the final ``[T, B, ...]`` output buffer.
+    """
+    total = 0
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        for t in _tensors(out):
+            total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None and m is not model]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        out = _forward(model, row)
+    finally:
+        for h in handles:
+            h.remove()
+    total += out.numel() * out.element_size()
+    in_bytes = sum(t.numel() * t.element_size() for t in _tensors(row))
+    return max(1, in_bytes + 2 * total)
+
+
+def batched_strategy(
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int,
+    *,
+    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
+    chunk_rows: Optional[int] = None,
+    **kw: Any,
+) -> Tensor:
+    """The batch repeated T times (sample-major rows ``t * B + b``), run in chunks.
+
+    Each chunk holds at most ``chunk_rows`` rows; by default ``budget_bytes //
+    estimate_row_bytes(...)`` (at least 1), so a large ``T x B`` runs in several passes
+    instead of failing with out-of-memory. The repeated batch is never materialised: each
+    chunk gathers its own rows. ``budget_bytes=None`` means one chunk.
+    """
+    b = inputs.shape[0]
+    total = samples * b
+    if chunk_rows is None:
+        if budget_bytes is None:
+            chunk_rows = total
+        else:
+            if budget_bytes <= 0:
+                raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
+            chunk_rows = max(1, int(budget_bytes) // estimate_row_bytes(model, inputs[:1]))
+    elif chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
+    chunk_rows = min(int(chunk_rows), total)
+    out: Optional[Tensor] = None
+    for start in range(0, total, chunk_rows):
+        stop = min(start + chunk_rows, total)
+        if start == 0 and stop == total and samples > 1:
+            rows = inputs.repeat(samples, *([1] * (inputs.dim() - 1)))
+        else:
+            idx = torch.arange(start, stop, device=inputs.device) % b
+            rows = inputs.index_select(0, idx)
+        y = _forward(model, rows)
+        if out is None:
+            out = y.new_empty((total, *y.shape[1:]))
+        out[start:stop] = y
+    assert out is not None
+    return out.view(samples, b, *out.shape[1:])
+
+
+#: Registered sampling strategies, by name. ``"auto"`` is added by :mod:`regfw.uncertainty.fast`.
+STRATEGIES: dict[str, Strategy] = {
+    "loop": loop_strategy,
+    "batched": batched_strategy,
+}
+
+
+def register_strategy(name: str, fn: Strategy) -> None:
+    """Register (or replace) the strategy ``name``; see the module docstring for the contract."""
+    if not callable(fn):
+        raise TypeError(f"strategy {name!r} must be callable, got {fn!r}")
+    STRATEGIES[name] = fn
+
+
+def resolve_strategy(name: str) -> str:
+    """The registered strategy name that ``name`` stands for (``"auto"`` may become ``"batched"``)."""
+    if name == "auto" and "auto" not in STRATEGIES:
+        try:
+            import_module("regfw.uncertainty.fast")  # registers "auto" on import
+        except ModuleNotFoundError as exc:
+            if exc.name != "regfw.uncertainty.fast":
+                warnings.warn(
+                    f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
+                )
+        except ImportError as exc:
+            warnings.warn(
+                f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
+            )
+        if "auto" not in STRATEGIES:
+            return "batched"
+    if name not in STRATEGIES:
+        known = sorted({*STRATEGIES, "auto"})
+        raise ValueError(f"strategy must be one of {known}, got {name!r}")
+    return name
+
+
+# --------------------------------------------------------------------------- mc_predict
+
+
+@dataclass
+class MCResult:
+    """All T stochastic outputs of :func:`mc_predict` and their summaries.
+
+    Attributes of :attr:`summary` are reachable directly, e.g. ``result.mutual_information``
+    or ``result.mean_probs`` (classification), ``result.variance`` (regression).
+    """
+
+    outputs: Tensor  #: ``[T, B, ...]`` the raw model outputs (logits or means)
+    summary: Union[ClassificationSummary, RegressionSummary]
+    task: str
+    strategy: str  #: the strategy that ran (``"auto"`` resolved)
+    seed: int  #: the seed of the MC masks; pass it again to reproduce them
+    deterministic: Optional[Tensor] = None  #: ``[B, ...]`` raw eval-mode output
+    probs: Optional[Tensor] = None  #: ``[T, B, C]`` softmax of the logits (classification)
+    variances: Optional[Tensor] = None  #: ``[T, B, ...]`` predicted variances (regression)
+
+    @property
+    def samples(self) -> int:
+        """The number of Monte Carlo samples T."""
+        return int(self.outputs.shape[0])
+
+    def score(self, name: str) -> Tensor:
+        """Per-input uncertainty score ``[B]``; see the summaries' ``score``."""
+        return self.summary.score(name)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "summary":
+            raise AttributeError(name)
+        try:
+            summary = object.__getattribute__(self, "summary")
+        except AttributeError:
+            raise AttributeError(name) from None
+        try:
+            return getattr(summary, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}") from None
+
+
+OutputTransform = Callable[[Tensor], Union[Tensor, Sequence[Tensor]]]
+
+
+def split_mean_logvar(outputs: Tensor) -> tuple[Tensor, Tensor]:
+    """``output_transform`` for heteroscedastic regression: the last dimension holds the means
+    followed by the log-variances (``2 * D`` values); returns ``(means, variances)``."""
+    d = outputs.shape[-1]
+    if d % 2:
+        raise ValueError(f"split_mean_logvar needs an even last dimension (means then log-variances), got {d}")
+    return outputs[..., : d // 2], outputs[..., d // 2 :].exp()
+
+
+def _check_samples(samples: Any) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise ValueError(
+            f"samples must be an integer >= 2 (Monte Carlo dropout needs at least two stochastic "
+            f"passes to measure disagreement), got samples={samples!r}; 20-50 is usual"
+        )
+    return samples
+
+
+def _summarise(
+    task: str,
+    outputs: Tensor,
+    det: Optional[Tensor],
+    tau: Optional[float],
+    transform: Optional[OutputTransform],
+) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
+    def apply(x: Tensor) -> Any:
+        return x if transform is None else transform(x)
+
+    if task == "classification":
+        logits = apply(outputs)
+        if isinstance(logits, (tuple, list)):
+            raise TypeError("for classification, output_transform must return one tensor of logits")
+        if logits.dim() != 3:
+            raise ValueError(
+                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
+                f"{tuple(logits.shape)}; use task='regression' for other outputs"
+            )
+        probs = torch.softmax(logits.float(), dim=-1)
+        det_probs = None
+        if det is not None:
+            det_probs = torch.softmax(apply(det.unsqueeze(0)).float(), dim=-1)[0]
+        return classification_summary(probs, det_probs), probs, None
+    out = apply(outputs)
+    means, variances = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+    det_mean = None
+    if det is not None:
+        d = apply(det.unsqueeze(0))
+        det_mean = (d[0] if isinstance(d, (tuple, list)) else d)[0]
+    summary = regression_summary(
+        means.float(), None if variances is None else variances.float(), tau=tau, deterministic_mean=det_mean
+    )
+    return summary, None, variances
+
+
+def mc_predict(
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int = DEFAULT_SAMPLES,
+    strategy: str = "auto",
+    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
+    seed: Optional[int] = None,
+    task: str = "classification",
+    *,
+    generator: Optional[torch.Generator] = None,
+    tau: Optional[float] = None,
+    output_transform: Optional[OutputTransform] = None,
+    deterministic: bool = True,
+    **strategy_kwargs: Any,
+) -> MCResult:
+    """Monte Carlo dropout prediction: ``samples`` stochastic passes of ``model`` on ``inputs``.
+
+    Args:
+        model: any module whose ``forward(inputs)`` returns logits ``[B, C]`` (classification)
+            or means ``[B, ...]`` (regression), with at least one stochastic module.
+        inputs: a batch, first dimension B, on the model's device.
+        samples: T >= 2.
+        strategy: a name in :data:`STRATEGIES`, or ``"auto"`` (the fastest available).
+        budget_bytes: activation memory allowed per chunk (``batched``); None = unlimited.
+        seed: seed of the masks; None draws one from ``generator`` or, without it, a fresh
+            non-deterministic one. The seed used is returned as ``result.seed``.
+        task: ``"classification"`` (softmax of logits) or ``"regression"``.
+        tau: regression only, fixed noise precision (aleatoric variance ``1 / tau``).
+        output_transform: maps the stacked raw outputs ``[T, B, ...]`` to logits
+            (classification) or to means / ``(means, variances)`` (regression), e.g.
+            :func:`split_mean_logvar`.
+        deterministic: also run one eval-mode pass (weight scaling) for comparison.
+        strategy_kwargs: passed to the strategy (e.g. ``chunk_rows`` for ``batched``).
+
+    The global RNG state, every module's ``training`` flag and BatchNorm statistics are the
+    same after the call as before.
+
+    Raises:
+        ValueError: ``samples < 2``; no stochastic module with a rate > 0 in ``model``;
+            unknown ``task`` or ``strategy``.
+    """
+    samples = _check_samples(samples)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task == "classification" and tau is not None:
+        raise ValueError("tau (noise precision) applies to task='regression' only")
+    name = resolve_strategy(strategy)
+    fn = STRATEGIES[name]
+    stoch = _require_stochastic(model)
+    used_seed = _resolve_seed(seed, generator)
+    with torch.no_grad():
+        det = None
+        if deterministic:
+            with eval_mode(model):
+                det = _forward(model, inputs)
+        with mc_mode(model, stoch), isolated_rng(used_seed, _devices(model, inputs)):
+            outputs = fn(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
+        if not isinstance(outputs, Tensor) or outputs.dim() < 2 or outputs.shape[0] != samples:
+            shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+            raise RuntimeError(f"strategy {name!r} must return a tensor [T={samples}, B, ...], got {shape}")
+        summary, probs, variances = _summarise(task, outputs, det, tau, output_transform)
+    return MCResult(
+        outputs=outputs,
+        summary=summary,
+        task=task,
+        strategy=name,
+        seed=used_seed,
+        deterministic=det,
+        probs=probs,
+        variances=variances,
+    )

@@ -1,0 +1,247 @@
+"""Summaries of Monte Carlo dropout samples: what T stochastic forward passes say about one input.
+
+All logarithms are natural, so every entropy and information quantity here is in **nats**
+(divide by ``ln 2`` for bits). Probabilities are handled with ``torch.special.xlogy`` (which
+defines ``0 log 0 = 0``) or clamped before a log, so certain predictions give exactly 0 and
+never NaN.
+
+Classification (Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation"; Houlsby et al.
+2011, "Bayesian Active Learning for Classification and Preference Learning" for BALD; Gal,
+Islam & Ghahramani 2017, "Deep Bayesian Active Learning with Image Data" for the variation
+ratio), with ``probs`` of shape ``[T, B, C]`` (T samples, B inputs, C classes):
+
+* predictive entropy ``H[E_t p_t]`` -- total uncertainty;
+* expected entropy ``E_t H[p_t]`` -- aleatoric part (what each sampled model is unsure of);
+* mutual information (BALD) ``H[E_t p_t] - E_t H[p_t]`` -- epistemic part (disagreement
+  between the sampled models), always >= 0;
+* variation ratio ``1 - (number of samples voting for the modal class) / T``;
+* per-class variance of the probabilities over the T samples (population variance).
+
+Regression (Kendall & Gal 2017, "What Uncertainties Do We Need in Bayesian Deep Learning?"),
+with sample means ``[T, B, D]``: the predictive distribution is the equally weighted mixture of
+the T Gaussians ``N(mu_t, sigma_t^2)``. Its mean is ``E_t mu_t`` and its variance is
+
+    ``Var = aleatoric + epistemic = E_t sigma_t^2 + Var_t mu_t``
+
+where ``sigma_t^2`` is the predicted variance (heteroscedastic models) or ``1 / tau`` for a
+fixed noise precision ``tau``, and ``Var_t`` is the population variance over the T samples.
+The epistemic term is never dropped: with a deterministic network it is the only term.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ClassificationSummary",
+    "RegressionSummary",
+    "classification_summary",
+    "regression_summary",
+    "entropy",
+    "predictive_entropy",
+    "expected_entropy",
+    "mutual_information",
+    "variation_ratio",
+    "class_variance",
+    "SCORES",
+]
+
+#: The uncertainty scores a summary can produce (see :meth:`ClassificationSummary.score`).
+SCORES: tuple[str, ...] = ("entropy", "mutual_information", "variation_ratio", "variance")
+
+#: Smallest variance used inside a log or a division (regression), to keep NLL finite.
+MIN_VARIANCE = 1e-12
+
+
+def _check_probs(probs: Tensor) -> None:
+    if probs.dim() != 3:
+        raise ValueError(
+            f"probs must have shape [T, B, C] (samples, batch, classes), got shape {tuple(probs.shape)}"
+        )
+
+
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy ``-sum p log p`` along ``dim``, in nats; ``0 log 0`` is 0."""
+    return -torch.special.xlogy(p, p).sum(dim)
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """Entropy of the mean prediction ``H[E_t p_t]``, shape ``[B]``, in nats."""
+    _check_probs(probs)
+    return entropy(probs.mean(0))
+
+
+def expected_entropy(probs: Tensor) -> Tensor:
+    """Mean entropy of the individual samples ``E_t H[p_t]``, shape ``[B]``, in nats."""
+    _check_probs(probs)
+    return entropy(probs).mean(0)
+
+
+def mutual_information(probs: Tensor) -> Tensor:
+    """BALD: mutual information between the prediction and the weights, shape ``[B]``, nats.
+
+    ``H[E_t p_t] - E_t H[p_t]``; exactly 0 when all samples agree. Mathematically >= 0 (Jensen),
+    so the tiny negative values of floating-point cancellation are clamped to 0.
+    """
+    return (predictive_entropy(probs) - expected_entropy(probs)).clamp_min(0.0)
+
+
+def variation_ratio(probs: Tensor) -> Tensor:
+    """``1 - (votes for the modal class) / T``, shape ``[B]``, in ``[0, 1 - 1/C]``.
+
+    Each sample votes for its argmax class; ties for the mode do not matter because only the
+    modal vote count is used.
+    """
+    _check_probs(probs)
+    t, _, c = probs.shape
+    votes = torch.nn.functional.one_hot(probs.argmax(-1), c).sum(0)  # [B, C]
+    return 1.0 - votes.max(-1).values.to(probs.dtype) / t
+
+
+def class_variance(probs: Tensor) -> Tensor:
+    """Per-class population variance of the probabilities over the T samples, ``[B, C]``."""
+    _check_probs(probs)
+    return probs.var(0, unbiased=False)
+
+
+@dataclass
+class ClassificationSummary:
+    """Per-input summaries of ``[T, B, C]`` sampled class probabilities (entropies in nats)."""
+
+    mean_probs: Tensor  #: ``[B, C]`` mean of the T softmax outputs (the MC prediction)
+    prediction: Tensor  #: ``[B]`` argmax of ``mean_probs``
+    predictive_entropy: Tensor  #: ``[B]`` total uncertainty, nats
+    expected_entropy: Tensor  #: ``[B]`` aleatoric part, nats
+    mutual_information: Tensor  #: ``[B]`` epistemic part (BALD), nats
+    variation_ratio: Tensor  #: ``[B]``
+    class_variance: Tensor  #: ``[B, C]`` population variance over T
+    deterministic_probs: Optional[Tensor] = None  #: ``[B, C]`` eval-mode (weight-scaling) softmax
+
+    @property
+    def confidence(self) -> Tensor:
+        """``[B]`` top-label confidence: the largest mean probability."""
+        return self.mean_probs.max(-1).values
+
+    @property
+    def deterministic_prediction(self) -> Optional[Tensor]:
+        """``[B]`` argmax of the deterministic (eval-mode) prediction, if computed."""
+        return None if self.deterministic_probs is None else self.deterministic_probs.argmax(-1)
+
+    @property
+    def variance(self) -> Tensor:
+        """``[B]`` total variance: the sum of the per-class variances (trace of the covariance)."""
+        return self.class_variance.sum(-1)
+
+    def score(self, name: str) -> Tensor:
+        """The uncertainty score ``name`` (one of :data:`SCORES`), shape ``[B]``; higher = less sure.
+
+        ``entropy`` is the predictive entropy, ``variance`` the summed per-class variance.
+        """
+        if name == "entropy":
+            return self.predictive_entropy
+        if name in ("mutual_information", "bald"):
+            return self.mutual_information
+        if name == "variation_ratio":
+            return self.variation_ratio
+        if name == "variance":
+            return self.variance
+        raise ValueError(f"score must be one of {list(SCORES)}, got {name!r}")
+
+
+def classification_summary(
+    probs: Tensor, deterministic_probs: Optional[Tensor] = None
+) -> ClassificationSummary:
+    """Summarise sampled class probabilities ``probs`` of shape ``[T, B, C]``.
+
+    ``deterministic_probs`` (``[B, C]``), the eval-mode prediction, is carried along for
+    comparison (weight scaling, Srivastava et al. 2014).
+    """
+    _check_probs(probs)
+    mean = probs.mean(0)
+    pe = entropy(mean)
+    ee = entropy(probs).mean(0)
+    return ClassificationSummary(
+        mean_probs=mean,
+        prediction=mean.argmax(-1),
+        predictive_entropy=pe,
+        expected_entropy=ee,
+        mutual_information=(pe - ee).clamp_min(0.0),
+        variation_ratio=variation_ratio(probs),
+        class_variance=probs.var(0, unbiased=False),
+        deterministic_probs=deterministic_probs,
+    )
+
+
+@dataclass
+class RegressionSummary:
+    """The predictive mixture of ``[T, B, D]`` sampled means (and variances)."""
+
+    mean: Tensor  #: ``[B, D]`` predictive mean ``E_t mu_t``
+    variance: Tensor  #: ``[B, D]`` total predictive variance = aleatoric + epistemic
+    aleatoric: Tensor  #: ``[B, D]`` ``E_t sigma_t^2`` or ``1 / tau`` (zeros if neither given)
+    epistemic: Tensor  #: ``[B, D]`` population variance of the sample means over T
+    deterministic_mean: Optional[Tensor] = None  #: ``[B, D]`` eval-mode output
+
+    @property
+    def std(self) -> Tensor:
+        """``[B, D]`` predictive standard deviation."""
+        return self.variance.clamp_min(0.0).sqrt()
+
+    def score(self, name: str = "variance") -> Tensor:
+        """Per-input uncertainty ``[B]``: the total predictive variance summed over outputs.
+
+        ``variance`` (the default) and ``entropy`` (the differential entropy of the
+        moment-matched Gaussian, nats) are defined for regression.
+        """
+        var = self.variance.reshape(self.variance.shape[0], -1)
+        if name == "variance":
+            return var.sum(-1)
+        if name == "entropy":
+            v = var.clamp_min(MIN_VARIANCE)
+            return (0.5 * torch.log(2 * math.pi * math.e * v)).sum(-1)
+        raise ValueError(
+            f"score for regression must be 'variance' or 'entropy', got {name!r}"
+        )
+
+
+def regression_summary(
+    means: Tensor,
+    variances: Optional[Tensor] = None,
+    tau: Optional[float] = None,
+    deterministic_mean: Optional[Tensor] = None,
+) -> RegressionSummary:
+    """Summarise ``[T, B, ...]`` sampled means as the predictive Gaussian mixture.
+
+    Give at most one of ``variances`` (predicted per sample, same shape as ``means``) or
+    ``tau`` (fixed noise precision, aleatoric variance ``1 / tau``). With neither the aleatoric
+    term is 0 and the predictive variance is purely epistemic.
+    """
+    if means.dim() < 2:
+        raise ValueError(f"means must have shape [T, B, ...], got shape {tuple(means.shape)}")
+    if variances is not None and tau is not None:
+        raise ValueError("give either variances or tau (noise precision), not both")
+    mean = means.mean(0)
+    epistemic = means.var(0, unbiased=False)
+    if variances is not None:
+        if variances.shape != means.shape:
+            raise ValueError(
+                f"variances must have the shape of means {tuple(means.shape)}, got {tuple(variances.shape)}"
+            )
+        aleatoric = variances.mean(0)
+    elif tau is not None:
+        if not tau > 0:
+            raise ValueError(f"tau (noise precision) must be > 0, got {tau!r}")
+        aleatoric = torch.full_like(mean, 1.0 / float(tau))
+    else:
+        aleatoric = torch.zeros_like(mean)
+    return RegressionSummary(
+        mean=mean,
+        variance=aleatoric + epistemic,
+        aleatoric=aleatoric,
+        epistemic=epistemic,
+        deterministic_mean=deterministic_mean,
+    )
