@@ -64,13 +64,18 @@ class PlanItem:
         return asdict(self)
 
 
+@dataclass
+class NoConfig:
+    """The config of a regularizer without settings."""
+
+
 class Regularizer:
     """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
 
     #: The name users select in ``regularizers:`` of the config.
     name: ClassVar[str] = ""
     #: A dataclass describing the config section; every field needs a default.
-    Config: ClassVar[type] = type("EmptyConfig", (), {})
+    Config: ClassVar[type] = NoConfig
     #: One line shown by ``regfw plugins``.
     description: ClassVar[str] = ""
 

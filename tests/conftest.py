@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests use real torch, Lightning and pluggy objects throughout."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``python -m regfw ARGS`` in a subprocess inside ``tmp_path``; returns the result."""
+
+    def run(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return subprocess.run([sys.executable, "-m", "regfw", *args], cwd=tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def fresh_plugins():
+    """Rediscover plugins before and after the test (for tests that change what is installed)."""
+    from regfw.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()

@@ -1,0 +1,55 @@
+"""The ``regfw`` command line, end to end in subprocesses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_two_epochs_writes_a_complete_run_directory(tmp_path, run_cli):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text((ROOT / "templates" / "demo.yaml").read_text())
+    result = run_cli("fit", str(cfg), "trainer.max_epochs=2", "data.train_fraction=0.3",
+                     "regularizers.dropout.hidden=0.3", "uncertainty.enabled=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.name.startswith("cfg-")
+    resolved = OmegaConf.load(run / "config.yaml")
+    assert resolved.trainer.max_epochs == 2
+    assert resolved.regularizers.dropout.hidden == 0.3
+    assert resolved.regularizers.dropout.policy == "auto"  # every default filled in
+    assert "explicit" in (run / "plan.txt").read_text()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["regfw"]["regularizers"] == ["dropout"]
+    assert "val_acc" in (run / "metrics.csv").read_text()
+    assert f"run directory: runs/{run.name}" in result.stdout
+    assert "val_acc:" in result.stdout
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, run_cli):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("regularizers:\n  dropout:\n    hidden: 2\n")
+    result = run_cli("plan", str(cfg))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "regfw plan: error: regularizers.dropout.hidden: got 2.0, expected a value in [0, 1). "
+        "Change it or remove it to use the default."
+    )
+    result = run_cli("--debug", "plan", str(cfg))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_init_writes_starter_config_and_never_overwrites(tmp_path, run_cli):
+    result = run_cli("init", "my.yaml")
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "my.yaml").read_text()
+    assert "regularizers:" in text and "dropout:" in text
+    OmegaConf.load(tmp_path / "my.yaml")  # valid YAML
+    again = run_cli("init", "my.yaml")
+    assert again.returncode == 2 and "exists; choose another path or pass --force" in again.stderr
+    assert (tmp_path / "my.yaml").read_text() == text

@@ -1,0 +1,140 @@
+"""Plugin discovery through pluggy and the ``regfw`` entry-point group."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+from dataclasses import dataclass
+
+import pytest
+
+import regfw
+from regfw.errors import PluginError
+from regfw.plugins import get_plugin_manager, plugin_infos, register_plugin, reset_plugin_manager, unregister_plugin
+from regfw.registry import get_registry
+from regfw.regularizer import Regularizer
+
+
+def _plugin_module(name: str, body: str, monkeypatch) -> types.ModuleType:
+    module = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    module.__dict__.update({"regfw": regfw, "Regularizer": Regularizer, "dataclass": dataclass})
+    exec(textwrap.dedent(body), module.__dict__)
+    return module
+
+
+def test_builtin_dropout_is_found_through_its_entry_point():
+    infos = {i.name: i for i in plugin_infos()}
+    assert "dropout" in infos
+    info = infos["dropout"]
+    assert info.builtin and info.distribution == "regfw" and info.version == regfw.__version__
+    assert info.module == "regfw_plugins.dropout"
+    assert "regfw_register_regularizers" in info.hooks
+    spec = get_registry().get("dropout")
+    assert spec.plugin == "dropout" and spec.distribution == "regfw"
+
+
+THROWAWAY = """
+@dataclass
+class Cfg:
+    strength: float = 1.0
+
+class Throwaway(Regularizer):
+    name = "throwaway"
+    Config = Cfg
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(Throwaway)
+"""
+
+
+def test_throwaway_plugin_is_found_and_unregistered(monkeypatch):
+    module = _plugin_module("throwaway_plugin", THROWAWAY, monkeypatch)
+    register_plugin(module, "throwaway")
+    try:
+        assert "throwaway" in get_registry().names()
+        assert "throwaway" in {i.name for i in plugin_infos()}
+    finally:
+        unregister_plugin("throwaway")
+    assert "throwaway" not in get_registry().names()
+    assert get_plugin_manager().get_plugin("throwaway") is None
+
+
+def test_misspelled_hook_is_an_error_naming_it(monkeypatch):
+    module = _plugin_module("typo_plugin", """
+        @regfw.hookimpl
+        def regfw_register_regularizer(register):
+            pass
+    """, monkeypatch)
+    with pytest.raises(PluginError) as err:
+        register_plugin(module, "typo")
+    assert "regfw_register_regularizer" in str(err.value)
+    assert "unknown hook" in str(err.value)
+    assert "regfw_register_regularizers" in str(err.value)  # the known hooks are listed
+    assert get_plugin_manager().get_plugin("typo") is None
+
+
+def test_duplicate_regularizer_name_names_both_origins(monkeypatch):
+    module = _plugin_module("dup_plugin", """
+        class Dup(Regularizer):
+            name = "dropout"
+
+        @regfw.hookimpl
+        def regfw_register_regularizers(register):
+            register(Dup)
+    """, monkeypatch)
+    register_plugin(module, "dup")
+    try:
+        with pytest.raises(PluginError) as err:
+            get_registry()
+        text = str(err.value)
+        assert "'dropout' is registered twice" in text
+        assert "regfw_plugins.dropout.Dropout" in text and "dup_plugin.Dup" in text
+    finally:
+        unregister_plugin("dup")
+
+
+def _broken_distribution(root):
+    """A distribution on ``root`` whose regfw entry point raises on import."""
+    (root / "broken_regfw_plugin.py").write_text("raise RuntimeError('boom at import')\n")
+    info = root / "regfw_broken-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: regfw-broken\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[regfw]\nbroken = broken_regfw_plugin\n")
+
+
+def test_failing_plugin_import_names_distribution_and_entry_point(tmp_path, monkeypatch, fresh_plugins):
+    _broken_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("REGFW_LOAD_PLUGINS", raising=False)
+    reset_plugin_manager()
+    with pytest.raises(PluginError) as err:
+        get_plugin_manager()
+    text = str(err.value)
+    assert "plugin 'broken'" in text and "broken = broken_regfw_plugin" in text
+    assert "regfw-broken 0.3" in text and "RuntimeError: boom at import" in text
+    assert "REGFW_LOAD_PLUGINS" in text
+
+
+def test_load_plugins_variable_selects_third_party_plugins(tmp_path, monkeypatch, fresh_plugins):
+    _broken_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "")
+    reset_plugin_manager()
+    names = {i.name for i in plugin_infos()}
+    assert "dropout" in names and "broken" not in names  # built-ins only
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "broken")
+    reset_plugin_manager()
+    with pytest.raises(PluginError, match="broken"):
+        get_plugin_manager()
+
+
+def test_broken_plugin_does_not_break_help(tmp_path, run_cli):
+    _broken_distribution(tmp_path)
+    result = run_cli("--help", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and "fit" in result.stdout
+    result = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "regfw plugins: error: plugin 'broken'" in result.stderr
+    assert "Traceback" not in result.stderr
