@@ -21,6 +21,7 @@ _LAZY = {
     "PlanItem": "regfw.regularizer",
     "PlanContext": "regfw.regularizer",
     "InjectingRegularizer": "regfw.regularizer",
+    "StochasticModule": "regfw.layers.base",
     "load_config": "regfw.config",
     "build_regularizers": "regfw.registry",
     "get_registry": "regfw.registry",

@@ -80,6 +80,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from regfw.scaffold import new_plugin
+
+    made = new_plugin(args.name, args.dir)
+    print(f"wrote {made.path}/ (regularizer {made.name!r}):")
+    for rel in made.files:
+        print(f"  {rel}")
+    print(f"next: cd {made.path} && pip install -e . && regfw plugins && python -m pytest tests")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from regfw.demo import run_demo
 
@@ -92,6 +103,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "plugins": (cmd_plugins, "list the installed plugins and the regularizers they provide"),
     "init": (cmd_init, "write a commented starter config"),
     "demo": (cmd_demo, "train with and without the regularizers and compare"),
+    "new-plugin": (cmd_new_plugin, "generate a ready-to-install plugin package regfw-NAME/"),
 }
 
 
@@ -111,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
     parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
     parsers["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
+    parsers["new-plugin"].add_argument("name", help="the plugin and regularizer name, a lowercase identifier")
+    parsers["new-plugin"].add_argument("--dir", default=".", help="where to create regfw-NAME/ (default: here)")
     return parser
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Optional
@@ -61,18 +62,49 @@ def _entry_points() -> list[metadata.EntryPoint]:
     return sorted(eps, key=lambda ep: (getattr(ep.dist, "name", "") != BUILTIN_DISTRIBUTION, ep.name))
 
 
+def _tracing() -> bool:
+    return os.environ.get("REGFW_TRACE_PLUGINS", "") not in ("", "0")
+
+
+def _trace_line(text: str) -> None:
+    print(f"[regfw trace] {text}", file=sys.stderr, flush=True)
+
+
+def _short(value: object, limit: int = 100) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _trace(pm: pluggy.PluginManager) -> None:
+    """Print every hook call to stderr: its arguments, the implementations it runs, its result.
+
+    Implementations are listed in the order pluggy calls them (the last registered first,
+    after ``tryfirst`` and before ``trylast`` ones), each as ``plugin (module.function)``, so a
+    plugin author sees whether their function is called at all and what the call returned.
+    """
+    local = threading.local()
+
     def before(hook_name, hook_impls, kwargs):
-        names = [impl.plugin_name for impl in hook_impls]
-        shown = {k: v for k, v in kwargs.items()}
-        print(f"[regfw trace] call {hook_name}({shown}) -> implementations {names}", file=sys.stderr)
+        caller = getattr(pm.hook, hook_name, None)
+        spec = getattr(caller, "spec", None)
+        first = " [firstresult]" if spec is not None and spec.opts.get("firstresult") else ""
+        args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+        impls = ", ".join(
+            f"{impl.plugin_name} ({impl.function.__module__}.{impl.function.__qualname__})"
+            for impl in reversed(hook_impls)
+        )
+        _trace_line(f"call {hook_name}({args}){first}")
+        _trace_line(f"  implementations, in call order: {impls or 'none'}")
+        local.__dict__.setdefault("starts", []).append(time.perf_counter())
 
     def after(outcome, hook_name, hook_impls, kwargs):
+        elapsed = (time.perf_counter() - local.starts.pop()) * 1000
         try:
-            result = outcome.get_result()
+            result = _short(outcome.get_result())
         except BaseException as exc:  # noqa: BLE001 - tracing reports, it does not handle
-            result = f"raised {type(exc).__name__}: {exc}"
-        print(f"[regfw trace] {hook_name} -> {result!r}", file=sys.stderr)
+            result = f"raised {type(exc).__name__}: {_short(str(exc))}"
+        _trace_line(f"  {hook_name} -> {result} ({elapsed:.1f} ms)")
 
     pm.add_hookcall_monitoring(before, after)
 
@@ -85,6 +117,8 @@ def _load(pm: pluggy.PluginManager) -> None:
         version = ep.dist.version if ep.dist is not None else None
         builtin = dist == BUILTIN_DISTRIBUTION
         if not builtin and selected is not None and ep.name not in selected:
+            if _tracing():
+                _trace_line(f"skip plugin {ep.name!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
             continue
         if ep.name in seen:
             if seen[ep.name] == dist:
@@ -130,6 +164,10 @@ def register_plugin(
         raise PluginError(f"plugin {name!r} ({distribution or 'not installed'}): {exc}. Known hooks: {known}") from exc
     module = getattr(plugin, "__name__", type(plugin).__module__)
     _origins[name] = PluginInfo(name, module, distribution, version, builtin)
+    if _tracing():
+        hooks = ", ".join(sorted(h.name for h in pm.get_hookcallers(plugin) or ())) or "none"
+        _trace_line(f"register plugin {name!r} ({distribution or 'not installed'} {version or ''}".rstrip()
+                    + f"; module {module}): hooks {hooks}")
 
 
 def unregister_plugin(name: str) -> None:
@@ -148,7 +186,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             pm = pluggy.PluginManager(PROJECT)
             pm.add_hookspecs(hookspecs)
-            if os.environ.get("REGFW_TRACE_PLUGINS", "") not in ("", "0"):
+            if _tracing():
                 _trace(pm)
             try:
                 _load(pm)
