@@ -5,7 +5,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-from regfw.config import load_config
+from regfw.config import load_raw, validate
 
 DEFAULT_CONFIG = "templates/demo.yaml"
 
@@ -45,12 +45,14 @@ def run_demo(config: Optional[str], overrides: Sequence[str] = ()) -> int:
     from regfw.run import fit
 
     path = _config_path(config)
-    cfg = load_config(path, overrides)
+    raw = load_raw(path, overrides)
+    cfg = validate(raw, source=path)
     results = {}
     regs = ", ".join(cfg.regularizers) or "none"
     print(f"== 1/2: {cfg.model.name or cfg.model.class_path} on {cfg.data.name or cfg.data.class_path} with regularizers: {regs}")
     results[f"with ({regs})"] = fit(cfg)
-    baseline = load_config(path, [*overrides, "regularizers={}", "uncertainty.enabled=false"])
+    baseline = validate({**raw, "regularizers": {}, "uncertainty": {**(raw.get("uncertainty") or {}), "enabled": False}},
+                        source=path)
     print("== 2/2: the same without regularizers")
     results["without"] = fit(baseline)
     print()

@@ -98,6 +98,25 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     )
 
 
+def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[Any]:
+    """The MC dropout callback for ``cfg.uncertainty``, or None when it is off.
+
+    It is off when ``uncertainty.enabled`` is false or the model has no stochastic module (for
+    example a run without a dropout regularizer); it is never an error to leave it on.
+    """
+    from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
+
+    unc = cfg.uncertainty
+    if not unc.enabled or not stochastic_modules(module):
+        return None
+    return MCDropoutUncertainty(
+        samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
+        every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
+        threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots,
+        plot_dir=str(plot_dir), seed=unc.seed,
+    )
+
+
 def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] = (),
         quiet: bool = False) -> FitResult:
     """Train ``cfg`` in a new run directory and evaluate the result."""
@@ -119,11 +138,12 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
     trainer_args = dict(cfg.trainer)
     if quiet:
         trainer_args.update(enable_progress_bar=False, enable_model_summary=False)
+    mc = uncertainty_callback(cfg, module, path / "plots")
     trainer = pl.Trainer(
         **trainer_args,
         default_root_dir=str(path),
         logger=CSVLogger(save_dir=str(path), name="", version=""),
-        callbacks=[ckpt_cb, *callbacks],
+        callbacks=[ckpt_cb, *([mc] if mc else []), *callbacks],
     )
     trainer.fit(module, datamodule=datamodule)
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
@@ -132,4 +152,8 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
     for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
         for name, value in evaluate(module, loader).items():
             metrics[f"{split}_{name}"] = value
-    return FitResult(path, config_path, last, metrics, module=module)
+    plots: dict[str, str] = {}
+    if mc is not None:
+        metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items()})
+        plots = dict(mc.last_plots)
+    return FitResult(path, config_path, last, metrics, plots=plots, module=module)
