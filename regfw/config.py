@@ -209,7 +209,8 @@ class UncertaintyConfig:
     every_n_epochs: int = positive(1)
     strategy: Literal["auto", "loop", "batched"] = "auto"
     max_batches: Optional[int] = None
-    score: Literal["mutual_information", "entropy", "variation_ratio", "variance"] = "entropy"
+    #: None: mutual information for classification, variance for regression.
+    score: Optional[Literal["mutual_information", "entropy", "variation_ratio", "variance"]] = None
     #: Refer samples whose score exceeds this to a human; None refers the top ``refer_fraction``.
     threshold: Optional[float] = None
     refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
