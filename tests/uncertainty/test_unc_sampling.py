@@ -1,0 +1,319 @@
+"""mc_predict, mc_mode, the strategies, error messages and RNG isolation."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pluggy
+import pytest
+import torch
+from unc_helpers import make_mlp, train_plain
+from torch import nn
+
+import regfw
+from regfw.layers.base import StochasticModule
+from regfw.uncertainty import (
+    STRATEGIES,
+    estimate_row_bytes,
+    is_stochastic,
+    mc_mode,
+    mc_predict,
+    register_strategy,
+    resolve_strategy,
+    split_mean_logvar,
+    stochastic_modules,
+)
+from regfw.uncertainty import sampling
+
+
+class GaussianNoise(StochasticModule):
+    """A custom stochastic layer: multiplicative Gaussian noise of std ``p`` in training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x * (1 + self.p * torch.randn_like(x)) if self.training else x
+
+
+class PluginNoise(nn.Module):
+    """Stochastic, but known only through the regfw_stochastic_types hook."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+def small_net(p: float = 0.5) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(p), nn.Linear(32, 3))
+
+
+def test_finds_every_dropout_family_module_and_skips_rate_zero():
+    model = nn.Sequential(
+        nn.Dropout(0.1), nn.Dropout1d(0.1), nn.Dropout2d(0.1), nn.Dropout3d(0.1),
+        nn.AlphaDropout(0.1), nn.FeatureAlphaDropout(0.1), GaussianNoise(0.2),
+        nn.Dropout(0.0), GaussianNoise(0.0), nn.Linear(2, 2), nn.BatchNorm1d(2),
+    )
+    found = [name for name, _ in stochastic_modules(model)]
+    assert found == ["0", "1", "2", "3", "4", "5", "6"]
+    assert not is_stochastic(model[7]) and not is_stochastic(model[8])
+
+
+def test_finds_regularizer_layers_attached_as_children_and_called_from_hooks():
+    fc1 = nn.Linear(4, 16)
+    fc1.add_module("regfw_dropout", nn.Dropout(0.5))
+    fc1.register_forward_hook(lambda mod, inp, out: mod.regfw_dropout(out))
+    model = nn.Sequential(fc1, nn.ReLU(), nn.Linear(16, 2))
+    assert [n for n, _ in stochastic_modules(model)] == ["0.regfw_dropout"]
+    res = mc_predict(model, torch.randn(3, 4), samples=8, seed=0, strategy="loop")
+    assert res.outputs.std(0).min() > 0  # the hooked dropout was on
+
+
+def test_plugin_declared_types_via_hook(monkeypatch):
+    import regfw.hookspecs as hookspecs
+
+    class Plugin:
+        @regfw.hookimpl
+        def regfw_stochastic_types(self):
+            return [PluginNoise]
+
+    pm = pluggy.PluginManager("regfw")
+    pm.add_hookspecs(hookspecs)
+    pm.register(Plugin())
+    plugins = pytest.importorskip("regfw.plugins")
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda: pm)
+    model = nn.Sequential(nn.Linear(3, 3), PluginNoise())
+    assert [n for n, _ in stochastic_modules(model)] == ["1"]
+    assert PluginNoise in sampling.stochastic_types()
+
+
+def test_mc_mode_keeps_batchnorm_in_eval_and_statistics_unchanged():
+    model = small_net()
+    model.train()
+    model(torch.randn(16, 4))  # give BatchNorm non-trivial running statistics
+    bn = model[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with mc_mode(model) as on:
+        assert on == [model[3]]
+        assert model[3].training and not bn.training and not model.training
+        model(torch.randn(16, 4))
+    assert all(m.training for m in model.modules())  # restored
+    res = mc_predict(model, torch.randn(10, 4), samples=5, seed=0)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running mean / var / num_batches_tracked
+    assert res.outputs.shape == (5, 10, 3)
+
+
+def test_mc_mode_restores_mixed_flags_after_an_exception():
+    model = small_net()
+    model.train()
+    model[1].eval()
+    model[3].eval()
+    flags = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with mc_mode(model):
+            raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == flags
+
+    def failing(model, inputs, samples, *, budget_bytes, **kw):
+        torch.rand(100)  # consume the forked RNG
+        raise RuntimeError("strategy failed")
+
+    register_strategy("failing", failing)
+    try:
+        x = torch.randn(2, 4)
+        state = torch.get_rng_state()
+        with pytest.raises(RuntimeError, match="strategy failed"):
+            mc_predict(model, x, samples=3, strategy="failing", seed=1)
+        assert torch.equal(state, torch.get_rng_state())
+        assert [m.training for m in model.modules()] == flags
+    finally:
+        STRATEGIES.pop("failing")
+
+
+def test_strategy_seam_runs_inside_mc_mode_and_the_rng_fork():
+    seen = {}
+
+    def probe(model, inputs, samples, *, budget_bytes, **kw):
+        seen["flags"] = [m.training for m in model]
+        seen["kw"] = kw
+        seen["draw"] = torch.rand(1).item()
+        return torch.stack([model(inputs) for _ in range(samples)])
+
+    register_strategy("probe", probe)
+    try:
+        model = small_net()
+        x = torch.randn(2, 4)
+        state = torch.get_rng_state()
+        mc_predict(model, x, samples=3, strategy="probe", seed=7, extra=1)
+        assert torch.equal(state, torch.get_rng_state())
+        assert seen["flags"] == [False, False, False, True, False]
+        assert seen["kw"] == {"extra": 1}
+        first = seen["draw"]
+        mc_predict(model, x, samples=3, strategy="probe", seed=7)
+        assert seen["draw"] == first  # the fork is seeded from `seed`
+    finally:
+        STRATEGIES.pop("probe")
+
+
+def test_auto_resolves_to_batched_without_fast_module():
+    name = resolve_strategy("auto")
+    if importlib.util.find_spec("regfw.uncertainty.fast") is None:
+        assert name == "batched"
+    else:
+        assert name == "auto"
+    with pytest.raises(ValueError, match="strategy must be one of .*'nope'"):
+        resolve_strategy("nope")
+
+
+def test_loop_and_batched_sample_the_same_distribution():
+    model = small_net().eval()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    t = 1000
+    a = mc_predict(model, x, samples=t, strategy="loop", seed=0, task="regression").outputs.double()
+    b = mc_predict(model, x, samples=t, strategy="batched", seed=1, task="regression", chunk_rows=397).outputs.double()
+    # means: difference within 5 standard errors (two-sample z-test per output, 12 outputs)
+    se = (a.var(0) / t + b.var(0) / t).sqrt()
+    z = (a.mean(0) - b.mean(0)).abs() / se
+    assert z.max() < 5, z
+    # spreads: variance ratio within 25% (the standard error of a variance ratio at T=1000 is ~4.5%)
+    ratio = a.var(0) / b.var(0)
+    assert ratio.min() > 0.8 and ratio.max() < 1.25, ratio
+    assert a.var(0).min() > 1e-4  # not degenerate: dropout was on
+
+
+def test_batched_respects_a_tiny_budget_by_chunking():
+    model = small_net().eval()
+    x = torch.randn(4, 4)
+    row = estimate_row_bytes(model, x[:1])
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    try:
+        res = mc_predict(model, x, samples=5, strategy="batched", budget_bytes=3 * row + 1, seed=0, deterministic=False)
+    finally:
+        handle.remove()
+    # one probe row, then 20 rows in chunks of at most 3
+    assert sizes == [1, 3, 3, 3, 3, 3, 3, 2]
+    assert res.outputs.shape == (5, 4, 3)
+    # a budget below one row still works, one row per pass
+    sizes.clear()
+    handle = model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    try:
+        mc_predict(model, x, samples=2, strategy="batched", budget_bytes=1, seed=0, deterministic=False)
+    finally:
+        handle.remove()
+    assert sizes == [1] * 9
+
+
+def test_batched_rows_are_sample_major():
+    class Tag(nn.Module):
+        """Returns its input plus a small dropout-dependent offset: row identity survives."""
+
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return x + 0.01 * self.drop(torch.ones_like(x))
+
+    x = torch.arange(15.0).view(5, 3)
+    res = mc_predict(Tag(), x, samples=4, strategy="batched", seed=0, chunk_rows=7, task="regression")
+    assert res.outputs.shape == (4, 5, 3)
+    assert (res.outputs - x).abs().max() <= 0.02 + 1e-6  # sample t of input b came from row b
+    assert res.outputs.std(0).max() > 0
+
+
+def test_seeds_reproduce_and_differ_and_no_grad():
+    model = small_net().eval()
+    x = torch.randn(6, 4)
+    a = mc_predict(model, x, samples=4, seed=3)
+    b = mc_predict(model, x, samples=4, seed=3)
+    c = mc_predict(model, x, samples=4, seed=4)
+    assert torch.equal(a.outputs, b.outputs) and not torch.equal(a.outputs, c.outputs)
+    assert a.seed == 3 and not a.outputs.requires_grad
+    state = torch.get_rng_state()
+    d = mc_predict(model, x, samples=4)  # no seed: fresh masks, global RNG untouched
+    assert torch.equal(state, torch.get_rng_state()) and isinstance(d.seed, int)
+    g = torch.Generator().manual_seed(5)
+    e1 = mc_predict(model, x, samples=4, generator=g).seed
+    e2 = mc_predict(model, x, samples=4, generator=g).seed
+    assert e1 != e2 and torch.equal(state, torch.get_rng_state())
+
+
+def test_classification_result_fields():
+    model = small_net().eval()
+    res = mc_predict(model, torch.randn(5, 4), samples=6, seed=0)
+    assert res.probs.shape == (6, 5, 3) and torch.allclose(res.probs.sum(-1), torch.ones(6, 5))
+    assert torch.allclose(res.mean_probs, res.probs.mean(0))
+    assert res.deterministic_probs.shape == (5, 3) and res.samples == 6
+    for name in ("entropy", "mutual_information", "variation_ratio", "variance"):
+        assert res.score(name).shape == (5,)
+
+
+def test_heteroscedastic_regression_keeps_both_terms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))  # mean, log-variance
+    res = mc_predict(model, torch.randn(7, 3), samples=10, seed=0, task="regression", output_transform=split_mean_logvar)
+    means, logvar = res.outputs[..., :1], res.outputs[..., 1:]
+    assert torch.allclose(res.aleatoric, logvar.exp().mean(0))
+    assert torch.allclose(res.epistemic, means.var(0, unbiased=False))
+    assert torch.allclose(res.variance, logvar.exp().mean(0) + means.var(0, unbiased=False))
+    assert res.epistemic.min() > 0
+
+
+def test_error_no_stochastic_module():
+    with pytest.raises(ValueError) as err:
+        mc_predict(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), torch.randn(2, 3))
+    msg = str(err.value)
+    assert "no dropout-family module" in msg and "regularizers: {dropout: {}}" in msg
+
+
+def test_error_all_rates_zero():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), GaussianNoise(0.0))
+    with pytest.raises(ValueError) as err:
+        mc_predict(model, torch.randn(2, 3))
+    msg = str(err.value)
+    assert "all have rate p = 0" in msg and "regularizers: {dropout: {}}" in msg
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 2.5, True])
+def test_error_too_few_samples(bad):
+    with pytest.raises(ValueError, match=rf"samples must be an integer >= 2.*got samples={bad!r}"):
+        mc_predict(small_net(), torch.randn(2, 4), samples=bad)
+
+
+def test_error_bad_task_and_non_tensor_output():
+    with pytest.raises(ValueError, match="task must be one of"):
+        mc_predict(small_net(), torch.randn(2, 4), task="ranking")
+
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.d(x), x
+
+    with pytest.raises(TypeError, match="split_mean_logvar"):
+        mc_predict(TupleOut(), torch.randn(2, 4), strategy="loop")
+
+
+def test_training_is_bit_identical_with_and_without_mc_predict_in_between(digits):
+    xtr, ytr, xv, _ = digits
+    xtr, ytr = xtr[:400], ytr[:400]
+    seen = []
+
+    def sample(model, epoch):
+        for strategy in ("loop", "batched"):
+            res = mc_predict(model, xv[:50], samples=5, strategy=strategy, seed=None)
+            seen.append(res.outputs.std(0).mean().item())
+
+    torch.manual_seed(1)
+    plain = train_plain(make_mlp(p=0.5, batchnorm=True), xtr, ytr, epochs=3, seed=2)
+    torch.manual_seed(1)
+    mixed = train_plain(make_mlp(p=0.5, batchnorm=True), xtr, ytr, epochs=3, seed=2, between=sample)
+    assert len(seen) == 6 and min(seen) > 0  # sampling really drew dropout masks
+    for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values()):
+        assert torch.equal(a, b), name  # weights and BatchNorm buffers, bit for bit
+    assert not math.isnan(seen[0])
