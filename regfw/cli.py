@@ -91,6 +91,17 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    from regfw.active import rank_checkpoint
+
+    ranked = rank_checkpoint(args.config, args.checkpoint, args.overrides, k=args.k,
+                             acquisition=args.acquisition, split=args.split, samples=args.samples)
+    print(f"top {len(ranked.indices)} of the {args.split} split by {args.acquisition} (index, score):")
+    for index, score in zip(ranked.indices.tolist(), ranked.scores.tolist()):
+        print(f"{index}\t{score:.6f}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from regfw.demo import run_demo
 
@@ -103,6 +114,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "plugins": (cmd_plugins, "list the installed plugins and the regularizers they provide"),
     "init": (cmd_init, "write a commented starter config"),
     "demo": (cmd_demo, "train with and without the regularizers and compare"),
+    "rank": (cmd_rank, "rank samples for labelling by MC dropout uncertainty (active learning)"),
     "new-plugin": (cmd_new_plugin, "generate a ready-to-install plugin package regfw-NAME/"),
 }
 
@@ -123,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
     parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
     parsers["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
+    rank = parsers["rank"]
+    rank.add_argument("config", help="the run's YAML config (for the data)")
+    rank.add_argument("checkpoint", help="a checkpoint written by `regfw fit`")
+    rank.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides")
+    rank.add_argument("--k", type=int, default=50, help="how many samples to return (default 50)")
+    rank.add_argument("--acquisition", default="bald", choices=["bald", "entropy", "variation_ratio", "random"])
+    rank.add_argument("--split", default="val", choices=["val", "train"], help="the pool to rank (default val)")
+    rank.add_argument("--samples", type=int, default=30, help="MC samples per input (default 30)")
     parsers["new-plugin"].add_argument("name", help="the plugin and regularizer name, a lowercase identifier")
     parsers["new-plugin"].add_argument("--dir", default=".", help="where to create regfw-NAME/ (default: here)")
     return parser

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fit_two_epochs_writes_a_complete_run_directory(tmp_path, run_cli):
+def test_fit_two_epochs_writes_a_complete_run_directory_and_rank_reads_it(tmp_path, run_cli):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text((ROOT / "templates" / "demo.yaml").read_text())
     result = run_cli("fit", str(cfg), "trainer.max_epochs=2", "data.train_fraction=0.3",
@@ -29,6 +29,17 @@ def test_fit_two_epochs_writes_a_complete_run_directory(tmp_path, run_cli):
     assert "val_acc" in (run / "metrics.csv").read_text()
     assert f"run directory: runs/{run.name}" in result.stdout
     assert "val_acc:" in result.stdout
+
+    # active learning from that checkpoint
+    result = run_cli("rank", str(cfg), f"runs/{run.name}/checkpoints/last.ckpt", "--k", "7", "--samples", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("\t") for line in result.stdout.splitlines()[1:]]
+    assert len(rows) == 7
+    indices, scores = [int(r[0]) for r in rows], [float(r[1]) for r in rows]
+    assert len(set(indices)) == 7 and all(0 <= i < 450 for i in indices)  # 25% of 1,797 digits
+    assert scores == sorted(scores, reverse=True)
+    missing = run_cli("rank", str(cfg), "nope.ckpt")
+    assert missing.returncode == 2 and "checkpoint 'nope.ckpt' does not exist" in missing.stderr
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, run_cli):

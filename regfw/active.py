@@ -1,0 +1,47 @@
+"""``regfw rank``: active learning from a trained checkpoint and its config's data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from regfw.errors import RunError
+
+
+def load_module(checkpoint: str) -> Any:
+    """A :class:`~regfw.module.RegularizedModule` from a ``regfw fit`` checkpoint, in eval mode."""
+    from regfw.module import RegularizedModule
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} does not exist; pass a file from <run dir>/checkpoints/")
+    try:
+        module = RegularizedModule.load_from_checkpoint(path, map_location="cpu")
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the file name
+        raise RunError(f"checkpoint {str(path)!r} could not be loaded: {type(exc).__name__}: {exc}") from None
+    return module.eval()
+
+
+def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, k: int = 50,
+                    acquisition: str = "bald", split: str = "val", samples: int = 30) -> Any:
+    """The ``k`` samples of the config's ``split`` most worth labelling, by ``acquisition``."""
+    from regfw.config import load_config
+    from regfw.factory import build_datamodule
+    from regfw.uncertainty import rank
+
+    cfg = load_config(config, overrides)
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    module = load_module(checkpoint)
+    if split == "train":
+        loader = getattr(datamodule, "train_eval_dataloader", None)
+        if loader is None:
+            raise RunError("--split train needs a data module with train_eval_dataloader(); use --split val")
+        loader = loader()
+    else:
+        datamodule.setup("validate")
+        loader = datamodule.val_dataloader()
+    try:
+        return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed)
+    except ValueError as exc:
+        raise RunError(f"regfw rank: {exc}") from None
