@@ -70,10 +70,10 @@ def _trace_line(text: str) -> None:
     print(f"[regfw trace] {text}", file=sys.stderr, flush=True)
 
 
-def _short(value: object, limit: int = 100) -> str:
-    """``repr(value)`` on one line, cut to ``limit`` characters."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(value: object, limit: int = 100, *, text: bool = False) -> str:
+    """``repr(value)`` (``str`` with ``text=True``) on one line, cut to ``limit`` characters."""
+    out = " ".join((str(value) if text else repr(value)).split())
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _trace(pm: pluggy.PluginManager) -> None:
@@ -103,7 +103,7 @@ def _trace(pm: pluggy.PluginManager) -> None:
         try:
             result = _short(outcome.get_result())
         except BaseException as exc:  # noqa: BLE001 - tracing reports, it does not handle
-            result = f"raised {type(exc).__name__}: {_short(str(exc))}"
+            result = f"raised {type(exc).__name__}: {_short(exc, 200, text=True)}"
         _trace_line(f"  {hook_name} -> {result} ({elapsed:.1f} ms)")
 
     pm.add_hookcall_monitoring(before, after)
