@@ -11,7 +11,6 @@ Image Data"):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch

@@ -259,7 +259,7 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _write_plots(self, trainer: "pl.Trainer", directory: str) -> dict[str, str]:
         from regfw.uncertainty import plots
-        from regfw.uncertainty.metrics import referral, retained_curve
+        from regfw.uncertainty.metrics import retained_curve
 
         figures = {}
         if self.task == "classification":

@@ -10,7 +10,6 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover

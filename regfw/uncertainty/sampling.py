@@ -25,7 +25,6 @@ itself on import); when that module is not available ``"auto"`` means ``"batched
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from importlib import import_module
 from dataclasses import dataclass
@@ -595,12 +594,12 @@ def mc_predict(
     fn = STRATEGIES[name]
     stoch = _require_stochastic(model)
     used_seed = _resolve_seed(seed, generator)
-    with torch.no_grad():
+    with torch.no_grad(), isolated_rng(used_seed, _devices(model, inputs)):
         det = None
-        if deterministic:
+        if deterministic:  # inside the fork too, in case a module is random even in eval mode
             with eval_mode(model):
                 det = _forward(model, inputs)
-        with mc_mode(model, stoch), isolated_rng(used_seed, _devices(model, inputs)):
+        with mc_mode(model, stoch):
             outputs = fn(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
         if not isinstance(outputs, Tensor) or outputs.dim() < 2 or outputs.shape[0] != samples:
             shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__

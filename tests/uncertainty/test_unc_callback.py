@@ -10,7 +10,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger, Logger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from unc_helpers import make_mlp
 
@@ -90,7 +89,7 @@ def trainer(tmp_path, callbacks=(), logger=False, epochs=2):
     return pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks),
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=str(tmp_path), num_sanity_val_steps=1,
+        default_root_dir=str(tmp_path), num_sanity_val_steps=1, log_every_n_steps=5,
     )
 
 

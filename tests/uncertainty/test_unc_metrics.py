@@ -198,3 +198,17 @@ def test_torchmetrics_regression():
     assert out["coverage_50"] == pytest.approx(cov[0.5]) and out["coverage_90"] == pytest.approx(cov[0.9])
     assert out["mean_aleatoric"] == pytest.approx(0.5)
     assert out["mean_variance"] == pytest.approx(out["mean_aleatoric"] + out["mean_epistemic"])
+
+
+def test_states_reduce_like_ddp():
+    """merge_state applies each state's dist_reduce_fx, as the DDP sync does across ranks."""
+    batches = list(_batches(2, n_batches=6))
+    whole, rank0, rank1 = (MCClassificationMetrics(score="variation_ratio") for _ in range(3))
+    for i, (s, y) in enumerate(batches):
+        whole.update(s, y)
+        (rank0 if i % 2 == 0 else rank1).update(s, y)
+    rank0.merge_state(rank1)
+    merged, expected = rank0.compute(), whole.compute()
+    for k in expected:
+        # order of the concatenated scores differs, every value must not
+        assert torch.allclose(merged[k], expected[k], equal_nan=True), k
