@@ -1,0 +1,64 @@
+"""The ``coadaptation`` monitor: logs how correlated the hidden units are at each validation.
+
+Dropout was introduced to stop units from co-adapting (Hinton et al. 2012); the measure logged
+here is the mean absolute correlation between the hidden units of chosen layers on the
+validation data (:mod:`regfw.coadaptation`), ``coadaptation/<layer>`` and ``coadaptation/mean``.
+It changes nothing in the model and adds no loss: it is a regularizer entry only so that it is
+selected by name like everything else::
+
+    regularizers:
+      dropout: {}
+      coadaptation: {}            # or {layers: [body.1], every_n_epochs: 5}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+import regfw
+from regfw.config import positive
+from regfw.regularizer import Regularizer
+
+
+@dataclass
+class CoadaptationConfig:
+    """Which layers to measure, and how often."""
+
+    #: Module paths whose outputs are the units (null: every hidden and conv layer but the output one).
+    layers: Optional[list[str]] = None
+    every_n_epochs: int = positive(1, doc="measure after every N-th epoch")
+    #: Measure at most this many validation batches (null: all).
+    max_batches: Optional[int] = positive(None, doc="validation batches measured")
+    #: Units per layer measured at most (evenly spaced), to bound the units x units statistics.
+    max_units: int = positive(512, doc="units per layer measured at most")
+
+
+class Coadaptation(Regularizer):
+    """Log the mean absolute correlation between hidden units at each validation."""
+
+    name = "coadaptation"
+    description = "logs the mean absolute correlation between hidden units (co-adaptation) at validation"
+    Config = CoadaptationConfig
+
+    def callbacks(self) -> list:
+        from regfw.coadaptation import CoadaptationMonitor
+
+        c = self.config
+        return [CoadaptationMonitor(layers=c.layers, every_n_epochs=c.every_n_epochs, max_batches=c.max_batches,
+                                    max_units=c.max_units)]
+
+    def describe(self, model: nn.Module) -> list[str]:
+        from regfw.coadaptation import unit_layers
+
+        try:
+            layers = unit_layers(model, None, self.config.layers)
+        except ValueError as exc:
+            return [f"cannot measure: {exc}"]
+        return [f"logs coadaptation/<layer> for {', '.join(layers) or '(no layer)'}"]
+
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(Coadaptation)
