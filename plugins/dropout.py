@@ -1,49 +1,107 @@
-"""The ``dropout`` regularizer: inverted dropout injected per layer kind.
+"""Element-wise dropout regularizers: ``dropout``, ``gaussian_dropout`` and ``alpha_dropout``.
 
-Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting", JMLR
-2014. Rates not given in the config come from the rate table and policy in
-:mod:`regfw.kinds`.
+Each drops (or perturbs) single activations, so each fits the input, hidden Linear and conv
+layers alike. They form the ``dropout`` family with the channel, block, path and recurrent
+variants: one layer kind takes one variant, so selecting two of them for the same kind is a
+config error naming both.
+
+* ``dropout``: Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
+  Overfitting", JMLR 2014. ``inverted: false`` gives the paper's classic scheme (no scaling in
+  training, outputs times ``1 - p`` at inference) for comparing the two.
+* ``gaussian_dropout``: multiplicative ``N(1, p / (1 - p))`` noise, the same mean and variance as
+  Bernoulli dropout at rate ``p`` (Srivastava et al. 2014, section 10).
+* ``alpha_dropout``: for SELU networks (Klambauer et al., "Self-Normalizing Neural Networks",
+  NeurIPS 2017); its rates come from its own range, 0.05-0.1.
+
+Rates not given in the config come from the rate table and policy in :mod:`regfw.kinds`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from torch import nn
 
 import regfw
 from regfw.config import rate
 from regfw.kinds import CONV, HIDDEN, INPUT, RECURRENT
-from regfw.regularizer import InjectingRegularizer, PlanItem
+from regfw.layers import AlphaDropout as AlphaDropoutLayer
+from regfw.layers import Dropout as DropoutLayer
+from regfw.layers import GaussianDropout as GaussianDropoutLayer
+from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
 
 
 @dataclass
-class DropoutConfig:
-    """Rates per layer kind; null takes the rate policy (or the table default)."""
+class DropoutConfig(InjectionConfig):
+    """Rates per layer kind; null takes the rate policy (or the table default), 0 switches a kind off."""
 
     input: Optional[float] = rate(doc="dropout on the model input (table: 0.1-0.2)")
     hidden: Optional[float] = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
     conv: Optional[float] = rate(doc="after conv layers (table: 0.1-0.3)")
     recurrent: Optional[float] = rate(doc="on recurrent layer outputs (table: 0.2-0.3)")
-    #: ``auto``: the rules of thumb from dataset size and parameter count; ``default``: the table.
-    policy: Literal["auto", "default"] = "auto"
-    #: What to do where the model already has a dropout layer: set its rate, or leave it alone.
-    existing: Literal["override", "keep"] = "override"
+    #: ``true``: scale kept units by 1 / (1 - p) in training (torch's scheme); ``false``: the
+    #: paper's classic scheme, scaling by (1 - p) at inference instead.
+    inverted: bool = True
 
 
 class Dropout(InjectingRegularizer):
-    """Inverted dropout after hidden, conv and recurrent layers, and on the model input."""
+    """Per-element dropout after hidden, conv and recurrent layers, and on the model input."""
 
     name = "dropout"
     family = "dropout"
-    description = "inverted dropout per layer kind (input, hidden, conv, recurrent)"
+    description = "per-element dropout per layer kind (input, hidden, conv, recurrent); inverted or classic"
     Config = DropoutConfig
     kinds = (INPUT, HIDDEN, CONV, RECURRENT)
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
-        return nn.Dropout(rate)
+        return DropoutLayer(rate, inverted=self.config.inverted)
+
+
+@dataclass
+class GaussianDropoutConfig(InjectionConfig):
+    """Rates per layer kind, in Bernoulli-dropout terms: noise variance is p / (1 - p)."""
+
+    input: Optional[float] = rate(doc="noise on the model input (table: 0.1-0.2)")
+    hidden: Optional[float] = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
+    conv: Optional[float] = rate(doc="after conv layers (table: 0.1-0.3)")
+
+
+class GaussianDropout(InjectingRegularizer):
+    """Multiplicative Gaussian noise with the moments of dropout at the planned rate."""
+
+    name = "gaussian_dropout"
+    family = "dropout"
+    description = "multiplicative N(1, p/(1-p)) noise per layer kind (input, hidden, conv)"
+    Config = GaussianDropoutConfig
+    kinds = (INPUT, HIDDEN, CONV)
+
+    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
+        return GaussianDropoutLayer(rate)
+
+
+@dataclass
+class AlphaDropoutConfig(InjectionConfig):
+    """Rates for SELU networks; null takes the alpha-dropout range 0.05-0.1."""
+
+    input: Optional[float] = rate(doc="on the model input (alpha-dropout range: 0.05-0.1)")
+    hidden: Optional[float] = rate(doc="after hidden layers and their SELU (alpha-dropout range: 0.05-0.1)")
+
+
+class AlphaDropout(InjectingRegularizer):
+    """Alpha dropout, which keeps a SELU network's activations at zero mean and unit variance."""
+
+    name = "alpha_dropout"
+    family = "dropout"
+    description = "alpha dropout for SELU networks (input, hidden; rates 0.05-0.1)"
+    Config = AlphaDropoutConfig
+    kinds = (INPUT, HIDDEN)
+
+    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
+        return AlphaDropoutLayer(rate)
 
 
 @regfw.hookimpl
 def regfw_register_regularizers(register):
     register(Dropout)
+    register(GaussianDropout)
+    register(AlphaDropout)

@@ -11,11 +11,17 @@ hidden   0.3-0.5   ``nn.Linear``
 conv     0.1-0.3   convolutions; spatial dropout / DropBlock fit conv maps better
 recurrent 0.2-0.3  RNN/LSTM/GRU; locked (variational) masks over time
 attention 0.1      the Transformer convention
+residual 0.1       stochastic depth (DropPath) on residual branches; not a module kind
 ======== ========= ===================================================================
 
 Rules of thumb (Srivastava et al. 2014 and common practice): higher rates for smaller
 datasets, lower rates for larger models. :func:`policy_rate` turns them into a monotone rule
 that never leaves a kind's range.
+
+A few variants mean something else by "rate" and have their own range for a kind
+(:data:`VARIANT_RANGES`): alpha dropout for SELU networks works at 0.05-0.1 (Klambauer et
+al. 2017), and DropConnect on recurrent weights at up to 0.5 (Merity et al. 2018). The policy
+is the same; only the range differs.
 """
 from __future__ import annotations
 
@@ -30,14 +36,16 @@ HIDDEN = "hidden"
 CONV = "conv"
 RECURRENT = "recurrent"
 ATTENTION = "attention"
+#: A place, not a module kind: the branch operand of a residual add (see :mod:`regfw.dataflow`).
+RESIDUAL = "residual"
 NORM = "norm"
 ACTIVATION = "activation"
 SKIP = "skip"
 
 #: Kinds that carry a default dropout rate, in the order plans list them.
-RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION)
+RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION, RESIDUAL)
 #: Every kind a module can be classified into (``skip`` excludes a module from regularizers).
-KINDS: tuple[str, ...] = (*RATE_KINDS[1:], NORM, ACTIVATION, SKIP)
+KINDS: tuple[str, ...] = (HIDDEN, CONV, RECURRENT, ATTENTION, NORM, ACTIVATION, SKIP)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,20 @@ RATE_TABLE: dict[str, RateRange] = {
     CONV: RateRange(0.1, 0.3, 0.2),
     RECURRENT: RateRange(0.2, 0.3, 0.25),
     ATTENTION: RateRange(0.1, 0.1, 0.1),
+    # Not in the seed's table: stochastic depth's rate at the deepest block (timm and DeiT use 0.1
+    # for base-size models). Bigger models use *more* drop path, so the range is a single value
+    # and the policy never lowers it.
+    RESIDUAL: RateRange(0.1, 0.1, 0.1),
+}
+
+#: Ranges that replace :data:`RATE_TABLE` rows for one variant (variant -> kind -> range).
+VARIANT_RANGES: dict[str, dict[str, RateRange]] = {
+    # Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017: alpha dropout at 0.05
+    # or 0.1; the per-element hidden range 0.3-0.5 would break the self-normalizing property.
+    "alpha_dropout": {INPUT: RateRange(0.05, 0.1, 0.05), HIDDEN: RateRange(0.05, 0.1, 0.1)},
+    # Merity et al., "Regularizing and Optimizing LSTM Language Models", ICLR 2018: weight drop
+    # 0.5 on the hidden-to-hidden matrices (0.2-0.5 across their experiments).
+    "dropconnect": {RECURRENT: RateRange(0.2, 0.5, 0.5)},
 }
 
 # Dataset sizes and parameter counts at which the policy reaches the ends of a range
@@ -85,8 +107,12 @@ def builtin_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def rate_range(kind: str) -> RateRange:
-    """The table row of ``kind``; a ``KeyError`` naming the known kinds otherwise."""
+def rate_range(kind: str, variant: Optional[str] = None) -> RateRange:
+    """The range of ``kind`` (the variant's own range where it has one); a ``KeyError`` naming
+    the known kinds otherwise."""
+    own = VARIANT_RANGES.get(variant or "", {}).get(kind)
+    if own is not None:
+        return own
     try:
         return RATE_TABLE[kind]
     except KeyError:
@@ -102,24 +128,46 @@ def _unit(value: float, small: float, large: float) -> float:
     return (math.log10(large) - math.log10(value)) / (math.log10(large) - math.log10(small))
 
 
-def policy_rate(kind: str, n_examples: Optional[int] = None, n_params: Optional[int] = None) -> float:
+def policy_rate(kind: str, n_examples: Optional[int] = None, n_params: Optional[int] = None,
+                variant: Optional[str] = None) -> float:
     """The rate the rules of thumb give for ``kind``.
 
     Monotone by construction: non-increasing in the training-set size ``n_examples`` ("higher
     rates for smaller datasets") and non-increasing in the parameter count ``n_params`` ("lower
     for larger models"), and always inside the kind's range. An unknown size or count counts as
-    neutral (the middle of its scale). The position in the range is the mean of the two scores.
+    neutral (the middle of its scale). The position in the range is the mean of the two scores,
+    each 1 at or below the small end of its scale (1e3 examples, 1e4 parameters), 0 at or above
+    the large end (1e6 examples, 1e8 parameters) and log-linear in between.
     """
-    rng = rate_range(kind)
+    rng = rate_range(kind, variant)
     data = 0.5 if n_examples is None else _unit(float(n_examples), _N_SMALL, _N_LARGE)
     size = 0.5 if n_params is None else _unit(float(n_params), _P_SMALL, _P_LARGE)
     position = 0.5 * (data + size)
     return round(rng.low + (rng.high - rng.low) * position, 4)
 
 
-def explain_policy(kind: str, n_examples: Optional[int], n_params: Optional[int]) -> str:
+def explain_policy(kind: str, n_examples: Optional[int], n_params: Optional[int],
+                   variant: Optional[str] = None) -> str:
     """A short reason for a policy rate, as printed by ``regfw plan``."""
     n = "N unknown" if n_examples is None else f"N={n_examples}"
     p = "P unknown" if n_params is None else f"P={n_params}"
-    rng = rate_range(kind)
+    rng = rate_range(kind, variant)
+    if rng.low == rng.high:
+        return f"table ({kind}: {rng.low:g})"
     return f"policy ({n}, {p}; range {rng.low:g}-{rng.high:g})"
+
+
+def choose_rate(kind: str, explicit: Optional[float] = None, policy: str = "auto",
+                n_examples: Optional[int] = None, n_params: Optional[int] = None,
+                variant: Optional[str] = None) -> tuple[float, str]:
+    """The rate of ``kind`` and why, as ``regfw plan`` shows it: the one rule every plugin uses.
+
+    An explicit rate from the config always wins (``"explicit"``); ``policy="default"`` takes
+    the table's default (``"default (rate table)"``); ``policy="auto"`` applies
+    :func:`policy_rate` and says which N and P it saw.
+    """
+    if explicit is not None:
+        return float(explicit), "explicit"
+    if policy == "default":
+        return rate_range(kind, variant).default, "default (rate table)"
+    return policy_rate(kind, n_examples, n_params, variant), explain_policy(kind, n_examples, n_params, variant)

@@ -5,6 +5,8 @@ same object, so what is printed is what is done.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -12,7 +14,7 @@ from torch import nn
 
 from regfw.errors import ConfigError
 from regfw.regularizer import PlanContext, PlanItem, Regularizer
-from regfw.surgery import LayerInfo, classify_model
+from regfw.surgery import LayerInfo, ModelMap, analyse, is_batchnorm, is_dropout, is_injected
 
 
 @dataclass
@@ -31,9 +33,10 @@ class Plan:
     def format(self) -> str:
         """A human-readable table: one row per insertion with its reason."""
         ctx = self.context
+        changes = sum(1 for item in self.rows() if item.action != "note")
         lines = [
             f"plan: N={ctx.n_examples if ctx.n_examples is not None else '?'} training examples, "
-            f"P={ctx.n_params} parameters, {len(self.rows())} change(s)"
+            f"P={ctx.n_params} parameters, {changes} change(s)"
         ]
         header = ("regularizer", "path", "kind", "variant", "rate", "action", "why")
         table = [header]
@@ -55,59 +58,93 @@ class Plan:
 
 def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples: Optional[int] = None,
               example_input: Any = None) -> Plan:
-    """Classify ``model`` once and ask every regularizer for its rows (nothing is changed)."""
+    """Analyse ``model`` once and ask every regularizer for its rows (nothing is changed).
+
+    Raises :class:`~regfw.errors.ConfigError` when two regularizers of one family claim the
+    same layer kind. Warnings a regularizer raises while planning, and dropout placed directly
+    before a BatchNorm, are collected in ``Plan.warnings`` (printed by ``regfw plan`` and
+    emitted again by :func:`apply_plan`).
+    """
+    check_families(regularizers)
     n_params = sum(p.numel() for p in model.parameters())
-    layers = classify_model(model, example_input)
-    ctx = PlanContext(n_examples=n_examples, n_params=n_params, layers=layers, example_input=example_input)
+    mm = analyse(model, example_input)
+    ctx = PlanContext(n_examples=n_examples, n_params=n_params, layers=mm.layers, example_input=example_input,
+                      model_map=mm)
     items: dict[str, list[PlanItem]] = {}
     notes: dict[str, list[str]] = {}
-    claimed: dict[tuple[str, str, str], str] = {}
+    collected: list[str] = list(mm.notes)
     for reg in regularizers:
-        rows = reg.plan(model, ctx)
-        family = getattr(reg, "family", "")
-        for row in rows:
-            if family and row.action != "note":
-                key = (family, row.path, row.kind)
-                if key in claimed and claimed[key] != reg.name:
-                    raise ConfigError(
-                        f"regularizers: {claimed[key]!r} and {reg.name!r} both apply {family} to "
-                        f"{row.kind} layers (first at {row.path!r}); select one of them for kind "
-                        f"{row.kind!r}, e.g. set regularizers.{reg.name}.{row.kind}: 0 or remove it"
-                    )
-                claimed[key] = reg.name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = reg.plan(model, ctx)
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                collected.append(str(w.message))
+            else:  # not about the plan (e.g. a library deprecation): pass it on unchanged
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         items[reg.name] = rows
         extra = reg.describe(model)
         if extra:
             notes[reg.name] = list(extra)
-    plan = Plan(items, notes, layers, ctx)
-    plan.warnings.extend(_batchnorm_warnings(model, plan))
+    plan = Plan(items, notes, mm.layers, ctx)
+    plan.warnings.extend(dict.fromkeys(collected))
+    plan.warnings.extend(batchnorm_warnings(mm, plan.rows()))
     return plan
 
 
-def _batchnorm_warnings(model: nn.Module, plan: Plan) -> list[str]:
-    """Dropout that feeds a BatchNorm shifts its variance at inference (Li et al. 2019)."""
-    from regfw.surgery import is_dropout
+def check_families(regularizers: Sequence[Regularizer]) -> None:
+    """Two regularizers of one family claiming the same layer kind: a config error naming both."""
+    claimed: dict[tuple[str, str], Regularizer] = {}
+    for reg in regularizers:
+        family = getattr(reg, "family", "")
+        if not family:
+            continue
+        for kind in reg.claims():
+            other = claimed.setdefault((family, kind), reg)
+            if other is reg:
+                continue
+            switch = [r.name for r in (other, reg) if any(f.name == kind for f in dataclasses.fields(r.config))]
+            fix = (f"switch the kind off in one of them, e.g. regularizers.{switch[0]}.{kind}: 0, or remove one"
+                   if switch else "remove one of them")
+            raise ConfigError(
+                f"regularizers: {other.name!r} and {reg.name!r} are both {family} regularizers for {kind!r} "
+                f"layers, and a layer kind takes one {family} variant; {fix}"
+            )
 
+
+def batchnorm_warnings(mm: ModelMap, rows: Sequence[PlanItem]) -> list[str]:
+    """Dropout directly before a BatchNorm: BatchNorm sees a different variance in training than
+    at inference, the "variance shift" of Li et al., "Understanding the Disharmony between Dropout
+    and Batch Normalization by Variance Shift", CVPR 2019. Covers the model's own dropout layers
+    and every planned insertion."""
     out = []
-    for info in plan.layers:
-        if not is_dropout(info.module):
+    for info in mm.layers:
+        if is_injected(info.path) or not info.path or not is_dropout(info.module):
             continue
-        parent_path = info.path.rsplit(".", 1)[0] if "." in info.path else ""
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if not isinstance(parent, nn.Sequential):
-            continue
-        keys = list(parent._modules)
-        idx = keys.index(info.path.rsplit(".", 1)[-1])
-        if idx + 1 < len(keys) and isinstance(parent._modules[keys[idx + 1]], nn.modules.batchnorm._BatchNorm):
-            bn = (parent_path + "." if parent_path else "") + keys[idx + 1]
+        bn = mm.flow.next(info.path)
+        if bn is not None and is_batchnorm(mm.module(bn)):
             out.append(
-                f"dropout {info.path!r} feeds BatchNorm {bn!r}: the variance it sees in training differs "
-                f"from inference (variance shift). Move the dropout after {bn!r} and its activation."
+                f"dropout {info.path!r} ({type(info.module).__name__}) feeds BatchNorm {bn!r} directly: the "
+                f"variance {bn!r} sees in training differs from inference (variance shift, Li et al. 2019). "
+                f"Move the dropout after {bn!r} and its activation."
+            )
+    for row in rows:
+        if row.action != "after" or row.anchor is None:
+            continue
+        bn = mm.flow.next(row.anchor)
+        if bn is not None and is_batchnorm(mm.module(bn)):
+            out.append(
+                f"{row.regularizer} puts {row.variant} on the output of {row.anchor!r}, which feeds BatchNorm "
+                f"{bn!r} directly: the variance {bn!r} sees in training differs from inference (variance "
+                f"shift, Li et al. 2019). Switch the kind off for this model or reorder its layers."
             )
     return out
 
 
 def apply_plan(model: nn.Module, regularizers: Sequence[Regularizer], plan: Plan) -> None:
-    """Carry out ``plan`` on ``model`` (each regularizer applies its own rows)."""
+    """Carry out ``plan`` on ``model`` (each regularizer applies its own rows); the plan's
+    warnings are emitted with :func:`warnings.warn`."""
+    for message in plan.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
     for reg in regularizers:
         reg.apply(model, plan.items.get(reg.name, []))

@@ -23,7 +23,7 @@ validated against it) and a few optional methods that the host calls at well-def
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import nn
@@ -33,14 +33,16 @@ from torch import nn
 class PlanContext:
     """What a regularizer may know about the run when it plans.
 
-    ``layers`` is the classified model (see :func:`regfw.surgery.classify_model`), computed
-    once and shared by all regularizers.
+    ``layers`` is the classified model (see :func:`regfw.surgery.classify_model`) and
+    ``model_map`` the same plus its dataflow and residual adds (:class:`regfw.surgery.ModelMap`),
+    computed once and shared by all regularizers.
     """
 
     n_examples: Optional[int] = None
     n_params: Optional[int] = None
     layers: list = field(default_factory=list)
     example_input: Any = None
+    model_map: Any = None
 
 
 @dataclass
@@ -69,6 +71,20 @@ class NoConfig:
     """The config of a regularizer without settings."""
 
 
+@dataclass
+class InjectionConfig:
+    """Settings every :class:`InjectingRegularizer` shares; subclass it and add one rate per kind.
+
+    ``policy``: ``auto`` takes the rules of thumb from dataset size and parameter count,
+    ``default`` the rate table's default (see :mod:`regfw.kinds`); an explicit rate always wins.
+    ``existing``: where the model already has dropout at a place, ``override`` sets its rate,
+    ``keep`` leaves it alone; a second layer is never added.
+    """
+
+    policy: Literal["auto", "default"] = "auto"
+    existing: Literal["override", "keep"] = "override"
+
+
 class Regularizer:
     """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
 
@@ -78,6 +94,8 @@ class Regularizer:
     Config: ClassVar[type] = NoConfig
     #: One line shown by ``regfw plugins``.
     description: ClassVar[str] = ""
+    #: Regularizers of one family (e.g. ``"dropout"``) may not claim the same layer kind.
+    family: ClassVar[str] = ""
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -104,6 +122,11 @@ class Regularizer:
     def describe(self, model: nn.Module) -> list[str]:
         return []
 
+    def claims(self) -> tuple[str, ...]:
+        """The layer kinds this regularizer acts on with its config: two regularizers of one
+        ``family`` claiming the same kind are a config error (checked by :func:`regfw.plan.make_plan`)."""
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
@@ -126,6 +149,15 @@ class InjectingRegularizer(Regularizer):
     def variant_for(self, kind: str) -> str:
         return self.variant or self.name
 
+    def claims(self) -> tuple[str, ...]:
+        """``kinds`` less those switched off by an explicit rate of 0 in the config."""
+        return tuple(k for k in self.kinds if getattr(self.config, k, None) != 0)
+
+    def supports(self, kind: str, module: nn.Module, out_dim: Optional[int]) -> Optional[str]:
+        """None when the variant fits after ``module`` (whose output has rank ``out_dim``, if
+        known); otherwise why not, shown as a note in the plan (e.g. DropBlock needs 4-d maps)."""
+        return None
+
     def rate_for(self, kind: str, ctx: PlanContext) -> tuple[Optional[float], str]:
         """The rate for ``kind`` and why: explicit in the config, policy, or the table default.
 
@@ -134,13 +166,10 @@ class InjectingRegularizer(Regularizer):
         from regfw import kinds as K
 
         explicit = getattr(self.config, kind, None)
-        if explicit is not None:
-            return float(explicit), "explicit"
-        if kind not in K.RATE_TABLE:
+        if explicit is None and kind not in K.RATE_TABLE:
             return None, "no default rate"
-        if getattr(self.config, "policy", "auto") == "default":
-            return K.rate_range(kind).default, "default (rate table)"
-        return K.policy_rate(kind, ctx.n_examples, ctx.n_params), K.explain_policy(kind, ctx.n_examples, ctx.n_params)
+        return K.choose_rate(kind, explicit, getattr(self.config, "policy", "auto"), ctx.n_examples,
+                             ctx.n_params, self.variant_for(kind))
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError

@@ -5,17 +5,29 @@ forward hook (``after``: on the anchor's output) or forward pre-hook (``before``
 This keeps every existing parameter name, so a state dict of the plain model still loads, and
 works for any ``forward`` however it is written. The hooks are small picklable objects that
 look the child up by name, so ``copy.deepcopy`` and pickling keep working.
+
+Placement rules (:func:`after_anchor`), read from the model's dataflow
+(:mod:`regfw.dataflow`):
+
+* a module "after" a hidden, conv or recurrent layer goes after the norm and activation layers
+  that directly follow it, so it never sits between a layer and the BatchNorm that normalises
+  it, and comes after the nonlinearity as in Srivastava et al. 2014;
+* a module called more than once per forward pass (a shared ``nn.ReLU``) never carries one:
+  the walk stops before it (for a non-negative mask, ``relu(m * x) = m * relu(x)``);
+* where the model already has a dropout module at that place, its rate is set (``existing:
+  override``) or left alone (``existing: keep``), and nothing is inserted;
+* a module regfw inserted earlier is updated, never inserted a second time.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from torch import nn
 
 from regfw import kinds as K
+from regfw.dataflow import Dataflow, ResidualAnalysis, build_dataflow
 from regfw.regularizer import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +51,28 @@ class LayerInfo:
     is_output: bool = False
 
 
+@dataclass
+class ModelMap:
+    """A model analysed once for planning: its classified modules, dataflow and residual adds."""
+
+    model: nn.Module
+    layers: list[LayerInfo]
+    flow: Dataflow
+    residuals: ResidualAnalysis
+    #: Things the user should know about the analysis itself (e.g. a weaker dataflow source).
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.by_path = {i.path: i for i in self.layers}
+
+    def kind(self, path: str) -> Optional[str]:
+        info = self.by_path.get(path)
+        return info.kind if info is not None else None
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path) if path else self.model
+
+
 class ApplyAfter:
     """Forward hook: pass the host's output through its child ``name``.
 
@@ -50,7 +84,7 @@ class ApplyAfter:
         self.name = name
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        child = getattr(module, self.name)
+        child = module._modules[self.name]
         if isinstance(output, tuple):
             return (child(output[0]), *output[1:])
         return child(output)
@@ -63,7 +97,7 @@ class ApplyBefore:
         self.name = name
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        child = getattr(module, self.name)
+        child = module._modules[self.name]
         return (child(args[0]), *args[1:])
 
 
@@ -73,9 +107,14 @@ def is_injected(path: str) -> bool:
 
 
 def is_dropout(module: nn.Module) -> bool:
+    """A dropout-family module: torch's dropout layers and every regfw stochastic layer."""
     from regfw.layers.base import StochasticModule
 
     return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 def classify(module: nn.Module, path: str) -> Optional[str]:
@@ -93,61 +132,45 @@ def classify(module: nn.Module, path: str) -> Optional[str]:
     return K.builtin_kind(module)
 
 
-def _call_order(model: nn.Module, example_input: Any, paths: dict[nn.Module, str]) -> list[str]:
-    """Paths of the given modules in the order a forward pass first calls them."""
-    seen: list[str] = []
-    handles = []
-
-    def record(module, args):
-        path = paths[module]
-        if path not in seen:
-            seen.append(path)
-
-    for module in paths:
-        handles.append(module.register_forward_pre_hook(record))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return seen
+def _has_own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
 
 
-def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:
-    """Every module of ``model`` with its kind, in call order when ``example_input`` is given.
+def _classify_all(model: nn.Module) -> tuple[list[LayerInfo], dict[str, nn.Module]]:
+    """Every module with its kind, and the *units* among them: leaf modules (ignoring children
+    regfw inserted) and attention/recurrent layers as wholes."""
+    infos: list[LayerInfo] = []
+    units: dict[str, nn.Module] = {}
+    atomic_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if is_injected(path) or any(path.startswith(prefix + ".") for prefix in atomic_prefixes):
+            continue
+        kind = classify(module, path)
+        if path and (kind in _ATOMIC_KINDS or kind == K.SKIP):
+            atomic_prefixes.append(path)
+        own_children = [n for n in module._modules if not n.startswith(INJECTED_PREFIX)]
+        if path and (not own_children or kind in _ATOMIC_KINDS or kind == K.SKIP):
+            units[path] = module
+        if path or not own_children:
+            infos.append(LayerInfo(path, module, kind, len(infos)))
+    return infos, units
+
+
+def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
+    """Classify ``model`` and read its dataflow (from ``example_input`` when given).
 
     The first layer called (when no unclassified module with parameters, such as an
     embedding, runs before it) is marked ``is_input``; the last hidden or conv layer called is
     the output layer (``is_output``) and gets nothing inserted after it.
     """
-    infos: list[LayerInfo] = []
-    atomic_prefixes: list[str] = []
-    for path, module in model.named_modules():
-        if not path or is_injected(path):
-            continue
-        if any(path.startswith(prefix + ".") for prefix in atomic_prefixes):
-            continue
-        kind = classify(module, path)
-        if kind in _ATOMIC_KINDS or kind == K.SKIP:
-            atomic_prefixes.append(path)
-        infos.append(LayerInfo(path, module, kind, len(infos)))
-    if not infos and not is_injected(""):
-        kind = classify(model, "")
-        if kind is not None:
-            infos.append(LayerInfo("", model, kind, 0))
-    if example_input is not None:
-        leaves = {i.module: i.path for i in infos if i.kind in _LAYER_KINDS or _has_own_params(i.module)}
-        order = _call_order(model, example_input, leaves)
-        rank = {p: n for n, p in enumerate(order)}
-        called = [i for i in infos if i.path in rank]
-        called.sort(key=lambda i: rank[i.path])
+    infos, units = _classify_all(model)
+    if not units and infos:  # the model is a single leaf module
+        units = {"": model}
+    flow, note = build_dataflow(model, units, example_input)
+    notes = [note] if note else []
+    if flow.order:
+        rank = {p: n for n, p in enumerate(flow.order)}
+        called = sorted((i for i in infos if i.path in rank), key=lambda i: rank[i.path])
     else:
         called = [i for i in infos if i.kind in _LAYER_KINDS or _has_own_params(i.module)]
     for info in called:
@@ -159,75 +182,83 @@ def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInf
     last = [i for i in called if i.kind in (K.HIDDEN, K.CONV)]
     if last:
         last[-1].is_output = True
-    return infos
+    leaves = tuple(m for p, m in units.items() if p)
+    return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes)
 
 
-def _has_own_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:
+    """Every module of ``model`` with its kind, in call order when ``example_input`` is given
+    (see :func:`analyse`)."""
+    return analyse(model, example_input).layers
 
 
-def _parent(model: nn.Module, path: str) -> tuple[Optional[nn.Module], str]:
-    if "." not in path:
-        return (model if path else None), path
-    parent_path, name = path.rsplit(".", 1)
-    return model.get_submodule(parent_path), name
+def after_anchor(mm: ModelMap, path: str) -> tuple[str, Optional[str], list[str]]:
+    """Where a module inserted after the layer at ``path`` goes.
 
-
-def after_anchor(model: nn.Module, info: LayerInfo, by_path: dict[str, LayerInfo]) -> tuple[str, Optional[str], list[str]]:
-    """Where a module inserted after layer ``info`` goes.
-
-    Returns ``(anchor_path, existing_dropout_path, skipped)``: in an ``nn.Sequential`` the
-    anchor moves past the norm and activation layers that follow the layer (so dropout never
-    sits between a layer and the BatchNorm that normalises it); an existing dropout found there
-    is returned so it can be reused instead of inserting a second one.
+    Returns ``(anchor_path, existing_dropout_path, skipped)``: the anchor moves past the norm
+    and activation layers that consume the layer's output one after the other, each called
+    once per forward pass; an existing dropout found on the way is returned so that it can be
+    reused instead of inserting a second one.
     """
-    parent, name = _parent(model, info.path)
-    if not isinstance(parent, nn.Sequential):
-        return info.path, None, []
-    keys = list(parent._modules.keys())
-    idx = keys.index(name)
-    prefix = info.path[: -len(name)]
-    anchor = info.path
-    skipped: list[str] = []
-    for key in keys[idx + 1:]:
-        sibling = parent._modules[key]
-        sib_path = prefix + key
-        if is_dropout(sibling):
-            return anchor, sib_path, skipped
-        sib = by_path.get(sib_path)
-        kind = sib.kind if sib is not None else classify(sibling, sib_path)
-        if kind in (K.NORM, K.ACTIVATION):
-            anchor = sib_path
-            skipped.append(sib_path)
-            continue
-        break
-    return anchor, None, skipped
+    flow = mm.flow
+    anchor, skipped = path, []
+    while True:
+        nxt = flow.next(anchor)
+        if nxt is None or flow.prev(nxt) != anchor or not flow.called_once(nxt):
+            return anchor, None, skipped
+        module = mm.module(nxt)
+        if is_dropout(module):
+            return anchor, nxt, skipped
+        if mm.kind(nxt) not in (K.NORM, K.ACTIVATION):
+            return anchor, None, skipped
+        anchor = nxt
+        skipped.append(nxt)
+
+
+def injected_name(reg_name: str, action: str) -> str:
+    """The child name of the module regularizer ``reg_name`` hangs on its anchor."""
+    return f"{INJECTED_PREFIX}{'input_' if action == 'before' else ''}{reg_name}"
+
+
+def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, rate: float, reason: str,
+                   existing: Optional[str], path: str) -> Optional[list[PlanItem]]:
+    """Rows for a place that already has dropout: ``[]`` to keep it, one ``set`` row to change its
+    rate, or None when the place is free. Covers a module regfw inserted earlier (``existing``
+    is then the child of ``host`` named by :func:`injected_name`) and the model's own dropout."""
+    own = injected_name(reg.name, action)
+    if own in mm.module(host)._modules:
+        target = f"{host}.{own}" if host else own
+        return [PlanItem(reg.name, path, kind, reg.variant_for(kind), rate,
+                         reason + "; inserted before, rate set", action="set", anchor=target)]
+    if existing is None:
+        return None
+    if getattr(reg.config, "existing", "override") == "keep":
+        return []
+    return [PlanItem(reg.name, path, kind, f"{type(mm.module(existing)).__name__} (existing)", rate,
+                     reason + "; existing dropout, rate overridden", action="set", anchor=existing)]
 
 
 def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
     """The rows an :class:`~regfw.regularizer.InjectingRegularizer` would insert."""
-    layers = ctx.layers or classify_model(model, ctx.example_input)
-    by_path = {i.path: i for i in layers}
-    existing_policy = getattr(reg.config, "existing", "override")
+    mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
     items: list[PlanItem] = []
-    for info in layers:
+    for info in mm.layers:
         if K.INPUT in reg.kinds and info.is_input:
-            rate, reason = reg.rate_for(K.INPUT, ctx)
-            if rate:
-                items.append(PlanItem(reg.name, info.path, K.INPUT, reg.variant_for(K.INPUT), rate, reason,
-                                      action="before", anchor=info.path))
+            items.extend(_input_rows(reg, mm, info, ctx))
         if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
             continue
         rate, reason = reg.rate_for(info.kind, ctx)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
-        anchor, existing, skipped = after_anchor(model, info, by_path)
-        if existing is not None:
-            if existing_policy == "keep":
-                continue
-            items.append(PlanItem(reg.name, existing, info.kind, type(model.get_submodule(existing)).__name__,
-                                  rate, reason + "; existing dropout, rate overridden", action="set",
-                                  anchor=existing))
+        anchor, existing, skipped = after_anchor(mm, info.path)
+        reused = reuse_existing(reg, mm, info.kind, anchor, "after", rate, reason, existing, info.path)
+        if reused is not None:
+            items.extend(reused)
+            continue
+        problem = reg.supports(info.kind, info.module, mm.flow.out_dims.get(anchor))
+        if problem:
+            items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), None,
+                                  f"not inserted: {problem}", action="note"))
             continue
         if skipped:
             reason += f"; after {', '.join(skipped)}"
@@ -242,6 +273,19 @@ def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanCont
     return items
 
 
+def _input_rows(reg: "InjectingRegularizer", mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
+    rate, reason = reg.rate_for(K.INPUT, ctx)
+    if not rate:
+        return []
+    before = mm.flow.prev(info.path)
+    existing = before if before is not None and is_dropout(mm.module(before)) and mm.flow.next(before) == info.path else None
+    reused = reuse_existing(reg, mm, K.INPUT, info.path, "before", rate, reason, existing, info.path)
+    if reused is not None:
+        return reused
+    return [PlanItem(reg.name, info.path, K.INPUT, reg.variant_for(K.INPUT), rate, reason,
+                     action="before", anchor=info.path)]
+
+
 def _layer_options(module: nn.Module) -> dict:
     if isinstance(module, nn.RNNBase):
         return {"batch_first": bool(module.batch_first)}
@@ -252,8 +296,11 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
     """Hang ``module`` on ``anchor`` as child ``name`` and call it from a hook.
 
     ``where`` is ``"after"`` or ``"before"``. Returns False (and changes nothing) when the
-    anchor already carries a child of that name: a module is never inserted twice.
+    anchor already carries a child of that name: a module is never inserted twice. The module
+    is moved to the anchor's device; its masks follow the input's dtype.
     """
+    if where not in ("after", "before"):
+        raise ValueError(f"where must be 'after' or 'before', got {where!r}")
     host = model.get_submodule(anchor) if anchor else model
     if name in host._modules:
         return False
@@ -262,23 +309,25 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
         ref = next(iter(host.buffers()), None)
     if ref is not None:
         module = module.to(device=ref.device)
+    module.train(host.training)
     host.add_module(name, module)
     if where == "after":
         host.register_forward_hook(ApplyAfter(name))
-    elif where == "before":
-        host.register_forward_pre_hook(ApplyBefore(name))
     else:
-        raise ValueError(f"where must be 'after' or 'before', got {where!r}")
+        host.register_forward_pre_hook(ApplyBefore(name))
     return True
+
+
+def set_rate(model: nn.Module, path: str, rate: float) -> None:
+    """Set the rate ``p`` of the dropout module at ``path`` (a ``set`` row)."""
+    model.get_submodule(path).p = rate
 
 
 def apply_insertions(reg: "InjectingRegularizer", model: nn.Module, items: list[PlanItem]) -> None:
     """Carry out the rows of :func:`plan_insertions`."""
     for item in items:
         if item.action == "set":
-            existing = model.get_submodule(item.anchor)
-            existing.p = item.rate
-            continue
-        module = reg.make_module(item.kind, item.rate, item)
-        suffix = "input_" if item.action == "before" else ""
-        attach(model, item.anchor, f"{INJECTED_PREFIX}{suffix}{reg.name}", module, item.action)
+            set_rate(model, item.anchor, item.rate)
+        elif item.action in ("after", "before"):
+            module = reg.make_module(item.kind, item.rate, item)
+            attach(model, item.anchor, injected_name(reg.name, item.action), module, item.action)

@@ -1,0 +1,89 @@
+"""The ``attention_dropout`` regularizer: the dropout rates of attention and Transformer layers.
+
+Vaswani et al., "Attention Is All You Need", NeurIPS 2017: ``P_drop = 0.1`` on the attention
+weights and on every sub-layer output before its residual add. torch builds those dropouts into
+``nn.MultiheadAttention`` (its ``dropout`` float) and ``nn.TransformerEncoderLayer`` /
+``nn.TransformerDecoderLayer`` (their ``dropout*`` children), so nothing is inserted: the rates
+are set in place (:func:`regfw.layers.set_attention_dropout`) and the model keeps its structure.
+Kind ``attention`` (table: 0.1), family ``dropout``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+import regfw
+from regfw.config import rate
+from regfw.kinds import ATTENTION
+from regfw.layers import set_attention_dropout
+from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclass
+class AttentionDropoutConfig(InjectionConfig):
+    """The attention rate; null takes the table (0.1), 0 switches it off (leaves the model alone)."""
+
+    attention: Optional[float] = rate(doc="dropout of attention weights and sub-layer outputs (table: 0.1)")
+    #: Only the attention weights, not the Transformer layers' other dropouts.
+    attention_only: bool = False
+
+
+def current_rate(module: nn.Module) -> Optional[float]:
+    """The attention-weight dropout of ``module`` (its first ``nn.MultiheadAttention``), or None."""
+    for sub in module.modules():
+        if isinstance(sub, nn.MultiheadAttention):
+            return float(sub.dropout)
+    return None
+
+
+class AttentionDropout(InjectingRegularizer):
+    """Set the dropout of every attention layer (``nn.MultiheadAttention``, Transformer layers)."""
+
+    name = "attention_dropout"
+    family = "dropout"
+    description = "sets the dropout of nn.MultiheadAttention / nn.Transformer*Layer (default 0.1)"
+    Config = AttentionDropoutConfig
+    kinds = (ATTENTION,)
+
+    def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+        from regfw.surgery import analyse
+
+        mm = ctx.model_map or analyse(model, ctx.example_input)
+        rate, reason = self.rate_for(ATTENTION, ctx)
+        if not rate:
+            return []
+        rows: list[PlanItem] = []
+        for info in mm.layers:
+            if info.kind != ATTENTION:
+                continue
+            was = current_rate(info.module)
+            if was is None:
+                rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, None,
+                                     f"not set: {type(info.module).__name__} contains no nn.MultiheadAttention",
+                                     action="note"))
+                continue
+            if was > 0 and self.config.existing == "keep":
+                continue
+            what = "attention weights" if self.config.attention_only or not isinstance(info.module, _TRANSFORMER_LAYERS) \
+                else "attention weights and sub-layer outputs"
+            rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
+                                 f"{reason}; {what} (was {was:g})", action="set", anchor=info.path))
+        if not rows:
+            warnings.warn(f"regularizer {self.name!r} found no attention layer in {type(model).__name__}; "
+                          f"nothing was changed", stacklevel=2)
+        return rows
+
+    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
+        for item in items:
+            if item.action == "set":
+                set_attention_dropout(model.get_submodule(item.anchor), item.rate, self.config.attention_only)
+
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(AttentionDropout)

@@ -1,0 +1,115 @@
+"""The ``drop_path`` regularizer: stochastic depth on the residual branches of a model.
+
+Huang, Sun, Liu, Sedra and Weinberger, "Deep Networks with Stochastic Depth", ECCV 2016: in
+training, each residual block's branch is dropped for a whole sample with some probability, so
+``x + f(x)`` becomes ``x`` for that sample; kept branches are scaled by ``1 / (1 - p)``. The rate
+grows linearly with depth, from 0 at the first block to ``p`` at the last
+(:func:`regfw.layers.drop_path_schedule`).
+
+Where the branches are. Residual adds are functional (``out + identity``) and invisible to
+module hooks, so the model is traced with ``torch.fx`` (:func:`regfw.dataflow.find_residuals`):
+for each add whose operands share an input, the operand that runs more parameterised modules is
+the branch. :class:`regfw.layers.DropPath` then hangs as a forward hook on the module producing
+the branch operand (for a torchvision-style block, its last BatchNorm), so the model keeps its
+class, forward and parameter names. A model ``torch.fx`` cannot trace gets no DropPath and a
+warning saying why; a branch that ends in a function rather than a module gets a plan note.
+
+The rate at the last block comes from the ``residual`` row of the rate table (0.1, timm's and
+DeiT's default) unless given. This plugin belongs to the ``dropout`` family, for kind
+``residual``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from torch import nn
+
+import regfw
+from regfw.config import rate
+from regfw.kinds import RESIDUAL, choose_rate
+from regfw.layers import DropPath, drop_path_schedule
+from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
+
+
+@dataclass
+class DropPathConfig:
+    """The rate at the deepest block and how it grows with depth."""
+
+    rate: Optional[float] = rate(doc="drop rate of the deepest residual block (table: 0.1)")
+    #: ``linear``: 0 at the first block up to ``rate`` at the last (Huang et al. 2016);
+    #: ``uniform``: ``rate`` everywhere.
+    schedule: Literal["linear", "uniform"] = "linear"
+    #: Scale kept branches by 1 / (1 - p) (as timm does); false keeps them as they are.
+    scale_by_keep: bool = True
+    #: Where a branch already ends in a DropPath: set its rate, or leave it alone.
+    existing: Literal["override", "keep"] = "override"
+
+
+class DropPathRegularizer(InjectingRegularizer):
+    """DropPath on the branch operand of every residual add ``torch.fx`` finds."""
+
+    name = "drop_path"
+    family = "dropout"
+    description = "stochastic depth (DropPath) on residual branches, linear depth schedule; needs torch.fx"
+    Config = DropPathConfig
+    kinds = (RESIDUAL,)
+
+    def claims(self) -> tuple[str, ...]:
+        return () if self.config.rate == 0 else (RESIDUAL,)
+
+    def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+        from regfw.surgery import analyse, reuse_existing
+
+        mm = ctx.model_map or analyse(model, ctx.example_input)
+        sites, error = mm.residuals.result
+        if error:
+            warnings.warn(f"drop_path: {error}", stacklevel=2)
+            return []
+        if not sites:
+            hidden = [type(m).__name__ for m in model.modules()
+                      if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
+            hint = (f"; the residual adds of {hidden[0]} happen inside that torch module, which DropPath "
+                    f"cannot reach (set its dropout instead, e.g. with attention_dropout)") if hidden else ""
+            warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
+                          stacklevel=2)
+            return []
+        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.name)
+        if not top:
+            return []
+        blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
+        if self.config.schedule == "linear":
+            rates = drop_path_schedule(top, len(blocks))
+        else:
+            rates = [top] * len(blocks)
+        rows: list[PlanItem] = []
+        for site in sites:
+            where = f"residual add {site.node!r}"
+            if site.anchor is None:
+                rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, None,
+                                     f"not inserted at {where}: {site.problem}", action="note"))
+                continue
+            index = blocks.index(site.block)
+            p = round(rates[index], 6)
+            reason = f"{why}; {self.config.schedule} depth schedule, block {index + 1} of {len(blocks)}; {where}"
+            if p == 0:
+                rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, 0.0,
+                                     reason + "; rate 0, nothing inserted", action="note"))
+                continue
+            existing = site.anchor if isinstance(mm.module(site.anchor), DropPath) else None
+            reused = reuse_existing(self, mm, RESIDUAL, site.anchor, "after", p, reason, existing, site.block)
+            if reused is not None:
+                rows.extend(reused)
+                continue
+            rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, p, reason, action="after",
+                                 anchor=site.anchor))
+        return rows
+
+    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
+        return DropPath(rate, scale_by_keep=self.config.scale_by_keep)
+
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(DropPathRegularizer)
