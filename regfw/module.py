@@ -159,7 +159,15 @@ class RegularizedModule(pl.LightningModule):
             cfg.pop("momentum", None)
         elif not cfg.get("momentum"):
             cfg.pop("momentum", None)
-        return classes[name](self.param_groups(), **cfg)
+        groups = self.param_groups()
+        if cfg.get("weight_decay") and any("weight_decay" in g for g in groups):
+            owner = next(r.name for r in self.regularizers if r.param_groups(self.model) is not None)
+            raise ConfigError(
+                f"optimizer.weight_decay={cfg['weight_decay']:g} and regularizers.{owner} both decay the "
+                f"weights (its parameter groups set their own weight_decay); set optimizer.weight_decay: 0 "
+                f"or remove regularizers.{owner}."
+            )
+        return classes[name](groups, **cfg)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [cb for reg in self.regularizers for cb in reg.callbacks()]
