@@ -2,6 +2,9 @@
 
 The package root stays light (no torch or Lightning import) so that plugin discovery and
 ``regfw --help`` are fast. Heavier names are imported on first use.
+
+The public API, the names a plugin may rely on, is listed in ``docs/plugins.md``; the hooks are
+documented in ``docs/hooks.md``.
 """
 from __future__ import annotations
 
