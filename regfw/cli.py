@@ -28,8 +28,22 @@ def _config(args: argparse.Namespace):
 def cmd_fit(args: argparse.Namespace) -> int:
     from regfw.run import fit
 
-    cfg = _config(args)
-    result = fit(cfg, run_dir=args.run_dir)
+    resume = args.resume
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        args.overrides.append(resume)  # `--resume key=value`: an override, not a checkpoint
+        resume = ""
+    if resume is None:
+        cfg = _config(args)
+    else:
+        from regfw.run import load_resume_config
+
+        cfg = load_resume_config(args.config, args.overrides, resume or None, args.run_dir)
+    result = fit(cfg, run_dir=args.run_dir, resume=(resume or True) if resume is not None else None,
+                 force=args.force)
+    if result.rank != 0:
+        return 0
+    if result.resumed_from is not None:
+        print(f"\nresumed from:  {result.resumed_from}")
     print(f"\nrun directory: {result.run_dir}")
     print(f"config:        {result.config_path}")
     print(f"checkpoint:    {result.checkpoint}")
@@ -133,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                        default="templates/demo.yaml" if name == "demo" else None, help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. trainer.max_epochs=3")
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
+    parsers["fit"].add_argument(
+        "--resume", nargs="?", const="", metavar="CHECKPOINT",
+        help="continue a run: from CHECKPOINT, or from checkpoints/last.ckpt of the newest run of this config "
+             "(or of --run-dir), in that run's directory")
+    parsers["fit"].add_argument("--force", action="store_true",
+                                help="replace the --run-dir directory when it holds an earlier regfw run")
     parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
     parsers["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
     rank = parsers["rank"]
@@ -158,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"regfw {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"regfw {args.command}: interrupted", file=sys.stderr)
         return 130

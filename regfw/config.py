@@ -221,10 +221,16 @@ class UncertaintyConfig:
 
 @dataclass
 class RunConfig:
-    """``run:`` where run directories go."""
+    """``run:`` where run directories go, how often to checkpoint, and what a NaN loss does."""
 
     dir: str = "runs"
     name: Optional[str] = None
+    #: Also rewrite ``checkpoints/last.ckpt`` every N training steps (0: only at epoch ends), so
+    #: a killed run loses at most N steps. ``last.ckpt`` is always written on SIGTERM too.
+    checkpoint_every_n_steps: int = nonneg(0)
+    #: A NaN or infinite training loss: ``stop`` the run (naming the step and the last good
+    #: checkpoint), ``skip`` that batch, or ``ignore`` it and train on.
+    on_nan: Literal["stop", "skip", "ignore"] = "stop"
 
 
 TOP_LEVEL = ("seed", "data", "model", "optimizer", "regularizers", "uncertainty", "trainer", "run")

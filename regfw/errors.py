@@ -16,3 +16,18 @@ class PluginError(RegfwError, RuntimeError):
 
 class RunError(RegfwError, RuntimeError):
     """A run directory or checkpoint problem (exists already, corrupt, mismatched)."""
+
+
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite (``run.on_nan: stop``); raised before the update."""
+
+    def __init__(self, message: str, *, step: int = -1, epoch: int = -1, batch_idx: int = -1) -> None:
+        super().__init__(message)
+        self.step, self.epoch, self.batch_idx = step, epoch, batch_idx
+
+
+class RunInterrupted(RunError):
+    """Training stopped on a signal (SIGTERM) after saving a checkpoint to resume from."""
+
+    #: The exit status of ``regfw fit``: 128 + SIGTERM, as a shell reports a terminated process.
+    exit_code = 143

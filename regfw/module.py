@@ -127,7 +127,37 @@ class RegularizedModule(pl.LightningModule):
             penalty = torch.stack([p.reshape(()) for p in penalties]).sum()
             self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(batch[0]))
             loss = loss + penalty
+        if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
+            return self._nonfinite_loss(loss, batch_idx)
         return loss
+
+    #: What a NaN or infinite training loss does: ``"stop"`` raises
+    #: :class:`~regfw.errors.NonFiniteLossError` before the update (the weights stay finite),
+    #: ``"skip"`` leaves that batch out (no update), ``"ignore"`` trains on it. ``regfw fit``
+    #: sets it from ``run.on_nan``.
+    on_nonfinite: str = "ignore"
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank stops together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _nonfinite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        from regfw.errors import NonFiniteLossError
+
+        step, epoch = (self.trainer.global_step, self.current_epoch) if self._trainer is not None else (-1, -1)
+        where = f"step {step} (epoch {epoch}, batch {batch_idx})"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"the training loss is {float(loss.detach().float().mean())} at {where}; "
+                                     f"training stopped before that update", step=step, epoch=epoch,
+                                     batch_idx=batch_idx)
+        self.nonfinite_skipped = getattr(self, "nonfinite_skipped", 0) + 1
+        from pytorch_lightning.utilities import rank_zero_warn
+
+        rank_zero_warn(f"regfw: the training loss is {float(loss.detach().float().mean())} at {where}; that batch is "
+                       f"skipped (run.on_nan=skip), {self.nonfinite_skipped} so far")
+        return None
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
@@ -179,4 +209,32 @@ class RegularizedModule(pl.LightningModule):
             "version": __version__,
             "regularizers": sorted(self.hparams.regularizers),
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "plugins": _plugin_origins(self.regularizers),
+            # rates are plain attributes, not state: a rate schedule's current values resume from here
+            "rates": {name: float(m.p) for name, m in self.model.named_modules()
+                      if _is_stochastic(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        modules = dict(self.model.named_modules())
+        for name, p in ((checkpoint.get("regfw") or {}).get("rates") or {}).items():
+            if name in modules and _is_stochastic(modules[name]):
+                modules[name].p = p
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    from regfw.layers.base import StochasticModule
+
+    return isinstance(module, (StochasticModule, nn.modules.dropout._DropoutNd))
+
+
+def _plugin_origins(regularizers: Sequence[Regularizer]) -> dict:
+    """Which plugin (and distribution, version) provided each regularizer, for checkpoint metadata."""
+    from regfw.plugins import origin_of
+
+    out = {}
+    for reg in regularizers:
+        info = origin_of(type(reg).__module__)
+        out[reg.name] = ({"plugin": info.name, "distribution": info.distribution, "version": info.version}
+                         if info else {"plugin": None, "module": type(reg).__module__})
+    return out

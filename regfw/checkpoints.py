@@ -1,0 +1,427 @@
+"""Checkpoints that are never half-written, checked before they are trusted, and found for resume.
+
+* :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the same
+  directory, flushes it to disk and renames it over the old one (``os.replace``): a crash or a
+  ``kill -9`` mid-write leaves the previous checkpoint intact. (Lightning's default writes
+  through a temporary file in the system temp directory and *moves* it, which across file
+  systems is a copy into the final path.) It also records a SHA-256 digest of every tensor, so
+  a file damaged later (a bad disk, a partial copy) is reported instead of loaded: ``torch.load``
+  itself notices a truncated file but not changed bytes inside one.
+* :func:`read_checkpoint` loads a checkpoint for resuming and turns every way it can be bad
+  (missing, empty, truncated, corrupt, not written by regfw) into a :class:`~regfw.errors.RunError`
+  naming the file, what is wrong and what to do.
+* :func:`check_compatible` compares a checkpoint with the module built from the config: the
+  hyperparameters (model, loss, regularizers and their settings, optimizer, data size) and the
+  parameter names and shapes, and lists every difference by its config key.
+* :class:`RunCheckpoint` is the ``ModelCheckpoint`` of ``regfw fit``: epoch checkpoints plus
+  ``last.ckpt`` every ``run.checkpoint_every_n_steps`` steps and when SIGTERM arrives.
+* :class:`RunCSVLogger` continues ``metrics.csv`` of a resumed run instead of deleting it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+from regfw.errors import RunError
+
+PathLike = Union[str, Path]
+
+#: Top-level checkpoint key holding the tensor digest written by :class:`AtomicCheckpointIO`.
+INTEGRITY_KEY = "regfw_integrity"
+LAST = "last.ckpt"
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same directory and a rename.
+
+    Readers see the old file or the complete new one, never a partial file; the temporary file
+    is removed if saving fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if key != INTEGRITY_KEY:
+                yield from _tensors(value, f"{prefix}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}/{i}")
+
+
+def tensor_digest(obj: Any) -> tuple[str, int]:
+    """SHA-256 over every tensor in ``obj`` (nested dicts and lists) with its key path, dtype and
+    shape, and the number of tensors. Non-tensor values are left out: damage to them makes
+    unpickling fail, which :func:`read_checkpoint` reports already."""
+    h = hashlib.sha256()
+    count = 0
+    for key, tensor in _tensors(obj):
+        if tensor.is_sparse or tensor.is_quantized or tensor.device.type == "meta":
+            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|opaque".encode())
+            continue
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+        count += 1
+    return h.hexdigest(), count
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes atomically (:func:`save_atomic`) with a tensor digest.
+
+    Pass it as ``Trainer(plugins=[AtomicCheckpointIO()])``; ``regfw fit`` always does.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        digest, count = tensor_digest(checkpoint)
+        save_atomic({**checkpoint, INTEGRITY_KEY: {"sha256": digest, "tensors": count}}, path)
+
+
+# -- reading and checking ---------------------------------------------------------------------
+
+
+def _others(path: Path) -> str:
+    siblings = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name) if path.parent.is_dir() else []
+    if siblings:
+        return f" Other checkpoints there: {', '.join(siblings)}; resume from one with `--resume PATH`, or"
+    return " Resume from another checkpoint with `--resume PATH`, or"
+
+
+def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
+    """Load the checkpoint at ``path`` onto the CPU, or raise a :class:`RunError` saying why not.
+
+    Checks that the file exists and is not empty, that ``torch.load`` can read it (a truncated
+    file cannot be), that it is a Lightning checkpoint written by regfw, and (``verify``) that its
+    tensors still have the digest :class:`AtomicCheckpointIO` recorded.
+    """
+    path = Path(path)
+    start_over = " start a new run without --resume."
+    if not path.exists():
+        raise RunError(f"checkpoint {str(path)!r} does not exist.{_others(path)}{start_over}")
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} is not a file; pass the .ckpt file itself.")
+    if path.stat().st_size == 0:
+        raise RunError(f"checkpoint {str(path)!r} is empty (0 bytes): it was never completely written."
+                       f"{_others(path)}{start_over}")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a legacy (non-zip) file
+    except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported alike
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
+                       f"({type(exc).__name__}: {reason[:200]}).{_others(path)}{start_over}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RunError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (it holds "
+                       f"{type(ckpt).__name__}{' without a state_dict' if isinstance(ckpt, dict) else ''}); "
+                       f"resume needs a .ckpt file written by `regfw fit`.")
+    if "regfw" not in ckpt or "hyper_parameters" not in ckpt:
+        raise RunError(f"checkpoint {str(path)!r} was not written by regfw (it has no 'regfw' metadata or "
+                       f"hyperparameters); resume needs a checkpoint written by `regfw fit`.")
+    integrity = ckpt.get(INTEGRITY_KEY)
+    if verify and isinstance(integrity, Mapping) and "sha256" in integrity:
+        digest, count = tensor_digest(ckpt)
+        if digest != integrity["sha256"]:
+            raise RunError(f"checkpoint {str(path)!r} is corrupt: its tensors no longer match the SHA-256 digest "
+                           f"recorded when it was written ({count} tensors read, {integrity.get('tensors')} "
+                           f"written).{_others(path)}{start_over}")
+    return ckpt
+
+
+#: How hyperparameters are called in the config, for messages.
+_CONFIG_KEYS = {
+    "model_config": "model",
+    "loss": "model.loss",
+    "regularizers": "regularizers",
+    "optimizer": "optimizer",
+    "n_examples": "data (number of training examples)",
+    "input_shape": "data (input shape)",
+    "input_dtype": "data (input dtype)",
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _diff(found: Any, expected: Any, key: str, out: list[tuple[str, Any, Any]]) -> None:
+    if isinstance(found, Mapping) and isinstance(expected, Mapping):
+        for name in list(found) + [k for k in expected if k not in found]:
+            _diff(found.get(name, "<absent>"), expected.get(name, "<absent>"), f"{key}.{name}", out)
+        return
+    if isinstance(found, (list, tuple)) and isinstance(expected, (list, tuple)):
+        found, expected = list(found), list(expected)
+    if found != expected:
+        out.append((key, found, expected))
+
+
+def hparam_differences(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(config key, checkpoint value, config value)`` for every hyperparameter that differs."""
+    out: list[tuple[str, Any, Any]] = []
+    for name in sorted(set(found) | set(expected)):
+        key = _CONFIG_KEYS.get(name, name)
+        if name == "model_config":
+            # {"name": "mlp", "init_args": {...}} reads as model.name, model.init_args.*
+            f, e = found.get(name) or {}, expected.get(name) or {}
+            for sub in sorted(set(f) | set(e)):
+                _diff(f.get(sub, "<absent>"), e.get(sub, "<absent>"), f"model.{sub}", out)
+            continue
+        _diff(found.get(name, "<absent>"), expected.get(name, "<absent>"), key, out)
+    return out
+
+
+def state_differences(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Parameter and buffer names missing, unexpected, or of another shape, as readable lines."""
+    lines = []
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if missing:
+        lines.append(f"missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        lines.append(f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for k in shapes[:5]:
+        lines.append(f"{k} has shape {tuple(found[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model")
+    return lines
+
+
+def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, config: Optional[str] = None) -> None:
+    """Raise a :class:`RunError` unless ``ckpt`` was written by a module built like ``module``.
+
+    Compares the hyperparameters the module was built from (so a changed rate, model size,
+    regularizer set or optimizer setting is caught even where the weights' shapes agree; a
+    changed optimizer would otherwise be silently replaced by the checkpoint's optimizer state),
+    the regularizers and model class in the ``regfw`` metadata, and the parameter names and
+    shapes. The ``trainer``, ``run`` and ``uncertainty`` sections may change on resume.
+    """
+    where = f"config {config!r}" if config else "the config"
+    problems = [f"{key} is {_short(f)} in the checkpoint but {_short(e)} in {where}"
+                for key, f, e in hparam_differences(ckpt.get("hyper_parameters") or {}, dict(module.hparams))]
+    meta = ckpt.get("regfw") or {}
+    model_class = f"{type(module.model).__module__}.{type(module.model).__qualname__}"
+    if meta.get("model_class") and meta["model_class"] != model_class:
+        problems.append(f"the model class is {meta['model_class']} in the checkpoint but {model_class} in {where}")
+    if not problems:
+        problems = state_differences(ckpt.get("state_dict") or {}, module.state_dict())
+    if problems:
+        listed = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise RunError(f"checkpoint {str(path)!r} does not match {where}: {listed}. Resume with the settings the "
+                       f"run was started with (its config.yaml), or start a new run without --resume.")
+
+
+def missing_plugins(ckpt: Mapping[str, Any], known: Any) -> list[str]:
+    """Lines naming each regularizer of ``ckpt`` that no installed plugin provides, with its origin."""
+    meta = ckpt.get("regfw") or {}
+    origins = meta.get("plugins") or {}
+    names = list((ckpt.get("hyper_parameters") or {}).get("regularizers") or meta.get("regularizers") or [])
+    lines = []
+    for name in names:
+        if name in known:
+            continue
+        origin = origins.get(name) or {}
+        dist = origin.get("distribution")
+        where = f"plugin {origin.get('plugin')!r}" if origin.get("plugin") else "a plugin"
+        if dist:
+            where += f" of distribution {dist} {origin.get('version') or ''}".rstrip()
+        lines.append(f"regularizer {name!r} (from {where})")
+    return lines
+
+
+# -- finding what to resume -----------------------------------------------------------------------
+
+
+def run_stem(cfg: Any) -> str:
+    """The name part of ``cfg``'s run directories: ``run.name`` or the config file's stem."""
+    return cfg.run.name or (Path(cfg.source).stem if cfg.source else "run")
+
+
+def latest_run_dir(cfg: Any) -> Path:
+    """The newest ``<run.dir>/<stem>-<timestamp>[-n]`` directory of ``cfg``, or a :class:`RunError`."""
+    root = Path(cfg.run.dir)
+    stem = run_stem(cfg)
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{8}}-\d{{6}})(?:-(\d+))?$")
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            m = pattern.match(child.name)
+            if m and child.is_dir():
+                found.append(((m.group(1), int(m.group(2) or 1)), child))
+    if not found:
+        raise RunError(f"--resume: no run of {stem!r} under {str(root)!r} (looked for {stem}-YYYYmmdd-HHMMSS); "
+                       f"pass the checkpoint (`--resume PATH`) or the run (`--run-dir DIR --resume`).")
+    return max(found)[1]
+
+
+def resume_target(cfg: Any, checkpoint: Optional[PathLike], run_dir: Optional[PathLike]) -> tuple[Path, Optional[Path]]:
+    """``(checkpoint to resume from, run directory to continue in or None for a new one)``.
+
+    * no checkpoint: ``<run_dir or the newest run of the config>/checkpoints/last.ckpt``, and
+      training continues in that run directory;
+    * a checkpoint inside a run directory (``<run>/checkpoints/*.ckpt`` next to ``<run>/config.yaml``):
+      training continues in that run directory;
+    * any other checkpoint: training continues from it in a new run directory.
+    """
+    if checkpoint:
+        path = Path(checkpoint)
+        parent = path.parent.parent
+        owner = parent if path.parent.name == "checkpoints" and (parent / "config.yaml").is_file() else None
+        if run_dir and owner is not None and Path(run_dir).resolve() != owner.resolve():
+            raise RunError(f"--resume {str(path)!r} belongs to run {str(owner)!r}, not to --run-dir {str(run_dir)!r}; "
+                           f"pass one of them.")
+        return path, owner
+    directory = Path(run_dir) if run_dir else latest_run_dir(cfg)
+    path = directory / "checkpoints" / LAST
+    if not path.is_file():
+        raise RunError(f"--resume: run {str(directory)!r} has no checkpoints/{LAST} (it stopped before its first "
+                       f"checkpoint, or it is not a regfw run); pass a checkpoint with `--resume PATH`, or start a "
+                       f"new run without --resume.")
+    return path, directory
+
+
+# -- the run's checkpoint callback and logger --------------------------------------------------
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``regfw fit``'s checkpoints: ``epoch=NNN.ckpt`` at epoch ends (the latest one kept) and
+    ``last.ckpt``, which is rewritten at every epoch end, every ``every_n_steps`` training steps
+    (0: only at epoch ends) and at the step where a SIGTERM arrived.
+
+    On SIGTERM (a scheduler preempting the job, ``kill``), Lightning stops after the current
+    batch without saving; this callback saves ``last.ckpt`` at that batch first, so a resumed
+    run repeats nothing. Under DDP the ranks agree on the signal before saving (all of them must
+    take part in a save).
+    """
+
+    def __init__(self, dirpath: PathLike, every_n_steps: int = 0) -> None:
+        super().__init__(dirpath=str(dirpath), filename="epoch={epoch:03d}", save_last=True,
+                         auto_insert_metric_name=False)
+        self.every_n_steps = int(every_n_steps)
+        #: Global step and path of the newest last.ckpt this run wrote (None: none yet).
+        self.last_saved_step: Optional[int] = None
+        self.saved_on_sigterm = False
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / LAST
+
+    def _sigterm(self, trainer: "pl.Trainer") -> bool:
+        received = bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        return received
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        sigterm = self._sigterm(trainer)
+        if (due or sigterm) and self.last_saved_step != step:
+            trainer.save_checkpoint(str(self.last_path), self.save_weights_only)
+            self.last_model_path = str(self.last_path)
+            self.last_saved_step = step
+        if sigterm:
+            self.saved_on_sigterm = True
+
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if Path(filepath).name == LAST:
+            self.last_saved_step = trainer.global_step
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    Rows logged after ``keep_until_step`` (work that a resumed run is about to redo) are
+    dropped, so the file has one row per step.
+    """
+
+    keep_until_step: Optional[int] = None
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        import csv
+
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+        self.metrics_keys = sorted(fields)
+        limit = self.keep_until_step
+        if limit is not None:
+            kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
+            if len(kept) != len(rows):
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                    writer.writeheader()
+                    writer.writerows(kept)
+                os.replace(tmp, path)
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` and ``hparams.yaml`` directly in the run directory, continued on resume."""
+
+    def __init__(self, run_dir: PathLike, keep_until_step: Optional[int] = None) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        self._keep_until_step = keep_until_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            writer_cls = type("_Writer", (_ContinuingWriter,), {"keep_until_step": self._keep_until_step})
+            self._experiment = writer_cls(log_dir=self.log_dir)
+        return self._experiment
