@@ -91,7 +91,7 @@ class DropPathRegularizer(InjectingRegularizer):
                                      f"not inserted at {where}: {site.problem}", action="note"))
                 continue
             index = blocks.index(site.block)
-            p = round(rates[index], 6)
+            p = rates[index]
             reason = f"{why}; {self.config.schedule} depth schedule, block {index + 1} of {len(blocks)}; {where}"
             if p == 0:
                 rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, 0.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -57,7 +58,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from regfw.run import build_module
 
     cfg = _config(args)
-    module = build_module(cfg, build_datamodule(cfg.data, seed=cfg.seed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = build_module(cfg, build_datamodule(cfg.data, seed=cfg.seed))
+    shown = set(module.plan.warnings)  # printed as "warning:" lines of the plan below
+    for w in caught:
+        if str(w.message) not in shown:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print(module.plan.format())
     return 0
 
