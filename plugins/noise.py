@@ -20,12 +20,16 @@
   Only layers whose ``forward`` reads ``self.weight`` qualify (Linear, convolutions), so
   recurrent layers are not supported (use weight drop from the dropout family there).
 
-Everything is off in eval mode, and a std of 0 leaves that place out of the plan. The inserted
-modules (:class:`GaussianNoise`, :class:`WeightNoise`) subclass
-:class:`regfw.layers.base.StochasticModule`: Monte Carlo dropout switches them on with the
-dropout layers, so its samples include the noise the model was trained with (and, when input
-noise is selected, every sample re-runs the whole network). Their magnitude is ``std``, not a
-rate ``p``, so dropout rate schedules leave them alone.
+Everything is off in eval mode, and a std of 0 leaves that place out of the plan.
+
+Monte Carlo dropout: the inserted :class:`GaussianNoise` subclasses
+:class:`regfw.layers.base.StochasticModule`, so MC dropout switches it on with the dropout
+layers and its samples include the noise the model was trained with (input noise is then the
+first random step, so every sample re-runs the whole network). Its magnitude is ``std``, not a
+rate ``p``, so dropout rate schedules and checkpointed rates leave it alone. :class:`WeightNoise`
+is deliberately *not* stochastic for MC dropout: it draws one perturbation per forward pass for
+the whole batch from inside its host layer, where MC's per-row sampling cannot see it, so at MC
+time (as in eval) the weights are the clean ones.
 """
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ class GaussianNoise(_StdMixin, StochasticModule):
         return f"std={self.std:g}"
 
 
-class WeightNoise(_StdMixin, StochasticModule):
+class WeightNoise(_StdMixin, nn.Module):
     """Perturbs its host layer's weights for each forward pass in training mode.
 
     Attached with :func:`add_weight_noise`: a forward pre-hook on the host calls
