@@ -34,8 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from regfw.regularizer import InjectingRegularizer
 
 INJECTED_PREFIX = "regfw_"
-#: Kinds whose subtrees are one unit: their children are not classified on their own.
-_ATOMIC_KINDS = {K.ATTENTION, K.RECURRENT}
 _LAYER_KINDS = {K.HIDDEN, K.CONV, K.RECURRENT, K.ATTENTION}
 
 
@@ -138,7 +136,8 @@ def _has_own_params(module: nn.Module) -> bool:
 
 def _classify_all(model: nn.Module) -> tuple[list[LayerInfo], dict[str, nn.Module]]:
     """Every module with its kind, and the *units* among them: leaf modules (ignoring children
-    regfw inserted) and attention/recurrent layers as wholes."""
+    regfw inserted) and layers as wholes (attention and recurrent layers, and any module a plugin
+    classifies as a layer kind): the children of a unit are not classified on their own."""
     infos: list[LayerInfo] = []
     units: dict[str, nn.Module] = {}
     atomic_prefixes: list[str] = []
@@ -146,10 +145,12 @@ def _classify_all(model: nn.Module) -> tuple[list[LayerInfo], dict[str, nn.Modul
         if is_injected(path) or any(path.startswith(prefix + ".") for prefix in atomic_prefixes):
             continue
         kind = classify(module, path)
-        if path and (kind in _ATOMIC_KINDS or kind == K.SKIP):
+        # A layer (or a skipped module) is one unit, even a container a plugin classified as one.
+        whole = kind in _LAYER_KINDS or kind == K.SKIP
+        if path and whole:
             atomic_prefixes.append(path)
         own_children = [n for n in module._modules if not n.startswith(INJECTED_PREFIX)]
-        if path and (not own_children or kind in _ATOMIC_KINDS or kind == K.SKIP):
+        if path and (not own_children or whole):
             units[path] = module
         if path or not own_children:
             infos.append(LayerInfo(path, module, kind, len(infos)))

@@ -274,10 +274,21 @@ class GatedLinear(nn.Module):
         return F.glu(F.linear(x, self.weight))
 
 
+class GatedBlock(nn.Module):
+    """A custom container: its child Linear is a layer of its own unless a plugin says otherwise."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.lin = nn.Linear(n, 2 * n)
+
+    def forward(self, x):
+        return F.glu(self.lin(x))
+
+
 class ClassifyGated:
     @regfw.hookimpl
     def regfw_classify_module(self, module, path):
-        if isinstance(module, GatedLinear):
+        if isinstance(module, (GatedLinear, GatedBlock)):
             return "hidden"
 
 
@@ -298,10 +309,17 @@ def test_a_plugin_classifies_its_own_module_type(fresh_plugins):
     x = torch.randn(4, 8)
     _, plan = plan_for(net_with_gated(), x, {"dropout": {"input": 0}})
     assert [r.path for r in plan.rows()] == ["0"]  # GatedLinear is unknown: nothing after it
+    blocks = nn.Sequential(nn.Linear(8, 8), GatedBlock(8), nn.ReLU(), GatedBlock(8))
+    _, plan = plan_for(blocks, x, {"dropout": {"input": 0}})
+    assert [(r.path, r.anchor) for r in plan.rows()] == [("0", "0"), ("1.lin", "1.lin")]
     register_plugin(ClassifyGated(), "classify-gated")
     try:
         _, plan = plan_for(net_with_gated(), x, {"dropout": {"input": 0}})
         assert [(r.path, r.kind, r.anchor) for r in plan.rows()] == [("0", "hidden", "1"), ("2", "hidden", "2")]
+        # A classified container is one layer: its Linear is not planned on its own, and as the
+        # last layer called it is the output layer.
+        _, plan = plan_for(blocks, x, {"dropout": {"input": 0}})
+        assert [(r.path, r.anchor) for r in plan.rows()] == [("0", "0"), ("1", "2")]
     finally:
         unregister_plugin("classify-gated")
     register_plugin(ClassifyWrong(), "classify-wrong")
