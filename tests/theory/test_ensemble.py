@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from regfw.layers import Dropout
-from tests.theory.masks import all_masks, mask_probs
+from .masks import all_masks, mask_probs
 
 
 def normalized_geometric_mean(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from regfw.layers import Dropout, dropout
-from tests.theory.masks import all_masks, mask_probs
+from .masks import all_masks, mask_probs
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])

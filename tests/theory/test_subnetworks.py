@@ -11,7 +11,7 @@ from scipy.stats import chi2
 from torch import nn
 
 from regfw.layers import Dropout
-from tests.theory.masks import all_masks, mask_probs
+from .masks import all_masks, mask_probs
 
 
 @pytest.mark.parametrize("n", [1, 4, 8, 12])
