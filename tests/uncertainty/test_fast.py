@@ -1,0 +1,356 @@
+"""The ``auto`` strategy (regfw.uncertainty.fast): trace, split, replay, fall back, cache."""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from regfw.layers.base import StochasticModule
+from regfw.layers.drop_path import DropPath
+from regfw.surgery import attach
+from regfw.uncertainty import STRATEGIES, eval_mode, mc_mode, mc_predict, resolve_strategy
+from regfw.uncertainty import fast
+from regfw.uncertainty.fast import split_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread runs them several times faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def injected_mlp() -> nn.Sequential:
+    """An MLP with dropout inserted the way regfw does it: children run from forward hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    attach(model, "0", "regfw_input_dropout", nn.Dropout(0.2), "before")
+    attach(model, "3", "regfw_dropout", nn.Dropout(0.5), "after")
+    return model.eval()
+
+
+class Block(nn.Module):
+    """A residual block, ``relu(x + drop_path(branch(x)))``, with in-place ReLUs as torchvision has."""
+
+    def __init__(self, c: int, p: float) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop_path = DropPath(p) if p else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.b2(self.c2(self.relu(self.b1(self.c1(x)))))
+        return F.relu(x + self.drop_path(out), inplace=True)
+
+
+class ResNet(nn.Module):
+    """Four blocks, DropPath in the last two, dropout in the head; one dropout module used twice."""
+
+    def __init__(self, p: float, head_p: float) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Block(8, 0), Block(8, 0), Block(8, p), Block(8, p))
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 5)
+        self.drop = nn.Dropout(head_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        h = self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc2(self.drop(F.relu(self.fc1(h))))
+
+
+def resnet(p: float = 0.5, head_p: float = 0.1) -> ResNet:
+    torch.manual_seed(0)
+    model = ResNet(p, head_p)
+    for m in model.modules():  # non-trivial BatchNorm statistics, which MC dropout must keep
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+class DropConnectLinear(StochasticModule):
+    """A linear layer with one weight mask per call, shared by the whole batch (DropConnect)."""
+
+    def __init__(self, n_in: int, n_out: int, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.dropout(self.linear.weight, self.p, self.training)
+        return F.linear(x, w, self.linear.bias)
+
+
+def samples(model: nn.Module, x: torch.Tensor, strategy: str, t: int, seed: int = 0, **kw) -> torch.Tensor:
+    return mc_predict(model, x, t, strategy=strategy, seed=seed, deterministic=False, **kw).outputs
+
+
+def same_distribution(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Per output element: means agree within 4.5 standard errors and the standard deviations
+    within 10% on average (``a``, ``b``: ``[T, ...]`` independent samples).
+
+    With 15 elements, the chance that the mean check fails for equal distributions is about
+    1e-4 (|z| > 4.5 has probability 7e-6 per element); the std ratio has a standard error of
+    about 1/sqrt(2T) = 2.2% per element at T = 1000, less averaged over the elements.
+    """
+    t = a.shape[0]
+    se = ((a.var(0) + b.var(0)) / t).sqrt().clamp_min(1e-12)
+    z = ((a.mean(0) - b.mean(0)) / se).abs().max().item()
+    ratio = (a.std(0) / b.std(0).clamp_min(1e-12)).mean().item()
+    return z < 4.5 and abs(ratio - 1) < 0.1
+
+
+# --------------------------------------------------------------------------- registration, tracing
+
+
+def test_auto_is_the_registered_fast_strategy():
+    assert resolve_strategy("auto") == "auto"
+    assert STRATEGIES["auto"] is fast.fast_strategy
+    result = mc_predict(injected_mlp(), torch.randn(4, 8), samples=3, seed=0)
+    assert result.strategy == "auto"
+
+
+def test_trace_sees_injected_dropout_and_reproduces_the_model():
+    model = injected_mlp()
+    x = torch.randn(5, 8)
+    # plain fx keeps nn.Linear / nn.ReLU whole and never sees their hooks, nor the dropout
+    plain = [str(n.target) for n in fx.symbolic_trace(model).graph.nodes]
+    assert not any("regfw" in t for t in plain)
+    split = split_model(model, x)
+    assert split.ok and split.mode == "rows"
+    targets = split.node_targets()
+    assert "m.0.regfw_input_dropout" in targets and "m.3.regfw_dropout" in targets
+    assert targets.index("m.0.regfw_input_dropout") < targets.index("m.0")  # ApplyBefore
+    assert targets.index("m.3") < targets.index("m.3.regfw_dropout") < targets.index("m.4")  # ApplyAfter
+    assert sorted(split.source_targets) == ["m.0.regfw_input_dropout", "m.3.regfw_dropout"]
+    with torch.no_grad(), eval_mode(model):
+        assert torch.equal(split.graph_forward(model, x), model(x))
+
+
+def test_lstm_tuple_output_with_injected_dropout_is_traced():
+    class LSTMNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = LSTMNet().eval()
+    attach(model, "rnn", "regfw_dropout", nn.Dropout(0.3), "after")  # ApplyAfter on (output, state)
+    x = torch.randn(5, 7, 4)
+    split = split_model(model, x)
+    assert split.ok and split.source_targets == ["m.rnn.regfw_dropout"]
+    replayed = [n.target for n in split.replay if n.op == "call_module"]
+    assert replayed == ["m.rnn.regfw_dropout", "m.head"]  # the LSTM runs once
+    with torch.no_grad(), eval_mode(model):
+        assert torch.equal(split.graph_forward(model, x), model(x))
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def test_single_dropout_same_values_as_loop():
+    """Same seed, same masks: the replay rows are sample-major (row t * B + b), and a dropout
+    mask over T x B rows is filled from the generator in order, i.e. it is the T masks that
+    ``loop`` draws one pass after another, concatenated. With dropout last, the outputs are
+    bitwise equal, also when the replay is cut into chunks that straddle samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4), nn.Dropout(0.5)).eval()
+    x = torch.randn(5, 6)
+    ref = samples(model, x, "loop", 20, seed=3)
+    assert torch.equal(samples(model, x, "auto", 20, seed=3), ref)
+    assert torch.equal(samples(model, x, "auto", 20, seed=3, chunk_rows=7), ref)
+    run = split_model(model, x).last_run
+    assert (run.chunks, run.chunk_rows) == (15, 7)  # 100 rows in chunks of at most 7
+    assert not torch.equal(samples(model, x, "auto", 20, seed=4), ref)
+
+
+def test_head_dropout_then_linear_matches_loop():
+    """Dropout followed by a Linear: same masks, and the Linear then runs on T x B rows instead
+    of B rows, so results may differ in the last bits (different matmul blocking): 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, 4)).eval()
+    x = torch.randn(5, 6)
+    a, b = samples(model, x, "auto", 30, seed=1), samples(model, x, "loop", 30, seed=1)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    split = split_model(model, x)
+    assert [n.target for n in split.replay] == ["m.2", "m.3"]
+
+
+def test_resnet_droppath_same_distribution_as_loop():
+    """Skip connections, two DropPath blocks and one dropout module called twice: the split runs
+    in rows mode and its samples have the distribution of ``loop``'s (1000 samples each)."""
+    model = resnet()
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    split = split_model(model, x)
+    assert split.ok and split.mode == "rows", split.describe()
+    auto = samples(model, x, "auto", 1000, seed=0)
+    loop = samples(model, x, "loop", 1000, seed=1)
+    assert same_distribution(auto, loop)
+    # the check has power: samples without DropPath's randomness (what a split that computed
+    # DropPath once for all samples would come close to) fail it (their std is about 25% lower)
+    without = samples(resnet(p=0.0), x, "batched", 1000, seed=2)
+    assert not same_distribution(auto, without)
+
+
+def test_resnet_reuses_everything_before_the_first_droppath():
+    model = resnet()
+    split = split_model(model, torch.randn(3, 3, 4, 4))
+    replayed = {n.target for n in split.replay if n.op == "call_module"}
+    computed_once = {"m.stem", "m.blocks.0.c1", "m.blocks.1.c2", "m.blocks.2.c1", "m.blocks.2.c2", "m.blocks.2.b2"}
+    assert not computed_once & replayed  # including the residual branch of the first DropPath block
+    assert {"m.blocks.2.drop_path", "m.blocks.3.c1", "m.blocks.3.drop_path", "m.fc1", "m.fc2", "m.drop"} <= replayed
+
+
+def test_inplace_write_after_a_replayed_read_is_replayed():
+    """``d = drop(a); a.relu_()``: the prefix must not apply relu_ before the replay reads ``a``."""
+
+    class ReadThenWrite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.fc(x)
+            d = self.drop(a)
+            a.relu_()
+            return d + a
+
+    torch.manual_seed(0)
+    model = ReadThenWrite().eval()
+    x = torch.randn(5, 4)
+    assert ".relu_" in [f".{n.target}" for n in split_model(model, x).replay]
+    assert torch.equal(samples(model, x, "auto", 10), samples(model, x, "loop", 10))
+
+
+def test_rows_that_mix_are_replayed_per_sample():
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.drop(self.fc(x))
+            return h - h.mean(0, keepdim=True)  # mixes the rows of the batch
+
+    torch.manual_seed(0)
+    model = Centred().eval()
+    x = torch.randn(5, 4)
+    split = split_model(model, x)
+    assert split.mode == "samples" and "mixes batch rows" in split.mode_reason
+    assert torch.equal(samples(model, x, "auto", 10), samples(model, x, "loop", 10))
+
+
+def test_batch_shared_mask_is_replayed_per_sample():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), DropConnectLinear(8, 3)).eval()
+    x = torch.randn(5, 6)
+    split = split_model(model, x)
+    assert split.mode == "samples" and "one random mask for the whole batch" in split.mode_reason
+    out = samples(model, x, "auto", 20)
+    assert torch.equal(out, samples(model, x, "loop", 20))
+    assert out.std(0).min() > 0  # the samples of one input differ
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_untraceable_model_falls_back_to_batched_with_one_warning():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # control flow on a tensor value: fx cannot trace it
+                x = x * 2
+            return self.drop(self.fc(x))
+
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    x = torch.randn(5, 4)
+    with pytest.warns(RuntimeWarning, match=r"uses 'batched' for this DataDependent: the model could not be traced"):
+        first = samples(model, x, "auto", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = samples(model, x, "auto", 10)
+    assert torch.equal(first, second)
+    assert torch.equal(first, samples(model, x, "batched", 10))
+
+
+def test_stochastic_call_hidden_in_a_foreign_hook_falls_back():
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+            self.fc.register_forward_hook(lambda module, args, out: self.drop(out))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    model = Hidden().eval()
+    split = split_model(model, torch.randn(5, 4))
+    assert split.fallback == (
+        "stochastic module 'drop' is called inside 'm.fc', where the split cannot see it "
+        "(from a hook that is not regfw's, or from a leaf module's forward)"
+    )
+    with pytest.warns(RuntimeWarning, match="called inside 'm.fc'"):
+        samples(model, torch.randn(5, 4), "auto", 4)
+
+
+# --------------------------------------------------------------------------- cache, memory
+
+
+def test_split_is_cached_and_structural_changes_invalidate_it():
+    model = injected_mlp()
+    x = torch.randn(5, 8)
+    first = split_model(model, x)
+    assert split_model(model, torch.randn(7, 8)) is first  # same signature, another batch
+    attach(model, "1", "regfw_dropout", nn.Dropout(0.5), "after")
+    second = split_model(model, x)
+    assert second is not first and "m.1.regfw_dropout" in second.source_targets
+    model[1].regfw_dropout.p = 0.0  # a rate set to 0: no longer stochastic
+    third = split_model(model, x)
+    assert third is not second and "m.1.regfw_dropout" not in third.source_targets
+    assert split_model(model, x) is third
+
+
+def test_cache_does_not_keep_the_model_alive():
+    model = injected_mlp()
+    split_model(model, torch.randn(5, 8))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_budget_chunks_replay_and_prefix_without_changing_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Dropout(0.5)).eval()
+    x = torch.randn(40, 16)
+    ref = samples(model, x, "auto", 10, budget_bytes=None)
+    split = split_model(model, x)
+    assert split.last_run.chunks == 1 and split.last_run.prefix_chunks == 1
+    budget = 8 * 1024
+    assert torch.equal(samples(model, x, "auto", 10, budget_bytes=budget), ref)
+    run = split.last_run
+    assert run.chunks > 1 and run.prefix_chunks > 1
+    assert run.planned_peak_bytes <= budget
+    assert torch.equal(ref, samples(model, x, "loop", 10))
