@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from models_zoo import SmallResNet, SmallTransformer
 from regfw.errors import ConfigError
