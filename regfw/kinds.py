@@ -3,16 +3,16 @@
 Every module of a model is classified by *type* (never by class-name substring) into a kind.
 Regularizers ask for modules by kind, and rates come from :data:`RATE_TABLE`:
 
-======== ========= ===================================================================
-kind     range     notes
-======== ========= ===================================================================
-input    0.1-0.2   the first layer to consume the model input (dropout on its input)
-hidden   0.3-0.5   ``nn.Linear``
-conv     0.1-0.3   convolutions; spatial dropout / DropBlock fit conv maps better
-recurrent 0.2-0.3  RNN/LSTM/GRU; locked (variational) masks over time
-attention 0.1      the Transformer convention
-residual 0.1       stochastic depth (DropPath) on residual branches; not a module kind
-======== ========= ===================================================================
+========= ======= ====================================================================
+kind      range   notes
+========= ======= ====================================================================
+input     0.1-0.2 the first layer to consume the model input (dropout on its input)
+hidden    0.3-0.5 ``nn.Linear``
+conv      0.1-0.3 convolutions; spatial dropout / DropBlock fit conv maps better
+recurrent 0.2-0.3 RNN/LSTM/GRU; locked (variational) masks over time
+attention 0.1     the Transformer convention
+residual  0.1     stochastic depth (DropPath) on residual branches; a place, not a module kind
+========= ======= ====================================================================
 
 Rules of thumb (Srivastava et al. 2014 and common practice): higher rates for smaller
 datasets, lower rates for larger models. :func:`policy_rate` turns them into a monotone rule
