@@ -64,7 +64,8 @@ __all__ = [
     "split_mean_logvar",
 ]
 
-#: torch's own dropout modules (all subclass ``nn.modules.dropout._DropoutNd``).
+#: torch's own dropout modules (all subclass ``nn.modules.dropout._DropoutNd``), and
+#: ``nn.MultiheadAttention``, whose attention-weight dropout (rate ``.dropout``) acts in training mode.
 TORCH_STOCHASTIC_TYPES: tuple[type, ...] = (
     nn.Dropout,
     nn.Dropout1d,
@@ -72,6 +73,7 @@ TORCH_STOCHASTIC_TYPES: tuple[type, ...] = (
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
+    nn.MultiheadAttention,
 )
 
 #: Default memory budget of the ``batched`` strategy for the activations of one chunk.
@@ -129,7 +131,7 @@ def stochastic_types() -> tuple[type, ...]:
 
 def _rate_is_zero(module: nn.Module) -> bool:
     """True when the module has a rate attribute ``p`` and every rate in it is 0."""
-    p = getattr(module, "p", None)
+    p = module.dropout if isinstance(module, nn.MultiheadAttention) else getattr(module, "p", None)
     if p is None:
         return False
     if isinstance(p, Tensor):

@@ -317,3 +317,25 @@ def test_training_is_bit_identical_with_and_without_mc_predict_in_between(digits
     for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values()):
         assert torch.equal(a, b), name  # weights and BatchNorm buffers, bit for bit
     assert not math.isnan(seen[0])
+
+
+def test_attention_weight_dropout_is_sampled_and_zero_rate_is_not():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, dropout=0.0, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    net = Net().eval()
+    assert stochastic_modules(net) == []
+    mha.dropout = 0.3
+    assert [name for name, _ in stochastic_modules(net)] == ["attn"]
+    result = mc_predict(net, torch.randn(4, 5, 8), samples=8, strategy="loop", seed=0)
+    assert result.outputs.std(0).max() > 0  # the attention weights were dropped differently per sample
+    assert not mha.training  # mode restored
