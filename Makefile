@@ -16,8 +16,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
 
+# Tests that install into the environment run alone, after the parallel run.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done

@@ -74,6 +74,7 @@ def _regfw(*args: str, cwd: Path) -> _Started:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_generated_plugin_installs_lists_plans_trains_and_passes_its_own_tests(tmp_path):
     _remove_stale_installs()
     name = f"{PREFIX}{uuid.uuid4().hex[:8]}"
