@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs two workers on two cores: one torch thread each avoids oversubscription,
+# which slows small-model tests several-fold. Subprocesses get the same through OMP_NUM_THREADS.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -16,7 +21,7 @@ def run_cli(tmp_path):
     """Run ``python -m regfw ARGS`` in a subprocess inside ``tmp_path``; returns the result."""
 
     def run(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         return subprocess.run([sys.executable, "-m", "regfw", *args], cwd=tmp_path, env=full_env,
                               capture_output=True, text=True, timeout=timeout)
 
