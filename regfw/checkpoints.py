@@ -149,12 +149,7 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
         raise RunError(f"checkpoint {str(path)!r} is empty (0 bytes): it was never completely written."
                        f"{_others(path)}{start_over}")
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a legacy (non-zip) file
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported alike
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
@@ -188,6 +183,15 @@ _CONFIG_KEYS = {
 }
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+#: Stands for a key that one side does not have.
+ABSENT: Any = _Absent()
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -196,7 +200,7 @@ def _short(value: Any) -> str:
 def _diff(found: Any, expected: Any, key: str, out: list[tuple[str, Any, Any]]) -> None:
     if isinstance(found, Mapping) and isinstance(expected, Mapping):
         for name in list(found) + [k for k in expected if k not in found]:
-            _diff(found.get(name, "<absent>"), expected.get(name, "<absent>"), f"{key}.{name}", out)
+            _diff(found.get(name, ABSENT), expected.get(name, ABSENT), f"{key}.{name}", out)
         return
     if isinstance(found, (list, tuple)) and isinstance(expected, (list, tuple)):
         found, expected = list(found), list(expected)
@@ -213,9 +217,9 @@ def hparam_differences(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
             # {"name": "mlp", "init_args": {...}} reads as model.name, model.init_args.*
             f, e = found.get(name) or {}, expected.get(name) or {}
             for sub in sorted(set(f) | set(e)):
-                _diff(f.get(sub, "<absent>"), e.get(sub, "<absent>"), f"model.{sub}", out)
+                _diff(f.get(sub, ABSENT), e.get(sub, ABSENT), f"model.{sub}", out)
             continue
-        _diff(found.get(name, "<absent>"), expected.get(name, "<absent>"), key, out)
+        _diff(found.get(name, ABSENT), expected.get(name, ABSENT), key, out)
     return out
 
 
@@ -244,8 +248,19 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
     shapes. The ``trainer``, ``run`` and ``uncertainty`` sections may change on resume.
     """
     where = f"config {config!r}" if config else "the config"
-    problems = [f"{key} is {_short(f)} in the checkpoint but {_short(e)} in {where}"
-                for key, f, e in hparam_differences(ckpt.get("hyper_parameters") or {}, dict(module.hparams))]
+    problems = []
+    for key, f, e in hparam_differences(ckpt.get("hyper_parameters") or {}, dict(module.hparams)):
+        if f is ABSENT:
+            problems.append(f"{key} is not in the checkpoint but is {_short(e)} in {where}")
+        elif e is ABSENT:
+            problems.append(f"{key} is {_short(f)} in the checkpoint but not in {where}")
+        else:
+            problems.append(f"{key} is {_short(f)} in the checkpoint but {_short(e)} in {where}")
+    from regfw.registry import get_registry
+
+    gone = missing_plugins(ckpt, get_registry().names())
+    if gone:
+        problems.insert(0, f"the checkpoint's {', '.join(gone)} is provided by no installed plugin")
     meta = ckpt.get("regfw") or {}
     model_class = f"{type(module.model).__module__}.{type(module.model).__qualname__}"
     if meta.get("model_class") and meta["model_class"] != model_class:

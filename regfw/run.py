@@ -133,16 +133,30 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     from regfw.factory import model_config_for, resolve_loss
     from regfw.module import RegularizedModule
 
+    from regfw.errors import ConfigError
+
     example = datamodule.example_input() if hasattr(datamodule, "example_input") else None
-    return RegularizedModule(
-        model=None,
-        loss=resolve_loss(cfg.model, datamodule),
-        regularizers=cfg.regularizers,
-        optimizer={k: v for k, v in vars(cfg.optimizer).items()},
-        n_examples=getattr(datamodule, "n_train", None),
-        example_input=example,
-        model_config=model_config_for(cfg.model, datamodule),
-    )
+    model_config = model_config_for(cfg.model, datamodule)
+    try:
+        return RegularizedModule(
+            model=None,
+            loss=resolve_loss(cfg.model, datamodule),
+            regularizers=cfg.regularizers,
+            optimizer={k: v for k, v in vars(cfg.optimizer).items()},
+            n_examples=getattr(datamodule, "n_train", None),
+            example_input=example,
+            model_config=model_config,
+        )
+    except RegfwError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        # most often the model does not fit the data: its forward pass on one batch is what fails
+        name = model_config.get("name") or model_config.get("class_path")
+        batch = (f" on the data's example batch (shape {list(example.shape)}, {str(example.dtype).replace('torch.', '')})"
+                 if example is not None else "")
+        raise ConfigError(f"model: building {name!r} with init_args {model_config.get('init_args') or {}}{batch} "
+                          f"failed: {type(exc).__name__}: {exc}. If the shapes disagree, set model.init_args "
+                          f"(e.g. in_features, num_outputs) to match the data.") from exc
 
 
 def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[Any]:
