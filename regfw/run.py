@@ -220,17 +220,34 @@ def _trainer_plugins(trainer_args: dict) -> list:
     return plugins
 
 
+def _processes(trainer_cfg: dict) -> int:
+    """How many processes ``trainer.devices`` x ``trainer.num_nodes`` ask for (1 when not stated)."""
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().isdigit()):
+        count = int(devices)
+    else:  # "auto", -1: known only once Lightning looked at the machine
+        count = 1
+    return max(count, 1) * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
+
+
+def _check_settings(cfg: Config, world_size: int) -> None:
+    """Settings that cannot work with ``world_size`` processes (checked before anything is written)."""
+    from regfw.errors import ConfigError
+
+    if world_size > 1 and cfg.run.on_nan == "skip":
+        raise ConfigError(f"run.on_nan: got 'skip' with {world_size} processes; Lightning cannot leave a batch "
+                          f"out on every process at once. Use 'stop' (or 'ignore').")
+
+
 def _check_distributed(cfg: Config, trainer: Any, datamodule: Any) -> None:
     """Settings that cannot work, or would mislead, with several processes."""
     from pytorch_lightning.utilities import rank_zero_warn
 
-    from regfw.errors import ConfigError
-
     if trainer.world_size <= 1:
         return
-    if cfg.run.on_nan == "skip":
-        raise ConfigError(f"run.on_nan: got 'skip' with {trainer.world_size} processes; Lightning cannot leave a "
-                          f"batch out on every process at once. Use 'stop' (or 'ignore').")
+    _check_settings(cfg, trainer.world_size)
     try:
         n_val = len(datamodule.val_dataloader().dataset)
     except Exception:  # noqa: BLE001 - any data module without a sized validation set
@@ -297,6 +314,7 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
         ckpt_path, resume_dir = C.resume_target(cfg, None if resume is True else str(resume), explicit)
 
     # Build and check everything before writing anything.
+    _check_settings(cfg, _processes(cfg.trainer))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = D.make_resumable(build_datamodule(cfg.data, seed=cfg.seed), cfg.seed)
     module = build_module(cfg, datamodule)
