@@ -114,10 +114,12 @@ class RegularizedModule(pl.LightningModule):
         x, y = batch
         out = self(x)
         loss = self.loss_fn(out, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
         if self.task == "classification":
             acc = (out.argmax(-1) == y).float().mean()
-            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                     sync_dist=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -125,7 +127,8 @@ class RegularizedModule(pl.LightningModule):
         penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
         if penalties:
             penalty = torch.stack([p.reshape(()) for p in penalties]).sum()
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(batch[0]))
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(batch[0]),
+                     sync_dist=True)
             loss = loss + penalty
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
             return self._nonfinite_loss(loss, batch_idx)

@@ -1,0 +1,196 @@
+"""The same config under DDP: ``regfw fit CONFIG trainer.strategy=ddp trainer.devices=2
+trainer.accelerator=cpu`` (gloo) trains with the built-in regularizers and the MC dropout callback;
+the logged MC metrics equal a single-process evaluation of the saved checkpoint on the same
+validation shards; every rank draws different dropout masks."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from regfw import distributed as D
+
+ZOO = '''
+import os
+import torch
+from torch import nn
+
+
+class Everything(nn.Module):
+    """A conv stem on the 8x8 digit, self-attention with a residual add, an LSTM over the rows,
+    a hidden Linear layer and a head: a layer of every kind some built-in regularizer acts on.
+
+    On its first training step (planning runs a 2-example batch first) it saves the dropout mask
+    that the random stream would draw next (inside fork_rng, so training is unchanged), one file
+    per rank.
+    """
+
+    def __init__(self, in_features: int = 64, num_outputs: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv_act = nn.ReLU()
+        self.proj = nn.Linear(32, width)
+        self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.rnn = nn.LSTM(width, width, batch_first=True)
+        self.fc = nn.Linear(width, width)
+        self.fc_act = nn.ReLU()
+        self.head = nn.Linear(width, num_outputs)
+        self.recorded = False
+        self.register_forward_pre_hook(self._record_mask)  # a hook: torch.fx traces forward() alone
+
+    def _record_mask(self, module, args):
+        x = args[0]
+        if self.training and x.shape[0] > 2 and not self.recorded and os.environ.get("REGFW_TEST_MASK_DIR"):
+            self.recorded = True
+            with torch.random.fork_rng():
+                mask = torch.nn.functional.dropout(torch.ones(512), 0.5) == 0
+            rank = os.environ.get("LOCAL_RANK", "0")
+            torch.save(mask, os.path.join(os.environ["REGFW_TEST_MASK_DIR"], f"mask-rank{rank}.pt"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv_act(self.conv(x.reshape(-1, 1, 8, 8)))
+        h = self.proj(c.permute(0, 2, 1, 3).reshape(-1, 8, 32))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        h = h + a
+        out, _ = self.rnn(h)
+        return self.head(self.fc_act(self.fc(out[:, -1])))
+'''
+
+# One member of the dropout family per layer kind (the family allows one per kind), plus every
+# regularizer of another family. alpha_dropout and spatial_dropout claim the same kinds as
+# gaussian_dropout / dropout and dropblock; they are the same kind of injected StochasticModule.
+CONFIG = """
+seed: 0
+data: {name: digits, batch_size: 32, train_fraction: 0.3, val_fraction: 0.1}  # 180 = 2 x 90 validation examples
+model: {class_path: ddp_zoo.Everything, init_args: {in_features: 64, num_outputs: 10}}
+optimizer: {name: adam, lr: 0.01}
+regularizers:
+  gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}
+  dropblock: {conv: 0.1, block_size: 3}
+  attention_dropout: {attention: 0.1}
+  drop_path: {rate: 0.1}
+  locked_dropout: {recurrent: 0.2}
+  dropconnect: {recurrent: 0.2}
+  dropout: {input: 0, hidden: 0.3, conv: 0, recurrent: 0}
+  noise: {input_std: 0, hidden_std: 0.05}
+  l1: {}
+  weight_decay: {}
+  max_norm: {}
+  adaptive_dropout: {patience: 1}
+  coadaptation: {}
+uncertainty: {enabled: true, samples: 8, plots: false}
+trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
+"""
+NOT_RUN = {"alpha_dropout", "spatial_dropout"}
+
+
+def test_seeding_every_rank_alike_gives_every_rank_the_same_masks():
+    """What ``seed_everything`` alone does under DDP, and what :class:`StepSeeding` does instead."""
+    drop, ones = nn.Dropout(0.5), torch.ones(1000)
+
+    def mask_after(seed_fn) -> torch.Tensor:
+        seed_fn()
+        return drop(ones) == 0
+
+    alike = [mask_after(lambda: pl.seed_everything(0, verbose=False)) for _rank in (0, 1)]
+    assert torch.equal(alike[0], alike[1])  # correlated noise across the global batch
+    per_rank = [mask_after(lambda r=r: D.seed_all(D.step_seed(0, r, 0, 7))) for r in (0, 1)]
+    assert (per_rank[0] != per_rank[1]).float().mean() > 0.4  # independent: about half the positions differ
+    again = mask_after(lambda: D.seed_all(D.step_seed(0, 1, 0, 7)))
+    assert torch.equal(again, per_rank[1])  # and reproducible, which is what makes resume exact
+    assert not torch.equal(mask_after(lambda: D.seed_all(D.step_seed(0, 1, 0, 8))), per_rank[1])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "ddp_zoo.py").write_text(ZOO)
+    (root / "cfg.yaml").write_text(CONFIG)
+    (root / "masks").mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REGFW_TEST_MASK_DIR": str(root / "masks"),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for var in (D.RUN_DIR_ENV, D.RESUME_ENV, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "regfw", "fit", "cfg.yaml", "trainer.strategy=ddp", "trainer.devices=2",
+         "trainer.accelerator=cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=420)
+    return root, result
+
+
+def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
+    from regfw.registry import get_registry
+
+    root, result = ddp_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run,) = list((root / "runs").iterdir())  # rank 1 wrote into rank 0's directory, made none of its own
+    assert result.stdout.count("run directory:") == 1  # only rank 0 reports
+    builtin = {n for n, s in get_registry().specs.items() if s.distribution == "regfw"}
+    used = set(load_cfg(root).regularizers)
+    assert builtin - used == NOT_RUN
+    plan = (run / "plan.txt").read_text()
+    for name in used - {"l1", "weight_decay", "adaptive_dropout", "coadaptation"}:
+        assert f"\n{name} " in plan, name  # a plan row for every injecting regularizer
+    for name in ("l1", "weight_decay", "adaptive_dropout", "coadaptation"):
+        assert f"\n{name}: " in plan, name
+
+
+def load_cfg(root):
+    from regfw.config import load_config
+
+    return load_config(root / "cfg.yaml")
+
+
+def test_each_rank_draws_its_own_dropout_masks(ddp_run):
+    root, result = ddp_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    masks = [torch.load(root / "masks" / f"mask-rank{r}.pt") for r in (0, 1)]
+    assert (masks[0] != masks[1]).float().mean() > 0.4
+
+
+def test_ddp_mc_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp_run, monkeypatch):
+    """Rank r's validation shard is DistributedSampler(shuffle=False) of the validation set and its
+    masks are seeded with rank r, as in the DDP run; one metric object over both shards must give
+    what the synchronised, logged metrics say (sums over examples, global bins and ranking)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from regfw.factory import build_datamodule
+    from regfw.module import RegularizedModule
+    from regfw.run import evaluate, uncertainty_callback
+    from regfw.uncertainty.sampling import derive_seed, mc_predict
+
+    root, result = ddp_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    monkeypatch.syspath_prepend(str(root))
+    (run,) = list((root / "runs").iterdir())
+    cfg = load_cfg(root)
+    module = RegularizedModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    val = build_datamodule(cfg.data, seed=cfg.seed).val_dataloader()
+    assert len(val.dataset) == 180
+    cb = uncertainty_callback(cfg, module, root / "plots")
+    metric = cb._make_metric()
+    for rank in (0, 1):
+        shard = DataLoader(val.dataset, batch_size=val.batch_size,
+                           sampler=DistributedSampler(val.dataset, num_replicas=2, rank=rank, shuffle=False))
+        for batch_idx, (x, y) in enumerate(shard):
+            out = mc_predict(module, x, samples=cb.samples, strategy=cb.strategy, budget_bytes=cb.budget_bytes,
+                             seed=derive_seed(cb.seed, 0, rank, 0, batch_idx), task=cb.task, tau=cb.tau)
+            metric.update(out.summary, y)
+    single = {f"mc/{k}": float(v) for k, v in metric.compute().items()}
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("mc/") and v}
+    for key in ("mc/acc", "mc/nll", "mc/ece", "mc/referred_fraction", "mc/brier", "mc/auroc_error"):
+        assert key in logged
+    assert logged.keys() <= single.keys()
+    for key, value in logged.items():
+        assert value == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+    # the module's own validation metrics are means over both ranks too (sync_dist)
+    val_loss = next(float(r["val_loss"]) for r in rows if r.get("val_loss"))
+    assert val_loss == pytest.approx(evaluate(module, val)["loss"], rel=1e-5)
