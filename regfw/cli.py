@@ -184,7 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RegfwError as exc:
         if args.debug:
             raise
-        print(f"regfw {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # other ranks of a multi-process run leave it to rank 0
+            print(f"regfw {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"regfw {args.command}: interrupted", file=sys.stderr)

@@ -361,14 +361,18 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
         with announce:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except NonFiniteLossError as exc:
-        raise RunError(f"{exc}. Last good checkpoint: {_last_good(ckpt_cb)}. Lower optimizer.lr (or clip gradients "
-                       f"with trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such "
-                       f"batches out.") from None
+        error: RunError = RunError(
+            f"{exc}. Last good checkpoint: {_last_good(ckpt_cb)}. Lower optimizer.lr (or clip gradients with "
+            f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.")
+        error.quiet = rank != 0  # type: ignore[attr-defined]  # every rank stops alike; rank 0 reports
+        raise error from None
     except SIGTERMException:
         how = (f"saved {ckpt_cb.last_path} at global step {trainer.global_step}" if ckpt_cb.saved_on_sigterm else
                f"the newest checkpoint is {_last_good(ckpt_cb)}; resuming repeats the steps after it")
-        raise RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                             f"{how}. Continue with `regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`.") from None
+        error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                               f"{how}. Continue with `regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`.")
+        error.quiet = rank != 0  # type: ignore[attr-defined]
+        raise error from None
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
     if rank != 0 or not trainer.is_global_zero:
         return FitResult(path, config_path, last, module=module, resumed_from=ckpt_path, rank=rank)

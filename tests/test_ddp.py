@@ -194,3 +194,60 @@ def test_ddp_mc_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp_
     # the module's own validation metrics are means over both ranks too (sync_dist)
     val_loss = next(float(r["val_loss"]) for r in rows if r.get("val_loss"))
     assert val_loss == pytest.approx(evaluate(module, val)["loss"], rel=1e-5)
+
+
+RESUME_CONFIG = """
+seed: 0
+data: {class_path: stall_data.StallingDigits, init_args: {batch_size: 32, train_fraction: 0.3, val_fraction: 0.1}}
+model: {name: mlp, init_args: {hidden: [32], in_features: 64, num_outputs: 10}}
+optimizer: {name: adam, lr: 0.01}
+regularizers: {dropout: {hidden: 0.3}}
+uncertainty: {enabled: false}
+trainer: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false, strategy: ddp, devices: 2,
+          accelerator: cpu}
+run: {checkpoint_every_n_steps: 3}
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("REGFW_LONG_TESTS"), reason="three DDP launches (~45 s); REGFW_LONG_TESTS=1")
+def test_ddp_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """Under DDP: SIGTERM to rank 0 reaches rank 1 through Lightning's launcher, both agree to save
+    last.ckpt at the same step, and the resumed run (whose loader Lightning rebuilt around a
+    DistributedSampler) ends with the weights of an uninterrupted DDP run."""
+    import signal
+    import time
+
+    from test_resume import STALL_DATA
+
+    from regfw.checkpoints import read_checkpoint
+
+    (tmp_path / "stall_data.py").write_text(STALL_DATA)
+    (tmp_path / "cfg.yaml").write_text(RESUME_CONFIG)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for var in (D.RUN_DIR_ENV, D.RESUME_ENV, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    fit_cmd = [sys.executable, "-m", "regfw", "fit", "cfg.yaml"]
+    full = subprocess.run([*fit_cmd, "--run-dir", "full"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    marker = tmp_path / "stalled"
+    stall = {**env, "REGFW_TEST_STALL_AT": "12", "REGFW_TEST_STALL_S": "3", "REGFW_TEST_STALL_FILE": str(marker)}
+    proc = subprocess.Popen([*fit_cmd, "--run-dir", "term"], cwd=tmp_path, env=stall, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.count("stopped by SIGTERM at global step 12 (epoch 1)") == 1  # rank 0 reports, rank 1 is quiet
+    assert read_checkpoint(tmp_path / "term" / "checkpoints" / "last.ckpt")["global_step"] == 12
+
+    resumed = subprocess.run([*fit_cmd, "--run-dir", "term", "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(tmp_path / "term" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 16
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -272,3 +272,15 @@ def test_without_the_resumable_order_and_step_seeds_a_resume_diverges(workdir, m
     assert read_checkpoint(root / "control" / "checkpoints" / "last.ckpt")["global_step"] == 15
     resumed = fit(cfg, run_dir="control", resume=True, quiet=True)
     assert not _same_weights(resumed.module.state_dict(), plain.module.state_dict())
+
+
+def test_metrics_csv_is_continued_and_rows_after_the_checkpoint_are_dropped(tmp_path):
+    from regfw.checkpoints import RunCSVLogger
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss\n0,1,0.9\n0,3,0.7\n0,5,0.5\n")
+    logger = RunCSVLogger(tmp_path, keep_until_step=3)  # the checkpoint was at step 3; steps 4-5 are redone
+    logger.log_metrics({"val_loss": 0.6, "epoch": 0}, step=4)
+    logger.save()
+    rows = _rows(tmp_path)
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in rows] == [("1", "0.9", ""), ("3", "0.7", ""),
+                                                                           ("4", "", "0.6")]
