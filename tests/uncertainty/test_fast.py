@@ -354,3 +354,49 @@ def test_budget_chunks_replay_and_prefix_without_changing_values():
     assert run.chunks > 1 and run.prefix_chunks > 1
     assert run.planned_peak_bytes <= budget
     assert torch.equal(ref, samples(model, x, "loop", 10))
+
+
+def test_batch_size_read_by_prefix_and_replay_is_recomputed_for_the_rows():
+    """``b = x.shape[0]`` is ``B`` in the prefix but must be the chunk's rows in the replay."""
+
+    class SizeReader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop, self.out = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            h = self.drop(self.fc(x.view(b, -1)))
+            return self.out(h.view(b, 2, 4).sum(1))
+
+    torch.manual_seed(0)
+    model = SizeReader().eval()
+    x = torch.randn(5, 2, 4)
+    split = split_model(model, x)
+    assert split.mode == "rows" and "m.fc" in [n.target for n in split._prefix]
+    a, b = samples(model, x, "auto", 12, chunk_rows=7), samples(model, x, "loop", 12)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_random_functions_in_forward_are_stochastic_sources():
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.out(h * (torch.rand_like(h) > 0.3))
+
+    torch.manual_seed(0)
+    model = Noisy().eval()
+    x = torch.randn(5, 4)
+    with mc_mode(model, []):
+        split = split_model(model, x)
+        assert split.source_targets == ["rand_like"] and split.mode == "rows"
+        assert [n.target for n in split._prefix] == ["m.fc"]
+        torch.manual_seed(1)
+        a = STRATEGIES["auto"](model, x, 10)
+        torch.manual_seed(1)
+        b = STRATEGIES["loop"](model, x, 10)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6) and a.std(0).min() > 0
