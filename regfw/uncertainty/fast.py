@@ -18,8 +18,11 @@ The ``"auto"`` strategy registered here computes it once:
    including that block's residual branch. In-place ops that would make the reordering observable
    are moved into the replay (see ``_fix_inplace``).
 3. **Replay** over ``T x B`` rows, sample-major like ``batched`` (row ``t * B + b``), in chunks
-   sized to ``budget_bytes``. The activations at the boundary are gathered per chunk, never
-   materialised for all ``T x B`` rows.
+   sized to ``budget_bytes`` (on CPU also to about 1 MiB of activations, which runs faster). The
+   boundary activations are gathered per chunk: a ``[T, B, ...]`` expand must be copied anyway
+   to become ``[T * B, ...]`` rows for the next module, so the copy is kept chunk-sized and the
+   ``T x B`` rows never exist at once. When one pass of the prefix would exceed the budget, and
+   its rows are independent, the prefix runs in row chunks too.
 
 Before a split is used it is checked once on 2 and 3 rows of the real inputs (eval mode, on a
 forked random stream, so the masks of the real call are drawn exactly as without the check):
@@ -47,7 +50,7 @@ import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -615,7 +618,7 @@ def _probe_inputs(inputs: Tensor) -> tuple[Tensor, Tensor, bool]:
     """``(x1, x2, distinct)``: 2 and 3 rows of ``inputs``, x2 extending x1.
 
     Distinct rows are chosen when the batch has them (rows that mix would go unnoticed on
-    identical rows); a floating-point batch with fewer distinct rows gets slightly scaled copies.
+    identical rows); a floating-point batch with fewer distinct rows gets slightly shifted copies.
     """
     n1, n2 = _PROBE_ROWS
     b = inputs.shape[0]
@@ -632,8 +635,8 @@ def _probe_inputs(inputs: Tensor) -> tuple[Tensor, Tensor, bool]:
         idx = torch.tensor([chosen[i % len(chosen)] for i in range(n2)], device=inputs.device)
         x2 = inputs.index_select(0, idx)
         if inputs.is_floating_point():
-            scale = 1.0 + 0.05 * torch.arange(n2, device=inputs.device, dtype=inputs.dtype)
-            x2 = x2 * scale.view(-1, *([1] * (inputs.dim() - 1)))
+            step = torch.arange(n2, device=inputs.device, dtype=inputs.dtype).view(-1, *([1] * (inputs.dim() - 1)))
+            x2 = x2 * (1.0 + 0.05 * step) + 0.01 * step  # distinct even for rows of zeros
             distinct = True
     return x2[:n1], x2, distinct
 
@@ -834,7 +837,8 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
         with isolated_rng(1, devices):
             shared = next((n for n in sources if not _independent_rows(n, env2, layouts, mods, model)), None)
         if shared is not None:
-            reason = f"{_describe_target(shared)!r} draws one random mask for the whole batch"
+            reason = (f"{_describe_target(shared)!r} gives identical rows for identical inputs (one random "
+                      "mask for the whole batch, or no randomness at all in MC mode)")
     split.mode, split.mode_reason = ("rows", None) if reason is None else ("samples", reason)
     _plan_memory(split, env1, env2, layouts, distinct)
     return split
