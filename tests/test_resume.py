@@ -85,7 +85,10 @@ def workdir(tmp_path_factory):
 
 
 def _start(root: Path, *args: str, stall_s: float, marker: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REGFW_TEST_STALL_AT": str(STALL_AT),
+    # the same number of threads as this process: CPU kernels sum in another order with another count,
+    # and the comparison is bitwise
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "REGFW_TEST_STALL_AT": str(STALL_AT),
            "REGFW_TEST_STALL_S": str(stall_s), "REGFW_TEST_STALL_FILE": str(marker)}
     env.pop(D.RUN_DIR_ENV, None)
     return subprocess.Popen([sys.executable, "-m", "regfw", "fit", "cfg.yaml", *args], cwd=root, env=env,
