@@ -130,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "fit": (cmd_fit, "train a config in a new run directory"),
+    "fit": (cmd_fit, "train a config in a new run directory, or continue a run with --resume"),
     "plan": (cmd_plan, "print what the regularizers would insert, and why, without training"),
     "plugins": (cmd_plugins, "list the installed plugins and the regularizers they provide"),
     "init": (cmd_init, "write a commented starter config"),

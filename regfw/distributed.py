@@ -15,13 +15,16 @@ Three things make a run reproducible across interruptions and across ranks:
   makes it under DDP), and the loader keeps how many batches of the epoch it has handed out in
   the checkpoint (Lightning's ``state_dict`` / ``load_state_dict`` protocol for data loaders),
   so a resumed run skips exactly the batches already trained on, without loading them.
-* **One run directory for all ranks** (:func:`run_dir_for_rank`): processes started by
+* **One run directory for all ranks** (see :func:`regfw.run.fit`): processes started by
   Lightning's own launcher receive rank 0's directory through :data:`RUN_DIR_ENV`; processes
   started by ``torchrun`` or SLURM must be given one with ``--run-dir`` (or the variable).
+
+"Exactly" means bitwise on the same hardware, software and number of threads: CPU kernels sum
+in an order that depends on the thread count (``OMP_NUM_THREADS``), so a run resumed with
+another one ends within float rounding of, not bitwise equal to, the uninterrupted run.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
@@ -310,16 +313,20 @@ def resumable_loader(loader: Any, seed: int) -> Any:
     return ResumableDataLoader(loader.dataset, **kwargs)
 
 
+class _ResumableTrainLoader:
+    """Stands in for ``datamodule.train_dataloader``: a class, not a closure, so that strategies
+    that pickle the data module (``ddp_spawn``) can."""
+
+    def __init__(self, original: Any, seed: int) -> None:
+        self.original = original
+        self.seed = seed
+
+    def __call__(self) -> Any:
+        return resumable_loader(self.original(), self.seed)
+
+
 def make_resumable(datamodule: Any, seed: int) -> Any:
     """Make ``datamodule.train_dataloader()`` return :func:`resumable_loader` of its loader."""
-    original = datamodule.train_dataloader
-    if getattr(original, "_regfw_resumable", False):
-        return datamodule
-
-    @functools.wraps(original)
-    def train_dataloader() -> Any:
-        return resumable_loader(original(), seed)
-
-    train_dataloader._regfw_resumable = True  # type: ignore[attr-defined]
-    datamodule.train_dataloader = train_dataloader
+    if not isinstance(datamodule.train_dataloader, _ResumableTrainLoader):
+        datamodule.train_dataloader = _ResumableTrainLoader(datamodule.train_dataloader, seed)
     return datamodule

@@ -374,6 +374,8 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
         error.quiet = rank != 0  # type: ignore[attr-defined]
         raise error from None
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
+    if last is None and ckpt_cb.last_path.is_file():
+        last = ckpt_cb.last_path  # written by spawned processes (ddp_spawn), whose callbacks stay there
     if rank != 0 or not trainer.is_global_zero:
         return FitResult(path, config_path, last, module=module, resumed_from=ckpt_path, rank=rank)
     metrics = {}
