@@ -58,6 +58,11 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inverted: bool = T
             return x
         if p == 1.0:
             return _zeros_like_graph(x)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            # Thresholding uniform noise is about twice as fast as F.dropout's bernoulli_ on CPU
+            # (it dominates Monte Carlo dropout there): the same distribution, another stream.
+            mask = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
+            return x * mask
         return F.dropout(x, p, training=True)
     if not training:
         return x * (1.0 - p)
