@@ -407,16 +407,20 @@ class _ContinuingWriter(ExperimentWriter):
         if not path.is_file():
             return
         import csv
+        import io
 
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = list(reader.fieldnames or [])
-            rows = list(reader)
+        text = path.read_text()
+        partial = bool(text) and not text.endswith("\n")  # a kill in the middle of appending a row
+        if partial:
+            text = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
         self.metrics_keys = sorted(fields)
         limit = self.keep_until_step
-        if limit is not None:
-            kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
-            if len(kept) != len(rows):
+        if limit is not None or partial:
+            kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
+            if len(kept) != len(rows) or partial:
                 tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                 with open(tmp, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
