@@ -357,8 +357,9 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: PathLike, every_n_steps: int = 0) -> None:
+        # no version counter: a resumed (or moved) run rewrites its own last.ckpt, never last-v1.ckpt
         super().__init__(dirpath=str(dirpath), filename="epoch={epoch:03d}", save_last=True,
-                         auto_insert_metric_name=False)
+                         auto_insert_metric_name=False, enable_version_counter=False)
         self.every_n_steps = int(every_n_steps)
         #: Global step and path of the newest last.ckpt this run wrote (None: none yet).
         self.last_saved_step: Optional[int] = None
