@@ -321,14 +321,14 @@ def resume_target(cfg: Any, checkpoint: Optional[PathLike], run_dir: Optional[Pa
 
     * no checkpoint: ``<run_dir or the newest run of the config>/checkpoints/last.ckpt``, and
       training continues in that run directory;
-    * a checkpoint inside a run directory (``<run>/checkpoints/*.ckpt`` next to ``<run>/config.yaml``):
-      training continues in that run directory;
+    * a checkpoint inside a run directory (``<run>/checkpoints/*.ckpt``, or ``<run>/*.ckpt`` such
+      as Lightning's SLURM ``hpc_ckpt_N.ckpt``, with ``<run>/config.yaml``): training continues
+      in that run directory;
     * any other checkpoint: training continues from it in a new run directory.
     """
     if checkpoint:
         path = Path(checkpoint)
-        parent = path.parent.parent
-        owner = parent if path.parent.name == "checkpoints" and (parent / "config.yaml").is_file() else None
+        owner = next((d for d in (path.parent, path.parent.parent) if (d / "config.yaml").is_file()), None)
         if run_dir and owner is not None and Path(run_dir).resolve() != owner.resolve():
             raise RunError(f"--resume {str(path)!r} belongs to run {str(owner)!r}, not to --run-dir {str(run_dir)!r}; "
                            f"pass one of them.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,11 @@ def test_resume_from_a_checkpoint_outside_a_run_starts_a_new_run_directory(workd
     assert result.run_dir.name.startswith("more-") and result.run_dir.parent == Path("runs")
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "resume-1.yaml").is_file()
     assert read_checkpoint(result.checkpoint)["global_step"] == STEPS + 13  # one more epoch
+    # a checkpoint at the top of a run directory (Lightning's SLURM hpc_ckpt_N.ckpt) continues that run
+    shutil.copytree(root / "reference", root / "hpc")
+    shutil.copyfile(reference.checkpoint, root / "hpc" / "hpc_ckpt_1.ckpt")
+    again = fit(load_config("cfg.yaml", ["trainer.max_epochs=3"]), resume="hpc/hpc_ckpt_1.ckpt", quiet=True)
+    assert again.run_dir == Path("hpc") and (root / "hpc" / "resume-1.yaml").is_file()
     # a checkpoint that lies in a run directory must belong to the --run-dir given with it
     with pytest.raises(RunError, match="belongs to run 'reference', not to --run-dir 'elsewhere'"):
         fit(cfg, resume="reference/checkpoints/last.ckpt", run_dir="elsewhere")
