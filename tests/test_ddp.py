@@ -8,7 +8,6 @@ import csv
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import pytorch_lightning as pl
