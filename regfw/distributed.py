@@ -235,12 +235,15 @@ class ResumableDataLoader(DataLoader):
         return _SkipFirst(super()._index_sampler, self._skip_now)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self._skip_now = self._take_skip()
-        inner = super().__iter__()
-        self._yielded, self._skip_now = self._skip_now, 0
-        return self._counting(inner)
+        return self._lazy_iter()
 
-    def _counting(self, inner: Iterator[Any]) -> Iterator[Any]:
+    def _lazy_iter(self) -> Iterator[Any]:
+        # The DataLoader iterator is made at the first batch, not when Lightning calls iter():
+        # Lightning calls iter() before it calls set_epoch at a resume, and an iterator with
+        # workers draws its indices when it is made, which would give the previous epoch's order.
+        self._skip_now = self._take_skip()
+        inner = DataLoader.__iter__(self)
+        self._yielded, self._skip_now = self._skip_now, 0
         for batch in inner:
             self._yielded += 1
             yield batch
@@ -283,9 +286,7 @@ class ResumableDataLoader(DataLoader):
                 self._set_epoch(int(epoch) + 1)
             return
         if epoch is not None:
-            # Lightning makes the first iterator before it calls set_epoch, and an iterator
-            # with workers draws its indices at once
-            self._set_epoch(int(epoch))
+            self._set_epoch(int(epoch))  # Lightning sets it again before the first batch
         self._pending = {"epoch": epoch, "batches": batches}
 
 

@@ -292,3 +292,26 @@ def test_metrics_csv_is_continued_and_rows_after_the_checkpoint_are_dropped(tmp_
     rows = _rows(tmp_path)
     assert [(r["step"], r["train_loss"], r["val_loss"]) for r in rows] == [("1", "0.9", ""), ("3", "0.7", ""),
                                                                            ("4", "", "0.6")]
+
+
+def test_resume_at_an_epoch_end_with_loader_workers_keeps_the_next_epochs_order(tmp_path, monkeypatch):
+    """A loader with workers draws its indices when its iterator is made, and Lightning makes the
+    first one before it sets the epoch of a resumed run; the loader waits for the first batch."""
+    import pytorch_lightning as pl
+
+    monkeypatch.chdir(tmp_path)
+
+    class Stop(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 14:
+                raise RuntimeError("stopped at step 14")
+
+    cfg = load_config(None, ["data.num_workers=1", "data.train_fraction=0.3", "data.batch_size=32",
+                             "model.init_args={hidden: [16]}", "uncertainty.enabled=false", "trainer.max_epochs=2",
+                             "trainer.enable_progress_bar=false"])
+    full = fit(cfg, run_dir="full", quiet=True)
+    with pytest.raises(RuntimeError, match="stopped at step 14"):
+        fit(cfg, run_dir="cut", callbacks=[Stop()], quiet=True)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")["global_step"] == 13  # epoch 0's end
+    resumed = fit(cfg, run_dir="cut", resume=True, quiet=True)
+    assert _same_weights(resumed.module.state_dict(), full.module.state_dict())
