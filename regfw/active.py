@@ -14,6 +14,9 @@ def load_module(checkpoint: str) -> Any:
     path = Path(checkpoint)
     if not path.is_file():
         raise RunError(f"checkpoint {str(path)!r} does not exist; pass a file from <run dir>/checkpoints/")
+    from regfw.checkpoints import read_checkpoint
+
+    read_checkpoint(path)  # a truncated, corrupt or foreign file is reported by name
     try:
         module = RegularizedModule.load_from_checkpoint(path, map_location="cpu")
     except RunError:

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from regfw.config import Config
-from regfw.errors import RegfwError, RunError
+from regfw.errors import ConfigError, RegfwError, RunError
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -133,8 +133,6 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     from regfw.factory import model_config_for, resolve_loss
     from regfw.module import RegularizedModule
 
-    from regfw.errors import ConfigError
-
     example = datamodule.example_input() if hasattr(datamodule, "example_input") else None
     model_config = model_config_for(cfg.model, datamodule)
     try:
@@ -184,7 +182,6 @@ def load_resume_config(path: Optional[str], overrides: Sequence[str] = (), check
     reported as such, naming the checkpoint and the plugin (and distribution) it came from."""
     from regfw.checkpoints import missing_plugins, read_checkpoint, resume_target
     from regfw.config import load_raw, validate
-    from regfw.errors import ConfigError
 
     raw = load_raw(path, overrides)
     source = str(path) if path else None
@@ -234,7 +231,6 @@ def _processes(trainer_cfg: dict) -> int:
 
 def _check_settings(cfg: Config, world_size: int) -> None:
     """Settings that cannot work with ``world_size`` processes (checked before anything is written)."""
-    from regfw.errors import ConfigError
 
     if world_size > 1 and cfg.run.on_nan == "skip":
         raise ConfigError(f"run.on_nan: got 'skip' with {world_size} processes; Lightning cannot leave a batch "
