@@ -231,7 +231,6 @@ def _processes(trainer_cfg: dict) -> int:
 
 def _check_settings(cfg: Config, world_size: int) -> None:
     """Settings that cannot work with ``world_size`` processes (checked before anything is written)."""
-
     if world_size > 1 and cfg.run.on_nan == "skip":
         raise ConfigError(f"run.on_nan: got 'skip' with {world_size} processes; Lightning cannot leave a batch "
                           f"out on every process at once. Use 'stop' (or 'ignore').")
