@@ -9,6 +9,22 @@ from regfw.config import load_raw, validate
 
 DEFAULT_CONFIG = "templates/demo.yaml"
 
+MC_MEANINGS = {
+    "acc": "accuracy of the MC-averaged prediction",
+    "det_acc": "accuracy of the deterministic (weight-scaled) prediction",
+    "nll": "negative log-likelihood (lower is better)",
+    "brier": "Brier score (lower is better)",
+    "ece": "expected calibration error, 15 bins",
+    "auroc_error": "AUROC of the uncertainty score for spotting the model's own errors",
+    "referred_fraction": "share referred to human review",
+    "retained_acc": "accuracy on the samples not referred",
+    "mean_mi": "mean mutual information (epistemic, nats)",
+    "mean_entropy": "mean predictive entropy (nats)",
+    "mean_expected_entropy": "mean expected entropy (aleatoric, nats)",
+    "mean_variation_ratio": "mean variation ratio",
+    "mean_score": "mean of the referral score",
+}
+
 
 def _config_path(path: Optional[str]) -> str:
     if path and Path(path).exists():
@@ -58,9 +74,13 @@ def run_demo(config: Optional[str], overrides: Sequence[str] = ()) -> int:
     print()
     print(format_table({name: r.metrics for name, r in results.items()}))
     main = next(iter(results.values()))
-    for name, value in main.metrics.items():
-        if name.startswith("mc_"):
-            print(f"{name}: {value:.4f}")
+    mc = {name[3:]: value for name, value in main.metrics.items() if name.startswith("mc_")}
+    if mc:
+        print(f"\nMonte Carlo dropout on the validation set (T = {cfg.uncertainty.samples}, last run):")
+        width = max(len(name) for name in mc)
+        for name, value in mc.items():
+            meaning = MC_MEANINGS.get(name, "")
+            print(f"  mc/{name.ljust(width)}  {value:8.4f}  {meaning}".rstrip())
     for name, plot in main.plots.items():
         print(f"plot {name}: {plot}")
     print(f"\nrun directory: {main.run_dir}\nconfig:        {main.config_path}\ncheckpoint:    {main.checkpoint}")
