@@ -23,14 +23,6 @@ INPUT = "model.body.0.regfw_input_dropout"
 HIDDEN = ("model.body.1.regfw_dropout", "model.body.3.regfw_dropout")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine extra threads make the
-    fits several times slower (measured 69 s vs 11 s for the co-adaptation fits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _module(hidden: float = 0.4, input: float = 0.15, widths=(32, 16), lr: float = 1e-3) -> RegularizedModule:

@@ -23,14 +23,6 @@ from regfw.module import RegularizedModule
 from regfw.uncertainty import MCDropoutUncertainty
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine extra threads make the
-    fits several times slower (measured 69 s vs 11 s for the co-adaptation fits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _numpy_mean_abs_corr(h: np.ndarray) -> float:

@@ -14,12 +14,6 @@ C = 0.5  # below the typical initial incoming norm of the cnn (about 0.58), so m
 STEPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ from regfw_plugins.noise import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- activation / input noise -----------------------------------------------------------------------

@@ -14,12 +14,6 @@ from regfw_plugins.l1 import L1, L1Config
 from regfw_plugins.max_norm import MaxNorm, MaxNormConfig, incoming_norms, max_norm_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- l1 -----------------------------------------------------------------------------------------

@@ -215,15 +215,8 @@ class _Seq:
 _UNCLEAN = "unclean"  # a tensor whose batch rows cannot be told apart or are mixed
 
 
-def _leaves(v: Any) -> Iterator[Tensor]:
-    if isinstance(v, Tensor):
-        yield v
-    elif isinstance(v, (tuple, list)):
-        for x in v:
-            yield from _leaves(x)
-    elif isinstance(v, dict):
-        for x in v.values():
-            yield from _leaves(x)
+#: Every tensor inside nested tuples, lists and dicts, in order.
+_leaves = _sampling._tensors
 
 
 def _has_tensor(v: Any) -> bool:
