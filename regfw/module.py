@@ -12,6 +12,7 @@ from torch import nn
 from regfw.errors import ConfigError
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
+from regfw.surgery import is_dropout
 
 LOSSES = ("cross_entropy", "mse", "gaussian_nll")
 
@@ -215,20 +216,14 @@ class RegularizedModule(pl.LightningModule):
             "plugins": _plugin_origins(self.regularizers),
             # rates are plain attributes, not state: a rate schedule's current values resume from here
             "rates": {name: float(m.p) for name, m in self.model.named_modules()
-                      if _is_stochastic(m) and isinstance(getattr(m, "p", None), (int, float))},
+                      if is_dropout(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         modules = dict(self.model.named_modules())
         for name, p in ((checkpoint.get("regfw") or {}).get("rates") or {}).items():
-            if name in modules and _is_stochastic(modules[name]):
+            if name in modules and is_dropout(modules[name]):
                 modules[name].p = p
-
-
-def _is_stochastic(module: nn.Module) -> bool:
-    from regfw.layers.base import StochasticModule
-
-    return isinstance(module, (StochasticModule, nn.modules.dropout._DropoutNd))
 
 
 def _plugin_origins(regularizers: Sequence[Regularizer]) -> dict:
