@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -33,6 +32,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from regfw.atomic import atomic_open
 from regfw.errors import RunError
 
 PathLike = Union[str, Path]
@@ -45,38 +45,14 @@ LAST = "last.ckpt"
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` through a temporary file in the same directory and a rename.
 
     Readers see the old file or the complete new one, never a partial file; the temporary file
     is removed if saving fails.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -422,12 +398,10 @@ class _ContinuingWriter(ExperimentWriter):
         if limit is not None or partial:
             kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
             if len(kept) != len(rows) or partial:
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                with open(tmp, "w", newline="") as f:
+                with atomic_open(path, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
                     writer.writeheader()
                     writer.writerows(kept)
-                os.replace(tmp, path)
 
 
 class RunCSVLogger(CSVLogger):

@@ -94,7 +94,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
     text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()
     path.parent.mkdir(parents=True, exist_ok=True)
-    from regfw.run import write_atomic
+    from regfw.atomic import write_atomic
 
     write_atomic(path, text)
     print(f"wrote {path}; train with: regfw fit {path}")

@@ -16,8 +16,6 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
-    from regfw.regularizer import Regularizer
-
 hookspec = pluggy.HookspecMarker("regfw")
 
 

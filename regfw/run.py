@@ -26,22 +26,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from regfw.atomic import write_atomic
 from regfw.config import Config
 from regfw.errors import ConfigError, RegfwError, RunError
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _clear_run_dir(path: Path) -> None:

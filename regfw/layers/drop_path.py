@@ -5,7 +5,6 @@ residual branch, ``x + drop_path(f(x))`` skips the block for the dropped samples
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate

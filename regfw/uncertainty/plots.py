@@ -7,10 +7,11 @@ file in the target directory, then ``os.replace``, so a reader never sees half a
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from torch import Tensor
+
+from regfw.atomic import atomic_open
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -40,19 +41,8 @@ def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> "Figure":
 def save_figure(fig: "Figure", path: str | os.PathLike) -> str:
     """Write ``fig`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")
     return path
 
 
