@@ -87,7 +87,23 @@ regularizers:
 uncertainty: {enabled: true, samples: 8, plots: false}
 trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
 """
+# The second launch runs the two variants the first cannot hold, in their places.
+CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}", "alpha_dropout: {input: 0.05, hidden: 0}")
+                   .replace("dropblock: {conv: 0.1, block_size: 3}", "spatial_dropout: {conv: 0.1}"))
 NOT_RUN = {"alpha_dropout", "spatial_dropout"}
+
+
+def _launch_ddp(root, config: str):
+    (root / "ddp_zoo.py").write_text(ZOO)
+    (root / "cfg.yaml").write_text(config)
+    (root / "masks").mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REGFW_TEST_MASK_DIR": str(root / "masks"),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for var in (D.RUN_DIR_ENV, D.RESUME_ENV, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    return subprocess.run(
+        [sys.executable, "-m", "regfw", "fit", "cfg.yaml", "trainer.strategy=ddp", "trainer.devices=2",
+         "trainer.accelerator=cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=420)
 
 
 def test_seeding_every_rank_alike_gives_every_rank_the_same_masks():
@@ -110,16 +126,7 @@ def test_seeding_every_rank_alike_gives_every_rank_the_same_masks():
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    (root / "ddp_zoo.py").write_text(ZOO)
-    (root / "cfg.yaml").write_text(CONFIG)
-    (root / "masks").mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REGFW_TEST_MASK_DIR": str(root / "masks"),
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    for var in (D.RUN_DIR_ENV, D.RESUME_ENV, "WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "regfw", "fit", "cfg.yaml", "trainer.strategy=ddp", "trainer.devices=2",
-         "trainer.accelerator=cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=420)
+    result = _launch_ddp(root, CONFIG)
     return root, result
 
 
@@ -138,6 +145,19 @@ def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
         assert f"\n{name} " in plan, name  # a plan row for every injecting regularizer
     for name in ("l1", "weight_decay", "adaptive_dropout", "coadaptation"):
         assert f"\n{name}: " in plan, name
+
+
+def test_ddp_fit_trains_the_remaining_dropout_variants(tmp_path):
+    """alpha_dropout and spatial_dropout take the input and conv places of the first launch's
+    gaussian_dropout and dropblock: together the two launches run every built-in regularizer."""
+    result = _launch_ddp(tmp_path, CONFIG_VARIANTS)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    plan = (run / "plan.txt").read_text()
+    for name in NOT_RUN:
+        assert f"\n{name} " in plan, name
+    assert NOT_RUN <= set(load_cfg(tmp_path).regularizers)
+    assert "mc/acc" in (run / "metrics.csv").read_text().splitlines()[0]  # the MC callback ran under DDP
 
 
 def load_cfg(root):
