@@ -17,10 +17,20 @@ from regfw.surgery import is_dropout
 LOSSES = ("cross_entropy", "mse", "gaussian_nll")
 
 
+def split_mean_variance(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, variance)`` of a model whose last dimension holds ``[mean, raw variance]`` halves.
+
+    The variance is ``softplus(raw) + 1e-6``. The loss and Monte Carlo dropout both read the
+    output through this one function (MC dropout's ``output_transform``).
+    """
+    mean, raw = output.chunk(2, dim=-1)
+    return mean, F.softplus(raw) + 1e-6
+
+
 def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Gaussian NLL for a model whose last dimension holds ``[mean, raw variance]`` halves."""
-    mean, raw = output.chunk(2, dim=-1)
-    return F.gaussian_nll_loss(mean, target, F.softplus(raw) + 1e-6)
+    mean, variance = split_mean_variance(output)
+    return F.gaussian_nll_loss(mean, target, variance)
 
 
 def _loss_fn(loss: Union[str, Callable]) -> Callable:

@@ -150,6 +150,7 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[A
     It is off when ``uncertainty.enabled`` is false or the model has no stochastic module (for
     example a run without a dropout regularizer); it is never an error to leave it on.
     """
+    from regfw.module import split_mean_variance
     from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
 
     unc = cfg.uncertainty
@@ -160,6 +161,7 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[A
         every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
         threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots,
         plot_dir=str(plot_dir), seed=unc.seed,
+        output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
     )
 
 
