@@ -215,6 +215,9 @@ class UncertaintyConfig:
     threshold: Optional[float] = None
     refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
     budget_mb: float = positive(256.0)
+    #: Regression with the mse loss: the noise precision τ (aleatoric variance 1/τ). Null leaves
+    #: the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
+    tau: Optional[float] = positive(None)
     plots: bool = True
     seed: int = 1234
 

@@ -23,6 +23,14 @@ MC_MEANINGS = {
     "mean_expected_entropy": "mean expected entropy (aleatoric, nats)",
     "mean_variation_ratio": "mean variation ratio",
     "mean_score": "mean of the referral score",
+    "rmse": "root mean squared error of the MC mean",
+    "det_rmse": "root mean squared error of the deterministic prediction",
+    "mean_variance": "mean predictive variance = aleatoric + epistemic",
+    "mean_aleatoric": "mean aleatoric variance (uncertainty.tau or the predicted variance)",
+    "mean_epistemic": "mean epistemic variance (spread of the sampled means)",
+    "coverage_90": "share of targets inside the central 90% predictive interval",
+    "interval_error": "mean |coverage - level| over the interval levels",
+    "retained_rmse": "RMSE on the samples not referred",
 }
 
 
