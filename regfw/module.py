@@ -121,28 +121,35 @@ class RegularizedModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _log_step(self, stage: str, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        n = len(y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
+        if self.task == "classification":
+            acc = (out.argmax(-1) == y).float().mean()
+            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
+                     sync_dist=True)
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch
         out = self(x)
         loss = self.loss_fn(out, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                 sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
-        if self.task == "classification":
-            acc = (out.argmax(-1) == y).float().mean()
-            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                     sync_dist=True)
+        self._log_step(stage, out, y, loss)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
+        x, y = batch
+        out = self(x)
+        data_loss = self.loss_fn(out, y)
         penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
-        if penalties:
-            penalty = torch.stack([p.reshape(()) for p in penalties]).sum()
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(batch[0]),
-                     sync_dist=True)
-            loss = loss + penalty
+        penalty = torch.stack([p.reshape(()) for p in penalties]).sum() if penalties else None
+        loss = data_loss if penalty is None else data_loss + penalty
+        # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
             return self._nonfinite_loss(loss, batch_idx)
+        self._log_step("train", out, y, data_loss)
+        if penalty is not None:
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises

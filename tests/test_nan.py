@@ -2,6 +2,8 @@
 checkpoint), skips the batch, or lets it through; never silent garbage by default."""
 from __future__ import annotations
 
+import math
+
 import textwrap
 
 import pytest
@@ -85,6 +87,8 @@ def test_skip_leaves_the_batches_out_and_trains_on(cfg_path):
     assert module.nonfinite_skipped == 2
     assert _finite(module)
     assert module.model.calls == STEPS  # every batch was seen; two were left out of the updates
+    epoch_loss = float(module.trainer.callback_metrics["train_loss"])
+    assert math.isfinite(epoch_loss)  # the skipped batches are not in the epoch's logged loss
 
 
 def test_ignore_trains_on_garbage(cfg_path):
