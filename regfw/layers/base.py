@@ -29,6 +29,10 @@ class StochasticModule(nn.Module):
     """
 
     p: float
+    #: True when one random draw serves the whole batch (weight drop draws one weight mask per
+    #: forward pass): repeating the batch T times in one pass would then give T copies of one
+    #: sample, so Monte Carlo dropout runs such models one pass per sample.
+    batch_shared: bool = False
 
 
 class Rate:

@@ -161,6 +161,7 @@ class WeightDrop(StochasticModule):
     """
 
     p = Rate()
+    batch_shared = True  # one weight mask per forward pass, shared by every row of the batch
 
     def __init__(self, p: float = 0.5, weights: Sequence[str] = ("weight_hh_l0",)) -> None:
         super().__init__()

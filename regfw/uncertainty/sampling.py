@@ -382,7 +382,13 @@ def batched_strategy(
     estimate_row_bytes(...)`` (at least 1), so a large ``T x B`` runs in several passes
     instead of failing with out-of-memory. The repeated batch is never materialised: each
     chunk gathers its own rows. ``budget_bytes=None`` means one chunk.
+
+    A model with a batch-shared stochastic module (``batch_shared = True``, e.g. weight drop:
+    one mask per forward pass) runs as ``loop`` instead: repeated rows in one pass would all see
+    the same mask, giving T copies of one sample.
     """
+    if any(getattr(m, "batch_shared", False) for _, m in stochastic_modules(model)):
+        return loop_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw)
     b = inputs.shape[0]
     total = samples * b
     if chunk_rows is None:

@@ -339,3 +339,27 @@ def test_attention_weight_dropout_is_sampled_and_zero_rate_is_not():
     result = mc_predict(net, torch.randn(4, 5, 8), samples=8, strategy="loop", seed=0)
     assert result.outputs.std(0).max() > 0  # the attention weights were dropped differently per sample
     assert not mha.training  # mode restored
+
+
+def test_batched_gives_distinct_samples_with_a_batch_shared_weight_mask():
+    """Weight drop draws one mask per forward pass for the whole batch: repeating the batch T
+    times in one pass would give T identical samples per row, so `batched` runs it per sample."""
+    from regfw.layers import apply_weight_drop
+
+    torch.manual_seed(0)
+    rnn = nn.LSTM(4, 8, batch_first=True)
+    apply_weight_drop(rnn, 0.5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = rnn, nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    net = Net().eval()
+    x = torch.randn(5, 6, 4)
+    for strategy in ("batched", "auto"):
+        out = mc_predict(net, x, samples=6, strategy=strategy, seed=0).outputs
+        assert out.std(0).min() > 0, strategy  # every row varies across the T samples
