@@ -38,6 +38,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from regfw.tensors import iter_tensors
+
 #: Activations that commute with multiplying a sample by a non-negative factor
 #: (``f(m * x) = m * f(x)`` for ``m >= 0``): a per-sample or per-element non-negative mask may be
 #: applied before them instead of after, with the same result.
@@ -99,18 +101,6 @@ def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _tensors(value: Any, out: list) -> list:
-    if isinstance(value, torch.Tensor):
-        out.append(value)
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            _tensors(v, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _tensors(v, out)
-    return out
-
-
 class _FunctionWatch(torch.overrides.TorchFunctionMode):
     """Sees every torch function called outside a unit and marks the units whose outputs it
     consumes (``x + a``, ``F.relu(a)``, ``a.flatten(1)``)."""
@@ -122,7 +112,7 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth[0] == 0 and getattr(func, "__name__", "") not in _METADATA:
-            for t in _tensors(args, _tensors(kwargs, [])):
+            for t in (*iter_tensors(args), *iter_tensors(kwargs)):
                 src = self.producer.get(id(t))
                 if src is not None:
                     self.flow.link(src, FUNCTION)

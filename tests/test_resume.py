@@ -150,7 +150,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(workdir, 
     # the run directory was continued, not rewritten: same config, a resume note, one metrics file
     assert (run / "config.yaml").read_text() == config_before
     note = (run / "resume-1.yaml").read_text()
-    assert note.startswith(f"# resumed ") and "(epoch 1, global step 15)" in note.splitlines()[0]
+    assert note.startswith("# resumed ") and "(epoch 1, global step 15)" in note.splitlines()[0]
     val = [(r["epoch"], r["val_loss"]) for r in _rows(run) if r.get("val_loss")]
     ref_val = [(r["epoch"], r["val_loss"]) for r in _rows(root / reference.run_dir) if r.get("val_loss")]
     assert val == ref_val  # epoch 0 logged before the kill, epoch 1 after the resume, identical values

@@ -57,6 +57,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from regfw.tensors import iter_tensors
 from regfw.surgery import ApplyAfter, ApplyBefore
 from regfw.uncertainty import sampling as _sampling
 from regfw.uncertainty.sampling import (
@@ -215,16 +216,14 @@ class _Seq:
 _UNCLEAN = "unclean"  # a tensor whose batch rows cannot be told apart or are mixed
 
 
-#: Every tensor inside nested tuples, lists and dicts, in order.
-_leaves = _sampling._tensors
 
 
 def _has_tensor(v: Any) -> bool:
-    return next(_leaves(v), None) is not None
+    return next(iter_tensors(v), None) is not None
 
 
 def _nbytes(v: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _leaves(v))
+    return sum(t.numel() * t.element_size() for t in iter_tensors(v))
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -336,7 +335,7 @@ def _repeat_row(v: Any, layout: Any, row: int, copies: int) -> Any:
 
 
 def _rows_differ(v: Any, layout: Any, copies: int) -> bool:
-    for t, item in zip(_leaves(v), _layout_leaves(layout)):
+    for t, item in zip(iter_tensors(v), _layout_leaves(layout)):
         if not isinstance(item, _Batch):
             continue
         pieces = t.reshape(*t.shape[: item.d], copies, item.k, *t.shape[item.d + 1:])

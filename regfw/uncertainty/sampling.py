@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from regfw.tensors import iter_tensors
 from regfw.layers.base import StochasticModule
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
@@ -234,20 +235,9 @@ def _devices(model: nn.Module, inputs: Any) -> set[torch.device]:
     found: set[torch.device] = set()
     for t in (*model.parameters(), *model.buffers()):
         found.add(t.device)
-    for t in _tensors(inputs):
+    for t in iter_tensors(inputs):
         found.add(t.device)
     return found
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
 
 
 @contextlib.contextmanager
@@ -352,7 +342,7 @@ def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
         nonlocal total
-        for t in _tensors(out):
+        for t in iter_tensors(out):
             total += t.numel() * t.element_size()
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None and m is not model]
@@ -363,7 +353,7 @@ def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
         for h in handles:
             h.remove()
     total += out.numel() * out.element_size()
-    in_bytes = sum(t.numel() * t.element_size() for t in _tensors(row))
+    in_bytes = sum(t.numel() * t.element_size() for t in iter_tensors(row))
     return max(1, in_bytes + 2 * total)
 
 
