@@ -21,12 +21,11 @@ from torch import nn
 
 import regfw
 from regfw.config import rate
-from regfw.kinds import CONV
+from regfw.kinds import CONV, CONV_TYPES
 from regfw.layers import DropBlock2d, SpatialDropout
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
 
 _CONV2D = (nn.Conv2d, nn.ConvTranspose2d)
-_CONV_ANY = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass
@@ -86,7 +85,7 @@ class DropBlockRegularizer(InjectingRegularizer):
         if out_dim is not None:
             ok = out_dim == 4
         else:
-            ok = isinstance(module, _CONV2D) or not isinstance(module, _CONV_ANY)
+            ok = isinstance(module, _CONV2D) or not isinstance(module, CONV_TYPES)
         if not ok:
             shown = f"rank {out_dim}" if out_dim is not None else type(module).__name__
             return f"DropBlock2d needs (N, C, H, W) maps, got {shown}; use spatial_dropout there"

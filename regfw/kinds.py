@@ -85,11 +85,14 @@ VARIANT_RANGES: dict[str, dict[str, RateRange]] = {
 _N_SMALL, _N_LARGE = 1e3, 1e6
 _P_SMALL, _P_LARGE = 1e4, 1e8
 
+#: The module types of kind ``conv``.
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                nn.ConvTranspose3d)
+
 _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer), ATTENTION),
     ((nn.RNNBase,), RECURRENT),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-      nn.ConvTranspose3d), CONV),
+    (CONV_TYPES, CONV),
     ((nn.Linear, nn.Bilinear), HIDDEN),
     ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
       nn.RMSNorm), NORM),
