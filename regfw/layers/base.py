@@ -1,10 +1,16 @@
 """The common base of every stochastic layer in regfw."""
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 
-def check_rate(p: float, name: str = "p", upper_inclusive: bool = True) -> float:
+def zeros_like_graph(x: Tensor) -> Tensor:
+    """Zeros shaped like ``x`` that stay connected to the autograd graph (gradient 0), as torch
+    does for p = 1: no division by zero, no NaN."""
+    return x * x.new_zeros(())
+
+
+def check_rate(p: float, name: str = "p") -> float:
     """Validate a drop rate and return it as a float.
 
     Raises ``ValueError`` naming the value and the allowed interval, as ``torch.nn.Dropout`` does.
@@ -13,10 +19,8 @@ def check_rate(p: float, name: str = "p", upper_inclusive: bool = True) -> float
         value = float(p)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number in [0, 1], got {p!r}") from None
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if not ok:
-        interval = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return value
 
 
@@ -51,7 +55,10 @@ class Rate:
     def __get__(self, obj: object, objtype: type | None = None) -> float:
         if obj is None:
             return self  # type: ignore[return-value]
-        return obj.__dict__[self.slot]
+        try:
+            return obj.__dict__[self.slot]
+        except KeyError:  # unset: an AttributeError, so getattr(module, "p", default) works
+            raise AttributeError(self.name) from None
 
     def __set__(self, obj: object, value: float) -> None:
         obj.__dict__[self.slot] = check_rate(value, self.name)

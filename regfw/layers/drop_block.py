@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Rate, StochasticModule, check_rate
+from .base import Rate, StochasticModule, check_rate, zeros_like_graph
 
 __all__ = ["drop_block_2d", "drop_block_gamma", "DropBlock2d"]
 
@@ -165,7 +165,7 @@ def drop_block_2d(
     if not training or p == 0.0 or x.numel() == 0:
         return x
     if p == 1.0:
-        return x * x.new_zeros(())
+        return zeros_like_graph(x)
     n, c, h, w = x.shape
     bh, bw = min(block[0], h), min(block[1], w)
     lam = _seed_intensity(h, w, bh, bw, p)

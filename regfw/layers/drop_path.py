@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Rate, StochasticModule, check_rate
+from .base import Rate, StochasticModule, check_rate, zeros_like_graph
 
 __all__ = ["drop_path", "drop_path_schedule", "DropPath"]
 
@@ -24,7 +24,7 @@ def drop_path(x: Tensor, p: float = 0.1, training: bool = True, scale_by_keep: b
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return x * x.new_zeros(())
+        return zeros_like_graph(x)
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
     if scale_by_keep:
         mask.div_(1.0 - p)

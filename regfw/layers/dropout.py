@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Rate, StochasticModule, check_rate
+from .base import Rate, StochasticModule, check_rate, zeros_like_graph
 
 __all__ = [
     "dropout",
@@ -35,10 +35,6 @@ __all__ = [
     "AlphaDropout",
 ]
 
-
-def _zeros_like_graph(x: Tensor) -> Tensor:
-    """Zeros shaped like ``x`` that stay connected to the autograd graph (gradient 0), as torch does for p = 1."""
-    return x * x.new_zeros(())
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inverted: bool = True) -> Tensor:
@@ -57,7 +53,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inverted: bool = T
         if not training:
             return x
         if p == 1.0:
-            return _zeros_like_graph(x)
+            return zeros_like_graph(x)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             # Thresholding uniform noise is about twice as fast as F.dropout's bernoulli_ on CPU
             # (it dominates Monte Carlo dropout there): the same distribution, another stream.
@@ -67,7 +63,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inverted: bool = T
     if not training:
         return x * (1.0 - p)
     if p == 1.0:
-        return _zeros_like_graph(x)
+        return zeros_like_graph(x)
     mask = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1.0 - p)
     return x * mask
 
@@ -90,7 +86,7 @@ def spatial_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return _zeros_like_graph(x)
+        return zeros_like_graph(x)
     mask = x.new_empty(x.shape[:2] + (1,) * (x.dim() - 2)).bernoulli_(1.0 - p)
     mask.div_(1.0 - p)
     return x * mask
@@ -108,7 +104,7 @@ def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return _zeros_like_graph(x)
+        return zeros_like_graph(x)
     std = math.sqrt(p / (1.0 - p))
     noise = torch.empty_like(x, memory_format=torch.contiguous_format).normal_(1.0, std)
     return x * noise
@@ -126,7 +122,7 @@ def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return _zeros_like_graph(x)
+        return zeros_like_graph(x)
     return F.alpha_dropout(x, p, training=True)
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import Rate, StochasticModule, check_rate
+from .base import Rate, StochasticModule, check_rate, zeros_like_graph
 
 __all__ = [
     "locked_dropout",
@@ -101,7 +101,7 @@ def locked_dropout(
         return x
     if isinstance(x, PackedSequence):
         if p == 1.0:
-            return x._replace(data=x.data * x.data.new_zeros(()))
+            return x._replace(data=zeros_like_graph(x.data))
         return _locked_packed(x, p)
     if isinstance(x, tuple):
         if not x:
@@ -110,7 +110,7 @@ def locked_dropout(
     if not isinstance(x, Tensor):
         raise TypeError(f"locked_dropout expects a Tensor, PackedSequence or (output, hidden) tuple, got {type(x).__name__}")
     if p == 1.0:
-        return x * x.new_zeros(())
+        return zeros_like_graph(x)
     return _locked_tensor(x, p, batch_first)
 
 
@@ -147,7 +147,7 @@ def drop_connect(weight: Tensor, p: float = 0.5, training: bool = True) -> Tenso
     if not training or p == 0.0:
         return weight
     if p == 1.0:
-        return weight * weight.new_zeros(())
+        return zeros_like_graph(weight)
     return F.dropout(weight, p, training=True)
 
 

@@ -126,6 +126,7 @@ def test_dropped_weight_is_used_exactly():
     lstm = nn.LSTM(3, 5, batch_first=True)
     ref = copy.deepcopy(lstm)
     apply_weight_drop(lstm, 0.5)
+    raw = lstm.weight_hh_l0.detach().clone()
     x = torch.randn(2, 4, 3)
     torch.manual_seed(7)
     out = _run(lstm.train(), x)
@@ -134,7 +135,7 @@ def test_dropped_weight_is_used_exactly():
         ref.weight_hh_l0.copy_(torch.nn.functional.dropout(ref.weight_hh_l0, 0.5))
     assert torch.allclose(out, _run(ref, x))
     # and the registered parameter itself was not modified
-    assert not torch.equal(lstm.weight_hh_l0, ref.weight_hh_l0)
+    assert torch.equal(lstm.weight_hh_l0, raw)
 
 
 @pytest.mark.parametrize("make", RNNS)
@@ -145,7 +146,8 @@ def test_gradient_reaches_the_raw_weight_through_the_mask(make):
     grad = rnn.weight_hh_l0.grad
     assert grad is not None and grad.abs().sum() > 0
     zero_fraction = (grad == 0).float().mean().item()
-    assert 0.3 < zero_fraction < 0.7  # dropped entries get no gradient (p = 0.5)
+    # dropped entries get no gradient: the zero fraction is p = 0.5 within 5 binomial standard errors
+    assert abs(zero_fraction - 0.5) < 5 * (0.25 / grad.numel()) ** 0.5
 
 
 def test_to_float64_leaves_no_stale_tensor():
