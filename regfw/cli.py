@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("fit", "plan", "demo"):
         p = parsers[name]
         p.add_argument("config", nargs="?" if name == "demo" else None,
-                       default="templates/demo.yaml" if name == "demo" else None, help="YAML config file")
+                       default=None, help="YAML config file" + (" (default: the packaged demo config)" if name == "demo" else ""))
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. trainer.max_epochs=3")
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
     parsers["fit"].add_argument(

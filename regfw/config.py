@@ -8,7 +8,7 @@ expected and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from regfw.errors import ConfigError
+from regfw.errors import ConfigError, closest_hint
 
 # -- field helpers ------------------------------------------------------------------------------
 
@@ -38,11 +38,6 @@ def positive(default: Any, *, doc: str = "") -> Any:
 
 
 # -- validation --------------------------------------------------------------------------------
-
-
-def closest_hint(name: str, known: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
 
 
 def _to_plain(value: Any) -> Any:
@@ -68,12 +63,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Union:
-        errors = []
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number.")
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}.")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -93,6 +89,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: got {value!r}, expected true or false.")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: got {value!r}, expected a finite number.")
             return float(value)
         raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a number.")
     if tp is int:

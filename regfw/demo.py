@@ -34,13 +34,14 @@ MC_MEANINGS = {
 }
 
 
-def _config_path(path: Optional[str]) -> str:
+def _load_demo_raw(path: Optional[str], overrides: Sequence[str]) -> tuple[dict, str]:
+    """The demo config (the packaged one when ``path`` is the default and not on disk), unvalidated."""
     if path and Path(path).exists():
-        return path
+        return load_raw(path, overrides), path
     if path in (None, DEFAULT_CONFIG):
         with resources.as_file(resources.files("regfw_templates").joinpath("demo.yaml")) as packaged:
-            return str(packaged)
-    return str(path)  # load_config reports the missing file
+            return load_raw(packaged, overrides), DEFAULT_CONFIG  # read while the file surely exists
+    return load_raw(path, overrides), str(path)  # load_raw reports the missing file
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -68,8 +69,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def run_demo(config: Optional[str], overrides: Sequence[str] = ()) -> int:
     from regfw.run import fit
 
-    path = _config_path(config)
-    raw = load_raw(path, overrides)
+    raw, path = _load_demo_raw(config, overrides)
     cfg = validate(raw, source=path)
     results = {}
     regs = ", ".join(cfg.regularizers) or "none"

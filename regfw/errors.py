@@ -1,6 +1,15 @@
 """The exceptions regfw raises for problems a user can fix. The CLI prints their message alone."""
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
+
+def closest_hint(name: str, known: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest known name, or an empty string."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
 
 class RegfwError(Exception):
     """Base class: a problem with the user's input, reported without a traceback by the CLI."""

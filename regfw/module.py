@@ -187,8 +187,9 @@ class RegularizedModule(pl.LightningModule):
         return self._shared_step(batch, "test")
 
     # -- optimizer and callbacks -----------------------------------------------------------------
-    def param_groups(self) -> list[dict]:
-        """Parameter groups contributed by at most one regularizer, else all trainable params."""
+    def param_groups(self) -> tuple[Optional[str], list[dict]]:
+        """The regularizer that defines the optimizer's parameter groups (at most one may) and
+        its groups; ``(None, [all trainable parameters])`` when none does."""
         found = [(reg.name, g) for reg in self.regularizers if (g := reg.param_groups(self.model)) is not None]
         if len(found) > 1:
             raise ConfigError(
@@ -196,8 +197,8 @@ class RegularizedModule(pl.LightningModule):
                 f"select only one of them"
             )
         if found:
-            return found[0][1]
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+            return found[0]
+        return None, [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         cfg = dict(self.hparams.optimizer)
@@ -210,9 +211,8 @@ class RegularizedModule(pl.LightningModule):
             cfg.pop("momentum", None)
         elif not cfg.get("momentum"):
             cfg.pop("momentum", None)
-        groups = self.param_groups()
+        owner, groups = self.param_groups()
         if cfg.get("weight_decay") and any("weight_decay" in g for g in groups):
-            owner = next(r.name for r in self.regularizers if r.param_groups(self.model) is not None)
             raise ConfigError(
                 f"optimizer.weight_decay={cfg['weight_decay']:g} and regularizers.{owner} both decay the "
                 f"weights (its parameter groups set their own weight_decay); set optimizer.weight_decay: 0 "

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from regfw.errors import ConfigError
+from regfw.errors import ConfigError, closest_hint
 from regfw.plugins import PluginError, get_plugin_manager, origin_of
 from regfw.regularizer import Regularizer
 
@@ -23,12 +22,6 @@ class RegularizerSpec:
     @property
     def origin(self) -> str:
         return f"plugin {self.plugin!r} ({self.distribution or 'not installed'}, {self.cls.__module__}.{self.cls.__qualname__})"
-
-
-def closest(name: str, known: list[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest known name, or an empty string."""
-    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
 
 
 class Registry:
@@ -65,7 +58,7 @@ class Registry:
             known = self.names()
             raise ConfigError(
                 f"{key}.{name}: unknown regularizer {name!r}. Known regularizers: "
-                f"{', '.join(known) or '(none: no plugin is loaded)'}.{closest(name, known)} "
+                f"{', '.join(known) or '(none: no plugin is loaded)'}.{closest_hint(name, known)} "
                 f"Run `regfw plugins` to see what is installed."
             ) from None
 

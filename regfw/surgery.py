@@ -243,11 +243,14 @@ def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanCont
     """The rows an :class:`~regfw.regularizer.InjectingRegularizer` would insert."""
     mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
     items: list[PlanItem] = []
+    matched = False  # a layer of one of the kinds exists (it may still get nothing: rate 0, `keep`)
     for info in mm.layers:
         if K.INPUT in reg.kinds and info.is_input:
+            matched = True
             items.extend(_input_rows(reg, mm, info, ctx))
         if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
             continue
+        matched = True
         rate, reason = reg.rate_for(info.kind, ctx)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
@@ -265,7 +268,7 @@ def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanCont
             reason += f"; after {', '.join(skipped)}"
         items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), rate, reason,
                               action="after", anchor=anchor, options=_layer_options(info.module)))
-    if not items:
+    if not matched:
         warnings.warn(
             f"regularizer {reg.name!r} found no layer of kinds {', '.join(reg.kinds)} in "
             f"{type(model).__name__}; nothing was inserted",

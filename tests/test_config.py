@@ -45,6 +45,8 @@ def test_unknown_regularizer_key_names_full_path_and_closest(tmp_path):
         ("data.batch_size=ten", "data.batch_size: got 'ten' (str), expected a whole number"),
         ("model.name=resnet", "model.name: got 'resnet', expected one of 'mlp', 'cnn', 'lstm'"),
         ("uncertainty.samples=1", "uncertainty.samples: got 1, expected at least 2"),
+        ("regularizers.dropout.hidden=.nan", "regularizers.dropout.hidden: got nan, expected a finite number"),
+        ("uncertainty.budget_mb=.inf", "uncertainty.budget_mb: got inf, expected a finite number"),
     ],
 )
 def test_bad_values_name_key_value_and_range(tmp_path, override, expected):

@@ -67,3 +67,18 @@ def test_inverted_dropout_preserves_the_mean(digits):
     assert abs((out == 0).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
     module.eval()
     assert torch.equal(layer(x), x)
+
+
+def test_keeping_an_existing_dropout_is_not_reported_as_nothing_found():
+    import warnings
+
+    from torch import nn
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "found no layer" would be wrong here: the layer is kept as it is
+        module = RegularizedModule(net, regularizers={"dropout": {"existing": "keep", "input": 0}},
+                                   example_input=torch.zeros(2, 4))
+    assert module.plan.rows() == [] and net[2].p == 0.2
+    with pytest.warns(UserWarning, match="found no layer of kinds"):
+        RegularizedModule(nn.Sequential(nn.Flatten()), regularizers={"dropout": {}}, example_input=torch.zeros(2, 4))

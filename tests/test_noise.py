@@ -59,7 +59,7 @@ def test_noise_on_integer_input_is_a_clear_error():
 def test_config_values_are_checked_with_their_keys():
     with pytest.raises(ConfigError, match=r"regularizers\.noise\.input_std: got -0\.1, expected a value in >= 0"):
         build_regularizers({"noise": {"input_std": -0.1}})
-    with pytest.raises(ConfigError, match=r"regularizers\.noise: weight_std: got inf, expected a finite number"):
+    with pytest.raises(ConfigError, match=r"regularizers\.noise\.weight_std: got inf, expected a finite number"):
         build_regularizers({"noise": {"weight_std": float("inf")}})
     with pytest.raises(ConfigError, match=r"regularizers\.noise\.weight_kinds\[0\]: got 'recurrent'"):
         build_regularizers({"noise": {"weight_kinds": ["recurrent"]}})

@@ -172,7 +172,7 @@ def test_bad_config_values_are_config_errors():
         build_regularizers({"weight_decay": {"strength": -0.1}})
     with pytest.raises(ConfigError, match=r"regularizers\.weight_decay\.mode: got 'adamw'"):
         build_regularizers({"weight_decay": {"mode": "adamw"}})
-    with pytest.raises(ConfigError, match=r"regularizers\.weight_decay: strength: got nan"):
+    with pytest.raises(ConfigError, match=r"regularizers\.weight_decay\.strength: got nan, expected a finite number"):
         build_regularizers({"weight_decay": {"strength": float("nan")}})
 
 
