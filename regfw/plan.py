@@ -68,7 +68,7 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     check_families(regularizers)
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
-    ctx = PlanContext(n_examples=n_examples, n_params=n_params, layers=mm.layers, example_input=example_input,
+    ctx = PlanContext(n_examples=n_examples, n_params=n_params, example_input=example_input,
                       model_map=mm)
     items: dict[str, list[PlanItem]] = {}
     notes: dict[str, list[str]] = {}

@@ -40,9 +40,12 @@ class PlanContext:
 
     n_examples: Optional[int] = None
     n_params: Optional[int] = None
-    layers: list = field(default_factory=list)
     example_input: Any = None
     model_map: Any = None
+
+    @property
+    def layers(self) -> list:
+        return self.model_map.layers if self.model_map is not None else []
 
 
 @dataclass
