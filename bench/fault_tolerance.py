@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import compare  # noqa: E402
-
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
 
 from regfw.checkpoints import AtomicCheckpointIO, read_checkpoint  # noqa: E402

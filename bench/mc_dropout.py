@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +137,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: Optional[int] = 256 * MiB) -> Callable[[], object]:
+def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: int | None = 256 * MiB) -> Callable[[], object]:
     return lambda: mc_predict(model, x, SAMPLES, strategy=strategy, seed=0, budget_bytes=budget, deterministic=False)
 
 
@@ -247,7 +247,7 @@ def part_callback(device: torch.device, repeats: int) -> None:
         def median(self) -> float:
             return statistics.median(self.seconds[1:])  # the first round is warm-up
 
-    def trainer_with(mc_cb: Optional[pl.Callback]) -> tuple[pl.Trainer, EpochTimer]:
+    def trainer_with(mc_cb: pl.Callback | None) -> tuple[pl.Trainer, EpochTimer]:
         timer = EpochTimer()
         first, last = pl.Callback(), pl.Callback()
         first.on_validation_epoch_start = timer.start_hook  # type: ignore[method-assign]
@@ -262,7 +262,7 @@ def part_callback(device: torch.device, repeats: int) -> None:
         datamodule = build_datamodule(cfg.data, seed=cfg.seed)
         module = build_module(cfg, datamodule).to(device)
         unc = cfg.uncertainty
-        runs: dict[str, Optional[pl.Callback]] = {"without the callback": None}
+        runs: dict[str, pl.Callback | None] = {"without the callback": None}
         for strategy in ("auto", "batched", "loop"):
             runs[f"callback, {strategy}"] = MCDropoutUncertainty(samples=unc.samples, strategy=strategy, plots=False, seed=0)
         runs["callback, auto, plots on"] = MCDropoutUncertainty(

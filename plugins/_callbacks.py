@@ -5,7 +5,8 @@ regularizers import this module only when a Trainer asks for their callbacks.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch

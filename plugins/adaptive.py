@@ -18,7 +18,7 @@ Lightning is imported only when the fit asks for the callback, never at plugin d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from torch import nn
 
@@ -41,10 +41,10 @@ class AdaptiveDropoutConfig:
     #: The train/validation loss gap (loss units) that counts as over- or underfitting.
     gap_threshold: float = nonneg(0.1, doc="loss gap that counts as over/underfitting")
     #: A training loss above this counts as underfitting (null: not used).
-    loss_threshold: Optional[float] = nonneg(None, doc="training loss that counts as underfitting")
+    loss_threshold: float | None = nonneg(None, doc="training loss that counts as underfitting")
     #: A relative fall of the training loss between validations below this, with a gap under
     #: gap_threshold / 2, counts as underfitting (null: not used).
-    stall_delta: Optional[float] = nonneg(0.01, doc="relative training-loss fall that counts as a stall")
+    stall_delta: float | None = nonneg(0.01, doc="relative training-loss fall that counts as a stall")
     #: ``clean``: the training loss in eval mode (dropout off), comparable with the validation loss;
     #: ``noisy``: the loss the optimizer minimised (dropout on, penalties included).
     train_loss: Literal["clean", "noisy"] = "clean"
@@ -55,10 +55,10 @@ class AdaptiveDropoutConfig:
     #: The validation metric compared with the training loss.
     monitor: str = "val_loss"
     #: Move only layers of these kinds (null: all).
-    kinds: Optional[list[str]] = None
+    kinds: list[str] | None = None
     #: Replace every kind's range from the rate table.
-    min_rate: Optional[float] = rate(doc="lowest rate (null: each kind's range)")
-    max_rate: Optional[float] = rate(doc="highest rate (null: each kind's range)")
+    min_rate: float | None = rate(doc="lowest rate (null: each kind's range)")
+    max_rate: float | None = rate(doc="highest rate (null: each kind's range)")
 
     def __post_init__(self) -> None:
         if self.kinds is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -28,12 +27,12 @@ _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 class AttentionDropoutConfig(InjectionConfig):
     """The attention rate; null takes the table (0.1), 0 switches it off (leaves the model alone)."""
 
-    attention: Optional[float] = rate(doc="dropout of attention weights and sub-layer outputs (table: 0.1)")
+    attention: float | None = rate(doc="dropout of attention weights and sub-layer outputs (table: 0.1)")
     #: Only the attention weights, not the Transformer layers' other dropouts.
     attention_only: bool = False
 
 
-def current_rate(module: nn.Module) -> Optional[float]:
+def current_rate(module: nn.Module) -> float | None:
     """The attention-weight dropout of ``module`` (its first ``nn.MultiheadAttention``), or None."""
     for sub in module.modules():
         if isinstance(sub, nn.MultiheadAttention):

@@ -13,7 +13,6 @@ selected by name like everything else::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -27,10 +26,10 @@ class CoadaptationConfig:
     """Which layers to measure, and how often."""
 
     #: Module paths whose outputs are the units (null: every hidden and conv layer but the output one).
-    layers: Optional[list[str]] = None
+    layers: list[str] | None = None
     every_n_epochs: int = positive(1, doc="measure after every N-th epoch")
     #: Measure at most this many validation batches (null: all).
-    max_batches: Optional[int] = positive(None, doc="validation batches measured")
+    max_batches: int | None = positive(None, doc="validation batches measured")
     #: Units per layer measured at most (evenly spaced), to bound the units x units statistics.
     max_units: int = positive(512, doc="units per layer measured at most")
 

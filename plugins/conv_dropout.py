@@ -15,7 +15,6 @@ Both act on the ``conv`` kind (table: 0.1-0.3) and belong to the ``dropout`` fam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from torch import nn
 
@@ -32,7 +31,7 @@ _CONV2D = (nn.Conv2d, nn.ConvTranspose2d)
 class SpatialDropoutConfig(InjectionConfig):
     """The conv rate; null takes the rate policy (or the table default), 0 switches it off."""
 
-    conv: Optional[float] = rate(doc="share of channels dropped after conv layers (table: 0.1-0.3)")
+    conv: float | None = rate(doc="share of channels dropped after conv layers (table: 0.1-0.3)")
 
 
 class SpatialDropoutRegularizer(InjectingRegularizer):
@@ -44,7 +43,7 @@ class SpatialDropoutRegularizer(InjectingRegularizer):
     Config = SpatialDropoutConfig
     kinds = (CONV,)
 
-    def supports(self, kind: str, module: nn.Module, out_dim: Optional[int]) -> Optional[str]:
+    def supports(self, kind: str, module: nn.Module, out_dim: int | None) -> str | None:
         if out_dim is not None and out_dim < 3:
             return f"spatial dropout needs (N, C, *spatial) maps, the output there has rank {out_dim}"
         return None
@@ -57,10 +56,10 @@ class SpatialDropoutRegularizer(InjectingRegularizer):
 class DropBlockConfig(InjectionConfig):
     """The conv rate (expected fraction dropped) and the block shape."""
 
-    conv: Optional[float] = rate(doc="expected fraction dropped after 2d conv layers (table: 0.1-0.3)")
+    conv: float | None = rate(doc="expected fraction dropped after 2d conv layers (table: 0.1-0.3)")
     #: Side of the square block, or [height, width]; 7 in the paper. Blocks larger than a map are
     #: clipped to it, with the rate kept.
-    block_size: Union[int, list[int]] = 7
+    block_size: int | list[int] = 7
     #: One mask per sample shared by all channels instead of one per channel.
     shared_channels: bool = False
 
@@ -81,7 +80,7 @@ class DropBlockRegularizer(InjectingRegularizer):
     Config = DropBlockConfig
     kinds = (CONV,)
 
-    def supports(self, kind: str, module: nn.Module, out_dim: Optional[int]) -> Optional[str]:
+    def supports(self, kind: str, module: nn.Module, out_dim: int | None) -> str | None:
         if out_dim is not None:
             ok = out_dim == 4
         else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from torch import nn
 
@@ -37,7 +37,7 @@ from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
 class DropPathConfig:
     """The rate at the deepest block and how it grows with depth."""
 
-    rate: Optional[float] = rate(doc="drop rate of the deepest residual block (table: 0.1)")
+    rate: float | None = rate(doc="drop rate of the deepest residual block (table: 0.1)")
     #: ``linear``: 0 at the first block up to ``rate`` at the last (Huang et al. 2016);
     #: ``uniform``: ``rate`` everywhere.
     schedule: Literal["linear", "uniform"] = "linear"

@@ -18,7 +18,6 @@ Rates not given in the config come from the rate table and policy in :mod:`regfw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -35,10 +34,10 @@ from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
 class DropoutConfig(InjectionConfig):
     """Rates per layer kind; null takes the rate policy (or the table default), 0 switches a kind off."""
 
-    input: Optional[float] = rate(doc="dropout on the model input (table: 0.1-0.2)")
-    hidden: Optional[float] = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
-    conv: Optional[float] = rate(doc="after conv layers (table: 0.1-0.3)")
-    recurrent: Optional[float] = rate(doc="on recurrent layer outputs (table: 0.2-0.3)")
+    input: float | None = rate(doc="dropout on the model input (table: 0.1-0.2)")
+    hidden: float | None = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
+    conv: float | None = rate(doc="after conv layers (table: 0.1-0.3)")
+    recurrent: float | None = rate(doc="on recurrent layer outputs (table: 0.2-0.3)")
     #: ``true``: scale kept units by 1 / (1 - p) in training (torch's scheme); ``false``: the
     #: paper's classic scheme, scaling by (1 - p) at inference instead.
     inverted: bool = True
@@ -61,9 +60,9 @@ class Dropout(InjectingRegularizer):
 class GaussianDropoutConfig(InjectionConfig):
     """Rates per layer kind, in Bernoulli-dropout terms: noise variance is p / (1 - p)."""
 
-    input: Optional[float] = rate(doc="noise on the model input (table: 0.1-0.2)")
-    hidden: Optional[float] = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
-    conv: Optional[float] = rate(doc="after conv layers (table: 0.1-0.3)")
+    input: float | None = rate(doc="noise on the model input (table: 0.1-0.2)")
+    hidden: float | None = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
+    conv: float | None = rate(doc="after conv layers (table: 0.1-0.3)")
 
 
 class GaussianDropout(InjectingRegularizer):
@@ -83,8 +82,8 @@ class GaussianDropout(InjectingRegularizer):
 class AlphaDropoutConfig(InjectionConfig):
     """Rates for SELU networks; null takes the alpha-dropout range 0.05-0.1."""
 
-    input: Optional[float] = rate(doc="on the model input (alpha-dropout range: 0.05-0.1)")
-    hidden: Optional[float] = rate(doc="after hidden layers and their SELU (alpha-dropout range: 0.05-0.1)")
+    input: float | None = rate(doc="on the model input (alpha-dropout range: 0.05-0.1)")
+    hidden: float | None = rate(doc="after hidden layers and their SELU (alpha-dropout range: 0.05-0.1)")
 
 
 class AlphaDropout(InjectingRegularizer):

@@ -10,7 +10,6 @@ layer and, summed over the ~10^4-10^6 weights of a network, swamps the data term
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ class L1Config(DecaySetConfig):
         check_finite(self, ("strength",))
 
 
-def l1_penalty(params: list[nn.Parameter], strength: float) -> Optional[torch.Tensor]:
+def l1_penalty(params: list[nn.Parameter], strength: float) -> torch.Tensor | None:
     """``strength * sum(|w|)`` over ``params`` (None when there are none)."""
     if not params:
         return None
@@ -47,7 +46,7 @@ class L1(DecaySetRegularizer):
     description = "L1 penalty strength*sum(|w|) on weights (no biases, norms or 1-D parameters)"
     Config = L1Config
 
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if not self.config.strength:
             return None
         return l1_penalty(self.decay_params(model), self.config.strength)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -32,7 +31,7 @@ from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext
 class LockedDropoutConfig(InjectionConfig):
     """The recurrent rate; null takes the rate policy (or the table default), 0 switches it off."""
 
-    recurrent: Optional[float] = rate(doc="on recurrent layer outputs, one mask per sequence (table: 0.2-0.3)")
+    recurrent: float | None = rate(doc="on recurrent layer outputs, one mask per sequence (table: 0.2-0.3)")
 
 
 class LockedDropoutRegularizer(InjectingRegularizer):
@@ -44,7 +43,7 @@ class LockedDropoutRegularizer(InjectingRegularizer):
     Config = LockedDropoutConfig
     kinds = (RECURRENT,)
 
-    def supports(self, kind: str, module: nn.Module, out_dim: Optional[int]) -> Optional[str]:
+    def supports(self, kind: str, module: nn.Module, out_dim: int | None) -> str | None:
         if not isinstance(module, nn.RNNBase):
             return f"{type(module).__name__} is not an nn.RNN/LSTM/GRU, so its time axis is unknown"
         return None
@@ -57,7 +56,7 @@ class LockedDropoutRegularizer(InjectingRegularizer):
 class DropConnectConfig(InjectionConfig):
     """The weight-drop rate; null takes the rate policy over the range 0.2-0.5, 0 switches it off."""
 
-    recurrent: Optional[float] = rate(doc="share of hidden-to-hidden weights dropped (range 0.2-0.5)")
+    recurrent: float | None = rate(doc="share of hidden-to-hidden weights dropped (range 0.2-0.5)")
 
 
 class DropConnectRegularizer(InjectingRegularizer):

@@ -40,8 +40,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class WeightDecayConfig(DecaySetConfig):
     """``regularizers.weight_decay``: strength and mode; see the module docstring."""
 
     #: The decay coefficient; null takes the mode's default (decoupled 0.01, l2 5e-4).
-    strength: Optional[float] = nonneg(None, doc="decay coefficient (null: 0.01 decoupled, 5e-4 l2)")
+    strength: float | None = nonneg(None, doc="decay coefficient (null: 0.01 decoupled, 5e-4 l2)")
     mode: Literal["decoupled", "l2"] = "decoupled"
 
     def __post_init__(self) -> None:
@@ -260,7 +261,7 @@ class DecaySetRegularizer(Regularizer):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._cache: Optional[tuple[Any, list[nn.Parameter]]] = None
+        self._cache: tuple[Any, list[nn.Parameter]] | None = None
 
     def split(self, model: nn.Module) -> ParamSplit:
         """The decay / no-decay / frozen split of ``model`` under this config."""
@@ -301,7 +302,7 @@ class WeightDecay(DecaySetRegularizer):
         ]
         return [g for g in groups if g["params"]]
 
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """``strength / 2 * sum(w ** 2)`` over the decay group in ``l2`` mode; None when decoupled."""
         if self.config.mode != "l2":
             return None
@@ -342,7 +343,7 @@ class WeightDecay(DecaySetRegularizer):
         ]
 
 
-def l2_penalty(params: list[nn.Parameter], strength: float) -> Optional[torch.Tensor]:
+def l2_penalty(params: list[nn.Parameter], strength: float) -> torch.Tensor | None:
     """``strength / 2 * sum(w ** 2)``: its gradient with respect to each ``w`` is ``strength * w``."""
     if not params:
         return None

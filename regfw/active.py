@@ -1,8 +1,9 @@
 """``regfw rank``: active learning from a trained checkpoint and its config's data."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from regfw.errors import RunError
 

@@ -41,8 +41,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -72,8 +73,8 @@ class Diagnosis:
     reason: str
 
 
-def diagnose(train_loss: float, val_loss: float, gap_threshold: float, loss_threshold: Optional[float] = None,
-             previous_train_loss: Optional[float] = None, stall_delta: Optional[float] = None) -> Diagnosis:
+def diagnose(train_loss: float, val_loss: float, gap_threshold: float, loss_threshold: float | None = None,
+             previous_train_loss: float | None = None, stall_delta: float | None = None) -> Diagnosis:
     """The rule of thumb as a function of the losses (see the module docstring for the order)."""
     gap = val_loss - train_loss
     if gap > gap_threshold:
@@ -94,7 +95,7 @@ class RateTarget:
     """One layer whose rate the callback moves: its path, kind and allowed range."""
 
     path: str
-    kind: Optional[str]
+    kind: str | None
     low: float
     high: float
     module: nn.Module = field(repr=False, compare=False)
@@ -131,7 +132,7 @@ def _has_rate(module: nn.Module) -> bool:
     return is_dropout(module) and isinstance(p, (int, float)) and not isinstance(p, bool)
 
 
-def _row_module(model: nn.Module, row: Any) -> Optional[tuple[str, nn.Module]]:
+def _row_module(model: nn.Module, row: Any) -> tuple[str, nn.Module] | None:
     """The module a plan row inserted (``before``/``after``) or re-rated (``set``)."""
     from regfw.surgery import INJECTED_PREFIX, injected_name
 
@@ -156,8 +157,8 @@ def _row_module(model: nn.Module, row: Any) -> Optional[tuple[str, nn.Module]]:
     return None
 
 
-def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Optional[Sequence[str]] = None,
-                 min_rate: Optional[float] = None, max_rate: Optional[float] = None) -> list[RateTarget]:
+def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str] | None = None,
+                 min_rate: float | None = None, max_rate: float | None = None) -> list[RateTarget]:
     """The dropout modules regfw inserted in ``model`` or re-rated, with their kinds and ranges.
 
     ``rows`` are the plan rows (:meth:`regfw.plan.Plan.rows`) that give each module its kind;
@@ -170,7 +171,7 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Optional[Seq
 
     found: dict[int, RateTarget] = {}
 
-    def add(path: str, module: nn.Module, kind: Optional[str]) -> None:
+    def add(path: str, module: nn.Module, kind: str | None) -> None:
         if id(module) in found or not _has_rate(module):
             return
         rng = K.RATE_TABLE.get(kind, UNKNOWN_RANGE) if kind is not None else UNKNOWN_RANGE
@@ -192,9 +193,9 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Optional[Seq
     return targets
 
 
-def _validate(step: float, patience: int, gap_threshold: float, loss_threshold: Optional[float],
-              stall_delta: Optional[float], cooldown: int, train_loss: str, clean_every: int,
-              kinds: Optional[Sequence[str]], min_rate: Optional[float], max_rate: Optional[float]) -> None:
+def _validate(step: float, patience: int, gap_threshold: float, loss_threshold: float | None,
+              stall_delta: float | None, cooldown: int, train_loss: str, clean_every: int,
+              kinds: Sequence[str] | None, min_rate: float | None, max_rate: float | None) -> None:
     def whole(name: str, value: Any, least: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"AdaptiveDropout: {name} must be an integer >= {least}, got {value!r}")
@@ -252,11 +253,11 @@ class AdaptiveDropout(pl.Callback):
     """
 
     def __init__(self, step: float = 0.05, patience: int = 2, gap_threshold: float = 0.1,
-                 loss_threshold: Optional[float] = None, stall_delta: Optional[float] = 0.01,
+                 loss_threshold: float | None = None, stall_delta: float | None = 0.01,
                  monitor: str = "val_loss", train_loss: str = "clean", clean_every: int = 1,
-                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, cooldown: int = 0,
-                 kinds: Optional[Sequence[str]] = None, min_rate: Optional[float] = None,
-                 max_rate: Optional[float] = None, log_file: Optional[str] = "adaptive_dropout.jsonl",
+                 loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, cooldown: int = 0,
+                 kinds: Sequence[str] | None = None, min_rate: float | None = None,
+                 max_rate: float | None = None, log_file: str | None = "adaptive_dropout.jsonl",
                  prefix: str = "adaptive_dropout/") -> None:
         super().__init__()
         _validate(step, patience, gap_threshold, loss_threshold, stall_delta, cooldown, train_loss, clean_every,
@@ -281,12 +282,12 @@ class AdaptiveDropout(pl.Callback):
         self.streak = 0  #: validations in a row with diagnosis ``streak_direction``
         self.streak_direction = HOLD
         self.cooldown_left = 0
-        self.previous_train_loss: Optional[float] = None
+        self.previous_train_loss: float | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
-        self._pending_rates: Optional[dict[str, float]] = None
+        self._pending_rates: dict[str, float] | None = None
         self._warned: set[str] = set()
-        self._clean_fn: Optional[Callable] = None
+        self._clean_fn: Callable | None = None
 
     # ------------------------------------------------------------------ binding to a model
 
@@ -343,7 +344,7 @@ class AdaptiveDropout(pl.Callback):
         diag = diagnose(float(train_loss), float(val_loss), self.gap_threshold, self.loss_threshold,
                         self.previous_train_loss, self.stall_delta)
 
-        def decision(action: str, reason: str, changes: Optional[dict] = None) -> Decision:
+        def decision(action: str, reason: str, changes: dict | None = None) -> Decision:
             return Decision(epoch, global_step, float(train_loss), float(val_loss), gap, diag.direction, action,
                             reason, changes or {})
 
@@ -396,7 +397,7 @@ class AdaptiveDropout(pl.Callback):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.bind(pl_module):
             rank_zero_warn(
                 "AdaptiveDropout found no dropout layer inserted by regfw in "
@@ -412,7 +413,7 @@ class AdaptiveDropout(pl.Callback):
                                            f"`loss_fn` attribute on {type(pl_module).__name__}; using the noisy "
                                            "training loss, which dropout inflates (the gap looks smaller)")
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_pending()  # some strategies restore callback state after on_fit_start
 
     def _add(self, value: float) -> None:
@@ -421,7 +422,7 @@ class AdaptiveDropout(pl.Callback):
             self._loss_count += 1
 
     @torch.no_grad()
-    def _clean_loss(self, pl_module: "pl.LightningModule", batch: Any) -> Optional[float]:
+    def _clean_loss(self, pl_module: pl.LightningModule, batch: Any) -> float | None:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             self._warn_once("batch", "AdaptiveDropout: train_loss='clean' expects (x, y) batches; using the "
                                      "noisy training loss")
@@ -435,14 +436,14 @@ class AdaptiveDropout(pl.Callback):
             for m, flag in saved:
                 m.training = flag
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._clean_fn is not None and batch_idx % self.clean_every == 0:
             value = self._clean_loss(pl_module, batch)
             if value is not None:
                 self._add(value)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self._clean_fn is not None:
             return
@@ -450,7 +451,7 @@ class AdaptiveDropout(pl.Callback):
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._add(float(loss.detach()))
 
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._loss_count == 0:
             return
         val = trainer.callback_metrics.get(self.monitor)
@@ -470,7 +471,7 @@ class AdaptiveDropout(pl.Callback):
         d = self.observe(train_loss, val_loss, trainer.current_epoch, trainer.global_step)
         self._log(trainer, pl_module, d)
 
-    def _log(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", d: Decision) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, d: Decision) -> None:
         pl_module.log(f"{self.prefix}decision", float(d.moved), on_step=False, on_epoch=True)
         pl_module.log(f"{self.prefix}gap", d.gap, on_step=False, on_epoch=True)
         pl_module.log(f"{self.prefix}train_loss", d.train_loss, on_step=False, on_epoch=True)

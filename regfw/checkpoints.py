@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Union
 
 import pytorch_lightning as pl
 import torch
@@ -91,7 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Pass it as ``Trainer(plugins=[AtomicCheckpointIO()])``; ``regfw fit`` always does.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         digest, count = tensor_digest(checkpoint)
@@ -214,7 +215,7 @@ def state_differences(found: Mapping[str, torch.Tensor], expected: Mapping[str, 
     return lines
 
 
-def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, config: Optional[str] = None) -> None:
+def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, config: str | None = None) -> None:
     """Raise a :class:`RunError` unless ``ckpt`` was written by a module built like ``module``.
 
     Compares the hyperparameters the module was built from (so a changed rate, model size,
@@ -292,7 +293,7 @@ def latest_run_dir(cfg: Any) -> Path:
     return max(found)[1]
 
 
-def resume_target(cfg: Any, checkpoint: Optional[PathLike], run_dir: Optional[PathLike]) -> tuple[Path, Optional[Path]]:
+def resume_target(cfg: Any, checkpoint: PathLike | None, run_dir: PathLike | None) -> tuple[Path, Path | None]:
     """``(checkpoint to resume from, run directory to continue in or None for a new one)``.
 
     * no checkpoint: ``<run_dir or the newest run of the config>/checkpoints/last.ckpt``, and
@@ -338,20 +339,20 @@ class RunCheckpoint(ModelCheckpoint):
                          auto_insert_metric_name=False, enable_version_counter=False)
         self.every_n_steps = int(every_n_steps)
         #: Global step and path of the newest last.ckpt this run wrote (None: none yet).
-        self.last_saved_step: Optional[int] = None
+        self.last_saved_step: int | None = None
         self.saved_on_sigterm = False
 
     @property
     def last_path(self) -> Path:
         return Path(self.dirpath) / LAST
 
-    def _sigterm(self, trainer: "pl.Trainer") -> bool:
+    def _sigterm(self, trainer: pl.Trainer) -> bool:
         received = bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:
             received = trainer.strategy.reduce_boolean_decision(received, all=False)
         return received
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
@@ -364,7 +365,7 @@ class RunCheckpoint(ModelCheckpoint):
         if sigterm:
             self.saved_on_sigterm = True
 
-    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if Path(filepath).name == LAST:
             self.last_saved_step = trainer.global_step
@@ -377,7 +378,7 @@ class _ContinuingWriter(ExperimentWriter):
     dropped, so the file has one row per step.
     """
 
-    keep_until_step: Optional[int] = None
+    keep_until_step: int | None = None
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
@@ -407,7 +408,7 @@ class _ContinuingWriter(ExperimentWriter):
 class RunCSVLogger(CSVLogger):
     """``metrics.csv`` and ``hparams.yaml`` directly in the run directory, continued on resume."""
 
-    def __init__(self, run_dir: PathLike, keep_until_step: Optional[int] = None) -> None:
+    def __init__(self, run_dir: PathLike, keep_until_step: int | None = None) -> None:
         super().__init__(save_dir=str(run_dir), name="", version="")
         self._keep_until_step = keep_until_step
 

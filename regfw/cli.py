@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from regfw import __version__
 from regfw.errors import RegfwError
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option, e.g. `fit CONFIG --resume CKPT trainer.max_epochs=5`

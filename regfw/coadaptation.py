@@ -19,8 +19,9 @@ on the data (dead ReLUs) have no correlation and are left out and counted.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -147,7 +148,7 @@ def _rows(output: Any, unit_dim: int) -> Tensor:
     return output.movedim(unit_dim, -1).reshape(-1, output.shape[unit_dim])
 
 
-def _unit_index(units: int, max_units: Optional[int]) -> Optional[Tensor]:
+def _unit_index(units: int, max_units: int | None) -> Tensor | None:
     if max_units is None or units <= max_units:
         return None
     return torch.linspace(0, units - 1, max_units).round().long()
@@ -161,11 +162,11 @@ class _Recorder:
     Monte Carlo passes another callback may run on the same batch).
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, int], max_units: Optional[int]) -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[str, int], max_units: int | None) -> None:
         self.layers = dict(layers)
         self.max_units = max_units
         self.stats: dict[str, CorrelationStats] = {}
-        self.index: dict[str, Optional[Tensor]] = {}
+        self.index: dict[str, Tensor | None] = {}
         self.pending: set[str] = set()
         self.handles = [model.get_submodule(path).register_forward_hook(self._hook(path)) for path in self.layers]
 
@@ -200,10 +201,10 @@ def _inputs(batch: Any) -> Any:
 
 def coadaptation(
     model: nn.Module,
-    data: Union[Tensor, Iterable[Any]],
+    data: Tensor | Iterable[Any],
     layers: Any = None,
-    max_batches: Optional[int] = None,
-    max_units: Optional[int] = DEFAULT_MAX_UNITS,
+    max_batches: int | None = None,
+    max_units: int | None = DEFAULT_MAX_UNITS,
 ) -> dict[str, LayerCoadaptation]:
     """Mean absolute correlation between the hidden units of ``model`` on ``data``, per layer.
 
@@ -275,8 +276,8 @@ class CoadaptationMonitor(pl.Callback):
         prefix: prefix of the logged names.
     """
 
-    def __init__(self, layers: Optional[Sequence[str]] = None, every_n_epochs: int = 1,
-                 max_batches: Optional[int] = None, max_units: Optional[int] = DEFAULT_MAX_UNITS,
+    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
+                 max_batches: int | None = None, max_units: int | None = DEFAULT_MAX_UNITS,
                  prefix: str = "coadaptation/") -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -290,7 +291,7 @@ class CoadaptationMonitor(pl.Callback):
         self.prefix = prefix
         self.last: dict[str, LayerCoadaptation] = {}
         self.history: list[dict[str, float]] = []
-        self._recorder: Optional[_Recorder] = None
+        self._recorder: _Recorder | None = None
         self._batches = 0
 
     @staticmethod

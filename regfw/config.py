@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,7 +23,7 @@ from regfw.errors import ConfigError, closest_hint
 # -- field helpers ------------------------------------------------------------------------------
 
 
-def rate(default: Optional[float] = None, *, doc: str = "") -> Any:
+def rate(default: float | None = None, *, doc: str = "") -> Any:
     """A dropout-style rate in [0, 1)."""
     return field(default=default, metadata={"range": (0.0, 1.0, "[0, 1)"), "doc": doc})
 
@@ -167,8 +168,8 @@ def validate_dataclass(cls: type, data: Any, key: str) -> Any:
 class DataConfig:
     """``data:`` a built-in dataset by ``name`` or a LightningDataModule by ``class_path``."""
 
-    name: Optional[Literal["digits", "diabetes"]] = "digits"
-    class_path: Optional[str] = None
+    name: Literal["digits", "diabetes"] | None = "digits"
+    class_path: str | None = None
     init_args: dict = field(default_factory=dict)
     batch_size: int = positive(64)
     val_fraction: float = field(default=0.25, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive")})
@@ -181,8 +182,8 @@ class DataConfig:
 class ModelConfig:
     """``model:`` a built-in model by ``name`` or an ``nn.Module`` by ``class_path``."""
 
-    name: Optional[Literal["mlp", "cnn", "lstm"]] = "mlp"
-    class_path: Optional[str] = None
+    name: Literal["mlp", "cnn", "lstm"] | None = "mlp"
+    class_path: str | None = None
     init_args: dict = field(default_factory=dict)
     #: ``auto`` picks cross-entropy for classification data, MSE for regression.
     loss: Literal["auto", "cross_entropy", "mse", "gaussian_nll"] = "auto"
@@ -206,16 +207,16 @@ class UncertaintyConfig:
     samples: int = 30
     every_n_epochs: int = positive(1)
     strategy: Literal["auto", "loop", "batched"] = "auto"
-    max_batches: Optional[int] = None
+    max_batches: int | None = None
     #: None: mutual information for classification, variance for regression.
-    score: Optional[Literal["mutual_information", "entropy", "variation_ratio", "variance"]] = None
+    score: Literal["mutual_information", "entropy", "variation_ratio", "variance"] | None = None
     #: Refer samples whose score exceeds this to a human; None refers the top ``refer_fraction``.
-    threshold: Optional[float] = None
+    threshold: float | None = None
     refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
     budget_mb: float = positive(256.0)
     #: Regression with the mse loss: the noise precision τ (aleatoric variance 1/τ). Null leaves
     #: the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
-    tau: Optional[float] = positive(None)
+    tau: float | None = positive(None)
     plots: bool = True
     seed: int = 1234
 
@@ -225,7 +226,7 @@ class RunConfig:
     """``run:`` where run directories go, how often to checkpoint, and what a NaN loss does."""
 
     dir: str = "runs"
-    name: Optional[str] = None
+    name: str | None = None
     #: Also rewrite ``checkpoints/last.ckpt`` every N training steps (0: only at epoch ends), so
     #: a killed run loses at most N steps. ``last.ckpt`` is always written on SIGTERM too.
     checkpoint_every_n_steps: int = nonneg(0)
@@ -257,7 +258,7 @@ class Config:
     uncertainty: UncertaintyConfig
     trainer: dict
     run: RunConfig
-    source: Optional[str] = None
+    source: str | None = None
 
     def to_dict(self) -> dict:
         out = {name: _as_plain(getattr(self, name)) for name in TOP_LEVEL}
@@ -303,7 +304,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"overrides {list(overrides)}: {exc}") from None
 
 
-def load_raw(path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) -> dict:
+def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     """The YAML file merged with ``overrides``, as plain containers, not yet validated."""
     base = OmegaConf.create()
     if path is not None:
@@ -323,7 +324,7 @@ def load_raw(path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) ->
         raise ConfigError(f"config {str(path)!r}: {exc}") from None
 
 
-def validate(raw: Mapping[str, Any], source: Optional[str] = None, *, check_plugins: bool = True) -> Config:
+def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins: bool = True) -> Config:
     """A :class:`Config` from plain containers; raises :class:`ConfigError` naming the key."""
     for name in raw:
         if name not in TOP_LEVEL:
@@ -372,6 +373,6 @@ def validate(raw: Mapping[str, Any], source: Optional[str] = None, *, check_plug
     return cfg
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load, merge and validate a config file; the entry point the CLI and users call."""
     return validate(load_raw(path, overrides), source=str(path) if path else None)

@@ -1,7 +1,6 @@
 """Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytorch_lightning as pl
 import torch

@@ -31,9 +31,10 @@ branch operand, so the model object, its class and its parameter names stay as t
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,13 +76,13 @@ class Dataflow:
         if b != FUNCTION and a not in self.predecessors.setdefault(b, []):
             self.predecessors[b].append(a)
 
-    def next(self, path: str) -> Optional[str]:
+    def next(self, path: str) -> str | None:
         """The one unit that consumes ``path``'s output, or None (none, several, a function, or
         unknown)."""
         succ = self.successors.get(path, [])
         return succ[0] if len(succ) == 1 and succ[0] != FUNCTION else None
 
-    def prev(self, path: str) -> Optional[str]:
+    def prev(self, path: str) -> str | None:
         """The one unit whose output ``path`` consumes, or None."""
         pred = self.predecessors.get(path, [])
         return pred[0] if len(pred) == 1 else None
@@ -93,7 +94,7 @@ class Dataflow:
         return self.calls.get(path, 1) == 1
 
 
-def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -189,7 +190,7 @@ def fx_trace(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> torch.fx.Gra
     return _UnitTracer(leaves).trace(model)
 
 
-def _module_producer(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+def _module_producer(node: torch.fx.Node) -> torch.fx.Node | None:
     """The ``call_module`` node whose output (or output[0]) ``node`` is, if any."""
     if node.op == "call_module":
         return node
@@ -244,7 +245,7 @@ def _from_sequential(model: nn.Module, units: dict[str, nn.Module]) -> Dataflow:
     return flow
 
 
-def build_dataflow(model: nn.Module, units: dict[str, nn.Module], example_input: Any = None) -> tuple[Dataflow, Optional[str]]:
+def build_dataflow(model: nn.Module, units: dict[str, nn.Module], example_input: Any = None) -> tuple[Dataflow, str | None]:
     """The dataflow between ``units`` (path -> module) and, when a weaker source had to be used,
     a message saying why."""
     if example_input is not None:
@@ -282,8 +283,8 @@ class ResidualSite:
     block: str
     branch: str
     shortcut: str
-    anchor: Optional[str]
-    problem: Optional[str] = None
+    anchor: str | None
+    problem: str | None = None
 
 
 def _ancestors(node: torch.fx.Node, cache: dict) -> frozenset:
@@ -361,7 +362,7 @@ def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[R
 
 
 def _branch_anchor(branch: torch.fx.Node, modules: dict[str, nn.Module],
-                   module_calls: dict[str, int]) -> tuple[Optional[str], Optional[str]]:
+                   module_calls: dict[str, int]) -> tuple[str | None, str | None]:
     """The module whose output is the branch operand and may carry a hook, or why none can.
 
     A module called more than once (a shared activation) would drop at every call; when it is
@@ -401,7 +402,7 @@ class ResidualAnalysis:
     leaves: tuple = ()
 
     @cached_property
-    def result(self) -> tuple[list[ResidualSite], Optional[str]]:
+    def result(self) -> tuple[list[ResidualSite], str | None]:
         try:
             return find_residuals(self.model, self.leaves), None
         except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note

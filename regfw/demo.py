@@ -1,9 +1,9 @@
 """``regfw demo``: the same config trained with and without its regularizers, side by side."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
 
 from regfw.config import load_raw, validate
 
@@ -34,7 +34,7 @@ MC_MEANINGS = {
 }
 
 
-def _load_demo_raw(path: Optional[str], overrides: Sequence[str]) -> tuple[dict, str]:
+def _load_demo_raw(path: str | None, overrides: Sequence[str]) -> tuple[dict, str]:
     """The demo config (the packaged one when ``path`` is the default and not on disk), unvalidated."""
     if path and Path(path).exists():
         return load_raw(path, overrides), path
@@ -66,7 +66,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config: Optional[str], overrides: Sequence[str] = ()) -> int:
+def run_demo(config: str | None, overrides: Sequence[str] = ()) -> int:
     from regfw.run import fit
 
     raw, path = _load_demo_raw(config, overrides)

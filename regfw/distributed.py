@@ -28,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -72,14 +73,14 @@ def launched_externally() -> bool:
     return max(_int_env("WORLD_SIZE"), _int_env("SLURM_NTASKS"), _int_env("OMPI_COMM_WORLD_SIZE")) > 1
 
 
-def shared_run_dir() -> Optional[str]:
+def shared_run_dir() -> str | None:
     """The run directory announced to this process through :data:`RUN_DIR_ENV`, if any."""
     value = os.environ.get(RUN_DIR_ENV, "").strip()
     return value or None
 
 
 @contextmanager
-def announce_to_child_processes(run_dir: str, checkpoint: Optional[str]) -> Iterator[None]:
+def announce_to_child_processes(run_dir: str, checkpoint: str | None) -> Iterator[None]:
     """Set :data:`RUN_DIR_ENV` (and :data:`RESUME_ENV`) while Lightning starts the other ranks.
 
     Lightning's subprocess launcher runs this very command line again for ranks 1.., with a
@@ -156,10 +157,10 @@ class StepSeeding(pl.Callback):
     def state_key(self) -> str:
         return "StepSeeding"
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed_all(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, -1))
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         seed_all(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
 
@@ -227,7 +228,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._yielded = 0
         self._skip_now = 0
-        self._pending: Optional[dict] = None
+        self._pending: dict | None = None
 
     # DataLoader builds every iterator's stream of indices from this property.
     @property
@@ -251,7 +252,7 @@ class ResumableDataLoader(DataLoader):
     def _samplers(self) -> list:
         return [s for s in (self.sampler, getattr(self.batch_sampler, "sampler", None)) if s is not None]
 
-    def _epoch(self) -> Optional[int]:
+    def _epoch(self) -> int | None:
         for sampler in self._samplers():
             epoch = getattr(sampler, "epoch", None)
             if isinstance(epoch, int):

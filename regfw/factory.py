@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from regfw.errors import ConfigError
 
@@ -42,7 +43,7 @@ def build_datamodule(data_cfg: Any, seed: int = 0) -> Any:
                **dict(data_cfg.init_args))
 
 
-def model_config_for(model_cfg: Any, datamodule: Optional[Any]) -> dict:
+def model_config_for(model_cfg: Any, datamodule: Any | None) -> dict:
     """The serialisable ``{name|class_path, init_args}`` that rebuilds the model.
 
     Built-in models get ``in_features`` and ``num_outputs`` from the data module unless set.

@@ -9,7 +9,8 @@ Every hook here is documented in ``docs/hooks.md``; a test fails if one is not.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -37,7 +38,7 @@ def regfw_register_regularizers(register: Callable[..., None]) -> None:
 
 
 @hookspec(firstresult=True)
-def regfw_classify_module(module: "nn.Module", path: str) -> Optional[str]:
+def regfw_classify_module(module: nn.Module, path: str) -> str | None:
     """Return the layer kind of ``module`` (found at dotted ``path`` in the model), or None.
 
     Called once per module while a model is planned. The first non-None answer wins; when

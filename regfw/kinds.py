@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -102,7 +101,7 @@ _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
 )
 
 
-def builtin_kind(module: nn.Module) -> Optional[str]:
+def builtin_kind(module: nn.Module) -> str | None:
     """The kind of ``module`` by the built-in type table, or None when it has none."""
     for types, kind in _TYPE_TABLE:
         if isinstance(module, types):
@@ -110,7 +109,7 @@ def builtin_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def rate_range(kind: str, variant: Optional[str] = None) -> RateRange:
+def rate_range(kind: str, variant: str | None = None) -> RateRange:
     """The range of ``kind`` (the variant's own range where it has one); a ``KeyError`` naming
     the known kinds otherwise."""
     own = VARIANT_RANGES.get(variant or "", {}).get(kind)
@@ -131,8 +130,8 @@ def _unit(value: float, small: float, large: float) -> float:
     return (math.log10(large) - math.log10(value)) / (math.log10(large) - math.log10(small))
 
 
-def policy_rate(kind: str, n_examples: Optional[int] = None, n_params: Optional[int] = None,
-                variant: Optional[str] = None) -> float:
+def policy_rate(kind: str, n_examples: int | None = None, n_params: int | None = None,
+                variant: str | None = None) -> float:
     """The rate the rules of thumb give for ``kind``.
 
     Monotone by construction: non-increasing in the training-set size ``n_examples`` ("higher
@@ -149,8 +148,8 @@ def policy_rate(kind: str, n_examples: Optional[int] = None, n_params: Optional[
     return round(rng.low + (rng.high - rng.low) * position, 4)
 
 
-def explain_policy(kind: str, n_examples: Optional[int], n_params: Optional[int],
-                   variant: Optional[str] = None) -> str:
+def explain_policy(kind: str, n_examples: int | None, n_params: int | None,
+                   variant: str | None = None) -> str:
     """A short reason for a policy rate, as printed by ``regfw plan``."""
     n = "N unknown" if n_examples is None else f"N={n_examples}"
     p = "P unknown" if n_params is None else f"P={n_params}"
@@ -160,9 +159,9 @@ def explain_policy(kind: str, n_examples: Optional[int], n_params: Optional[int]
     return f"policy ({n}, {p}; range {rng.low:g}-{rng.high:g})"
 
 
-def choose_rate(kind: str, explicit: Optional[float] = None, policy: str = "auto",
-                n_examples: Optional[int] = None, n_params: Optional[int] = None,
-                variant: Optional[str] = None) -> tuple[float, str]:
+def choose_rate(kind: str, explicit: float | None = None, policy: str = "auto",
+                n_examples: int | None = None, n_params: int | None = None,
+                variant: str | None = None) -> tuple[float, str]:
     """The rate of ``kind`` and why, as ``regfw plan`` shows it: the one rule every plugin uses.
 
     An explicit rate from the config always wins (``"explicit"``); ``policy="default"`` takes

@@ -5,7 +5,7 @@ module serves all three: ``cnn`` reads the row as an 8x8 image, ``lstm`` as 8 st
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

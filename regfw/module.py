@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +34,7 @@ def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.gaussian_nll_loss(mean, target, variance)
 
 
-def _loss_fn(loss: Union[str, Callable]) -> Callable:
+def _loss_fn(loss: str | Callable) -> Callable:
     if callable(loss):
         return loss
     table = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
@@ -77,15 +78,15 @@ class RegularizedModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: Optional[nn.Module] = None,
-        loss: Union[str, Callable] = "cross_entropy",
-        regularizers: Union[Mapping[str, Any], Sequence[Regularizer], None] = None,
-        optimizer: Optional[Mapping[str, Any]] = None,
-        n_examples: Optional[int] = None,
-        example_input: Optional[torch.Tensor] = None,
-        model_config: Optional[Mapping[str, Any]] = None,
-        input_shape: Optional[Sequence[int]] = None,
-        input_dtype: Optional[str] = None,
+        model: nn.Module | None = None,
+        loss: str | Callable = "cross_entropy",
+        regularizers: Mapping[str, Any] | Sequence[Regularizer] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        n_examples: int | None = None,
+        example_input: torch.Tensor | None = None,
+        model_config: Mapping[str, Any] | None = None,
+        input_shape: Sequence[int] | None = None,
+        input_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if example_input is not None:
@@ -187,7 +188,7 @@ class RegularizedModule(pl.LightningModule):
         return self._shared_step(batch, "test")
 
     # -- optimizer and callbacks -----------------------------------------------------------------
-    def param_groups(self) -> tuple[Optional[str], list[dict]]:
+    def param_groups(self) -> tuple[str | None, list[dict]]:
         """The regularizer that defines the optimizer's parameter groups (at most one may) and
         its groups; ``(None, [all trainable parameters])`` when none does."""
         found = [(reg.name, g) for reg in self.regularizers if (g := reg.param_groups(self.model)) is not None]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -56,7 +57,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples: Optional[int] = None,
+def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples: int | None = None,
               example_input: Any = None) -> Plan:
     """Analyse ``model`` once and ask every regularizer for its rows (nothing is changed).
 

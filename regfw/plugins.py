@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Optional
 
 import pluggy
 
@@ -38,18 +37,18 @@ class PluginInfo:
 
     name: str
     module: str
-    distribution: Optional[str]
-    version: Optional[str]
+    distribution: str | None
+    version: str | None
     builtin: bool
     hooks: tuple[str, ...] = field(default=())
 
 
 _lock = threading.Lock()
-_pm: Optional[pluggy.PluginManager] = None
+_pm: pluggy.PluginManager | None = None
 _origins: dict[str, PluginInfo] = {}
 
 
-def _selected_names() -> Optional[set[str]]:
+def _selected_names() -> set[str] | None:
     raw = os.environ.get("REGFW_LOAD_PLUGINS")
     if raw is None:
         return None
@@ -143,10 +142,10 @@ def register_plugin(
     plugin: object,
     name: str,
     *,
-    distribution: Optional[str] = None,
-    version: Optional[str] = None,
+    distribution: str | None = None,
+    version: str | None = None,
     builtin: bool = False,
-    pm: Optional[pluggy.PluginManager] = None,
+    pm: pluggy.PluginManager | None = None,
 ) -> None:
     """Register a plugin object (a module or class instance with hook implementations).
 
@@ -216,7 +215,7 @@ def plugin_infos() -> list[PluginInfo]:
     return sorted(infos, key=lambda i: (not i.builtin, i.name))
 
 
-def origin_of(module_name: str) -> Optional[PluginInfo]:
+def origin_of(module_name: str) -> PluginInfo | None:
     """The plugin whose module is ``module_name`` or a parent package of it."""
     best = None
     for info in _origins.values():

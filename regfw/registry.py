@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from regfw.errors import ConfigError, closest_hint
 from regfw.plugins import PluginError, get_plugin_manager, origin_of
@@ -17,7 +18,7 @@ class RegularizerSpec:
     name: str
     cls: type
     plugin: str
-    distribution: Optional[str]
+    distribution: str | None
 
     @property
     def origin(self) -> str:
@@ -30,7 +31,7 @@ class Registry:
     def __init__(self) -> None:
         self.specs: dict[str, RegularizerSpec] = {}
 
-    def register(self, cls: type, name: Optional[str] = None) -> None:
+    def register(self, cls: type, name: str | None = None) -> None:
         """Register ``cls`` under ``name`` (default ``cls.name``). Duplicates are errors."""
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
             raise PluginError(f"register() takes a regfw.Regularizer subclass, got {cls!r}")
@@ -70,7 +71,7 @@ def get_registry() -> Registry:
     return registry
 
 
-def build_regularizers(section: Optional[Mapping[str, Any]], registry: Optional[Registry] = None) -> list[Regularizer]:
+def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | None = None) -> list[Regularizer]:
     """Regularizer objects for a ``regularizers:`` config section (validated on the way).
 
     ``section`` maps names to their settings (a mapping, or None/``{}`` for all defaults).

@@ -23,7 +23,7 @@ validated against it) and a few optional methods that the host calls at well-def
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -38,8 +38,8 @@ class PlanContext:
     computed once and shared by all regularizers.
     """
 
-    n_examples: Optional[int] = None
-    n_params: Optional[int] = None
+    n_examples: int | None = None
+    n_params: int | None = None
     example_input: Any = None
     model_map: Any = None
 
@@ -56,13 +56,13 @@ class PlanItem:
     path: str
     kind: str
     variant: str
-    rate: Optional[float]
+    rate: float | None
     reason: str
     #: ``before`` (on the layer's input), ``after`` (on the output of ``anchor``), ``set``
     #: (change an existing module's rate), ``wrap`` (modify the layer itself) or ``note``.
     action: str = "after"
     #: The module path the inserted module hangs on (its forward hook runs there).
-    anchor: Optional[str] = None
+    anchor: str | None = None
     options: dict = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -110,10 +110,10 @@ class Regularizer:
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
         return None
 
-    def param_groups(self, model: nn.Module) -> Optional[list[dict]]:
+    def param_groups(self, model: nn.Module) -> list[dict] | None:
         return None
 
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
     def callbacks(self) -> list:
@@ -156,12 +156,12 @@ class InjectingRegularizer(Regularizer):
         """``kinds`` less those switched off by an explicit rate of 0 in the config."""
         return tuple(k for k in self.kinds if getattr(self.config, k, None) != 0)
 
-    def supports(self, kind: str, module: nn.Module, out_dim: Optional[int]) -> Optional[str]:
+    def supports(self, kind: str, module: nn.Module, out_dim: int | None) -> str | None:
         """None when the variant fits after ``module`` (whose output has rank ``out_dim``, if
         known); otherwise why not, shown as a note in the plan (e.g. DropBlock needs 4-d maps)."""
         return None
 
-    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[Optional[float], str]:
+    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[float | None, str]:
         """The rate for ``kind`` and why: explicit in the config, policy, or the table default.
 
         Returns ``(None, reason)`` to leave the kind out.

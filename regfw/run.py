@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def _clear_run_dir(path: Path) -> None:
             child.unlink()
 
 
-def new_run_dir(cfg: Config, explicit: Optional[str] = None, *, force: bool = False) -> Path:
+def new_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Path:
     """A fresh run directory; an existing one is never reused silently.
 
     With ``explicit`` the directory must not exist yet (or must be empty); ``force`` empties
@@ -84,12 +85,12 @@ class FitResult:
 
     run_dir: Path
     config_path: Path
-    checkpoint: Optional[Path]
+    checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
     module: Any = None
     #: The checkpoint this run resumed from (None: a fresh start).
-    resumed_from: Optional[Path] = None
+    resumed_from: Path | None = None
     #: This process's global rank; only rank 0 evaluates and reports.
     rank: int = 0
 
@@ -144,7 +145,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
                           f"(e.g. in_features, num_outputs) to match the data.") from exc
 
 
-def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[Any]:
+def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None:
     """The MC dropout callback for ``cfg.uncertainty``, or None when it is off.
 
     It is off when ``uncertainty.enabled`` is false or the model has no stochastic module (for
@@ -165,8 +166,8 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Optional[A
     )
 
 
-def load_resume_config(path: Optional[str], overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
-                       run_dir: Optional[str] = None) -> Config:
+def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoint: str | None = None,
+                       run_dir: str | None = None) -> Config:
     """:func:`~regfw.config.load_config` for ``--resume``: a regularizer whose plugin is gone is
     reported as such, naming the checkpoint and the plugin (and distribution) it came from."""
     from regfw.checkpoints import missing_plugins, read_checkpoint, resume_target
@@ -261,8 +262,8 @@ def _last_good(ckpt_cb: Any) -> str:
     return f"{last}{step}"
 
 
-def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] = (), quiet: bool = False,
-        resume: Union[None, bool, str, Path] = None, force: bool = False) -> FitResult:
+def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (), quiet: bool = False,
+        resume: None | bool | str | Path = None, force: bool = False) -> FitResult:
     """Train ``cfg`` in a new run directory (or continue a run) and evaluate the result.
 
     Args:
@@ -292,8 +293,8 @@ def fit(cfg: Config, *, run_dir: Optional[str] = None, callbacks: Sequence[Any] 
         raise RunError("--resume continues a run and --force replaces one; pass only one of them")
     if rank != 0 and resume and os.environ.get(D.RESUME_ENV):
         resume = os.environ[D.RESUME_ENV]  # the checkpoint rank 0 chose
-    ckpt_path: Optional[Path] = None
-    resume_dir: Optional[Path] = None
+    ckpt_path: Path | None = None
+    resume_dir: Path | None = None
     if resume:
         ckpt_path, resume_dir = C.resume_target(cfg, None if resume is True else str(resume), explicit)
 

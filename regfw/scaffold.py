@@ -16,11 +16,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata, resources
 from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING
 
 from regfw import __version__
 from regfw.errors import RegfwError
@@ -135,7 +136,7 @@ def _taken_names() -> dict[str, str]:
     return taken
 
 
-def check_name(name: str, directory: Union[str, Path] = ".") -> Path:
+def check_name(name: str, directory: str | Path = ".") -> Path:
     """The target folder for plugin ``name`` in ``directory``, or a :class:`RegfwError` saying why not.
 
     ``name`` becomes the entry-point name, the regularizer's config name and part of the
@@ -170,7 +171,7 @@ def check_name(name: str, directory: Union[str, Path] = ".") -> Path:
     return target
 
 
-def new_plugin(name: str, directory: Union[str, Path] = ".", files: Optional[dict[str, str]] = None) -> NewPlugin:
+def new_plugin(name: str, directory: str | Path = ".", files: dict[str, str] | None = None) -> NewPlugin:
     """Write the plugin package ``regfw-NAME/`` into ``directory`` (created if missing).
 
     Everything is written into a temporary folder next to the target first and renamed into

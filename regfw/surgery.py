@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -43,7 +43,7 @@ class LayerInfo:
 
     path: str
     module: nn.Module
-    kind: Optional[str]
+    kind: str | None
     order: int
     is_input: bool = False
     is_output: bool = False
@@ -63,7 +63,7 @@ class ModelMap:
     def __post_init__(self) -> None:
         self.by_path = {i.path: i for i in self.layers}
 
-    def kind(self, path: str) -> Optional[str]:
+    def kind(self, path: str) -> str | None:
         info = self.by_path.get(path)
         return info.kind if info is not None else None
 
@@ -115,7 +115,7 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def classify(module: nn.Module, path: str) -> Optional[str]:
+def classify(module: nn.Module, path: str) -> str | None:
     """The kind of one module: a plugin's answer first, then the built-in type table."""
     from regfw.plugins import get_plugin_manager
 
@@ -193,7 +193,7 @@ def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInf
     return analyse(model, example_input).layers
 
 
-def after_anchor(mm: ModelMap, path: str) -> tuple[str, Optional[str], list[str]]:
+def after_anchor(mm: ModelMap, path: str) -> tuple[str, str | None, list[str]]:
     """Where a module inserted after the layer at ``path`` goes.
 
     Returns ``(anchor_path, existing_dropout_path, skipped)``: the anchor moves past the norm
@@ -222,7 +222,7 @@ def injected_name(reg_name: str, action: str) -> str:
 
 
 def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, rate: float, reason: str,
-                   existing: Optional[str], path: str) -> Optional[list[PlanItem]]:
+                   existing: str | None, path: str) -> list[PlanItem] | None:
     """Rows for a place that already has dropout: ``[]`` to keep it, one ``set`` row to change its
     rate, or None when the place is free. Covers a module regfw inserted earlier (``existing``
     is then the child of ``host`` named by :func:`injected_name`) and the model's own dropout."""
@@ -239,7 +239,7 @@ def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, ra
                      reason + "; existing dropout, rate overridden", action="set", anchor=existing)]
 
 
-def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
     """The rows an :class:`~regfw.regularizer.InjectingRegularizer` would insert."""
     mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
     items: list[PlanItem] = []
@@ -277,7 +277,7 @@ def plan_insertions(reg: "InjectingRegularizer", model: nn.Module, ctx: PlanCont
     return items
 
 
-def _input_rows(reg: "InjectingRegularizer", mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
+def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
     rate, reason = reg.rate_for(K.INPUT, ctx)
     if not rate:
         return []
@@ -327,7 +327,7 @@ def set_rate(model: nn.Module, path: str, rate: float) -> None:
     model.get_submodule(path).p = rate
 
 
-def apply_insertions(reg: "InjectingRegularizer", model: nn.Module, items: list[PlanItem]) -> None:
+def apply_insertions(reg: InjectingRegularizer, model: nn.Module, items: list[PlanItem]) -> None:
     """Carry out the rows of :func:`plan_insertions`."""
     for item in items:
         if item.action == "set":

@@ -1,7 +1,8 @@
 """Small helpers on nested containers of tensors."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch import Tensor
 

@@ -23,8 +23,6 @@ from regfw.module import RegularizedModule
 from regfw.uncertainty import MCDropoutUncertainty
 
 
-
-
 def _numpy_mean_abs_corr(h: np.ndarray) -> float:
     h = h[:, h.std(0) > 1e-6]
     c = np.corrcoef(h.T)

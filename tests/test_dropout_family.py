@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-
 from models_zoo import SmallResNet, SmallTransformer
+
 from regfw.errors import ConfigError
 from regfw.models import BUILTIN_MODELS
 from regfw.plan import apply_plan, make_plan

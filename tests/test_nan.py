@@ -3,7 +3,6 @@ checkpoint), skips the batch, or lets it through; never silent garbage by defaul
 from __future__ import annotations
 
 import math
-
 import textwrap
 
 import pytest

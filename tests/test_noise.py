@@ -6,12 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
-from regfw.uncertainty import mc_mode, mc_predict, stochastic_modules
 from regfw_plugins.noise import (
     WEIGHT_NOISE_NAME,
     GaussianNoise,
@@ -20,9 +14,12 @@ from regfw_plugins.noise import (
     gaussian_noise,
     remove_weight_noise,
 )
+from torch import nn
 
-
-
+from regfw.errors import ConfigError
+from regfw.module import RegularizedModule
+from regfw.registry import build_regularizers
+from regfw.uncertainty import mc_mode, mc_predict, stochastic_modules
 
 # -- activation / input noise -----------------------------------------------------------------------
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from regfw_plugins.l1 import L1, L1Config
+from regfw_plugins.max_norm import MaxNorm, MaxNormConfig, incoming_norms, max_norm_
 from torch import nn
 
 from regfw.data import DigitsDataModule
 from regfw.errors import ConfigError
 from regfw.module import RegularizedModule
 from regfw.registry import build_regularizers
-from regfw_plugins.l1 import L1, L1Config
-from regfw_plugins.max_norm import MaxNorm, MaxNormConfig, incoming_norms, max_norm_
-
-
-
 
 # -- l1 -----------------------------------------------------------------------------------------
 

@@ -13,11 +13,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from models_zoo import DropoutBeforeBN, MLPWithDropout, PreNormTransformer, SmallResNet, SmallTransformer, Untraceable
 from torch import nn
 
 import regfw
-from models_zoo import (DropoutBeforeBN, MLPWithDropout, PreNormTransformer, SmallResNet, SmallTransformer,
-                        Untraceable)
 from regfw.errors import ConfigError
 from regfw.models import BUILTIN_MODELS
 from regfw.module import RegularizedModule

@@ -6,13 +6,6 @@ import pytorch_lightning as pl
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
-from regfw.config import validate
-from regfw.data import DigitsDataModule
-from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
 from regfw_plugins.weight_decay import (
     DECOUPLED_KEY,
     GROUP_KEY,
@@ -20,8 +13,13 @@ from regfw_plugins.weight_decay import (
     WeightDecayConfig,
     split_parameters,
 )
+from torch import nn
 
-
+from regfw.config import validate
+from regfw.data import DigitsDataModule
+from regfw.errors import ConfigError
+from regfw.module import RegularizedModule
+from regfw.registry import build_regularizers
 
 
 class Net(nn.Module):

@@ -36,7 +36,8 @@ to dropping weights, so that one warning is silenced for the duration of a weigh
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F

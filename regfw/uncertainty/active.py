@@ -11,7 +11,8 @@ Image Data"):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from regfw.uncertainty.sampling import (
 __all__ = ["ACQUISITIONS", "Ranked", "acquisition_scores", "rank"]
 
 #: Acquisition names and the summary score each uses (None: random).
-ACQUISITIONS: dict[str, Optional[str]] = {
+ACQUISITIONS: dict[str, str | None] = {
     "bald": "mutual_information",
     "entropy": "entropy",
     "variation_ratio": "variation_ratio",
@@ -70,7 +71,7 @@ def _default_input(batch: Any) -> Tensor:
     )
 
 
-def _model_device(model: nn.Module) -> Optional[torch.device]:
+def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -83,11 +84,11 @@ def acquisition_scores(
     dataloader: Iterable[Any],
     acquisition: str = "bald",
     samples: int = 20,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     *,
     strategy: str = "auto",
-    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
-    batch_to_input: Optional[Callable[[Any], Tensor]] = None,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    batch_to_input: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     """The acquisition score of every input, ``[N]`` in dataset order (higher = label first)."""
     if acquisition not in ACQUISITIONS:
@@ -131,11 +132,11 @@ def rank(
     acquisition: str = "bald",
     k: int = 10,
     samples: int = 20,
-    seed: Optional[int] = 0,
+    seed: int | None = 0,
     *,
     strategy: str = "auto",
-    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
-    batch_to_input: Optional[Callable[[Any], Tensor]] = None,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    batch_to_input: Callable[[Any], Tensor] | None = None,
 ) -> Ranked:
     """The ``k`` inputs of ``dataloader`` most worth labelling, by ``acquisition``.
 

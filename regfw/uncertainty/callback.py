@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -92,23 +93,23 @@ class MCDropoutUncertainty(pl.Callback):
         self,
         samples: int = 30,
         strategy: str = "auto",
-        budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
+        budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
         task: str = "classification",
         every_n_epochs: int = 1,
-        max_batches: Optional[int] = None,
-        subset: Optional[float] = None,
-        score: Optional[str] = None,
-        threshold: Optional[float] = None,
+        max_batches: int | None = None,
+        subset: float | None = None,
+        score: str | None = None,
+        threshold: float | None = None,
         refer_fraction: float = 0.1,
         n_bins: int = DEFAULT_BINS,
         levels: Sequence[float] = DEFAULT_LEVELS,
-        tau: Optional[float] = None,
-        output_transform: Optional[OutputTransform] = None,
+        tau: float | None = None,
+        output_transform: OutputTransform | None = None,
         plots: bool = True,
-        plot_dir: Optional[str] = None,
-        seed: Optional[int] = 0,
+        plot_dir: str | None = None,
+        seed: int | None = 0,
         dataloader_idx: int = 0,
-        batch_to_xy: Optional[Callable[[Any], tuple[Tensor, Tensor]]] = None,
+        batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         prefix: str = "mc/",
     ) -> None:
         super().__init__()
@@ -149,7 +150,7 @@ class MCDropoutUncertainty(pl.Callback):
 
         self.last_metrics: dict[str, float] = {}
         self.last_plots: dict[str, str] = {}
-        self.last_epoch: Optional[int] = None  #: the last epoch the callback ran in
+        self.last_epoch: int | None = None  #: the last epoch the callback ran in
         self.runs = 0
         self._metric = self._make_metric()
         self._active = False
@@ -170,13 +171,13 @@ class MCDropoutUncertainty(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(task=self.task, prefix=self.prefix)
 
-    def should_run(self, trainer: "pl.Trainer") -> bool:
+    def should_run(self, trainer: pl.Trainer) -> bool:
         """Whether this validation epoch is sampled (never during the sanity check)."""
         if trainer.sanity_checking:
             return False
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def _batch_limit(self, trainer: "pl.Trainer", dataloader_idx: int) -> float:
+    def _batch_limit(self, trainer: pl.Trainer, dataloader_idx: int) -> float:
         limit: float = math.inf
         if self.max_batches is not None:
             limit = self.max_batches
@@ -191,10 +192,10 @@ class MCDropoutUncertainty(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _require_stochastic(pl_module)  # fail before training, with the fix in the message
 
-    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
         self._batches = 0
         if self._active:
@@ -204,8 +205,8 @@ class MCDropoutUncertainty(pl.Callback):
 
     def on_validation_batch_end(
         self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -230,7 +231,7 @@ class MCDropoutUncertainty(pl.Callback):
         self._metric.update(result.summary, y)
         self._batches += 1
 
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
             return
         self._active = False
@@ -250,14 +251,14 @@ class MCDropoutUncertainty(pl.Callback):
 
     # ------------------------------------------------------------------ plots
 
-    def _plot_dir(self, trainer: "pl.Trainer") -> str:
+    def _plot_dir(self, trainer: pl.Trainer) -> str:
         base = self.plot_dir
         if base is None:
             root = trainer.log_dir or trainer.default_root_dir
             base = os.path.join(root, "plots")
         return os.path.join(base, f"epoch={trainer.current_epoch:03d}")
 
-    def _write_plots(self, trainer: "pl.Trainer", directory: str) -> dict[str, str]:
+    def _write_plots(self, trainer: pl.Trainer, directory: str) -> dict[str, str]:
         from regfw.uncertainty import plots
         from regfw.uncertainty.metrics import retained_curve
 

@@ -49,16 +49,17 @@ import math
 import operator
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regfw.tensors import iter_tensors
 from regfw.surgery import ApplyAfter, ApplyBefore
+from regfw.tensors import iter_tensors
 from regfw.uncertainty import sampling as _sampling
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
@@ -109,7 +110,7 @@ class RunStats:
     chunk_rows: int = 0  #: largest replay chunk, in rows
     kept_bytes: int = 0  #: boundary activations held for the whole replay
     planned_peak_bytes: int = 0  #: estimated activation peak: kept + largest chunk (or prefix chunk)
-    budget_bytes: Optional[int] = None
+    budget_bytes: int | None = None
 
 
 @dataclass(eq=False)
@@ -121,9 +122,9 @@ class Split:
     over ``B`` rows, see ``mode_reason``).
     """
 
-    fallback: Optional[str] = None
+    fallback: str | None = None
     mode: str = "fallback"
-    mode_reason: Optional[str] = None
+    mode_reason: str | None = None
     nodes: list = field(default_factory=list, repr=False)
     replay: list = field(default_factory=list, repr=False)  #: replayed nodes, in graph order
     sources: list = field(default_factory=list, repr=False)  #: stochastic source nodes
@@ -282,7 +283,7 @@ def _batched(layout: Any) -> bool:
     return all(isinstance(x, _Batch) for x in _layout_leaves(layout))
 
 
-def _gather(v: Any, layout: Any, rows: Optional[Tensor], clone: bool) -> Any:
+def _gather(v: Any, layout: Any, rows: Tensor | None, clone: bool) -> Any:
     """The chunk's rows of a boundary value (``rows``: batch index of each chunk row)."""
     if isinstance(layout, _Batch) and rows is not None:
         idx = rows if layout.k == 1 else (rows[:, None] * layout.k + torch.arange(layout.k, device=rows.device)).reshape(-1)
@@ -405,7 +406,7 @@ _RANDOM_FUNCTIONS = {
     torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.gumbel_softmax,
 }
 #: dropout-like functions: (name of the training flag, its position, its default)
-_DROPOUT_FUNCTIONS: dict[Callable, tuple[str, int, Optional[bool]]] = {
+_DROPOUT_FUNCTIONS: dict[Callable, tuple[str, int, bool | None]] = {
     F.dropout: ("training", 2, True),
     F.dropout1d: ("training", 2, True),
     F.dropout2d: ("training", 2, True),
@@ -464,7 +465,7 @@ _INPLACE_FUNCTIONS = {
 }
 
 
-def _first_node(node: fx.Node) -> Optional[fx.Node]:
+def _first_node(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
 
 
@@ -936,7 +937,7 @@ def _partition(split: Split, sources: list, env: dict, mods: dict, types: tuple)
                 split.mutated.add(base)
 
 
-def _rows_mode_obstacle(split: Split, env: dict, layouts: dict, distinct: bool) -> Optional[str]:
+def _rows_mode_obstacle(split: Split, env: dict, layouts: dict, distinct: bool) -> str | None:
     """Why the replay cannot run as one pass over ``T x B`` independent rows (None: it can)."""
     if not distinct:
         return "the batch has fewer than 3 distinct rows, so mixing of rows cannot be ruled out"
@@ -1043,7 +1044,7 @@ def _run_prefix(split: Split, model: nn.Module, mods: dict, rows: Tensor) -> dic
     return {n: env[n] for n in keep}
 
 
-def _execute(split: Split, model: nn.Module, inputs: Tensor, samples: int, budget: Optional[int], chunk_rows: Optional[int]) -> Tensor:
+def _execute(split: Split, model: nn.Module, inputs: Tensor, samples: int, budget: int | None, chunk_rows: int | None) -> Tensor:
     mods = {t: _resolve(model, t) for t in split._targets}
     b = inputs.shape[0]
     stats = RunStats(samples=samples, batch=b, budget_bytes=budget)
@@ -1095,7 +1096,7 @@ def _execute(split: Split, model: nn.Module, inputs: Tensor, samples: int, budge
     stats.chunks, stats.chunk_rows = len(chunks), largest
     stats.planned_peak_bytes = max(prefix_peak, kept + c_r + r_r * largest)
 
-    result: Optional[Tensor] = None
+    result: Tensor | None = None
     free = split._replay_free
     mutated = split.mutated
     for start, stop in chunks:
@@ -1124,7 +1125,7 @@ class _Entry:
     splits: dict = field(default_factory=dict)
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module, types: tuple) -> tuple:
@@ -1158,7 +1159,7 @@ def invalidate(model: nn.Module) -> None:
     _CACHE.pop(model, None)
 
 
-def split_model(model: nn.Module, inputs: Tensor, types: Optional[tuple] = None) -> Split:
+def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) -> Split:
     """The (cached) split of ``model`` for inputs like ``inputs``; computes it on first use.
 
     The analysis runs in :func:`~regfw.uncertainty.mc_mode` (the modes sampling runs in; the
@@ -1188,7 +1189,7 @@ def split_model(model: nn.Module, inputs: Tensor, types: Optional[tuple] = None)
     return split
 
 
-def _fall_back(model: nn.Module, split: Split, inputs: Tensor, samples: int, budget_bytes: Optional[int], kw: dict) -> Tensor:
+def _fall_back(model: nn.Module, split: Split, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict) -> Tensor:
     if not split._warned:
         split._warned = True
         warnings.warn(
@@ -1205,8 +1206,8 @@ def fast_strategy(
     inputs: Tensor,
     samples: int,
     *,
-    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
-    chunk_rows: Optional[int] = None,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    chunk_rows: int | None = None,
     **kw: Any,
 ) -> Tensor:
     """The ``auto`` strategy: deterministic prefix once, stochastic part over ``T x B`` rows.

@@ -22,8 +22,8 @@ Conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -145,7 +145,7 @@ class ReliabilityData:
     count: Tensor  #: ``[n_bins]`` number of inputs per bin
 
     @classmethod
-    def from_bins(cls, count: Tensor, conf_sum: Tensor, corr_sum: Tensor) -> "ReliabilityData":
+    def from_bins(cls, count: Tensor, conf_sum: Tensor, corr_sum: Tensor) -> ReliabilityData:
         count = count.double().cpu()
         safe = count.clamp_min(1)
         empty = count == 0
@@ -211,8 +211,8 @@ class Referral:
 def referral(
     score: Tensor,
     correct: Tensor,
-    threshold: Optional[float] = None,
-    fraction: Optional[float] = None,
+    threshold: float | None = None,
+    fraction: float | None = None,
 ) -> Referral:
     """Refer inputs to a person and score the model on the ones it keeps.
 
@@ -356,7 +356,7 @@ class MCClassificationMetrics(Metric):
         self,
         n_bins: int = DEFAULT_BINS,
         score: str = "mutual_information",
-        threshold: Optional[float] = None,
+        threshold: float | None = None,
         refer_fraction: float = 0.1,
         **kwargs,
     ) -> None:
@@ -457,7 +457,7 @@ class MCRegressionMetrics(Metric):
         self,
         levels: Sequence[float] = DEFAULT_LEVELS,
         score: str = "variance",
-        threshold: Optional[float] = None,
+        threshold: float | None = None,
         refer_fraction: float = 0.1,
         **kwargs,
     ) -> None:

@@ -7,7 +7,8 @@ file in the target directory, then ``os.replace``, so a reader never sees half a
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> "Figure":
+def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> Figure:
     """A matplotlib Figure on the Agg canvas, independent of pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -38,7 +39,7 @@ def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> "Figure":
     return fig
 
 
-def save_figure(fig: "Figure", path: str | os.PathLike) -> str:
+def save_figure(fig: Figure, path: str | os.PathLike) -> str:
     """Write ``fig`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
     path = os.fspath(path)
     with atomic_open(path, "wb") as fh:
@@ -54,7 +55,7 @@ def _np(x: Tensor | Sequence[float]):
     return np.asarray(x, dtype=float)
 
 
-def reliability_figure(data: "ReliabilityData", title: str = "Reliability diagram") -> "Figure":
+def reliability_figure(data: ReliabilityData, title: str = "Reliability diagram") -> Figure:
     """Bars of accuracy per confidence bin against the diagonal, with the gap shaded and the
     number of inputs per bin below."""
     import numpy as np
@@ -85,8 +86,8 @@ def reliability_figure(data: "ReliabilityData", title: str = "Reliability diagra
 
 def referral_figure(
     fractions: Tensor, values: Tensor, ylabel: str = "accuracy on retained",
-    title: str = "Referral curve", marker: Optional[float] = None,
-) -> "Figure":
+    title: str = "Referral curve", marker: float | None = None,
+) -> Figure:
     """The metric on the retained inputs against the fraction referred to review."""
     fig = new_figure()
     ax = fig.subplots()
@@ -103,9 +104,9 @@ def referral_figure(
 
 
 def score_histogram_figure(
-    score: Tensor, correct: Optional[Tensor] = None, score_name: str = "uncertainty",
+    score: Tensor, correct: Tensor | None = None, score_name: str = "uncertainty",
     bins: int = 30,
-) -> "Figure":
+) -> Figure:
     """Histogram of the uncertainty score, split into correct and incorrect when given."""
     import numpy as np
 
@@ -135,7 +136,7 @@ def score_histogram_figure(
     return fig
 
 
-def coverage_figure(levels: Sequence[float], coverage: Sequence[float]) -> "Figure":
+def coverage_figure(levels: Sequence[float], coverage: Sequence[float]) -> Figure:
     """Observed coverage of the central predictive intervals against their nominal level."""
     fig = new_figure()
     ax = fig.subplots()

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from importlib import import_module
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from importlib import import_module
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from regfw.tensors import iter_tensors
 from regfw.layers.base import StochasticModule
+from regfw.tensors import iter_tensors
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -145,7 +146,7 @@ def _rate_is_zero(module: nn.Module) -> bool:
         return False
 
 
-def is_stochastic(module: nn.Module, types: Optional[tuple[type, ...]] = None) -> bool:
+def is_stochastic(module: nn.Module, types: tuple[type, ...] | None = None) -> bool:
     """Whether ``module`` is random in training mode: a dropout-family type with a rate > 0.
 
     ``types`` defaults to :func:`stochastic_types` (pass it when testing many modules, to ask
@@ -195,7 +196,7 @@ def _require_stochastic(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def mc_mode(model: nn.Module, modules: Optional[Iterable[nn.Module]] = None) -> Iterator[list[nn.Module]]:
+def mc_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[list[nn.Module]]:
     """Put only the stochastic modules of ``model`` in training mode, all others in eval.
 
     BatchNorm and every other non-stochastic module stay in eval mode (running statistics
@@ -292,7 +293,7 @@ def derive_seed(*values: int) -> int:
     return x & ((1 << 62) - 1)
 
 
-def _resolve_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
+def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
@@ -318,7 +319,7 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: Optional[int] = None, **kw: Any) -> Tensor:
+def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None, **kw: Any) -> Tensor:
     """T full forward passes of the batch, stacked: ``[T, B, ...]``. Memory of one pass."""
     return torch.stack([_forward(model, inputs) for _ in range(samples)])
 
@@ -362,8 +363,8 @@ def batched_strategy(
     inputs: Tensor,
     samples: int,
     *,
-    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
-    chunk_rows: Optional[int] = None,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    chunk_rows: int | None = None,
     **kw: Any,
 ) -> Tensor:
     """The batch repeated T times (sample-major rows ``t * B + b``), run in chunks.
@@ -391,7 +392,7 @@ def batched_strategy(
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     chunk_rows = min(int(chunk_rows), total)
-    out: Optional[Tensor] = None
+    out: Tensor | None = None
     for start in range(0, total, chunk_rows):
         stop = min(start + chunk_rows, total)
         if start == 0 and stop == total and samples > 1:
@@ -455,13 +456,13 @@ class MCResult:
     """
 
     outputs: Tensor  #: ``[T, B, ...]`` the raw model outputs (logits or means)
-    summary: Union[ClassificationSummary, RegressionSummary]
+    summary: ClassificationSummary | RegressionSummary
     task: str
     strategy: str  #: the strategy that ran (``"auto"`` resolved)
     seed: int  #: the seed of the MC masks; pass it again to reproduce them
-    deterministic: Optional[Tensor] = None  #: ``[B, ...]`` raw eval-mode output
-    probs: Optional[Tensor] = None  #: ``[T, B, C]`` softmax of the logits (classification)
-    variances: Optional[Tensor] = None  #: ``[T, B, ...]`` predicted variances (regression)
+    deterministic: Tensor | None = None  #: ``[B, ...]`` raw eval-mode output
+    probs: Tensor | None = None  #: ``[T, B, C]`` softmax of the logits (classification)
+    variances: Tensor | None = None  #: ``[T, B, ...]`` predicted variances (regression)
 
     @property
     def samples(self) -> int:
@@ -485,7 +486,7 @@ class MCResult:
             raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}") from None
 
 
-OutputTransform = Callable[[Tensor], Union[Tensor, Sequence[Tensor]]]
+OutputTransform = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
 
 def split_mean_logvar(outputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -509,10 +510,10 @@ def _check_samples(samples: Any) -> int:
 def _summarise(
     task: str,
     outputs: Tensor,
-    det: Optional[Tensor],
-    tau: Optional[float],
-    transform: Optional[OutputTransform],
-) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
+    det: Tensor | None,
+    tau: float | None,
+    transform: OutputTransform | None,
+) -> tuple[Any, Tensor | None, Tensor | None]:
     def apply(x: Tensor) -> Any:
         return x if transform is None else transform(x)
 
@@ -547,13 +548,13 @@ def mc_predict(
     inputs: Tensor,
     samples: int = DEFAULT_SAMPLES,
     strategy: str = "auto",
-    budget_bytes: Optional[int] = DEFAULT_BUDGET_BYTES,
-    seed: Optional[int] = None,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    seed: int | None = None,
     task: str = "classification",
     *,
-    generator: Optional[torch.Generator] = None,
-    tau: Optional[float] = None,
-    output_transform: Optional[OutputTransform] = None,
+    generator: torch.Generator | None = None,
+    tau: float | None = None,
+    output_transform: OutputTransform | None = None,
     deterministic: bool = True,
     **strategy_kwargs: Any,
 ) -> MCResult:

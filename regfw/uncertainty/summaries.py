@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -119,7 +118,7 @@ class ClassificationSummary:
     mutual_information: Tensor  #: ``[B]`` epistemic part (BALD), nats
     variation_ratio: Tensor  #: ``[B]``
     class_variance: Tensor  #: ``[B, C]`` population variance over T
-    deterministic_probs: Optional[Tensor] = None  #: ``[B, C]`` eval-mode (weight-scaling) softmax
+    deterministic_probs: Tensor | None = None  #: ``[B, C]`` eval-mode (weight-scaling) softmax
 
     @property
     def confidence(self) -> Tensor:
@@ -127,7 +126,7 @@ class ClassificationSummary:
         return self.mean_probs.max(-1).values
 
     @property
-    def deterministic_prediction(self) -> Optional[Tensor]:
+    def deterministic_prediction(self) -> Tensor | None:
         """``[B]`` argmax of the deterministic (eval-mode) prediction, if computed."""
         return None if self.deterministic_probs is None else self.deterministic_probs.argmax(-1)
 
@@ -153,7 +152,7 @@ class ClassificationSummary:
 
 
 def classification_summary(
-    probs: Tensor, deterministic_probs: Optional[Tensor] = None
+    probs: Tensor, deterministic_probs: Tensor | None = None
 ) -> ClassificationSummary:
     """Summarise sampled class probabilities ``probs`` of shape ``[T, B, C]``.
 
@@ -184,7 +183,7 @@ class RegressionSummary:
     variance: Tensor  #: ``[B, D]`` total predictive variance = aleatoric + epistemic
     aleatoric: Tensor  #: ``[B, D]`` ``E_t sigma_t^2`` or ``1 / tau`` (zeros if neither given)
     epistemic: Tensor  #: ``[B, D]`` population variance of the sample means over T
-    deterministic_mean: Optional[Tensor] = None  #: ``[B, D]`` eval-mode output
+    deterministic_mean: Tensor | None = None  #: ``[B, D]`` eval-mode output
 
     @property
     def std(self) -> Tensor:
@@ -210,9 +209,9 @@ class RegressionSummary:
 
 def regression_summary(
     means: Tensor,
-    variances: Optional[Tensor] = None,
-    tau: Optional[float] = None,
-    deterministic_mean: Optional[Tensor] = None,
+    variances: Tensor | None = None,
+    tau: float | None = None,
+    deterministic_mean: Tensor | None = None,
 ) -> RegressionSummary:
     """Summarise ``[T, B, ...]`` sampled means as the predictive Gaussian mixture.
 

@@ -9,8 +9,8 @@ import torch
 from regfw.layers import (
     AlphaDropout,
     DropBlock2d,
-    DropPath,
     Dropout,
+    DropPath,
     GaussianDropout,
     LockedDropout,
     SpatialDropout,

@@ -1,7 +1,6 @@
 """DropBlock2d: exact expected rate on small and large maps, block structure, masks, rescaling."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from regfw.layers import Dropout
+
 from .masks import all_masks, mask_probs
 
 

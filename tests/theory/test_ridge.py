@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from regfw.layers import dropout
+
 from .masks import all_masks, mask_probs
 
 P = 0.3

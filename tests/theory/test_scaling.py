@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from regfw.layers import Dropout, dropout
+
 from .masks import all_masks, mask_probs
 
 

@@ -11,6 +11,7 @@ from scipy.stats import chi2
 from torch import nn
 
 from regfw.layers import Dropout
+
 from .masks import all_masks, mask_probs
 
 

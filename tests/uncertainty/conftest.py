@@ -6,8 +6,6 @@ import torch
 from unc_helpers import make_mlp, train_plain
 
 
-
-
 @pytest.fixture(scope="session")
 def digits():
     """Digits as float tensors in [0, 1], split 1437 train / 360 validation (fixed seed)."""

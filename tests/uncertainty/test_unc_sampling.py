@@ -7,8 +7,8 @@ import math
 import pluggy
 import pytest
 import torch
-from unc_helpers import make_mlp, train_plain
 from torch import nn
+from unc_helpers import make_mlp, train_plain
 
 import regfw
 from regfw.layers.base import StochasticModule
@@ -20,10 +20,10 @@ from regfw.uncertainty import (
     mc_predict,
     register_strategy,
     resolve_strategy,
+    sampling,
     split_mean_logvar,
     stochastic_modules,
 )
-from regfw.uncertainty import sampling
 
 
 class GaussianNoise(StochasticModule):
