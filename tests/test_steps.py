@@ -181,6 +181,7 @@ def test_config_check_rejects_probability_regularizers_for_regression(tmp_path):
                            "regularizers.label_smoothing.epsilon=0.1"])
 
 
+@pytest.mark.slow
 def test_plan_shows_what_each_step_regularizer_does(tmp_path, run_cli):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("data: {name: digits}\nmodel: {name: mlp}\nregularizers:\n  dropout: {}\n  mixup: {cutmix: false}\n"
