@@ -129,8 +129,11 @@ class RegularizedModule(pl.LightningModule):
         from regfw.registry import build_regularizers
 
         # objects given: used as they are (built once by the caller); a mapping: built here, once
-        built = regularizers is None or isinstance(regularizers, Mapping)
-        self.regularizers: list[Regularizer] = build_regularizers(section) if built else list(regularizers)
+        self.regularizers: list[Regularizer]
+        if regularizers is None or isinstance(regularizers, Mapping):
+            self.regularizers = build_regularizers(section)
+        else:
+            self.regularizers = list(regularizers)
         self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
         apply_plan(model, self.regularizers, self.plan)
 

@@ -101,7 +101,7 @@ class Regularizer:
     """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
 
     #: The name users select in ``regularizers:`` of the config.
-    name: ClassVar[str] = ""
+    name: str = ""
     #: A dataclass describing the config section; every field needs a default.
     Config: ClassVar[type] = NoConfig
     #: One line shown by ``regfw plugins``.
