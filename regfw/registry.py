@@ -9,6 +9,7 @@ from typing import Any
 from regfw.errors import ConfigError, closest_hint
 from regfw.plugins import PluginError, failure_for, get_plugin_manager, origin_of, plugin_failures
 from regfw.regularizer import Regularizer
+from regfw.validation import validate_dataclass
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,6 @@ def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | N
     per run and pass the objects on (``RegularizedModule(regularizers=objects)`` uses them as
     they are); the order is the order their step methods run in (see :mod:`regfw.steps`).
     """
-    from regfw.config import validate_dataclass
-
     registry = registry or get_registry()
     out: list[Regularizer] = []
     for name, settings in (section or {}).items():
