@@ -124,6 +124,8 @@ class RegularizedModule(pl.LightningModule):
         self.model = model
         self.loss_fn = _loss_fn(loss)
         self.task = "classification" if loss == "cross_entropy" else "regression"
+        #: What the step methods are told (``Step.task``): unknown for a custom loss function.
+        self.step_task: str | None = None if callable(loss) else self.task
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
@@ -171,7 +173,7 @@ class RegularizedModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = self._split(batch)
         result = regularized_step(self.regularizers, self.model, x, y, self.loss_fn, forward=self,
-                                  batch_idx=batch_idx, task=self.task, module=self)
+                                  batch_idx=batch_idx, task=self.step_task, module=self)
         loss = result.total
         # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
