@@ -80,6 +80,20 @@ def test_moves_stay_in_each_kinds_range():
     assert cb.rates() == {INPUT: 0.1, HIDDEN[0]: 0.3, HIDDEN[1]: 0.3}
 
 
+def test_moves_stay_in_the_regularizers_own_range():
+    """Alpha dropout declares 0.05-0.1 (rate_ranges); the schedule never takes it to the table's 0.3-0.5."""
+    torch.manual_seed(0)
+    module = RegularizedModule(MLP(64, 10, (32, 16)), regularizers={"alpha_dropout": {"hidden": 0.08, "input": 0.05}},
+                               example_input=torch.zeros(2, 64))
+    cb = AdaptiveDropout(step=0.05, patience=1, stall_delta=None)
+    targets = cb.bind(module)
+    assert {(t.kind, t.low, t.high) for t in targets} == {("input", 0.05, 0.1), ("hidden", 0.05, 0.1)}
+    for _ in range(3):
+        cb.observe(train_loss=0.1, val_loss=1.0)  # overfitting: raise
+    assert sorted(cb.rates().values()) == [0.1, 0.1, 0.1]
+    assert cb.history[-1].action == "at_bound"
+
+
 def test_rate_outside_its_range_never_moves_further_out():
     module = _module(hidden=0.7, input=0.15)
     cb = AdaptiveDropout(step=0.05, patience=1, stall_delta=None, kinds=["hidden"])

@@ -23,7 +23,8 @@ and diagnoses (:func:`diagnose`), in this order:
 
 A move happens only after the same diagnosis ``patience`` validations in a row, then the count
 restarts (and ``cooldown`` validations are skipped). Each layer stays inside the range of its
-layer kind in :data:`regfw.kinds.RATE_TABLE` (or ``min_rate``/``max_rate`` when given), and a
+layer kind in :data:`regfw.kinds.RATE_TABLE`, or its regularizer's own range for the kind
+(``rate_ranges``: alpha dropout's 0.05-0.1), or ``min_rate``/``max_rate`` when given, and a
 rate already outside that range is never moved further out. The layers moved are the dropout
 modules regfw inserted or re-rated (found through the plan of a
 :class:`~regfw.module.RegularizedModule`, whose rows give each layer's kind, or by their
@@ -42,7 +43,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -159,21 +160,27 @@ def _row_module(model: nn.Module, row: Any) -> tuple[str, nn.Module] | None:
 
 
 def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str] | None = None,
-                 min_rate: float | None = None, max_rate: float | None = None) -> list[RateTarget]:
+                 min_rate: float | None = None, max_rate: float | None = None,
+                 own_ranges: Mapping[str, K.OwnRanges] | None = None) -> list[RateTarget]:
     """The dropout modules regfw inserted in ``model`` or re-rated, with their kinds and ranges.
 
     ``rows`` are the plan rows (:meth:`regfw.plan.Plan.rows`) that give each module its kind;
     injected modules no row accounts for (their child name starts with ``regfw_``) are added with
     kind ``input`` for ``regfw_input_*`` children and unknown otherwise (range
-    :data:`UNKNOWN_RANGE`). ``kinds`` keeps only those kinds; ``min_rate``/``max_rate`` replace the
-    kind ranges.
+    :data:`UNKNOWN_RANGE`). A row's range is its regularizer's own (``own_ranges``: regularizer name
+    -> its ``rate_ranges``, e.g. alpha dropout's 0.05-0.1) where it declares one for the kind, else
+    the rate table's. ``kinds`` keeps only those kinds; ``min_rate``/``max_rate`` replace the ranges.
     """
     found: dict[int, RateTarget] = {}
 
-    def add(path: str, module: nn.Module, kind: str | None) -> None:
+    def add(path: str, module: nn.Module, kind: str | None, regularizer: str | None = None) -> None:
         if id(module) in found or not _has_rate(module):
             return
-        rng = K.RATE_TABLE.get(kind, UNKNOWN_RANGE) if kind is not None else UNKNOWN_RANGE
+        own = (own_ranges or {}).get(regularizer or "", {})
+        if kind is not None and (kind in own or kind in K.RATE_TABLE):
+            rng = K.rate_range(kind, own)
+        else:
+            rng = UNKNOWN_RANGE
         low = rng.low if min_rate is None else float(min_rate)
         high = rng.high if max_rate is None else float(max_rate)
         found[id(module)] = RateTarget(path, kind, low, high, module)
@@ -181,7 +188,7 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str
     for row in rows:
         hit = _row_module(model, row)
         if hit is not None:
-            add(hit[0], hit[1], row.kind)
+            add(hit[0], hit[1], row.kind, row.regularizer)
     for path, module in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if name.startswith(INJECTED_PREFIX):
@@ -272,7 +279,9 @@ class AdaptiveDropoutCallback(pl.Callback):
         rows = plan.rows() if plan is not None and hasattr(plan, "rows") else []
         if isinstance(inner, nn.Module) and rows:
             model, prefix = inner, "model."
-        targets = rate_targets(model, rows, self.config.kinds, self.config.min_rate, self.config.max_rate)
+        regularizers = getattr(module, "regularizers", None) or ()
+        own = {r.name: r.rate_ranges for r in regularizers if getattr(r, "rate_ranges", None)}
+        targets = rate_targets(model, rows, self.config.kinds, self.config.min_rate, self.config.max_rate, own)
         for t in targets:
             t.path = prefix + t.path
         self.targets = targets
