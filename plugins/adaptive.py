@@ -101,6 +101,16 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
+        from regfw.schedules import is_active
+
+        for name in injecting:
+            kinds = set(getattr(registry.specs[name].cls, "kinds", ()))
+            settings = config.regularizers[name] or {}
+            if is_active(settings.get("schedule")) and (self.config.kinds is None or kinds & set(self.config.kinds)):
+                raise ConfigError(
+                    f"regularizers.{name}.schedule and regularizers.adaptive_dropout both set the rates of "
+                    f"{name}'s layers (a schedule fixes each rate as a function of training time); remove one, "
+                    f"or keep adaptive_dropout off those kinds with regularizers.adaptive_dropout.kinds")
 
     def describe(self, model: nn.Module) -> list[str]:
         c = self.config

@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from regfw.schedules import RateSchedule
+
 
 @dataclass
 class PlanContext:
@@ -82,10 +84,12 @@ class InjectionConfig:
     ``default`` the rate table's default (see :mod:`regfw.kinds`); an explicit rate always wins.
     ``existing``: where the model already has dropout at a place, ``override`` sets its rate,
     ``keep`` leaves it alone; a second layer is never added.
+    ``schedule``: how the planned rates move during training (:mod:`regfw.schedules`).
     """
 
     policy: Literal["auto", "default"] = "auto"
     existing: Literal["override", "keep"] = "override"
+    schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
 class Regularizer:
@@ -176,6 +180,19 @@ class InjectingRegularizer(Regularizer):
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError
+
+    def callbacks(self) -> list:
+        """A :class:`~regfw.schedule_callback.RateScheduler` when the config has a ``schedule``."""
+        schedule = getattr(self.config, "schedule", None)
+        if not (isinstance(schedule, RateSchedule) and schedule.active):
+            return []
+        from regfw.schedule_callback import RateScheduler
+
+        return [RateScheduler(self, schedule)]
+
+    def describe(self, model: nn.Module) -> list[str]:
+        schedule = getattr(self.config, "schedule", None)
+        return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
         from regfw.surgery import plan_insertions
