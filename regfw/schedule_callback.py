@@ -45,7 +45,7 @@ class ScheduledLayer:
 
     def set(self, regularizer: Any, model: nn.Module, value: float) -> None:
         if self.module is not None:
-            self.module.p = value
+            setattr(self.module, "p", value)  # noqa: B010 - a Rate descriptor or property, not a tensor
         else:  # e.g. attention_dropout's rows set torch's own modules: re-apply the row at the new rate
             regularizer.apply(model, [dataclasses.replace(self.row, rate=value)])
 

@@ -5,6 +5,7 @@ Importing this package needs torch only.
 """
 from .attention import DEFAULT_ATTENTION_DROPOUT, set_attention_dropout
 from .base import Rate, StochasticModule, check_rate
+from .concrete import ConcreteDropout, concrete_dropout, concrete_regularizer
 from .drop_block import DropBlock2d, drop_block_2d, drop_block_gamma
 from .drop_path import DropPath, drop_path, drop_path_schedule
 from .dropout import (
@@ -58,4 +59,7 @@ __all__ = [
     "remove_weight_drop",
     "set_attention_dropout",
     "DEFAULT_ATTENTION_DROPOUT",
+    "ConcreteDropout",
+    "concrete_dropout",
+    "concrete_regularizer",
 ]
