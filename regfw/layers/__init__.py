@@ -6,6 +6,7 @@ Importing this package needs torch only.
 from .attention import DEFAULT_ATTENTION_DROPOUT, set_attention_dropout
 from .base import Rate, StochasticModule, check_rate
 from .concrete import ConcreteDropout, concrete_dropout, concrete_regularizer
+from .embedding import EMBEDDING_DROPOUT_ATTR, EmbeddingDropout, apply_embedding_dropout, embedding_dropout
 from .drop_block import DropBlock2d, drop_block_2d, drop_block_gamma
 from .drop_path import DropPath, drop_path, drop_path_schedule
 from .dropout import (
@@ -62,4 +63,8 @@ __all__ = [
     "ConcreteDropout",
     "concrete_dropout",
     "concrete_regularizer",
+    "EmbeddingDropout",
+    "embedding_dropout",
+    "apply_embedding_dropout",
+    "EMBEDDING_DROPOUT_ATTR",
 ]
