@@ -117,12 +117,12 @@ def test_mc_predictive_variance_is_calibrated(trained, n):
     assert cover == pytest.approx(0.90, abs=0.05)
 
 
-def test_a_fit_logs_the_learned_rates_every_epoch_and_prints_them_at_the_end(capsys):
+def test_a_fit_logs_the_learned_rates_every_epoch_and_prints_them_at_the_end(capsys, tmp_path):
     module = _module(256)
     x, y = _data(256, 3)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, loader)
     rates = {p: layer.p for p, layer in module.regularizers[0].layers(module.model)}
     for path, value in rates.items():
@@ -131,7 +131,7 @@ def test_a_fit_logs_the_learned_rates_every_epoch_and_prints_them_at_the_end(cap
     assert "concrete_dropout: learned rates 1.regfw_concrete_dropout 0." in out
     assert "train_penalty" in trainer.callback_metrics  # the KL term is part of the training loss
     # a checkpoint keeps the learned rate bitwise (it is a parameter)
-    path = trainer.default_root_dir + "/concrete.ckpt"
+    path = tmp_path / "concrete.ckpt"
     trainer.save_checkpoint(path)
     again = RegularizedModule.load_from_checkpoint(path, model=_net())
     assert torch.equal(again.model[1].regfw_concrete_dropout.p_logit, module.model[1].regfw_concrete_dropout.p_logit)
