@@ -33,6 +33,7 @@ from regfw.config import nonneg, positive, rate
 from regfw.errors import ConfigError
 from regfw.kinds import HIDDEN, INPUT
 from regfw.layers import ConcreteDropout, concrete_regularizer
+from regfw.placement import model_map
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 
 
@@ -82,9 +83,7 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
         return factor * c.length_scale ** 2 / (2.0 * self.n), factor / self.n
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse
-
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         self.n = self.config.n_examples or ctx.n_examples
         weight_scale, dropout_scale = self.scales()
         rows = super().plan(model, ctx)
@@ -145,9 +144,13 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
         return total
 
     def callbacks(self) -> list:
-        from regfw_plugins._callbacks import LearnedRatesCallback  # type: ignore[import-not-found]
+        from regfw.step_hooks import LearnedRatesCallback
 
-        return [LearnedRatesCallback(self.name, lambda model: {p: m.p for p, m in self.layers(model)})]
+        return [LearnedRatesCallback(self.name, self.learned_rates)]
+
+    def learned_rates(self, model: nn.Module) -> dict[str, float]:
+        """The current rate of every inserted layer, by path."""
+        return {path: layer.p for path, layer in self.layers(model)}
 
     def check(self, config: object) -> None:
         loss = getattr(getattr(config, "model", None), "loss", None)

@@ -26,6 +26,7 @@ import regfw
 from regfw.config import rate
 from regfw.kinds import EMBEDDING
 from regfw.layers import EMBEDDING_DROPOUT_ATTR, EmbeddingDropout, apply_embedding_dropout
+from regfw.placement import model_map
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 
 
@@ -49,9 +50,7 @@ class EmbeddingDropoutRegularizer(InjectingRegularizer):
     kinds = (EMBEDDING,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse
-
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         rows: list[PlanItem] = []
         found = [info for info in mm.layers if info.kind == EMBEDDING]
         rate, reason = self.rate_for(EMBEDDING, ctx)

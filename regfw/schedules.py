@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from regfw.config import rate
+from regfw.validation import rate
 
 __all__ = ["RateSchedule", "SHAPES", "is_active"]
 

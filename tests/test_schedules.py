@@ -53,7 +53,7 @@ def test_schedule_config_errors_name_the_key_the_value_and_the_fix():
     with pytest.raises(ConfigError, match=r"regularizers\.dropout\.schedule\.start: got 1\.5, expected a value in "
                                           r"\[0, 1\)"):
         build_regularizers({"dropout": {"schedule": {"kind": "linear", "start": 1.5, "epochs": 2}}})
-    with pytest.raises(ConfigError, match=r"regularizers\.locked_dropout\.schedule\.epochs: got -1, expected a "
+    with pytest.raises(ConfigError, match=r"regularizers\.locked_dropout\.schedule\.epochs: got -1\.0, expected a "
                                           r"value in > 0"):
         build_regularizers({"locked_dropout": {"schedule": {"kind": "late", "epochs": -1}}})
     with pytest.raises(ConfigError, match=r"kind 'early' switches between 0 and the planned rate; remove `start`"):
