@@ -94,7 +94,7 @@ def test_the_plugin_template_uses_only_the_public_api():
     api = public_api()
     files = render_template("api_check")
     sources = {path: text for path, text in files.items() if path.endswith(".py")}
-    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py"}
+    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py", "tests/test_typing.py"}
     for path, text in sources.items():
         assert "regfw" in text
         assert violations(text, "regfw_api_check", api) == [], path
