@@ -66,6 +66,8 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
     description = "Concrete dropout: per-layer rates learned with the weights (relaxed Bernoulli, KL from N)"
     Config = ConcreteDropoutConfig
     kinds = (INPUT, HIDDEN)
+    #: Its rates are parameters: ``adaptive_dropout`` on the same kinds is refused.
+    learns_rates = True
 
     def __init__(self, config: object = None) -> None:
         super().__init__(config)

@@ -148,6 +148,10 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
     cfg.write_text("data: {name: diabetes}\nmodel: {loss: mse}\nregularizers: {concrete_dropout: {}}\n")
     with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout\.tau: the loss is mse, .* set it"):
         load_config(cfg)
+    cfg.write_text("regularizers: {concrete_dropout: {}, adaptive_dropout: {}}\n")
+    with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout learns its rates by gradient descent and "
+                                          r"regularizers\.adaptive_dropout would move them too; remove one"):
+        load_config(cfg)
     with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout: the training-set size N is unknown"):
         RegularizedModule(_net(), loss="mse", regularizers={"concrete_dropout": {"tau": 1.0}},
                           example_input=torch.zeros(2, 1))
