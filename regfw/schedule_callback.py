@@ -168,9 +168,9 @@ class RateScheduler(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         by_kind: dict[str, list[float]] = {}
-        for path, value in self.rates().items():
-            kind = next(layer.kind for layer in self.layers if layer.path == path)
-            by_kind.setdefault(kind, []).append(value)
+        rates = self.rates()
+        for layer in self.layers:
+            by_kind.setdefault(layer.kind, []).append(rates[layer.path])
         for kind, values in by_kind.items():
             pl_module.log(f"{self.prefix}{self.name}/{kind}", sum(values) / len(values), on_step=False,
                           on_epoch=True)

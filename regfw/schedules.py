@@ -110,8 +110,6 @@ class RateSchedule:
     def rate(self, target: float, t: float) -> float:
         """The rate of a layer whose planned rate is ``target``, after ``t`` units of training."""
         start = 0.0 if self.kind in ("early", "late") else self.start
-        if self.kind == "early" and t >= self.length:
-            return 0.0
         return start + (float(target) - start) * self.shape(t)
 
     def describe(self) -> str:
