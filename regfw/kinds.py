@@ -12,7 +12,7 @@ conv      0.1-0.3 convolutions; spatial dropout / DropBlock fit conv maps better
 recurrent 0.2-0.3 RNN/LSTM/GRU; locked (variational) masks over time
 attention 0.1     the Transformer convention
 residual  0.1     stochastic depth (DropPath) on residual branches; a place, not a module kind
-embedding 0.05-0.2 ``nn.Embedding``: whole rows (words) dropped (embedding dropout)
+embedding .05-.2  ``nn.Embedding``: whole rows (words) dropped (embedding dropout)
 ========= ======= ====================================================================
 
 Rules of thumb (Srivastava et al. 2014 and common practice): higher rates for smaller
