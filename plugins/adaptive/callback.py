@@ -54,7 +54,7 @@ from torch import nn
 
 from regfw import kinds as K
 from regfw.config import validate_dataclass
-from regfw.placement import INJECTED_PREFIX, injected_name, is_dropout, planned_module
+from regfw.placement import INJECTED_PREFIX, is_dropout, planned_module
 
 from . import AdaptiveDropoutConfig
 
