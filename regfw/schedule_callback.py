@@ -26,6 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch import nn
 
+from regfw.placement import planned_module
 from regfw.schedules import RateSchedule
 
 __all__ = ["RateScheduler", "ScheduledLayer"]
@@ -59,13 +60,11 @@ def _has_rate(module: nn.Module) -> bool:
 
 def scheduled_layers(model: nn.Module, rows: list, regularizer: str) -> list[ScheduledLayer]:
     """The places the plan ``rows`` of ``regularizer`` rated, in row order."""
-    from regfw.adaptive import _row_module
-
     out: list[ScheduledLayer] = []
     for row in rows:
         if row.regularizer != regularizer or row.action == "note" or not row.rate:
             continue
-        hit = _row_module(model, row) if row.action in ("before", "after", "set") else None
+        hit = planned_module(model, row) if row.action in ("before", "after", "set") else None
         if hit is not None and _has_rate(hit[1]):
             out.append(ScheduledLayer(hit[0], row.kind, float(row.rate), hit[1], row))
             continue
