@@ -19,8 +19,9 @@ How the T passes are computed is a *strategy*, a function in :data:`STRATEGIES`:
 
 called inside :func:`mc_mode` and :func:`isolated_rng`. Built in: ``"loop"`` (T full passes)
 and ``"batched"`` (the batch repeated T times, run in chunks that fit ``budget_bytes``).
-``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast` (which registers
-itself on import); when that module is not available ``"auto"`` means ``"batched"``.
+``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast`, which registers
+itself on import (the package :mod:`regfw.uncertainty` imports it; this module never imports it,
+so the two form no import cycle); while it is not registered ``"auto"`` means ``"batched"``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Any
 
 import torch
@@ -425,19 +425,7 @@ def register_strategy(name: str, fn: Strategy) -> None:
 def resolve_strategy(name: str) -> str:
     """The registered strategy name that ``name`` stands for (``"auto"`` may become ``"batched"``)."""
     if name == "auto" and "auto" not in STRATEGIES:
-        try:
-            import_module("regfw.uncertainty.fast")  # registers "auto" on import
-        except ModuleNotFoundError as exc:
-            if exc.name != "regfw.uncertainty.fast":
-                warnings.warn(
-                    f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
-                )
-        except ImportError as exc:
-            warnings.warn(
-                f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
-            )
-        if "auto" not in STRATEGIES:
-            return "batched"
+        return "batched"
     if name not in STRATEGIES:
         known = sorted({*STRATEGIES, "auto"})
         raise ValueError(f"strategy must be one of {known}, got {name!r}")
