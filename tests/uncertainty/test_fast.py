@@ -451,3 +451,33 @@ def test_weight_masks_with_locked_dropout_are_drawn_per_sample_under_auto():
     assert z.max() < 4.5, z.max()
     ratio = (a.std(0) / b.std(0)).mean().item()
     assert abs(ratio - 1) < 0.15, ratio
+
+
+# --------------------------------------------------------------------------- deterministic output
+
+
+@pytest.mark.parametrize("make", [injected_mlp, resnet], ids=["mlp", "resnet"])
+def test_deterministic_output_comes_from_the_prefix_and_leaves_the_samples_alone(make):
+    """Under ``auto`` the eval-mode prediction is the suffix run once on the cached prefix: equal to
+    a separate eval pass, with the very samples of a call without it, and no second prefix pass."""
+    model = make()
+    x = torch.randn(6, 8) if make is injected_mlp else torch.randn(6, 3, 8, 8)
+    with torch.no_grad(), eval_mode(model):
+        expected = model(x)
+    with_det = mc_predict(model, x, 7, strategy="auto", seed=3)
+    without = mc_predict(model, x, 7, strategy="auto", seed=3, deterministic=False)
+    assert torch.allclose(with_det.deterministic, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(with_det.outputs, without.outputs)
+    if make is injected_mlp:
+        return  # input dropout: nothing before it to reuse
+    first = model.stem  # computed once, in the prefix
+    calls = [0]
+    handle = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        split_model(model, x)  # the hook changes the fingerprint: analyse again outside the count
+        mc_predict(model, x, 7, strategy="auto", seed=3)
+        calls[0] = 0
+        mc_predict(model, x, 7, strategy="auto", seed=3)
+    finally:
+        handle.remove()
+    assert calls[0] == 1  # the first layer ran once: the deterministic output reused the prefix

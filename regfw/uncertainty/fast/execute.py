@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from regfw.uncertainty.sampling import eval_mode
+
 from .graph import _eval, _resolve
 from .layout import _alloc, _gather, _nbytes, _write
 from .split import RunStats, Split
@@ -44,9 +46,35 @@ def _run_prefix(split: Split, model: nn.Module, mods: dict, rows: Tensor) -> dic
     return {n: env[n] for n in keep}
 
 
+def _suffix_once(split: Split, model: nn.Module, mods: dict, values: dict) -> Tensor:
+    """The replayed nodes once over the ``B`` rows of the batch, in eval mode: the deterministic
+    (weight-scaled) prediction, from the prefix values the samples reuse.
+
+    Equal to a separate eval-mode pass of the model: the prefix holds no stochastic node, so its
+    values are the same in eval and in MC mode, and the probes checked that the graph run in eval
+    mode reproduces the model's eval output.
+    """
+    env = {n: _gather(v, split.boundary[n], None, n in split.mutated) for n, v in values.items()}
+    with eval_mode(model):
+        for i, node in enumerate(split.replay):
+            env[node] = _eval(node, env, mods, model)
+            for dead in split._replay_free.get(i, ()):
+                if dead is not split.output:
+                    env.pop(dead, None)
+    return env[split.output]
+
+
 def _execute(
-    split: Split, model: nn.Module, inputs: Tensor, samples: int, budget: int | None, chunk_rows: int | None
-) -> Tensor:
+    split: Split,
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int,
+    budget: int | None,
+    chunk_rows: int | None,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``([T, B, ...] samples, [B, ...] eval-mode output or None)``; the eval output, when asked for,
+    is computed after the prefix and before any sample, so the masks are those of a run without it."""
     mods = {t: _resolve(model, t) for t in split._targets}
     b = inputs.shape[0]
     stats = RunStats(samples=samples, batch=b, budget_bytes=budget)
@@ -80,7 +108,8 @@ def _execute(
         det = values[out_node]
         stats.planned_peak_bytes = prefix_peak
         split.last_run = stats
-        return det.unsqueeze(0).expand(samples, *det.shape).clone()
+        return det.unsqueeze(0).expand(samples, *det.shape).clone(), (det.clone() if deterministic else None)
+    det_out = _suffix_once(split, model, mods, values) if deterministic else None
 
     c_r, r_r = split.replay_cost
     total = samples * b
@@ -115,4 +144,4 @@ def _execute(
         result[start:stop] = y
     split.last_run = stats
     assert result is not None
-    return result.view(samples, b, *result.shape[1:])
+    return result.view(samples, b, *result.shape[1:]), det_out

@@ -26,18 +26,18 @@ def _resolve(model: nn.Module, target: str) -> Any:
 def _eval(node: fx.Node, env: dict, mods: dict, model: nn.Module) -> Any:
     args = fx.node.map_arg(node.args, env.__getitem__)
     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-    op = node.op
+    op, target = node.op, node.target  # a str or, for call_function, the callable
     if op == "call_module":
-        mod = mods[node.target]
+        mod = mods[target]
         if node.meta.get(_FORWARD_ONLY):
             return mod.forward(*args, **kwargs)
         return mod(*args, **kwargs)
     if op == "call_function":
-        return node.target(*args, **kwargs)
+        return target(*args, **kwargs)  # type: ignore[operator]
     if op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return getattr(args[0], str(target))(*args[1:], **kwargs)
     if op == "get_attr":
-        return _resolve(model, node.target)
+        return _resolve(model, str(target))
     raise RuntimeError(f"unexpected node {node.op} {node.target}")  # pragma: no cover
 
 

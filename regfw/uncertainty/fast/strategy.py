@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from regfw.uncertainty import sampling as _sampling
-from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy
+from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, eval_mode
 
 from .cache import split_model
 from .execute import _execute
@@ -16,17 +16,22 @@ from .split import Split
 
 
 def _fall_back(
-    model: nn.Module, split: Split, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict
-) -> Tensor:
+    model: nn.Module, split: Split, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor | None]:
     if not split._warned:
         split._warned = True
         warnings.warn(
             f"Monte Carlo strategy 'auto' uses 'batched' for this {type(model).__name__}: {split.fallback}. "
             "Every sample then runs the whole network; pass strategy='batched' to silence this warning.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-    return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw)
+    det = None
+    if deterministic:  # before the samples, as mc_predict's own eval pass would be
+        with eval_mode(model):
+            det = model(inputs)
+    return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
 
 
 def fast_strategy(
@@ -47,23 +52,56 @@ def fast_strategy(
     fixes the replay chunk size instead. Falls back to ``batched`` (one warning per model,
     naming the reason) when the model cannot be split.
     """
+    return _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=False)[0]
+
+
+def fast_strategy_with_deterministic(
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int,
+    *,
+    budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
+    chunk_rows: int | None = None,
+    **kw: Any,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fast_strategy` and the model's eval-mode output ``[B, ...]`` from the same prefix.
+
+    The deterministic comparison of ``mc_predict(deterministic=True)`` (weight scaling) then costs
+    one pass of the stochastic suffix in eval mode instead of a second full pass; the samples are
+    exactly those of :func:`fast_strategy`. On fallback the eval output is a separate full pass.
+    """
+    out, det = _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=True)
+    assert det is not None
+    return out, det
+
+
+def _run(
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int,
+    budget_bytes: int | None,
+    chunk_rows: int | None,
+    kw: dict,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor | None]:
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
     split = split_model(model, inputs)
     if not split.ok:
-        return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw})
+        return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw}, deterministic)
     with torch.no_grad():
         if split._verified:
-            return _execute(split, model, inputs, samples, budget_bytes, chunk_rows)
+            return _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
         state = torch.random.get_rng_state()
         try:
-            out = _execute(split, model, inputs, samples, budget_bytes, chunk_rows)
+            out = _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             torch.random.set_rng_state(state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
-            return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw})
+            return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw},
+                              deterministic)
         split._verified = True
         return out
 
 
-_sampling.register_strategy("auto", fast_strategy)
+_sampling.register_strategy("auto", fast_strategy, with_deterministic=fast_strategy_with_deterministic)
