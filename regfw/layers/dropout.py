@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
-from .masks import drop_mask, keep_scale_mask, masked_scale, use_words
+from .masks import keep_scale_mask, masked_scale, use_words
 
 __all__ = [
     "dropout",
@@ -125,8 +125,8 @@ def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if use_words(x):  # F.alpha_dropout's affine map, with the mask drawn from random words
         alpha = 1.7580993408473766  # -SELU's negative saturation value
         a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
-        dropped = drop_mask(x.shape, p, x.device)
-        return (x * a).masked_fill_(dropped, -alpha * a).add_(alpha * a * p)
+        keep = keep_scale_mask(x, x.shape, p, scale=1.0)  # kept: a * x + alpha a p; dropped: -alpha a + alpha a p
+        return (x * a).add_(alpha * a).mul_(keep).add_(alpha * a * (p - 1.0))
     return F.alpha_dropout(x, p, training=True)
 
 
