@@ -55,17 +55,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from regfw.factory import build_datamodule
-    from regfw.run import build_module
+    from regfw.run import build_plan  # no Lightning: the plan alone answers in about a second
 
     cfg = _config(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = build_module(cfg, build_datamodule(cfg.data, seed=cfg.seed))
-    shown = set(module.plan.warnings)  # printed as "warning:" lines of the plan below
+        plan = build_plan(cfg, build_datamodule(cfg.data, seed=cfg.seed, lightning=False))
+    shown = set(plan.warnings)  # printed as "warning:" lines of the plan below
     for w in caught:
         if str(w.message) not in shown:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    print(module.plan.format())
+    print(plan.format())
     return 0
 
 
