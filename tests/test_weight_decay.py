@@ -12,13 +12,13 @@ from regfw_plugins.weight_decay import (
     WeightDecay,
     WeightDecayConfig,
 )
-from regfw.params import split_parameters
 from torch import nn
 
 from regfw.config import validate
 from regfw.data import DigitsDataModule
 from regfw.errors import ConfigError
 from regfw.module import RegularizedModule
+from regfw.params import split_parameters
 from regfw.registry import build_regularizers
 
 
@@ -198,7 +198,7 @@ def _weights(module):
 
 
 def _close(a, b, atol=1e-6):
-    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b))
+    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b, strict=True))
 
 
 def test_decoupled_decay_with_adam_matches_adamw_and_acts(digits):

@@ -314,7 +314,7 @@ def test_training_is_bit_identical_with_and_without_mc_predict_in_between(digits
     torch.manual_seed(1)
     mixed = train_plain(make_mlp(p=0.5, batchnorm=True), xtr, ytr, epochs=3, seed=2, between=sample)
     assert len(seen) == 6 and min(seen) > 0  # sampling really drew dropout masks
-    for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # weights and BatchNorm buffers, bit for bit
     assert not math.isnan(seen[0])
 
