@@ -39,7 +39,8 @@ def good_run(tmp_path_factory):
 
 def snapshot(directory: Path) -> dict:
     """Every file under ``directory`` with its size, modification time and SHA-256."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return {str(p.relative_to(directory)):
+            (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 

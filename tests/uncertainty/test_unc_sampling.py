@@ -254,7 +254,8 @@ def test_classification_result_fields():
 def test_heteroscedastic_regression_keeps_both_terms():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))  # mean, log-variance
-    res = mc_predict(model, torch.randn(7, 3), samples=10, seed=0, task="regression", output_transform=split_mean_logvar)
+    res = mc_predict(model, torch.randn(7, 3), samples=10, seed=0, task="regression",
+                     output_transform=split_mean_logvar)
     means, logvar = res.outputs[..., :1], res.outputs[..., 1:]
     assert torch.allclose(res.aleatoric, logvar.exp().mean(0))
     assert torch.allclose(res.epistemic, means.var(0, unbiased=False))
