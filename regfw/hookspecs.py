@@ -59,7 +59,7 @@ def regfw_classify_module(module: nn.Module, path: str) -> str | None:
 
 
 @hookspec
-def regfw_stochastic_types() -> Sequence[type]:
+def regfw_stochastic_types() -> Sequence[type]:  # type: ignore[empty-body]  # a spec: pluggy never runs its body
     """Return module types that Monte Carlo dropout must switch to training mode.
 
     Called when MC dropout prepares a model. torch's dropout modules and every

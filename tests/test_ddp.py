@@ -95,7 +95,8 @@ uncertainty: {enabled: true, samples: 8, plots: false}
 trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
 """
 # The second launch runs the two variants the first cannot hold, in their places.
-CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}", "alpha_dropout: {input: 0.05, hidden: 0}")
+CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}",
+                                  "alpha_dropout: {input: 0.05, hidden: 0}")
                    .replace("dropblock: {conv: 0.1, block_size: 3}", "spatial_dropout: {conv: 0.1}")
                    .replace("dropout: {input: 0, hidden: 0.3, conv: 0, recurrent: 0}", "concrete_dropout: {input: 0}")
                    .replace("adaptive_dropout: {patience: 1}", "adaptive_dropout: {patience: 1, kinds: [conv]}"))

@@ -69,7 +69,8 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                 for alias in node.names:  # `from regfw.uncertainty import sampling` imports a module
                     full = f"{source}.{alias.name}"
                     targets.add(full if full in mods else resolve(source))
-            elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "import_module"
+            elif (isinstance(node, ast.Call)
+                  and getattr(node.func, "id", getattr(node.func, "attr", "")) == "import_module"
                   and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
                 targets.add(resolve(node.args[0].value))
         graph[module] = {t for t in targets if t is not None and t != module}

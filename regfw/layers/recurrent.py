@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ __all__ = [
     "remove_weight_drop",
 ]
 
-SequenceInput = Union[Tensor, PackedSequence, tuple]
+SequenceInput = Tensor | PackedSequence | tuple
 
 #: Name of the child module that :func:`apply_weight_drop` adds to an RNN.
 WEIGHT_DROP_ATTR = "weight_drop"
@@ -66,9 +66,9 @@ def _locked_tensor(x: Tensor, p: float, batch_first: bool) -> Tensor:
     if x.dim() == 2:  # one unbatched sequence (L, F), as nn.LSTM accepts
         shape = (1,) + tuple(x.shape[1:])
     elif x.dim() >= 3:
-        shape = list(x.shape)
-        shape[1 if batch_first else 0] = 1
-        shape = tuple(shape)
+        dims = list(x.shape)
+        dims[1 if batch_first else 0] = 1
+        shape = tuple(dims)
     else:
         raise ValueError(
             "locked_dropout expects a sequence of shape (B, T, F) (batch_first=True), (T, B, F) "
@@ -109,7 +109,9 @@ def locked_dropout(
             raise ValueError("locked_dropout got an empty tuple; expected (output, hidden)")
         return (locked_dropout(x[0], p, training, batch_first),) + tuple(x[1:])
     if not isinstance(x, Tensor):
-        raise TypeError(f"locked_dropout expects a Tensor, PackedSequence or (output, hidden) tuple, got {type(x).__name__}")
+        raise TypeError(
+            f"locked_dropout expects a Tensor, PackedSequence or (output, hidden) tuple, got {type(x).__name__}"
+        )
     if p == 1.0:
         return zeros_like_graph(x)
     return _locked_tensor(x, p, batch_first)

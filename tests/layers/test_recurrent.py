@@ -201,10 +201,10 @@ def test_no_warnings_and_flatten_parameters_works():
 def test_flat_weights_are_restored_after_forward_even_on_error():
     lstm = apply_weight_drop(nn.LSTM(4, 8, batch_first=True), 0.5).train()
     _run(lstm, torch.randn(2, 5, 4))
-    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names, strict=True))
     with pytest.raises(RuntimeError):
         lstm(torch.randn(2, 5, 3))  # wrong feature size
-    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names, strict=True))
 
 
 def test_applying_twice_updates_the_rate_without_duplicate_hooks_and_remove_undoes():

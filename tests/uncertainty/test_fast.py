@@ -342,7 +342,8 @@ def test_cache_does_not_keep_the_model_alive():
 
 def test_budget_chunks_replay_and_prefix_without_changing_values():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Dropout(0.5)).eval()
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8),
+                          nn.Dropout(0.5)).eval()
     x = torch.randn(40, 16)
     ref = samples(model, x, "auto", 10, budget_bytes=None)
     split = split_model(model, x)
