@@ -3,26 +3,42 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The zoo (tests/zoo/) runs real torchvision and timm models; torchvision needs a newer torch than the main
+# environment's, so the zoo has its own environment, pinned by constraints-zoo.txt.
+ZOO_VENV := .venv-zoo
+ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup setup-zoo test-zoo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/pip install -q -c constraints-zoo.txt -e '.[dev]' torchvision timm
+	touch $(ZOO_STAMP)
+
 setup: $(STAMP)
+
+setup-zoo: $(ZOO_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
 
-# Tests that install into the environment run alone, after the parallel run.
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m "not serial"
-	$(BIN)/python -m pytest -q -m serial
+# Tests that install into the environment run alone, after the parallel run; the zoo runs last, in its own
+# environment.
+test: $(STAMP) $(ZOO_STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo
+	$(BIN)/python -m pytest -q -m serial --ignore=tests/zoo
+	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+
+test-zoo: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) runs build *.egg-info
