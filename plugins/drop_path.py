@@ -75,7 +75,7 @@ class DropPathRegularizer(InjectingRegularizer):
             warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
                           stacklevel=2)
             return []
-        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.name)
+        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.rate_ranges)
         if not top:
             return []
         blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
