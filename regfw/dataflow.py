@@ -132,6 +132,7 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
         self.sources, self.keep = sources, keep
+        self.chain: dict[int, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -150,6 +151,17 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
         if name in _MUL:
             self._gates(inputs)
         out = func(*args, **kwargs)
+        # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
+        # on it counts as a user of that unit
+        origin = self.chain.get(id(inputs[0])) if len(inputs) == 1 else None
+        if origin is not None:
+            self.flow.function_users.setdefault(origin, set()).add(name)
+        elif len(inputs) == 1:
+            origin = self.producer.get(id(inputs[0]))
+        if origin is not None:
+            for t in iter_tensors(out):
+                self.keep.append(t)
+                self.chain[id(t)] = origin
         carried = frozenset().union(*(self.sources.get(id(t), frozenset()) for t in inputs))
         if carried:
             for t in iter_tensors(out):

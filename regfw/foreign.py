@@ -60,7 +60,8 @@ FOREIGN_LAYERS: tuple[ForeignLayer, ...] = (
 
 #: The functional dropout calls a traced forward is watched for.
 FUNCTIONAL_DROPOUT = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
-_FUNCTIONAL_NAMES = {f.__name__ for f in FUNCTIONAL_DROPOUT}
+#: Their names, as a traced forward reports them.
+FUNCTIONAL_NAMES = frozenset(f.__name__ for f in FUNCTIONAL_DROPOUT)
 
 #: Modules found calling functional dropout: module -> (function name, rate). Weak, so a model's
 #: modules are not kept alive by being recorded.
@@ -167,7 +168,7 @@ class _FunctionalWatch(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _FUNCTIONAL_NAMES and self.stack:
+        if name in FUNCTIONAL_NAMES and self.stack:
             host = self.stack[-1]
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             if not isinstance(host, nn.modules.dropout._DropoutNd) and foreign_layer(host) is None:

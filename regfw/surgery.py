@@ -300,6 +300,11 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         anchor, existing, skipped = after_anchor(mm, info.path)
         if anchor in mm.gates:
             continue
+        if existing is None:
+            functional = _functional_dropout_row(reg, mm, info, anchor, rate, reason)
+            if functional is not None:
+                items.extend(functional)
+                continue
         if existing is not None:
             seen.add(existing)
         nonlinear = _functional_nonlinearity(mm, anchor) if existing is None else None
@@ -331,6 +336,30 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
             stacklevel=3,
         )
     return items
+
+
+def _functional_dropout_row(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, anchor: str, rate: float,
+                            reason: str) -> list[PlanItem] | None:
+    """Rows for a layer whose output goes straight into a functional dropout (``F.dropout(self.fc(x),
+    self.p, self.training)``): that call is the existing dropout of the place, so nothing is
+    inserted; its rate is set where the host keeps it in an attribute (``existing: override``), and
+    a note says so where it is a constant in the code. None when there is no such call."""
+    if not mm.flow.function_users.get(anchor, set()) & foreign.FUNCTIONAL_NAMES:
+        return None
+    hosts = [(p, m, name, p_) for p, m, name, p_ in foreign.functional_hosts(mm.model)
+             if not p or anchor.startswith(p + ".")]
+    if not hosts:
+        return None
+    path, host, fname, was = max(hosts, key=lambda h: len(h[0]))
+    what = f"F.{fname} in {type(host).__name__}.forward (existing)"
+    if getattr(reg.config, "existing", "override") == "keep":
+        return []
+    if foreign.rate_attr(host) is None:
+        return [PlanItem(reg.name, info.path, info.kind, what, was,
+                         reason + f"; existing functional dropout with its rate {was:g} fixed in the code, kept",
+                         action="note")]
+    return [PlanItem(reg.name, info.path, info.kind, what, rate, reason + "; existing dropout, rate overridden",
+                     action="set", anchor=path)]
 
 
 def _functional_nonlinearity(mm: ModelMap, anchor: str) -> str | None:
