@@ -94,7 +94,7 @@ class AttentionDropout(InjectingRegularizer):
 
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
         for item in items:
-            if item.action != "set":
+            if item.action != "set" or item.anchor is None or item.rate is None:
                 continue
             target = model.get_submodule(item.anchor)
             if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop

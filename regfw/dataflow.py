@@ -393,6 +393,9 @@ class ResidualSite:
     shortcut: str
     anchor: str | None
     problem: str | None = None
+    #: The module producing the shortcut operand (a projection's BatchNorm), if any: the residual
+    #: stream itself, which never gets dropout.
+    shortcut_module: str | None = None
 
 
 def _ancestors(node: torch.fx.Node, cache: dict) -> frozenset:
@@ -465,7 +468,9 @@ def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[R
             continue  # no branch to tell from the shortcut (e.g. two parallel branches)
         branch, shortcut = (a, b) if own_a > own_b else (b, a)
         anchor, problem = _branch_anchor(branch, modules, module_calls)
-        sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem))
+        short = _module_producer(shortcut)
+        sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem,
+                                  short.target if short is not None else None))
     return sites
 
 

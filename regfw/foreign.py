@@ -13,7 +13,7 @@ torch's dropout family (``nn.Dropout*``,   ``p``           type (``nn.modules.dr
 torchvision ``StochasticDepth``            ``p``           class name and module path (``torchvision.``)
 timm ``DropPath``                          ``drop_prob``   class name and module path (``timm.``)
 timm ``DropBlock2d``                       ``drop_prob``   class name and module path (``timm.``)
-``F.dropout``, ``F.dropout1d/2d/3d``,      the call's      a forward (:func:`watch_functional_dropout`) 
+``F.dropout``, ``F.dropout1d/2d/3d``,      the call's      a forward (:func:`watch_functional_dropout`)
 ``F.alpha_dropout``,                       ``p``
 ``F.feature_alpha_dropout`` in a forward
 ========================================== =============== ===========================================

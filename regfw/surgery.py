@@ -28,7 +28,7 @@ from torch import nn
 
 from regfw import foreign, structure
 from regfw import kinds as K
-from regfw.dataflow import Dataflow, ResidualAnalysis, build_dataflow
+from regfw.dataflow import FUNCTION, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,8 +298,8 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
         anchor, existing, skipped = after_anchor(mm, info.path)
-        if anchor in mm.gates:
-            continue
+        if anchor in mm.gates or anchor in _shortcuts(mm):
+            continue  # a gate, or the projection shortcut of a residual block (the residual stream)
         if existing is None:
             functional = _functional_dropout_row(reg, mm, info, anchor, rate, reason)
             if functional is not None:
@@ -338,6 +338,14 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
     return items
 
 
+def _shortcuts(mm: ModelMap) -> set[str]:
+    """Modules whose output is only the shortcut operand of a residual add (the projection of a
+    downsampling block): dropout there would drop the shortcut and not the branch."""
+    sites, _error = mm.residuals.result
+    return {s.shortcut_module for s in sites
+            if s.shortcut_module and mm.flow.successors.get(s.shortcut_module) in (None, [FUNCTION])}
+
+
 def _functional_dropout_row(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, anchor: str, rate: float,
                             reason: str) -> list[PlanItem] | None:
     """Rows for a layer whose output goes straight into a functional dropout (``F.dropout(self.fc(x),
@@ -352,13 +360,14 @@ def _functional_dropout_row(reg: InjectingRegularizer, mm: ModelMap, info: Layer
         return None
     path, host, fname, was = max(hosts, key=lambda h: len(h[0]))
     what = f"F.{fname} in {type(host).__name__}.forward (existing)"
+    kind = info.kind or K.HIDDEN
     if getattr(reg.config, "existing", "override") == "keep":
         return []
     if foreign.rate_attr(host) is None:
-        return [PlanItem(reg.name, info.path, info.kind, what, was,
+        return [PlanItem(reg.name, info.path, kind, what, was,
                          reason + f"; existing functional dropout with its rate {was:g} fixed in the code, kept",
                          action="note")]
-    return [PlanItem(reg.name, info.path, info.kind, what, rate, reason + "; existing dropout, rate overridden",
+    return [PlanItem(reg.name, info.path, kind, what, rate, reason + "; existing dropout, rate overridden",
                      action="set", anchor=path)]
 
 

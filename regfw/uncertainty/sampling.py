@@ -512,10 +512,11 @@ def check_spread(model: nn.Module, outputs: Tensor, strategy: str) -> None:
     more = f" and {len(named) - 8} more" if len(named) > 8 else ""
     raise RuntimeError(
         f"Monte Carlo dropout ({strategy!r}) drew {outputs.shape[0]} identical samples although these modules "
-        f"have a rate > 0 and should have been random: {names}{more}. A module that stays deterministic in "
-        f"training mode (a fused inference path, dropout applied under a flag regfw does not set) or a custom "
-        f"stochastic layer regfw does not know of causes this: subclass regfw.layers.base.StochasticModule or "
-        f"declare the type through the regfw_stochastic_types hook"
+        f"have a rate > 0 and should have been random: {names}{more}. Either a module stays deterministic in "
+        f"training mode (a fused inference path, dropout applied under a flag regfw does not set, a custom "
+        f"stochastic layer regfw does not know of: subclass regfw.layers.base.StochasticModule or declare the "
+        f"type through the regfw_stochastic_types hook), or what they drop is zero (e.g. a residual branch "
+        f"whose last BatchNorm is zero-initialised, as timm and torchvision do before training)"
     )
 
 

@@ -121,7 +121,9 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("convnext_atto", _timm("convnext_atto", num_classes=10), images, ("dropout", "drop_path")),
     ZooModel("convnext_atto_dp", _timm("convnext_atto", num_classes=10, drop_path_rate=0.1), images,
              ("dropout", "drop_path")),
-    ZooModel("resnet18d", _timm("resnet18d", num_classes=10), images, CNN),
+    # timm zero-initialises the last BatchNorm gamma of every residual branch by default, so at random init
+    # each branch outputs 0 and stochastic depth on it changes nothing; a trained net has non-zero gammas
+    ZooModel("resnet18d", _timm("resnet18d", num_classes=10, zero_init_last=False), images, CNN),
     ZooModel("text_transformer", TextClassifier, tokens, ("dropout", "attention_dropout")),
     ZooModel("lstm_lm", LSTMLanguageModel, tokens, ("dropout", "locked_dropout+dropconnect"),
              output_transform=sequence_logits),
