@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ZOO_VENV := .venv-zoo
 ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test setup setup-zoo test-zoo bench clean
+.PHONY: demo test test-zoo lint setup setup-zoo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	$(PYTHON) -m venv $(ZOO_VENV)
-	$(ZOO_VENV)/bin/pip install -q -c constraints-zoo.txt -e '.[dev]' torchvision timm
+	$(ZOO_VENV)/bin/pip install -q -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm
 	touch $(ZOO_STAMP)
 
 setup: $(STAMP)
@@ -26,6 +26,12 @@ setup-zoo: $(ZOO_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
+
+# Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
+# configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check regfw plugins tests bench templates
+	$(BIN)/mypy
 
 # Tests that install into the environment run alone, after the parallel run; the zoo runs last, in its own
 # environment.

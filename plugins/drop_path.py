@@ -60,9 +60,9 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse, is_path_drop, reuse_existing
+        from regfw.placement import is_path_drop, model_map, reuse_existing
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         sites, error = mm.residuals.result
         if error:
             warnings.warn(f"drop_path: {error}", stacklevel=2)

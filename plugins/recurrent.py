@@ -72,9 +72,9 @@ class DropConnectRegularizer(InjectingRegularizer):
     rate_ranges = {RECURRENT: RateRange(0.2, 0.5, 0.5)}
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse
+        from regfw.placement import model_map
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         rows: list[PlanItem] = []
         rate, reason = self.rate_for(RECURRENT, ctx)
         if not rate:
