@@ -470,7 +470,7 @@ def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[R
         anchor, problem = _branch_anchor(branch, modules, module_calls)
         short = _module_producer(shortcut)
         sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem,
-                                  short.target if short is not None else None))
+                                  str(short.target) if short is not None else None))
     return sites
 
 

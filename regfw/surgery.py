@@ -236,7 +236,8 @@ def after_anchor(mm: ModelMap, path: str) -> tuple[str, str | None, list[str]]:
     reused instead of inserting a second one.
     """
     flow = mm.flow
-    anchor, skipped = path, []
+    anchor = path
+    skipped: list[str] = []
     cursor = path  # walks on through nn.Identity placeholders; the anchor moves only past norms and activations
     while True:
         nxt = flow.next(cursor)

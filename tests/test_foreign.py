@@ -3,11 +3,11 @@ torchvision and timm ones): the Transformer fast path, functional dropout in a f
 as an error, and the messages for outputs MC dropout cannot score as they are."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pytest
 from regfw import foreign
 from regfw.dataflow import call_with_example
 from regfw.plan import apply_plan, make_plan

@@ -66,7 +66,8 @@ OUTPUT_LAYERS = {
 GATE_CLASSES = {"SqueezeExcitation", "SEModule", "SqueezeExcite", "EffectiveSEModule"}
 QKV = {"qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj"}
 
-CASES = [pytest.param(name, variant, id=f"{name}-{variant}") for name, entry in ZOO.items() for variant in entry.variants]
+CASES = [pytest.param(name, variant, id=f"{name}-{variant}")
+         for name, entry in ZOO.items() for variant in entry.variants]
 #: Checked on its own (below): auto reuses DropConnect weight masks there (issue 13, item 2).
 AUTO_APART = {("lstm_lm", "locked_dropout+dropconnect")}
 
