@@ -132,3 +132,13 @@ def test_example_input_forms_and_the_message_for_others():
     with pytest.raises(TypeError, match=r"example_input: got int, expected a tensor \(one input batch\), a tuple "
                                         r"of positional arguments, a dict of keyword arguments or a list"):
         call_with_example(m, 3)
+
+
+def test_a_list_example_input_to_the_lightning_module_says_what_is_accepted():
+    from regfw.module import RegularizedModule
+
+    with pytest.raises(TypeError, match=r"example_input: got list, expected one input batch as a tensor.*"
+                                        r"make_plan\(model, regularizers, example_input=\.\.\.\), which accepts a "
+                                        r"tensor, a tuple of positional arguments, a dict of keyword arguments "
+                                        r"or a list"):
+        RegularizedModule(nn.Linear(3, 2), regularizers={"dropout": {}}, example_input=[torch.zeros(3)])
