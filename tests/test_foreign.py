@@ -142,3 +142,19 @@ def test_a_list_example_input_to_the_lightning_module_says_what_is_accepted():
                                         r"tensor, a tuple of positional arguments, a dict of keyword arguments "
                                         r"or a list"):
         RegularizedModule(nn.Linear(3, 2), regularizers={"dropout": {}}, example_input=[torch.zeros(3)])
+
+
+def test_attention_dropout_that_finds_nothing_names_the_attention_like_modules_it_saw():
+    class MyAttention(nn.Module):  # attention by name only: no q/k/v children, no attn_drop
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mix(x)
+
+    model = nn.Sequential(MyAttention(), nn.Linear(4, 2))
+    regs = build_regularizers({"attention_dropout": {}})
+    plan = make_plan(model, regs, example_input=torch.randn(2, 4))
+    assert any("found no attention layer in Sequential; nothing was changed; attention-like modules seen: "
+               "MyAttention" in w for w in plan.warnings), plan.warnings

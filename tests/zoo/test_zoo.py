@@ -226,3 +226,18 @@ def test_the_readme_plans_are_lines_of_the_snapshots() -> None:
     snapshots = {line for f in SNAPSHOTS.glob("*.txt") for line in f.read_text().splitlines()}
     missing = [line for line in shown if line not in snapshots]
     assert not missing, f"README plan lines not in any tests/zoo snapshot: {missing}"
+
+
+def test_planning_a_torch_model_imports_neither_timm_nor_torchvision() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from torch import nn; from regfw.plan import make_plan; "
+            "from regfw.registry import build_regularizers; from regfw.uncertainty import mc_predict; "
+            "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)); "
+            "regs = build_regularizers({'dropout': {}, 'drop_path': {}}); x = torch.randn(3, 4); "
+            "make_plan(m, regs, example_input=x); m.append(nn.Dropout(0.2)); mc_predict(m, x, samples=2, seed=0); "
+            "print(sorted(k for k in ('timm', 'torchvision') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
