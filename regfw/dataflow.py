@@ -444,8 +444,17 @@ def _block_of(node: torch.fx.Node) -> str:
 
 
 def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[ResidualSite]:
-    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it."""
-    graph = fx_trace(model, leaves)
+    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it.
+
+    The model is traced in eval mode (flags restored after), as the example-input trace runs, so a
+    forward that counts or changes state only while training is not touched by planning."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        graph = fx_trace(model, leaves)
+    finally:
+        for m, flag in flags:
+            m.training = flag
     modules = dict(model.named_modules())
     module_calls: dict[str, int] = {}
     for node in graph.nodes:
