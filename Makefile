@@ -3,15 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The zoo (tests/zoo/) runs real torchvision and timm models; torchvision needs a newer torch than the main
+# environment's, so the zoo has its own environment, pinned by constraints-zoo.txt.
+ZOO_VENV := .venv-zoo
+ZOO_STAMP := $(ZOO_VENV)/.installed
 
-.PHONY: demo test lint setup bench bench-peers clean
+.PHONY: demo test test-zoo lint setup setup-zoo bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/pip install -q -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm
+	touch $(ZOO_STAMP)
+
 setup: $(STAMP)
+
+setup-zoo: $(ZOO_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
@@ -22,17 +33,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check regfw plugins tests bench templates
 	$(BIN)/mypy
 
-# Tests that install into the environment run alone, after the parallel run.
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m "not serial"
-	$(BIN)/python -m pytest -q -m serial
+# Tests that install into the environment run alone, after the parallel run; the zoo runs last, in its own
+# environment.
+test: $(STAMP) $(ZOO_STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo
+	$(BIN)/python -m pytest -q -m serial --ignore=tests/zoo
+	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+
+test-zoo: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
 # regfw beside torch-uncertainty and BaaL, in an environment of its own: they need torchvision,
 # which imports only beside torch 2.14.1 (both on this machine's disk for pip); constraints-peers.txt.
-# torch-uncertainty imports `lightning` and `rich` without declaring them, so they are listed too.
 # torch-uncertainty imports `lightning` and `rich` without declaring them, so they are installed too.
 PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
@@ -47,4 +62,4 @@ bench-peers: $(PEERS_STAMP)
 	$(PEERS)/bin/python bench/peers.py
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) $(PEERS) runs build *.egg-info

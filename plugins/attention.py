@@ -18,6 +18,7 @@ import regfw
 from regfw.config import rate
 from regfw.kinds import ATTENTION
 from regfw.layers import set_attention_dropout
+from regfw.placement import set_rate
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -45,7 +46,7 @@ class AttentionDropout(InjectingRegularizer):
 
     name = "attention_dropout"
     family = "dropout"
-    description = "sets the dropout of nn.MultiheadAttention / nn.Transformer*Layer (default 0.1)"
+    description = "sets the attention dropout of nn.MultiheadAttention / nn.Transformer*Layer / timm Attention (0.1)"
     Config = AttentionDropoutConfig
     kinds = (ATTENTION,)
 
@@ -57,6 +58,16 @@ class AttentionDropout(InjectingRegularizer):
         if not rate:
             return []
         rows: list[PlanItem] = []
+        for path in mm.attention:  # attention blocks written outside torch (timm's Attention): their attn_drop
+            module = mm.module(path)
+            slot = module._modules.get("attn_drop")
+            if isinstance(module, (nn.MultiheadAttention, *_TRANSFORMER_LAYERS)) or not isinstance(slot, nn.Dropout):
+                continue
+            if slot.p > 0 and self.config.existing == "keep":
+                continue
+            rows.append(PlanItem(self.name, path, ATTENTION, self.name, rate,
+                                 f"{reason}; attention weights (attn_drop, was {slot.p:g})", action="set",
+                                 anchor=f"{path}.attn_drop"))
         for info in mm.layers:
             if info.kind != ATTENTION:
                 continue
@@ -73,14 +84,23 @@ class AttentionDropout(InjectingRegularizer):
             rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
                                  f"{reason}; {what} (was {was:g})", action="set", anchor=info.path))
         if not rows:
+            seen = sorted({type(m).__name__ for m in model.modules()
+                           if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()})
+            what = (f"; attention-like modules seen: {', '.join(seen)} (none is an nn.MultiheadAttention, an "
+                    f"nn.Transformer*Layer or a block with an attn_drop dropout)") if seen else ""
             warnings.warn(f"regularizer {self.name!r} found no attention layer in {type(model).__name__}; "
-                          f"nothing was changed", stacklevel=2)
+                          f"nothing was changed{what}", stacklevel=2)
         return rows
 
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
         for item in items:
-            if item.action == "set":
-                set_attention_dropout(model.get_submodule(item.anchor), item.rate, self.config.attention_only)
+            if item.action != "set" or item.anchor is None or item.rate is None:
+                continue
+            target = model.get_submodule(item.anchor)
+            if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
+                set_rate(model, item.anchor, item.rate)
+            else:
+                set_attention_dropout(target, item.rate, self.config.attention_only)
 
 
 @regfw.hookimpl

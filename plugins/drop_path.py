@@ -30,7 +30,7 @@ from torch import nn
 
 import regfw
 from regfw.config import rate
-from regfw.kinds import RESIDUAL, choose_rate
+from regfw.kinds import RESIDUAL, choose_rate, transformer_ranges
 from regfw.layers import DropPath, drop_path_schedule
 from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
 from regfw.schedules import RateSchedule
@@ -66,7 +66,7 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement import model_map, reuse_existing
+        from regfw.placement import is_path_drop, model_map, reuse_existing
 
         mm = model_map(model, ctx)
         sites, error = mm.residuals.result
@@ -81,7 +81,11 @@ class DropPathRegularizer(InjectingRegularizer):
             warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
                           stacklevel=2)
             return []
-        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.rate_ranges)
+        family = transformer_ranges(mm)  # a model with attention blocks: the Transformer range
+        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params,
+                               {**family, **self.rate_ranges})
+        if family and self.config.rate is None:
+            why += f"; Transformer range: attention blocks ({mm.attention_summary()})"
         if not top:
             return []
         blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
@@ -99,11 +103,11 @@ class DropPathRegularizer(InjectingRegularizer):
             index = blocks.index(site.block)
             p = rates[index]
             reason = f"{why}; {self.config.depth} depth schedule, block {index + 1} of {len(blocks)}; {where}"
-            if p == 0:
+            existing = site.anchor if is_path_drop(mm.module(site.anchor)) else None  # regfw's, timm's, torchvision's
+            if p == 0 and existing is None:
                 rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, 0.0,
                                      reason + "; rate 0, nothing inserted", action="note"))
                 continue
-            existing = site.anchor if isinstance(mm.module(site.anchor), DropPath) else None
             reused = reuse_existing(self, mm, RESIDUAL, site.anchor, "after", p, reason, existing, site.block)
             if reused is not None:
                 rows.extend(reused)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regfw import tracing
+from regfw import foreign, tracing
 from regfw.tensors import iter_tensors
 
 #: Activations that commute with multiplying a sample by a non-negative factor
@@ -69,9 +69,24 @@ class Dataflow:
     out_dims: dict[str, int] = field(default_factory=dict)
     #: Units in the order a forward pass first calls them (trace and fx only).
     order: list[str] = field(default_factory=list)
+    #: Units whose output is the *gate* operand of an elementwise product (``scale * x`` of a
+    #: squeeze-excitation block, both operands of a gated linear unit ``a * sigmoid(b)``).
+    gates: set[str] = field(default_factory=set)
+    #: Units whose output reaches a model output with no unit with parameters in between (trace only;
+    #: parameterless units and norms pass their sources on).
+    output_sources: set[str] = field(default_factory=set)
+    #: Names of the torch functions each unit's own forward called (trace only).
+    inner_calls: dict[str, set[str]] = field(default_factory=dict)
+    #: Units whose output has the shape of their input (trace only).
+    same_shape: set[str] = field(default_factory=set)
+    #: Names of the functions (outside any unit) that consume each unit's output.
+    function_users: dict[str, set[str]] = field(default_factory=dict)
 
-    def link(self, a: str, b: str) -> None:
-        """Record that ``b`` (a unit, or :data:`FUNCTION`) consumes the output of unit ``a``."""
+    def link(self, a: str, b: str, function: str = "") -> None:
+        """Record that ``b`` (a unit, or :data:`FUNCTION` named ``function``) consumes the output of
+        unit ``a``."""
+        if b == FUNCTION and function:
+            self.function_users.setdefault(a, set()).add(function)
         if b not in self.successors.setdefault(a, []):
             self.successors[a].append(b)
         if b != FUNCTION and a not in self.predecessors.setdefault(b, []):
@@ -103,22 +118,76 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+_MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
+
+
 class _FunctionWatch(torch.overrides.TorchFunctionMode):
     """Sees every torch function called outside a unit and marks the units whose outputs it
-    consumes (``x + a``, ``F.relu(a)``, ``a.flatten(1)``)."""
+    consumes (``x + a``, ``F.relu(a)``, ``a.flatten(1)``); records the functions a unit calls
+    itself, the gate operands of elementwise products, and which units each tensor comes from
+    without a unit with parameters in between (``sources``)."""
 
-    def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int]) -> None:
+    def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
+                 sources: dict[int, frozenset], keep: list) -> None:
         super().__init__()
-        self.flow, self.producer, self.depth = flow, producer, depth
+        self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
+        self.sources, self.keep = sources, keep
+        self.chain: dict[int, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth[0] == 0 and getattr(func, "__name__", "") not in _METADATA:
-            for t in (*iter_tensors(args), *iter_tensors(kwargs)):
-                src = self.producer.get(id(t))
-                if src is not None:
-                    self.flow.link(src, FUNCTION)
-        return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if self.depth[0] > 0:
+            if self.current and name not in _METADATA:
+                self.flow.inner_calls.setdefault(self.current[-1], set()).add(name)
+            return func(*args, **kwargs)
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        inputs = [*iter_tensors(args), *iter_tensors(kwargs)]
+        for t in inputs:
+            src = self.producer.get(id(t))
+            if src is not None:
+                self.flow.link(src, FUNCTION, name)
+        if name in _MUL:
+            self._gates(inputs)
+        out = func(*args, **kwargs)
+        # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
+        # on it counts as a user of that unit
+        origin = self.chain.get(id(inputs[0])) if len(inputs) == 1 else None
+        if origin is not None:
+            self.flow.function_users.setdefault(origin, set()).add(name)
+        elif len(inputs) == 1:
+            origin = self.producer.get(id(inputs[0]))
+        if origin is not None:
+            for t in iter_tensors(out):
+                self.keep.append(t)
+                self.chain[id(t)] = origin
+        carried = frozenset().union(*(self.sources.get(id(t), frozenset()) for t in inputs))
+        if carried:
+            for t in iter_tensors(out):
+                self.keep.append(t)
+                self.sources[id(t)] = self.sources.get(id(t), frozenset()) | carried
+        return out
+
+    def _gates(self, operands: list[torch.Tensor]) -> None:
+        """``a * b`` of two feature tensors: the broadcast (smaller) operand is the gate; of equal
+        sizes (a gated linear unit), both are."""
+        if len(operands) != 2 or min(t.numel() for t in operands) <= 1:
+            return
+        a, b = operands
+        gates = [a, b] if a.numel() == b.numel() else [min(operands, key=lambda t: t.numel())]
+        for t in gates:
+            src = self.producer.get(id(t))
+            if src is not None:
+                self.flow.gates.add(src)
+
+
+def _weighted(module: nn.Module) -> bool:
+    """A unit with parameters of its own that is not a norm: where a path to an output stops."""
+    from regfw import kinds as K
+
+    norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+    return not norm and K.builtin_kind(module) != K.ACTIVATION and any(True for _ in module.parameters())
 
 
 def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) -> Dataflow:
@@ -126,11 +195,20 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     producer: dict[int, str] = {}
     keep: list[torch.Tensor] = []  # keeps every recorded tensor alive so that ids stay unique
     depth = [0]  # > 0 while a unit runs: its internal functions are not consumers
+    current: list[str] = []
+    sources: dict[int, frozenset] = {}
+    in_sources: dict[str, frozenset] = {}
+    in_shapes: dict[str, tuple] = {}
     handles = []
 
     def pre(path: str):
         def hook(module, args, kwargs):
             depth[0] += 1
+            current.append(path)
+            ts = [*iter_tensors(args), *iter_tensors(kwargs)]
+            in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in ts))
+            if ts:
+                in_shapes[path] = tuple(ts[0].shape)
             flow.calls[path] = flow.calls.get(path, 0) + 1
             if path not in flow.order:
                 flow.order.append(path)
@@ -144,11 +222,19 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     def post(path: str):
         def hook(module, args, output):
             depth[0] -= 1
+            if current:
+                current.pop()
             out = _first_tensor(output)
             if out is not None:
                 keep.append(out)
                 producer[id(out)] = path
                 flow.out_dims.setdefault(path, out.dim())
+                if in_shapes.get(path) == tuple(out.shape):
+                    flow.same_shape.add(path)
+            carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
+            for t in iter_tensors(output):
+                keep.append(t)
+                sources[id(t)] = carried
         return hook
 
     for path, module in units.items():
@@ -159,16 +245,34 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), _FunctionWatch(flow, producer, depth):
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
+        with torch.no_grad(), foreign.watch_functional_dropout(model), \
+                _FunctionWatch(flow, producer, depth, current, sources, keep):
+            output = call_with_example(model, example_input)
+        for t in iter_tensors(output):
+            flow.output_sources |= sources.get(id(t), frozenset())
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return flow
+
+
+def call_with_example(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input: a tensor is one batch (``model(x)``), a tuple is the
+    positional arguments (``model(*x)``), a dict the keyword arguments (``model(**x)``), and a list
+    one argument (``model([img1, img2])``, as torchvision detection models take); anything else is a
+    ``TypeError`` saying what is accepted."""
+    if isinstance(example_input, torch.Tensor) or isinstance(example_input, list):
+        return model(example_input)
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    raise TypeError(
+        f"example_input: got {type(example_input).__name__}, expected a tensor (one input batch), a tuple of "
+        f"positional arguments, a dict of keyword arguments or a list (one argument, e.g. a detection "
+        f"model's list of images)"
+    )
 
 
 def fx_trace(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> torch.fx.Graph:
@@ -211,7 +315,10 @@ def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
                 elif user.op == "call_function" and user.target is operator.getitem and out is node:
                     continue  # output[k], k != 0, of a tuple: not the value hooks change
                 else:
-                    flow.link(node.target, FUNCTION)
+                    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                    flow.link(node.target, FUNCTION, name)
+                    if name in _MUL:  # no sizes without an example input: every operand counts as a gate
+                        flow.gates.add(node.target)
     return flow
 
 
@@ -276,6 +383,9 @@ class ResidualSite:
     shortcut: str
     anchor: str | None
     problem: str | None = None
+    #: The module producing the shortcut operand (a projection's BatchNorm), if any: the residual
+    #: stream itself, which never gets dropout.
+    shortcut_module: str | None = None
 
 
 def _ancestors(node: torch.fx.Node, cache: dict) -> frozenset:
@@ -324,8 +434,17 @@ def _block_of(node: torch.fx.Node) -> str:
 
 
 def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[ResidualSite]:
-    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it."""
-    graph = fx_trace(model, leaves)
+    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it.
+
+    The model is traced in eval mode (flags restored after), as the example-input trace runs, so a
+    forward that counts or changes state only while training is not touched by planning."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        graph = fx_trace(model, leaves)
+    finally:
+        for m, flag in flags:
+            m.training = flag
     modules = dict(model.named_modules())
     module_calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -348,7 +467,9 @@ def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[R
             continue  # no branch to tell from the shortcut (e.g. two parallel branches)
         branch, shortcut = (a, b) if own_a > own_b else (b, a)
         anchor, problem = _branch_anchor(branch, modules, module_calls)
-        sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem))
+        short = _module_producer(shortcut)
+        sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem,
+                                  str(short.target) if short is not None else None))
     return sites
 
 

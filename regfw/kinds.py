@@ -78,6 +78,22 @@ RATE_TABLE: dict[str, RateRange] = {
     EMBEDDING: RateRange(0.05, 0.2, 0.1),
 }
 
+#: The Transformer range: hidden, residual and existing-dropout rates of a model with attention
+#: blocks (Vaswani et al. 2017 use P_drop = 0.1; timm and DeiT keep dropout and drop path <= 0.1, and
+#: ViTs trained on large data use 0). Replaces the hidden/conv/residual rows for such a model.
+TRANSFORMER_RANGE = RateRange(0.0, 0.1, 0.1)
+#: The kinds whose rows the Transformer range replaces.
+TRANSFORMER_KINDS: tuple[str, ...] = (HIDDEN, CONV, RESIDUAL)
+
+
+def transformer_ranges(model_map: object) -> dict[str, RateRange]:
+    """The Transformer range for :data:`TRANSFORMER_KINDS` when the analysed model (a
+    :class:`regfw.surgery.ModelMap`) has attention blocks, else nothing."""
+    if getattr(model_map, "attention", None):
+        return {kind: TRANSFORMER_RANGE for kind in TRANSFORMER_KINDS}
+    return {}
+
+
 #: A regularizer's own ranges (kind -> range): a :class:`RateRange`, ``(low, high)`` (default
 #: in the middle) or ``(low, high, default)``; see ``Regularizer.rate_ranges``.
 OwnRanges = Mapping[str, RateRange | tuple[float, ...]]

@@ -100,6 +100,13 @@ class RegularizedModule(pl.LightningModule):
         if on_nan not in ON_NAN:
             raise ConfigError(f"run.on_nan: got {on_nan!r}, expected one of {', '.join(ON_NAN)}.")
         self.batch_format = BatchFormat.coerce(batch)
+        if example_input is not None and not isinstance(example_input, torch.Tensor):
+            raise TypeError(
+                f"example_input: got {type(example_input).__name__}, expected one input batch as a tensor (its shape "
+                f"and dtype are kept for the checkpoint). For a model taking a list (detection) or several "
+                f"arguments, plan it with regfw.plan.make_plan(model, regularizers, example_input=...), which "
+                f"accepts a tensor, a tuple of positional arguments, a dict of keyword arguments or a list"
+            )
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)

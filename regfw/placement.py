@@ -14,7 +14,9 @@ Reading the model:
   (``mm.residuals.result``: ``(sites, error)``).
 * :func:`classify` -- the kind of one module (a plugin's ``regfw_classify_module`` answer first,
   then the built-in type table); :func:`classify_model` -- :func:`analyse`'s layers only.
-* :func:`is_dropout` -- a dropout-family module (torch's and every :class:`regfw.StochasticModule`).
+* :func:`is_dropout` -- a dropout-family module (torch's, every :class:`regfw.StochasticModule`, and the
+  stochastic layers of torchvision and timm, :mod:`regfw.foreign`); :func:`is_path_drop` -- one of them
+  that is stochastic depth (regfw's ``DropPath``, torchvision's ``StochasticDepth``, timm's ``DropPath``).
 
 Choosing the place and changing the model:
 
@@ -49,6 +51,7 @@ from regfw.surgery import (
     injected_name,
     is_dropout,
     is_injected,
+    is_path_drop,
     reuse_existing,
     set_rate,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "injected_name",
     "is_dropout",
     "is_injected",
+    "is_path_drop",
     "model_map",
     "planned_module",
     "reuse_existing",

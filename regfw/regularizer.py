@@ -173,8 +173,12 @@ class InjectingRegularizer(Regularizer):
         explicit = getattr(self.config, kind, None)
         if explicit is None and kind not in K.RATE_TABLE and kind not in self.rate_ranges:
             return None, "no default rate"
-        return K.choose_rate(kind, explicit, getattr(self.config, "policy", "auto"), ctx.n_examples,
-                             ctx.n_params, self.rate_ranges)
+        family = K.transformer_ranges(ctx.model_map)  # a model with attention blocks: 0-0.1
+        rate, why = K.choose_rate(kind, explicit, getattr(self.config, "policy", "auto"), ctx.n_examples,
+                                  ctx.n_params, {**family, **self.rate_ranges})
+        if kind in family and kind not in self.rate_ranges and explicit is None:
+            why += f"; Transformer range: attention blocks ({ctx.model_map.attention_summary()})"
+        return rate, why
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from regfw import foreign, structure
 from regfw import kinds as K
-from regfw.dataflow import Dataflow, ResidualAnalysis, build_dataflow
+from regfw.dataflow import FUNCTION, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,9 +60,22 @@ class ModelMap:
     residuals: ResidualAnalysis
     #: Things the user should know about the analysis itself (e.g. a weaker dataflow source).
     notes: list[str] = field(default_factory=list)
+    #: Units on a gating path (squeeze-excitation, gated linear units): nothing goes after them.
+    gates: set[str] = field(default_factory=set)
+    #: The q/k/v projections of attention blocks: no hidden-layer dropout after them.
+    qkv: set[str] = field(default_factory=set)
+    #: Paths of the attention blocks; a model with any is Transformer-family (:mod:`regfw.structure`).
+    attention: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.by_path = {i.path: i for i in self.layers}
+
+    def attention_summary(self) -> str:
+        """The attention blocks in a few words, for plan reasons."""
+        if not self.attention:
+            return "none"
+        kinds = sorted({type(self.module(p)).__name__ for p in self.attention})
+        return f"{len(self.attention)} x {'/'.join(kinds)}"
 
     def kind(self, path: str) -> str | None:
         info = self.by_path.get(path)
@@ -105,10 +119,20 @@ def is_injected(path: str) -> bool:
 
 
 def is_dropout(module: nn.Module) -> bool:
-    """A dropout-family module: torch's dropout layers and every regfw stochastic layer."""
+    """A dropout-family module: torch's dropout layers, every regfw stochastic layer and the
+    stochastic layers of torchvision and timm (:mod:`regfw.foreign`)."""
     from regfw.layers.base import StochasticModule
 
-    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
+    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule)) or foreign.foreign_layer(module) is not None
+
+
+def is_path_drop(module: nn.Module) -> bool:
+    """Stochastic depth (regfw's ``DropPath``, torchvision's ``StochasticDepth``, timm's ``DropPath``):
+    it drops a residual branch for whole samples, a place of its own, not an activation dropout slot."""
+    from regfw.layers import DropPath
+
+    entry = foreign.foreign_layer(module)
+    return isinstance(module, DropPath) or (entry is not None and entry.what == "path")
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -180,11 +204,21 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
             break
         if _has_own_params(info.module) and info.kind not in (K.NORM, K.SKIP):
             break  # e.g. an embedding consumes the input: no input dropout
-    last = [i for i in called if i.kind in (K.HIDDEN, K.CONV)]
-    if last:
-        last[-1].is_output = True
+    for info in infos:  # activations of any library, by what their forward does
+        if info.kind is None and info.path in units and structure.is_activation(info.path, info.module, flow):
+            info.kind = K.ACTIVATION
+    if flow.output_sources:  # every layer reaching an output with no weight layer in between
+        for info in infos:
+            if info.kind in _LAYER_KINDS and info.path in flow.output_sources:
+                info.is_output = True
+    else:
+        last = [i for i in called if i.kind in (K.HIDDEN, K.CONV)]
+        if last:
+            last[-1].is_output = True
     leaves = tuple(m for p, m in units.items() if p)
-    return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes)
+    attention = [p for p, _ in structure.attention_modules(model) if not is_injected(p)]
+    return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes, gates=structure.gate_units(flow),
+                    qkv=structure.qkv_projections(model), attention=attention)
 
 
 def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:
@@ -202,14 +236,21 @@ def after_anchor(mm: ModelMap, path: str) -> tuple[str, str | None, list[str]]:
     reused instead of inserting a second one.
     """
     flow = mm.flow
-    anchor, skipped = path, []
+    anchor = path
+    skipped: list[str] = []
+    cursor = path  # walks on through nn.Identity placeholders; the anchor moves only past norms and activations
     while True:
-        nxt = flow.next(anchor)
-        if nxt is None or flow.prev(nxt) != anchor or not flow.called_once(nxt):
+        nxt = flow.next(cursor)
+        if nxt is None or flow.prev(nxt) != cursor or not flow.called_once(nxt):
             return anchor, None, skipped
         module = mm.module(nxt)
+        if is_path_drop(module):  # a residual branch's stochastic depth: not this slot
+            return anchor, None, skipped
         if is_dropout(module):
             return anchor, nxt, skipped
+        cursor = nxt
+        if isinstance(module, nn.Identity):
+            continue
         if mm.kind(nxt) not in (K.NORM, K.ACTIVATION):
             return anchor, None, skipped
         anchor = nxt
@@ -235,7 +276,7 @@ def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, ra
         return None
     if getattr(reg.config, "existing", "override") == "keep":
         return []
-    return [PlanItem(reg.name, path, kind, f"{type(mm.module(existing)).__name__} (existing)", rate,
+    return [PlanItem(reg.name, path, kind, f"{foreign.describe(mm.module(existing))} (existing)", rate,
                      reason + "; existing dropout, rate overridden", action="set", anchor=existing)]
 
 
@@ -244,6 +285,7 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
     mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
     items: list[PlanItem] = []
     matched = False  # a layer of one of the kinds exists (it may still get nothing: rate 0, `keep`)
+    seen: set[str] = set()  # existing dropout already given a row
     for info in mm.layers:
         if K.INPUT in reg.kinds and info.is_input:
             matched = True
@@ -251,10 +293,28 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
             continue
         matched = True
+        if info.path in mm.gates or info.path in mm.qkv:
+            continue  # a gating path (SE, GLU) or an attention q/k/v projection: never dropout
         rate, reason = reg.rate_for(info.kind, ctx)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
         anchor, existing, skipped = after_anchor(mm, info.path)
+        if anchor in mm.gates or anchor in _shortcuts(mm):
+            continue  # a gate, or the projection shortcut of a residual block (the residual stream)
+        if existing is None:
+            functional = _functional_dropout_row(reg, mm, info, anchor, rate, reason)
+            if functional is not None:
+                items.extend(functional)
+                continue
+        if existing is not None:
+            seen.add(existing)
+        nonlinear = _functional_nonlinearity(mm, anchor) if existing is None else None
+        if nonlinear:
+            items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), None,
+                                  f"not inserted: the output goes to the function {nonlinear!r} (an activation no "
+                                  f"hook can follow); use an activation module to get dropout after it",
+                                  action="note"))
+            continue
         reused = reuse_existing(reg, mm, info.kind, anchor, "after", rate, reason, existing, info.path)
         if reused is not None:
             items.extend(reused)
@@ -268,6 +328,8 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
             reason += f"; after {', '.join(skipped)}"
         items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), rate, reason,
                               action="after", anchor=anchor, options=_layer_options(info.module)))
+    if K.HIDDEN in reg.kinds:
+        items.extend(_classifier_rows(reg, mm, ctx, seen))
     if not matched:
         warnings.warn(
             f"regularizer {reg.name!r} found no layer of kinds {', '.join(reg.kinds)} in "
@@ -275,6 +337,69 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
             stacklevel=3,
         )
     return items
+
+
+def _shortcuts(mm: ModelMap) -> set[str]:
+    """Modules whose output is only the shortcut operand of a residual add (the projection of a
+    downsampling block): dropout there would drop the shortcut and not the branch."""
+    sites, _error = mm.residuals.result
+    return {s.shortcut_module for s in sites
+            if s.shortcut_module and mm.flow.successors.get(s.shortcut_module) in (None, [FUNCTION])}
+
+
+def _functional_dropout_row(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, anchor: str, rate: float,
+                            reason: str) -> list[PlanItem] | None:
+    """Rows for a layer whose output goes straight into a functional dropout (``F.dropout(self.fc(x),
+    self.p, self.training)``): that call is the existing dropout of the place, so nothing is
+    inserted; its rate is set where the host keeps it in an attribute (``existing: override``), and
+    a note says so where it is a constant in the code. None when there is no such call."""
+    if not mm.flow.function_users.get(anchor, set()) & foreign.FUNCTIONAL_NAMES:
+        return None
+    hosts = [(p, m, name, p_) for p, m, name, p_ in foreign.functional_hosts(mm.model)
+             if not p or anchor.startswith(p + ".")]
+    if not hosts:
+        return None
+    path, host, fname, was = max(hosts, key=lambda h: len(h[0]))
+    what = f"F.{fname} in {type(host).__name__}.forward (existing)"
+    kind = info.kind or K.HIDDEN
+    if getattr(reg.config, "existing", "override") == "keep":
+        return []
+    if foreign.rate_attr(host) is None:
+        return [PlanItem(reg.name, info.path, kind, what, was,
+                         reason + f"; existing functional dropout with its rate {was:g} fixed in the code, kept",
+                         action="note")]
+    return [PlanItem(reg.name, info.path, kind, what, rate, reason + "; existing dropout, rate overridden",
+                     action="set", anchor=path)]
+
+
+def _functional_nonlinearity(mm: ModelMap, anchor: str) -> str | None:
+    """The name of a functional nonlinearity (``F.gelu``) consuming ``anchor``'s output, when it does
+    not commute with a dropout mask (every one but ReLU-like functions)."""
+    names = mm.flow.function_users.get(anchor, set()) & structure.NONLINEAR
+    names -= {"relu", "relu_", "leaky_relu", "threshold"}
+    return sorted(names)[0] if names else None
+
+
+def _classifier_rows(reg: InjectingRegularizer, mm: ModelMap, ctx: PlanContext, seen: set[str]) -> list[PlanItem]:
+    """Existing dropout directly before an output layer (a classifier's ``Dropout -> Linear``) is the
+    hidden slot of that head, whatever precedes it, so every model's classifier dropout gets the
+    hidden rate (``override``) or is kept (``keep``)."""
+    rows: list[PlanItem] = []
+    for info in mm.layers:
+        if not info.is_output:
+            continue
+        before = mm.flow.prev(info.path)
+        if (before is None or before in seen or not is_dropout(mm.module(before)) or is_path_drop(mm.module(before))
+                or mm.flow.next(before) != info.path):
+            continue
+        rate, reason = reg.rate_for(K.HIDDEN, ctx)
+        if not rate:
+            continue
+        seen.add(before)
+        reused = reuse_existing(reg, mm, K.HIDDEN, before, "after", rate,
+                                reason + f"; dropout before output layer {info.path}", before, info.path)
+        rows.extend(reused or [])
+    return rows
 
 
 def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
@@ -323,8 +448,9 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
 
 
 def set_rate(model: nn.Module, path: str, rate: float) -> None:
-    """Set the rate ``p`` of the dropout module at ``path`` (a ``set`` row)."""
-    model.get_submodule(path).p = rate
+    """Set the rate of the dropout module at ``path`` (a ``set`` row): ``p``, or timm's ``drop_prob``
+    (:func:`regfw.foreign.set_rate`)."""
+    foreign.set_rate(model.get_submodule(path), rate)
 
 
 def apply_insertions(reg: InjectingRegularizer, model: nn.Module, items: list[PlanItem]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from regfw import foreign
 from regfw.layers.base import StochasticModule
 from regfw.tensors import iter_tensors, split_mean_variance
 from regfw.uncertainty.summaries import (
@@ -133,8 +134,10 @@ def stochastic_types() -> tuple[type, ...]:
 
 
 def _rate_is_zero(module: nn.Module) -> bool:
-    """True when the module has a rate attribute ``p`` and every rate in it is 0."""
-    p = module.dropout if isinstance(module, nn.MultiheadAttention) else getattr(module, "p", None)
+    """True when the module has a rate attribute (``p``, timm's ``drop_prob``, ...) and every rate
+    in it is 0."""
+    attr = foreign.rate_attr(module)
+    p = foreign.get_rate(module) if attr is None else getattr(module, attr, None)
     if p is None:
         return False
     if isinstance(p, Tensor):
@@ -151,10 +154,11 @@ def is_stochastic(module: nn.Module, types: tuple[type, ...] | None = None) -> b
     """Whether ``module`` is random in training mode: a dropout-family type with a rate > 0.
 
     ``types`` defaults to :func:`stochastic_types` (pass it when testing many modules, to ask
-    the plugins once). Matching is by type (``isinstance``), never by class name.
+    the plugins once). Matching is by type (``isinstance``), and for the stochastic layers of
+    torchvision and timm (which are not imported) by class and package (:mod:`regfw.foreign`).
     """
     types = stochastic_types() if types is None else types
-    return isinstance(module, types) and not _rate_is_zero(module)
+    return (isinstance(module, types) or foreign.is_foreign_stochastic(module)) and not _rate_is_zero(module)
 
 
 def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -169,7 +173,8 @@ def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _dropout_family(model: nn.Module) -> list[tuple[str, nn.Module]]:
     types = stochastic_types()
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, types) or foreign.is_foreign_stochastic(m)]
 
 
 def _require_stochastic(model: nn.Module) -> list[nn.Module]:
@@ -201,16 +206,20 @@ def mc_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Ite
     """Put only the stochastic modules of ``model`` in training mode, all others in eval.
 
     BatchNorm and every other non-stochastic module stay in eval mode (running statistics
-    used, never updated). On exit -- also when an exception is raised -- every module's
+    used, never updated). Modules that are random only through their own flag
+    (:func:`regfw.foreign.mc_train_modules`: ``nn.TransformerEncoderLayer``'s fused fast path,
+    timm's fused attention, functional-dropout hosts) are put in training mode as well, whatever
+    ``modules`` says, so every strategy samples them. On exit -- also when an exception is raised -- every module's
     previous ``training`` flag is restored exactly. ``modules`` overrides the set switched on
     (default :func:`stochastic_modules`). Yields the list of modules switched on.
     """
     saved = [(m, m.training) for m in model.modules()]
     try:
         stoch = [m for _, m in stochastic_modules(model)] if modules is None else list(modules)
-        on = {id(m) for m in stoch}
+        hosts = [m for _, m in foreign.mc_train_modules(model)]
+        on = {id(m) for m in (*stoch, *hosts)}
         model.eval()
-        for m in stoch:
+        for m in (*stoch, *hosts):
             m.train(True)
         for m in model.modules():  # undo train(True) reaching non-stochastic children
             if m.training and id(m) not in on:
@@ -310,6 +319,13 @@ def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
+    if isinstance(out, dict):
+        keys = ", ".join(repr(k) for k in out)
+        raise TypeError(
+            f"Monte Carlo sampling needs a model whose forward returns one tensor, got a dict with keys {keys} "
+            f"(as torchvision segmentation models return). Wrap the model so that forward returns the tensor "
+            f"to sample, e.g. forward(x) = model(x)[{next(iter(out), 'out')!r}]."
+        )
     if not isinstance(out, Tensor):
         raise TypeError(
             f"Monte Carlo sampling needs a model whose forward returns one tensor, got "
@@ -379,7 +395,7 @@ def batched_strategy(
     one mask per forward pass) runs as ``loop`` instead: repeated rows in one pass would all see
     the same mask, giving T copies of one sample.
     """
-    if any(getattr(m, "batch_shared", False) for _, m in stochastic_modules(model)):
+    if any(getattr(m, "batch_shared", False) or foreign.is_batch_shared(m) for _, m in stochastic_modules(model)):
         return loop_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw)
     b = inputs.shape[0]
     total = samples * b
@@ -489,6 +505,24 @@ class MCResult:
             raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}") from None
 
 
+def check_spread(model: nn.Module, outputs: Tensor, strategy: str) -> None:
+    """Raise when T samples are all identical although some stochastic module has a rate > 0:
+    those modules were not random, and zero variance must never be reported silently."""
+    if outputs.shape[0] < 2 or outputs.numel() == 0 or not bool(torch.all(outputs == outputs[:1])):
+        return
+    named = [(p or "<model>", m) for p, m in stochastic_modules(model)]
+    names = ", ".join(f"{p} ({type(m).__name__}, rate {foreign.get_rate(m)})" for p, m in named[:8])
+    more = f" and {len(named) - 8} more" if len(named) > 8 else ""
+    raise RuntimeError(
+        f"Monte Carlo dropout ({strategy!r}) drew {outputs.shape[0]} identical samples although these modules "
+        f"have a rate > 0 and should have been random: {names}{more}. Either a module stays deterministic in "
+        f"training mode (a fused inference path, dropout applied under a flag regfw does not set, a custom "
+        f"stochastic layer regfw does not know of: subclass regfw.layers.base.StochasticModule or declare the "
+        f"type through the regfw_stochastic_types hook), or what they drop is zero (e.g. a residual branch "
+        f"whose last BatchNorm is zero-initialised, as timm and torchvision do before training)"
+    )
+
+
 OutputTransform = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
 
@@ -521,6 +555,20 @@ def _summarise(
         logits = apply(outputs)
         if isinstance(logits, (tuple, list)):
             raise TypeError("for classification, output_transform must return one tensor of logits")
+        if logits.dim() == 4:
+            raise ValueError(
+                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
+                f"{tuple(logits.shape)}: per-position logits [B, L, V] of a sequence model. Score every "
+                f"position as its own prediction with output_transform=lambda o: o.reshape(o.shape[0], -1, "
+                f"o.shape[-1]) ([T, B*L, V]), or reduce to one [B, V] per sequence in the model"
+            )
+        if logits.dim() == 5:
+            raise ValueError(
+                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
+                f"{tuple(logits.shape)}: per-pixel logits [B, C, H, W] of a segmentation model. Score every "
+                f"pixel with output_transform=lambda o: o.movedim(2, -1).reshape(o.shape[0], -1, o.shape[2]) "
+                f"([T, B*H*W, C])"
+            )
         if logits.dim() != 3:
             raise ValueError(
                 f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
@@ -585,6 +633,8 @@ def mc_predict(
     Raises:
         ValueError: ``samples < 2``; no stochastic module with a rate > 0 in ``model``;
             unknown ``task`` or ``strategy``.
+        RuntimeError: all T samples identical although some module has a rate > 0 (the
+            message names those modules).
     """
     samples = _check_samples(samples)
     if task not in TASKS:
@@ -593,14 +643,18 @@ def mc_predict(
         raise ValueError("tau (noise precision) applies to task='regression' only")
     name = resolve_strategy(strategy)
     fn = STRATEGIES[name]
-    stoch = _require_stochastic(model)
     used_seed = _resolve_seed(seed, generator)
     with torch.no_grad(), isolated_rng(used_seed, _devices(model, inputs)):
         det = None
         joint = WITH_DETERMINISTIC.get(name) if deterministic else None
-        if deterministic and joint is None:  # inside the fork too, in case a module is random even in eval mode
-            with eval_mode(model):
+        # inside the fork too, in case a module is random even in eval mode; the eval pass also
+        # finds F.dropout calls inside a forward (one row is run for that when it is not wanted)
+        with eval_mode(model), foreign.watch_functional_dropout(model):
+            if deterministic and joint is None:
                 det = _forward(model, inputs)
+            elif foreign.needs_scan(model) and isinstance(inputs, Tensor) and inputs.dim() > 0:
+                model(inputs[:1])
+        stoch = _require_stochastic(model)
         with mc_mode(model, stoch):
             if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
                 outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
@@ -609,6 +663,7 @@ def mc_predict(
         if not isinstance(outputs, Tensor) or outputs.dim() < 2 or outputs.shape[0] != samples:
             shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
             raise RuntimeError(f"strategy {name!r} must return a tensor [T={samples}, B, ...], got {shape}")
+        check_spread(model, outputs, name)
         summary, probs, variances = _summarise(task, outputs, det, tau, output_transform)
     return MCResult(
         outputs=outputs,

@@ -1,0 +1,167 @@
+"""The zoo's models: real torchvision, timm and torch definitions with random weights (never a
+download: ``weights=None``, ``pretrained=False``), small inputs (64x64 images, batch 4).
+
+Random-init torchvision mobilenet/efficientnet nets give near-constant logits: the BatchNorm
+layers hold their initial statistics (mean 0, variance 1) while the activations they see are far
+from that, and the last layer's tiny initial weights squash what is left. :func:`prepare` fixes
+both the way a trained net would look: BatchNorm statistics from a few random batches (training
+mode, momentum None = a plain average, no gradient step), then the last weight layer scaled so the
+logits spread over a few units. Without it MC spread and auto-vs-loop agreement would be tested
+on outputs that barely move.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+BATCH = 4
+IMAGE = 64
+VOCAB = 50
+SEQ = 12
+
+
+@dataclass
+class ZooModel:
+    """A model of the zoo, how to feed it and which variants apply to it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    example: Callable[[], Any]
+    variants: tuple[str, ...]
+    #: maps the stacked MC outputs [T, B, ...] to [T, B', C] logits (sequence / per-pixel models)
+    output_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the model returns a dict: the key to sample
+    output_key: str | None = None
+    prepare: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+def images() -> torch.Tensor:
+    return torch.randn(BATCH, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+class TextClassifier(nn.Module):
+    """Embedding -> nn.TransformerEncoder (2 layers, dropout 0.1) -> mean over tokens -> Linear."""
+
+    def __init__(self, d_model: int = 32, classes: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class LSTMLanguageModel(nn.Module):
+    """AWD-LSTM style (Merity et al. 2018): Embedding -> 2-layer LSTM -> Linear over the vocabulary;
+    logits [B, L, V]."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.lstm = nn.LSTM(d, d, num_layers=2, batch_first=True)
+        self.decoder = nn.Linear(d, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(x))
+        return self.decoder(out)
+
+
+def sequence_logits(out: torch.Tensor) -> torch.Tensor:
+    """[T, B, L, V] -> [T, B*L, V]: every position is a prediction."""
+    return out.reshape(out.shape[0], -1, out.shape[-1])
+
+
+def pixel_logits(out: torch.Tensor) -> torch.Tensor:
+    """[T, B, C, H, W] -> [T, B*H*W, C]: every pixel is a prediction."""
+    return out.movedim(2, -1).reshape(out.shape[0], -1, out.shape[2])
+
+
+def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kw)
+    return build
+
+
+def _lraspp() -> nn.Module:
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    return lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kw)
+    return build
+
+
+CNN = ("dropout", "spatial_dropout", "dropblock", "drop_path")
+ZOO: dict[str, ZooModel] = {m.name: m for m in (
+    ZooModel("resnet18", _tv("resnet18", num_classes=10), images, CNN),
+    ZooModel("mobilenet_v3_small", _tv("mobilenet_v3_small", num_classes=10), images, CNN, prepare=True),
+    ZooModel("efficientnet_b0", _tv("efficientnet_b0", num_classes=10), images, CNN, prepare=True),
+    ZooModel("lraspp_mobilenet_v3_large", _lraspp, images, ("dropout", "spatial_dropout"),
+             output_transform=pixel_logits, output_key="out", prepare=True),
+    ZooModel("vit_tiny", _timm("vit_tiny_patch16_224", img_size=IMAGE, num_classes=10), images,
+             ("dropout", "drop_path", "attention_dropout")),
+    ZooModel("convnext_atto", _timm("convnext_atto", num_classes=10), images, ("dropout", "drop_path")),
+    ZooModel("convnext_atto_dp", _timm("convnext_atto", num_classes=10, drop_path_rate=0.1), images,
+             ("dropout", "drop_path")),
+    # timm zero-initialises the last BatchNorm gamma of every residual branch by default, so at random init
+    # each branch outputs 0 and stochastic depth on it changes nothing; a trained net has non-zero gammas
+    ZooModel("resnet18d", _timm("resnet18d", num_classes=10, zero_init_last=False), images, CNN),
+    ZooModel("text_transformer", TextClassifier, tokens, ("dropout", "attention_dropout")),
+    ZooModel("lstm_lm", LSTMLanguageModel, tokens, ("dropout", "locked_dropout+dropconnect"),
+             output_transform=sequence_logits),
+)}
+
+
+def last_weight_layer(model: nn.Module) -> nn.Module:
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return layers[-1]
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, example: torch.Tensor, batches: int = 3, logit_scale: float = 3.0) -> nn.Module:
+    """BatchNorm statistics from ``batches`` random batches, then the last weight layer scaled so
+    the logits have a standard deviation of about ``logit_scale`` (see the module docstring)."""
+    gen = torch.Generator().manual_seed(2)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+    model.train()
+    for _ in range(batches):
+        model(torch.randn(example.shape, generator=gen))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+    out = model(example)
+    out = out["out"] if isinstance(out, dict) else out
+    layer = last_weight_layer(model)
+    layer.weight.mul_(logit_scale / float(out.std().clamp_min(1e-6)))
+    return model
+
+
+def build(entry: ZooModel, seed: int = 0) -> tuple[nn.Module, Any]:
+    """The model with seeded random weights, in eval mode, and its example input."""
+    torch.manual_seed(seed)
+    model = entry.build()
+    x = entry.example()
+    if entry.prepare:
+        prepare(model, x)
+    return model.eval(), x
