@@ -200,6 +200,29 @@ class OptimizerConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """``uncertainty.calibration:`` post-hoc temperature scaling on held-out training data."""
+
+    enabled: bool = False
+    #: Share of the training split held out for fitting the temperature (never validation data);
+    #: a data module with a ``calibration_dataloader()`` method provides its own split instead.
+    fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive")})
+
+
+@dataclass
+class OODConfig:
+    """``uncertainty.ood:`` an out-of-distribution set scored against the validation set."""
+
+    #: ``heldout_classes``: train and validate on ``in_classes`` only (default: the first half,
+    #: digits 0-4), the validation inputs of the other classes are the OOD set.
+    protocol: Literal["heldout_classes"] | None = None
+    in_classes: list[int] | None = None
+    #: Or any LightningDataModule whose ``val_dataloader()`` yields the OOD inputs.
+    class_path: str | None = None
+    init_args: dict = field(default_factory=dict)
+
+
+@dataclass
 class UncertaintyConfig:
     """``uncertainty:`` Monte Carlo dropout at validation time."""
 
@@ -219,6 +242,15 @@ class UncertaintyConfig:
     tau: float | None = positive(None)
     plots: bool = True
     seed: int = 1234
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ood: OODConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ood, Mapping):  # an optional section: checked here whatever the union handling
+            self.ood = validate_dataclass(OODConfig, self.ood, "uncertainty.ood")
+        if self.ood is not None and (self.ood.protocol is None) == (self.ood.class_path is None):
+            raise ConfigError("uncertainty.ood: set exactly one of protocol (heldout_classes) or class_path "
+                              "(a data module whose val_dataloader() yields the OOD inputs), or remove the section.")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from regfw.uncertainty.calibration import Temperature
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     _check_samples,
@@ -89,8 +90,14 @@ def acquisition_scores(
     strategy: str = "auto",
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     batch_to_input: Callable[[Any], Tensor] | None = None,
+    temperature: float | None = None,
 ) -> Tensor:
-    """The acquisition score of every input, ``[N]`` in dataset order (higher = label first)."""
+    """The acquisition score of every input, ``[N]`` in dataset order (higher = label first).
+
+    ``temperature`` (fitted by :func:`regfw.uncertainty.calibration.fit_temperature`, saved in
+    ``regfw fit`` checkpoints) divides the logits before the softmax, so the scores are those of
+    the calibrated predictive.
+    """
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {list(ACQUISITIONS)}, got {acquisition!r}")
     _check_in_order(dataloader)
@@ -121,6 +128,7 @@ def acquisition_scores(
         result = mc_predict(
             model, x, samples=samples, strategy=strategy, budget_bytes=budget_bytes,
             seed=derive_seed(base, i), task="classification", deterministic=False,
+            output_transform=None if temperature is None else Temperature(float(temperature)),
         )
         out.append(result.score(score_name).detach().double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -137,6 +145,7 @@ def rank(
     strategy: str = "auto",
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     batch_to_input: Callable[[Any], Tensor] | None = None,
+    temperature: float | None = None,
 ) -> Ranked:
     """The ``k`` inputs of ``dataloader`` most worth labelling, by ``acquisition``.
 
@@ -148,6 +157,7 @@ def rank(
         k: how many to return (at most the dataset size).
         samples: MC samples T per input.
         seed: seeds the masks (and the random baseline); None = fresh randomness.
+        temperature: a fitted temperature; the scores are then those of the calibrated model.
 
     Returns:
         :class:`Ranked` ``(indices, scores)``, highest score first; among equal scores the
@@ -157,7 +167,7 @@ def rank(
         raise ValueError(f"k must be an integer >= 1, got k={k!r}")
     scores = acquisition_scores(
         model, dataloader, acquisition, samples, seed,
-        strategy=strategy, budget_bytes=budget_bytes, batch_to_input=batch_to_input,
+        strategy=strategy, budget_bytes=budget_bytes, batch_to_input=batch_to_input, temperature=temperature,
     )
     order = torch.sort(scores, descending=True, stable=True).indices[: min(k, scores.numel())]
     return Ranked(indices=order, scores=scores[order])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,7 @@ __all__ = [
     "interval_calibration_error",
     "MCClassificationMetrics",
     "MCRegressionMetrics",
+    "ProbabilityCalibration",
 ]
 
 #: Probabilities are clamped to at least this before a log.
@@ -352,13 +354,29 @@ class MCClassificationMetrics(Metric):
     higher_is_better = None
     is_differentiable = False
 
+    n: Tensor
+    correct: Tensor
+    det_n: Tensor
+    det_correct: Tensor
+    nll_sum: Tensor
+    brier_sum: Tensor
+    mi_sum: Tensor
+    entropy_sum: Tensor
+    exp_entropy_sum: Tensor
+    vr_sum: Tensor
+    bin_count: Tensor
+    bin_conf: Tensor
+    bin_correct: Tensor
+    scores: list[Tensor]
+    corrects: list[Tensor]
+
     def __init__(
         self,
         n_bins: int = DEFAULT_BINS,
         score: str = "mutual_information",
         threshold: float | None = None,
         refer_fraction: float = 0.1,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.n_bins = n_bins
@@ -374,7 +392,7 @@ class MCClassificationMetrics(Metric):
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("corrects", default=[], dist_reduce_fx="cat")
 
-    def update(self, summary: ClassificationSummary, target: Tensor) -> None:  # type: ignore[override]
+    def update(self, summary: ClassificationSummary, target: Tensor) -> None:
         probs = summary.mean_probs.double()
         target = target.to(probs.device).long().flatten()
         conf, pred = probs.max(-1)
@@ -442,7 +460,9 @@ class MCRegressionMetrics(Metric):
     """Accumulates MC-dropout regression metrics over batches, exact under DDP.
 
     ``update(summary, target)`` takes a :class:`RegressionSummary`. ``compute()`` returns
-    ``rmse, det_rmse, nll`` (Gaussian, total variance, nats per element), ``coverage_50``,
+    ``rmse, det_rmse, nll`` (moment-matched Gaussian, total variance, nats per element),
+    ``nll_mixture`` (the mixture of the T Gaussians, Gal & Ghahramani 2016; NaN unless
+    ``update`` got ``mixture_nll``), ``coverage_50``,
     ``coverage_80``, ... (one per level, the percentage in the name), ``interval_error``
     (mean |coverage - level|), ``mean_variance``, ``mean_aleatoric``, ``mean_epistemic``,
     ``referred_fraction`` and ``retained_rmse`` (the ``refer_fraction`` inputs with the largest
@@ -453,13 +473,27 @@ class MCRegressionMetrics(Metric):
     higher_is_better = None
     is_differentiable = False
 
+    n: Tensor
+    det_n: Tensor
+    se_sum: Tensor
+    det_se_sum: Tensor
+    nll_sum: Tensor
+    mix_n: Tensor
+    mix_nll_sum: Tensor
+    var_sum: Tensor
+    alea_sum: Tensor
+    epi_sum: Tensor
+    covered: Tensor
+    scores: list[Tensor]
+    sq_errors: list[Tensor]
+
     def __init__(
         self,
         levels: Sequence[float] = DEFAULT_LEVELS,
         score: str = "variance",
         threshold: float | None = None,
         refer_fraction: float = 0.1,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _z(levels)  # validate
@@ -468,13 +502,15 @@ class MCRegressionMetrics(Metric):
         self.threshold = threshold
         self.refer_fraction = refer_fraction
         zero = lambda: torch.tensor(0.0, dtype=torch.float64)  # noqa: E731
-        for name in ("n", "det_n", "se_sum", "det_se_sum", "nll_sum", "var_sum", "alea_sum", "epi_sum"):
+        for name in ("n", "det_n", "se_sum", "det_se_sum", "nll_sum", "mix_n", "mix_nll_sum", "var_sum", "alea_sum",
+                     "epi_sum"):
             self.add_state(name, default=zero(), dist_reduce_fx="sum")
         self.add_state("covered", default=torch.zeros(len(self.levels), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("sq_errors", default=[], dist_reduce_fx="cat")
 
-    def update(self, summary: RegressionSummary, target: Tensor) -> None:  # type: ignore[override]
+    def update(self, summary: RegressionSummary, target: Tensor, mixture_nll: Tensor | None = None) -> None:
+        """Add a batch; ``mixture_nll`` (``[B]``, from :meth:`MCResult.nll_mixture`) feeds ``nll_mixture``."""
         mean = summary.mean.double()
         target = target.to(mean.device).double().reshape(mean.shape)
         se = (mean - target) ** 2
@@ -484,6 +520,9 @@ class MCRegressionMetrics(Metric):
             self.det_n += se.numel()
             self.det_se_sum += ((summary.deterministic_mean.double().reshape(mean.shape) - target) ** 2).sum()
         self.nll_sum += _gaussian_nll_elements(mean, summary.variance, target).sum()
+        if mixture_nll is not None:
+            self.mix_n += mixture_nll.numel()
+            self.mix_nll_sum += mixture_nll.detach().double().sum()
         self.var_sum += summary.variance.double().sum()
         self.alea_sum += summary.aleatoric.double().sum()
         self.epi_sum += summary.epistemic.double().sum()
@@ -513,6 +552,7 @@ class MCRegressionMetrics(Metric):
             "rmse": math.sqrt(mean(self.se_sum)) if n else nan,
             "det_rmse": math.sqrt(float(self.det_se_sum) / float(self.det_n)) if float(self.det_n) else nan,
             "nll": mean(self.nll_sum),
+            "nll_mixture": float(self.mix_nll_sum) / float(self.mix_n) if float(self.mix_n) else nan,
             "mean_variance": mean(self.var_sum),
             "mean_aleatoric": mean(self.alea_sum),
             "mean_epistemic": mean(self.epi_sum),
@@ -532,4 +572,50 @@ class MCRegressionMetrics(Metric):
         else:
             out["referred_fraction"] = nan
             out["retained_rmse"] = nan
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+class ProbabilityCalibration(Metric):
+    """NLL, ECE and the reliability bins of ``[B, C]`` probabilities, accumulated over batches.
+
+    Used to compare one prediction before and after temperature scaling; ``compute()`` returns
+    ``{"nll": ..., "ece": ...}`` (0-d float64 tensors, NaN before any update).
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    n: Tensor
+    nll_sum: Tensor
+    bin_count: Tensor
+    bin_conf: Tensor
+    bin_correct: Tensor
+
+    def __init__(self, n_bins: int = DEFAULT_BINS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_bins = n_bins
+        self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("bin_count", "bin_conf", "bin_correct"):
+            self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        probs = probs.double()
+        target = target.to(probs.device).long().flatten()
+        self.n += target.numel()
+        self.nll_sum += _nll_per_sample(probs, target).sum()
+        count, conf_sum, corr_sum = calibration_bins(*_top_label(probs, target), self.n_bins)
+        self.bin_count += count
+        self.bin_conf += conf_sum
+        self.bin_correct += corr_sum
+
+    def reliability(self) -> ReliabilityData:
+        """Reliability-diagram data from the accumulated bins."""
+        return ReliabilityData.from_bins(self.bin_count, self.bin_conf, self.bin_correct)
+
+    def compute(self) -> dict[str, Tensor]:
+        n = float(self.n)
+        out = {"nll": float(self.nll_sum) / n if n else float("nan"),
+               "ece": ece_from_bins(self.bin_count, self.bin_conf, self.bin_correct)}
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}

@@ -473,6 +473,21 @@ class MCResult:
         """Per-input uncertainty score ``[B]``; see the summaries' ``score``."""
         return self.summary.score(name)
 
+    def nll_mixture(self, targets: Tensor, tau: float | None = None) -> Tensor:
+        """Regression: per-input NLL (nats per output element) of ``targets`` under the mixture
+        of the T Gaussians, Gal & Ghahramani's predictive log-likelihood; see
+        :func:`regfw.uncertainty.summaries.mixture_nll_elements`. Uses the predicted variances
+        when the model has them, otherwise ``tau`` (a precision in output units)."""
+        from regfw.uncertainty.summaries import mixture_nll_elements
+
+        if self.task != "regression":
+            raise ValueError("nll_mixture is the regression likelihood; for classification use the mean probabilities")
+        summary = self.summary
+        assert isinstance(summary, RegressionSummary)
+        means = summary.sample_means if summary.sample_means is not None else self.outputs
+        return mixture_nll_elements(means, targets, self.variances if self.variances is not None else None,
+                                    None if self.variances is not None else tau)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "summary":
             raise AttributeError(name)

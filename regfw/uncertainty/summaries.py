@@ -46,6 +46,7 @@ __all__ = [
     "mutual_information",
     "variation_ratio",
     "class_variance",
+    "mixture_nll_elements",
     "SCORES",
 ]
 
@@ -184,6 +185,7 @@ class RegressionSummary:
     aleatoric: Tensor  #: ``[B, D]`` ``E_t sigma_t^2`` or ``1 / tau`` (zeros if neither given)
     epistemic: Tensor  #: ``[B, D]`` population variance of the sample means over T
     deterministic_mean: Tensor | None = None  #: ``[B, D]`` eval-mode output
+    sample_means: Tensor | None = None  #: ``[T, B, D]`` the sampled means (for the mixture likelihood)
 
     @property
     def std(self) -> Tensor:
@@ -243,4 +245,45 @@ def regression_summary(
         aleatoric=aleatoric,
         epistemic=epistemic,
         deterministic_mean=deterministic_mean,
+        sample_means=means,
     )
+
+
+def mixture_nll_elements(
+    means: Tensor, target: Tensor, variances: Tensor | None = None, tau: float | None = None
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under the equal-weight mixture of the T Gaussians.
+
+    Gal & Ghahramani 2016 (eq. 8, and their UCI tables) score MC dropout by the log of the
+    mixture density, not of a moment-matched Gaussian::
+
+        log p(y) = logsumexp_t log N(y; mu_t, sigma_t^2) - log T
+
+    ``means`` is ``[T, B, ...]``; ``sigma_t^2`` is ``variances`` (same shape, predicted per
+    sample) or ``1 / tau``. ``tau`` is a precision in the units of the model's output: with
+    standardised targets pass ``tau * target_variance`` (or report in the original units through
+    an ``output_transform``). The output elements of one input are independent given a sample,
+    so their log-densities add inside the logsumexp; the result, ``[B]``, is divided by the
+    number of elements per input to be *nats per output element* like ``mc/nll``.
+
+    Raises:
+        ValueError: neither or both of ``variances`` and ``tau`` (a mixture of point masses has
+            no density).
+    """
+    if (variances is None) == (tau is None):
+        raise ValueError("the mixture likelihood needs exactly one of variances (predicted) or tau (noise precision)")
+    if means.dim() < 2:
+        raise ValueError(f"means must have shape [T, B, ...], got shape {tuple(means.shape)}")
+    mu = means.double()
+    y = target.to(mu.device).double().reshape(mu.shape[1:]).unsqueeze(0)
+    if variances is not None:
+        v = variances.double().clamp_min(MIN_VARIANCE)
+    else:
+        if not tau > 0:  # type: ignore[operator]
+            raise ValueError(f"tau (noise precision) must be > 0, got {tau!r}")
+        v = torch.full_like(mu, 1.0 / float(tau))  # type: ignore[arg-type]
+    log_n = -0.5 * (torch.log(2 * math.pi * v) + (y - mu) ** 2 / v)  # [T, B, ...]
+    per_sample = log_n.reshape(mu.shape[0], mu.shape[1], -1)
+    d = per_sample.shape[-1]
+    log_mix = torch.logsumexp(per_sample.sum(-1), dim=0) - math.log(mu.shape[0])  # [B]
+    return -log_mix / d
