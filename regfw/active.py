@@ -30,11 +30,10 @@ def load_module(checkpoint: str) -> Any:
 def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, k: int = 50,
                     acquisition: str = "bald", split: str = "val", samples: int = 30) -> Any:
     """The ``k`` samples of the config's ``split`` most worth labelling, by ``acquisition``."""
+    from regfw.checkpoints import read_checkpoint
     from regfw.config import load_config
     from regfw.factory import build_datamodule
     from regfw.uncertainty import rank
-
-    from regfw.checkpoints import read_checkpoint
     from regfw.uncertainty.heldout import prepare_heldout
 
     cfg = load_config(config, overrides)

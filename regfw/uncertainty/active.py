@@ -75,8 +75,8 @@ def _default_input(batch: Any) -> Tensor:
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return None
 
 

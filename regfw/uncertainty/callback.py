@@ -152,7 +152,8 @@ class MCDropoutUncertainty(pl.Callback):
         allowed = CLASSIFICATION_SCORES if task == "classification" else REGRESSION_SCORES
         score = score or ("mutual_information" if task == "classification" else "variance")
         if score not in allowed:
-            raise ValueError(f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
+            raise ValueError(
+                f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
         self.strategy = strategy
         self.budget_bytes = budget_bytes
         self.task = task
@@ -239,7 +240,8 @@ class MCDropoutUncertainty(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _require_stochastic(pl_module)  # fail before training, with the fix in the message
         if self.calibrate and self.calibration_loader is None:
-            own = getattr(trainer.datamodule, "calibration_dataloader", None) if trainer.datamodule else None
+            datamodule = getattr(trainer, "datamodule", None)
+            own = getattr(datamodule, "calibration_dataloader", None)
             if not callable(own):
                 raise ValueError(
                     "MCDropoutUncertainty: calibrate=True needs held-out calibration data: pass "

@@ -321,7 +321,7 @@ def interval_coverage(
     A calibrated model covers a fraction ``l`` of the targets at level ``l``.
     """
     cov = _covered(mean, variance, target, levels).flatten(1).double().mean(1)
-    return {float(l): float(c) for l, c in zip(levels, cov)}
+    return {float(lv): float(c) for lv, c in zip(levels, cov, strict=True)}
 
 
 def interval_calibration_error(
@@ -329,7 +329,7 @@ def interval_calibration_error(
 ) -> float:
     """Mean absolute gap between observed coverage and nominal level over ``levels``."""
     cov = interval_coverage(mean, variance, target, levels)
-    return sum(abs(c - l) for l, c in cov.items()) / len(cov)
+    return sum(abs(c - lv) for lv, c in cov.items()) / len(cov)
 
 
 # --------------------------------------------------------------------------- torchmetrics
@@ -539,7 +539,7 @@ class MCRegressionMetrics(Metric):
 
     def coverage(self) -> dict[float, float]:
         n = float(self.n)
-        return {l: (float(c) / n if n else float("nan")) for l, c in zip(self.levels, self.covered)}
+        return {lv: (float(c) / n if n else float("nan")) for lv, c in zip(self.levels, self.covered, strict=True)}
 
     def compute(self) -> dict[str, Tensor]:
         n = float(self.n)
@@ -560,7 +560,7 @@ class MCRegressionMetrics(Metric):
         cov = self.coverage()
         for level, c in cov.items():
             out[f"coverage_{round(level * 100):d}"] = c
-        out["interval_error"] = sum(abs(c - l) for l, c in cov.items()) / len(cov) if n else nan
+        out["interval_error"] = sum(abs(c - lv) for lv, c in cov.items()) / len(cov) if n else nan
         score, sq = self.score_and_error()
         if n:
             if self.threshold is not None:

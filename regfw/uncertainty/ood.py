@@ -19,7 +19,6 @@ the highest threshold that still flags at least 95% of the OOD inputs (lower is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
@@ -176,8 +175,12 @@ def heldout_classes(datamodule: object, in_classes: list[int] | None = None, bat
                          f"x_train/y_train/x_val/y_val tensors (the built-in digits), got {type(datamodule).__name__}; "
                          "give the OOD data as uncertainty.ood.class_path instead")
     x_tr, y_tr, x_va, y_va = tensors
-    assert isinstance(y_tr, Tensor) and isinstance(y_va, Tensor) and isinstance(x_tr, Tensor) and isinstance(x_va, Tensor)
+    assert isinstance(y_tr, Tensor) and isinstance(y_va, Tensor)
+    assert isinstance(x_tr, Tensor) and isinstance(x_va, Tensor)
+    assert isinstance(x_tr, Tensor) and isinstance(x_va, Tensor)
     n_classes = int(getattr(datamodule, "num_outputs", int(y_tr.max()) + 1))
+    if in_classes is not None and not isinstance(in_classes, (list, tuple)):
+        raise ValueError(f"uncertainty.ood.in_classes: got {in_classes!r}, expected a list of class numbers")
     keep = list(range(n_classes // 2)) if in_classes is None else [int(c) for c in in_classes]
     if not keep or len(set(keep)) == n_classes or any(c < 0 or c >= n_classes for c in keep):
         raise ValueError(f"uncertainty.ood.in_classes: got {in_classes!r}, expected some but not all of the "
@@ -190,6 +193,6 @@ def heldout_classes(datamodule: object, in_classes: list[int] | None = None, bat
     datamodule.x_val, datamodule.y_val = x_va[va_in], lookup[y_va[va_in].long()]  # type: ignore[attr-defined]
     datamodule.num_outputs = len(keep)  # type: ignore[attr-defined]
     if hasattr(datamodule, "n_train"):
-        datamodule.n_train = int(tr_in.sum())  # type: ignore[attr-defined]
+        datamodule.n_train = int(tr_in.sum())
     return DataLoader(TensorDataset(x_out, torch.full((x_out.shape[0],), -1, dtype=torch.long)),
                       batch_size=batch_size, shuffle=False)

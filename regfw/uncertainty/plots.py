@@ -80,7 +80,7 @@ def _reliability_panel(ax, ax_n, data: ReliabilityData, title: str) -> None:
     ax.legend(loc="upper left", fontsize=7)
     ax_n.bar(left[filled], count[filled], width=width[filled], align="edge", color="gray", edgecolor="black")
     top = float(count.max()) if count.size else 1.0
-    for x, w, n in zip(left[filled], width[filled], count[filled]):
+    for x, w, n in zip(left[filled], width[filled], count[filled], strict=True):
         ax_n.text(x + w / 2, n + 0.02 * top, f"{int(n)}", ha="center", va="bottom", fontsize=6)
     ax_n.set_ylim(0, top * 1.25 if top > 0 else 1)
     ax_n.set_xlabel("confidence")
@@ -139,14 +139,14 @@ def score_histogram_figure(
         lo, hi = float(s.min()), float(s.max())
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
     if correct is None:
-        ax.hist(s, bins=edges, color="#4c72b0", alpha=0.8)
+        ax.hist(s, bins=edges.tolist(), color="#4c72b0", alpha=0.8)
     else:
         raw = _np(score)
         c = _np(correct).astype(bool)
         ok = np.isfinite(raw)
-        ax.hist(raw[ok & c], bins=edges, alpha=0.6, color="#55a868", label=f"correct ({int((ok & c).sum())})",
+        ax.hist(raw[ok & c], bins=edges.tolist(), alpha=0.6, color="#55a868", label=f"correct ({int((ok & c).sum())})",
                 density=True)
-        ax.hist(raw[ok & ~c], bins=edges, alpha=0.6, color="#c44e52", label=f"incorrect ({int((ok & ~c).sum())})",
+        ax.hist(raw[ok & ~c], bins=edges.tolist(), alpha=0.6, color="#c44e52", label=f"incorrect ({int((ok & ~c).sum())})",
                 density=True)
         ax.legend(loc="best", fontsize=8)
         ax.set_ylabel("density")
@@ -193,14 +193,14 @@ def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Ten
     names = [n for n in in_scores if n in out_scores]
     fig = new_figure((3.2 * max(len(names), 1), 3.0))
     axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         a, b = _np(in_scores[name]), _np(out_scores[name])
         both = np.concatenate([a, b])
         both = both[np.isfinite(both)]
         lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        ax.hist(a[np.isfinite(a)], bins=edges, alpha=0.6, density=True, color="#4c72b0", label=f"in ({a.size})")
-        ax.hist(b[np.isfinite(b)], bins=edges, alpha=0.6, density=True, color="#c44e52", label=f"out ({b.size})")
+        ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0", label=f"in ({a.size})")
+        ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52", label=f"out ({b.size})")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     return fig
