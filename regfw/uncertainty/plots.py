@@ -70,8 +70,8 @@ def _reliability_panel(ax, ax_n, data: ReliabilityData, title: str) -> None:
     conf = _np(data.confidence)[filled]
     ax.bar(left[filled], acc, width=width[filled], align="edge", edgecolor="black", color="#4c72b0",
            label="accuracy")
-    ax.bar(left[filled], conf - acc, bottom=acc, width=width[filled], align="edge", color="#dd8452", alpha=0.4,
-           edgecolor="#dd8452", label="gap to confidence")
+    ax.bar(left[filled], conf - acc, bottom=acc, width=width[filled], align="edge", fill=False, hatch="///",
+           edgecolor="#c44e52", lw=0.8, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
