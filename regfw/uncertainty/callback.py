@@ -105,6 +105,9 @@ class MCDropoutUncertainty(pl.Callback):
         ood_loader: out-of-distribution batches (``x`` or ``(x, ...)``), scored against the
             validation set; at most ``max_batches`` of them are sampled.
         background_plots: draw and write the plots on a background thread.
+        plot_every: draw the plots of every ``plot_every``-th sampled validation; None (the
+            default) draws only those of the last one (at the last epoch, or at the end of the
+            fit when it stops early), since drawing costs more than sampling on small models.
 
     After each run, :attr:`last_metrics` holds the values (``{"mc/acc": ..., ...}``) and
     :attr:`last_plots` the written files (``{"reliability": path, ...}``).
@@ -136,6 +139,7 @@ class MCDropoutUncertainty(pl.Callback):
         calibration_loader: Iterable[Any] | None = None,
         ood_loader: Iterable[Any] | None = None,
         background_plots: bool = True,
+        plot_every: int | None = None,
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
@@ -181,6 +185,11 @@ class MCDropoutUncertainty(pl.Callback):
         self.calibration_loader = calibration_loader
         self.ood_loader = ood_loader
         self.background_plots = background_plots
+        if plot_every is not None and (isinstance(plot_every, bool) or not isinstance(plot_every, int)
+                                       or plot_every < 1):
+            raise ValueError(f"MCDropoutUncertainty: plot_every must be an integer >= 1 or None, got {plot_every!r}")
+        self.plot_every = plot_every
+        self._undrawn: tuple[dict[str, Any], str, list[Any], int] | None = None
         #: Fitted temperatures of the MC predictive and of the deterministic prediction (None: not fitted).
         self.temperature: float | None = None
         self.det_temperature: float | None = None
@@ -395,10 +404,20 @@ class MCDropoutUncertainty(pl.Callback):
         return out
 
     def _submit_plots(self, trainer: pl.Trainer, directory: str) -> None:
-        """Collect the plot data now (CPU copies) and draw it on the background thread."""
+        """Collect the plot data now (CPU copies); draw it on the background thread when this run
+        is due (``plot_every``) or the last one, else keep it for :meth:`on_fit_end`."""
         data = self._plot_data()
         loggers = list(trainer.loggers)
         step = trainer.global_step
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        due = self.plot_every is not None and self.runs % self.plot_every == 0
+        if not (due or last):
+            self._undrawn = (data, directory, loggers, step)
+            return
+        self._undrawn = None
+        self._draw(data, directory, loggers, step)
+
+    def _draw(self, data: dict[str, Any], directory: str, loggers: list[Any], step: int) -> None:
         self.flush_plots()  # one epoch's plots at a time, in order
         if not self.background_plots:
             self.last_plots = _draw_plots(data, directory, loggers, step, self.prefix)
@@ -418,6 +437,9 @@ class MCDropoutUncertainty(pl.Callback):
         return self.last_plots
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._undrawn is not None:  # the fit stopped before its last epoch: draw the last run now
+            undrawn, self._undrawn = self._undrawn, None
+            self._draw(*undrawn)
         self.flush_plots()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

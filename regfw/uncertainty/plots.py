@@ -37,7 +37,7 @@ def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+    fig = Figure(figsize=figsize, dpi=80)
     FigureCanvasAgg(fig)
     return fig
 

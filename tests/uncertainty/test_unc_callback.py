@@ -96,7 +96,7 @@ def trainer(tmp_path, callbacks=(), logger=False, epochs=2):
 def test_fit_logs_metrics_and_writes_four_plots(tmp_path, digits):
     pl.seed_everything(0, verbose=False)
     train, val = loaders(digits)
-    cb = MCDropoutUncertainty(samples=8, seed=0, refer_fraction=0.2, score="entropy")
+    cb = MCDropoutUncertainty(samples=8, seed=0, refer_fraction=0.2, score="entropy", plot_every=1)
     images = ImageLogger()
     csv_logger = CSVLogger(str(tmp_path), name="run")
     t = trainer(tmp_path, [cb], logger=[csv_logger, images])
