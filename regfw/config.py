@@ -241,6 +241,8 @@ class UncertaintyConfig:
     #: the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
     tau: float | None = positive(None)
     plots: bool = True
+    #: Dense outputs ([B, C, H, W], [B, L, V]): targets equal to this count in no metric.
+    ignore_index: int | None = None
     #: Draw the plots of every N-th sampled validation; null: only of the last one (cheaper).
     plot_every: int | None = None
     seed: int = 1234

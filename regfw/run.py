@@ -161,6 +161,7 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path, heldout: Any 
         samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
         every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
         threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots, plot_every=unc.plot_every,
+        ignore_index=unc.ignore_index,
         plot_dir=str(plot_dir), seed=unc.seed, tau=unc.tau,
         output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
         calibrate=heldout is not None and heldout.calibration is not None,

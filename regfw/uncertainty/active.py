@@ -26,6 +26,7 @@ from regfw.uncertainty.sampling import (
     derive_seed,
     mc_predict,
 )
+from regfw.uncertainty.summaries import per_input
 
 __all__ = ["ACQUISITIONS", "Ranked", "acquisition_scores", "rank"]
 
@@ -94,6 +95,9 @@ def acquisition_scores(
 ) -> Tensor:
     """The acquisition score of every input, ``[N]`` in dataset order (higher = label first).
 
+    Dense outputs (``[B, C, H, W]`` segmentation, ``[B, L, V]`` sequences) score each input by
+    the mean of its per-position scores.
+
     ``temperature`` (fitted by :func:`regfw.uncertainty.calibration.fit_temperature`, saved in
     ``regfw fit`` checkpoints) divides the logits before the softmax, so the scores are those of
     the calibrated predictive.
@@ -130,7 +134,8 @@ def acquisition_scores(
             seed=derive_seed(base, i), task="classification", deterministic=False,
             output_transform=None if temperature is None else Temperature(float(temperature)),
         )
-        out.append(result.score(score_name).detach().double().cpu())
+        score = result.score(score_name).detach().double().cpu()
+        out.append(per_input(score) if score.dim() > 1 else score)  # dense: one score per image / sequence
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 

@@ -49,7 +49,7 @@ from regfw.uncertainty.sampling import (
     mc_predict,
 )
 from regfw.uncertainty.selective import selective_metrics
-from regfw.uncertainty.summaries import SCORES, classification_summary
+from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
 
 __all__ = ["MCDropoutUncertainty", "CLASSIFICATION_SCORES", "REGRESSION_SCORES"]
 
@@ -105,6 +105,8 @@ class MCDropoutUncertainty(pl.Callback):
         ood_loader: out-of-distribution batches (``x`` or ``(x, ...)``), scored against the
             validation set; at most ``max_batches`` of them are sampled.
         background_plots: draw and write the plots on a background thread.
+        ignore_index: dense outputs (``[B, C, H, W]``, ``[B, L, V]``): positions whose target is
+            this value count in no metric (padding, unlabelled pixels).
         plot_every: draw the plots of every ``plot_every``-th sampled validation; None (the
             default) draws only those of the last one (at the last epoch, or at the end of the
             fit when it stops early), since drawing costs more than sampling on small models.
@@ -140,6 +142,7 @@ class MCDropoutUncertainty(pl.Callback):
         ood_loader: Iterable[Any] | None = None,
         background_plots: bool = True,
         plot_every: int | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
@@ -177,6 +180,7 @@ class MCDropoutUncertainty(pl.Callback):
         self.dataloader_idx = dataloader_idx
         self.batch_to_xy = batch_to_xy or _default_xy
         self.prefix = prefix
+        self.ignore_index = ignore_index
         if calibrate and task != "classification":
             raise ValueError("MCDropoutUncertainty: calibrate=True (temperature scaling) needs task='classification'")
         if ood_loader is not None and task != "classification":
@@ -194,9 +198,9 @@ class MCDropoutUncertainty(pl.Callback):
         self.temperature: float | None = None
         self.det_temperature: float | None = None
         self._cal_metric = MCClassificationMetrics(n_bins=n_bins, score=self.score, threshold=threshold,
-                                                   refer_fraction=self.refer_fraction)
-        self._det_before = ProbabilityCalibration(n_bins=n_bins)
-        self._det_after = ProbabilityCalibration(n_bins=n_bins)
+                                                   refer_fraction=self.refer_fraction, ignore_index=ignore_index)
+        self._det_before = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
+        self._det_after = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
         self._ood_in = OODScoreStore()
         self._ood_out = OODScoreStore()
         self._executor: ThreadPoolExecutor | None = None
@@ -215,7 +219,8 @@ class MCDropoutUncertainty(pl.Callback):
     def _make_metric(self) -> MCClassificationMetrics | MCRegressionMetrics:
         if self.task == "classification":
             return MCClassificationMetrics(
-                n_bins=self.n_bins, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction
+                n_bins=self.n_bins, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction,
+                ignore_index=self.ignore_index,
             )
         return MCRegressionMetrics(
             levels=self.levels, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction
@@ -258,9 +263,10 @@ class MCDropoutUncertainty(pl.Callback):
             self.calibration_loader = own()
 
     def _transform(self, raw: Tensor) -> Tensor:
+        """Stacked raw outputs ``[T, B, ...]`` as logits with the classes last."""
         out = raw if self.output_transform is None else self.output_transform(raw)
         assert isinstance(out, Tensor)
-        return out
+        return classes_last(out)
 
     def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int) -> Any:
         return mc_predict(
@@ -282,10 +288,18 @@ class MCDropoutUncertainty(pl.Callback):
             targets.append(y.to(pl_module.device))
         if not targets:
             raise ValueError("MCDropoutUncertainty: the calibration loader yielded no batch")
-        y_all = torch.cat(targets)
-        self.temperature = fit_temperature(torch.cat(mc_logits, dim=1), y_all, mc=True)
-        if det_logits:
-            self.det_temperature = fit_temperature(torch.cat(det_logits), y_all)
+        y_all = torch.cat(targets).long()
+        mc_all = torch.cat(mc_logits, dim=1)
+        det_all = torch.cat(det_logits) if det_logits else None
+        if mc_all.dim() > 3 or self.ignore_index is not None:  # dense: every labelled position is one input
+            flat = y_all.flatten()
+            keep = (flat != self.ignore_index) if self.ignore_index is not None else torch.ones_like(flat).bool()
+            y_all = flat[keep]
+            mc_all = mc_all.reshape(mc_all.shape[0], -1, mc_all.shape[-1])[:, keep]
+            det_all = None if det_all is None else det_all.reshape(-1, det_all.shape[-1])[keep]
+        self.temperature = fit_temperature(mc_all, y_all, mc=True)
+        if det_all is not None:
+            self.det_temperature = fit_temperature(det_all, y_all)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
@@ -342,7 +356,7 @@ class MCDropoutUncertainty(pl.Callback):
                 self._det_after.update(torch.softmax(Temperature(self.det_temperature)(det).double(), -1), y)
         if self.ood_loader is not None and logits is not None:
             t = self.temperature if (self.calibrate and self.temperature is not None) else 1.0
-            self._ood_in.update(ood_scores(summary, Temperature(t)(logits)))
+            self._ood_in.update(_per_input_scores(ood_scores(summary, Temperature(t)(logits)), y.shape[0]))
 
     def _ood_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Sample the OOD loader (at most the configured number of batches)."""
@@ -357,7 +371,7 @@ class MCDropoutUncertainty(pl.Callback):
                                    derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i))
             logits = Temperature(t)(self._transform(result.outputs))
             summary = classification_summary(torch.softmax(logits.float(), dim=-1))
-            self._ood_out.update(ood_scores(summary, logits))
+            self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
@@ -480,7 +494,7 @@ class MCDropoutUncertainty(pl.Callback):
                 data["temperature"] = self.temperature
             data["referral"] = retained_curve(score, correct)
             data["referral_marker"] = self.last_metrics.get(self.prefix + "referred_fraction")
-            data["score"], data["correct"] = score, correct.bool()
+            data["score"], data["correct"] = score, correct >= 1.0  # dense: every position right
             data["risk_coverage"] = risk_coverage(score, correct)
             if self.ood_loader is not None:
                 data["ood"] = (self._ood_in.compute_scores(), self._ood_out.compute_scores())
@@ -552,3 +566,8 @@ def _draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], st
                 except Exception as exc:  # a logger failing to take an image must not stop training
                     rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
     return written
+
+
+def _per_input_scores(scores: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
+    """Dense OOD scores (one per position) as one per input: the mean over its positions."""
+    return {k: v.reshape(batch, -1).mean(-1) for k, v in scores.items()}

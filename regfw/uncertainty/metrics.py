@@ -344,7 +344,9 @@ class MCClassificationMetrics(Metric):
     because AUROC and fraction-based referral need a global ranking. ``compute()`` returns a
     dict of 0-d tensors with the keys ``acc, det_acc, nll, brier, ece, auroc_error,
     referred_fraction, retained_acc, mean_mi, mean_entropy, mean_expected_entropy,
-    mean_variation_ratio, mean_score``.
+    mean_variation_ratio, mean_score``. Dense outputs (segmentation, sequences) and
+    ``ignore_index``: see :meth:`update`; ``auroc_error`` then detects the inputs with at least
+    one wrong position.
 
     Referral uses ``threshold`` on ``score`` when given, otherwise refers the
     ``refer_fraction`` most uncertain inputs.
@@ -376,10 +378,12 @@ class MCClassificationMetrics(Metric):
         score: str = "mutual_information",
         threshold: float | None = None,
         refer_fraction: float = 0.1,
+        ignore_index: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.n_bins = n_bins
+        self.ignore_index = ignore_index
         self.score_name = score
         self.threshold = threshold
         self.refer_fraction = refer_fraction
@@ -393,27 +397,51 @@ class MCClassificationMetrics(Metric):
         self.add_state("corrects", default=[], dist_reduce_fx="cat")
 
     def update(self, summary: ClassificationSummary, target: Tensor) -> None:
+        """Add a batch. Dense summaries (``mean_probs`` ``[B, ..., C]``, targets ``[B, ...]``) add
+        every position whose target is not ``ignore_index`` to the sums (pixel-level accuracy,
+        NLL, ECE bins, ...) and one score per input -- the mean over its valid positions -- with
+        its fraction of correct positions to the referral and ranking states, so memory grows
+        with the number of inputs, never with the number of positions."""
         probs = summary.mean_probs.double()
-        target = target.to(probs.device).long().flatten()
-        conf, pred = probs.max(-1)
-        correct = (pred == target).double()
-        self.n += target.numel()
+        target = target.to(probs.device).long()
+        if tuple(target.shape) != tuple(probs.shape[:-1]):
+            target = target.reshape(probs.shape[:-1])  # [B] targets given as [B, 1] and the like
+        if self.ignore_index is not None:
+            valid = target != self.ignore_index
+        else:
+            valid = torch.ones_like(target, dtype=torch.bool)
+        flat_valid = valid.flatten()
+        c = probs.shape[-1]
+        p = probs.reshape(-1, c)[flat_valid]
+        tgt = target.flatten()[flat_valid]
+        conf, pred = p.max(-1)
+        correct = (pred == tgt).double()
+        self.n += tgt.numel()
         self.correct += correct.sum()
         if summary.deterministic_probs is not None:
-            self.det_n += target.numel()
-            self.det_correct += (summary.deterministic_probs.argmax(-1) == target).double().sum()
-        self.nll_sum += _nll_per_sample(probs, target).sum()
-        self.brier_sum += _brier_per_sample(probs, target).sum()
-        self.mi_sum += summary.mutual_information.double().sum()
-        self.entropy_sum += summary.predictive_entropy.double().sum()
-        self.exp_entropy_sum += summary.expected_entropy.double().sum()
-        self.vr_sum += summary.variation_ratio.double().sum()
+            self.det_n += tgt.numel()
+            det_pred = summary.deterministic_probs.reshape(-1, c)[flat_valid].argmax(-1)
+            self.det_correct += (det_pred == tgt).double().sum()
+        self.nll_sum += _nll_per_sample(p, tgt).sum()
+        self.brier_sum += _brier_per_sample(p, tgt).sum()
+        for state, values in (("mi_sum", summary.mutual_information), ("entropy_sum", summary.predictive_entropy),
+                              ("exp_entropy_sum", summary.expected_entropy), ("vr_sum", summary.variation_ratio)):
+            setattr(self, state, getattr(self, state) + values.double().flatten()[flat_valid].sum())
         count, conf_sum, corr_sum = calibration_bins(conf, correct, self.n_bins)
         self.bin_count += count
         self.bin_conf += conf_sum
         self.bin_correct += corr_sum
-        self.scores.append(summary.score(self.score_name).detach().double().flatten())
-        self.corrects.append(correct)
+        score = summary.score(self.score_name).detach().double()
+        if probs.dim() > 2:  # one score and one accuracy per image / sequence
+            from regfw.uncertainty.summaries import per_input
+
+            position_correct = torch.zeros(valid.numel(), dtype=torch.float64, device=probs.device)
+            position_correct[flat_valid] = correct
+            self.scores.append(per_input(score, valid))
+            self.corrects.append(per_input(position_correct.reshape(valid.shape), valid))
+        else:
+            self.scores.append(score.flatten())
+            self.corrects.append(correct)
 
     def score_and_correct(self) -> tuple[Tensor, Tensor]:
         """The concatenated per-input scores and correctness (synced states after ``compute``)."""
@@ -444,7 +472,7 @@ class MCClassificationMetrics(Metric):
             "nll": mean(self.nll_sum),
             "brier": mean(self.brier_sum),
             "ece": ece_from_bins(self.bin_count, self.bin_conf, self.bin_correct),
-            "auroc_error": error_auroc(score, correct.bool()) if n else nan,
+            "auroc_error": error_auroc(score, correct >= 1.0) if n else nan,
             "referred_fraction": ref.referred_fraction if ref else nan,
             "retained_acc": ref.retained_accuracy if ref else nan,
             "mean_mi": mean(self.mi_sum),
@@ -592,17 +620,22 @@ class ProbabilityCalibration(Metric):
     bin_conf: Tensor
     bin_correct: Tensor
 
-    def __init__(self, n_bins: int = DEFAULT_BINS, **kwargs: Any) -> None:
+    def __init__(self, n_bins: int = DEFAULT_BINS, ignore_index: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.n_bins = n_bins
+        self.ignore_index = ignore_index
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("bin_count", "bin_conf", "bin_correct"):
             self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, probs: Tensor, target: Tensor) -> None:
-        probs = probs.double()
+        """Add ``[B, C]`` (or dense ``[B, ..., C]``) probabilities and their targets."""
+        probs = probs.double().reshape(-1, probs.shape[-1])
         target = target.to(probs.device).long().flatten()
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            probs, target = probs[keep], target[keep]
         self.n += target.numel()
         self.nll_sum += _nll_per_sample(probs, target).sum()
         count, conf_sum, corr_sum = calibration_bins(*_top_label(probs, target), self.n_bins)

@@ -144,10 +144,10 @@ def score_histogram_figure(
         raw = _np(score)
         c = _np(correct).astype(bool)
         ok = np.isfinite(raw)
-        ax.hist(raw[ok & c], bins=edges.tolist(), alpha=0.6, color="#55a868", label=f"correct ({int((ok & c).sum())})",
-                density=True)
-        ax.hist(raw[ok & ~c], bins=edges.tolist(), alpha=0.6, color="#c44e52", label=f"incorrect ({int((ok & ~c).sum())})",
-                density=True)
+        for mask, color, label in ((ok & c, "#55a868", "correct"), (ok & ~c, "#c44e52", "incorrect")):
+            if mask.any():  # an empty group has no density
+                ax.hist(raw[mask], bins=edges.tolist(), alpha=0.6, color=color, label=f"{label} ({int(mask.sum())})",
+                        density=True)
         ax.legend(loc="best", fontsize=8)
         ax.set_ylabel("density")
     ax.set_xlabel(score_name)
@@ -199,8 +199,10 @@ def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Ten
         both = both[np.isfinite(both)]
         lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0", label=f"in ({a.size})")
-        ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52", label=f"out ({b.size})")
+        ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0",
+                label=f"in ({a.size})")
+        ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52",
+                label=f"out ({b.size})")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     return fig

@@ -537,10 +537,15 @@ def _summarise(
         if isinstance(logits, (tuple, list)):
             raise TypeError("for classification, output_transform must return one tensor of logits")
         if logits.dim() != 3:
-            raise ValueError(
-                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
-                f"{tuple(logits.shape)}; use task='regression' for other outputs"
-            )
+            if logits.dim() < 3:
+                raise ValueError(
+                    f"classification needs logits of shape [B, C], [B, L, V] or [B, C, H, W] per pass "
+                    f"([T, B, ...] stacked), got {tuple(logits.shape)}; use task='regression' for other outputs"
+                )
+            from regfw.uncertainty.summaries import classes_last, dense_classification_summary
+
+            d = None if det is None else classes_last(apply(det.unsqueeze(0)))[0]
+            return dense_classification_summary(classes_last(logits), d, DEFAULT_BUDGET_BYTES), None, None
         probs = torch.softmax(logits.float(), dim=-1)
         det_probs = None
         if det is not None:

@@ -47,6 +47,9 @@ __all__ = [
     "variation_ratio",
     "class_variance",
     "mixture_nll_elements",
+    "dense_classification_summary",
+    "classes_last",
+    "per_input",
     "SCORES",
 ]
 
@@ -58,9 +61,10 @@ MIN_VARIANCE = 1e-12
 
 
 def _check_probs(probs: Tensor) -> None:
-    if probs.dim() != 3:
+    if probs.dim() < 3:
         raise ValueError(
-            f"probs must have shape [T, B, C] (samples, batch, classes), got shape {tuple(probs.shape)}"
+            f"probs must have shape [T, B, C] (samples, batch, classes) or [T, B, ..., C] (dense outputs, "
+            f"classes last), got shape {tuple(probs.shape)}"
         )
 
 
@@ -97,8 +101,8 @@ def variation_ratio(probs: Tensor) -> Tensor:
     modal vote count is used.
     """
     _check_probs(probs)
-    t, _, c = probs.shape
-    votes = torch.nn.functional.one_hot(probs.argmax(-1), c).sum(0)  # [B, C]
+    t, c = probs.shape[0], probs.shape[-1]
+    votes = torch.nn.functional.one_hot(probs.argmax(-1), c).sum(0)  # [B, ..., C]
     return 1.0 - votes.max(-1).values.to(probs.dtype) / t
 
 
@@ -287,3 +291,53 @@ def mixture_nll_elements(
     d = per_sample.shape[-1]
     log_mix = torch.logsumexp(per_sample.sum(-1), dim=0) - math.log(mu.shape[0])  # [B]
     return -log_mix / d
+
+
+def classes_last(logits: Tensor) -> Tensor:
+    """Stacked dense logits with the classes last: ``[T, B, L, V]`` (sequence models) as they
+    are, ``[T, B, C, H, W, ...]`` (segmentation, torch's class-second convention) moved to
+    ``[T, B, H, W, ..., C]``. ``[T, B, C]`` is returned unchanged."""
+    return logits if logits.dim() <= 4 else logits.movedim(2, -1)
+
+
+def dense_classification_summary(
+    logits: Tensor, deterministic_logits: Tensor | None = None, budget_bytes: int | None = None
+) -> ClassificationSummary:
+    """The summary of dense logits ``[T, B, ..., C]`` (classes last), position by position.
+
+    Every field keeps the positions: ``mean_probs`` is ``[B, ..., C]``, the scores ``[B, ...]``.
+    The softmax and the per-sample entropies, which need ``T`` times the memory of the output,
+    are computed over chunks of the batch that fit ``budget_bytes`` (about 6 float32 copies of
+    a chunk's samples are alive at once), so a segmentation batch does not have to fit ``T``
+    times over.
+    """
+    b = logits.shape[1]
+    per_row = max(1, logits[:, :1].numel() * 4 * 6)
+    rows = b if budget_bytes is None else max(1, min(b, int(budget_bytes) // per_row))
+    parts = []
+    for start in range(0, b, rows):
+        chunk = torch.softmax(logits[:, start:start + rows].float(), dim=-1)
+        det = None
+        if deterministic_logits is not None:
+            det = torch.softmax(deterministic_logits[start:start + rows].float(), dim=-1)
+        parts.append(classification_summary(chunk, det))
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in ("mean_probs", "prediction", "predictive_entropy", "expected_entropy", "mutual_information",
+                 "variation_ratio", "class_variance"):
+        fields[name] = torch.cat([getattr(p, name) for p in parts])
+    dets = [p.deterministic_probs for p in parts if p.deterministic_probs is not None]
+    det_all = torch.cat(dets) if len(dets) == len(parts) else None
+    return ClassificationSummary(**fields, deterministic_probs=det_all)
+
+
+def per_input(values: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Per-input means ``[B]`` of per-position values ``[B, ...]`` (an image's or a sequence's
+    score for referral and acquisition), over the ``valid`` positions only when given (positions
+    whose target is the ignore index do not count); an input with no valid position gets 0."""
+    v = values.reshape(values.shape[0], -1).double()
+    if valid is None:
+        return v.mean(-1)
+    m = valid.reshape(valid.shape[0], -1).double()
+    return (v * m).sum(-1) / m.sum(-1).clamp_min(1.0)
