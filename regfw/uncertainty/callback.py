@@ -268,10 +268,11 @@ class MCDropoutUncertainty(pl.Callback):
         assert isinstance(out, Tensor)
         return classes_last(out)
 
-    def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int) -> Any:
+    def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int, deterministic: bool = True) -> Any:
         return mc_predict(
             pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
             seed=seed, task=self.task, tau=self.tau, output_transform=self.output_transform,
+            deterministic=deterministic,
         )
 
     def _fit_temperatures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -368,7 +369,8 @@ class MCDropoutUncertainty(pl.Callback):
                 break
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             result = self._predict(pl_module, x.to(pl_module.device),
-                                   derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i))
+                                   derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i),
+                                   deterministic=False)  # OOD scores use the MC predictive only
             logits = Temperature(t)(self._transform(result.outputs))
             summary = classification_summary(torch.softmax(logits.float(), dim=-1))
             self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
