@@ -45,6 +45,7 @@ from regfw.uncertainty.summaries import (
     expected_entropy,
     mutual_information,
     predictive_entropy,
+    mixture_nll_elements,
     regression_summary,
     variation_ratio,
 )
@@ -69,6 +70,16 @@ _LAZY = {
     "interval_calibration_error": "regfw.uncertainty.metrics",
     "MCClassificationMetrics": "regfw.uncertainty.metrics",
     "MCRegressionMetrics": "regfw.uncertainty.metrics",
+    "ProbabilityCalibration": "regfw.uncertainty.metrics",
+    # post-hoc calibration, OOD detection, selective prediction
+    "fit_temperature": "regfw.uncertainty.calibration",
+    "Temperature": "regfw.uncertainty.calibration",
+    "tempered_probs": "regfw.uncertainty.calibration",
+    "OOD_SCORES": "regfw.uncertainty.ood",
+    "ood_scores": "regfw.uncertainty.ood",
+    "ood_metrics": "regfw.uncertainty.ood",
+    "risk_coverage": "regfw.uncertainty.selective",
+    "selective_metrics": "regfw.uncertainty.selective",
     # callback
     "MCDropoutUncertainty": "regfw.uncertainty.callback",
     # active learning
@@ -109,6 +120,7 @@ __all__ = [
     "predictive_entropy",
     "regression_summary",
     "variation_ratio",
+    "mixture_nll_elements",
     *_LAZY,
 ]
 
