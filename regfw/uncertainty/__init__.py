@@ -43,9 +43,9 @@ from regfw.uncertainty.summaries import (
     classification_summary,
     entropy,
     expected_entropy,
+    mixture_nll_elements,
     mutual_information,
     predictive_entropy,
-    mixture_nll_elements,
     regression_summary,
     variation_ratio,
 )
