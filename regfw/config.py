@@ -117,9 +117,15 @@ class UncertaintyConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ood, Mapping):  # an optional section: checked here whatever the union handling
             self.ood = validate_dataclass(OODConfig, self.ood, "uncertainty.ood")
-        if self.ood is not None and (self.ood.protocol is None) == (self.ood.class_path is None):
-            raise ConfigError("uncertainty.ood: set exactly one of protocol (heldout_classes) or class_path "
-                              "(a data module whose val_dataloader() yields the OOD inputs), or remove the section.")
+        ood = self.ood
+        if ood is not None and ood.protocol is None and ood.class_path is None:
+            if ood.in_classes is not None or ood.init_args:
+                raise ConfigError("uncertainty.ood: in_classes / init_args given without protocol or class_path; "
+                                  "set protocol: heldout_classes or class_path: pkg.DataModule.")
+            self.ood = None  # null or an empty section: no OOD evaluation
+        elif ood is not None and ood.protocol is not None and ood.class_path is not None:
+            raise ConfigError("uncertainty.ood: set only one of protocol (heldout_classes) or class_path "
+                              "(a data module whose val_dataloader() yields the OOD inputs).")
 
 
 @dataclass
