@@ -86,6 +86,19 @@ class OODConfig:
     class_path: str | None = None
     init_args: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.protocol is not None and self.class_path is not None:
+            raise ConfigError("uncertainty.ood: set only one of protocol (heldout_classes) or class_path "
+                              "(a data module whose val_dataloader() yields the OOD inputs).")
+        if not self.enabled and (self.in_classes is not None or self.init_args):
+            raise ConfigError("uncertainty.ood: in_classes / init_args given without protocol or class_path; "
+                              "set protocol: heldout_classes or class_path: pkg.DataModule.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an OOD set is configured."""
+        return self.protocol is not None or self.class_path is not None
+
 
 @dataclass
 class UncertaintyConfig:
@@ -109,23 +122,11 @@ class UncertaintyConfig:
     #: Dense outputs ([B, C, H, W], [B, L, V]): targets equal to this count in no metric.
     ignore_index: int | None = None
     #: Draw the plots of every N-th sampled validation; null: only of the last one (cheaper).
-    plot_every: int | None = None
+    plot_every: int | None = positive(None)
     seed: int = 1234
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    ood: OODConfig | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.ood, Mapping):  # an optional section: checked here whatever the union handling
-            self.ood = validate_dataclass(OODConfig, self.ood, "uncertainty.ood")
-        ood = self.ood
-        if ood is not None and ood.protocol is None and ood.class_path is None:
-            if ood.in_classes is not None or ood.init_args:
-                raise ConfigError("uncertainty.ood: in_classes / init_args given without protocol or class_path; "
-                                  "set protocol: heldout_classes or class_path: pkg.DataModule.")
-            self.ood = None  # null or an empty section: no OOD evaluation
-        elif ood is not None and ood.protocol is not None and ood.class_path is not None:
-            raise ConfigError("uncertainty.ood: set only one of protocol (heldout_classes) or class_path "
-                              "(a data module whose val_dataloader() yields the OOD inputs).")
+    #: Off unless ``protocol`` or ``class_path`` is set (null or an empty section: off).
+    ood: OODConfig = field(default_factory=OODConfig)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def prepare_heldout(datamodule: Any, unc: Any, seed: int) -> Heldout:
 
     out = Heldout()
     ood = getattr(unc, "ood", None)
-    if ood is not None:
+    if ood is not None and ood.enabled:
         if ood.protocol == "heldout_classes":
             try:
                 out.ood = heldout_classes(datamodule, ood.in_classes)  # type: ignore[assignment]
