@@ -307,9 +307,10 @@ class MCDropoutUncertainty(pl.Callback):
         self._batches = 0
         if self._active:
             _require_stochastic(pl_module)
-            for m in (self._metric, self._cal_metric, self._det_before, self._det_after, self._ood_in, self._ood_out):
-                m.reset()
-            self._metric = self._metric.to(pl_module.device)
+            for name in ("_metric", "_cal_metric", "_det_before", "_det_after", "_ood_in", "_ood_out"):
+                metric = getattr(self, name)
+                metric.reset()
+                setattr(self, name, metric.to(pl_module.device))
             if self.calibrate:
                 self._fit_temperatures(trainer, pl_module)
 
