@@ -20,6 +20,8 @@ Lightning runs validation under :func:`torch.inference_mode`; fitting needs grad
 """
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +78,6 @@ def _grid_start(z: Tensor, y: Tensor, points: int = 25) -> float:
     """The best ``log T`` of a coarse grid over ``[log MIN_TEMPERATURE, log MAX_TEMPERATURE]``
     (no gradients, a few grid points per batched evaluation), where L-BFGS starts: near the
     optimum it needs a handful of iterations instead of dozens."""
-    import math
-
     grid = torch.linspace(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE), points, dtype=z.dtype,
                           device=z.device)
     per_chunk = max(1, int(2**22 // max(z.numel(), 1)))  # about 4M elements per evaluation
@@ -102,8 +102,11 @@ def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False, max_ite
         max_iter: L-BFGS iterations on ``log T``, started from the best point of a coarse grid.
 
     Returns the fitted temperature, clipped to ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``; > 1
-    softens an over-confident model. Works under :func:`torch.inference_mode` (it leaves it) and
-    :func:`torch.no_grad` (it enables gradients locally).
+    softens an over-confident model. When the NLL has no minimum at a positive temperature
+    (every calibration input already classified right, so it keeps falling as ``T -> 0``) it
+    returns 1.0 with a :class:`RuntimeWarning` rather than a degenerate sharpening. Works under
+    :func:`torch.inference_mode` (it leaves it) and :func:`torch.no_grad` (it enables gradients
+    locally).
     """
     with torch.inference_mode(False), torch.enable_grad():
         z = as_class_logits(logits, mc).detach().clone().double()
@@ -116,6 +119,15 @@ def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False, max_ite
             raise ValueError(f"fit_temperature: targets must be classes in [0, {z.shape[-1] - 1}], "
                              f"got values in [{int(y.min())}, {int(y.max())}]")
         start = _grid_start(z, y)
+        if start <= math.log(MIN_TEMPERATURE) + 1e-9:
+            # The NLL still falls as T -> 0: every calibration input is already right with all its
+            # probability mass (typical of a small split with no errors), so there is no finite
+            # optimum and sharpening would only overfit the split. Keep the model as it is.
+            warnings.warn(
+                f"fit_temperature: the NLL on the {y.numel()} calibration inputs has no minimum at a positive "
+                "temperature (no errors to calibrate against); keeping T = 1. Use a larger calibration split.",
+                RuntimeWarning, stacklevel=2)
+            return 1.0
         log_t = torch.tensor(start, dtype=torch.float64, device=z.device, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

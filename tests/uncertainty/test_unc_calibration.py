@@ -99,3 +99,11 @@ def test_carve_takes_training_data_only():
     assert not any(tuple(r.tolist()) in kept for r in cal) or len(kept) < len(rows)  # removed from training
     with pytest.raises(ValueError, match="no calibration_dataloader"):
         carve_calibration_split(object(), 0.1, seed=0)
+
+
+def test_no_errors_on_the_calibration_split_keeps_the_model_as_it_is():
+    """All inputs right: the NLL falls as T -> 0 without a minimum; T = 1, with a warning."""
+    z = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]])
+    y = torch.tensor([0, 1, 2])
+    with pytest.warns(RuntimeWarning, match="no minimum at a positive temperature"):
+        assert fit_temperature(z, y) == 1.0
