@@ -48,7 +48,6 @@ from regfw.uncertainty.sampling import (
     derive_seed,
     mc_predict,
 )
-from regfw.uncertainty.selective import selective_metrics
 from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
 
 __all__ = ["MCDropoutUncertainty", "CLASSIFICATION_SCORES", "REGRESSION_SCORES"]
@@ -396,13 +395,12 @@ class MCDropoutUncertainty(pl.Callback):
         self._metric.reset()
 
     def _extra_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Selective prediction, calibration before/after and OOD detection (classification)."""
+        """Calibration before/after and OOD detection (classification)."""
         if self.task != "classification":
             return {}
         metric = self._metric
         assert isinstance(metric, MCClassificationMetrics)
-        score, correct = metric.score_and_correct()
-        out = {self.prefix + k: v for k, v in selective_metrics(score, correct).items()}
+        out: dict[str, float] = {}
         if self.calibrate and self.temperature is not None:
             before = metric.compute()
             after = self._cal_metric.compute()

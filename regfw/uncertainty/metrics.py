@@ -344,7 +344,8 @@ class MCClassificationMetrics(Metric):
     because AUROC and fraction-based referral need a global ranking. ``compute()`` returns a
     dict of 0-d tensors with the keys ``acc, det_acc, nll, brier, ece, auroc_error,
     referred_fraction, retained_acc, mean_mi, mean_entropy, mean_expected_entropy,
-    mean_variation_ratio, mean_score``. Dense outputs (segmentation, sequences) and
+    mean_variation_ratio, mean_score`` and the selective-prediction ``aurc, augrc, risk_80,
+    risk_95`` (:mod:`regfw.uncertainty.selective`, on the same score). Dense outputs (segmentation, sequences) and
     ``ignore_index``: see :meth:`update`; ``auroc_error`` then detects the inputs with at least
     one wrong position.
 
@@ -481,6 +482,12 @@ class MCClassificationMetrics(Metric):
             "mean_variation_ratio": mean(self.vr_sum),
             "mean_score": float(score.mean()) if n else nan,
         }
+        from regfw.uncertainty.selective import COVERAGES, selective_metrics  # it builds on retained_curve
+
+        if n:
+            out.update(selective_metrics(score, correct))
+        else:
+            out.update({"aurc": nan, "augrc": nan, **{f"risk_{round(c * 100):d}": nan for c in COVERAGES}})
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
 
