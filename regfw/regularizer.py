@@ -22,7 +22,7 @@ validated against it) and a few optional methods that the host calls at well-def
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 
 from regfw import kinds as K
 from regfw.plan_items import PlanContext, PlanItem
+from regfw.schedules import RateSchedule
 
 
 @dataclass
@@ -45,10 +46,12 @@ class InjectionConfig:
     ``default`` the rate table's default (see :mod:`regfw.kinds`); an explicit rate always wins.
     ``existing``: where the model already has dropout at a place, ``override`` sets its rate,
     ``keep`` leaves it alone; a second layer is never added.
+    ``schedule``: how the planned rates move during training (:mod:`regfw.schedules`).
     """
 
     policy: Literal["auto", "default"] = "auto"
     existing: Literal["override", "keep"] = "override"
+    schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
 class Regularizer:
@@ -141,6 +144,19 @@ class InjectingRegularizer(Regularizer):
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError
+
+    def callbacks(self) -> list:
+        """A :class:`~regfw.schedule_callback.RateScheduler` when the config has a ``schedule``."""
+        schedule = getattr(self.config, "schedule", None)
+        if not (isinstance(schedule, RateSchedule) and schedule.active):
+            return []
+        from regfw.schedule_callback import RateScheduler
+
+        return [RateScheduler(self, schedule)]
+
+    def describe(self, model: nn.Module) -> list[str]:
+        schedule = getattr(self.config, "schedule", None)
+        return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
         from regfw.surgery import plan_insertions  # torch.fx and the dataflow only when planning

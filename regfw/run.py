@@ -132,6 +132,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             n_examples=getattr(datamodule, "n_train", None),
             example_input=example,
             model_config=model_config,
+            on_nan=cfg.run.on_nan,
         )
     except RegfwError:
         raise
@@ -157,12 +158,8 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path, heldout: Any 
     unc = cfg.uncertainty
     if not unc.enabled or not stochastic_modules(module):
         return None
-    return MCDropoutUncertainty(
-        samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
-        every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
-        threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots, plot_every=unc.plot_every,
-        ignore_index=unc.ignore_index,
-        plot_dir=str(plot_dir), seed=unc.seed, tau=unc.tau,
+    return MCDropoutUncertainty.from_config(
+        unc, task=module.task, plot_dir=str(plot_dir),
         output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
         calibrate=heldout is not None and heldout.calibration is not None,
         calibration_loader=heldout.calibration if heldout is not None else None,
@@ -310,7 +307,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     heldout = prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # calibration split, OOD set
     module = build_module(cfg, datamodule)
-    module.on_nonfinite = cfg.run.on_nan
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)
