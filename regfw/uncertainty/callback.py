@@ -165,8 +165,9 @@ class MCDropoutUncertainty(pl.Callback):
         if score not in allowed:
             raise ValueError(
                 f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
-        self._assign(strategy, budget_bytes, task, every_n_epochs, max_batches, subset, score, threshold, refer_fraction,
-                     n_bins, levels, tau, output_transform, plots, plot_dir, seed, dataloader_idx, batch_to_xy, prefix,
+        self._assign(strategy, budget_bytes, task, every_n_epochs, max_batches, subset, score, threshold,
+                     refer_fraction, n_bins, levels, tau, output_transform, plots, plot_dir, seed, dataloader_idx,
+                     batch_to_xy, prefix,
                      calibrate=calibrate, calibration_loader=calibration_loader, ood_loader=ood_loader,
                      background_plots=background_plots, plot_every=plot_every, ignore_index=ignore_index)
 
