@@ -15,8 +15,8 @@ least uncertain are answered. This is the referral curve read the other way roun
   does not over-weight the few most confident inputs;
 * risk at 80% and 95% coverage.
 
-Ties in the score are broken as in :func:`regfw.uncertainty.metrics.retained_curve` (the earlier
-input is referred first).
+Tied scores share their errors evenly (see :func:`risk_coverage`), so the curve does not
+depend on the order of the inputs.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from regfw.uncertainty.metrics import retained_curve
 
 __all__ = ["RiskCoverage", "risk_coverage", "selective_metrics", "COVERAGES"]
 
@@ -52,14 +50,31 @@ class RiskCoverage:
 
 def risk_coverage(score: Tensor, correct: Tensor) -> RiskCoverage:
     """The risk-coverage curve of an uncertainty ``score`` (higher = less sure) and ``correct``
-    (bool, or per-input values in [0, 1] such as pixel accuracies)."""
-    fractions, acc = retained_curve(score, correct.double())
-    if fractions.numel() == 0:
+    (bool, or per-input values in [0, 1] such as pixel accuracies).
+
+    Inputs with equal scores cannot be told apart, so within a group of ties the errors are
+    spread evenly (the expected curve when ties are accepted in random order): the result does
+    not depend on the order of the inputs, which DDP's gathering does not preserve.
+    """
+    s = score.detach().double().flatten().cpu()
+    err = 1.0 - correct.detach().double().flatten().cpu()
+    n = s.numel()
+    if n == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return RiskCoverage(empty, empty, float("nan"), float("nan"))
-    coverage = (1.0 - fractions).flip(0)
-    risk = (1.0 - acc).flip(0)
-    return RiskCoverage(coverage=coverage, risk=risk, aurc=float(risk.mean()), augrc=float((risk * coverage).mean()))
+    order = torch.sort(s, stable=True).indices  # most certain first
+    s, err = s[order], err[order]
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    group_err = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, group, err)
+    size = counts.double()
+    before = group_err.cumsum(0) - group_err  # errors accepted before each group
+    start = counts.cumsum(0) - counts
+    within = (torch.arange(n) - start[group] + 1).double()
+    errors = before[group] + within * group_err[group] / size[group]  # accepted errors at coverage k / n
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    coverage, risk = k / n, errors / k
+    return RiskCoverage(coverage=coverage, risk=risk, aurc=float(risk.mean()), augrc=float((errors / n).mean()))
 
 
 def selective_metrics(score: Tensor, correct: Tensor) -> dict[str, float]:

@@ -113,3 +113,12 @@ def test_mc_result_nll_mixture_for_given_targets():
     assert torch.allclose(per_input, expected)
     with pytest.raises(ValueError, match="regression likelihood"):
         mc_predict(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(3, 2)), x, samples=2).nll_mixture(y)
+
+
+def test_risk_coverage_does_not_depend_on_the_order_of_tied_scores():
+    score = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 1.0])
+    correct = torch.tensor([1, 0, 1, 1, 0, 0])
+    perm = torch.tensor([5, 3, 1, 0, 4, 2])
+    a, b = risk_coverage(score, correct), risk_coverage(score[perm], correct[perm])
+    assert torch.allclose(a.risk, b.risk) and a.aurc == pytest.approx(b.aurc) and a.augrc == pytest.approx(b.augrc)
+    assert a.risk[1] == pytest.approx(0.5)  # the two tied most-certain inputs hold one error
