@@ -3,14 +3,20 @@
 Prints ratios measured side by side in one run (median of interleaved repeats):
 
 1. a CNN on 128x3x32x32 with dropout only in its classifier head, T = 30: each strategy's
-   ``mc_predict`` / one deterministic pass (target for ``auto``: <= 1.3x);
+   ``mc_predict`` with its defaults (``deterministic=True``: the eval-mode comparison included) and
+   with ``deterministic=False`` / one deterministic pass (target for ``auto`` defaults: <= 1.15x);
 2. a small ResNet with DropPath in its last stage, T = 30: ``batched`` / ``auto`` (target >= 2x);
 3. peak memory of ``auto`` (and ``batched``) under several budgets, measured (torch.profiler's
    allocation events on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and as planned;
 4. a validation epoch of the demo (digits, mlp, ``templates/demo.yaml``) with the MC callback /
-   without it (target <= 1.5x).
+   without it (target <= 1.5x);
+5. an MLP 784-512-512-10 with regfw dropout on its input and hidden layers, batch 256, T = 30:
+   ``mc_predict`` defaults / one deterministic pass (the floating-point floor is 30x; target <= 40x).
 
-Usage: ``python bench/mc_dropout.py [--device cpu|cuda] [--parts 1,2,3,4] [--repeats N] [--threads N]``.
+On CPU the times are CPU time of the process (``time.process_time``) with one intra-op thread by
+default, so other load on the machine changes them little; on CUDA, wall time after a synchronise.
+
+Usage: ``python bench/mc_dropout.py [--device cpu|cuda] [--parts 1,2,3,4,5] [--repeats N] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -98,17 +104,19 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, runs interleaved so load drifts hit all alike."""
+    """Median seconds per call of each function, runs interleaved so load drifts hit all alike
+    (CPU time of the process on CPU, wall time on CUDA)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (and the split's one-off analysis)
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -137,8 +145,10 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: int | None = 256 * MiB) -> Callable[[], object]:
-    return lambda: mc_predict(model, x, SAMPLES, strategy=strategy, seed=0, budget_bytes=budget, deterministic=False)
+def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: int | None = 256 * MiB,
+       deterministic: bool = False) -> Callable[[], object]:
+    return lambda: mc_predict(model, x, SAMPLES, strategy=strategy, seed=0, budget_bytes=budget,
+                              deterministic=deterministic)
 
 
 def plain(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -164,13 +174,40 @@ def part_cnn(device: torch.device, repeats: int) -> None:
     print(f"\n[1] CNN, dropout only in the classifier head, input {tuple(x.shape)}, T = {SAMPLES}")
     print(f"    split: {describe(model, x)}")
     # the fast pair first, on its own (the T-pass strategies would leave caches and allocator cold)
-    t = timed({"deterministic pass": plain(model, x), "auto": mc(model, x, "auto")}, repeats, device)
-    t.update(timed({"batched": mc(model, x, "batched"), "loop": mc(model, x, "loop")}, max(1, repeats // 2), device))
+    t = timed({"deterministic pass": plain(model, x), "auto (defaults)": mc(model, x, "auto", deterministic=True),
+               "auto, deterministic=False": mc(model, x, "auto")}, repeats, device)
+    t.update(timed({"batched (defaults)": mc(model, x, "batched", deterministic=True),
+                    "loop (defaults)": mc(model, x, "loop", deterministic=True)}, max(1, repeats // 2), device))
     base = t["deterministic pass"]
     for name, sec in t.items():
-        print(f"    {name:<20} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
-    print(f"    auto / deterministic pass = {t['auto'] / base:.2f}x (target <= 1.3x); "
-          f"batched / auto = {t['batched'] / t['auto']:.1f}x, loop / auto = {t['loop'] / t['auto']:.1f}x")
+        print(f"    {name:<26} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
+    auto = t["auto (defaults)"]
+    print(f"    auto (defaults) / deterministic pass = {auto / base:.2f}x (target <= 1.15x); "
+          f"batched / auto = {t['batched (defaults)'] / auto:.1f}x, loop / auto = {t['loop (defaults)'] / auto:.1f}x")
+
+
+def part_mlp(device: torch.device, repeats: int) -> None:
+    from regfw.layers import Dropout
+    from regfw.surgery import attach
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    attach(model, "0", "regfw_input_dropout", Dropout(0.2), "before")  # as regfw's dropout plan places it
+    attach(model, "1", "regfw_dropout", Dropout(0.5), "after")
+    attach(model, "3", "regfw_dropout", Dropout(0.5), "after")
+    model = model.to(device).eval()
+    x = torch.randn(256, 784, device=device)
+    print(f"\n[5] MLP 784-512-512-10, regfw dropout on the input (0.2) and hidden layers (0.5), "
+          f"input {tuple(x.shape)}, T = {SAMPLES}")
+    print(f"    split: {describe(model, x)}")
+    t = timed({"deterministic pass": plain(model, x), "auto (defaults)": mc(model, x, "auto", deterministic=True),
+               "batched (defaults)": mc(model, x, "batched", deterministic=True),
+               "loop (defaults)": mc(model, x, "loop", deterministic=True)}, repeats, device)
+    base = t["deterministic pass"]
+    for name, sec in t.items():
+        print(f"    {name:<26} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
+    print(f"    auto (defaults) / deterministic pass = {t['auto (defaults)'] / base:.1f}x "
+          f"(floating-point floor 30x; target <= 40x)")
 
 
 def part_resnet(device: torch.device, repeats: int, batch: int) -> None:
@@ -288,13 +325,15 @@ def part_callback(device: torch.device, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (1-4)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (1-5)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resnet-batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on CPU, so CPU time is one thread's)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
@@ -309,6 +348,8 @@ def main() -> None:
         part_memory(device)
     if "4" in parts:
         part_callback(device, args.repeats)
+    if "5" in parts:
+        part_mlp(device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ regularizers:
   max_norm: {}
   adaptive_dropout: {patience: 1}
   coadaptation: {}
+  mixup: {alpha: 0.2}
+  label_smoothing: {epsilon: 0.1}
+  confidence_penalty: {strength: 0.1}
+  rdrop: {alpha: 1.0}
 uncertainty: {enabled: true, samples: 8, plots: false}
 trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
 """
@@ -146,9 +150,11 @@ def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
     used = set(load_cfg(root).regularizers)
     assert builtin - used == NOT_RUN
     plan = (run / "plan.txt").read_text()
-    for name in used - {"l1", "weight_decay", "adaptive_dropout", "coadaptation"}:
+    described = {"l1", "weight_decay", "adaptive_dropout", "coadaptation", "mixup", "label_smoothing",
+                 "confidence_penalty", "rdrop"}
+    for name in used - described:
         assert f"\n{name} " in plan, name  # a plan row for every injecting regularizer
-    for name in ("l1", "weight_decay", "adaptive_dropout", "coadaptation"):
+    for name in described:
         assert f"\n{name}: " in plan, name
 
 

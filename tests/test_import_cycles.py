@@ -14,12 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "regfw"
 
 #: Cycles that exist and are being removed, as sorted module tuples. Each needs its reason.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # sampling's "auto" engine imports fast (import_module) and fast imports sampling's helpers;
-    # removed by splitting regfw/uncertainty/fast.py into a package. Delete this entry then: the
-    # test fails while a listed cycle is gone.
-    ("regfw.uncertainty.fast", "regfw.uncertainty.sampling"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def _modules(root: Path) -> dict[str, Path]:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .masks import keep_scale_mask, masked_scale, use_words
 
 __all__ = [
     "locked_dropout",
@@ -73,8 +74,7 @@ def _locked_tensor(x: Tensor, p: float, batch_first: bool) -> Tensor:
             "locked_dropout expects a sequence of shape (B, T, F) (batch_first=True), (T, B, F) "
             f"(batch_first=False) or (T, F), got shape {tuple(x.shape)}"
         )
-    mask = x.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * mask
+    return x * keep_scale_mask(x, shape, p)
 
 
 def _locked_packed(x: PackedSequence, p: float) -> PackedSequence:
@@ -83,7 +83,7 @@ def _locked_packed(x: PackedSequence, p: float) -> PackedSequence:
     # PackedSequence.data is time-major: step t holds sequences 0 .. batch_sizes[t] - 1 (sorted order).
     index = torch.arange(batch).expand(steps, batch)
     sequence_of_row = index[index < batch_sizes[:, None]].to(data.device)
-    mask = data.new_empty((batch,) + tuple(data.shape[1:])).bernoulli_(1.0 - p).div_(1.0 - p)
+    mask = keep_scale_mask(data, (batch,) + tuple(data.shape[1:]), p)
     return x._replace(data=data * mask[sequence_of_row])
 
 
@@ -149,6 +149,8 @@ def drop_connect(weight: Tensor, p: float = 0.5, training: bool = True) -> Tenso
         return weight
     if p == 1.0:
         return zeros_like_graph(weight)
+    if use_words(weight):
+        return masked_scale(weight, p)
     return F.dropout(weight, p, training=True)
 
 
