@@ -65,6 +65,42 @@ class OptimizerConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """``uncertainty.calibration:`` post-hoc temperature scaling on held-out training data."""
+
+    enabled: bool = False
+    #: Share of the training split held out for fitting the temperature (never validation data);
+    #: a data module with a ``calibration_dataloader()`` method provides its own split instead.
+    fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive")})
+
+
+@dataclass
+class OODConfig:
+    """``uncertainty.ood:`` an out-of-distribution set scored against the validation set."""
+
+    #: ``heldout_classes``: train and validate on ``in_classes`` only (default: the first half,
+    #: digits 0-4), the validation inputs of the other classes are the OOD set.
+    protocol: Literal["heldout_classes"] | None = None
+    in_classes: list[int] | None = None
+    #: Or any LightningDataModule whose ``val_dataloader()`` yields the OOD inputs.
+    class_path: str | None = None
+    init_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.protocol is not None and self.class_path is not None:
+            raise ConfigError("uncertainty.ood: set only one of protocol (heldout_classes) or class_path "
+                              "(a data module whose val_dataloader() yields the OOD inputs).")
+        if not self.enabled and (self.in_classes is not None or self.init_args):
+            raise ConfigError("uncertainty.ood: in_classes / init_args given without protocol or class_path; "
+                              "set protocol: heldout_classes or class_path: pkg.DataModule.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an OOD set is configured."""
+        return self.protocol is not None or self.class_path is not None
+
+
+@dataclass
 class UncertaintyConfig:
     """``uncertainty:`` Monte Carlo dropout at validation time."""
 
@@ -83,7 +119,14 @@ class UncertaintyConfig:
     #: the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
     tau: float | None = positive(None)
     plots: bool = True
+    #: Dense outputs ([B, C, H, W], [B, L, V]): targets equal to this count in no metric.
+    ignore_index: int | None = None
+    #: Draw the plots of every N-th sampled validation; null: only of the last one (cheaper).
+    plot_every: int | None = positive(None)
     seed: int = 1234
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    #: Off unless ``protocol`` or ``class_path`` is set (null or an empty section: off).
+    ood: OODConfig = field(default_factory=OODConfig)
 
 
 @dataclass

@@ -31,7 +31,35 @@ MC_MEANINGS = {
     "coverage_90": "share of targets inside the central 90% predictive interval",
     "interval_error": "mean |coverage - level| over the interval levels",
     "retained_rmse": "RMSE on the samples not referred",
+    "nll_mixture": "NLL of the mixture of the T Gaussians (Gal & Ghahramani's figure)",
+    "aurc": "area under the risk-coverage curve (selective prediction, lower is better)",
+    "augrc": "area under the generalized risk-coverage curve (lower is better)",
+    "risk_80": "error rate on the 80% most certain samples",
+    "risk_95": "error rate on the 95% most certain samples",
 }
+
+
+def format_calibration(metrics: dict[str, float]) -> str:
+    """Before/after temperature scaling (fitted on the held-out calibration split, scored on
+    validation), and the OOD detection AUROC per score; empty when neither ran."""
+    lines = []
+    if "cal_temperature" in metrics:
+        lines.append("Temperature scaling (fitted on the calibration split, scored on validation):")
+        lines.append(f"  {'prediction':<14}{'T':>7}  {'NLL before':>10}  {'NLL after':>9}  {'ECE before':>10}  "
+                     f"{'ECE after':>9}")
+        for label, key in (("MC predictive", "cal_"), ("deterministic", "cal_det_")):
+            if f"{key}temperature" not in metrics:
+                continue
+            m = {k: metrics[f"{key}{k}"] for k in ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")}
+            lines.append(f"  {label:<14}{m['temperature']:>7.3f}  {m['nll_before']:>10.4f}  {m['nll_after']:>9.4f}  "
+                         f"{m['ece_before']:>10.4f}  {m['ece_after']:>9.4f}")
+    ood = {k[len("ood_auroc_"):]: v for k, v in metrics.items() if k.startswith("ood_auroc_")}
+    if ood:
+        lines.append("Out-of-distribution detection (validation vs the OOD set; AUROC, AUPR, FPR at 95% TPR):")
+        for name, value in ood.items():
+            lines.append(f"  {name:<20} AUROC {value:.4f}  AUPR {metrics.get('ood_aupr_' + name, float('nan')):.4f}  "
+                         f"FPR95 {metrics.get('ood_fpr95_' + name, float('nan')):.4f}")
+    return "\n".join(lines)
 
 
 def _load_demo_raw(path: str | None, overrides: Sequence[str]) -> tuple[dict, str]:
@@ -76,8 +104,8 @@ def run_demo(config: str | None, overrides: Sequence[str] = ()) -> int:
     print(f"== 1/2: {cfg.model.name or cfg.model.class_path} on {cfg.data.name or cfg.data.class_path} "
           f"with regularizers: {regs}")
     results[f"with ({regs})"] = fit(cfg)
-    baseline = validate({**raw, "regularizers": {},
-                         "uncertainty": {**(raw.get("uncertainty") or {}), "enabled": False}}, source=path)
+    off = {**(raw.get("uncertainty") or {}), "enabled": False}
+    baseline = validate({**raw, "regularizers": {}, "uncertainty": off}, source=path)
     print("== 2/2: the same without regularizers")
     results["without"] = fit(baseline)
     print()
@@ -90,6 +118,9 @@ def run_demo(config: str | None, overrides: Sequence[str] = ()) -> int:
         for name, value in mc.items():
             meaning = MC_MEANINGS.get(name, "")
             print(f"  mc/{name.ljust(width)}  {value:8.4f}  {meaning}".rstrip())
+    extra = format_calibration(main.metrics)
+    if extra:
+        print("\n" + extra)
     for name, plot in main.plots.items():
         print(f"plot {name}: {plot}")
     print(f"\nrun directory: {main.run_dir}\nconfig:        {main.config_path}\ncheckpoint:    {main.checkpoint}")

@@ -34,13 +34,17 @@ def load_module(checkpoint: str) -> Any:
 def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, k: int = 50,
                     acquisition: str = "bald", split: str = "val", samples: int = 30) -> Any:
     """The ``k`` samples of the config's ``split`` most worth labelling, by ``acquisition``."""
+    from regfw.checkpoints import read_checkpoint
     from regfw.config import load_config
     from regfw.factory import build_datamodule
     from regfw.uncertainty import rank
+    from regfw.uncertainty.heldout import prepare_heldout
 
     cfg = load_config(config, overrides)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # the same splits as the fit
     module = load_module(checkpoint)
+    temperature = (read_checkpoint(Path(checkpoint)).get("regfw_calibration") or {}).get("temperature")
     if split == "train":
         loader = getattr(datamodule, "train_eval_dataloader", None)
         if loader is None:
@@ -50,6 +54,7 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
     try:
-        return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed)
+        return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed,
+                    temperature=temperature)
     except ValueError as exc:
         raise RunError(f"regfw rank: {exc}") from None

@@ -179,7 +179,7 @@ def _model_error(exc: Exception, model_config: dict, example: Any) -> ConfigErro
                        f"(e.g. in_features, num_outputs) to match the data.")
 
 
-def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None:
+def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path, heldout: Any = None) -> Any | None:
     """The MC dropout callback for ``cfg.uncertainty``, or None when it is off.
 
     It is off when ``uncertainty.enabled`` is false or the model has no stochastic module (for
@@ -194,6 +194,9 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None
     return MCDropoutUncertainty.from_config(
         unc, task=module.task, plot_dir=str(plot_dir),
         output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
+        calibrate=heldout is not None and heldout.calibration is not None,
+        calibration_loader=heldout.calibration if heldout is not None else None,
+        ood_loader=heldout.ood if heldout is not None else None,
     )
 
 
@@ -333,6 +336,9 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     _check_settings(cfg, _processes(cfg.trainer))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = D.make_resumable(build_datamodule(cfg.data, seed=cfg.seed), cfg.seed)
+    from regfw.uncertainty.heldout import prepare_heldout
+
+    heldout = prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # calibration split, OOD set
     module = build_module(cfg, datamodule)
     ckpt: dict = {}
     if ckpt_path is not None:
@@ -361,7 +367,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     logger = trainer_args.pop("logger", None)
     if logger is None or logger is True:
         logger = C.RunCSVLogger(path, keep_until_step=ckpt.get("global_step") if ckpt else None)
-    mc = uncertainty_callback(cfg, module, path / "plots")
+    mc = uncertainty_callback(cfg, module, path / "plots", heldout)
     trainer = pl.Trainer(
         **trainer_args,
         plugins=plugins,
@@ -400,6 +406,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
             metrics[f"{split}_{name}"] = value
     plots: dict[str, str] = {}
     if mc is not None:
-        metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items()})
-        plots = dict(mc.last_plots)
+        metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items() if k.startswith("mc/")})
+        metrics.update({k.replace("/", "_"): v for k, v in mc.last_metrics.items() if not k.startswith("mc/")})
+        plots = dict(mc.flush_plots())
     return FitResult(path, config_path, last, metrics, plots=plots, module=module, resumed_from=ckpt_path)

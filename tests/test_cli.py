@@ -76,6 +76,7 @@ def test_demo_compares_with_and_without_regularizers(tmp_path, run_cli):
     assert lines["with (dropout)"].split()[2:] != lines["without"].split()[1:]  # different runs, different numbers
     assert "gap (train-val acc)" in out and "mc/auroc_error" in out
     plots = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("plot ")]
-    assert len(plots) == 3 and all((tmp_path / p).is_file() for p in plots)
+    assert len(plots) == 5 and all((tmp_path / p).is_file() for p in plots)  # + risk-coverage, OOD histograms
+    assert "Temperature scaling" in out and "mutual_information   AUROC" in out and "mc/aurc" in out
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2  # the baseline got its own directory

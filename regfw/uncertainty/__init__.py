@@ -44,6 +44,7 @@ from regfw.uncertainty.summaries import (
     classification_summary,
     entropy,
     expected_entropy,
+    mixture_nll_elements,
     mutual_information,
     predictive_entropy,
     regression_summary,
@@ -70,6 +71,16 @@ _LAZY = {
     "interval_calibration_error": "regfw.uncertainty.metrics",
     "MCClassificationMetrics": "regfw.uncertainty.metrics",
     "MCRegressionMetrics": "regfw.uncertainty.metrics",
+    "ProbabilityCalibration": "regfw.uncertainty.metrics",
+    # post-hoc calibration, OOD detection, selective prediction
+    "fit_temperature": "regfw.uncertainty.calibration",
+    "Temperature": "regfw.uncertainty.calibration",
+    "tempered_probs": "regfw.uncertainty.calibration",
+    "OOD_SCORES": "regfw.uncertainty.ood",
+    "ood_scores": "regfw.uncertainty.ood",
+    "ood_metrics": "regfw.uncertainty.ood",
+    "risk_coverage": "regfw.uncertainty.selective",
+    "selective_metrics": "regfw.uncertainty.selective",
     # callback
     "MCDropoutUncertainty": "regfw.uncertainty.callback",
     # active learning
@@ -110,6 +121,7 @@ __all__ = [
     "predictive_entropy",
     "regression_summary",
     "variation_ratio",
+    "mixture_nll_elements",
     *_LAZY,
 ]
 

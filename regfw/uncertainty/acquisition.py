@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from regfw.uncertainty.calibration import Temperature
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     _check_samples,
@@ -26,6 +27,7 @@ from regfw.uncertainty.sampling import (
     derive_seed,
     mc_predict,
 )
+from regfw.uncertainty.summaries import per_input
 
 __all__ = ["ACQUISITIONS", "Ranked", "acquisition_scores", "rank"]
 
@@ -75,8 +77,8 @@ def _default_input(batch: Any) -> Tensor:
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return None
 
 
@@ -90,8 +92,17 @@ def acquisition_scores(
     strategy: str = "auto",
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     batch_to_input: Callable[[Any], Tensor] | None = None,
+    temperature: float | None = None,
 ) -> Tensor:
-    """The acquisition score of every input, ``[N]`` in dataset order (higher = label first)."""
+    """The acquisition score of every input, ``[N]`` in dataset order (higher = label first).
+
+    Dense outputs (``[B, C, H, W]`` segmentation, ``[B, L, V]`` sequences) score each input by
+    the mean of its per-position scores.
+
+    ``temperature`` (fitted by :func:`regfw.uncertainty.calibration.fit_temperature`, saved in
+    ``regfw fit`` checkpoints) divides the logits before the softmax, so the scores are those of
+    the calibrated predictive.
+    """
     if acquisition not in ACQUISITIONS:
         raise ValueError(f"acquisition must be one of {list(ACQUISITIONS)}, got {acquisition!r}")
     _check_in_order(dataloader)
@@ -122,8 +133,10 @@ def acquisition_scores(
         result = mc_predict(
             model, x, samples=samples, strategy=strategy, budget_bytes=budget_bytes,
             seed=derive_seed(base, i), task="classification", deterministic=False,
+            output_transform=None if temperature is None else Temperature(float(temperature)),
         )
-        out.append(result.score(score_name).detach().double().cpu())
+        score = result.score(score_name).detach().double().cpu()
+        out.append(per_input(score) if score.dim() > 1 else score)  # dense: one score per image / sequence
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -138,6 +151,7 @@ def rank(
     strategy: str = "auto",
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     batch_to_input: Callable[[Any], Tensor] | None = None,
+    temperature: float | None = None,
 ) -> Ranked:
     """The ``k`` inputs of ``dataloader`` most worth labelling, by ``acquisition``.
 
@@ -149,6 +163,7 @@ def rank(
         k: how many to return (at most the dataset size).
         samples: MC samples T per input.
         seed: seeds the masks (and the random baseline); None = fresh randomness.
+        temperature: a fitted temperature; the scores are then those of the calibrated model.
 
     Returns:
         :class:`Ranked` ``(indices, scores)``, highest score first; among equal scores the
@@ -158,7 +173,7 @@ def rank(
         raise ValueError(f"k must be an integer >= 1, got k={k!r}")
     scores = acquisition_scores(
         model, dataloader, acquisition, samples, seed,
-        strategy=strategy, budget_bytes=budget_bytes, batch_to_input=batch_to_input,
+        strategy=strategy, budget_bytes=budget_bytes, batch_to_input=batch_to_input, temperature=temperature,
     )
     order = torch.sort(scores, descending=True, stable=True).indices[: min(k, scores.numel())]
     return Ranked(indices=order, scores=scores[order])

@@ -7,12 +7,22 @@ device, and accumulates the metrics in :mod:`torchmetrics` states; at
 draws the plots. Nothing of the normal validation changes: modes are restored after sampling,
 BatchNorm stays in eval, and the masks come from a forked, separately seeded random stream, so
 a fit with the callback ends with bit-identical weights to a fit without it.
+
+With ``calibrate=True`` a temperature is fitted (:mod:`regfw.uncertainty.calibration`) on a
+held-out calibration loader at the start of each sampled validation, for the MC predictive and
+for the deterministic one; the metrics before and after are logged as ``cal/...``, and the
+temperature is kept in the callback state and in the checkpoint (``regfw_calibration``), where
+``regfw rank`` reads it. With ``ood_loader`` the out-of-distribution scores of
+:mod:`regfw.uncertainty.ood` are logged as ``ood/...``. Selective-prediction metrics
+(:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn on a background
+thread, so the training loop does not wait for matplotlib.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -20,12 +30,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from regfw.uncertainty.calibration import Temperature, fit_temperature
 from regfw.uncertainty.metrics import (
     DEFAULT_BINS,
     DEFAULT_LEVELS,
     MCClassificationMetrics,
     MCRegressionMetrics,
+    ProbabilityCalibration,
 )
+from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     TASKS,
@@ -37,7 +50,7 @@ from regfw.uncertainty.sampling import (
     mc_predict,
     stochastic_modules,
 )
-from regfw.uncertainty.summaries import SCORES
+from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     from regfw.config import UncertaintyConfig
@@ -89,6 +102,18 @@ class MCDropoutUncertainty(pl.Callback):
         dataloader_idx: the validation dataloader to use.
         batch_to_xy: maps a batch to ``(x, y)`` when batches are not tuples.
         prefix: prefix of the logged names (``"mc/"``).
+        calibrate: fit a temperature on ``calibration_loader`` before each sampled validation
+            (classification); ``cal/...`` metrics compare before and after on validation.
+        calibration_loader: held-out ``(x, y)`` batches, never validation or test data; None
+            uses ``trainer.datamodule.calibration_dataloader()``.
+        ood_loader: out-of-distribution batches (``x`` or ``(x, ...)``), scored against the
+            validation set; at most ``max_batches`` of them are sampled.
+        background_plots: draw and write the plots on a background thread.
+        ignore_index: dense outputs (``[B, C, H, W]``, ``[B, L, V]``): positions whose target is
+            this value count in no metric (padding, unlabelled pixels).
+        plot_every: draw the plots of every ``plot_every``-th sampled validation; None (the
+            default) draws only those of the last one (at the last epoch, or at the end of the
+            fit when it stops early), since drawing costs more than sampling on small models.
 
     After each run, :attr:`last_metrics` holds the values (``{"mc/acc": ..., ...}``) and
     :attr:`last_plots` the written files (``{"reliability": path, ...}``).
@@ -116,6 +141,12 @@ class MCDropoutUncertainty(pl.Callback):
         dataloader_idx: int = 0,
         batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         prefix: str = "mc/",
+        calibrate: bool = False,
+        calibration_loader: Iterable[Any] | None = None,
+        ood_loader: Iterable[Any] | None = None,
+        background_plots: bool = True,
+        plot_every: int | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
@@ -132,9 +163,13 @@ class MCDropoutUncertainty(pl.Callback):
         allowed = CLASSIFICATION_SCORES if task == "classification" else REGRESSION_SCORES
         score = score or ("mutual_information" if task == "classification" else "variance")
         if score not in allowed:
-            raise ValueError(f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
-        self._assign(strategy, budget_bytes, task, every_n_epochs, max_batches, subset, score, threshold, refer_fraction,
-                     n_bins, levels, tau, output_transform, plots, plot_dir, seed, dataloader_idx, batch_to_xy, prefix)
+            raise ValueError(
+                f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
+        self._assign(strategy, budget_bytes, task, every_n_epochs, max_batches, subset, score, threshold,
+                     refer_fraction, n_bins, levels, tau, output_transform, plots, plot_dir, seed, dataloader_idx,
+                     batch_to_xy, prefix,
+                     calibrate=calibrate, calibration_loader=calibration_loader, ood_loader=ood_loader,
+                     background_plots=background_plots, plot_every=plot_every, ignore_index=ignore_index)
 
     @classmethod
     def from_config(cls, config: UncertaintyConfig, *, task: str = "classification",
@@ -147,7 +182,8 @@ class MCDropoutUncertainty(pl.Callback):
         on the model is: ``task``, and the config's ``score`` against it (a
         :class:`~regfw.errors.ConfigError` naming ``uncertainty.score``). ``options`` are the
         constructor's other keywords (``subset``, ``n_bins``, ``levels``, ``batch_to_xy``,
-        ``dataloader_idx``, ``prefix``).
+        ``dataloader_idx``, ``prefix``, ``calibrate``, ``calibration_loader``, ``ood_loader``,
+        ``background_plots``); ``plot_every`` and ``ignore_index`` come from the config.
         """
         from regfw.errors import ConfigError
 
@@ -165,7 +201,12 @@ class MCDropoutUncertainty(pl.Callback):
                      options.pop("subset", None), score, config.threshold, config.refer_fraction,
                      options.pop("n_bins", DEFAULT_BINS), options.pop("levels", DEFAULT_LEVELS), config.tau,
                      output_transform, config.plots, plot_dir, config.seed, options.pop("dataloader_idx", 0),
-                     options.pop("batch_to_xy", None), options.pop("prefix", "mc/"))
+                     options.pop("batch_to_xy", None), options.pop("prefix", "mc/"),
+                     calibrate=options.pop("calibrate", False),
+                     calibration_loader=options.pop("calibration_loader", None),
+                     ood_loader=options.pop("ood_loader", None),
+                     background_plots=options.pop("background_plots", True),
+                     plot_every=config.plot_every, ignore_index=config.ignore_index)
         if options:
             raise TypeError(f"MCDropoutUncertainty.from_config: unexpected keyword(s) {sorted(options)}")
         return self
@@ -174,7 +215,10 @@ class MCDropoutUncertainty(pl.Callback):
                 subset: float | None, score: str, threshold: float | None, refer_fraction: float, n_bins: int,
                 levels: Sequence[float], tau: float | None, output_transform: OutputTransform | None, plots: bool,
                 plot_dir: str | None, seed: int | None, dataloader_idx: int,
-                batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None, prefix: str) -> None:
+                batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None, prefix: str, *,
+                calibrate: bool = False, calibration_loader: Iterable[Any] | None = None,
+                ood_loader: Iterable[Any] | None = None, background_plots: bool = True,
+                plot_every: int | None = None, ignore_index: int | None = None) -> None:
         """Set the (checked) settings and the empty state: the one place both constructors share."""
         self.strategy = strategy
         self.budget_bytes = budget_bytes
@@ -195,6 +239,31 @@ class MCDropoutUncertainty(pl.Callback):
         self.dataloader_idx = dataloader_idx
         self.batch_to_xy = batch_to_xy or _default_xy
         self.prefix = prefix
+        self.ignore_index = ignore_index
+        if calibrate and task != "classification":
+            raise ValueError("MCDropoutUncertainty: calibrate=True (temperature scaling) needs task='classification'")
+        if ood_loader is not None and task != "classification":
+            raise ValueError("MCDropoutUncertainty: ood_loader needs task='classification'")
+        self.calibrate = bool(calibrate)
+        self.calibration_loader = calibration_loader
+        self.ood_loader = ood_loader
+        self.background_plots = background_plots
+        if plot_every is not None and (isinstance(plot_every, bool) or not isinstance(plot_every, int)
+                                       or plot_every < 1):
+            raise ValueError(f"MCDropoutUncertainty: plot_every must be an integer >= 1 or None, got {plot_every!r}")
+        self.plot_every = plot_every
+        self._undrawn: tuple[dict[str, Any], str, list[Any], int] | None = None
+        #: Fitted temperatures of the MC predictive and of the deterministic prediction (None: not fitted).
+        self.temperature: float | None = None
+        self.det_temperature: float | None = None
+        self._cal_metric = MCClassificationMetrics(n_bins=n_bins, score=self.score, threshold=threshold,
+                                                   refer_fraction=self.refer_fraction, ignore_index=ignore_index)
+        self._det_before = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
+        self._det_after = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
+        self._ood_in = OODScoreStore()
+        self._ood_out = OODScoreStore()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[dict[str, str]] | None = None
 
         self.last_metrics: dict[str, float] = {}
         self.last_plots: dict[str, str] = {}
@@ -209,7 +278,8 @@ class MCDropoutUncertainty(pl.Callback):
     def _make_metric(self) -> MCClassificationMetrics | MCRegressionMetrics:
         if self.task == "classification":
             return MCClassificationMetrics(
-                n_bins=self.n_bins, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction
+                n_bins=self.n_bins, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction,
+                ignore_index=self.ignore_index,
             )
         return MCRegressionMetrics(
             levels=self.levels, score=self.score, threshold=self.threshold, refer_fraction=self.refer_fraction
@@ -242,6 +312,54 @@ class MCDropoutUncertainty(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _require_stochastic(pl_module)  # fail before training, with the fix in the message
+        if self.calibrate and self.calibration_loader is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            own = getattr(datamodule, "calibration_dataloader", None)
+            if not callable(own):
+                raise ValueError(
+                    "MCDropoutUncertainty: calibrate=True needs held-out calibration data: pass "
+                    "calibration_loader=DataLoader(...) or give the data module a calibration_dataloader() method")
+            self.calibration_loader = own()
+
+    def _transform(self, raw: Tensor) -> Tensor:
+        """Stacked raw outputs ``[T, B, ...]`` as logits with the classes last."""
+        out = raw if self.output_transform is None else self.output_transform(raw)
+        assert isinstance(out, Tensor)
+        return classes_last(out)
+
+    def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int, deterministic: bool = True) -> Any:
+        return mc_predict(
+            pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
+            seed=seed, task=self.task, tau=self.tau, output_transform=self.output_transform,
+            deterministic=deterministic,
+        )
+
+    def _fit_temperatures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit the MC and deterministic temperatures on the calibration loader (held-out data)."""
+        assert self.calibration_loader is not None
+        mc_logits, det_logits, targets = [], [], []
+        for i, batch in enumerate(self.calibration_loader):
+            x, y = self.batch_to_xy(batch)
+            result = self._predict(pl_module, x.to(pl_module.device),
+                                   derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x43414C, i))
+            mc_logits.append(self._transform(result.outputs))
+            if result.deterministic is not None:
+                det_logits.append(self._transform(result.deterministic.unsqueeze(0))[0])
+            targets.append(y.to(pl_module.device))
+        if not targets:
+            raise ValueError("MCDropoutUncertainty: the calibration loader yielded no batch")
+        y_all = torch.cat(targets).long()
+        mc_all = torch.cat(mc_logits, dim=1)
+        det_all = torch.cat(det_logits) if det_logits else None
+        if mc_all.dim() > 3 or self.ignore_index is not None:  # dense: every labelled position is one input
+            flat = y_all.flatten()
+            keep = (flat != self.ignore_index) if self.ignore_index is not None else torch.ones_like(flat).bool()
+            y_all = flat[keep]
+            mc_all = mc_all.reshape(mc_all.shape[0], -1, mc_all.shape[-1])[:, keep]
+            det_all = None if det_all is None else det_all.reshape(-1, det_all.shape[-1])[keep]
+        self.temperature = fit_temperature(mc_all, y_all, mc=True)
+        if det_all is not None:
+            self.det_temperature = fit_temperature(det_all, y_all)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
@@ -253,8 +371,12 @@ class MCDropoutUncertainty(pl.Callback):
             self._active = False
         if self._active:
             _require_stochastic(pl_module)
-            self._metric.reset()
-            self._metric = self._metric.to(pl_module.device)
+            for name in ("_metric", "_cal_metric", "_det_before", "_det_after", "_ood_in", "_ood_out"):
+                metric = getattr(self, name)
+                metric.reset()
+                setattr(self, name, metric.to(pl_module.device))
+            if self.calibrate:
+                self._fit_temperatures(trainer, pl_module)
 
     def on_validation_batch_end(
         self,
@@ -270,19 +392,53 @@ class MCDropoutUncertainty(pl.Callback):
         if batch_idx >= self._batch_limit(trainer, dataloader_idx):
             return
         x, y = self.batch_to_xy(batch)
-        result = mc_predict(
-            pl_module,
-            x,
-            samples=self.samples,
-            strategy=self.strategy,
-            budget_bytes=self.budget_bytes,
-            seed=derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, dataloader_idx, batch_idx),
-            task=self.task,
-            tau=self.tau,
-            output_transform=self.output_transform,
+        result = self._predict(
+            pl_module, x, derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, dataloader_idx, batch_idx)
         )
-        self._metric.update(result.summary, y)
+        if self.task == "regression":
+            assert isinstance(self._metric, MCRegressionMetrics)
+            mixture = None
+            if self.tau is not None or result.variances is not None:
+                mixture = result.nll_mixture(y, self.tau)
+            self._metric.update(result.summary, y, mixture_nll=mixture)
+        else:
+            self._metric.update(result.summary, y)
+            self._update_classification(result, y)
         self._batches += 1
+
+    def _update_classification(self, result: Any, y: Tensor) -> None:
+        """The calibrated predictive's metrics and the in-distribution OOD scores of one batch."""
+        summary = result.summary
+        logits = None
+        if self.calibrate or self.ood_loader is not None:
+            logits = self._transform(result.outputs)
+        if self.calibrate and self.temperature is not None and logits is not None:
+            probs = torch.softmax(Temperature(self.temperature)(logits).float(), dim=-1)
+            summary = classification_summary(probs)
+            self._cal_metric.update(summary, y)
+            if result.deterministic is not None and self.det_temperature is not None:
+                det = self._transform(result.deterministic.unsqueeze(0))[0]
+                self._det_before.update(torch.softmax(Temperature(1.0)(det).double(), -1), y)
+                self._det_after.update(torch.softmax(Temperature(self.det_temperature)(det).double(), -1), y)
+        if self.ood_loader is not None and logits is not None:
+            t = self.temperature if (self.calibrate and self.temperature is not None) else 1.0
+            self._ood_in.update(_per_input_scores(ood_scores(summary, Temperature(t)(logits)), y.shape[0]))
+
+    def _ood_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Sample the OOD loader (at most the configured number of batches)."""
+        assert self.ood_loader is not None
+        limit = self._batch_limit(trainer, self.dataloader_idx)
+        t = self.temperature if (self.calibrate and self.temperature is not None) else 1.0
+        for i, batch in enumerate(self.ood_loader):
+            if i >= limit:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            result = self._predict(pl_module, x.to(pl_module.device),
+                                   derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i),
+                                   deterministic=False)  # OOD scores use the MC predictive only
+            logits = Temperature(t)(self._transform(result.outputs))
+            summary = classification_summary(torch.softmax(logits.float(), dim=-1))
+            self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
@@ -292,6 +448,7 @@ class MCDropoutUncertainty(pl.Callback):
             return
         values = self._metric.compute()  # synchronised across processes by torchmetrics
         metrics = {self.prefix + k: float(v) for k, v in values.items()}
+        metrics.update(self._extra_metrics(trainer, pl_module))
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, add_dataloader_idx=False)
         self.last_metrics = metrics
         self.last_epoch = trainer.current_epoch
@@ -299,8 +456,83 @@ class MCDropoutUncertainty(pl.Callback):
         if self.plots:
             directory = self._plot_dir(trainer)  # every rank: trainer.log_dir broadcasts
             if trainer.is_global_zero:
-                self.last_plots = self._write_plots(trainer, directory)
+                self._submit_plots(trainer, directory)
         self._metric.reset()
+
+    def _extra_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Calibration before/after and OOD detection (classification)."""
+        if self.task != "classification":
+            return {}
+        metric = self._metric
+        assert isinstance(metric, MCClassificationMetrics)
+        out: dict[str, float] = {}
+        if self.calibrate and self.temperature is not None:
+            before = metric.compute()
+            after = self._cal_metric.compute()
+            out["cal/temperature"] = self.temperature
+            out["cal/nll_before"], out["cal/nll_after"] = float(before["nll"]), float(after["nll"])
+            out["cal/ece_before"], out["cal/ece_after"] = float(before["ece"]), float(after["ece"])
+            if self.det_temperature is not None:
+                db, da = self._det_before.compute(), self._det_after.compute()
+                out["cal/det_temperature"] = self.det_temperature
+                out["cal/det_nll_before"], out["cal/det_nll_after"] = float(db["nll"]), float(da["nll"])
+                out["cal/det_ece_before"], out["cal/det_ece_after"] = float(db["ece"]), float(da["ece"])
+        if self.ood_loader is not None:
+            self._ood_pass(trainer, pl_module)
+            res = ood_metrics(self._ood_in.compute_scores(), self._ood_out.compute_scores())
+            out.update(res.as_metrics("ood/"))
+        return out
+
+    def _submit_plots(self, trainer: pl.Trainer, directory: str) -> None:
+        """Collect the plot data now (CPU copies); draw it on the background thread when this run
+        is due (``plot_every``) or the last one, else keep it for :meth:`on_fit_end`."""
+        data = self._plot_data()
+        loggers = list(trainer.loggers)
+        step = trainer.global_step
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        due = self.plot_every is not None and self.runs % self.plot_every == 0
+        if not (due or last):
+            self._undrawn = (data, directory, loggers, step)
+            return
+        self._undrawn = None
+        self._draw(data, directory, loggers, step)
+
+    def _draw(self, data: dict[str, Any], directory: str, loggers: list[Any], step: int) -> None:
+        self.flush_plots()  # one epoch's plots at a time, in order
+        if not self.background_plots:
+            self.last_plots = _draw_plots(data, directory, loggers, step, self.prefix)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regfw-plots")
+        self._pending = self._executor.submit(_draw_plots, data, directory, loggers, step, self.prefix)
+
+    def flush_plots(self) -> dict[str, str]:
+        """Wait for the plots being drawn in the background; returns :attr:`last_plots`."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                self.last_plots = pending.result()
+            except Exception as exc:  # a plot failing must not fail the run
+                rank_zero_warn(f"MCDropoutUncertainty: could not draw the plots: {type(exc).__name__}: {exc}")
+        return self.last_plots
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._undrawn is not None:  # the fit stopped before its last epoch: draw the last run now
+            undrawn, self._undrawn = self._undrawn, None
+            self._draw(*undrawn)
+        self.flush_plots()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.flush_plots()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.temperature is not None:
+            checkpoint["regfw_calibration"] = {"temperature": self.temperature,
+                                               "det_temperature": self.det_temperature}
 
     # ------------------------------------------------------------------ plots
 
@@ -311,48 +543,42 @@ class MCDropoutUncertainty(pl.Callback):
             base = os.path.join(root, "plots")
         return os.path.join(base, f"epoch={trainer.current_epoch:03d}")
 
-    def _write_plots(self, trainer: pl.Trainer, directory: str) -> dict[str, str]:
-        from regfw.uncertainty import plots
+    def _plot_data(self) -> dict[str, Any]:
+        """Everything the plots need, as CPU tensors (safe to hand to another thread)."""
         from regfw.uncertainty.metrics import retained_curve
+        from regfw.uncertainty.selective import risk_coverage
 
-        figures = {}
+        data: dict[str, Any] = {"task": self.task, "score_name": self.score}
         if self.task == "classification":
             metric = self._metric
             assert isinstance(metric, MCClassificationMetrics)
             score, correct = metric.score_and_correct()
-            fr, acc = retained_curve(score, correct)
-            ref = self.last_metrics.get(self.prefix + "referred_fraction")
-            figures["reliability"] = plots.reliability_figure(metric.reliability())
-            figures["referral"] = plots.referral_figure(fr, acc, marker=ref)
-            figures["score_hist"] = plots.score_histogram_figure(score, correct.bool(), score_name=self.score)
+            score, correct = score.cpu(), correct.cpu()
+            data["reliability"] = metric.reliability()
+            if self.calibrate and self.temperature is not None:
+                data["reliability_after"] = self._cal_metric.reliability()
+                data["temperature"] = self.temperature
+            data["referral"] = retained_curve(score, correct)
+            data["referral_marker"] = self.last_metrics.get(self.prefix + "referred_fraction")
+            data["score"], data["correct"] = score, correct >= 1.0  # dense: every position right
+            data["risk_coverage"] = risk_coverage(score, correct)
+            if self.ood_loader is not None:
+                data["ood"] = (self._ood_in.compute_scores(), self._ood_out.compute_scores())
         else:
             metric = self._metric
             assert isinstance(metric, MCRegressionMetrics)
             score, sq = metric.score_and_error()
-            fr, mse = retained_curve(score, sq)
-            cov = metric.coverage()
-            figures["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
-            figures["referral"] = plots.referral_figure(
-                fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained", title="Referral curve"
-            )
-            figures["score_hist"] = plots.score_histogram_figure(score, None, score_name=self.score)
-        written: dict[str, str] = {}
-        for name, fig in figures.items():
-            written[name] = plots.save_figure(fig, os.path.join(directory, f"{name}.png"))
-            for logger in trainer.loggers:
-                experiment = getattr(logger, "experiment", None)
-                add_figure = getattr(experiment, "add_figure", None)
-                if callable(add_figure):
-                    try:
-                        add_figure(f"{self.prefix}{name}", fig, global_step=trainer.global_step, close=False)
-                    except Exception as exc:  # a logger failing to take an image must not stop training
-                        rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
-        return written
+            data["coverage"] = metric.coverage()
+            data["referral"] = retained_curve(score.cpu(), sq.cpu())
+            data["score"] = score.cpu()
+        return data
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "temperature": self.temperature,
+            "det_temperature": self.det_temperature,
             "seed": self.seed,
             "last_epoch": self.last_epoch,
             "runs": self.runs,
@@ -362,7 +588,52 @@ class MCDropoutUncertainty(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict.get("seed", self.seed))
+        self.temperature = state_dict.get("temperature")
+        self.det_temperature = state_dict.get("det_temperature")
         self.last_epoch = state_dict.get("last_epoch")
         self.runs = int(state_dict.get("runs", 0))
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.last_plots = dict(state_dict.get("last_plots", {}))
+
+
+def _draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
+                prefix: str) -> dict[str, str]:
+    """Draw the figures of :meth:`MCDropoutUncertainty._plot_data`, write them and send them to
+    image-capable loggers; runs on the plot thread."""
+    from regfw.uncertainty import plots
+
+    figures = {}
+    if data["task"] == "classification":
+        figures["reliability"] = plots.reliability_figure(
+            data["reliability"], after=data.get("reliability_after"), temperature=data.get("temperature"))
+        fr, acc = data["referral"]
+        figures["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
+        figures["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
+                                                             score_name=data["score_name"])
+        figures["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
+        if "ood" in data:
+            figures["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
+    else:
+        cov = data["coverage"]
+        figures["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
+        fr, mse = data["referral"]
+        figures["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
+                                                    title="Referral curve")
+        figures["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
+    written: dict[str, str] = {}
+    for name, fig in figures.items():
+        written[name] = plots.save_figure(fig, os.path.join(directory, f"{name}.png"))
+        for logger in loggers:
+            experiment = getattr(logger, "experiment", None)
+            add_figure = getattr(experiment, "add_figure", None)
+            if callable(add_figure):
+                try:
+                    add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
+                except Exception as exc:  # a logger failing to take an image must not stop training
+                    rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
+    return written
+
+
+def _per_input_scores(scores: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
+    """Dense OOD scores (one per position) as one per input: the mean over its positions."""
+    return {k: v.reshape(batch, -1).mean(-1) for k, v in scores.items()}

@@ -1,4 +1,4 @@
-"""Uncertainty plots: reliability diagram, referral curve, score histograms.
+"""Uncertainty plots: reliability diagram, referral and risk-coverage curves, score histograms.
 
 matplotlib is imported lazily, only here, and figures are built with the object API on the
 Agg canvas (no pyplot state, no display needed). Files are written atomically: to a temporary
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from regfw.uncertainty.metrics import ReliabilityData
+    from regfw.uncertainty.selective import RiskCoverage
 
 __all__ = [
     "new_figure",
@@ -26,6 +27,8 @@ __all__ = [
     "referral_figure",
     "score_histogram_figure",
     "coverage_figure",
+    "risk_coverage_figure",
+    "ood_histogram_figure",
 ]
 
 
@@ -34,7 +37,7 @@ def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=100)
+    fig = Figure(figsize=figsize, dpi=80)
     FigureCanvasAgg(fig)
     return fig
 
@@ -43,7 +46,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> str:
     """Write ``fig`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
     path = os.fspath(path)
     with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", bbox_inches="tight")
+        fig.savefig(fh, format="png")
     return path
 
 
@@ -55,32 +58,48 @@ def _np(x: Tensor | Sequence[float]):
     return np.asarray(x, dtype=float)
 
 
-def reliability_figure(data: ReliabilityData, title: str = "Reliability diagram") -> Figure:
-    """Bars of accuracy per confidence bin against the diagonal, with the gap shaded and the
-    number of inputs per bin below."""
+def _reliability_panel(ax, ax_n, data: ReliabilityData, title: str) -> None:
     import numpy as np
 
-    fig = new_figure((4.5, 5.0))
-    ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = _np(data.edges)
     width = np.diff(edges)
     left = edges[:-1]
-    acc = np.nan_to_num(_np(data.accuracy))
-    conf = _np(data.confidence)
-    centers = left + width / 2
-    conf_f = np.where(np.isnan(conf), centers, conf)
-    ax.bar(left, acc, width=width, align="edge", edgecolor="black", color="#4c72b0", label="accuracy")
-    ax.bar(left, conf_f - acc, bottom=acc, width=width, align="edge", color="#dd8452", alpha=0.4,
-           edgecolor="#dd8452", label="gap")
+    count = _np(data.count)
+    filled = count > 0  # bars (accuracy and gap) only where samples fell
+    acc = _np(data.accuracy)[filled]
+    conf = _np(data.confidence)[filled]
+    ax.bar(left[filled], acc, width=width[filled], align="edge", edgecolor="black", color="#4c72b0",
+           label="accuracy")
+    ax.bar(left[filled], conf - acc, bottom=acc, width=width[filled], align="edge", fill=False, hatch="///",
+           edgecolor="#c44e52", lw=0.8, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE {data.ece:.3f})")
-    ax.legend(loc="upper left", fontsize=8)
-    ax_n.bar(left, _np(data.count), width=width, align="edge", color="gray", edgecolor="black")
+    ax.set_title(f"{title} (ECE {data.ece:.3f})", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    ax_n.bar(left[filled], count[filled], width=width[filled], align="edge", color="gray", edgecolor="black")
+    top = float(count.max()) if count.size else 1.0
+    for x, w, n in zip(left[filled], width[filled], count[filled], strict=True):
+        ax_n.text(x + w / 2, n + 0.02 * top, f"{int(n)}", ha="center", va="bottom", fontsize=6)
+    ax_n.set_ylim(0, top * 1.25 if top > 0 else 1)
     ax_n.set_xlabel("confidence")
     ax_n.set_ylabel("count")
+
+
+def reliability_figure(data: ReliabilityData, title: str = "Reliability diagram", *,
+                       after: ReliabilityData | None = None, temperature: float | None = None) -> Figure:
+    """Accuracy per confidence bin against the diagonal, the gap to the bin's mean confidence
+    shaded, and the number of inputs per bin (written on each bar) below. Only bins that hold
+    inputs get bars. With ``after`` (the same data after temperature scaling) a second column
+    shows it."""
+    cols = 1 if after is None else 2
+    fig = new_figure((4.5 * cols, 5.0))
+    axes = fig.subplots(2, cols, sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    _reliability_panel(axes[0][0], axes[1][0], data, title if after is None else "before calibration")
+    if after is not None:
+        label = "after calibration" + (f", T = {temperature:.2f}" if temperature is not None else "")
+        _reliability_panel(axes[0][1], axes[1][1], after, label)
     return fig
 
 
@@ -120,15 +139,15 @@ def score_histogram_figure(
         lo, hi = float(s.min()), float(s.max())
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
     if correct is None:
-        ax.hist(s, bins=edges, color="#4c72b0", alpha=0.8)
+        ax.hist(s, bins=edges.tolist(), color="#4c72b0", alpha=0.8)
     else:
         raw = _np(score)
         c = _np(correct).astype(bool)
         ok = np.isfinite(raw)
-        ax.hist(raw[ok & c], bins=edges, alpha=0.6, color="#55a868", label=f"correct ({int((ok & c).sum())})",
-                density=True)
-        ax.hist(raw[ok & ~c], bins=edges, alpha=0.6, color="#c44e52", label=f"incorrect ({int((ok & ~c).sum())})",
-                density=True)
+        for mask, color, label in ((ok & c, "#55a868", "correct"), (ok & ~c, "#c44e52", "incorrect")):
+            if mask.any():  # an empty group has no density
+                ax.hist(raw[mask], bins=edges.tolist(), alpha=0.6, color=color, label=f"{label} ({int(mask.sum())})",
+                        density=True)
         ax.legend(loc="best", fontsize=8)
         ax.set_ylabel("density")
     ax.set_xlabel(score_name)
@@ -148,4 +167,42 @@ def coverage_figure(levels: Sequence[float], coverage: Sequence[float]) -> Figur
     ax.set_ylabel("observed coverage")
     ax.set_title("Interval calibration")
     ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def risk_coverage_figure(rc: RiskCoverage, title: str = "Risk-coverage curve") -> Figure:
+    """Selective risk (error rate on the accepted inputs) against coverage, with AURC and AUGRC."""
+    fig = new_figure()
+    ax = fig.subplots()
+    ax.plot(_np(rc.coverage), _np(rc.risk), lw=1.5, label="selective risk")
+    for c in (0.8, 0.95):
+        ax.axvline(c, color="gray", ls=":", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (fraction answered)")
+    ax.set_ylabel("risk (error rate on answered)")
+    ax.set_title(f"{title}\nAURC {rc.aurc:.4f}, AUGRC {rc.augrc:.4f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Tensor], bins: int = 30) -> Figure:
+    """One panel per OOD score: histograms of in-distribution against out-of-distribution."""
+    import numpy as np
+
+    names = [n for n in in_scores if n in out_scores]
+    fig = new_figure((3.2 * max(len(names), 1), 3.0))
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=False):
+        a, b = _np(in_scores[name]), _np(out_scores[name])
+        both = np.concatenate([a, b])
+        both = both[np.isfinite(both)]
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+        ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0",
+                label=f"in ({a.size})")
+        ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52",
+                label=f"out ({b.size})")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
     return fig

@@ -492,6 +492,21 @@ class MCResult:
         """Per-input uncertainty score ``[B]``; see the summaries' ``score``."""
         return self.summary.score(name)
 
+    def nll_mixture(self, targets: Tensor, tau: float | None = None) -> Tensor:
+        """Regression: per-input NLL (nats per output element) of ``targets`` under the mixture
+        of the T Gaussians, Gal & Ghahramani's predictive log-likelihood; see
+        :func:`regfw.uncertainty.summaries.mixture_nll_elements`. Uses the predicted variances
+        when the model has them, otherwise ``tau`` (a precision in output units)."""
+        from regfw.uncertainty.summaries import mixture_nll_elements
+
+        if self.task != "regression":
+            raise ValueError("nll_mixture is the regression likelihood; for classification use the mean probabilities")
+        summary = self.summary
+        assert isinstance(summary, RegressionSummary)
+        means = summary.sample_means if summary.sample_means is not None else self.outputs
+        return mixture_nll_elements(means, targets, self.variances if self.variances is not None else None,
+                                    None if self.variances is not None else tau)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "summary":
             raise AttributeError(name)
@@ -570,10 +585,15 @@ def _summarise(
                 f"([T, B*H*W, C])"
             )
         if logits.dim() != 3:
-            raise ValueError(
-                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
-                f"{tuple(logits.shape)}; use task='regression' for other outputs"
-            )
+            if logits.dim() < 3:
+                raise ValueError(
+                    f"classification needs logits of shape [B, C], [B, L, V] or [B, C, H, W] per pass "
+                    f"([T, B, ...] stacked), got {tuple(logits.shape)}; use task='regression' for other outputs"
+                )
+            from regfw.uncertainty.summaries import classes_last, dense_classification_summary
+
+            d = None if det is None else classes_last(apply(det.unsqueeze(0)))[0]
+            return dense_classification_summary(classes_last(logits), d, DEFAULT_BUDGET_BYTES), None, None
         probs = torch.softmax(logits.float(), dim=-1)
         det_probs = None
         if det is not None:

@@ -46,6 +46,10 @@ __all__ = [
     "mutual_information",
     "variation_ratio",
     "class_variance",
+    "mixture_nll_elements",
+    "dense_classification_summary",
+    "classes_last",
+    "per_input",
     "SCORES",
 ]
 
@@ -57,9 +61,10 @@ MIN_VARIANCE = 1e-12
 
 
 def _check_probs(probs: Tensor) -> None:
-    if probs.dim() != 3:
+    if probs.dim() < 3:
         raise ValueError(
-            f"probs must have shape [T, B, C] (samples, batch, classes), got shape {tuple(probs.shape)}"
+            f"probs must have shape [T, B, C] (samples, batch, classes) or [T, B, ..., C] (dense outputs, "
+            f"classes last), got shape {tuple(probs.shape)}"
         )
 
 
@@ -96,8 +101,8 @@ def variation_ratio(probs: Tensor) -> Tensor:
     modal vote count is used.
     """
     _check_probs(probs)
-    t, _, c = probs.shape
-    votes = torch.nn.functional.one_hot(probs.argmax(-1), c).sum(0)  # [B, C]
+    t, c = probs.shape[0], probs.shape[-1]
+    votes = torch.nn.functional.one_hot(probs.argmax(-1), c).sum(0)  # [B, ..., C]
     return 1.0 - votes.max(-1).values.to(probs.dtype) / t
 
 
@@ -184,6 +189,7 @@ class RegressionSummary:
     aleatoric: Tensor  #: ``[B, D]`` ``E_t sigma_t^2`` or ``1 / tau`` (zeros if neither given)
     epistemic: Tensor  #: ``[B, D]`` population variance of the sample means over T
     deterministic_mean: Tensor | None = None  #: ``[B, D]`` eval-mode output
+    sample_means: Tensor | None = None  #: ``[T, B, D]`` the sampled means (for the mixture likelihood)
 
     @property
     def std(self) -> Tensor:
@@ -243,4 +249,95 @@ def regression_summary(
         aleatoric=aleatoric,
         epistemic=epistemic,
         deterministic_mean=deterministic_mean,
+        sample_means=means,
     )
+
+
+def mixture_nll_elements(
+    means: Tensor, target: Tensor, variances: Tensor | None = None, tau: float | None = None
+) -> Tensor:
+    """Negative log-likelihood of ``target`` under the equal-weight mixture of the T Gaussians.
+
+    Gal & Ghahramani 2016 (eq. 8, and their UCI tables) score MC dropout by the log of the
+    mixture density, not of a moment-matched Gaussian::
+
+        log p(y) = logsumexp_t log N(y; mu_t, sigma_t^2) - log T
+
+    ``means`` is ``[T, B, ...]``; ``sigma_t^2`` is ``variances`` (same shape, predicted per
+    sample) or ``1 / tau``. ``tau`` is a precision in the units of the model's output: with
+    standardised targets pass ``tau * target_variance`` (or report in the original units through
+    an ``output_transform``). The output elements of one input are independent given a sample,
+    so their log-densities add inside the logsumexp; the result, ``[B]``, is divided by the
+    number of elements per input to be *nats per output element* like ``mc/nll``.
+
+    Raises:
+        ValueError: neither or both of ``variances`` and ``tau`` (a mixture of point masses has
+            no density).
+    """
+    if (variances is None) == (tau is None):
+        raise ValueError("the mixture likelihood needs exactly one of variances (predicted) or tau (noise precision)")
+    if means.dim() < 2:
+        raise ValueError(f"means must have shape [T, B, ...], got shape {tuple(means.shape)}")
+    mu = means.double()
+    y = target.to(mu.device).double().reshape(mu.shape[1:]).unsqueeze(0)
+    if variances is not None:
+        v = variances.double().clamp_min(MIN_VARIANCE)
+    else:
+        if not tau > 0:  # type: ignore[operator]
+            raise ValueError(f"tau (noise precision) must be > 0, got {tau!r}")
+        v = torch.full_like(mu, 1.0 / float(tau))  # type: ignore[arg-type]
+    log_n = -0.5 * (torch.log(2 * math.pi * v) + (y - mu) ** 2 / v)  # [T, B, ...]
+    per_sample = log_n.reshape(mu.shape[0], mu.shape[1], -1)
+    d = per_sample.shape[-1]
+    log_mix = torch.logsumexp(per_sample.sum(-1), dim=0) - math.log(mu.shape[0])  # [B]
+    return -log_mix / d
+
+
+def classes_last(logits: Tensor) -> Tensor:
+    """Stacked dense logits with the classes last: ``[T, B, L, V]`` (sequence models) as they
+    are, ``[T, B, C, H, W, ...]`` (segmentation, torch's class-second convention) moved to
+    ``[T, B, H, W, ..., C]``. ``[T, B, C]`` is returned unchanged."""
+    return logits if logits.dim() <= 4 else logits.movedim(2, -1)
+
+
+def dense_classification_summary(
+    logits: Tensor, deterministic_logits: Tensor | None = None, budget_bytes: int | None = None
+) -> ClassificationSummary:
+    """The summary of dense logits ``[T, B, ..., C]`` (classes last), position by position.
+
+    Every field keeps the positions: ``mean_probs`` is ``[B, ..., C]``, the scores ``[B, ...]``.
+    The softmax and the per-sample entropies, which need ``T`` times the memory of the output,
+    are computed over chunks of the batch that fit ``budget_bytes`` (about 6 float32 copies of
+    a chunk's samples are alive at once), so a segmentation batch does not have to fit ``T``
+    times over.
+    """
+    b = logits.shape[1]
+    per_row = max(1, logits[:, :1].numel() * 4 * 6)
+    rows = b if budget_bytes is None else max(1, min(b, int(budget_bytes) // per_row))
+    parts = []
+    for start in range(0, b, rows):
+        chunk = torch.softmax(logits[:, start:start + rows].float(), dim=-1)
+        det = None
+        if deterministic_logits is not None:
+            det = torch.softmax(deterministic_logits[start:start + rows].float(), dim=-1)
+        parts.append(classification_summary(chunk, det))
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in ("mean_probs", "prediction", "predictive_entropy", "expected_entropy", "mutual_information",
+                 "variation_ratio", "class_variance"):
+        fields[name] = torch.cat([getattr(p, name) for p in parts])
+    dets = [p.deterministic_probs for p in parts if p.deterministic_probs is not None]
+    det_all = torch.cat(dets) if len(dets) == len(parts) else None
+    return ClassificationSummary(**fields, deterministic_probs=det_all)
+
+
+def per_input(values: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Per-input means ``[B]`` of per-position values ``[B, ...]`` (an image's or a sequence's
+    score for referral and acquisition), over the ``valid`` positions only when given (positions
+    whose target is the ignore index do not count); an input with no valid position gets 0."""
+    v = values.reshape(values.shape[0], -1).double()
+    if valid is None:
+        return v.mean(-1)
+    m = valid.reshape(valid.shape[0], -1).double()
+    return (v * m).sum(-1) / m.sum(-1).clamp_min(1.0)

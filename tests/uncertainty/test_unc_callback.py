@@ -93,10 +93,10 @@ def trainer(tmp_path, callbacks=(), logger=False, epochs=2):
     )
 
 
-def test_fit_logs_metrics_and_writes_three_plots(tmp_path, digits):
+def test_fit_logs_metrics_and_writes_four_plots(tmp_path, digits):
     pl.seed_everything(0, verbose=False)
     train, val = loaders(digits)
-    cb = MCDropoutUncertainty(samples=8, seed=0, refer_fraction=0.2, score="entropy")
+    cb = MCDropoutUncertainty(samples=8, seed=0, refer_fraction=0.2, score="entropy", plot_every=1)
     images = ImageLogger()
     csv_logger = CSVLogger(str(tmp_path), name="run")
     t = trainer(tmp_path, [cb], logger=[csv_logger, images])
@@ -118,18 +118,18 @@ def test_fit_logs_metrics_and_writes_three_plots(tmp_path, digits):
     logged = [float(r["mc/acc"]) for r in rows if r.get("mc/acc")]
     assert len(logged) == 2 and logged[-1] == pytest.approx(m["mc/acc"], abs=1e-6)
 
-    # three PNGs per run under <log_dir>/plots/epoch=NNN, no temporary files left behind
+    # four PNGs per run under <log_dir>/plots/epoch=NNN, no temporary files left behind
     for epoch in (0, 1):
         d = os.path.join(csv_logger.log_dir, "plots", f"epoch={epoch:03d}")
-        assert sorted(os.listdir(d)) == ["referral.png", "reliability.png", "score_hist.png"]
+        assert sorted(os.listdir(d)) == ["referral.png", "reliability.png", "risk_coverage.png", "score_hist.png"]
         for f in os.listdir(d):
             with open(os.path.join(d, f), "rb") as fh:
                 assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert set(cb.last_plots) == {"reliability", "referral", "score_hist"}
+    assert set(cb.last_plots) == {"reliability", "referral", "score_hist", "risk_coverage"}
     assert all(os.path.isfile(p) and "epoch=001" in p for p in cb.last_plots.values())
     # and to the logger that takes images
     assert sorted(tag for tag, _ in images.figures) == sorted(
-        f"mc/{n}" for n in ("reliability", "referral", "score_hist") for _ in range(2)
+        f"mc/{n}" for n in ("reliability", "referral", "score_hist", "risk_coverage") for _ in range(2)
     )
 
 
