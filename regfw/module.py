@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.epoch_metrics import EpochMeans
 from regfw.errors import ConfigError
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
@@ -123,13 +124,58 @@ class RegularizedModule(pl.LightningModule):
         return self.model(x)
 
     def _log_step(self, stage: str, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        # accumulated on the device, logged once per epoch (see _log_epoch): a per-step
+        # self.log(sync_dist=True) cost more than the whole step of a small model
         n = len(y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
-                 sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
+        self._epoch_means.add(f"{stage}_loss", loss, n)
         if self.task == "classification":
-            acc = (out.argmax(-1) == y).float().mean()
-            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
-                     sync_dist=True)
+            self._epoch_means.add(f"{stage}_acc", (out.argmax(-1) == y).float().mean(), n)
+        if self._last_batch(stage):  # logged from the step, so callbacks see them at epoch end
+            self._log_epoch(stage)
+
+    def _last_batch(self, stage: str) -> bool:
+        """Whether the running step is the last of its epoch (Lightning's data fetcher knows it
+        before the step). Outside a Trainer, or where it cannot know, the epoch-end hooks log."""
+        if self._trainer is None:
+            return False
+        try:
+            loop = self.trainer.fit_loop.epoch_loop if stage == "train" else self.trainer._evaluation_loop
+            return bool(loop.batch_progress.is_last_batch)
+        except (AttributeError, RuntimeError):
+            return False
+
+    @property
+    def _epoch_means(self) -> EpochMeans:
+        means = self.__dict__.get("_regfw_epoch_means")
+        if means is None:
+            means = self.__dict__["_regfw_epoch_means"] = EpochMeans()
+        return means
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means of ``*_loss``, ``*_acc`` and ``train_penalty``: under DDP the mean
+        over every example of every rank (one all_reduce of all sums and counts), not rank 0's shard."""
+        means = self._epoch_means.pop(self.trainer.strategy if self._trainer is not None else None, f"{stage}_")
+        for name, value in means.items():
+            # already global: sync_dist=True only tells Lightning so (the mean of equal values)
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name != "train_penalty", sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="train_")  # nothing left over from an interrupted epoch
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")  # an epoch cut short (max_steps), or no last-batch signal
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="val_")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="test_")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch
@@ -148,9 +194,9 @@ class RegularizedModule(pl.LightningModule):
         # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
             return self._nonfinite_loss(loss, batch_idx)
-        self._log_step("train", out, y, data_loss)
         if penalty is not None:
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+            self._epoch_means.add("train_penalty", penalty, len(y))
+        self._log_step("train", out, y, data_loss)
         return loss
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises
