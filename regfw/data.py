@@ -1,10 +1,39 @@
-"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``."""
+"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``; and
+what regfw reads from any data module.
+
+A data module of your own (``data.class_path``) needs only Lightning's ``train_dataloader`` and
+``val_dataloader``. regfw also reads these optional members when they exist:
+
+``n_train`` (attribute or property)
+    the number of training examples, for the rate policy ("higher rates for smaller
+    datasets"). Without it regfw counts ``len(train_dataloader().dataset)``, and where that
+    fails the policy takes N as unknown (the middle of its scale); ``regfw plan`` says which.
+``example_input()``
+    one input batch: the model is traced on it to learn the layer order (which layer is the
+    input, which the output). Without it regfw takes the input of the first training batch;
+    ``regfw plan`` says so.
+``task`` (``"classification"`` or ``"regression"``) and ``num_outputs``, ``input_dim``
+    for ``model.loss: auto`` and the built-in models' sizes.
+``train_eval_dataloader()``
+    the training split in order, for the final evaluation and ``regfw rank --split train``.
+
+The keys of the ``data:`` section other than ``class_path`` and ``init_args`` (``batch_size``,
+``val_fraction``, ``train_fraction``, ``num_workers``) are passed to a ``class_path`` data
+module's constructor when set, and refused, naming the key, when it does not take them.
+"""
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from regfw.config import DATA_KEYS
+from regfw.errors import ConfigError
 
 
 class SklearnDataModule(pl.LightningDataModule):
@@ -99,3 +128,133 @@ class DiabetesDataModule(SklearnDataModule):
 
 
 BUILTIN_DATA: dict[str, type[SklearnDataModule]] = {"digits": DigitsDataModule, "diabetes": DiabetesDataModule}
+
+
+def data_module_args(cls: type, init_args: Mapping[str, Any], data_cfg: Any) -> dict:
+    """``init_args`` plus every :data:`DATA_KEYS` key set in ``data_cfg``, each checked against the
+    constructor of ``cls``: a key it does not take is refused by name (never silently ignored)."""
+    args = dict(init_args)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    name = getattr(cls, "__qualname__", str(cls))
+    for key in DATA_KEYS:
+        value = getattr(data_cfg, key, None)
+        if value is None:
+            continue
+        if key in args:
+            raise ConfigError(f"data.{key}={value!r} and data.init_args.{key}={args[key]!r} both set {name}'s {key}; "
+                              f"keep one of them.")
+        if key not in params and not takes_any:
+            takes = ", ".join(p for p in params if p != "self") or "no arguments"
+            raise ConfigError(f"data.{key}={value!r}: {name} takes no {key!r} argument (it takes {takes}); set "
+                              f"its own argument in data.init_args, or remove data.{key}.")
+        args[key] = value
+    return args
+
+
+def adapt_datamodule(datamodule: Any) -> Any:
+    """``datamodule`` as a ``pytorch_lightning`` data module.
+
+    regfw trains with ``pytorch_lightning``; a ``lightning.pytorch.LightningDataModule`` (the
+    unified ``lightning`` package) is wrapped in :class:`ForeignDataModule`, which passes every
+    data-module hook through. Anything else is returned as it is.
+    """
+    if isinstance(datamodule, pl.LightningDataModule):
+        return datamodule
+    if any(c.__module__.startswith("lightning.pytorch") and c.__name__ == "LightningDataModule"
+           for c in type(datamodule).__mro__):
+        return ForeignDataModule(datamodule)
+    return datamodule
+
+
+class ForeignDataModule(pl.LightningDataModule):
+    """A ``lightning.pytorch`` data module seen by a ``pytorch_lightning`` Trainer.
+
+    The two packages are copies of one code base whose classes do not mix (a Trainer of one
+    refuses, or mishandles, a data module of the other: ``ValueError: Expected a parent``).
+    This wrapper forwards the data hooks, checkpoint state and every other attribute
+    (``n_train``, ``example_input`` ...) to the wrapped module, ``inner``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def prepare_data(self) -> None:
+        self.inner.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.inner.trainer = self.trainer  # for data modules that read self.trainer (world size ...)
+        self.inner.setup(stage)
+
+    def teardown(self, stage: str) -> None:
+        self.inner.teardown(stage)
+
+    def train_dataloader(self) -> Any:
+        return self.inner.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.inner.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.inner.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.inner.predict_dataloader()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return self.inner.transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.inner.on_before_batch_transfer(batch, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.inner.on_after_batch_transfer(batch, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def describe_data(datamodule: Any, batch_keys: Any = (0, 1)) -> tuple[int | None, Any, list[str]]:
+    """``(n_train, example_input, notes)`` of a data module, from its optional members or what
+    could be assumed instead; the notes (shown by ``regfw plan``) say what was assumed."""
+    from regfw.module import split_batch
+
+    name = type(getattr(datamodule, "inner", datamodule)).__name__
+    notes = []
+    n_train = getattr(datamodule, "n_train", None)
+    loader = None
+    if n_train is None:
+        try:
+            loader = datamodule.train_dataloader()
+            n_train = len(loader.dataset)
+            notes.append(f"{name} has no n_train; N={n_train} is the length of its training dataset")
+        except Exception:  # noqa: BLE001 - any data module that cannot tell before setup
+            notes.append(f"{name} has no n_train and its training set has no length before setup; the rate "
+                         f"policy took N as unknown (the middle of its scale). Give it an n_train attribute.")
+    if hasattr(datamodule, "example_input"):
+        return n_train, datamodule.example_input(), notes
+    try:
+        loader = loader if loader is not None else datamodule.train_dataloader()
+        example, _ = split_batch(next(iter(loader)), batch_keys)
+        notes.append(f"{name} has no example_input(); the model was traced on the input of its first training batch")
+    except Exception:  # noqa: BLE001
+        example = None
+        notes.append(f"{name} has no example_input() and no training batch could be read before setup; the layer "
+                     f"order is the modules' registration order. Give it an example_input() method.")
+    return n_train, example, notes

@@ -33,10 +33,11 @@ def _instantiate(cls: type, init_args: Mapping[str, Any], key: str) -> Any:
 
 def build_datamodule(data_cfg: Any, seed: int = 0) -> Any:
     """A LightningDataModule from ``data:``."""
-    from regfw.data import BUILTIN_DATA
+    from regfw.data import BUILTIN_DATA, adapt_datamodule, data_module_args
 
     if data_cfg.class_path:
-        return _instantiate(import_class(data_cfg.class_path, "data.class_path"), data_cfg.init_args, "data")
+        cls = import_class(data_cfg.class_path, "data.class_path")
+        return adapt_datamodule(_instantiate(cls, data_module_args(cls, data_cfg.init_args, data_cfg), "data"))
     cls = BUILTIN_DATA[data_cfg.name]
     return cls(batch_size=data_cfg.batch_size, val_fraction=data_cfg.val_fraction,
                train_fraction=data_cfg.train_fraction, seed=seed, num_workers=data_cfg.num_workers,

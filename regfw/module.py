@@ -12,6 +12,7 @@ from torch import nn
 
 from regfw.epoch_metrics import EpochMeans
 from regfw.errors import ConfigError
+from regfw.optim import build_loss, build_optimizer, loss_hparam, loss_task, scheduler_config
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.surgery import is_dropout
@@ -35,13 +36,38 @@ def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.gaussian_nll_loss(mean, target, variance)
 
 
-def _loss_fn(loss: str | Callable) -> Callable:
-    if callable(loss):
-        return loss
+def _loss_fn(loss: str | Mapping | Callable) -> Callable:
     table = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
-    if loss not in table:
-        raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)} or a callable.")
-    return table[loss]
+    if isinstance(loss, str) and "." not in loss:
+        if loss not in table:
+            raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)}, a class path such as "
+                              f"torch.nn.HuberLoss, or a callable.")
+        return table[loss]
+    return build_loss(loss)
+
+
+def _check_batch_keys(keys: Sequence[int | str] | None) -> tuple[Any, Any]:
+    if keys is None:
+        return (0, 1)
+    keys = list(keys)
+    if len(keys) != 2 or not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in keys):
+        raise ConfigError(f"data.batch_keys: got {keys!r}, expected [input, target]: two positions (0, 1) of a "
+                          f"tuple batch or two keys ('image', 'label') of a dict batch.")
+    return keys[0], keys[1]
+
+
+def split_batch(batch: Any, keys: Sequence[Any] = (0, 1)) -> tuple[Any, Any]:
+    """``(input, target)`` of a tuple, list or dict ``batch`` at ``keys``; a clear error otherwise."""
+    try:
+        return batch[keys[0]], batch[keys[1]]
+    except (KeyError, IndexError, TypeError):
+        pass
+    shape = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else
+             f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (list, tuple)) else
+             f"a {type(batch).__name__}")
+    raise ConfigError(f"data.batch_keys: the batch is {shape}, and [{keys[0]!r}, {keys[1]!r}] does not pick its "
+                      f"input and target; set data.batch_keys (RegularizedModule(batch_keys=...)) to the two keys "
+                      f"or positions of input and target.")
 
 
 def _regularizer_section(regularizers: Any) -> dict:
@@ -67,10 +93,20 @@ class RegularizedModule(pl.LightningModule):
     Args:
         model: any ``nn.Module`` (None: build it from ``model_config``).
         loss: ``"cross_entropy"`` (classification), ``"mse"`` or ``"gaussian_nll"`` (regression),
-            or a callable ``loss(output, target)``.
+            a loss class or function path (``"torch.nn.HuberLoss"``, or ``{"class_path": ...,
+            "init_args": {...}}``), or a callable ``loss(output, target)``.
         regularizers: a ``regularizers:`` config mapping (``{"dropout": {"hidden": 0.3}}``) or
             :class:`~regfw.Regularizer` objects.
-        optimizer: ``{"name": "adam", "lr": 1e-3, "weight_decay": 0, "momentum": 0}``.
+        optimizer: ``{"name": "adam", "lr": 1e-3, "weight_decay": 0, "momentum": 0}``, or any
+            optimizer as ``{"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}``, or a
+            callable taking the parameter groups (``functools.partial(torch.optim.SGD, lr=0.1)``).
+            It always receives the regularizers' parameter groups.
+        lr_scheduler: ``{"class_path": ..., "init_args": {...}, "interval": "epoch"|"step",
+            "frequency": 1, "monitor": "val_loss"}`` (Lightning's scheduler settings), or None.
+        task: ``"classification"`` or ``"regression"``; None: classification for cross-entropy
+            and NLL losses, regression otherwise.
+        batch_keys: ``(input, target)`` positions or keys of a batch: ``(0, 1)`` for
+            ``(x, y)`` tuples and lists, ``("image", "label")`` for dict batches.
         n_examples: training-set size, for the rate policy.
         example_input: one input batch; the forward call order decides which layer is the input
             and which the output layer. Only its shape and dtype are kept.
@@ -80,28 +116,39 @@ class RegularizedModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module | None = None,
-        loss: str | Callable = "cross_entropy",
+        loss: str | Mapping[str, Any] | Callable = "cross_entropy",
         regularizers: Mapping[str, Any] | Sequence[Regularizer] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | Callable | None = None,
         n_examples: int | None = None,
         example_input: torch.Tensor | None = None,
         model_config: Mapping[str, Any] | None = None,
         input_shape: Sequence[int] | None = None,
         input_dtype: str | None = None,
+        lr_scheduler: Mapping[str, Any] | None = None,
+        task: str | None = None,
+        batch_keys: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)
-        self.save_hyperparameters({
-            "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+        hparams = {
+            "loss": loss_hparam(loss),
             "regularizers": section,
-            "optimizer": dict(optimizer or {"name": "adam", "lr": 1e-3}),
+            "optimizer": (dict(optimizer) if isinstance(optimizer, Mapping) else
+                          loss_hparam(optimizer) if optimizer is not None else {"name": "adam", "lr": 1e-3}),
             "n_examples": n_examples,
             "model_config": dict(model_config) if model_config else None,
             "input_shape": input_shape,
             "input_dtype": input_dtype,
-        })
+        }
+        # recorded only when set, so checkpoints written before these settings existed still match
+        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task),
+                           ("batch_keys", list(batch_keys) if batch_keys is not None else None)):
+            if value is not None:
+                hparams[key] = value
+        self.save_hyperparameters(hparams)
+        self._optimizer_spec = optimizer
         if model is None:
             if not model_config:
                 raise ConfigError("RegularizedModule: pass `model=` (an nn.Module) or `model_config=`.")
@@ -110,7 +157,11 @@ class RegularizedModule(pl.LightningModule):
             model = build_model(model_config)
         self.model = model
         self.loss_fn = _loss_fn(loss)
-        self.task = "classification" if loss == "cross_entropy" else "regression"
+        if task not in (None, "classification", "regression"):
+            raise ConfigError(f"task: got {task!r}, expected 'classification' or 'regression' (or None to infer it "
+                              f"from the loss).")
+        self.task = task or loss_task(self.loss_fn)
+        self.batch_keys: tuple[Any, Any] = _check_batch_keys(batch_keys)
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
@@ -177,15 +228,19 @@ class RegularizedModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def split_batch(self, batch: Any) -> tuple[Any, Any]:
+        """``(input, target)`` of a batch by :attr:`batch_keys` (tuples, lists and dicts)."""
+        return split_batch(batch, self.batch_keys)
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y = self.split_batch(batch)
         out = self(x)
         loss = self.loss_fn(out, y)
         self._log_step(stage, out, y, loss)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = self.split_batch(batch)
         out = self(x)
         data_loss = self.loss_fn(out, y)
         penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
@@ -247,25 +302,16 @@ class RegularizedModule(pl.LightningModule):
             return found[0]
         return None, [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = dict(self.hparams.optimizer)
-        name = cfg.pop("name", "adam")
-        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-                   "rmsprop": torch.optim.RMSprop}
-        if name not in classes:
-            raise ConfigError(f"optimizer.name: got {name!r}, expected one of {', '.join(classes)}.")
-        if name not in ("sgd", "rmsprop"):
-            cfg.pop("momentum", None)
-        elif not cfg.get("momentum"):
-            cfg.pop("momentum", None)
+    def configure_optimizers(self) -> Any:
+        """The configured optimizer over the regularizers' parameter groups, with the configured
+        learning-rate scheduler in Lightning's ``{"optimizer", "lr_scheduler"}`` form."""
         owner, groups = self.param_groups()
-        if cfg.get("weight_decay") and any("weight_decay" in g for g in groups):
-            raise ConfigError(
-                f"optimizer.weight_decay={cfg['weight_decay']:g} and regularizers.{owner} both decay the "
-                f"weights (its parameter groups set their own weight_decay); set optimizer.weight_decay: 0 "
-                f"or remove regularizers.{owner}."
-            )
-        return classes[name](groups, **cfg)
+        spec = self._optimizer_spec if callable(self._optimizer_spec) else self.hparams.optimizer
+        optimizer = build_optimizer(spec, groups, owner)
+        scheduler = scheduler_config(self.hparams.get("lr_scheduler"), optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [cb for reg in self.regularizers for cb in reg.callbacks()]

@@ -145,6 +145,7 @@ class MCDropoutUncertainty(pl.Callback):
         self.plot_dir = plot_dir
         self.seed = int(seed) if seed is not None else int(torch.Generator().seed() % 2**62)
         self.dataloader_idx = dataloader_idx
+        self._batch_to_xy = batch_to_xy
         self.batch_to_xy = batch_to_xy or _default_xy
         self.prefix = prefix
 
@@ -190,6 +191,13 @@ class MCDropoutUncertainty(pl.Callback):
                 limit = min(limit, max(1, math.ceil(self.subset * total)))
         return limit
 
+    def _split(self, pl_module: Any, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` by ``batch_to_xy``, else by the module's own ``split_batch`` (a
+        :class:`~regfw.module.RegularizedModule`'s ``batch_keys``), else ``batch[0], batch[1]``."""
+        if self._batch_to_xy is None and callable(getattr(pl_module, "split_batch", None)):
+            return pl_module.split_batch(batch)
+        return self.batch_to_xy(batch)
+
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,7 +224,7 @@ class MCDropoutUncertainty(pl.Callback):
             return
         if batch_idx >= self._batch_limit(trainer, dataloader_idx):
             return
-        x, y = self.batch_to_xy(batch)
+        x, y = self._split(pl_module, batch)
         result = mc_predict(
             pl_module,
             x,
