@@ -60,9 +60,9 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse, reuse_existing
+        from regfw.placement import model_map, reuse_existing
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         sites, error = mm.residuals.result
         if error:
             warnings.warn(f"drop_path: {error}", stacklevel=2)
@@ -75,7 +75,7 @@ class DropPathRegularizer(InjectingRegularizer):
             warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
                           stacklevel=2)
             return []
-        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.name)
+        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.rate_ranges)
         if not top:
             return []
         blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))

@@ -10,7 +10,10 @@ import pytest
 
 from regfw.scaffold import render_template
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "plugins.md"
+#: The built-in plugins (import package ``regfw_plugins``): written exactly as a third party would.
+BUILTIN_PLUGINS = sorted((ROOT / "plugins").glob("*.py"))
 
 
 def public_api() -> dict[str, set[str]]:
@@ -45,6 +48,9 @@ def violations(source: str, own_package: str, api: dict[str, set[str]]) -> list[
                     aliases[alias.asname or top] = alias.name if alias.asname else "regfw"
                 elif top.startswith("regfw_") and top != own_package:
                     found.append(f"import {alias.name}: another regfw package")
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append(f"from {'.' * node.level}{node.module or ''} import ...: a relative import of another "
+                         f"module of the plugin package")
         elif isinstance(node, ast.ImportFrom) and node.module:
             top = node.module.split(".")[0]
             if top == "regfw":
@@ -88,10 +94,23 @@ def test_the_plugin_template_uses_only_the_public_api():
     api = public_api()
     files = render_template("api_check")
     sources = {path: text for path, text in files.items() if path.endswith(".py")}
-    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py"}
+    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py", "tests/test_typing.py"}
     for path, text in sources.items():
         assert "regfw" in text
         assert violations(text, "regfw_api_check", api) == [], path
+
+
+@pytest.mark.parametrize("path", BUILTIN_PLUGINS, ids=lambda p: p.name)
+def test_every_builtin_plugin_uses_only_the_public_api(path):
+    """A built-in imports only the public names, and no other plugin (``own_package=""``: any
+    ``regfw_plugins`` import, relative ones included, counts as another plugin's)."""
+    assert violations(path.read_text(), "", public_api()) == []
+
+
+def test_the_builtin_plugins_are_all_checked():
+    names = {p.stem for p in BUILTIN_PLUGINS}
+    assert {"dropout", "noise", "weight_decay", "l1", "max_norm", "drop_path", "adaptive", "coadaptation"} <= names
+    assert "_callbacks" not in names  # shared helpers live in the public API (regfw.step_hooks)
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -102,6 +121,9 @@ def test_the_plugin_template_uses_only_the_public_api():
     ("import regfw.plan", "import regfw.plan: not a public module"),
     ("import regfw.kinds as K\nK.builtin_kind", "K.builtin_kind: not public in regfw.kinds"),
     ("from regfw_plugins.dropout import Dropout", "from regfw_plugins.dropout import ...: another regfw package"),
+    ("from .weight_decay import check_finite",
+     "from .weight_decay import ...: a relative import of another module of the plugin package"),
+    ("def f():\n    from regfw.surgery import analyse", "from regfw.surgery import ...: not a public module"),
 ])
 def test_the_checker_reports_private_uses(source, expected):
     assert violations(source, "regfw_mine", public_api()) == [expected]

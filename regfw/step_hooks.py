@@ -1,7 +1,15 @@
-"""Lightning callbacks of the built-in weight regularizers (``weight_decay``, ``max_norm``).
+"""Lightning callbacks that run a regularizer's function at one point of every optimizer step.
 
-Kept apart from the plugin modules so that plugin discovery never imports Lightning: the
-regularizers import this module only when a Trainer asks for their callbacks.
+Public (listed in ``docs/plugins.md``): a regularizer's ``callbacks()`` returns one of these with
+its own function, so that a plugin never writes a Lightning callback for the common cases. This
+module imports Lightning; plugins import it inside ``callbacks()``, which only a fit calls, so
+plugin discovery stays light.
+
+* :class:`BeforeOptimizerStepCallback` -- ``fn(optimizer)`` after the backward pass, before the step
+  (where AdamW applies its decay): Lightning's ``on_before_optimizer_step``, once per real
+  optimizer step (not per accumulated batch).
+* :class:`StepPostHookCallback` -- ``fn()`` after every ``optimizer.step()`` (constraints such as
+  max-norm), through ``torch.optim.Optimizer.register_step_post_hook``.
 """
 from __future__ import annotations
 
@@ -11,20 +19,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+__all__ = ["BeforeOptimizerStepCallback", "StepPostHookCallback"]
 
-class DecoupledWeightDecayCallback(pl.Callback):
-    """Decoupled weight decay for optimizers that do not decay decoupled themselves.
 
-    Runs :func:`regfw_plugins.weight_decay.decoupled_decay_` at ``on_before_optimizer_step``,
-    that is after the backward pass and before the step, where AdamW applies its decay.
-    Lightning calls that hook once per real optimizer step (not per accumulated batch).
+class BeforeOptimizerStepCallback(pl.Callback):
+    """Call ``fn(optimizer)`` at ``on_before_optimizer_step``: after the backward pass, before the step.
+
+    ``fn`` should be picklable (a module-level function or a bound method of a picklable object),
+    since checkpoints and DDP spawn pickle callbacks.
     """
+
+    def __init__(self, fn: Callable[[torch.optim.Optimizer], Any]) -> None:
+        self.fn = fn
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        from regfw_plugins.weight_decay import decoupled_decay_
-
-        decoupled_decay_(optimizer)
+        self.fn(optimizer)
 
 
 class StepPostHookCallback(pl.Callback):
