@@ -70,11 +70,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from regfw.plugins import plugin_infos
+    from regfw.plugins import PluginWarning, plugin_failures, plugin_infos
     from regfw.registry import get_registry
 
-    registry = get_registry()
-    infos = plugin_infos()
+    with warnings.catch_warnings():  # the failures are listed at the end instead
+        warnings.simplefilter("ignore", PluginWarning)
+        registry = get_registry()
+        infos = plugin_infos()
+        failures = plugin_failures()
     for info in infos:
         provides = [s.name for s in registry.specs.values() if s.plugin == info.name]
         origin = "built-in" if info.builtin else (info.distribution or "registered at run time")
@@ -85,7 +88,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             desc = registry.specs[name].cls.description
             if desc:
                 print(f"    {name}: {desc}")
-    return 0
+    for failure in failures:
+        print(f"regfw plugins: error: {failure.message()}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -41,9 +41,32 @@ class DataConfig:
     #: Use only this fraction of the training split (smaller data overfits more).
     train_fraction: float = field(default=1.0, metadata={"range": (0.0, 1.0000001, "(0, 1]", "exclusive")})
     num_workers: int = nonneg(0)
-    #: ``[input, target]``: their positions in tuple batches (``[0, 1]``) or their keys in dict
-    #: batches (``[image, label]``), for the module, MC dropout, active learning and predict.
-    batch_keys: list | None = None
+    #: Where inputs and targets sit in a batch: ``{inputs: 0, targets: 1}`` (tuple batches, the
+    #: default) or dict keys, ``{inputs: image, targets: label}``; used by the module, MC
+    #: dropout, evaluation, active learning and predict (see :mod:`regfw.batch`).
+    batch: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch is not None:
+            from regfw.batch import BatchFormat
+
+            self.batch = BatchFormat.coerce(self.batch, "data.batch").as_dict()
+
+
+#: The loss shorthands of ``model.loss``.
+LOSS_NAMES = ("cross_entropy", "mse", "gaussian_nll")
+
+
+def check_loss_spec(spec: Any, key: str = "model.loss") -> None:
+    """A :class:`ConfigError` for a ``model.loss`` that is neither a shorthand, ``auto``, a dotted
+    path nor ``{class_path, init_args}``."""
+    if isinstance(spec, Mapping):
+        if not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
+            raise ConfigError(f"{key}: got {dict(spec)!r}, expected {{class_path: ..., init_args: {{...}}}}.")
+        return
+    if not isinstance(spec, str) or (spec not in (*LOSS_NAMES, "auto") and "." not in spec):
+        raise ConfigError(f"{key}: got {spec!r}, expected auto, one of {', '.join(LOSS_NAMES)}, or a class path "
+                          f"such as torch.nn.HuberLoss.{closest_hint(str(spec), list(LOSS_NAMES))}")
 
 
 #: The ``data:`` keys that are data-module constructor arguments (see :mod:`regfw.data`).
@@ -62,8 +85,6 @@ class ModelConfig:
     loss: str | dict = "auto"
 
     def __post_init__(self) -> None:
-        from regfw.optim import check_loss_spec
-
         check_loss_spec(self.loss)
 
 

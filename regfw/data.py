@@ -230,10 +230,10 @@ class ForeignDataModule(pl.LightningDataModule):
         self.inner.load_state_dict(state_dict)
 
 
-def describe_data(datamodule: Any, batch_keys: Any = (0, 1)) -> tuple[int | None, Any, list[str]]:
+def describe_data(datamodule: Any, batch: Any = None) -> tuple[int | None, Any, list[str]]:
     """``(n_train, example_input, notes)`` of a data module, from its optional members or what
     could be assumed instead; the notes (shown by ``regfw plan``) say what was assumed."""
-    from regfw.module import split_batch
+    from regfw.batch import split_batch
 
     name = type(getattr(datamodule, "inner", datamodule)).__name__
     notes = []
@@ -251,7 +251,7 @@ def describe_data(datamodule: Any, batch_keys: Any = (0, 1)) -> tuple[int | None
         return n_train, datamodule.example_input(), notes
     try:
         loader = loader if loader is not None else datamodule.train_dataloader()
-        example, _ = split_batch(next(iter(loader)), batch_keys)
+        example, _ = split_batch(next(iter(loader)), batch)
         notes.append(f"{name} has no example_input(); the model was traced on the input of its first training batch")
     except Exception:  # noqa: BLE001
         example = None

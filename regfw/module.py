@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.batch import BatchFormat, split_batch
+from regfw.contract import check_callbacks, check_groups
 from regfw.epoch_metrics import EpochMeans
 from regfw.errors import ConfigError
 from regfw.optim import build_loss, build_optimizer, loss_hparam, loss_task, scheduler_config
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
+from regfw.steps import MixedTargets, regularized_step
 from regfw.surgery import is_dropout
 
 LOSSES = ("cross_entropy", "mse", "gaussian_nll")
@@ -44,30 +47,6 @@ def _loss_fn(loss: str | Mapping | Callable) -> Callable:
                               f"torch.nn.HuberLoss, or a callable.")
         return table[loss]
     return build_loss(loss)
-
-
-def _check_batch_keys(keys: Sequence[int | str] | None) -> tuple[Any, Any]:
-    if keys is None:
-        return (0, 1)
-    keys = list(keys)
-    if len(keys) != 2 or not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in keys):
-        raise ConfigError(f"data.batch_keys: got {keys!r}, expected [input, target]: two positions (0, 1) of a "
-                          f"tuple batch or two keys ('image', 'label') of a dict batch.")
-    return keys[0], keys[1]
-
-
-def split_batch(batch: Any, keys: Sequence[Any] = (0, 1)) -> tuple[Any, Any]:
-    """``(input, target)`` of a tuple, list or dict ``batch`` at ``keys``; a clear error otherwise."""
-    try:
-        return batch[keys[0]], batch[keys[1]]
-    except (KeyError, IndexError, TypeError):
-        pass
-    shape = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else
-             f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (list, tuple)) else
-             f"a {type(batch).__name__}")
-    raise ConfigError(f"data.batch_keys: the batch is {shape}, and [{keys[0]!r}, {keys[1]!r}] does not pick its "
-                      f"input and target; set data.batch_keys (RegularizedModule(batch_keys=...)) to the two keys "
-                      f"or positions of input and target.")
 
 
 def _regularizer_section(regularizers: Any) -> dict:
@@ -105,12 +84,18 @@ class RegularizedModule(pl.LightningModule):
             "frequency": 1, "monitor": "val_loss"}`` (Lightning's scheduler settings), or None.
         task: ``"classification"`` or ``"regression"``; None: classification for cross-entropy
             and NLL losses, regression otherwise.
-        batch_keys: ``(input, target)`` positions or keys of a batch: ``(0, 1)`` for
-            ``(x, y)`` tuples and lists, ``("image", "label")`` for dict batches.
         n_examples: training-set size, for the rate policy.
         example_input: one input batch; the forward call order decides which layer is the input
             and which the output layer. Only its shape and dtype are kept.
         model_config: ``{"name"|"class_path": ..., "init_args": {...}}`` to rebuild the model.
+        batch: where inputs and targets sit in a batch, a :class:`~regfw.batch.BatchFormat` or
+            ``{"inputs": KEY_OR_INDEX, "targets": KEY_OR_INDEX}`` (default ``(inputs, targets)``).
+
+    Each training step runs :func:`regfw.steps.regularized_step`: the regularizers' batch
+    transforms, the forward pass, the (transformed) loss, their loss terms. Logged per epoch:
+    ``train_loss`` (the data loss, after the batch and loss transforms, without the terms),
+    ``train_penalty`` (the sum of the terms) and ``train_penalty/<name>`` (each term); the loss
+    that is backpropagated is ``train_loss + train_penalty``.
     """
 
     def __init__(
@@ -124,11 +109,12 @@ class RegularizedModule(pl.LightningModule):
         model_config: Mapping[str, Any] | None = None,
         input_shape: Sequence[int] | None = None,
         input_dtype: str | None = None,
+        batch: BatchFormat | Mapping[str, Any] | None = None,
         lr_scheduler: Mapping[str, Any] | None = None,
         task: str | None = None,
-        batch_keys: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
+        self.batch_format = BatchFormat.coerce(batch)
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)
@@ -141,10 +127,10 @@ class RegularizedModule(pl.LightningModule):
             "model_config": dict(model_config) if model_config else None,
             "input_shape": input_shape,
             "input_dtype": input_dtype,
+            "batch": self.batch_format.as_dict(),
         }
         # recorded only when set, so checkpoints written before these settings existed still match
-        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task),
-                           ("batch_keys", list(batch_keys) if batch_keys is not None else None)):
+        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task)):
             if value is not None:
                 hparams[key] = value
         self.save_hyperparameters(hparams)
@@ -161,12 +147,13 @@ class RegularizedModule(pl.LightningModule):
             raise ConfigError(f"task: got {task!r}, expected 'classification' or 'regression' (or None to infer it "
                               f"from the loss).")
         self.task = task or loss_task(self.loss_fn)
-        self.batch_keys: tuple[Any, Any] = _check_batch_keys(batch_keys)
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
 
-        self.regularizers: list[Regularizer] = build_regularizers(section) if isinstance(regularizers, Mapping) or regularizers is None else list(regularizers)
+        # objects given: used as they are (built once by the caller); a mapping: built here, once
+        built = regularizers is None or isinstance(regularizers, Mapping)
+        self.regularizers: list[Regularizer] = build_regularizers(section) if built else list(regularizers)
         self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
         apply_plan(model, self.regularizers, self.plan)
 
@@ -174,13 +161,18 @@ class RegularizedModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _log_step(self, stage: str, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+    def _log_step(self, stage: str, out: torch.Tensor, y: Any, loss: torch.Tensor) -> None:
         # accumulated on the device, logged once per epoch (see _log_epoch): a per-step
         # self.log(sync_dist=True) cost more than the whole step of a small model
         n = len(y)
         self._epoch_means.add(f"{stage}_loss", loss, n)
         if self.task == "classification":
-            self._epoch_means.add(f"{stage}_acc", (out.argmax(-1) == y).float().mean(), n)
+            pred = out.argmax(-1)
+            if isinstance(y, MixedTargets):  # mixup: the accuracy against each target, weighted
+                acc = y.lam * (pred == y.first).float().mean() + (1 - y.lam) * (pred == y.second).float().mean()
+            else:
+                acc = (pred == y).float().mean()
+            self._epoch_means.add(f"{stage}_acc", acc, n)
         if self._last_batch(stage):  # logged from the step, so callbacks see them at epoch end
             self._log_epoch(stage)
 
@@ -208,7 +200,8 @@ class RegularizedModule(pl.LightningModule):
         means = self._epoch_means.pop(self.trainer.strategy if self._trainer is not None else None, f"{stage}_")
         for name, value in means.items():
             # already global: sync_dist=True only tells Lightning so (the mean of equal values)
-            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name != "train_penalty", sync_dist=True)
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=not name.startswith("train_penalty"),
+                     sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_means.pop(prefix="train_")  # nothing left over from an interrupted epoch
@@ -229,29 +222,39 @@ class RegularizedModule(pl.LightningModule):
         self._log_epoch("test")
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
-        """``(input, target)`` of a batch by :attr:`batch_keys` (tuples, lists and dicts)."""
-        return split_batch(batch, self.batch_keys)
+        """``(inputs, targets)`` of a batch by the module's :class:`~regfw.batch.BatchFormat`
+        (what the MC callback, evaluation, active learning and predict use)."""
+        return self._split(batch)
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        x, y = split_batch(batch, self.batch_format)
+        if y is None:
+            raise ConfigError(f"batch: found no targets in a {type(batch).__name__} batch; RegularizedModule needs "
+                              f"(inputs, targets); set batch={{'targets': ...}} to where they are.")
+        return x, y
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = self.split_batch(batch)
+        x, y = self._split(batch)
         out = self(x)
         loss = self.loss_fn(out, y)
         self._log_step(stage, out, y, loss)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = self.split_batch(batch)
-        out = self(x)
-        data_loss = self.loss_fn(out, y)
-        penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
-        penalty = torch.stack([p.reshape(()) for p in penalties]).sum() if penalties else None
-        loss = data_loss if penalty is None else data_loss + penalty
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = self._split(batch)
+        result = regularized_step(self.regularizers, self.model, x, y, self.loss_fn, forward=self,
+                                  batch_idx=batch_idx, task=self.task, module=self)
+        loss = result.total
         # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
-            return self._nonfinite_loss(loss, batch_idx)
-        if penalty is not None:
-            self._epoch_means.add("train_penalty", penalty, len(y))
-        self._log_step("train", out, y, data_loss)
+            self._nonfinite_loss(loss, batch_idx)
+            return None
+        if result.terms:  # before _log_step, which logs the epoch at its last batch
+            n = len(y)
+            self._epoch_means.add("train_penalty", torch.stack(list(result.terms.values())).sum(), n)
+            for name, term in result.terms.items():
+                self._epoch_means.add(f"train_penalty/{name}", term, n)
+        self._log_step("train", result.outputs, result.targets, result.data_loss)
         return loss
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises
@@ -292,7 +295,8 @@ class RegularizedModule(pl.LightningModule):
     def param_groups(self) -> tuple[str | None, list[dict]]:
         """The regularizer that defines the optimizer's parameter groups (at most one may) and
         its groups; ``(None, [all trainable parameters])`` when none does."""
-        found = [(reg.name, g) for reg in self.regularizers if (g := reg.param_groups(self.model)) is not None]
+        found = [(reg.name, g) for reg in self.regularizers
+                 if (g := check_groups(reg, reg.param_groups(self.model))) is not None]
         if len(found) > 1:
             raise ConfigError(
                 f"regularizers: {found[0][0]!r} and {found[1][0]!r} both define optimizer parameter groups; "
@@ -314,7 +318,7 @@ class RegularizedModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [cb for reg in self.regularizers for cb in reg.callbacks()]
+        return [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from regfw import __version__

@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.config import LOSS_NAMES, check_loss_spec
 from regfw.errors import ConfigError
 
 #: The optimizer shorthands of ``optimizer.name``.
 OPTIMIZERS: dict[str, type] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
                                "rmsprop": torch.optim.RMSprop}
-#: The loss shorthands of ``model.loss``.
-LOSS_NAMES = ("cross_entropy", "mse", "gaussian_nll")
 #: Losses that make the task classification (the MC callback then reports accuracy, calibration).
 _CLASSIFICATION_LOSSES: tuple[Any, ...] = (F.cross_entropy, F.nll_loss, nn.CrossEntropyLoss, nn.NLLLoss)
 
@@ -120,20 +119,6 @@ def scheduler_config(spec: Mapping[str, Any] | None, optimizer: torch.optim.Opti
     if cfg.get("monitor"):
         out["monitor"] = cfg["monitor"]
     return out
-
-
-def check_loss_spec(spec: Any, key: str = "model.loss") -> None:
-    """A :class:`ConfigError` for a ``model.loss`` that is neither a shorthand, ``auto``, a dotted
-    path nor ``{class_path, init_args}``."""
-    if isinstance(spec, Mapping):
-        if not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
-            raise ConfigError(f"{key}: got {dict(spec)!r}, expected {{class_path: ..., init_args: {{...}}}}.")
-        return
-    if not isinstance(spec, str) or (spec not in (*LOSS_NAMES, "auto") and "." not in spec):
-        from regfw.errors import closest_hint
-
-        raise ConfigError(f"{key}: got {spec!r}, expected auto, one of {', '.join(LOSS_NAMES)}, or a class path "
-                          f"such as torch.nn.HuberLoss.{closest_hint(str(spec), list(LOSS_NAMES))}")
 
 
 def build_loss(spec: str | Mapping[str, Any] | Callable) -> Callable:

@@ -126,7 +126,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
 
     from regfw.data import describe_data
 
-    n_train, example, notes = describe_data(datamodule, cfg.data.batch_keys or (0, 1))
+    n_train, example, notes = describe_data(datamodule, cfg.data.batch)
     model_config = model_config_for(cfg.model, datamodule)
     try:
         module = RegularizedModule(
@@ -135,7 +135,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             regularizers=cfg.regularizers,
             optimizer=optimizer_spec(cfg.optimizer),
             lr_scheduler=dataclasses.asdict(cfg.lr_scheduler) if cfg.lr_scheduler else None,
-            batch_keys=cfg.data.batch_keys,
+            batch=cfg.data.batch,
             n_examples=n_train,
             example_input=example,
             model_config=model_config,

@@ -193,7 +193,7 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _split(self, pl_module: Any, batch: Any) -> tuple[Tensor, Tensor]:
         """``(x, y)`` by ``batch_to_xy``, else by the module's own ``split_batch`` (a
-        :class:`~regfw.module.RegularizedModule`'s ``batch_keys``), else ``batch[0], batch[1]``."""
+        :class:`~regfw.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``."""
         if self._batch_to_xy is None and callable(getattr(pl_module, "split_batch", None)):
             return pl_module.split_batch(batch)
         return self.batch_to_xy(batch)
