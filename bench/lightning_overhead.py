@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-#from regfw.callback import Regularize
+from regfw.callback import Regularize  # noqa: I001
 from regfw.module import RegularizedModule
 
 
@@ -125,8 +125,8 @@ def main() -> None:
         "plain loop": plain,
         "bare LightningModule": lightning(lambda: Bare(make_net())),
         "RegularizedModule": lightning(lambda: RegularizedModule(make_net(), loss="mse")),
-#        "Regularize callback": lightning(lambda: Bare(make_net()),
-#                                         lambda: [Regularize({"weight_decay": {"weight_decay": 1e-4}})]),
+        "Regularize callback": lightning(lambda: Bare(make_net()),
+                                         lambda: [Regularize({"weight_decay": {"weight_decay": 1e-4}})]),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up
