@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regfw.config import LOSS_NAMES, check_loss_spec
+from regfw.config import check_loss_spec
 from regfw.errors import ConfigError
 
 #: The optimizer shorthands of ``optimizer.name``.

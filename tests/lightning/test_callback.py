@@ -60,7 +60,7 @@ def test_loss_terms_are_added_exactly_to_the_users_loss(tmp_path):
     reg = Regularize({"l1": {"strength": 1e-3}})
     trainer = _trainer(tmp_path, 2, [reg], enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, classification_data()[0])
-    for (name, a), b in zip(reference.state_dict().items(), module.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), module.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
     assert float(trainer.callback_metrics["train_penalty/l1"]) > 0
 
@@ -108,7 +108,7 @@ def test_checkpoint_reloads_the_same_structure_and_resume_continues_exactly(tmp_
     straight, last = fit(3, tmp_path / "a")
     _, first = fit(1, tmp_path / "b")
     resumed, _ = fit(3, tmp_path / "b", ckpt_path=str(first))
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # resume continues exactly (bitwise)
 
     loaded = load_regularized(LitClassifier, last)
