@@ -84,3 +84,32 @@ def classification_data(n: int = 120, features: int = 20, batch: int = 32, seed:
 def dict_data(n: int = 96, features: int = 16):
     g = torch.Generator().manual_seed(0)
     return DataLoader(DictDataset(torch.randn(n, features, generator=g)), batch_size=32)
+
+
+class LitDataModule(pl.LightningDataModule):
+    """A data module of one's own, as Lightning's docs write one (no regfw extras)."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def setup(self, stage: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(120, 20, generator=g)
+        self.y = self.x[:, :3].argmax(-1)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return DataLoader(TensorDataset(self.x[:40], self.y[:40]), batch_size=self.batch_size)
+
+
+class FixedBatchDataModule(LitDataModule):
+    """One that takes no batch_size argument."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(batch_size=16)
+        self.seed = seed
