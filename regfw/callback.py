@@ -261,7 +261,7 @@ class Regularize(pl.Callback):
         owner, groups = self._groups(self.network(pl_module))
         if groups is None:
             return
-        optimizers, schedulers = _optimizers_and_schedulers(configured)
+        optimizers, schedulers = optimizers_and_schedulers(configured)
         for optimizer in optimizers:
             split_groups(optimizer, groups, owner or "", [s for s in schedulers if s.optimizer is optimizer])
 
@@ -305,7 +305,7 @@ def _restore_rates(network: nn.Module, checkpoint: Mapping[str, Any]) -> None:
             modules[name].p = p
 
 
-def _optimizers_and_schedulers(configured: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+def optimizers_and_schedulers(configured: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
     """The optimizers and schedulers in any of the forms ``configure_optimizers`` may return."""
     optimizers: list[torch.optim.Optimizer] = []
     schedulers: list[Any] = []

@@ -317,6 +317,29 @@ class RegularizedModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def setup(self, stage: str) -> None:
+        """Give the regularizers' parameter groups to an optimizer configured from outside: LightningCLI's
+        ``optimizer:``/``lr_scheduler:`` sections replace ``configure_optimizers`` on the instance,
+        building the optimizer over ``self.parameters()`` in one group."""
+        outside = self.__dict__.get("configure_optimizers")
+        if outside is None or getattr(outside, "_regfw_groups", False):
+            return
+        owner, groups = self.param_groups()
+        if owner is None:
+            return
+
+        def configure_optimizers() -> Any:
+            from regfw.callback import optimizers_and_schedulers, split_groups
+
+            result = outside()
+            optimizers, schedulers = optimizers_and_schedulers(result)
+            for optimizer in optimizers:
+                split_groups(optimizer, groups, owner, [s for s in schedulers if s.optimizer is optimizer])
+            return result
+
+        configure_optimizers._regfw_groups = True  # type: ignore[attr-defined]
+        self.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
     def configure_callbacks(self) -> list[pl.Callback]:
         return [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())]
 
