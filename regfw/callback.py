@@ -169,10 +169,11 @@ class Regularize(pl.Callback):
                                   f"backward itself), so the callback cannot add the loss terms; call "
                                   f"regfw.steps.add_terms(...) in its training_step instead.")
             self._wrap(pl_module)
-            known = {id(c) for c in trainer.callbacks}
+            callbacks: list = trainer.callbacks  # type: ignore[attr-defined]
+            known = {id(c) for c in callbacks}
             self._extra = [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())
                            if id(cb) not in known]
-            trainer.callbacks.extend(self._extra)  # before the checkpoint restores their state
+            callbacks.extend(self._extra)  # before the checkpoint restores their state
 
     def apply(self, pl_module: nn.Module, datamodule: Any = None) -> Plan:
         """Plan and apply the regularizers to ``pl_module``'s network (once)."""
@@ -219,9 +220,10 @@ class Regularize(pl.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        callbacks: list = trainer.callbacks  # type: ignore[attr-defined]
         for cb in self._extra:
-            if cb in trainer.callbacks:
-                trainer.callbacks.remove(cb)
+            if cb in callbacks:
+                callbacks.remove(cb)
         self._extra = []
 
     # -- the loss terms ---------------------------------------------------------------------------

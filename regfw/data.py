@@ -134,6 +134,7 @@ def data_module_args(cls: type, init_args: Mapping[str, Any], data_cfg: Any) -> 
     """``init_args`` plus every :data:`DATA_KEYS` key set in ``data_cfg``, each checked against the
     constructor of ``cls``: a key it does not take is refused by name (never silently ignored)."""
     args = dict(init_args)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
@@ -183,14 +184,11 @@ class ForeignDataModule(pl.LightningDataModule):
         super().__init__()
         self.inner = inner
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("inner")
-            if inner is None:
-                raise
-            return getattr(inner, name)
+    def __getattr__(self, name: str) -> Any:  # only for what the wrapper itself does not have
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def prepare_data(self) -> None:
         self.inner.prepare_data()

@@ -134,7 +134,8 @@ def build_loss(spec: str | Mapping[str, Any] | Callable) -> Callable:
     obj = _import(path, "model.loss")
     if inspect.isclass(obj):
         try:
-            return obj(**dict(init_args))
+            loss: Callable = obj(**dict(init_args))
+            return loss
         except TypeError as exc:
             raise ConfigError(f"model.loss.init_args: {obj.__name__}({', '.join(map(str, init_args))}) failed: "
                               f"{exc}") from None

@@ -34,7 +34,7 @@ class MCDropoutUncertainty(_MCDropoutUncertainty, L.Callback):
     __doc__ = _MCDropoutUncertainty.__doc__
 
 
-class RegularizedModule(_RegularizedModule, L.LightningModule):  # type: ignore[misc]
+class RegularizedModule(_RegularizedModule, L.LightningModule):  # type: ignore[misc, unused-ignore]
     __doc__ = _RegularizedModule.__doc__
 
 
