@@ -40,7 +40,7 @@ def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_fn(loss: str | Mapping | Callable) -> Callable:
-    table = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
+    table: dict[str, Callable] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
     if isinstance(loss, str) and "." not in loss:
         if loss not in table:
             raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)}, a class path such as "
@@ -310,7 +310,7 @@ class RegularizedModule(pl.LightningModule):
         """The configured optimizer over the regularizers' parameter groups, with the configured
         learning-rate scheduler in Lightning's ``{"optimizer", "lr_scheduler"}`` form."""
         owner, groups = self.param_groups()
-        spec = self._optimizer_spec if callable(self._optimizer_spec) else self.hparams.optimizer
+        spec = self._optimizer_spec if callable(self._optimizer_spec) else self.hparams["optimizer"]
         optimizer = build_optimizer(spec, groups, owner)
         scheduler = scheduler_config(self.hparams.get("lr_scheduler"), optimizer)
         if scheduler is None:

@@ -13,6 +13,7 @@ weight decay's decay / no-decay groups), whichever class it is.
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -134,7 +135,7 @@ def build_loss(spec: str | Mapping[str, Any] | Callable) -> Callable:
     obj = _import(path, "model.loss")
     if inspect.isclass(obj):
         try:
-            loss: Callable = obj(**dict(init_args))
+            loss: Callable = typing.cast(Callable, obj(**dict(init_args)))
             return loss
         except TypeError as exc:
             raise ConfigError(f"model.loss.init_args: {obj.__name__}({', '.join(map(str, init_args))}) failed: "

@@ -84,7 +84,7 @@ class MCDropoutPredict(pl.Callback):
                             budget_bytes=self.budget_bytes,
                             seed=derive_seed(self.seed, rank, dataloader_idx, batch_idx),
                             task=self.task, tau=self.tau, output_transform=self.output_transform)
-        s = result.summary
+        s: Any = result.summary
         if self.task == "classification":
             out = {"prediction": s.prediction, "mean_probs": s.mean_probs, "entropy": s.predictive_entropy,
                    "mutual_information": s.mutual_information, "variation_ratio": s.variation_ratio}
