@@ -94,7 +94,7 @@ def test_plan_for_is_what_setup_applies():
     assert "dropout" in planned and "N=?" in planned and "n_examples" in planned
 
 
-def test_checkpoint_reloads_the_same_structure_and_resume_continues_exactly(tmp_path):
+def test_checkpoint_reloads_the_same_structure_and_resume_continues_exactly(tmp_path, capsys):
     def fit(epochs: int, root, ckpt_path=None):
         train, val = classification_data(shuffle=False)  # the loader's own order does not resume
         torch.manual_seed(0)
@@ -120,6 +120,15 @@ def test_checkpoint_reloads_the_same_structure_and_resume_continues_exactly(tmp_
     result = mc_predict(loaded, x, samples=8, seed=0)  # the MC callback's sampler works on it
     assert float(result.summary.mutual_information.mean()) > 0
     assert load_regularized(None, last).__class__ is LitClassifier  # the class from the checkpoint
+
+    # `regfw rank` ranks the config's data with it
+    from regfw.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data: {class_path: with_lightning.doc_modules.LitDataModule}\n")
+    assert main(["rank", str(cfg), str(last), "--k", "5", "--samples", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "top 5 of the val split by bald (index, score):" and len(lines) == 6
 
 
 def test_target_names_a_missing_submodule_clearly():
