@@ -22,7 +22,8 @@ Choosing the place and changing the model:
   follow it, never between a layer and its BatchNorm; an existing dropout on the way is returned.
 * :func:`reuse_existing` -- the rows for a place that already has dropout (``existing: keep`` or
   ``override``), or a module this regularizer inserted before; None when the place is free.
-* :func:`injected_name` -- the child name an inserted module gets on its anchor (``regfw_<name>``).
+* :func:`injected_name` -- the child name an inserted module gets on its anchor (``regfw_<name>``;
+  :data:`INJECTED_PREFIX` is its prefix, :func:`is_injected` tells a path regfw inserted).
 * :func:`attach` -- hang a module on an anchor, run from a forward hook (``after``) or pre-hook
   (``before``); parameter names and state dicts are unchanged. :func:`set_rate` -- a ``set`` row.
 * :func:`apply_insertions` -- carry out ``before`` / ``after`` / ``set`` rows with the
@@ -36,6 +37,7 @@ from torch import nn
 
 from regfw.plan_items import PlanContext
 from regfw.surgery import (
+    INJECTED_PREFIX,
     LayerInfo,
     ModelMap,
     after_anchor,
@@ -46,11 +48,13 @@ from regfw.surgery import (
     classify_model,
     injected_name,
     is_dropout,
+    is_injected,
     reuse_existing,
     set_rate,
 )
 
 __all__ = [
+    "INJECTED_PREFIX",
     "LayerInfo",
     "ModelMap",
     "after_anchor",
@@ -61,6 +65,7 @@ __all__ = [
     "classify_model",
     "injected_name",
     "is_dropout",
+    "is_injected",
     "model_map",
     "reuse_existing",
     "set_rate",

@@ -164,7 +164,7 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
                        split: str = "val", samples: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """``regfw predict``: MC predictions of a checkpoint on the config's data (the data module's
     ``predict_dataloader`` when it has one, else the ``split``), written to ``out``."""
-    from regfw.active import load_module
+    from regfw.rank_command import load_module
     from regfw.config import load_config
     from regfw.errors import RunError
     from regfw.factory import build_datamodule

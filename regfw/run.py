@@ -120,11 +120,10 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
 
 def build_module(cfg: Config, datamodule: Any) -> Any:
     """The :class:`~regfw.module.RegularizedModule` for ``cfg`` and its data."""
+    from regfw.data import describe_data
     from regfw.factory import model_config_for, resolve_loss
     from regfw.module import RegularizedModule
     from regfw.optim import optimizer_spec
-
-    from regfw.data import describe_data
 
     n_train, example, notes = describe_data(datamodule, cfg.data.batch)
     model_config = model_config_for(cfg.model, datamodule)
@@ -139,6 +138,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             n_examples=n_train,
             example_input=example,
             model_config=model_config,
+            on_nan=cfg.run.on_nan,
         )
         if notes:
             module.plan.notes["data"] = notes
@@ -167,11 +167,8 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None
     unc = cfg.uncertainty
     if not unc.enabled or not stochastic_modules(module):
         return None
-    return MCDropoutUncertainty(
-        samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
-        every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
-        threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots,
-        plot_dir=str(plot_dir), seed=unc.seed, tau=unc.tau,
+    return MCDropoutUncertainty.from_config(
+        unc, task=module.task, plot_dir=str(plot_dir),
         output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
     )
 
@@ -313,7 +310,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = D.make_resumable(build_datamodule(cfg.data, seed=cfg.seed), cfg.seed)
     module = build_module(cfg, datamodule)
-    module.on_nonfinite = cfg.run.on_nan
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)

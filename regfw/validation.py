@@ -156,7 +156,12 @@ def validate_dataclass(cls: type, data: Any, key: str) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        # A dataclass's own check that names its field ("kinds: got ...") reports the dotted key.
+        text = str(exc)
+        field_name = text.split(":", 1)[0]
+        if field_name in fields and text.startswith(field_name + ": "):
+            raise ConfigError(f"{key}.{text}") from None
+        raise ConfigError(f"{key}: {text}") from None
     for f in dataclasses.fields(cls):
         if f.name not in kwargs:
             _check_range(getattr(instance, f.name), f.metadata, f"{key}.{f.name}")

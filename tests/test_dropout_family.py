@@ -254,7 +254,7 @@ def test_drop_path_drops_whole_samples_of_a_branch_at_the_scheduled_rate():
 def test_config_errors_name_the_key_and_the_value():
     with pytest.raises(ConfigError, match=r"regularizers\.spatial_dropout\.conv: got 1\.5, expected a value in \[0, 1\)"):
         build_regularizers({"spatial_dropout": {"conv": 1.5}})
-    with pytest.raises(ConfigError, match=r"regularizers\.dropblock: block_size: got \[3, 0\], expected a positive"):
+    with pytest.raises(ConfigError, match=r"regularizers\.dropblock\.block_size: got \[3, 0\], expected a positive"):
         build_regularizers({"dropblock": {"block_size": [3, 0]}})
     with pytest.raises(ConfigError, match=r"regularizers\.dropout\.inverted: got 'no', expected true or false"):
         build_regularizers({"dropout": {"inverted": "no"}})
