@@ -126,7 +126,7 @@ def main() -> None:
         "bare LightningModule": lightning(lambda: Bare(make_net())),
         "RegularizedModule": lightning(lambda: RegularizedModule(make_net(), loss="mse")),
         "Regularize callback": lightning(lambda: Bare(make_net()),
-                                         lambda: [Regularize({"weight_decay": {"weight_decay": 1e-4}})]),
+                                         lambda: [Regularize({"weight_decay": {"strength": 1e-4}})]),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up
