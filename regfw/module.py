@@ -14,7 +14,15 @@ from regfw.batch import BatchFormat, split_batch
 from regfw.contract import check_callbacks, check_groups
 from regfw.epoch_metrics import EpochMeans
 from regfw.errors import ConfigError
-from regfw.optim import build_loss, build_optimizer, loss_hparam, loss_task, scheduler_config
+from regfw.optim import (
+    build_loss,
+    build_optimizer,
+    loss_hparam,
+    loss_task,
+    optimizers_and_schedulers,
+    scheduler_config,
+    split_groups,
+)
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.steps import MixedTargets, regularized_step
@@ -329,8 +337,6 @@ class RegularizedModule(pl.LightningModule):
             return
 
         def configure_optimizers() -> Any:
-            from regfw.callback import optimizers_and_schedulers, split_groups
-
             result = outside()
             optimizers, schedulers = optimizers_and_schedulers(result)
             for optimizer in optimizers:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -164,3 +164,75 @@ def loss_hparam(spec: str | Mapping[str, Any] | Callable) -> Any:
     if module and name and "<" not in name:
         return f"{module}.{name}"
     return getattr(spec, "__name__", "custom")
+
+
+def optimizers_and_schedulers(configured: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """The optimizers and schedulers in any of the forms ``configure_optimizers`` may return."""
+    optimizers: list[torch.optim.Optimizer] = []
+    schedulers: list[Any] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, torch.optim.Optimizer):
+            optimizers.append(item)
+        elif isinstance(item, Mapping):
+            for key in ("optimizer", "lr_scheduler", "scheduler"):
+                if key in item:
+                    visit(item[key])
+        elif isinstance(item, (list, tuple)):
+            for sub in item:
+                visit(sub)
+        elif hasattr(item, "optimizer") and hasattr(item, "step"):
+            schedulers.append(item)
+
+    visit(configured)
+    return optimizers, schedulers
+
+
+def _default_weight_decay(optimizer: torch.optim.Optimizer) -> float | None:
+    param = inspect.signature(type(optimizer).__init__).parameters.get("weight_decay")
+    return None if param is None or param.default is inspect.Parameter.empty else float(param.default)
+
+
+def split_groups(optimizer: torch.optim.Optimizer, groups: list[dict], owner: str,
+                 schedulers: Sequence[Any] = ()) -> None:
+    """Split each of ``optimizer``'s parameter groups by the regularizer's ``groups``.
+
+    Every new group keeps the user's group settings, plus the regularizer's group keys
+    (``weight_decay`` and its markers); every per-group list of the ``schedulers``
+    (``base_lrs``, ``min_lrs``, ``lr_lambdas`` ...) is repeated to match. A user's group whose
+    ``weight_decay`` is neither 0 nor the optimizer's default, beside a regularizer group that
+    sets its own, is a :class:`ConfigError`: the weights would be decayed twice, or the
+    regularizer's exclusions (biases, norms) undone.
+    """
+    if any(optimizer.state.values()):
+        raise ConfigError(f"Regularize: the optimizer already took steps; regularizers.{owner} needs its parameter "
+                          f"groups before the first step.")
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    default_wd = _default_weight_decay(optimizer)
+    new_groups: list[dict] = []
+    origin: list[int] = []
+    for index, user in enumerate(optimizer.param_groups):
+        by_reg: dict[int, list[nn.Parameter]] = {}
+        for p in user["params"]:
+            reg_group = group_of.get(id(p))
+            by_reg.setdefault(-1 if reg_group is None else next(i for i, g in enumerate(groups) if g is reg_group),
+                              []).append(p)
+        for key, params in by_reg.items():
+            settings = {k: v for k, v in user.items() if k != "params"}
+            if key >= 0:
+                extra = {k: v for k, v in groups[key].items() if k != "params"}
+                wd = float(user.get("weight_decay", 0.0) or 0.0)
+                if "weight_decay" in extra and wd and wd != default_wd and wd != extra["weight_decay"]:
+                    raise ConfigError(
+                        f"Regularize: the optimizer's weight_decay={wd:g} and regularizers.{owner} both decay the "
+                        f"weights (its parameter groups set their own weight_decay); leave weight_decay at the "
+                        f"optimizer's default in configure_optimizers or remove regularizers.{owner}.")
+                settings.update(extra)
+            new_groups.append({"params": params, **settings})
+            origin.append(index)
+    n_old = len(optimizer.param_groups)
+    optimizer.param_groups = new_groups
+    for scheduler in schedulers:
+        for attr, value in vars(scheduler).items():
+            if isinstance(value, list) and len(value) == n_old and attr != "optimizer":
+                setattr(scheduler, attr, [value[i] for i in origin])
