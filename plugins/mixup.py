@@ -77,7 +77,7 @@ class Mixup(Regularizer):
         if cfg.cutmix and inputs.dim() != 4:
             raise ConfigError(f"regularizers.mixup.cutmix: cuts boxes out of images (N, C, H, W), but the inputs "
                               f"have shape {list(inputs.shape)}; set cutmix: false for plain mixup.")
-        lam = float(torch.distributions.Beta(cfg.alpha, cfg.alpha).sample())
+        lam = float(torch.distributions.Beta(cfg.alpha, cfg.alpha, validate_args=False).sample())
         perm = torch.randperm(batch_size(inputs), device=inputs.device)
         if cfg.cutmix:
             mixed, lam = cut(inputs, perm, lam)

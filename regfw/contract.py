@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from regfw.errors import PluginError
-from regfw.regularizer import PlanItem, Regularizer
+from regfw.plan_items import PlanItem
+from regfw.regularizer import Regularizer
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -12,6 +12,7 @@ conv      0.1-0.3 convolutions; spatial dropout / DropBlock fit conv maps better
 recurrent 0.2-0.3 RNN/LSTM/GRU; locked (variational) masks over time
 attention 0.1     the Transformer convention
 residual  0.1     stochastic depth (DropPath) on residual branches; a place, not a module kind
+embedding .05-.2  ``nn.Embedding``: whole rows (words) dropped (embedding dropout)
 ========= ======= ====================================================================
 
 Rules of thumb (Srivastava et al. 2014 and common practice): higher rates for smaller
@@ -39,14 +40,16 @@ RECURRENT = "recurrent"
 ATTENTION = "attention"
 #: A place, not a module kind: the branch operand of a residual add (see :mod:`regfw.dataflow`).
 RESIDUAL = "residual"
+#: ``nn.Embedding`` lookups: embedding dropout drops whole rows (Gal and Ghahramani 2016).
+EMBEDDING = "embedding"
 NORM = "norm"
 ACTIVATION = "activation"
 SKIP = "skip"
 
 #: Kinds that carry a default dropout rate, in the order plans list them.
-RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION, RESIDUAL)
+RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION, RESIDUAL, EMBEDDING)
 #: Every kind a module can be classified into (``skip`` excludes a module from regularizers).
-KINDS: tuple[str, ...] = (HIDDEN, CONV, RECURRENT, ATTENTION, NORM, ACTIVATION, SKIP)
+KINDS: tuple[str, ...] = (HIDDEN, CONV, RECURRENT, ATTENTION, NORM, ACTIVATION, SKIP, EMBEDDING)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ RATE_TABLE: dict[str, RateRange] = {
     # for base-size models). Bigger models use *more* drop path, so the range is a single value
     # and the policy never lowers it.
     RESIDUAL: RateRange(0.1, 0.1, 0.1),
+    # Not in the seed's table: embedding dropout, the share of words (rows) dropped. AWD-LSTM
+    # (Merity et al. 2018) uses 0.1 on PTB and WikiText-2; Gal and Ghahramani 2016 tune it up to
+    # about 0.2 for small data.
+    EMBEDDING: RateRange(0.05, 0.2, 0.1),
 }
 
 #: A regularizer's own ranges (kind -> range): a :class:`RateRange`, ``(low, high)`` (default
@@ -114,6 +121,7 @@ _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.RNNBase,), RECURRENT),
     (CONV_TYPES, CONV),
     ((nn.Linear, nn.Bilinear), HIDDEN),
+    ((nn.Embedding,), EMBEDDING),
     ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
       nn.RMSNorm), NORM),
     ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,

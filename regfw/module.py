@@ -155,13 +155,20 @@ class RegularizedModule(pl.LightningModule):
             raise ConfigError(f"task: got {task!r}, expected 'classification' or 'regression' (or None to infer it "
                               f"from the loss).")
         self.task = task or loss_task(self.loss_fn)
+        #: What the step methods are told (``Step.task``): unknown for a custom loss function, unless
+        #: ``task`` says it or the loss is one whose task is known (cross-entropy, NLL, the shorthands).
+        known = task is not None or loss in LOSSES or loss_task(self.loss_fn) == "classification"
+        self.step_task: str | None = self.task if known else None
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
 
         # objects given: used as they are (built once by the caller); a mapping: built here, once
-        built = regularizers is None or isinstance(regularizers, Mapping)
-        self.regularizers: list[Regularizer] = build_regularizers(section) if built else list(regularizers)
+        self.regularizers: list[Regularizer]
+        if regularizers is None or isinstance(regularizers, Mapping):
+            self.regularizers = build_regularizers(section)
+        else:
+            self.regularizers = list(regularizers)
         self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
         apply_plan(model, self.regularizers, self.plan)
 
@@ -251,7 +258,7 @@ class RegularizedModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, y = self._split(batch)
         result = regularized_step(self.regularizers, self.model, x, y, self.loss_fn, forward=self,
-                                  batch_idx=batch_idx, task=self.task, module=self)
+                                  batch_idx=batch_idx, task=self.step_task, module=self)
         loss = result.total
         # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from regfw.plan_items import PlanContext
+from regfw.plan_items import PlanContext, PlanItem
 from regfw.surgery import (
     INJECTED_PREFIX,
     LayerInfo,
@@ -67,6 +67,7 @@ __all__ = [
     "is_dropout",
     "is_injected",
     "model_map",
+    "planned_module",
     "reuse_existing",
     "set_rate",
 ]
@@ -77,3 +78,28 @@ def model_map(model: nn.Module, ctx: PlanContext | Any) -> ModelMap:
     by every regularizer), else :func:`analyse` with ``ctx.example_input`` now."""
     mm = getattr(ctx, "model_map", None)
     return mm if mm is not None else analyse(model, getattr(ctx, "example_input", None))
+
+
+def planned_module(model: nn.Module, row: PlanItem | Any) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of the module a plan row inserted (``before``/``after``) or re-rated (``set``)
+    in ``model`` after :meth:`~regfw.Regularizer.apply`; None when there is none (a ``wrap`` or
+    ``note`` row, or a model the row was not applied to)."""
+    if row.action == "set":
+        path = row.anchor or row.path
+        try:
+            return path, model.get_submodule(path)
+        except AttributeError:
+            return None
+    if row.action not in ("before", "after") or row.anchor is None:
+        return None
+    try:
+        host = model.get_submodule(row.anchor) if row.anchor else model
+    except AttributeError:
+        return None
+    expected = injected_name(row.regularizer, row.action)
+    names = [expected] + [n for n in host._modules if n.startswith(INJECTED_PREFIX) and n.endswith(row.regularizer)
+                          and (("input_" in n) == (row.action == "before"))]
+    for name in names:
+        if name in host._modules:
+            return (f"{row.anchor}.{name}" if row.anchor else name), host._modules[name]
+    return None

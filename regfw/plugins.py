@@ -294,7 +294,9 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 raise
             _pm = pm
             for failure in _failures.values():  # once per discovery; the commands go on without them
-                warnings.warn(failure.message(), PluginWarning, stacklevel=3)
+                # shown as "regfw: PluginWarning: ...", not as a line of whichever caller loaded plugins first
+                warnings.warn_explicit(failure.message(), PluginWarning, filename="regfw", lineno=0,
+                                       module="regfw.plugins")
         return _pm
 
 

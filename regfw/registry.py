@@ -17,7 +17,7 @@ class RegularizerSpec:
     """A registered regularizer: its class and the plugin it came from."""
 
     name: str
-    cls: type
+    cls: type[Regularizer]
     plugin: str
     distribution: str | None
 

@@ -28,7 +28,7 @@ Every training step (called by :func:`regfw.steps.regularized_step`, never throu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 
 from regfw import kinds as K
 from regfw.plan_items import PlanContext, PlanItem
+from regfw.schedules import RateSchedule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from regfw.steps import LossFn, Step
@@ -54,30 +55,32 @@ class InjectionConfig:
     ``default`` the rate table's default (see :mod:`regfw.kinds`); an explicit rate always wins.
     ``existing``: where the model already has dropout at a place, ``override`` sets its rate,
     ``keep`` leaves it alone; a second layer is never added.
+    ``schedule``: how the planned rates move during training (:mod:`regfw.schedules`).
     """
 
     policy: Literal["auto", "default"] = "auto"
     existing: Literal["override", "keep"] = "override"
+    schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
 class Regularizer:
     """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
 
     #: The name users select in ``regularizers:`` of the config.
-    name: ClassVar[str] = ""
+    name: str = ""
     #: A dataclass describing the config section; every field needs a default.
     Config: ClassVar[type] = NoConfig
     #: One line shown by ``regfw plugins``.
     description: ClassVar[str] = ""
     #: Regularizers of one family (e.g. ``"dropout"``) may not claim the same layer kind.
     family: ClassVar[str] = ""
+    #: Where the per-step methods run among the selected regularizers: ascending, ties in the
+    #: config's order. R-Drop uses 100 so that it repeats the batch after mixup has mixed it.
+    step_order: ClassVar[int] = 0
     #: The regularizer's own rate range for a kind where its "rate" means something else than the
     #: table's (kind -> ``(low, high)``, ``(low, high, default)`` or a :class:`regfw.kinds.RateRange`);
     #: :func:`regfw.kinds.choose_rate` uses it instead of that kind's row of the rate table.
     rate_ranges: ClassVar[K.OwnRanges] = {}
-    #: Where the per-step methods run among the selected regularizers: ascending, ties in the
-    #: config's order. R-Drop uses 100 so that it repeats the batch after mixup has mixed it.
-    step_order: ClassVar[int] = 0
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -175,6 +178,19 @@ class InjectingRegularizer(Regularizer):
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError
+
+    def callbacks(self) -> list:
+        """A :class:`~regfw.schedule_callback.RateScheduler` when the config has a ``schedule``."""
+        schedule = getattr(self.config, "schedule", None)
+        if not (isinstance(schedule, RateSchedule) and schedule.active):
+            return []
+        from regfw.schedule_callback import RateScheduler
+
+        return [RateScheduler(self, schedule)]
+
+    def describe(self, model: nn.Module) -> list[str]:
+        schedule = getattr(self.config, "schedule", None)
+        return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
         from regfw.surgery import plan_insertions  # torch.fx and the dataflow only when planning

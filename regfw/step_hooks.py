@@ -10,6 +10,8 @@ plugin discovery stays light.
   optimizer step (not per accumulated batch).
 * :class:`StepPostHookCallback` -- ``fn()`` after every ``optimizer.step()`` (constraints such as
   max-norm), through ``torch.optim.Optimizer.register_step_post_hook``.
+* :class:`LearnedRatesCallback` -- log rates a regularizer learns (``concrete_dropout``) once per
+  epoch and print them when the fit ends.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-__all__ = ["BeforeOptimizerStepCallback", "StepPostHookCallback"]
+__all__ = ["BeforeOptimizerStepCallback", "StepPostHookCallback", "LearnedRatesCallback"]
 
 
 class BeforeOptimizerStepCallback(pl.Callback):
@@ -72,3 +74,30 @@ class StepPostHookCallback(pl.Callback):
         state = dict(self.__dict__)
         state["_handles"] = []
         return state
+
+
+class LearnedRatesCallback(pl.Callback):
+    """Log rates that are learned (``concrete_dropout``) once per epoch and print them at the end.
+
+    ``rates(model)`` returns ``{layer path: rate}`` for the module's ``model`` (a
+    RegularizedModule's network, or the LightningModule itself). Logged as ``NAME/rate/<path>``.
+    """
+
+    def __init__(self, name: str, rates: Callable[[Any], dict]) -> None:
+        self.name = name
+        self.rates = rates
+        self.last: dict = {}
+
+    def _rates(self, pl_module: pl.LightningModule) -> dict:
+        model = getattr(pl_module, "model", pl_module)
+        return self.rates(model)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last = self._rates(pl_module)
+        for path, value in self.last.items():
+            pl_module.log(f"{self.name}/rate/{path}", value, on_step=False, on_epoch=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last = self._rates(pl_module)
+        if trainer.is_global_zero and self.last:
+            print(f"{self.name}: learned rates " + ", ".join(f"{p} {v:.4f}" for p, v in self.last.items()))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from regfw.batch import batch_size
 from regfw.contract import check_loss_fn, check_term, check_transformed_batch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -154,8 +155,6 @@ def add_terms(regularizers: Sequence[Regularizer], model: nn.Module, inputs: Any
 
 
 def _size(value: Any) -> int:
-    from regfw.batch import batch_size
-
     try:
         return len(value) if isinstance(value, MixedTargets) else batch_size(value)
     except TypeError:

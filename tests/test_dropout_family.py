@@ -258,7 +258,7 @@ def test_config_errors_name_the_key_and_the_value():
         build_regularizers({"dropblock": {"block_size": [3, 0]}})
     with pytest.raises(ConfigError, match=r"regularizers\.dropout\.inverted: got 'no', expected true or false"):
         build_regularizers({"dropout": {"inverted": "no"}})
-    with pytest.raises(ConfigError, match=r"regularizers\.drop_path\.schedule: got 'cosine', expected one of 'linear', 'uniform'"):
-        build_regularizers({"drop_path": {"schedule": "cosine"}})
+    with pytest.raises(ConfigError, match=r"regularizers\.drop_path\.depth: got 'cosine', expected one of 'linear', 'uniform'"):
+        build_regularizers({"drop_path": {"depth": "cosine"}})
     (dropblock,) = build_regularizers({"dropblock": {"block_size": [3, 5]}})
     assert dropblock.make_module("conv", 0.1, None).block_size == (3, 5)

@@ -42,8 +42,8 @@ def plugin_path(tmp_path, monkeypatch, fresh_plugins):
     """A folder on sys.path holding: a plugin that fails to import, one without the hook marker, one
     with a misspelled hook, and one that works."""
     distribution(tmp_path, "regfw-broken", "broken", "regfw_broken", "raise ImportError('needs libfoo')\n")
-    distribution(tmp_path, "regfw-concrete", "concrete", "regfw_concrete",
-                 PLAIN.format(cls="Concrete", reg="concrete_dropout", marker="", hook="regfw_register_regularizers"))
+    distribution(tmp_path, "regfw-gumbel", "gumbel", "regfw_gumbel",
+                 PLAIN.format(cls="Gumbel", reg="gumbel_dropout", marker="", hook="regfw_register_regularizers"))
     marked = "@regfw.hookimpl"
     distribution(tmp_path, "regfw-typo", "typo", "regfw_typo",
                  PLAIN.format(cls="Typo", reg="typo_noise", marker=marked, hook="regfw_register_regularizer"))
@@ -60,11 +60,11 @@ def test_each_failure_is_reported_once_and_every_other_plugin_loads(plugin_path)
         get_plugin_manager()
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
     assert len(messages) == 3, messages
-    broken, concrete, typo = sorted(messages)
+    broken, gumbel, typo = sorted(messages)
     assert broken.startswith("plugin 'broken' (entry point 'broken = regfw_broken' of distribution regfw-broken 1.0) "
                              "failed to import: ImportError: needs libfoo")
-    assert ("plugin 'concrete' (entry point 'concrete = regfw_concrete' of distribution regfw-concrete 1.0) "
-            "implements no regfw hook: regfw_register_regularizers lacks the @regfw.hookimpl marker") in concrete
+    assert ("plugin 'gumbel' (entry point 'gumbel = regfw_gumbel' of distribution regfw-gumbel 1.0) "
+            "implements no regfw hook: regfw_register_regularizers lacks the @regfw.hookimpl marker") in gumbel
     assert "unknown hook 'regfw_register_regularizer'" in typo and "Did you mean 'regfw_register_regularizers'?" in typo
     assert {"good_noise", "dropout", "rdrop"} <= set(get_registry().names())
     assert [f.problem for f in plugin_failures()] == ["import", "no hooks", "invalid"]
@@ -80,10 +80,10 @@ def test_selecting_a_regularizer_of_a_failed_plugin_names_the_plugin_not_an_unre
     with pytest.warns(PluginWarning):
         get_plugin_manager()
     with pytest.raises(PluginError) as err:
-        load_config(None, ["data.name=digits", "model.name=mlp", "regularizers.concrete_dropout={}"])
+        load_config(None, ["data.name=digits", "model.name=mlp", "regularizers.gumbel_dropout={}"])
     text = str(err.value)
-    assert text.startswith("regularizers.concrete_dropout: regularizer 'concrete_dropout' is not available: "
-                           "plugin 'concrete' (entry point 'concrete = regfw_concrete'")
+    assert text.startswith("regularizers.gumbel_dropout: regularizer 'gumbel_dropout' is not available: "
+                           "plugin 'gumbel' (entry point 'gumbel = regfw_gumbel'")
     assert "lacks the @regfw.hookimpl marker" in text and "Did you mean" not in text
     with pytest.raises(PluginError, match=r"regularizers\.broken: .*failed to import: ImportError: needs libfoo"):
         get_registry().get("broken")

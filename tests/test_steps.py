@@ -193,3 +193,17 @@ def test_plan_shows_what_each_step_regularizer_does(tmp_path, run_cli):
     assert "rdrop: two passes per example in one forward call" in out and "loss += 2 / 2 * symmetric KL" in out
     assert "label_smoothing: training loss = 0.8 * cross_entropy + 0.2 * mean over classes of -log p" in out
     assert "confidence_penalty: training loss -= 0.1 * entropy" in out
+
+
+def test_a_custom_loss_function_is_not_taken_for_regression_by_the_step_methods(tmp_path):
+    def my_cross_entropy(out, y):
+        return F.cross_entropy(out, y)
+
+    module = RegularizedModule(nn.Linear(4, 3), loss=my_cross_entropy, regularizers={"label_smoothing": {}},
+                               example_input=torch.zeros(2, 4))
+    assert module.step_task is None
+    loss = module.training_step((torch.randn(8, 4), torch.randint(0, 3, (8,))), 0)
+    assert loss is not None and loss > 0
+    with pytest.raises(ConfigError, match=r"regularizers\.label_smoothing: acts on class probabilities"):
+        RegularizedModule(nn.Linear(4, 1), loss="mse", regularizers={"label_smoothing": {}},
+                          example_input=torch.zeros(2, 4)).training_step((torch.randn(8, 4), torch.randn(8, 1)), 0)

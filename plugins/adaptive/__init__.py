@@ -103,6 +103,24 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
+        from regfw.schedules import is_active
+
+        for name in injecting:
+            cls = registry.specs[name].cls
+            kinds = set(getattr(cls, "kinds", ()))
+            if self.config.kinds is not None and not kinds & set(self.config.kinds):
+                continue
+            settings = config.regularizers[name] or {}
+            if is_active(settings.get("schedule")):
+                raise ConfigError(
+                    f"regularizers.{name}.schedule and regularizers.adaptive_dropout both set the rates of "
+                    f"{name}'s layers (a schedule fixes each rate as a function of training time); remove one, "
+                    f"or keep adaptive_dropout off those kinds with regularizers.adaptive_dropout.kinds")
+            if getattr(cls, "learns_rates", False):
+                raise ConfigError(
+                    f"regularizers.{name} learns its rates by gradient descent and regularizers.adaptive_dropout "
+                    f"would move them too; remove one, or keep adaptive_dropout off {name}'s kinds "
+                    f"({', '.join(sorted(kinds))}) with regularizers.adaptive_dropout.kinds")
 
     def describe(self, model: nn.Module) -> list[str]:
         c = self.config

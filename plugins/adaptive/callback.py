@@ -54,7 +54,7 @@ from torch import nn
 
 from regfw import kinds as K
 from regfw.config import validate_dataclass
-from regfw.placement import INJECTED_PREFIX, injected_name, is_dropout
+from regfw.placement import INJECTED_PREFIX, is_dropout, planned_module
 
 from . import AdaptiveDropoutConfig
 
@@ -136,29 +136,6 @@ def _has_rate(module: nn.Module) -> bool:
     return is_dropout(module) and isinstance(p, (int, float)) and not isinstance(p, bool)
 
 
-def _row_module(model: nn.Module, row: Any) -> tuple[str, nn.Module] | None:
-    """The module a plan row inserted (``before``/``after``) or re-rated (``set``)."""
-    if row.action == "set":
-        path = row.anchor or row.path
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            return None
-    if row.action not in ("before", "after") or row.anchor is None:
-        return None
-    try:
-        host = model.get_submodule(row.anchor) if row.anchor else model
-    except AttributeError:
-        return None
-    expected = injected_name(row.regularizer, row.action)
-    names = [expected] + [n for n in host._modules if n.startswith(INJECTED_PREFIX) and n.endswith(row.regularizer)
-                          and (("input_" in n) == (row.action == "before"))]
-    for name in names:
-        if name in host._modules:
-            return (f"{row.anchor}.{name}" if row.anchor else name), host._modules[name]
-    return None
-
-
 def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str] | None = None,
                  min_rate: float | None = None, max_rate: float | None = None,
                  own_ranges: Mapping[str, K.OwnRanges] | None = None) -> list[RateTarget]:
@@ -186,7 +163,7 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str
         found[id(module)] = RateTarget(path, kind, low, high, module)
 
     for row in rows:
-        hit = _row_module(model, row)
+        hit = planned_module(model, row)
         if hit is not None:
             add(hit[0], hit[1], row.kind, row.regularizer)
     for path, module in model.named_modules():

@@ -31,9 +31,11 @@ from regfw.uncertainty.sampling import (
     TASKS,
     OutputTransform,
     _check_samples,
+    _dropout_family,
     _require_stochastic,
     derive_seed,
     mc_predict,
+    stochastic_modules,
 )
 from regfw.uncertainty.summaries import SCORES
 
@@ -252,6 +254,11 @@ class MCDropoutUncertainty(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
         self._batches = 0
+        if self._active and not stochastic_modules(pl_module) and _dropout_family(pl_module):
+            # every rate is 0 for now (a rate schedule's early or late phase): nothing to sample
+            rank_zero_warn(f"MCDropoutUncertainty: every dropout rate is 0 at epoch {trainer.current_epoch} (a rate "
+                           f"schedule?); Monte Carlo dropout is skipped this epoch")
+            self._active = False
         if self._active:
             _require_stochastic(pl_module)
             self._metric.reset()
