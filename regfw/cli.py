@@ -128,6 +128,17 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from regfw.predict import predict_checkpoint
+
+    path, rows = predict_checkpoint(args.config, args.checkpoint, args.overrides, out=args.out, split=args.split,
+                                    samples=args.samples)
+    referred = sum(1 for r in rows if r["refer"])
+    rule = rows[0]["rule"] if rows else "-"
+    print(f"wrote {path}: {len(rows)} predictions, {referred} referred for human review ({rule})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from regfw.demo import run_demo
 
@@ -141,6 +152,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "init": (cmd_init, "write a commented starter config"),
     "demo": (cmd_demo, "train with and without the regularizers and compare"),
     "rank": (cmd_rank, "rank samples for labelling by MC dropout uncertainty (active learning)"),
+    "predict": (cmd_predict, "MC dropout predictions of a checkpoint: one row per input, with its review decision"),
     "new-plugin": (cmd_new_plugin, "generate a ready-to-install plugin package regfw-NAME/"),
 }
 
@@ -175,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--acquisition", default="bald", choices=["bald", "entropy", "variation_ratio", "random"])
     rank.add_argument("--split", default="val", choices=["val", "train"], help="the pool to rank (default val)")
     rank.add_argument("--samples", type=int, default=30, help="MC samples per input (default 30)")
+    predict = parsers["predict"]
+    predict.add_argument("config", help="the run's YAML config (data and uncertainty settings)")
+    predict.add_argument("checkpoint", help="a checkpoint written by `regfw fit` (or with regfw.Regularize)")
+    predict.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. uncertainty.threshold=0.2")
+    predict.add_argument("--out", required=True, help="the table to write: .csv, or .parquet (needs pyarrow)")
+    predict.add_argument("--split", default="val", choices=["val", "train", "predict"],
+                         help="the inputs (default: the data module's predict_dataloader when it has one, else val)")
+    predict.add_argument("--samples", type=int, default=None, help="MC samples per input (default uncertainty.samples)")
     parsers["new-plugin"].add_argument("name", help="the plugin and regularizer name, a lowercase identifier")
     parsers["new-plugin"].add_argument("--dir", default=".", help="where to create regfw-NAME/ (default: here)")
     return parser

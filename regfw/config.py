@@ -41,6 +41,36 @@ class DataConfig:
     #: Use only this fraction of the training split (smaller data overfits more).
     train_fraction: float = field(default=1.0, metadata={"range": (0.0, 1.0000001, "(0, 1]", "exclusive")})
     num_workers: int = nonneg(0)
+    #: Where inputs and targets sit in a batch: ``{inputs: 0, targets: 1}`` (tuple batches, the
+    #: default) or dict keys, ``{inputs: image, targets: label}``; used by the module, MC
+    #: dropout, evaluation, active learning and predict (see :mod:`regfw.batch`).
+    batch: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch is not None:
+            from regfw.batch import BatchFormat
+
+            self.batch = BatchFormat.coerce(self.batch, "data.batch").as_dict()
+
+
+#: The loss shorthands of ``model.loss``.
+LOSS_NAMES = ("cross_entropy", "mse", "gaussian_nll")
+
+
+def check_loss_spec(spec: Any, key: str = "model.loss") -> None:
+    """A :class:`ConfigError` for a ``model.loss`` that is neither a shorthand, ``auto``, a dotted
+    path nor ``{class_path, init_args}``."""
+    if isinstance(spec, Mapping):
+        if not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
+            raise ConfigError(f"{key}: got {dict(spec)!r}, expected {{class_path: ..., init_args: {{...}}}}.")
+        return
+    if not isinstance(spec, str) or (spec not in (*LOSS_NAMES, "auto") and "." not in spec):
+        raise ConfigError(f"{key}: got {spec!r}, expected auto, one of {', '.join(LOSS_NAMES)}, or a class path "
+                          f"such as torch.nn.HuberLoss.{closest_hint(str(spec), list(LOSS_NAMES))}")
+
+
+#: The ``data:`` keys that are data-module constructor arguments (see :mod:`regfw.data`).
+DATA_KEYS = ("batch_size", "val_fraction", "train_fraction", "num_workers")
 
 
 @dataclass
@@ -50,18 +80,59 @@ class ModelConfig:
     name: Literal["mlp", "cnn", "lstm"] | None = "mlp"
     class_path: str | None = None
     init_args: dict = field(default_factory=dict)
-    #: ``auto`` picks cross-entropy for classification data, MSE for regression.
-    loss: Literal["auto", "cross_entropy", "mse", "gaussian_nll"] = "auto"
+    #: ``auto`` picks cross-entropy for classification data, MSE for regression; also a loss
+    #: class or function path (``torch.nn.HuberLoss``) or ``{class_path, init_args}``.
+    loss: str | dict = "auto"
+
+    def __post_init__(self) -> None:
+        check_loss_spec(self.loss)
 
 
 @dataclass
 class OptimizerConfig:
-    """``optimizer:`` a ``torch.optim`` optimizer by name and its settings."""
+    """``optimizer:`` a ``torch.optim`` optimizer by name and its settings, or any optimizer by
+    ``class_path`` and ``init_args`` (Lightning's convention; then name, lr, weight_decay and
+    momentum are not used: put them in ``init_args``)."""
 
-    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] | None = "adam"
     lr: float = positive(1e-3)
     weight_decay: float = nonneg(0.0)
     momentum: float = nonneg(0.0)
+    class_path: str | None = None
+    init_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class LRSchedulerConfig:
+    """``lr_scheduler:`` a learning-rate scheduler by ``class_path`` and ``init_args``, with
+    Lightning's ``interval`` (``epoch`` or ``step``), ``frequency`` and ``monitor`` (the metric
+    a ``ReduceLROnPlateau`` watches)."""
+
+    class_path: str | None = None
+    init_args: dict = field(default_factory=dict)
+    interval: Literal["epoch", "step"] = "epoch"
+    frequency: int = positive(1)
+    monitor: str | None = "val_loss"
+
+
+def _check_open_sections(raw: Mapping[str, Any], optimizer: OptimizerConfig) -> LRSchedulerConfig | None:
+    """``optimizer.class_path`` with a shorthand key beside it, and the ``lr_scheduler`` section."""
+    given = _to_plain(raw.get("optimizer")) or {}
+    if optimizer.class_path:
+        for key in ("name", "lr", "weight_decay", "momentum"):
+            if isinstance(given, Mapping) and key in given:
+                raise ConfigError(f"optimizer.{key}: with optimizer.class_path, put {key} in optimizer.init_args "
+                                  f"(Lightning's convention), e.g. optimizer.init_args.{key}={given[key]}.")
+        optimizer.name = None
+    elif optimizer.name is None:
+        raise ConfigError("optimizer: set optimizer.name (adam, adamw, sgd, rmsprop) or optimizer.class_path.")
+    if raw.get("lr_scheduler") is None:
+        return None
+    sched = validate_dataclass(LRSchedulerConfig, raw.get("lr_scheduler"), "lr_scheduler")
+    if not sched.class_path:
+        raise ConfigError("lr_scheduler.class_path: missing; give a scheduler such as "
+                          "torch.optim.lr_scheduler.CosineAnnealingLR and its init_args, or remove lr_scheduler.")
+    return sched
 
 
 @dataclass
@@ -143,7 +214,7 @@ class RunConfig:
     on_nan: Literal["stop", "skip", "ignore"] = "stop"
 
 
-TOP_LEVEL = ("seed", "data", "model", "optimizer", "regularizers", "uncertainty", "trainer", "run")
+TOP_LEVEL = ("seed", "data", "model", "optimizer", "lr_scheduler", "regularizers", "uncertainty", "trainer", "run")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 20,
@@ -167,6 +238,7 @@ class Config:
     trainer: dict
     run: RunConfig
     source: str | None = None
+    lr_scheduler: LRSchedulerConfig | None = None
 
     def to_dict(self) -> dict:
         out = {name: _as_plain(getattr(self, name)) for name in TOP_LEVEL}
@@ -248,6 +320,11 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
             obj.name = None
         elif obj.name is None:
             raise ConfigError(f"{section}: set either {section}.name (a built-in) or {section}.class_path.")
+    if data.class_path:  # only the keys set reach a data module of one's own (and are recorded)
+        given = _to_plain(raw.get("data")) or {}
+        for key in DATA_KEYS:
+            if key not in given:
+                setattr(data, key, None)
     regs = _to_plain(raw.get("regularizers")) or {}
     if not isinstance(regs, Mapping):
         raise ConfigError(f"regularizers: got {regs!r}, expected a mapping of regularizer names to settings.")
@@ -265,6 +342,7 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
         run=validate_dataclass(RunConfig, raw.get("run"), "run"),
         source=source,
     )
+    cfg.lr_scheduler = _check_open_sections(raw, cfg.optimizer)
     if cfg.uncertainty.samples < 2:
         raise ConfigError(f"uncertainty.samples: got {cfg.uncertainty.samples}, expected at least 2 Monte Carlo samples.")
     if check_plugins:

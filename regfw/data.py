@@ -1,21 +1,47 @@
-"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``.
+"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``; and
+what regfw reads from any data module.
 
 The data classes (:class:`SklearnData`, :class:`DigitsData`, :class:`DiabetesData`) need neither
 Lightning nor anything heavy, so ``regfw plan`` reads the data's shapes without importing Lightning
 (seconds of start-up). The LightningDataModules ``SklearnDataModule``, ``DigitsDataModule``,
 ``DiabetesDataModule`` (and ``BUILTIN_DATA``, keyed by name) are the same classes with
 ``pytorch_lightning.LightningDataModule`` mixed in, made on first access.
+
+A data module of your own (``data.class_path``) needs only Lightning's ``train_dataloader`` and
+``val_dataloader``. regfw also reads these optional members when they exist:
+
+``n_train`` (attribute or property)
+    the number of training examples, for the rate policy ("higher rates for smaller
+    datasets"). Without it regfw counts ``len(train_dataloader().dataset)``, and where that
+    fails the policy takes N as unknown (the middle of its scale); ``regfw plan`` says which.
+``example_input()``
+    one input batch: the model is traced on it to learn the layer order (which layer is the
+    input, which the output). Without it regfw takes the input of the first training batch;
+    ``regfw plan`` says so.
+``task`` (``"classification"`` or ``"regression"``) and ``num_outputs``, ``input_dim``
+    for ``model.loss: auto`` and the built-in models' sizes.
+``train_eval_dataloader()``
+    the training split in order, for the final evaluation and ``regfw rank --split train``.
+
+The keys of the ``data:`` section other than ``class_path`` and ``init_args`` (``batch_size``,
+``val_fraction``, ``train_fraction``, ``num_workers``) are passed to a ``class_path`` data
+module's constructor when set, and refused, naming the key, when it does not take them.
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from regfw.config import DATA_KEYS
+from regfw.errors import ConfigError
+
 # SklearnDataModule, DigitsDataModule, DiabetesDataModule and BUILTIN_DATA come from __getattr__.
-__all__ = ["SklearnData", "DigitsData", "DiabetesData", "BUILTIN_PLAIN_DATA"]
+__all__ = ["SklearnData", "DigitsData", "DiabetesData", "BUILTIN_PLAIN_DATA", "data_module_args", "describe_data"]
 
 
 def _sklearn_table(name: str) -> np.ndarray | None:
@@ -158,3 +184,59 @@ def __getattr__(name: str) -> Any:
     if name in ("SklearnDataModule", "DigitsDataModule", "DiabetesDataModule", "BUILTIN_DATA"):
         return _lightning_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def data_module_args(cls: type, init_args: Mapping[str, Any], data_cfg: Any) -> dict:
+    """``init_args`` plus every :data:`DATA_KEYS` key set in ``data_cfg``, each checked against the
+    constructor of ``cls``: a key it does not take is refused by name (never silently ignored)."""
+    args = dict(init_args)
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    name = getattr(cls, "__qualname__", str(cls))
+    for key in DATA_KEYS:
+        value = getattr(data_cfg, key, None)
+        if value is None:
+            continue
+        if key in args:
+            raise ConfigError(f"data.{key}={value!r} and data.init_args.{key}={args[key]!r} both set {name}'s {key}; "
+                              f"keep one of them.")
+        if key not in params and not takes_any:
+            takes = ", ".join(p for p in params if p != "self") or "no arguments"
+            raise ConfigError(f"data.{key}={value!r}: {name} takes no {key!r} argument (it takes {takes}); set "
+                              f"its own argument in data.init_args, or remove data.{key}.")
+        args[key] = value
+    return args
+
+
+def describe_data(datamodule: Any, batch: Any = None) -> tuple[int | None, Any, list[str]]:
+    """``(n_train, example_input, notes)`` of a data module, from its optional members or what
+    could be assumed instead; the notes (shown by ``regfw plan``) say what was assumed."""
+    from regfw.batch import split_batch
+
+    name = type(getattr(datamodule, "inner", datamodule)).__name__
+    notes = []
+    n_train = getattr(datamodule, "n_train", None)
+    loader = None
+    if n_train is None:
+        try:
+            loader = datamodule.train_dataloader()
+            n_train = len(loader.dataset)
+            notes.append(f"{name} has no n_train; N={n_train} is the length of its training dataset")
+        except Exception:  # noqa: BLE001 - any data module that cannot tell before setup
+            notes.append(f"{name} has no n_train and its training set has no length before setup; the rate "
+                         f"policy took N as unknown (the middle of its scale). Give it an n_train attribute.")
+    if hasattr(datamodule, "example_input"):
+        return n_train, datamodule.example_input(), notes
+    try:
+        loader = loader if loader is not None else datamodule.train_dataloader()
+        example, _ = split_batch(next(iter(loader)), batch)
+        notes.append(f"{name} has no example_input(); the model was traced on the input of its first training batch")
+    except Exception:  # noqa: BLE001
+        example = None
+        notes.append(f"{name} has no example_input() and no training batch could be read before setup; the layer "
+                     f"order is the modules' registration order. Give it an example_input() method.")
+    return n_train, example, notes

@@ -37,7 +37,13 @@ def build_datamodule(data_cfg: Any, seed: int = 0, *, lightning: bool = True) ->
     from regfw import data
 
     if data_cfg.class_path:
-        return _instantiate(import_class(data_cfg.class_path, "data.class_path"), data_cfg.init_args, "data")
+        cls = import_class(data_cfg.class_path, "data.class_path")
+        made = _instantiate(cls, data.data_module_args(cls, data_cfg.init_args, data_cfg), "data")
+        if not lightning:
+            return made
+        from regfw.lightning_data import adapt_datamodule
+
+        return adapt_datamodule(made)
     cls = (data.BUILTIN_DATA if lightning else data.BUILTIN_PLAIN_DATA)[data_cfg.name]
     return cls(batch_size=data_cfg.batch_size, val_fraction=data_cfg.val_fraction,
                train_fraction=data_cfg.train_fraction, seed=seed, num_workers=data_cfg.num_workers,

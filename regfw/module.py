@@ -12,7 +12,17 @@ from torch import nn
 
 from regfw.batch import BatchFormat, split_batch
 from regfw.contract import check_callbacks, check_groups
+from regfw.epoch_metrics import EpochMeans
 from regfw.errors import ConfigError
+from regfw.optim import (
+    build_loss,
+    build_optimizer,
+    loss_hparam,
+    loss_task,
+    optimizers_and_schedulers,
+    scheduler_config,
+    split_groups,
+)
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.steps import MixedTargets, regularized_step
@@ -30,13 +40,14 @@ def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.gaussian_nll_loss(mean, target, variance)
 
 
-def _loss_fn(loss: str | Callable) -> Callable:
-    if callable(loss):
-        return loss
-    table = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
-    if loss not in table:
-        raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)} or a callable.")
-    return table[loss]
+def _loss_fn(loss: str | Mapping | Callable) -> Callable:
+    table: dict[str, Callable] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
+    if isinstance(loss, str) and "." not in loss:
+        if loss not in table:
+            raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)}, a class path such as "
+                              f"torch.nn.HuberLoss, or a callable.")
+        return table[loss]
+    return build_loss(loss)
 
 
 def _regularizer_section(regularizers: Any) -> dict:
@@ -62,10 +73,18 @@ class RegularizedModule(pl.LightningModule):
     Args:
         model: any ``nn.Module`` (None: build it from ``model_config``).
         loss: ``"cross_entropy"`` (classification), ``"mse"`` or ``"gaussian_nll"`` (regression),
-            or a callable ``loss(output, target)``.
+            a loss class or function path (``"torch.nn.HuberLoss"``, or ``{"class_path": ...,
+            "init_args": {...}}``), or a callable ``loss(output, target)``.
         regularizers: a ``regularizers:`` config mapping (``{"dropout": {"hidden": 0.3}}``) or
             :class:`~regfw.Regularizer` objects.
-        optimizer: ``{"name": "adam", "lr": 1e-3, "weight_decay": 0, "momentum": 0}``.
+        optimizer: ``{"name": "adam", "lr": 1e-3, "weight_decay": 0, "momentum": 0}``, or any
+            optimizer as ``{"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}``, or a
+            callable taking the parameter groups (``functools.partial(torch.optim.SGD, lr=0.1)``).
+            It always receives the regularizers' parameter groups.
+        lr_scheduler: ``{"class_path": ..., "init_args": {...}, "interval": "epoch"|"step",
+            "frequency": 1, "monitor": "val_loss"}`` (Lightning's scheduler settings), or None.
+        task: ``"classification"`` or ``"regression"``; None: classification for cross-entropy
+            and NLL losses, regression otherwise.
         n_examples: training-set size, for the rate policy.
         example_input: one input batch; the forward call order decides which layer is the input
             and which the output layer. Only its shape and dtype are kept.
@@ -85,9 +104,9 @@ class RegularizedModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module | None = None,
-        loss: str | Callable = "cross_entropy",
+        loss: str | Mapping[str, Any] | Callable = "cross_entropy",
         regularizers: Mapping[str, Any] | Sequence[Regularizer] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | Callable | None = None,
         n_examples: int | None = None,
         example_input: torch.Tensor | None = None,
         model_config: Mapping[str, Any] | None = None,
@@ -95,6 +114,8 @@ class RegularizedModule(pl.LightningModule):
         input_dtype: str | None = None,
         on_nan: str = "ignore",
         batch: BatchFormat | Mapping[str, Any] | None = None,
+        lr_scheduler: Mapping[str, Any] | None = None,
+        task: str | None = None,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
@@ -110,17 +131,24 @@ class RegularizedModule(pl.LightningModule):
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)
-        self.save_hyperparameters({
-            "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+        hparams = {
+            "loss": loss_hparam(loss),
             "regularizers": section,
-            "optimizer": dict(optimizer or {"name": "adam", "lr": 1e-3}),
+            "optimizer": (dict(optimizer) if isinstance(optimizer, Mapping) else
+                          loss_hparam(optimizer) if optimizer is not None else {"name": "adam", "lr": 1e-3}),
             "n_examples": n_examples,
             "model_config": dict(model_config) if model_config else None,
             "input_shape": input_shape,
             "input_dtype": input_dtype,
             "on_nan": on_nan,
             "batch": self.batch_format.as_dict(),
-        })
+        }
+        # recorded only when set, so checkpoints written before these settings existed still match
+        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task)):
+            if value is not None:
+                hparams[key] = value
+        self.save_hyperparameters(hparams)
+        self._optimizer_spec = optimizer
         self.on_nonfinite = on_nan
         if model is None:
             if not model_config:
@@ -130,9 +158,14 @@ class RegularizedModule(pl.LightningModule):
             model = build_model(model_config)
         self.model = model
         self.loss_fn = _loss_fn(loss)
-        self.task = "classification" if loss == "cross_entropy" else "regression"
-        #: What the step methods are told (``Step.task``): unknown for a custom loss function.
-        self.step_task: str | None = None if callable(loss) else self.task
+        if task not in (None, "classification", "regression"):
+            raise ConfigError(f"task: got {task!r}, expected 'classification' or 'regression' (or None to infer it "
+                              f"from the loss).")
+        self.task = task or loss_task(self.loss_fn)
+        #: What the step methods are told (``Step.task``): unknown for a custom loss function, unless
+        #: ``task`` says it or the loss is one whose task is known (cross-entropy, NLL, the shorthands).
+        known = task is not None or loss in LOSSES or loss_task(self.loss_fn) == "classification"
+        self.step_task: str | None = self.task if known else None
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
@@ -151,17 +184,69 @@ class RegularizedModule(pl.LightningModule):
         return self.model(x)
 
     def _log_step(self, stage: str, out: torch.Tensor, y: Any, loss: torch.Tensor) -> None:
+        # accumulated on the device, logged once per epoch (see _log_epoch): a per-step
+        # self.log(sync_dist=True) cost more than the whole step of a small model
         n = len(y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
-                 sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
+        self._epoch_means.add(f"{stage}_loss", loss, n)
         if self.task == "classification":
             pred = out.argmax(-1)
             if isinstance(y, MixedTargets):  # mixup: the accuracy against each target, weighted
                 acc = y.lam * (pred == y.first).float().mean() + (1 - y.lam) * (pred == y.second).float().mean()
             else:
                 acc = (pred == y).float().mean()
-            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
+            self._epoch_means.add(f"{stage}_acc", acc, n)
+        if self._last_batch(stage):  # logged from the step, so callbacks see them at epoch end
+            self._log_epoch(stage)
+
+    def _last_batch(self, stage: str) -> bool:
+        """Whether the running step is the last of its epoch (Lightning's data fetcher knows it
+        before the step). Outside a Trainer, or where it cannot know, the epoch-end hooks log."""
+        if self._trainer is None:
+            return False
+        try:
+            loop = self.trainer.fit_loop.epoch_loop if stage == "train" else self.trainer._evaluation_loop
+            return bool(loop.batch_progress.is_last_batch)
+        except (AttributeError, RuntimeError):
+            return False
+
+    @property
+    def _epoch_means(self) -> EpochMeans:
+        means = self.__dict__.get("_regfw_epoch_means")
+        if means is None:
+            means = self.__dict__["_regfw_epoch_means"] = EpochMeans()
+        return means
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means of ``*_loss``, ``*_acc`` and ``train_penalty``: under DDP the mean
+        over every example of every rank (one all_reduce of all sums and counts), not rank 0's shard."""
+        means = self._epoch_means.pop(self.trainer.strategy if self._trainer is not None else None, f"{stage}_")
+        for name, value in means.items():
+            # already global: sync_dist=True only tells Lightning so (the mean of equal values)
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=not name.startswith("train_penalty"),
                      sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="train_")  # nothing left over from an interrupted epoch
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")  # an epoch cut short (max_steps), or no last-batch signal
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="val_")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_means.pop(prefix="test_")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def split_batch(self, batch: Any) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a batch by the module's :class:`~regfw.batch.BatchFormat`
+        (what the MC callback, evaluation, active learning and predict use)."""
+        return self._split(batch)
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
         x, y = split_batch(batch, self.batch_format)
@@ -186,13 +271,12 @@ class RegularizedModule(pl.LightningModule):
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
             self._nonfinite_loss(loss, batch_idx)
             return None
-        self._log_step("train", result.outputs, result.targets, result.data_loss)
-        if result.terms:
+        if result.terms:  # before _log_step, which logs the epoch at its last batch
             n = len(y)
-            penalty = torch.stack(list(result.terms.values())).sum()
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self._epoch_means.add("train_penalty", torch.stack(list(result.terms.values())).sum(), n)
             for name, term in result.terms.items():
-                self.log(f"train_penalty/{name}", term.detach(), on_step=False, on_epoch=True, batch_size=n)
+                self._epoch_means.add(f"train_penalty/{name}", term, n)
+        self._log_step("train", result.outputs, result.targets, result.data_loss)
         return loss
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises
@@ -244,25 +328,37 @@ class RegularizedModule(pl.LightningModule):
             return found[0]
         return None, [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        cfg = dict(self.hparams.optimizer)
-        name = cfg.pop("name", "adam")
-        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-                   "rmsprop": torch.optim.RMSprop}
-        if name not in classes:
-            raise ConfigError(f"optimizer.name: got {name!r}, expected one of {', '.join(classes)}.")
-        if name not in ("sgd", "rmsprop"):
-            cfg.pop("momentum", None)
-        elif not cfg.get("momentum"):
-            cfg.pop("momentum", None)
+    def configure_optimizers(self) -> Any:
+        """The configured optimizer over the regularizers' parameter groups, with the configured
+        learning-rate scheduler in Lightning's ``{"optimizer", "lr_scheduler"}`` form."""
         owner, groups = self.param_groups()
-        if cfg.get("weight_decay") and any("weight_decay" in g for g in groups):
-            raise ConfigError(
-                f"optimizer.weight_decay={cfg['weight_decay']:g} and regularizers.{owner} both decay the "
-                f"weights (its parameter groups set their own weight_decay); set optimizer.weight_decay: 0 "
-                f"or remove regularizers.{owner}."
-            )
-        return classes[name](groups, **cfg)
+        spec = self._optimizer_spec if callable(self._optimizer_spec) else self.hparams["optimizer"]
+        optimizer = build_optimizer(spec, groups, owner)
+        scheduler = scheduler_config(self.hparams.get("lr_scheduler"), optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def setup(self, stage: str) -> None:
+        """Give the regularizers' parameter groups to an optimizer configured from outside: LightningCLI's
+        ``optimizer:``/``lr_scheduler:`` sections replace ``configure_optimizers`` on the instance,
+        building the optimizer over ``self.parameters()`` in one group."""
+        outside = self.__dict__.get("configure_optimizers")
+        if outside is None or getattr(outside, "_regfw_groups", False):
+            return
+        owner, groups = self.param_groups()
+        if owner is None:
+            return
+
+        def configure_optimizers() -> Any:
+            result = outside()
+            optimizers, schedulers = optimizers_and_schedulers(result)
+            for optimizer in optimizers:
+                split_groups(optimizer, groups, owner, [s for s in schedulers if s.optimizer is optimizer])
+            return result
+
+        configure_optimizers._regfw_groups = True  # type: ignore[attr-defined]
+        self.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())]

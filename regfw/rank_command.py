@@ -21,8 +21,12 @@ def load_module(checkpoint: str) -> Any:
         raise RunError(f"checkpoint {str(path)!r} does not exist; pass a file from <run dir>/checkpoints/")
     from regfw.checkpoints import read_checkpoint
 
-    read_checkpoint(path)  # a truncated, corrupt or foreign file is reported by name
+    ckpt = read_checkpoint(path)  # a truncated, corrupt or foreign file is reported by name
     try:
+        if (ckpt.get("regfw") or {}).get("callback"):  # a module of one's own, trained with regfw.Regularize
+            from regfw.callback import load_regularized
+
+            return load_regularized(None, path)
         module = RegularizedModule.load_from_checkpoint(path, map_location="cpu")
     except RunError:
         raise

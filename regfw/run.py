@@ -18,6 +18,7 @@ file is written, so a failed start never leaves a partial run directory, nor tou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -102,12 +103,13 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
     module.eval()
     total, loss_sum, correct = 0, 0.0, 0
     try:
-        for x, y in dataloader:
+        for batch in dataloader:
+            x, y = module.split_batch(batch) if hasattr(module, "split_batch") else batch
             out = module(x)
-            loss_sum += float(module.loss_fn(out, y)) * len(x)
+            loss_sum += float(module.loss_fn(out, y)) * len(y)
             if module.task == "classification":
                 correct += int((out.argmax(-1) == y).sum())
-            total += len(x)
+            total += len(y)
     finally:
         module.train(was_training)
     result = {"loss": loss_sum / max(total, 1)}
@@ -118,22 +120,29 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
 
 def build_module(cfg: Config, datamodule: Any) -> Any:
     """The :class:`~regfw.module.RegularizedModule` for ``cfg`` and its data."""
+    from regfw.data import describe_data
     from regfw.factory import model_config_for, resolve_loss
     from regfw.module import RegularizedModule
+    from regfw.optim import optimizer_spec
 
-    example = datamodule.example_input() if hasattr(datamodule, "example_input") else None
+    n_train, example, notes = describe_data(datamodule, cfg.data.batch)
     model_config = model_config_for(cfg.model, datamodule)
     try:
-        return RegularizedModule(
+        module = RegularizedModule(
             model=None,
             loss=resolve_loss(cfg.model, datamodule),
             regularizers=cfg.regularizers,
-            optimizer={k: v for k, v in vars(cfg.optimizer).items()},
-            n_examples=getattr(datamodule, "n_train", None),
+            optimizer=optimizer_spec(cfg.optimizer),
+            lr_scheduler=dataclasses.asdict(cfg.lr_scheduler) if cfg.lr_scheduler else None,
+            batch=cfg.data.batch,
+            n_examples=n_train,
             example_input=example,
             model_config=model_config,
             on_nan=cfg.run.on_nan,
         )
+        if notes:
+            module.plan.notes["data"] = notes
+        return module
     except RegfwError:
         raise
     except (RuntimeError, ValueError) as exc:

@@ -237,6 +237,7 @@ class MCDropoutUncertainty(pl.Callback):
         self.plot_dir = plot_dir
         self.seed = int(seed) if seed is not None else int(torch.Generator().seed() % 2**62)
         self.dataloader_idx = dataloader_idx
+        self._batch_to_xy = batch_to_xy
         self.batch_to_xy = batch_to_xy or _default_xy
         self.prefix = prefix
         self.ignore_index = ignore_index
@@ -308,6 +309,13 @@ class MCDropoutUncertainty(pl.Callback):
                 limit = min(limit, max(1, math.ceil(self.subset * total)))
         return limit
 
+    def _split(self, pl_module: Any, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` by ``batch_to_xy``, else by the module's own ``split_batch`` (a
+        :class:`~regfw.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``."""
+        if self._batch_to_xy is None and callable(getattr(pl_module, "split_batch", None)):
+            return pl_module.split_batch(batch)
+        return self.batch_to_xy(batch)
+
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,7 +347,7 @@ class MCDropoutUncertainty(pl.Callback):
         assert self.calibration_loader is not None
         mc_logits, det_logits, targets = [], [], []
         for i, batch in enumerate(self.calibration_loader):
-            x, y = self.batch_to_xy(batch)
+            x, y = self._split(pl_module, batch)
             result = self._predict(pl_module, x.to(pl_module.device),
                                    derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x43414C, i))
             mc_logits.append(self._transform(result.outputs))
@@ -391,7 +399,7 @@ class MCDropoutUncertainty(pl.Callback):
             return
         if batch_idx >= self._batch_limit(trainer, dataloader_idx):
             return
-        x, y = self.batch_to_xy(batch)
+        x, y = self._split(pl_module, batch)
         result = self._predict(
             pl_module, x, derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, dataloader_idx, batch_idx)
         )
