@@ -19,7 +19,7 @@ def load_module(checkpoint: str) -> Any:
 
     read_checkpoint(path)  # a truncated, corrupt or foreign file is reported by name
     try:
-        module = RegularizedModule.load_from_checkpoint(path, map_location="cpu")
+        module = RegularizedModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported with the file name
@@ -48,4 +48,4 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
     try:
         return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed)
     except ValueError as exc:
-        raise RunError(f"regfw rank: {exc}") from None
+        raise RunError(str(exc)) from None

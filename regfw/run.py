@@ -18,6 +18,7 @@ file is written, so a failed start never leaves a partial run directory, nor tou
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -29,54 +30,43 @@ import torch
 
 from regfw.atomic import write_atomic
 from regfw.config import Config
-from regfw.errors import ConfigError, RegfwError, RunError
+from regfw.errors import ConfigError, RegfwError, RunError, Terminated
 
 
-def _clear_run_dir(path: Path) -> None:
-    """Delete the contents of an earlier regfw run directory (``--force``)."""
-    import shutil
-
-    if not (path / "config.yaml").is_file():
-        raise RunError(f"run directory {str(path)!r} is not empty and holds no regfw run (no config.yaml); "
-                       f"--force replaces only an earlier regfw run. Choose a new or empty directory.")
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def new_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Path:
-    """A fresh run directory; an existing one is never reused silently.
+def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Any:
+    """A fresh run directory, created and locked (a :class:`regfw.rundir.Claim`); an existing
+    one is never reused silently.
 
     With ``explicit`` the directory must not exist yet (or must be empty); ``force`` empties
-    it first when it holds an earlier regfw run. Otherwise it is
-    ``<run.dir>/<run.name or config stem>-<timestamp>``, with ``-2``, ``-3`` ... appended when
+    it first when it holds an earlier regfw run (:func:`regfw.rundir.claim_new`). Otherwise it
+    is ``<run.dir>/<run.name or config stem>-<timestamp>``, with ``-2``, ``-3`` ... appended when
     that name is taken (created with ``mkdir``, which fails rather than reuse).
     """
+    from regfw.rundir import claim_new
+
+    if explicit is not None and not str(explicit).strip():
+        raise RunError("--run-dir: got an empty path; pass a directory, or leave --run-dir out for a generated one.")
     if explicit:
-        path = Path(explicit)
-        if path.exists() and not path.is_dir():
-            raise RunError(f"run directory {str(path)!r} is a file; choose a directory.")
-        if path.exists() and any(path.iterdir()):
-            if not force:
-                raise RunError(f"run directory {str(path)!r} exists and is not empty; choose a new one, continue "
-                               f"it with `regfw fit CONFIG --run-dir {path} --resume`, or replace it with --force")
-            _clear_run_dir(path)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return claim_new(Path(explicit), explicit=True, force=force)
+    if force:
+        raise RunError("--force replaces the --run-dir directory; it needs --run-dir DIR (a generated run "
+                       "directory is always new).")
     root = Path(cfg.run.dir)
-    root.mkdir(parents=True, exist_ok=True)
     stem = cfg.run.name or (Path(cfg.source).stem if cfg.source else "run")
     base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
-        path = root / (base if n == 1 else f"{base}-{n}")
         try:
-            path.mkdir()
-            return path
+            return claim_new(root / (base if n == 1 else f"{base}-{n}"), explicit=False)
         except FileExistsError:
             continue
     raise RunError(f"could not create a new run directory under {str(root)!r}")
+
+
+def new_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Path:
+    """:func:`claim_run_dir`'s directory, its lock released (for callers that only need one)."""
+    claim = claim_run_dir(cfg, explicit, force=force)
+    claim.release()
+    return Path(claim.path)
 
 
 @dataclass
@@ -243,7 +233,7 @@ def _check_distributed(cfg: Config, trainer: Any, datamodule: Any) -> None:
                        f"of them, so validation (and MC) metrics count those twice.")
 
 
-def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> None:
+def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> str:
     """``resume-<k>.yaml``: the config in effect from this resume on, and where it resumed from."""
     k = 1
     while (path / f"resume-{k}.yaml").exists():
@@ -251,6 +241,7 @@ def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> None:
     header = (f"# resumed {time.strftime('%Y-%m-%d %H:%M:%S')} from {ckpt_path} "
               f"(epoch {ckpt.get('epoch')}, global step {ckpt.get('global_step')})\n")
     write_atomic(path / f"resume-{k}.yaml", header + cfg.to_yaml())
+    return f"resume-{k}.yaml"
 
 
 def _last_good(ckpt_cb: Any) -> str:
@@ -277,20 +268,23 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     checkpoint on to the others, and only rank 0 writes files and evaluates.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from regfw import checkpoints as C
     from regfw import distributed as D
-    from regfw.errors import NonFiniteLossError, RunInterrupted
     from regfw.factory import build_datamodule
 
     rank = D.env_rank()
+    if run_dir is not None and not str(run_dir).strip():
+        raise RunError("--run-dir: got an empty path; pass a directory, or leave --run-dir out for a generated one.")
     explicit = run_dir or D.shared_run_dir()
     if D.launched_externally() and not explicit:
         raise RunError(f"this process (rank {rank}) is one of several started by a launcher (torchrun, srun); all of "
                        f"them must write to one run directory: pass --run-dir DIR (or set {D.RUN_DIR_ENV}=DIR)")
     if resume and force:
         raise RunError("--resume continues a run and --force replaces one; pass only one of them")
+    if force and not run_dir:
+        raise RunError("--force replaces the --run-dir directory; it needs --run-dir DIR (a generated run "
+                       "directory is always new).")
     if rank != 0 and resume and os.environ.get(D.RESUME_ENV):
         resume = os.environ[D.RESUME_ENV]  # the checkpoint rank 0 chose
     ckpt_path: Path | None = None
@@ -309,19 +303,58 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
         ckpt = C.read_checkpoint(ckpt_path)
         C.check_compatible(ckpt, module, ckpt_path, cfg.source)
 
+    if ckpt_path is not None:
+        C.check_loop_state(ckpt, ckpt_path, cfg.trainer)
+
+    claim = None
     if rank != 0:
         path = Path(explicit)  # rank 0 made it and writes into it
-    elif resume_dir is not None:
-        path = resume_dir
     else:
-        path = new_run_dir(cfg, explicit, force=force)
+        from regfw.rundir import claim_existing
+
+        claim = claim_existing(resume_dir) if resume_dir is not None else claim_run_dir(cfg, explicit, force=force)
+        path = claim.path
+    global TRAINING
+    try:
+        return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank)
+    except BaseException as exc:
+        if claim is not None and not claim.keep:
+            claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"no space left on device writing {exc.filename or path}; the older files of the run are "
+                           f"intact. Free some space and continue with `regfw fit {cfg.source or 'CONFIG'} "
+                           f"--run-dir {path} --resume`.") from None
+        raise
+    finally:
+        TRAINING = False
+        if claim is not None:
+            claim.release()
+
+
+#: True while ``trainer.fit`` runs in this process: SIGTERM is then Lightning's to handle (it
+#: stops after the batch, and :class:`~regfw.checkpoints.RunCheckpoint` saves there).
+TRAINING = False
+
+
+def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
+           callbacks: Sequence[Any], quiet: bool, rank: int) -> FitResult:
+    """The part of :func:`fit` that runs in the claimed run directory ``path``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.trainer.states import TrainerStatus
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from regfw import checkpoints as C
+    from regfw import distributed as D
+    from regfw.errors import NonFiniteLossError, RunInterrupted
+
+    global TRAINING
     config_path = path / "config.yaml"
-    if rank == 0:
-        if resume_dir is None:
-            write_atomic(config_path, cfg.to_yaml())
-            write_atomic(path / "plan.txt", module.plan.format() + "\n")
+    if claim is not None:
+        if ckpt_path is None or not config_path.exists():
+            claim.write("config.yaml", cfg.to_yaml())
+            claim.write("plan.txt", module.plan.format() + "\n")
         if ckpt_path is not None:
-            _resume_note(path, ckpt_path, ckpt, cfg)
+            claim.written.append(_resume_note(path, ckpt_path, ckpt, cfg))
 
     ckpt_cb = C.RunCheckpoint(path / "checkpoints", every_n_steps=cfg.run.checkpoint_every_n_steps)
     trainer_args = dict(cfg.trainer)
@@ -342,32 +375,66 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     _check_distributed(cfg, trainer, datamodule)
     announce = (D.announce_to_child_processes(str(path), str(ckpt_path) if ckpt_path else None)
                 if rank == 0 and trainer.world_size > 1 else contextlib.nullcontext())
+    start_step = int(ckpt.get("global_step") or 0)
+    resume_how = f"`regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`"
+    if claim is not None:
+        ckpt_cb.on_save = claim.keep_run  # from the first checkpoint on, a failed run is kept for --resume
     try:
+        TRAINING = True
         with announce:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except NonFiniteLossError as exc:
         error: RunError = RunError(
             f"{exc}. Last good checkpoint: {_last_good(ckpt_cb)}. Lower optimizer.lr (or clip gradients with "
-            f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.")
-        error.quiet = rank != 0  # type: ignore[attr-defined]  # every rank stops alike; rank 0 reports
+            f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.",
+            quiet=rank != 0)  # every rank stops alike; rank 0 reports
         raise error from None
     except SIGTERMException:
         how = (f"saved {ckpt_cb.last_path} at global step {trainer.global_step}" if ckpt_cb.saved_on_sigterm else
                f"the newest checkpoint is {_last_good(ckpt_cb)}; resuming repeats the steps after it")
         error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                               f"{how}. Continue with `regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`.")
-        error.quiet = rank != 0  # type: ignore[attr-defined]
+                               f"{how}. Continue with {resume_how}.", quiet=rank != 0)
         raise error from None
+    except SystemExit as exc:
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C from here on
+        del exc
+        error = RunInterrupted(f"interrupted (SIGINT) at global step {trainer.global_step} (epoch "
+                               f"{trainer.current_epoch}); the newest checkpoint is {_last_good(ckpt_cb)}; resuming "
+                               f"repeats the steps after it. Continue with {resume_how}.", exit_code=130,
+                               quiet=rank != 0)
+        raise error from None
+    except RegfwError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        if trainer.global_step > start_step:
+            raise
+        # the first training step failed: the model, its loss or the data do not fit together
+        name = cfg.model.name or cfg.model.class_path
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"model: the first training step of {name!r} with {module.hparams.loss} loss on "
+                          f"{cfg.data.name or cfg.data.class_path!r} failed: {type(exc).__name__}: {text[:300]}. "
+                          f"Check that the model's forward returns one tensor of the shape the loss expects "
+                          f"(model.loss, model.init_args).", key="model") from None
+    finally:
+        TRAINING = False
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
     if last is None and ckpt_cb.last_path.is_file():
         last = ckpt_cb.last_path  # written by spawned processes (ddp_spawn), whose callbacks stay there
     if rank != 0 or not trainer.is_global_zero:
         return FitResult(path, config_path, last, module=module, resumed_from=ckpt_path, rank=rank)
-    metrics = {}
-    train_loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
-    for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
-        for name, value in evaluate(module, loader).items():
-            metrics[f"{split}_{name}"] = value
+    try:
+        metrics = {}
+        train_loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
+        for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
+            for name, value in evaluate(module, loader).items():
+                metrics[f"{split}_{name}"] = value
+    except Terminated:
+        raise RunInterrupted(f"stopped by SIGTERM after training finished, during the final evaluation; training is "
+                             f"complete and saved in {last}.") from None
     plots: dict[str, str] = {}
     if mc is not None:
         metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items()})
