@@ -362,8 +362,12 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         trainer_args.update(enable_progress_bar=False, enable_model_summary=False)
     plugins = _trainer_plugins(trainer_args)
     logger = trainer_args.pop("logger", None)
-    if logger is None or logger is True:
+    if logger is None or logger is True or logger == "csv":
         logger = C.RunCSVLogger(path, keep_until_step=ckpt.get("global_step") if ckpt else None)
+    elif logger == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(save_dir=str(path), name="tensorboard", version="")
     mc = uncertainty_callback(cfg, module, path / "plots")
     trainer = pl.Trainer(
         **trainer_args,

@@ -56,6 +56,8 @@ def _regfw_file(rel: Path) -> bool:
         return bool(_TOP.match(parts[0]))
     if parts[0] == "checkpoints" and len(parts) == 2:
         return bool(_CHECKPOINT.match(parts[1]))
+    if parts[0] == "tensorboard":  # trainer.logger: tensorboard
+        return True
     if parts[0] == "plots":
         return len(parts) == 3 and bool(_PLOT.match(parts[1])) and parts[2].endswith(".png")
     return False
