@@ -58,13 +58,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from regfw.factory import build_datamodule
-    from regfw.run import build_module
+    from regfw.run import build_data, build_module
 
     cfg = _config(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = build_module(cfg, build_datamodule(cfg.data, seed=cfg.seed))
+        module = build_module(cfg, build_data(cfg))
     shown = set(module.plan.warnings)  # printed as "warning:" lines of the plan below
     for w in caught:
         if str(w.message) not in shown:
@@ -94,6 +93,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    if path.is_dir():
+        raise RegfwError(f"{str(path)!r} is a directory; give a file path such as {path / 'regfw.yaml'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RegfwError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a directory; choose another path")
     if path.exists() and not args.force:
         raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
     text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()

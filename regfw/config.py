@@ -330,14 +330,31 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}") from None
         if not isinstance(base, DictConfig):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level.")
+    parsed = parse_overrides(overrides)
+    for item in overrides:  # name the override that cannot be merged (a mapping replaced by a list ...)
+        try:
+            OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            key = item.split("=", 1)[0]
+            raise ConfigError(f"override {item!r}: {' '.join(str(exc).splitlines()[0].split())}: {key} is "
+                              f"{_shape_of(OmegaConf.select(base, key))} in config {str(path)!r}; give it the same "
+                              f"shape, e.g. {key}.SETTING=VALUE.", key=key) from None
     try:
-        merged = OmegaConf.merge(base, parse_overrides(overrides))
+        merged = OmegaConf.merge(base, parsed)
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         text = " ".join(str(exc).split("\n")[0].split())
         raise ConfigError(f"config {str(path)!r}: {key + ': ' if key else ''}{text}. Check the ${{...}} "
                           f"interpolations and the overrides.", key=key) from None
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, DictConfig):
+        return "a mapping"
+    if isinstance(value, ListConfig):
+        return "a list"
+    return "a single value" if value is not None else "not set"
 
 
 def _check_config_file(path: Path) -> None:
@@ -367,7 +384,8 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     for name in raw:
         if name not in TOP_LEVEL:
             raise ConfigError(
-                f"{name}: unknown top-level section. Known sections: {', '.join(TOP_LEVEL)}."
+                f"{name}: unknown top-level section{f' in config {source!r}' if source else ''}. Known sections: "
+                f"{', '.join(TOP_LEVEL)}."
                 f"{closest_hint(str(name), TOP_LEVEL)}"
             )
     seed = raw.get("seed", 0)
@@ -426,8 +444,8 @@ def check_values(cfg: Config) -> None:
                           key="seed")
     unc = cfg.uncertainty
     if not 2 <= unc.samples <= MAX_SAMPLES:
-        raise ConfigError(f"uncertainty.samples: got {unc.samples}, expected at least 2 and at most {MAX_SAMPLES} Monte Carlo "
-                          f"samples (30 is typical).", key="uncertainty.samples")
+        raise ConfigError(f"uncertainty.samples: got {unc.samples}, expected at least 2 and at most {MAX_SAMPLES} "
+                          f"Monte Carlo samples (30 is typical).", key="uncertainty.samples")
     if unc.threshold is not None and unc.threshold < 0:
         raise ConfigError(f"uncertainty.threshold: got {unc.threshold}, expected a score >= 0 (null refers the top "
                           f"uncertainty.refer_fraction).", key="uncertainty.threshold")

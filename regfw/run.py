@@ -106,11 +106,62 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
     return result
 
 
+def build_data(cfg: Config) -> Any:
+    """The data module of ``cfg.data``; anything that goes wrong is a :class:`ConfigError` naming
+    ``data`` (a wrong ``init_args`` key, a ``class_path`` that is not a LightningDataModule)."""
+    from regfw.factory import build_datamodule, import_class
+
+    what = cfg.data.class_path or cfg.data.name
+    if cfg.data.class_path:
+        target = import_class(cfg.data.class_path, "data.class_path")
+        if not (isinstance(target, type) and hasattr(target, "train_dataloader")):
+            raise ConfigError(f"data.class_path: {cfg.data.class_path!r} is {_kind_of(target)}, not a "
+                              f"LightningDataModule class (one with train_dataloader()).", key="data.class_path")
+    try:
+        datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    except RegfwError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's data module may fail in any way
+        raise ConfigError(f"data: building {what!r} with init_args {dict(cfg.data.init_args)} failed: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Check data.init_args against "
+                          f"its __init__ arguments.", key="data.init_args") from None
+    return datamodule
+
+
+def _kind_of(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj):
+        return f"the function {getattr(obj, '__qualname__', obj)!s}"
+    return f"{type(obj).__name__} {obj!r}"[:80]
+
+
+def _check_model_target(cfg: Config, datamodule: Any) -> None:
+    """``model.class_path`` names an ``nn.Module`` class or factory; the loss fits the data's task."""
+    from regfw.factory import import_class
+
+    if cfg.model.class_path:
+        target = import_class(cfg.model.class_path, "model.class_path")
+        if not callable(target) or (isinstance(target, type) and not issubclass(target, torch.nn.Module)):
+            raise ConfigError(f"model.class_path: {cfg.model.class_path!r} is {_kind_of(target)}, not a "
+                              f"torch.nn.Module class.", key="model.class_path")
+    task = getattr(datamodule, "task", None)
+    loss = cfg.model.loss
+    if task == "classification" and loss in ("mse", "gaussian_nll"):
+        raise ConfigError(f"model.loss: got {loss!r}, a regression loss, but data {cfg.data.name or cfg.data.class_path!r} "
+                          f"is a classification task; use cross_entropy (or auto).", key="model.loss")
+    if task == "regression" and loss == "cross_entropy":
+        raise ConfigError(f"model.loss: got 'cross_entropy', a classification loss, but data "
+                          f"{cfg.data.name or cfg.data.class_path!r} is a regression task; use mse, gaussian_nll "
+                          f"(or auto).", key="model.loss")
+
+
 def build_module(cfg: Config, datamodule: Any) -> Any:
     """The :class:`~regfw.module.RegularizedModule` for ``cfg`` and its data."""
     from regfw.factory import model_config_for, resolve_loss
     from regfw.module import RegularizedModule
 
+    _check_model_target(cfg, datamodule)
     example = datamodule.example_input() if hasattr(datamodule, "example_input") else None
     model_config = model_config_for(cfg.model, datamodule)
     try:
@@ -125,7 +176,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         )
     except RegfwError:
         raise
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         # most often the model does not fit the data: its forward pass on one batch is what fails
         name = model_config.get("name") or model_config.get("class_path")
         batch = (f" on the data's example batch (shape {list(example.shape)}, {str(example.dtype).replace('torch.', '')})"
@@ -145,7 +196,14 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None
     from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
 
     unc = cfg.uncertainty
-    if not unc.enabled or not stochastic_modules(module):
+    if not unc.enabled:
+        return None
+    if not stochastic_modules(module):
+        import warnings
+
+        warnings.warn("regfw: uncertainty.enabled is true, but the model has no active dropout (no dropout "
+                      "regularizer, or all its rates are 0): MC dropout uncertainty is off for this run. Select a "
+                      "dropout regularizer, or set uncertainty.enabled: false.", stacklevel=2)
         return None
     return MCDropoutUncertainty(
         samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
@@ -271,7 +329,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     from regfw import checkpoints as C
     from regfw import distributed as D
-    from regfw.factory import build_datamodule
 
     rank = D.env_rank()
     if run_dir is not None and not str(run_dir).strip():
@@ -295,7 +352,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     # Build and check everything before writing anything.
     _check_settings(cfg, _processes(cfg.trainer))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = D.make_resumable(build_datamodule(cfg.data, seed=cfg.seed), cfg.seed)
+    datamodule = D.make_resumable(build_data(cfg), cfg.seed)
     module = build_module(cfg, datamodule)
     module.on_nonfinite = cfg.run.on_nan
     ckpt: dict = {}
