@@ -440,6 +440,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.saved_on_sigterm = False
         self._deferred_sigterm = False
         self._pending_sums: dict[str, Any] = {}
+        self._pending_epoch = -1
         self._trainer_ref: pl.Trainer | None = None
         #: Called after every checkpoint this callback writes (``regfw fit`` keeps the run from then on).
         self.on_save: Callable[[], None] | None = None
@@ -492,15 +493,17 @@ class RunCheckpoint(ModelCheckpoint):
         sums = {}
         if trainer is not None:
             for key, metric in trainer.fit_loop.epoch_loop._results.items():
-                if getattr(metric, "is_tensor", False) and metric.meta.on_epoch and not metric.has_reset:
+                if getattr(metric, "is_tensor", False) and metric.meta.on_epoch:
                     sums[key] = {"value": metric.value.detach().clone(),
                                  "count": getattr(metric, "cumulated_batch_size", torch.tensor(0)).clone()}
         state["epoch_sums"] = sums
+        state["epoch_sums_epoch"] = trainer.current_epoch if trainer is not None else -1
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pending_sums = dict(state_dict.get("epoch_sums") or {})
+        self._pending_epoch = state_dict.get("epoch_sums_epoch", -1)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -508,6 +511,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _restore_sums(self, trainer: pl.Trainer) -> None:
         pending, self._pending_sums = self._pending_sums, {}
+        if trainer.current_epoch != self._pending_epoch:
+            return  # saved at an epoch's end: the resumed run starts the next epoch afresh
         for key, metric in trainer.fit_loop.epoch_loop._results.items():
             saved = pending.get(key)
             if saved is None or not getattr(metric, "is_tensor", False):
@@ -574,7 +579,8 @@ class _ContinuingWriter(ExperimentWriter):
         self.metrics_keys = sorted(fields)
         limit = self.keep_until_step
         if limit is not None or partial:
-            kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
+            # a row logged at step s belongs to the (s+1)-th batch: those of a checkpoint at global step g are < g
+            kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) < limit]
             if len(kept) != len(rows) or partial:
                 with atomic_open(path, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
