@@ -177,3 +177,38 @@ def test_a_failed_start_leaves_nothing_and_resume_picks_the_newest_resumable_run
     assert main(["fit", str(cfg), "--resume", "trainer.max_epochs=2"]) == 0
     assert f"resumed from:  {good}/checkpoints/last.ckpt" in capsys.readouterr().out
     assert read_checkpoint(good / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+
+# -- a full disk ---------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_named_and_the_older_checkpoint_stays_intact(cfg, tmp_path, monkeypatch, capsys):
+    """ENOSPC is injected at the write layer of regfw.atomic (a real full file system needs a mount, which
+    tests cannot portably make): the second write of last.ckpt fails half-way, as on a full disk."""
+    import errno
+    import io
+
+    import regfw.atomic as A
+
+    real_open = A._open_temporary
+    writes = {"last": 0}
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(path, mode, **kw):
+        if path.name.startswith(".last.ckpt"):
+            writes["last"] += 1
+            if writes["last"] == 2:
+                return Full(path, "w")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(A, "_open_temporary", opener)
+    run = tmp_path / "run"
+    assert main(["fit", str(cfg), "--run-dir", str(run), "trainer.max_epochs=2"]) == 2
+    err = _one_error_line(capsys)
+    assert f"regfw fit: error: no space left on device writing {run}/checkpoints/last.ckpt; the older files of " \
+           f"the run are intact. Free some space and continue with" in err
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0  # the older one, whole
+    assert not [p.name for p in run.rglob("*") if ".tmp-" in p.name]
