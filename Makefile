@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
+
+# Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
+# configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check regfw plugins tests bench templates
+	$(BIN)/mypy
 
 # Tests that install into the environment run alone, after the parallel run.
 test: $(STAMP)

@@ -50,9 +50,9 @@ class AttentionDropout(InjectingRegularizer):
     kinds = (ATTENTION,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse
+        from regfw.placement import model_map
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         rate, reason = self.rate_for(ATTENTION, ctx)
         if not rate:
             return []

@@ -15,13 +15,15 @@ class, forward and parameter names. A model ``torch.fx`` cannot trace gets no Dr
 warning saying why; a branch that ends in a function rather than a module gets a plan note.
 
 The rate at the last block comes from the ``residual`` row of the rate table (0.1, timm's and
-DeiT's default) unless given. This plugin belongs to the ``dropout`` family, for kind
+DeiT's default) unless given. ``depth`` sets the profile over depth; ``schedule`` grows the
+rates over training time as well (scheduled drop path, Zoph et al. 2018:
+``{schedule: {kind: linear, epochs: E}}``). This plugin belongs to the ``dropout`` family, for kind
 ``residual``.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
@@ -31,6 +33,7 @@ from regfw.config import rate
 from regfw.kinds import RESIDUAL, choose_rate
 from regfw.layers import DropPath, drop_path_schedule
 from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
+from regfw.schedules import RateSchedule
 
 
 @dataclass
@@ -40,11 +43,14 @@ class DropPathConfig:
     rate: float | None = rate(doc="drop rate of the deepest residual block (table: 0.1)")
     #: ``linear``: 0 at the first block up to ``rate`` at the last (Huang et al. 2016);
     #: ``uniform``: ``rate`` everywhere.
-    schedule: Literal["linear", "uniform"] = "linear"
+    depth: Literal["linear", "uniform"] = "linear"
     #: Scale kept branches by 1 / (1 - p) (as timm does); false keeps them as they are.
     scale_by_keep: bool = True
     #: Where a branch already ends in a DropPath: set its rate, or leave it alone.
     existing: Literal["override", "keep"] = "override"
+    #: How the rates grow over training, e.g. ``{kind: linear, epochs: 100}``: scheduled drop
+    #: path (Zoph et al. 2018); see :mod:`regfw.schedules`.
+    schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
 class DropPathRegularizer(InjectingRegularizer):
@@ -60,9 +66,9 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse, reuse_existing
+        from regfw.placement import model_map, reuse_existing
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         sites, error = mm.residuals.result
         if error:
             warnings.warn(f"drop_path: {error}", stacklevel=2)
@@ -75,11 +81,11 @@ class DropPathRegularizer(InjectingRegularizer):
             warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
                           stacklevel=2)
             return []
-        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.name)
+        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params, self.rate_ranges)
         if not top:
             return []
         blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
-        if self.config.schedule == "linear":
+        if self.config.depth == "linear":
             rates = drop_path_schedule(top, len(blocks))
         else:
             rates = [top] * len(blocks)
@@ -92,7 +98,7 @@ class DropPathRegularizer(InjectingRegularizer):
                 continue
             index = blocks.index(site.block)
             p = rates[index]
-            reason = f"{why}; {self.config.schedule} depth schedule, block {index + 1} of {len(blocks)}; {where}"
+            reason = f"{why}; {self.config.depth} depth schedule, block {index + 1} of {len(blocks)}; {where}"
             if p == 0:
                 rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, 0.0,
                                      reason + "; rate 0, nothing inserted", action="note"))

@@ -23,7 +23,7 @@ from torch import nn
 
 import regfw
 from regfw.config import rate
-from regfw.kinds import CONV, HIDDEN, INPUT, RECURRENT
+from regfw.kinds import CONV, HIDDEN, INPUT, RECURRENT, RateRange
 from regfw.layers import AlphaDropout as AlphaDropoutLayer
 from regfw.layers import Dropout as DropoutLayer
 from regfw.layers import GaussianDropout as GaussianDropoutLayer
@@ -94,6 +94,9 @@ class AlphaDropout(InjectingRegularizer):
     description = "alpha dropout for SELU networks (input, hidden; rates 0.05-0.1)"
     Config = AlphaDropoutConfig
     kinds = (INPUT, HIDDEN)
+    # Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017: alpha dropout at 0.05
+    # or 0.1; the per-element hidden range 0.3-0.5 would break the self-normalizing property.
+    rate_ranges = {INPUT: RateRange(0.05, 0.1, 0.05), HIDDEN: RateRange(0.05, 0.1, 0.1)}
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         return AlphaDropoutLayer(rate)

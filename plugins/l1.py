@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 import regfw
-from regfw.config import nonneg
-
-from .weight_decay import DecaySetConfig, DecaySetRegularizer, check_finite
+from regfw.config import check_finite, nonneg
+from regfw.params import DecaySetConfig, DecaySetRegularizer
 
 DEFAULT_STRENGTH = 1e-5
 

@@ -27,10 +27,8 @@ from torch import nn
 
 import regfw
 from regfw import kinds as K
-from regfw.config import positive
+from regfw.config import check_finite, positive
 from regfw.regularizer import PlanContext, PlanItem, Regularizer
-
-from .weight_decay import check_finite
 
 DEFAULT_MAX_VALUE = 3.0
 
@@ -99,7 +97,7 @@ class MaxNorm(Regularizer):
         self.targets: list[nn.Module] = []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import classify_model
+        from regfw.placement import classify_model
 
         c = self.config.max_value
         items = []
@@ -127,7 +125,7 @@ class MaxNorm(Regularizer):
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.constrain())
 
     def callbacks(self) -> list:
-        from regfw_plugins._callbacks import StepPostHookCallback
+        from regfw.step_hooks import StepPostHookCallback
 
         return [StepPostHookCallback(self.constrain)]
 

@@ -23,7 +23,7 @@
 Everything is off in eval mode, and a std of 0 leaves that place out of the plan.
 
 Monte Carlo dropout: the inserted :class:`GaussianNoise` subclasses
-:class:`regfw.layers.base.StochasticModule`, so MC dropout switches it on with the dropout
+:class:`regfw.layers.StochasticModule`, so MC dropout switches it on with the dropout
 layers and its samples include the noise the model was trained with (input noise is then the
 first random step, so every sample re-runs the whole network). Its magnitude is ``std``, not a
 rate ``p``, so dropout rate schedules and checkpointed rates leave it alone. :class:`WeightNoise`
@@ -44,11 +44,9 @@ from torch import Tensor, nn
 
 import regfw
 from regfw import kinds as K
-from regfw.config import nonneg
-from regfw.layers.base import StochasticModule
+from regfw.config import check_finite, nonneg
+from regfw.layers import StochasticModule
 from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
-
-from .weight_decay import check_finite
 
 #: The child name a layer's :class:`WeightNoise` is attached under.
 WEIGHT_NOISE_NAME = "regfw_weight_noise"
@@ -251,9 +249,9 @@ class Noise(InjectingRegularizer):
         the noise goes after the activation, before that dropout. Noise regfw inserted earlier
         (planning a model twice) gets a ``set`` row that updates its std.
         """
-        from regfw.surgery import after_anchor, analyse
+        from regfw.placement import after_anchor, model_map
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         items: list[PlanItem] = []
         for info in mm.layers:
             if info.is_input:
@@ -282,7 +280,7 @@ class Noise(InjectingRegularizer):
         return items
 
     def _row(self, mm, path: str, kind: str, std: float, reason: str, action: str, anchor: str) -> PlanItem:
-        from regfw.surgery import injected_name
+        from regfw.placement import injected_name
 
         own = injected_name(self.name, action)
         if own in mm.module(anchor)._modules:
@@ -292,7 +290,7 @@ class Noise(InjectingRegularizer):
         return PlanItem(self.name, path, kind, self.variant, std, reason, action=action, anchor=anchor)
 
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        from regfw.surgery import apply_insertions
+        from regfw.placement import apply_insertions
 
         apply_insertions(self, model, [i for i in items if i.action in ("before", "after")])
         for item in items:

@@ -22,7 +22,7 @@ from torch import nn
 
 import regfw
 from regfw.config import rate
-from regfw.kinds import RECURRENT
+from regfw.kinds import RECURRENT, RateRange
 from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 
@@ -67,11 +67,14 @@ class DropConnectRegularizer(InjectingRegularizer):
     description = "DropConnect (weight drop) on recurrent hidden-to-hidden weights, as in AWD-LSTM"
     Config = DropConnectConfig
     kinds = (RECURRENT,)
+    # Merity et al., "Regularizing and Optimizing LSTM Language Models", ICLR 2018: weight drop
+    # 0.5 on the hidden-to-hidden matrices (0.2-0.5 across their experiments).
+    rate_ranges = {RECURRENT: RateRange(0.2, 0.5, 0.5)}
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import analyse
+        from regfw.placement import model_map
 
-        mm = ctx.model_map or analyse(model, ctx.example_input)
+        mm = model_map(model, ctx)
         rows: list[PlanItem] = []
         rate, reason = self.rate_for(RECURRENT, ctx)
         if not rate:

@@ -24,6 +24,7 @@ _LAZY = {
     "PlanItem": "regfw.regularizer",
     "PlanContext": "regfw.regularizer",
     "InjectingRegularizer": "regfw.regularizer",
+    "InjectionConfig": "regfw.regularizer",
     "StochasticModule": "regfw.layers.base",
     "load_config": "regfw.config",
     "build_regularizers": "regfw.registry",

@@ -249,6 +249,8 @@ _CONFIG_KEYS = {
     "input_shape": "data (input shape)",
     "input_dtype": "data (input dtype)",
 }
+#: Hyperparameters from the ``run`` section, which may change on resume (``run.on_nan``).
+_MAY_CHANGE_ON_RESUME = frozenset({"on_nan"})
 
 
 class _Absent:
@@ -279,7 +281,7 @@ def _diff(found: Any, expected: Any, key: str, out: list[tuple[str, Any, Any]]) 
 def hparam_differences(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(config key, checkpoint value, config value)`` for every hyperparameter that differs."""
     out: list[tuple[str, Any, Any]] = []
-    for name in sorted(set(found) | set(expected)):
+    for name in sorted((set(found) | set(expected)) - _MAY_CHANGE_ON_RESUME):
         key = _CONFIG_KEYS.get(name, name)
         if name == "model_config":
             # {"name": "mlp", "init_args": {...}} reads as model.name, model.init_args.*

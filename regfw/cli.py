@@ -121,7 +121,7 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from regfw.active import rank_checkpoint
+    from regfw.rank_command import rank_checkpoint
 
     ranked = rank_checkpoint(args.config, args.checkpoint, args.overrides, k=args.k,
                              acquisition=args.acquisition, split=args.split, samples=args.samples)

@@ -8,158 +8,23 @@ expected and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from regfw.errors import ConfigError, closest_hint
 
-# -- field helpers ------------------------------------------------------------------------------
-
-
-def rate(default: float | None = None, *, doc: str = "") -> Any:
-    """A dropout-style rate in [0, 1)."""
-    return field(default=default, metadata={"range": (0.0, 1.0, "[0, 1)"), "doc": doc})
-
-
-def nonneg(default: Any = 0.0, *, doc: str = "") -> Any:
-    """A number >= 0."""
-    return field(default=default, metadata={"range": (0.0, None, ">= 0"), "doc": doc})
-
-
-def positive(default: Any, *, doc: str = "") -> Any:
-    """A number > 0."""
-    return field(default=default, metadata={"range": (0.0, None, "> 0", "exclusive"), "doc": doc})
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against type ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Union:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}: got {value!r}, expected a finite number.")
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}.")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        raise ConfigError(
-            f"{key}: got {value!r}, expected one of {', '.join(repr(c) for c in choices)}."
-            f"{closest_hint(str(value), [str(c) for c in choices])}"
-        )
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: got {value!r}, expected null.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: got {value!r}, expected true or false.")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{key}: got {value!r}, expected a finite number.")
-            return float(value)
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a number.")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a whole number.")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a string.")
-    if origin in (list, Sequence, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: got {value!r}, expected a list.")
-        args = typing.get_args(tp)
-        if args:
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-        return list(value)
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: got {value!r}, expected a mapping.")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return validate_dataclass(tp, value, key)
-    return value
-
-
-def _check_range(value: Any, meta: Mapping, key: str) -> None:
-    spec = meta.get("range")
-    if spec is None or value is None or not isinstance(value, (int, float)):
-        return
-    low, high, text = spec[0], spec[1], spec[2]
-    exclusive_low = len(spec) > 3
-    bad = (value <= low if exclusive_low else value < low) or (high is not None and value >= high)
-    if bad:
-        raise ConfigError(f"{key}: got {value!r}, expected a value in {text}. Change it or remove it to use the default.")
-
-
-def validate_dataclass(cls: type, data: Any, key: str) -> Any:
-    """An instance of dataclass ``cls`` from ``data``, or a :class:`ConfigError` naming ``key``."""
-    data = _to_plain(data)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{key}: got {data!r}, expected a mapping of settings (or nothing for the defaults).")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        if name not in fields:
-            known = sorted(fields)
-            raise ConfigError(
-                f"{key}.{name}: unknown key. Known keys of {key}: {', '.join(known) or '(none)'}."
-                f"{closest_hint(str(name), known)}"
-            )
-        checked = _coerce(value, hints[name], f"{key}.{name}")
-        _check_range(checked, fields[name].metadata, f"{key}.{name}")
-        kwargs[name] = checked
-    try:
-        instance = cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    for f in dataclasses.fields(cls):
-        if f.name not in kwargs:
-            _check_range(getattr(instance, f.name), f.metadata, f"{key}.{f.name}")
-    return instance
-
+# The field helpers and section validation live in regfw.validation (regfw.registry uses them
+# too); regfw.config is their public home, so they are re-exported here.
+from regfw.validation import _to_plain, validate_dataclass
+from regfw.validation import check_finite as check_finite
+from regfw.validation import nonneg as nonneg
+from regfw.validation import positive as positive
+from regfw.validation import rate as rate
 
 # -- the top-level schema -------------------------------------------------------------------------
 

@@ -12,20 +12,23 @@ conv      0.1-0.3 convolutions; spatial dropout / DropBlock fit conv maps better
 recurrent 0.2-0.3 RNN/LSTM/GRU; locked (variational) masks over time
 attention 0.1     the Transformer convention
 residual  0.1     stochastic depth (DropPath) on residual branches; a place, not a module kind
+embedding .05-.2  ``nn.Embedding``: whole rows (words) dropped (embedding dropout)
 ========= ======= ====================================================================
 
 Rules of thumb (Srivastava et al. 2014 and common practice): higher rates for smaller
 datasets, lower rates for larger models. :func:`policy_rate` turns them into a monotone rule
 that never leaves a kind's range.
 
-A few variants mean something else by "rate" and have their own range for a kind
-(:data:`VARIANT_RANGES`): alpha dropout for SELU networks works at 0.05-0.1 (Klambauer et
-al. 2017), and DropConnect on recurrent weights at up to 0.5 (Merity et al. 2018). The policy
-is the same; only the range differs.
+A regularizer whose "rate" means something else declares its own range for a kind in its class
+attribute ``rate_ranges`` (see :class:`regfw.Regularizer`), which :func:`choose_rate` is given:
+alpha dropout for SELU networks works at 0.05-0.1 (Klambauer et al. 2017), DropConnect on
+recurrent weights at up to 0.5 (Merity et al. 2018). The policy is the same; only the range
+differs. This module knows no regularizer by name.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -37,14 +40,16 @@ RECURRENT = "recurrent"
 ATTENTION = "attention"
 #: A place, not a module kind: the branch operand of a residual add (see :mod:`regfw.dataflow`).
 RESIDUAL = "residual"
+#: ``nn.Embedding`` lookups: embedding dropout drops whole rows (Gal and Ghahramani 2016).
+EMBEDDING = "embedding"
 NORM = "norm"
 ACTIVATION = "activation"
 SKIP = "skip"
 
 #: Kinds that carry a default dropout rate, in the order plans list them.
-RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION, RESIDUAL)
+RATE_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RECURRENT, ATTENTION, RESIDUAL, EMBEDDING)
 #: Every kind a module can be classified into (``skip`` excludes a module from regularizers).
-KINDS: tuple[str, ...] = (HIDDEN, CONV, RECURRENT, ATTENTION, NORM, ACTIVATION, SKIP)
+KINDS: tuple[str, ...] = (HIDDEN, CONV, RECURRENT, ATTENTION, NORM, ACTIVATION, SKIP, EMBEDDING)
 
 
 @dataclass(frozen=True)
@@ -67,17 +72,40 @@ RATE_TABLE: dict[str, RateRange] = {
     # for base-size models). Bigger models use *more* drop path, so the range is a single value
     # and the policy never lowers it.
     RESIDUAL: RateRange(0.1, 0.1, 0.1),
+    # Not in the seed's table: embedding dropout, the share of words (rows) dropped. AWD-LSTM
+    # (Merity et al. 2018) uses 0.1 on PTB and WikiText-2; Gal and Ghahramani 2016 tune it up to
+    # about 0.2 for small data.
+    EMBEDDING: RateRange(0.05, 0.2, 0.1),
 }
 
-#: Ranges that replace :data:`RATE_TABLE` rows for one variant (variant -> kind -> range).
-VARIANT_RANGES: dict[str, dict[str, RateRange]] = {
-    # Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017: alpha dropout at 0.05
-    # or 0.1; the per-element hidden range 0.3-0.5 would break the self-normalizing property.
-    "alpha_dropout": {INPUT: RateRange(0.05, 0.1, 0.05), HIDDEN: RateRange(0.05, 0.1, 0.1)},
-    # Merity et al., "Regularizing and Optimizing LSTM Language Models", ICLR 2018: weight drop
-    # 0.5 on the hidden-to-hidden matrices (0.2-0.5 across their experiments).
-    "dropconnect": {RECURRENT: RateRange(0.2, 0.5, 0.5)},
-}
+#: A regularizer's own ranges (kind -> range): a :class:`RateRange`, ``(low, high)`` (default
+#: in the middle) or ``(low, high, default)``; see ``Regularizer.rate_ranges``.
+OwnRanges = Mapping[str, RateRange | tuple[float, ...]]
+
+
+def as_range(value: RateRange | tuple[float, ...], kind: str = "?") -> RateRange:
+    """``value`` as a :class:`RateRange`, checked: ``0 <= low <= default <= high < 1``.
+
+    ``(low, high)`` gets its default in the middle. A ``ValueError`` names the kind otherwise.
+    """
+    if isinstance(value, RateRange):
+        rng = value
+    else:
+        try:
+            numbers = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            numbers = ()
+        if len(numbers) == 2:
+            rng = RateRange(numbers[0], numbers[1], (numbers[0] + numbers[1]) / 2)
+        elif len(numbers) == 3:
+            rng = RateRange(*numbers)
+        else:
+            raise ValueError(f"rate_ranges[{kind!r}]: got {value!r}, expected (low, high) or (low, high, default)")
+    if not 0.0 <= rng.low <= rng.default <= rng.high < 1.0:
+        raise ValueError(f"rate_ranges[{kind!r}]: got low={rng.low:g}, high={rng.high:g}, default={rng.default:g}; "
+                         f"expected 0 <= low <= default <= high < 1")
+    return rng
+
 
 # Dataset sizes and parameter counts at which the policy reaches the ends of a range
 # (log-linear in between): 1e3 examples or fewer -> top of the range, 1e6 or more -> bottom.
@@ -93,6 +121,7 @@ _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.RNNBase,), RECURRENT),
     (CONV_TYPES, CONV),
     ((nn.Linear, nn.Bilinear), HIDDEN),
+    ((nn.Embedding,), EMBEDDING),
     ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
       nn.RMSNorm), NORM),
     ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -109,12 +138,12 @@ def builtin_kind(module: nn.Module) -> str | None:
     return None
 
 
-def rate_range(kind: str, variant: str | None = None) -> RateRange:
-    """The range of ``kind`` (the variant's own range where it has one); a ``KeyError`` naming
-    the known kinds otherwise."""
-    own = VARIANT_RANGES.get(variant or "", {}).get(kind)
+def rate_range(kind: str, ranges: OwnRanges | None = None) -> RateRange:
+    """The range of ``kind``: the regularizer's own (``ranges``, its ``rate_ranges``) where it has
+    one, else the table's; a ``KeyError`` naming the known kinds otherwise."""
+    own = (ranges or {}).get(kind)
     if own is not None:
-        return own
+        return as_range(own, kind)
     try:
         return RATE_TABLE[kind]
     except KeyError:
@@ -131,7 +160,7 @@ def _unit(value: float, small: float, large: float) -> float:
 
 
 def policy_rate(kind: str, n_examples: int | None = None, n_params: int | None = None,
-                variant: str | None = None) -> float:
+                ranges: OwnRanges | None = None) -> float:
     """The rate the rules of thumb give for ``kind``.
 
     Monotone by construction: non-increasing in the training-set size ``n_examples`` ("higher
@@ -141,7 +170,7 @@ def policy_rate(kind: str, n_examples: int | None = None, n_params: int | None =
     each 1 at or below the small end of its scale (1e3 examples, 1e4 parameters), 0 at or above
     the large end (1e6 examples, 1e8 parameters) and log-linear in between.
     """
-    rng = rate_range(kind, variant)
+    rng = rate_range(kind, ranges)
     data = 0.5 if n_examples is None else _unit(float(n_examples), _N_SMALL, _N_LARGE)
     size = 0.5 if n_params is None else _unit(float(n_params), _P_SMALL, _P_LARGE)
     position = 0.5 * (data + size)
@@ -149,11 +178,11 @@ def policy_rate(kind: str, n_examples: int | None = None, n_params: int | None =
 
 
 def explain_policy(kind: str, n_examples: int | None, n_params: int | None,
-                   variant: str | None = None) -> str:
+                   ranges: OwnRanges | None = None) -> str:
     """A short reason for a policy rate, as printed by ``regfw plan``."""
     n = "N unknown" if n_examples is None else f"N={n_examples}"
     p = "P unknown" if n_params is None else f"P={n_params}"
-    rng = rate_range(kind, variant)
+    rng = rate_range(kind, ranges)
     if rng.low == rng.high:
         return f"table ({kind}: {rng.low:g})"
     return f"policy ({n}, {p}; range {rng.low:g}-{rng.high:g})"
@@ -161,7 +190,7 @@ def explain_policy(kind: str, n_examples: int | None, n_params: int | None,
 
 def choose_rate(kind: str, explicit: float | None = None, policy: str = "auto",
                 n_examples: int | None = None, n_params: int | None = None,
-                variant: str | None = None) -> tuple[float, str]:
+                ranges: OwnRanges | None = None) -> tuple[float, str]:
     """The rate of ``kind`` and why, as ``regfw plan`` shows it: the one rule every plugin uses.
 
     An explicit rate from the config always wins (``"explicit"``); ``policy="default"`` takes
@@ -171,5 +200,5 @@ def choose_rate(kind: str, explicit: float | None = None, policy: str = "auto",
     if explicit is not None:
         return float(explicit), "explicit"
     if policy == "default":
-        return rate_range(kind, variant).default, "default (rate table)"
-    return policy_rate(kind, n_examples, n_params, variant), explain_policy(kind, n_examples, n_params, variant)
+        return rate_range(kind, ranges).default, "default (rate table)"
+    return policy_rate(kind, n_examples, n_params, ranges), explain_policy(kind, n_examples, n_params, ranges)

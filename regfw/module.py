@@ -14,18 +14,11 @@ from regfw.errors import ConfigError
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.surgery import is_dropout
+from regfw.tensors import split_mean_variance  # the split MC dropout uses too (run.py passes it)
 
 LOSSES = ("cross_entropy", "mse", "gaussian_nll")
-
-
-def split_mean_variance(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, variance)`` of a model whose last dimension holds ``[mean, raw variance]`` halves.
-
-    The variance is ``softplus(raw) + 1e-6``. The loss and Monte Carlo dropout both read the
-    output through this one function (MC dropout's ``output_transform``).
-    """
-    mean, raw = output.chunk(2, dim=-1)
-    return mean, F.softplus(raw) + 1e-6
+#: The values of ``run.on_nan`` (the ``on_nan`` argument).
+ON_NAN = ("stop", "skip", "ignore")
 
 
 def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,6 +67,8 @@ class RegularizedModule(pl.LightningModule):
         example_input: one input batch; the forward call order decides which layer is the input
             and which the output layer. Only its shape and dtype are kept.
         model_config: ``{"name"|"class_path": ..., "init_args": {...}}`` to rebuild the model.
+        on_nan: what a NaN or infinite training loss does (``run.on_nan``; see :attr:`on_nonfinite`).
+            Kept in ``hparams``, so a module loaded from a checkpoint keeps it.
     """
 
     def __init__(
@@ -87,8 +82,11 @@ class RegularizedModule(pl.LightningModule):
         model_config: Mapping[str, Any] | None = None,
         input_shape: Sequence[int] | None = None,
         input_dtype: str | None = None,
+        on_nan: str = "ignore",
     ) -> None:
         super().__init__()
+        if on_nan not in ON_NAN:
+            raise ConfigError(f"run.on_nan: got {on_nan!r}, expected one of {', '.join(ON_NAN)}.")
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)
@@ -100,7 +98,9 @@ class RegularizedModule(pl.LightningModule):
             "model_config": dict(model_config) if model_config else None,
             "input_shape": input_shape,
             "input_dtype": input_dtype,
+            "on_nan": on_nan,
         })
+        self.on_nonfinite = on_nan
         if model is None:
             if not model_config:
                 raise ConfigError("RegularizedModule: pass `model=` (an nn.Module) or `model_config=`.")
@@ -155,8 +155,8 @@ class RegularizedModule(pl.LightningModule):
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises
     #: :class:`~regfw.errors.NonFiniteLossError` before the update (the weights stay finite),
-    #: ``"skip"`` leaves that batch out (no update), ``"ignore"`` trains on it. ``regfw fit``
-    #: sets it from ``run.on_nan``.
+    #: ``"skip"`` leaves that batch out (no update), ``"ignore"`` trains on it. Set from the
+    #: ``on_nan`` argument (``regfw fit``: ``run.on_nan``), which ``hparams`` keeps.
     on_nonfinite: str = "ignore"
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 from regfw.errors import ConfigError, closest_hint
 from regfw.plugins import PluginError, get_plugin_manager, origin_of
 from regfw.regularizer import Regularizer
+from regfw.validation import validate_dataclass
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,6 @@ def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | N
     ``section`` maps names to their settings (a mapping, or None/``{}`` for all defaults).
     A name mapped to ``false`` is left out, so an override can switch one off.
     """
-    from regfw.config import validate_dataclass
-
     registry = registry or get_registry()
     out: list[Regularizer] = []
     for name, settings in (section or {}).items():

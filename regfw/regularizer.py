@@ -22,51 +22,15 @@ validated against it) and a few optional methods that the host calls at well-def
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-
-@dataclass
-class PlanContext:
-    """What a regularizer may know about the run when it plans.
-
-    ``layers`` is the classified model (see :func:`regfw.surgery.classify_model`) and
-    ``model_map`` the same plus its dataflow and residual adds (:class:`regfw.surgery.ModelMap`),
-    computed once and shared by all regularizers.
-    """
-
-    n_examples: int | None = None
-    n_params: int | None = None
-    example_input: Any = None
-    model_map: Any = None
-
-    @property
-    def layers(self) -> list:
-        return self.model_map.layers if self.model_map is not None else []
-
-
-@dataclass
-class PlanItem:
-    """One thing a regularizer does to one place of the model."""
-
-    regularizer: str
-    path: str
-    kind: str
-    variant: str
-    rate: float | None
-    reason: str
-    #: ``before`` (on the layer's input), ``after`` (on the output of ``anchor``), ``set``
-    #: (change an existing module's rate), ``wrap`` (modify the layer itself) or ``note``.
-    action: str = "after"
-    #: The module path the inserted module hangs on (its forward hook runs there).
-    anchor: str | None = None
-    options: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        return asdict(self)
+from regfw import kinds as K
+from regfw.plan_items import PlanContext, PlanItem
+from regfw.schedules import RateSchedule
 
 
 @dataclass
@@ -82,10 +46,12 @@ class InjectionConfig:
     ``default`` the rate table's default (see :mod:`regfw.kinds`); an explicit rate always wins.
     ``existing``: where the model already has dropout at a place, ``override`` sets its rate,
     ``keep`` leaves it alone; a second layer is never added.
+    ``schedule``: how the planned rates move during training (:mod:`regfw.schedules`).
     """
 
     policy: Literal["auto", "default"] = "auto"
     existing: Literal["override", "keep"] = "override"
+    schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
 class Regularizer:
@@ -99,6 +65,10 @@ class Regularizer:
     description: ClassVar[str] = ""
     #: Regularizers of one family (e.g. ``"dropout"``) may not claim the same layer kind.
     family: ClassVar[str] = ""
+    #: The regularizer's own rate range for a kind where its "rate" means something else than the
+    #: table's (kind -> ``(low, high)``, ``(low, high, default)`` or a :class:`regfw.kinds.RateRange`);
+    #: :func:`regfw.kinds.choose_rate` uses it instead of that kind's row of the rate table.
+    rate_ranges: ClassVar[K.OwnRanges] = {}
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -166,19 +136,30 @@ class InjectingRegularizer(Regularizer):
 
         Returns ``(None, reason)`` to leave the kind out.
         """
-        from regfw import kinds as K
-
         explicit = getattr(self.config, kind, None)
-        if explicit is None and kind not in K.RATE_TABLE:
+        if explicit is None and kind not in K.RATE_TABLE and kind not in self.rate_ranges:
             return None, "no default rate"
         return K.choose_rate(kind, explicit, getattr(self.config, "policy", "auto"), ctx.n_examples,
-                             ctx.n_params, self.variant_for(kind))
+                             ctx.n_params, self.rate_ranges)
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         raise NotImplementedError
 
+    def callbacks(self) -> list:
+        """A :class:`~regfw.schedule_callback.RateScheduler` when the config has a ``schedule``."""
+        schedule = getattr(self.config, "schedule", None)
+        if not (isinstance(schedule, RateSchedule) and schedule.active):
+            return []
+        from regfw.schedule_callback import RateScheduler
+
+        return [RateScheduler(self, schedule)]
+
+    def describe(self, model: nn.Module) -> list[str]:
+        schedule = getattr(self.config, "schedule", None)
+        return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
+
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.surgery import plan_insertions
+        from regfw.surgery import plan_insertions  # torch.fx and the dataflow only when planning
 
         return plan_insertions(self, model, ctx)
 

@@ -173,6 +173,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             n_examples=getattr(datamodule, "n_train", None),
             example_input=example,
             model_config=model_config,
+            on_nan=cfg.run.on_nan,
         )
     except RegfwError:
         raise
@@ -205,11 +206,8 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None
                       "regularizer, or all its rates are 0): MC dropout uncertainty is off for this run. Select a "
                       "dropout regularizer, or set uncertainty.enabled: false.", stacklevel=2)
         return None
-    return MCDropoutUncertainty(
-        samples=unc.samples, strategy=unc.strategy, budget_bytes=int(unc.budget_mb * 2**20), task=module.task,
-        every_n_epochs=unc.every_n_epochs, max_batches=unc.max_batches, score=unc.score,
-        threshold=unc.threshold, refer_fraction=unc.refer_fraction, plots=unc.plots,
-        plot_dir=str(plot_dir), seed=unc.seed, tau=unc.tau,
+    return MCDropoutUncertainty.from_config(
+        unc, task=module.task, plot_dir=str(plot_dir),
         output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
     )
 
@@ -354,7 +352,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = D.make_resumable(build_data(cfg), cfg.seed)
     module = build_module(cfg, datamodule)
-    module.on_nonfinite = cfg.run.on_nan
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)

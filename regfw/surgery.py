@@ -28,7 +28,7 @@ from torch import nn
 
 from regfw import kinds as K
 from regfw.dataflow import Dataflow, ResidualAnalysis, build_dataflow
-from regfw.regularizer import PlanContext, PlanItem
+from regfw.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
     from regfw.regularizer import InjectingRegularizer

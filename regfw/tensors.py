@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -17,3 +18,29 @@ def iter_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from iter_tensors(item)
+
+
+#: How the second half of a Gaussian head becomes a variance: ``softplus(raw) + 1e-6`` (what
+#: ``model.loss: gaussian_nll`` trains) or ``exp(raw)`` (a head predicting log-variances).
+VARIANCE_LINKS = ("softplus", "exp")
+
+
+def split_mean_variance(output: Tensor, link: str = "softplus") -> tuple[Tensor, Tensor]:
+    """``(mean, variance)`` of a Gaussian head whose last dimension holds ``[mean, raw]`` halves.
+
+    The one split shared by training (the ``gaussian_nll`` loss of :mod:`regfw.module`) and Monte
+    Carlo dropout (its ``output_transform``; :func:`regfw.uncertainty.split_mean_logvar` is the
+    ``exp`` link), so the variance MC dropout reports is the one the loss trained. ``link``:
+    ``softplus`` (Lakshminarayanan et al. 2017, "Simple and Scalable Predictive Uncertainty
+    Estimation using Deep Ensembles": positive and well-behaved for large raw values; ``+ 1e-6``
+    keeps the NLL finite) or ``exp`` (the raw half is a log-variance, Kendall & Gal 2017).
+    """
+    d = output.shape[-1]
+    if d % 2:
+        raise ValueError(f"split_mean_variance needs an even last dimension (means, then raw variances), got {d}")
+    if link not in VARIANCE_LINKS:
+        raise ValueError(f"split_mean_variance: link must be one of {', '.join(VARIANCE_LINKS)}, got {link!r}")
+    mean, raw = output[..., : d // 2], output[..., d // 2 :]
+    if link == "exp":
+        return mean, raw.exp()
+    return mean, F.softplus(raw) + 1e-6

@@ -10,8 +10,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from regfw_plugins.adaptive import AdaptiveDropoutConfig
+from regfw_plugins.adaptive.callback import DOWN, HOLD, UP, diagnose
+from regfw_plugins.adaptive.callback import AdaptiveDropoutCallback as AdaptiveDropout
 
-from regfw.adaptive import DOWN, HOLD, UP, AdaptiveDropout, diagnose
 from regfw.config import validate
 from regfw.data import DigitsDataModule
 from regfw.errors import ConfigError
@@ -71,11 +73,25 @@ def test_moves_stay_in_each_kinds_range():
     d = cb.observe(train_loss=0.1, val_loss=1.0)
     assert d.action == "at_bound" and d.changes == {} and "every rate is at its upper bound" in d.reason
     assert cb.rates() == {INPUT: 0.2, HIDDEN[0]: 0.5, HIDDEN[1]: 0.5}
-    cb.loss_threshold = 1.0
+    cb.config.loss_threshold = 1.0
     for _ in range(5):
         d = cb.observe(train_loss=2.0, val_loss=2.0)
     assert d.action == "at_bound" and "lower bound" in d.reason
     assert cb.rates() == {INPUT: 0.1, HIDDEN[0]: 0.3, HIDDEN[1]: 0.3}
+
+
+def test_moves_stay_in_the_regularizers_own_range():
+    """Alpha dropout declares 0.05-0.1 (rate_ranges); the schedule never takes it to the table's 0.3-0.5."""
+    torch.manual_seed(0)
+    module = RegularizedModule(MLP(64, 10, (32, 16)), regularizers={"alpha_dropout": {"hidden": 0.08, "input": 0.05}},
+                               example_input=torch.zeros(2, 64))
+    cb = AdaptiveDropout(step=0.05, patience=1, stall_delta=None)
+    targets = cb.bind(module)
+    assert {(t.kind, t.low, t.high) for t in targets} == {("input", 0.05, 0.1), ("hidden", 0.05, 0.1)}
+    for _ in range(3):
+        cb.observe(train_loss=0.1, val_loss=1.0)  # overfitting: raise
+    assert sorted(cb.rates().values()) == [0.1, 0.1, 0.1]
+    assert cb.history[-1].action == "at_bound"
 
 
 def test_rate_outside_its_range_never_moves_further_out():
@@ -85,7 +101,7 @@ def test_rate_outside_its_range_never_moves_further_out():
     assert set(cb.rates()) == set(HIDDEN)  # kinds=[hidden] leaves the input layer alone
     assert cb.observe(0.1, 1.0).action == "at_bound"
     assert cb.rates()[HIDDEN[0]] == 0.7
-    cb.loss_threshold = 0.5
+    cb.config.loss_threshold = 0.5
     assert cb.observe(2.0, 2.0).action == "lower"
     assert cb.rates()[HIDDEN[0]] == pytest.approx(0.65)
 
@@ -113,14 +129,19 @@ def test_patience_and_cooldown():
 
 
 def test_constructor_rejects_bad_settings_with_the_value():
-    with pytest.raises(ValueError, match=r"step must be in \(0, 1\), got 0"):
+    """The keyword constructor validates exactly as the config section does (one validator)."""
+    with pytest.raises(ConfigError, match=r"AdaptiveDropout\.step: got 0\.0, expected a value in \(0, 1\)"):
         AdaptiveDropout(step=0)
-    with pytest.raises(ValueError, match="patience must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"AdaptiveDropout\.patience: got 0, expected a value in > 0"):
         AdaptiveDropout(patience=0)
-    with pytest.raises(ValueError, match=r"kinds \['hiden'\] unknown"):
+    with pytest.raises(ConfigError, match=r"AdaptiveDropout\.kinds: got \['hiden'\], expected kinds among input"):
         AdaptiveDropout(kinds=["hiden"])
-    with pytest.raises(ValueError, match="train_loss must be one of"):
+    with pytest.raises(ConfigError, match=r"AdaptiveDropout\.train_loss: got 'eval', expected one of 'clean', 'noisy'"):
         AdaptiveDropout(train_loss="eval")
+    with pytest.raises(ConfigError, match=r"AdaptiveDropout\.setp: unknown key.*Did you mean 'step'"):
+        AdaptiveDropout(setp=0.1)
+    with pytest.raises(TypeError, match="as one AdaptiveDropoutConfig or as keywords, not both"):
+        AdaptiveDropout(AdaptiveDropoutConfig(), step=0.1)
 
 
 # -- checkpoint state ------------------------------------------------------------------------------
@@ -195,7 +216,8 @@ def test_plugin_is_selected_by_name_with_its_options():
                                                                     "gap_threshold": 0.2, "loss_threshold": 1.5}})
     (cb,) = regs[1].callbacks()
     assert isinstance(cb, AdaptiveDropout)
-    assert (cb.step, cb.patience, cb.gap_threshold, cb.loss_threshold) == (0.1, 3, 0.2, 1.5)
+    assert cb.config is regs[1].config  # the validated settings, passed as one object
+    assert (cb.config.step, cb.config.patience, cb.config.gap_threshold, cb.config.loss_threshold) == (0.1, 3, 0.2, 1.5)
     module = RegularizedModule(MLP(64, 10), regularizers={"dropout": {}, "adaptive_dropout": {}},
                                example_input=torch.zeros(2, 64))
     assert any(isinstance(c, AdaptiveDropout) for c in module.configure_callbacks())

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
-
-from regfw.coadaptation import (
+from regfw_plugins.coadaptation.monitor import (
     CoadaptationMonitor,
     CorrelationStats,
     coadaptation,
     mean_coadaptation,
     unit_layers,
 )
+from torch import nn
+
 from regfw.data import DigitsDataModule
 from regfw.models import CNN, MLP
 from regfw.module import RegularizedModule
@@ -135,7 +135,12 @@ def test_plugin_options_and_errors():
 
     (reg,) = build_regularizers({"coadaptation": {"layers": ["body.1"], "every_n_epochs": 5, "max_batches": 2}})
     (cb,) = reg.callbacks()
-    assert (cb.layers, cb.every_n_epochs, cb.max_batches) == (["body.1"], 5, 2)
+    assert cb.config is reg.config  # the validated settings, passed as one object
+    assert (cb.config.layers, cb.config.every_n_epochs, cb.config.max_batches) == (["body.1"], 5, 2)
+    # The keyword constructor validates as the config section does.
+    assert CoadaptationMonitor(layers=["body.1"], max_units=None).config.max_units is None
+    with pytest.raises(ConfigError, match=r"CoadaptationMonitor\.every_n_epochs: got 0, expected a value in > 0"):
+        CoadaptationMonitor(every_n_epochs=0)
     with pytest.raises(ConfigError, match=r"regularizers\.coadaptation\.every_n_epochs: got 0"):
         validate({"regularizers": {"coadaptation": {"every_n_epochs": 0}}})
     module = RegularizedModule(MLP(), regularizers={"coadaptation": {}}, example_input=torch.zeros(2, 64))

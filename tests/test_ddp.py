@@ -36,6 +36,7 @@ class Everything(nn.Module):
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.conv_act = nn.ReLU()
         self.proj = nn.Linear(32, width)
+        self.rows = nn.Embedding(8, width)  # a learned embedding of the row index
         self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
         self.rnn = nn.LSTM(width, width, batch_first=True)
         self.fc = nn.Linear(width, width)
@@ -56,6 +57,7 @@ class Everything(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv_act(self.conv(x.reshape(-1, 1, 8, 8)))
         h = self.proj(c.permute(0, 2, 1, 3).reshape(-1, 8, 32))
+        h = h + self.rows(torch.arange(8, device=h.device).expand(h.shape[0], 8))
         a, _ = self.attn(h, h, h, need_weights=False)
         h = h + a
         out, _ = self.rnn(h)
@@ -63,8 +65,8 @@ class Everything(nn.Module):
 '''
 
 # One member of the dropout family per layer kind (the family allows one per kind), plus every
-# regularizer of another family. alpha_dropout and spatial_dropout claim the same kinds as
-# gaussian_dropout / dropout and dropblock; they are the same kind of injected StochasticModule.
+# regularizer of another family. alpha_dropout, spatial_dropout and concrete_dropout claim the same
+# kinds as gaussian_dropout, dropblock and dropout; the second launch runs them.
 CONFIG = """
 seed: 0
 data: {name: digits, batch_size: 32, train_fraction: 0.3, val_fraction: 0.1}  # 180 = 2 x 90 validation examples
@@ -77,6 +79,7 @@ regularizers:
   drop_path: {rate: 0.1}
   locked_dropout: {recurrent: 0.2}
   dropconnect: {recurrent: 0.2}
+  embedding_dropout: {embedding: 0.1}
   dropout: {input: 0, hidden: 0.3, conv: 0, recurrent: 0}
   noise: {input_std: 0, hidden_std: 0.05}
   l1: {}
@@ -89,8 +92,10 @@ trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false
 """
 # The second launch runs the two variants the first cannot hold, in their places.
 CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}", "alpha_dropout: {input: 0.05, hidden: 0}")
-                   .replace("dropblock: {conv: 0.1, block_size: 3}", "spatial_dropout: {conv: 0.1}"))
-NOT_RUN = {"alpha_dropout", "spatial_dropout"}
+                   .replace("dropblock: {conv: 0.1, block_size: 3}", "spatial_dropout: {conv: 0.1}")
+                   .replace("dropout: {input: 0, hidden: 0.3, conv: 0, recurrent: 0}", "concrete_dropout: {input: 0}")
+                   .replace("adaptive_dropout: {patience: 1}", "adaptive_dropout: {patience: 1, kinds: [conv]}"))
+NOT_RUN = {"alpha_dropout", "spatial_dropout", "concrete_dropout"}
 
 
 def _launch_ddp(root, config: str):
@@ -148,8 +153,9 @@ def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
 
 
 def test_ddp_fit_trains_the_remaining_dropout_variants(tmp_path):
-    """alpha_dropout and spatial_dropout take the input and conv places of the first launch's
-    gaussian_dropout and dropblock: together the two launches run every built-in regularizer."""
+    """alpha_dropout, spatial_dropout and concrete_dropout take the input, conv and hidden places of
+    the first launch's gaussian_dropout, dropblock and dropout: together the two launches run every
+    built-in regularizer."""
     result = _launch_ddp(tmp_path, CONFIG_VARIANTS)
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = list((tmp_path / "runs").iterdir())

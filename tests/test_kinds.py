@@ -7,10 +7,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from regfw import kinds as K
+from regfw.registry import get_registry
 
-#: Every (kind, variant) pair with a range: the table rows and the variants' own rows.
+#: The built-in regularizers that declare their own ranges (alpha_dropout, dropconnect).
+OWN = {name: spec.cls.rate_ranges for name, spec in get_registry().specs.items() if spec.cls.rate_ranges}
+#: Every (kind, own ranges) pair with a range: the table rows and the regularizers' own rows.
 RANGES = [(kind, None) for kind in K.RATE_TABLE] + [
-    (kind, variant) for variant, rows in K.VARIANT_RANGES.items() for kind in rows
+    (kind, ranges) for ranges in OWN.values() for kind in ranges
 ]
 sizes = st.one_of(st.none(), st.integers(min_value=0, max_value=10**12))
 kinds = st.sampled_from(RANGES)
@@ -23,8 +26,34 @@ def test_table_holds_the_seeds_numbers():
         row = K.RATE_TABLE[kind]
         assert (row.low, row.high) == (low, high)
         assert low <= row.default <= high
-    assert K.rate_range("hidden", "alpha_dropout") == K.VARIANT_RANGES["alpha_dropout"]["hidden"]
-    assert K.rate_range("conv", "alpha_dropout") == K.RATE_TABLE["conv"]  # no own row: the table's
+    alpha = OWN["alpha_dropout"]
+    assert K.rate_range("hidden", alpha) == K.RateRange(0.05, 0.1, 0.1)  # Klambauer et al. 2017
+    assert K.rate_range("conv", alpha) == K.RATE_TABLE["conv"]  # no own row: the table's
+    assert K.rate_range("recurrent", OWN["dropconnect"]) == K.RateRange(0.2, 0.5, 0.5)  # Merity et al. 2018
+
+
+def test_kinds_names_no_regularizer():
+    """The rate table and the kinds know no plugin: every regularizer's range lives on its class."""
+    import ast
+    import inspect
+
+    strings = {node.value for node in ast.walk(ast.parse(inspect.getsource(K)))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    words = {w.strip("`.,:;()") for text in strings for w in text.split() if "_" in w}
+    names = set(get_registry().specs)
+    assert {"alpha_dropout", "dropconnect"} <= names
+    assert not names & (strings | words)
+    assert not hasattr(K, "VARIANT_RANGES")
+
+
+def test_own_ranges_may_be_tuples_and_are_checked():
+    assert K.rate_range("hidden", {"hidden": (0.05, 0.15)}) == K.RateRange(0.05, 0.15, 0.1)
+    assert K.rate_range("hidden", {"hidden": (0.05, 0.15, 0.05)}).default == 0.05
+    with pytest.raises(ValueError, match=r"rate_ranges\['hidden'\]: got low=0.5, high=0.1, default=0.3; "
+                                         r"expected 0 <= low <= default <= high < 1"):
+        K.rate_range("hidden", {"hidden": (0.5, 0.1)})
+    with pytest.raises(ValueError, match=r"rate_ranges\['conv'\]: got 'wide', expected \(low, high\)"):
+        K.rate_range("conv", {"conv": "wide"})
 
 
 @settings(max_examples=300, deadline=None)

@@ -90,6 +90,34 @@ def test_skip_leaves_the_batches_out_and_trains_on(cfg_path):
     assert math.isfinite(epoch_loss)  # the skipped batches are not in the epoch's logged loss
 
 
+def test_a_module_loaded_from_a_checkpoint_keeps_on_nan(cfg_path):
+    """``run.on_nan`` is one of the module's hparams: a reloaded module still skips NaN batches
+    (it used to fall back to "ignore" and train on them)."""
+    import pytorch_lightning as pl
+
+    from regfw.data import DigitsDataModule
+    from regfw.module import RegularizedModule
+
+    result = fit(load_config(cfg_path, ["model.init_args.at=[3,6]", "run.on_nan=skip"]), run_dir="run", quiet=True)
+    restored = RegularizedModule.load_from_checkpoint(result.checkpoint)
+    assert restored.hparams.on_nan == "skip" and restored.on_nonfinite == "skip"
+    assert restored.model.at == {3, 6} and restored.model.calls == 0  # NaN again on its 3rd and 6th pass
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"that batch is skipped \(run.on_nan=skip\), 2 so far"):
+        trainer.fit(restored, datamodule=DigitsDataModule(batch_size=32, train_fraction=0.3))
+    assert restored.nonfinite_skipped == 2 and _finite(restored)
+
+
+def test_on_nan_is_checked_by_the_module():
+    from torch import nn
+
+    from regfw.module import RegularizedModule
+
+    with pytest.raises(ConfigError, match=r"run.on_nan: got 'skipp', expected one of stop, skip, ignore"):
+        RegularizedModule(nn.Linear(2, 2), on_nan="skipp")
+
+
 def test_ignore_trains_on_garbage(cfg_path):
     result = fit(load_config(cfg_path, ["model.init_args.at=[3]", "run.on_nan=ignore"]), run_dir="run", quiet=True)
     assert not _finite(result.module)  # what the default guards against

@@ -90,7 +90,7 @@ def test_max_norm_config_is_checked():
         build_regularizers({"max_norm": {"max_value": 0}})
     with pytest.raises(ConfigError, match=r"regularizers\.max_norm\.kinds\[0\]: got 'recurrent'"):
         build_regularizers({"max_norm": {"kinds": ["recurrent"]}})
-    with pytest.raises(ConfigError, match=r"regularizers\.max_norm: kinds: got an empty list"):
+    with pytest.raises(ConfigError, match=r"regularizers\.max_norm\.kinds: got an empty list"):
         build_regularizers({"max_norm": {"kinds": []}})
     assert MaxNormConfig().max_value == 3.0
 

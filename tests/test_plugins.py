@@ -138,3 +138,17 @@ def test_broken_plugin_does_not_break_help(tmp_path, run_cli):
     assert result.returncode == 2
     assert "regfw plugins: error: plugin 'broken'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plugin_discovery_imports_no_lightning():
+    """Every built-in loads at discovery (``regfw plugins``, config validation) without Lightning:
+    the per-step callbacks (regfw.step_hooks, the adaptive and coadaptation callbacks) are imported
+    only when a fit asks a regularizer for them."""
+    import subprocess
+
+    code = ("import sys; from regfw.registry import get_registry; names = get_registry().names(); "
+            "print(sorted(names)); print('pytorch_lightning' in sys.modules, 'lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    names, lightning = out.stdout.strip().splitlines()
+    assert "'adaptive_dropout'" in names and "'coadaptation'" in names and "'max_norm'" in names
+    assert lightning == "False False"

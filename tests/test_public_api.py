@@ -10,7 +10,10 @@ import pytest
 
 from regfw.scaffold import render_template
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "plugins.md"
+#: The built-in plugins (import package ``regfw_plugins``): written exactly as a third party would.
+BUILTIN_PLUGINS = sorted((ROOT / "plugins").rglob("*.py"))
 
 
 def public_api() -> dict[str, set[str]]:
@@ -30,8 +33,12 @@ def public_api() -> dict[str, set[str]]:
     return table
 
 
-def violations(source: str, own_package: str, api: dict[str, set[str]]) -> list[str]:
-    """Every use of regfw in ``source`` outside ``api``, and every import of another ``regfw_*`` package."""
+def violations(source: str, own_package: str, api: dict[str, set[str]], own_levels: int = 0) -> list[str]:
+    """Every use of regfw in ``source`` outside ``api``, and every import of another ``regfw_*`` package.
+
+    ``own_levels``: how many levels of relative import stay inside the plugin's own package (1 for a
+    module of a plugin package such as ``plugins/adaptive/``; 0 for a one-module plugin).
+    """
     found: list[str] = []
     aliases: dict[str, str] = {}  # local name -> public module it is bound to
     tree = ast.parse(source)
@@ -45,7 +52,10 @@ def violations(source: str, own_package: str, api: dict[str, set[str]]) -> list[
                     aliases[alias.asname or top] = alias.name if alias.asname else "regfw"
                 elif top.startswith("regfw_") and top != own_package:
                     found.append(f"import {alias.name}: another regfw package")
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level > own_levels:
+            found.append(f"from {'.' * node.level}{node.module or ''} import ...: a relative import of another "
+                         f"module of the plugin package")
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             top = node.module.split(".")[0]
             if top == "regfw":
                 if node.module not in api:
@@ -88,10 +98,28 @@ def test_the_plugin_template_uses_only_the_public_api():
     api = public_api()
     files = render_template("api_check")
     sources = {path: text for path, text in files.items() if path.endswith(".py")}
-    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py"}
+    assert set(sources) == {"regfw_api_check/__init__.py", "tests/test_api_check.py", "tests/test_typing.py"}
     for path, text in sources.items():
         assert "regfw" in text
         assert violations(text, "regfw_api_check", api) == [], path
+
+
+@pytest.mark.parametrize("path", BUILTIN_PLUGINS, ids=lambda p: str(p.relative_to(ROOT / "plugins")))
+def test_every_builtin_plugin_uses_only_the_public_api(path):
+    """A built-in imports only the public names, and no other plugin: a module of a plugin package
+    (``plugins/adaptive/``) may import its own package, nothing else of ``regfw_plugins``."""
+    nested = path.parent != ROOT / "plugins"
+    own = f"regfw_plugins.{path.parent.name}" if nested else ""
+    found = violations(path.read_text(), "", public_api(), own_levels=1 if nested else 0)
+    # An absolute import of the plugin's own package is fine too.
+    assert [v for v in found if not (own and v.startswith(f"from {own}"))] == []
+
+
+def test_the_builtin_plugins_are_all_checked():
+    names = {str(p.relative_to(ROOT / "plugins").with_suffix("")) for p in BUILTIN_PLUGINS}
+    assert {"dropout", "noise", "weight_decay", "l1", "max_norm", "drop_path", "adaptive/__init__",
+            "adaptive/callback", "coadaptation/__init__", "coadaptation/monitor"} <= names
+    assert "_callbacks" not in names  # shared helpers live in the public API (regfw.step_hooks)
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -102,6 +130,9 @@ def test_the_plugin_template_uses_only_the_public_api():
     ("import regfw.plan", "import regfw.plan: not a public module"),
     ("import regfw.kinds as K\nK.builtin_kind", "K.builtin_kind: not public in regfw.kinds"),
     ("from regfw_plugins.dropout import Dropout", "from regfw_plugins.dropout import ...: another regfw package"),
+    ("from .weight_decay import check_finite",
+     "from .weight_decay import ...: a relative import of another module of the plugin package"),
+    ("def f():\n    from regfw.surgery import analyse", "from regfw.surgery import ...: not a public module"),
 ])
 def test_the_checker_reports_private_uses(source, expected):
     assert violations(source, "regfw_mine", public_api()) == [expected]

@@ -38,6 +38,7 @@ EXPECTED_FILES = {
     "pyproject.toml",
     "regfw_my_noise/__init__.py",
     "tests/test_my_noise.py",
+    "tests/test_typing.py",
 }
 
 

@@ -11,8 +11,8 @@ from regfw_plugins.weight_decay import (
     GROUP_KEY,
     WeightDecay,
     WeightDecayConfig,
-    split_parameters,
 )
+from regfw.params import split_parameters
 from torch import nn
 
 from regfw.config import validate

@@ -5,6 +5,7 @@ Importing this package needs torch only.
 """
 from .attention import DEFAULT_ATTENTION_DROPOUT, set_attention_dropout
 from .base import Rate, StochasticModule, check_rate
+from .concrete import ConcreteDropout, concrete_dropout, concrete_regularizer
 from .drop_block import DropBlock2d, drop_block_2d, drop_block_gamma
 from .drop_path import DropPath, drop_path, drop_path_schedule
 from .dropout import (
@@ -20,6 +21,7 @@ from .dropout import (
     gaussian_dropout,
     spatial_dropout,
 )
+from .embedding import EMBEDDING_DROPOUT_ATTR, EmbeddingDropout, apply_embedding_dropout, embedding_dropout
 from .recurrent import (
     LockedDropout,
     WeightDrop,
@@ -58,4 +60,11 @@ __all__ = [
     "remove_weight_drop",
     "set_attention_dropout",
     "DEFAULT_ATTENTION_DROPOUT",
+    "ConcreteDropout",
+    "concrete_dropout",
+    "concrete_regularizer",
+    "EmbeddingDropout",
+    "embedding_dropout",
+    "apply_embedding_dropout",
+    "EMBEDDING_DROPOUT_ATTR",
 ]

@@ -72,10 +72,10 @@ _LAZY = {
     # callback
     "MCDropoutUncertainty": "regfw.uncertainty.callback",
     # active learning
-    "rank": "regfw.uncertainty.active",
-    "acquisition_scores": "regfw.uncertainty.active",
-    "Ranked": "regfw.uncertainty.active",
-    "ACQUISITIONS": "regfw.uncertainty.active",
+    "rank": "regfw.uncertainty.acquisition",
+    "acquisition_scores": "regfw.uncertainty.acquisition",
+    "Ranked": "regfw.uncertainty.acquisition",
+    "ACQUISITIONS": "regfw.uncertainty.acquisition",
 }
 
 __all__ = [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -31,11 +31,16 @@ from regfw.uncertainty.sampling import (
     TASKS,
     OutputTransform,
     _check_samples,
+    _dropout_family,
     _require_stochastic,
     derive_seed,
     mc_predict,
+    stochastic_modules,
 )
 from regfw.uncertainty.summaries import SCORES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from regfw.config import UncertaintyConfig
 
 __all__ = ["MCDropoutUncertainty", "CLASSIFICATION_SCORES", "REGRESSION_SCORES"]
 
@@ -128,6 +133,49 @@ class MCDropoutUncertainty(pl.Callback):
         score = score or ("mutual_information" if task == "classification" else "variance")
         if score not in allowed:
             raise ValueError(f"MCDropoutUncertainty: score for task={task!r} must be one of {list(allowed)}, got {score!r}")
+        self._assign(strategy, budget_bytes, task, every_n_epochs, max_batches, subset, score, threshold, refer_fraction,
+                     n_bins, levels, tau, output_transform, plots, plot_dir, seed, dataloader_idx, batch_to_xy, prefix)
+
+    @classmethod
+    def from_config(cls, config: UncertaintyConfig, *, task: str = "classification",
+                    output_transform: OutputTransform | None = None, plot_dir: str | None = None,
+                    **options: Any) -> MCDropoutUncertainty:
+        """The callback for a validated ``uncertainty:`` section, passed as one object.
+
+        ``config`` is a :class:`regfw.config.UncertaintyConfig` (from :func:`regfw.config.load_config`),
+        whose fields were checked when it was loaded and are not checked again; only what depends
+        on the model is: ``task``, and the config's ``score`` against it (a
+        :class:`~regfw.errors.ConfigError` naming ``uncertainty.score``). ``options`` are the
+        constructor's other keywords (``subset``, ``n_bins``, ``levels``, ``batch_to_xy``,
+        ``dataloader_idx``, ``prefix``).
+        """
+        from regfw.errors import ConfigError
+
+        if task not in TASKS:
+            raise ValueError(f"MCDropoutUncertainty: task must be one of {list(TASKS)}, got {task!r}")
+        allowed = CLASSIFICATION_SCORES if task == "classification" else REGRESSION_SCORES
+        score = config.score or ("mutual_information" if task == "classification" else "variance")
+        if score not in allowed:
+            raise ConfigError(f"uncertainty.score: got {score!r} for a {task} model, expected one of "
+                              f"{', '.join(allowed)}")
+        self = cls.__new__(cls)
+        pl.Callback.__init__(self)
+        self.samples = config.samples
+        self._assign(config.strategy, int(config.budget_mb * 2**20), task, config.every_n_epochs, config.max_batches,
+                     options.pop("subset", None), score, config.threshold, config.refer_fraction,
+                     options.pop("n_bins", DEFAULT_BINS), options.pop("levels", DEFAULT_LEVELS), config.tau,
+                     output_transform, config.plots, plot_dir, config.seed, options.pop("dataloader_idx", 0),
+                     options.pop("batch_to_xy", None), options.pop("prefix", "mc/"))
+        if options:
+            raise TypeError(f"MCDropoutUncertainty.from_config: unexpected keyword(s) {sorted(options)}")
+        return self
+
+    def _assign(self, strategy: str, budget_bytes: int | None, task: str, every_n_epochs: int, max_batches: int | None,
+                subset: float | None, score: str, threshold: float | None, refer_fraction: float, n_bins: int,
+                levels: Sequence[float], tau: float | None, output_transform: OutputTransform | None, plots: bool,
+                plot_dir: str | None, seed: int | None, dataloader_idx: int,
+                batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None, prefix: str) -> None:
+        """Set the (checked) settings and the empty state: the one place both constructors share."""
         self.strategy = strategy
         self.budget_bytes = budget_bytes
         self.task = task
@@ -198,6 +246,11 @@ class MCDropoutUncertainty(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
         self._batches = 0
+        if self._active and not stochastic_modules(pl_module) and _dropout_family(pl_module):
+            # every rate is 0 for now (a rate schedule's early or late phase): nothing to sample
+            rank_zero_warn(f"MCDropoutUncertainty: every dropout rate is 0 at epoch {trainer.current_epoch} (a rate "
+                           f"schedule?); Monte Carlo dropout is skipped this epoch")
+            self._active = False
         if self._active:
             _require_stochastic(pl_module)
             self._metric.reset()

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from regfw.layers.base import StochasticModule
-from regfw.tensors import iter_tensors
+from regfw.tensors import iter_tensors, split_mean_variance
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -492,10 +492,7 @@ OutputTransform = Callable[[Tensor], Tensor | Sequence[Tensor]]
 def split_mean_logvar(outputs: Tensor) -> tuple[Tensor, Tensor]:
     """``output_transform`` for heteroscedastic regression: the last dimension holds the means
     followed by the log-variances (``2 * D`` values); returns ``(means, variances)``."""
-    d = outputs.shape[-1]
-    if d % 2:
-        raise ValueError(f"split_mean_logvar needs an even last dimension (means then log-variances), got {d}")
-    return outputs[..., : d // 2], outputs[..., d // 2 :].exp()
+    return split_mean_variance(outputs, link="exp")
 
 
 def _check_samples(samples: Any) -> int:

@@ -193,3 +193,27 @@ def test_state_dict_round_trip_and_argument_checks():
         MCDropoutUncertainty(subset=1.5)
     with pytest.raises(ValueError, match="score for task='regression'"):
         MCDropoutUncertainty(task="regression", score="mutual_information")
+
+
+def test_from_config_takes_the_uncertainty_section_as_one_object():
+    from regfw.config import UncertaintyConfig, validate
+    from regfw.errors import ConfigError
+
+    unc = validate({"uncertainty": {"samples": 12, "strategy": "loop", "budget_mb": 2.0, "every_n_epochs": 3,
+                                    "max_batches": 4, "threshold": 0.5, "refer_fraction": 0.3, "plots": False,
+                                    "seed": 7}}, check_plugins=False).uncertainty
+    assert isinstance(unc, UncertaintyConfig)
+    cb = MCDropoutUncertainty.from_config(unc, task="classification", plot_dir="plots", prefix="mcd/")
+    keywords = MCDropoutUncertainty(samples=12, strategy="loop", budget_bytes=2 * 2**20, every_n_epochs=3,
+                                    max_batches=4, threshold=0.5, refer_fraction=0.3, plots=False, seed=7,
+                                    plot_dir="plots", prefix="mcd/")
+    settings = ("samples", "strategy", "budget_bytes", "task", "every_n_epochs", "max_batches", "subset", "score",
+                "threshold", "refer_fraction", "n_bins", "levels", "tau", "plots", "plot_dir", "seed", "prefix")
+    assert {k: getattr(cb, k) for k in settings} == {k: getattr(keywords, k) for k in settings}
+    assert cb.score == "mutual_information" and cb.state_key == keywords.state_key
+    # What depends on the model is still checked, naming the config key.
+    with pytest.raises(ConfigError, match=r"uncertainty.score: got 'mutual_information' for a regression model, "
+                                          r"expected one of variance, entropy"):
+        MCDropoutUncertainty.from_config(UncertaintyConfig(score="mutual_information"), task="regression")
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['sample'\]"):
+        MCDropoutUncertainty.from_config(unc, sample=3)

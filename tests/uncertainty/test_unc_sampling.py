@@ -363,3 +363,27 @@ def test_batched_gives_distinct_samples_with_a_batch_shared_weight_mask():
     for strategy in ("batched", "auto"):
         out = mc_predict(net, x, samples=6, strategy=strategy, seed=0).outputs
         assert out.std(0).min() > 0, strategy  # every row varies across the T samples
+
+
+def test_training_and_mc_dropout_share_one_mean_variance_split():
+    """The gaussian_nll loss and MC dropout's output transforms read a Gaussian head through one
+    function (regfw.tensors.split_mean_variance): softplus for the loss, exp for log-variance heads."""
+    import torch.nn.functional as F
+
+    from regfw.module import gaussian_nll
+    from regfw.module import split_mean_variance as training_split
+    from regfw.tensors import split_mean_variance
+
+    out = torch.tensor([[0.5, -1.0, 2.0, -3.0]])
+    mean, var = split_mean_variance(out)
+    assert torch.equal(mean, out[:, :2])
+    assert torch.allclose(var, F.softplus(out[:, 2:]) + 1e-6)
+    assert training_split is split_mean_variance  # what run.py hands MC dropout for gaussian_nll
+    target = torch.tensor([[0.0, 0.0]])
+    assert torch.allclose(gaussian_nll(out, target), F.gaussian_nll_loss(mean, target, var))
+    log_mean, log_var = split_mean_logvar(out)
+    assert torch.equal(log_mean, mean) and torch.allclose(log_var, out[:, 2:].exp())
+    with pytest.raises(ValueError, match="split_mean_variance needs an even last dimension .* got 3"):
+        split_mean_logvar(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="link must be one of softplus, exp, got 'relu'"):
+        split_mean_variance(out, link="relu")

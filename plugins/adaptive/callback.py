@@ -1,7 +1,8 @@
 """Adaptive dropout rates: "raise dropout if overfitting, lower it if underfitting", automated.
 
-The rule of thumb (Srivastava et al., JMLR 2014, appendix A; every practitioner's guide since) is
-applied by :class:`AdaptiveDropout`, a Lightning callback. At the end of each validation it compares
+The Lightning part of the ``adaptive_dropout`` plugin (its settings and regularizer are in
+:mod:`regfw_plugins.adaptive`). The rule of thumb (Srivastava et al., JMLR 2014, appendix A; every
+practitioner's guide since) is applied by :class:`AdaptiveDropoutCallback`. At the end of each validation it compares
 
 * ``train_loss``: the mean training loss since the previous validation. By default (``train_loss=
   "clean"``) it is measured with the model in eval mode -- dropout off, as for the validation loss --
@@ -22,17 +23,18 @@ and diagnoses (:func:`diagnose`), in this order:
 
 A move happens only after the same diagnosis ``patience`` validations in a row, then the count
 restarts (and ``cooldown`` validations are skipped). Each layer stays inside the range of its
-layer kind in :data:`regfw.kinds.RATE_TABLE` (or ``min_rate``/``max_rate`` when given), and a
+layer kind in :data:`regfw.kinds.RATE_TABLE`, or its regularizer's own range for the kind
+(``rate_ranges``: alpha dropout's 0.05-0.1), or ``min_rate``/``max_rate`` when given, and a
 rate already outside that range is never moved further out. The layers moved are the dropout
 modules regfw inserted or re-rated (found through the plan of a
 :class:`~regfw.module.RegularizedModule`, whose rows give each layer's kind, or by their
 ``regfw_`` names in any other module).
 
-Every decision is kept in :attr:`AdaptiveDropout.history`; every change is logged with its reason
+Every decision is kept in :attr:`AdaptiveDropoutCallback.history`; every change is logged with its reason
 to the Python logger ``regfw.adaptive`` (INFO), to the Lightning loggers (metrics
 ``adaptive_dropout/decision``, ``adaptive_dropout/gap``, ``adaptive_dropout/rate/<kind>``; the
 reason as text where a logger takes text) and to ``adaptive_dropout.jsonl`` in the log directory.
-:meth:`AdaptiveDropout.state_dict` holds the schedule (rates, streak, cooldown, history), so a run
+:meth:`AdaptiveDropoutCallback.state_dict` holds the schedule (rates, streak, cooldown, history), so a run
 resumed from a checkpoint continues the same schedule.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,8 +53,12 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from regfw import kinds as K
+from regfw.config import validate_dataclass
+from regfw.placement import INJECTED_PREFIX, is_dropout, planned_module
 
-__all__ = ["AdaptiveDropout", "Diagnosis", "Decision", "RateTarget", "diagnose", "rate_targets", "UNKNOWN_RANGE"]
+from . import AdaptiveDropoutConfig
+
+__all__ = ["AdaptiveDropoutCallback", "Diagnosis", "Decision", "RateTarget", "diagnose", "rate_targets", "UNKNOWN_RANGE"]
 
 logger = logging.getLogger("regfw.adaptive")
 
@@ -126,63 +132,40 @@ class Decision:
 
 
 def _has_rate(module: nn.Module) -> bool:
-    from regfw.surgery import is_dropout
-
     p = getattr(module, "p", None)
     return is_dropout(module) and isinstance(p, (int, float)) and not isinstance(p, bool)
 
 
-def _row_module(model: nn.Module, row: Any) -> tuple[str, nn.Module] | None:
-    """The module a plan row inserted (``before``/``after``) or re-rated (``set``)."""
-    from regfw.surgery import INJECTED_PREFIX, injected_name
-
-    if row.action == "set":
-        path = row.anchor or row.path
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            return None
-    if row.action not in ("before", "after") or row.anchor is None:
-        return None
-    try:
-        host = model.get_submodule(row.anchor) if row.anchor else model
-    except AttributeError:
-        return None
-    expected = injected_name(row.regularizer, row.action)
-    names = [expected] + [n for n in host._modules if n.startswith(INJECTED_PREFIX) and n.endswith(row.regularizer)
-                          and (("input_" in n) == (row.action == "before"))]
-    for name in names:
-        if name in host._modules:
-            return (f"{row.anchor}.{name}" if row.anchor else name), host._modules[name]
-    return None
-
-
 def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str] | None = None,
-                 min_rate: float | None = None, max_rate: float | None = None) -> list[RateTarget]:
+                 min_rate: float | None = None, max_rate: float | None = None,
+                 own_ranges: Mapping[str, K.OwnRanges] | None = None) -> list[RateTarget]:
     """The dropout modules regfw inserted in ``model`` or re-rated, with their kinds and ranges.
 
     ``rows`` are the plan rows (:meth:`regfw.plan.Plan.rows`) that give each module its kind;
     injected modules no row accounts for (their child name starts with ``regfw_``) are added with
     kind ``input`` for ``regfw_input_*`` children and unknown otherwise (range
-    :data:`UNKNOWN_RANGE`). ``kinds`` keeps only those kinds; ``min_rate``/``max_rate`` replace the
-    kind ranges.
+    :data:`UNKNOWN_RANGE`). A row's range is its regularizer's own (``own_ranges``: regularizer name
+    -> its ``rate_ranges``, e.g. alpha dropout's 0.05-0.1) where it declares one for the kind, else
+    the rate table's. ``kinds`` keeps only those kinds; ``min_rate``/``max_rate`` replace the ranges.
     """
-    from regfw.surgery import INJECTED_PREFIX
-
     found: dict[int, RateTarget] = {}
 
-    def add(path: str, module: nn.Module, kind: str | None) -> None:
+    def add(path: str, module: nn.Module, kind: str | None, regularizer: str | None = None) -> None:
         if id(module) in found or not _has_rate(module):
             return
-        rng = K.RATE_TABLE.get(kind, UNKNOWN_RANGE) if kind is not None else UNKNOWN_RANGE
+        own = (own_ranges or {}).get(regularizer or "", {})
+        if kind is not None and (kind in own or kind in K.RATE_TABLE):
+            rng = K.rate_range(kind, own)
+        else:
+            rng = UNKNOWN_RANGE
         low = rng.low if min_rate is None else float(min_rate)
         high = rng.high if max_rate is None else float(max_rate)
         found[id(module)] = RateTarget(path, kind, low, high, module)
 
     for row in rows:
-        hit = _row_module(model, row)
+        hit = planned_module(model, row)
         if hit is not None:
-            add(hit[0], hit[1], row.kind)
+            add(hit[0], hit[1], row.kind, row.regularizer)
     for path, module in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if name.startswith(INJECTED_PREFIX):
@@ -193,36 +176,7 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str
     return targets
 
 
-def _validate(step: float, patience: int, gap_threshold: float, loss_threshold: float | None,
-              stall_delta: float | None, cooldown: int, train_loss: str, clean_every: int,
-              kinds: Sequence[str] | None, min_rate: float | None, max_rate: float | None) -> None:
-    def whole(name: str, value: Any, least: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"AdaptiveDropout: {name} must be an integer >= {least}, got {value!r}")
-
-    if not 0.0 < float(step) < 1.0:
-        raise ValueError(f"AdaptiveDropout: step must be in (0, 1), got {step!r}")
-    whole("patience", patience, 1)
-    whole("cooldown", cooldown, 0)
-    whole("clean_every", clean_every, 1)
-    for name, value in (("gap_threshold", gap_threshold), ("loss_threshold", loss_threshold),
-                        ("stall_delta", stall_delta)):
-        if value is not None and float(value) < 0:
-            raise ValueError(f"AdaptiveDropout: {name} must be >= 0, got {value!r}")
-    if train_loss not in TRAIN_LOSSES:
-        raise ValueError(f"AdaptiveDropout: train_loss must be one of {list(TRAIN_LOSSES)}, got {train_loss!r}")
-    for name, value in (("min_rate", min_rate), ("max_rate", max_rate)):
-        if value is not None and not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"AdaptiveDropout: {name} must be in [0, 1) or None, got {value!r}")
-    if min_rate is not None and max_rate is not None and float(min_rate) > float(max_rate):
-        raise ValueError(f"AdaptiveDropout: min_rate {min_rate!r} is above max_rate {max_rate!r}")
-    if kinds is not None:
-        unknown = [k for k in kinds if k not in K.RATE_KINDS]
-        if unknown:
-            raise ValueError(f"AdaptiveDropout: kinds {unknown} unknown; expected some of {', '.join(K.RATE_KINDS)}")
-
-
-class AdaptiveDropout(pl.Callback):
+class AdaptiveDropoutCallback(pl.Callback):
     """Move the injected dropout rates up when overfitting and down when underfitting.
 
     See the module docstring for the rule. Use it through the ``adaptive_dropout`` regularizer
@@ -231,6 +185,10 @@ class AdaptiveDropout(pl.Callback):
     dropout).
 
     Args:
+        config: the settings as one :class:`~regfw_plugins.adaptive.AdaptiveDropoutConfig` (what the
+            ``adaptive_dropout`` regularizer passes); or give them as the keywords below, which are
+            validated the same way (a :class:`~regfw.errors.ConfigError` naming
+            ``AdaptiveDropout.<keyword>``).
         step: how much one move changes each rate (absolute: 0.3 becomes 0.35 with 0.05).
         patience: validations in a row with the same diagnosis before a move.
         gap_threshold: the validation-minus-training loss gap, in loss units, above which the
@@ -252,29 +210,18 @@ class AdaptiveDropout(pl.Callback):
         prefix: prefix of the logged metric names.
     """
 
-    def __init__(self, step: float = 0.05, patience: int = 2, gap_threshold: float = 0.1,
-                 loss_threshold: float | None = None, stall_delta: float | None = 0.01,
-                 monitor: str = "val_loss", train_loss: str = "clean", clean_every: int = 1,
-                 loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, cooldown: int = 0,
-                 kinds: Sequence[str] | None = None, min_rate: float | None = None,
-                 max_rate: float | None = None, log_file: str | None = "adaptive_dropout.jsonl",
-                 prefix: str = "adaptive_dropout/") -> None:
+    def __init__(self, config: AdaptiveDropoutConfig | None = None, *,
+                 loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                 log_file: str | None = "adaptive_dropout.jsonl", prefix: str = "adaptive_dropout/",
+                 **settings: Any) -> None:
         super().__init__()
-        _validate(step, patience, gap_threshold, loss_threshold, stall_delta, cooldown, train_loss, clean_every,
-                  kinds, min_rate, max_rate)
-        self.step = float(step)
-        self.patience = patience
-        self.gap_threshold = float(gap_threshold)
-        self.loss_threshold = None if loss_threshold is None else float(loss_threshold)
-        self.stall_delta = None if stall_delta is None else float(stall_delta)
-        self.monitor = monitor
-        self.train_loss = train_loss
-        self.clean_every = clean_every
+        if config is not None and settings:
+            raise TypeError(f"AdaptiveDropoutCallback: give the settings as one AdaptiveDropoutConfig or as keywords, "
+                            f"not both (got {sorted(settings)})")
+        #: The validated settings; keywords go through the same validation as the config section.
+        self.config: AdaptiveDropoutConfig = (
+            config if config is not None else validate_dataclass(AdaptiveDropoutConfig, settings, "AdaptiveDropout"))
         self.loss_fn = loss_fn
-        self.cooldown = cooldown
-        self.kinds = list(kinds) if kinds is not None else None
-        self.min_rate = min_rate
-        self.max_rate = max_rate
         self.log_file = log_file
         self.prefix = prefix
         self.targets: list[RateTarget] = []
@@ -288,6 +235,11 @@ class AdaptiveDropout(pl.Callback):
         self._pending_rates: dict[str, float] | None = None
         self._warned: set[str] = set()
         self._clean_fn: Callable | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The checkpoint key of the schedule (the callback's name before it moved into the plugin)."""
+        return "AdaptiveDropout"
 
     # ------------------------------------------------------------------ binding to a model
 
@@ -304,7 +256,9 @@ class AdaptiveDropout(pl.Callback):
         rows = plan.rows() if plan is not None and hasattr(plan, "rows") else []
         if isinstance(inner, nn.Module) and rows:
             model, prefix = inner, "model."
-        targets = rate_targets(model, rows, self.kinds, self.min_rate, self.max_rate)
+        regularizers = getattr(module, "regularizers", None) or ()
+        own = {r.name: r.rate_ranges for r in regularizers if getattr(r, "rate_ranges", None)}
+        targets = rate_targets(model, rows, self.config.kinds, self.config.min_rate, self.config.max_rate, own)
         for t in targets:
             t.path = prefix + t.path
         self.targets = targets
@@ -333,16 +287,16 @@ class AdaptiveDropout(pl.Callback):
     def _moved_rate(self, target: RateTarget, direction: int) -> float:
         p = target.rate
         if direction == UP:
-            new = max(p, min(p + self.step, target.high))
+            new = max(p, min(p + self.config.step, target.high))
         else:
-            new = min(p, max(p - self.step, target.low))
+            new = min(p, max(p - self.config.step, target.low))
         return round(new, 6)
 
     def decide(self, train_loss: float, val_loss: float, epoch: int = 0, global_step: int = 0) -> Decision:
         """The decision for these losses given the current state; changes nothing."""
         gap = float(val_loss) - float(train_loss)
-        diag = diagnose(float(train_loss), float(val_loss), self.gap_threshold, self.loss_threshold,
-                        self.previous_train_loss, self.stall_delta)
+        diag = diagnose(float(train_loss), float(val_loss), self.config.gap_threshold, self.config.loss_threshold,
+                        self.previous_train_loss, self.config.stall_delta)
 
         def decision(action: str, reason: str, changes: dict | None = None) -> Decision:
             return Decision(epoch, global_step, float(train_loss), float(val_loss), gap, diag.direction, action,
@@ -353,8 +307,8 @@ class AdaptiveDropout(pl.Callback):
         if diag.direction == HOLD:
             return decision("hold", diag.reason)
         streak = self.streak + 1 if diag.direction == self.streak_direction else 1
-        if streak < self.patience:
-            return decision("wait", f"{diag.reason}; {streak}/{self.patience} validations in a row")
+        if streak < self.config.patience:
+            return decision("wait", f"{diag.reason}; {streak}/{self.config.patience} validations in a row")
         changes = {}
         for t in self.targets:
             new = self._moved_rate(t, diag.direction)
@@ -364,7 +318,7 @@ class AdaptiveDropout(pl.Callback):
             bound = "upper" if diag.direction == UP else "lower"
             return decision("at_bound", f"{diag.reason}; every rate is at its {bound} bound")
         verb = "raise" if diag.direction == UP else "lower"
-        return decision(verb, f"{diag.reason}; {verb} {len(changes)} rate(s) by {self.step:g}", changes)
+        return decision(verb, f"{diag.reason}; {verb} {len(changes)} rate(s) by {self.config.step:g}", changes)
 
     def observe(self, train_loss: float, val_loss: float, epoch: int = 0, global_step: int = 0) -> Decision:
         """Decide, apply the decision to the target layers and the state, and record it."""
@@ -382,7 +336,7 @@ class AdaptiveDropout(pl.Callback):
                 by_path = {t.path: t for t in self.targets}
                 for path, (_, new) in d.changes.items():
                     by_path[path].module.p = new
-                self.cooldown_left = self.cooldown
+                self.cooldown_left = self.config.cooldown
         self.previous_train_loss = float(train_loss)
         self.history.append(d)
         level = logging.INFO if d.action in ("raise", "lower", "at_bound") else logging.DEBUG
@@ -405,7 +359,7 @@ class AdaptiveDropout(pl.Callback):
                 "e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
         self._clean_fn = None
-        if self.train_loss == "clean":
+        if self.config.train_loss == "clean":
             self._clean_fn = self.loss_fn or getattr(pl_module, "loss_fn", None)
             if not callable(self._clean_fn):
                 self._clean_fn = None
@@ -438,7 +392,7 @@ class AdaptiveDropout(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._clean_fn is not None and batch_idx % self.clean_every == 0:
+        if self._clean_fn is not None and batch_idx % self.config.clean_every == 0:
             value = self._clean_loss(pl_module, batch)
             if value is not None:
                 self._add(value)
@@ -454,10 +408,10 @@ class AdaptiveDropout(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._loss_count == 0:
             return
-        val = trainer.callback_metrics.get(self.monitor)
+        val = trainer.callback_metrics.get(self.config.monitor)
         if val is None:
             known = ", ".join(sorted(trainer.callback_metrics)) or "(none)"
-            self._warn_once("monitor", f"AdaptiveDropout: monitor {self.monitor!r} was not logged at validation; "
+            self._warn_once("monitor", f"AdaptiveDropout: monitor {self.config.monitor!r} was not logged at validation; "
                                        f"logged metrics: {known}. Set `monitor` to one of them.")
             return
         train_loss = self._loss_sum / self._loss_count

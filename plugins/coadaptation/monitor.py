@@ -1,5 +1,8 @@
 """Co-adaptation of hidden units, measured: the mean absolute correlation between units.
 
+The measure and the Lightning callback of the ``coadaptation`` plugin (its settings and
+regularizer are in :mod:`regfw_plugins.coadaptation`).
+
 Hinton et al. ("Improving neural networks by preventing co-adaptation of feature detectors",
 2012) and Srivastava et al. (JMLR 2014, section 7.1) argue that dropout stops hidden units from
 relying on particular other units, so each learns a feature useful on its own. Co-adaptation has
@@ -10,7 +13,7 @@ pairs ``i != j`` of live units on some data, with the model in eval mode; :class
 logs it every validation epoch from the model's own validation forward passes (no extra pass).
 
 Which activations: by default, for every hidden (``nn.Linear``) and conv layer except the output
-layer, the output of the module a dropout would be inserted after (:func:`regfw.surgery.after_anchor`:
+layer, the output of the module a dropout would be inserted after (:func:`regfw.placement.after_anchor`:
 past the norm and activation layers that consume the layer's output), i.e. the post-activation
 units.
 Conv maps count channels as units and every position as an observation. Units that never vary
@@ -19,7 +22,7 @@ on the data (dead ReLUs) have no correlation and are left out and counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from regfw import kinds as K
+from regfw.config import validate_dataclass
+from regfw.placement import after_anchor, analyse, classify
+
+from . import CoadaptationConfig
 
 __all__ = [
     "CorrelationStats",
@@ -108,12 +115,10 @@ def unit_layers(model: nn.Module, example_input: Any = None, layers: Any = None)
     """The modules whose outputs are measured, as ``{path: unit_dim}``.
 
     ``layers`` None: the default described in the module docstring (read with
-    :func:`regfw.surgery.analyse`; ``example_input`` lets a traced forward pass decide which
+    :func:`regfw.placement.analyse`; ``example_input`` lets a traced forward pass decide which
     layer is the output layer and what follows each layer). Otherwise a list of module paths (units on the last
     dimension, or dimension 1 for conv layers) or a mapping ``{path: unit_dim}``.
     """
-    from regfw.surgery import after_anchor, analyse
-
     names = dict(model.named_modules())
     if layers is not None:
         chosen = dict(layers) if isinstance(layers, Mapping) else {str(p): None for p in layers}
@@ -126,7 +131,7 @@ def unit_layers(model: nn.Module, example_input: Any = None, layers: Any = None)
                     f"module paths look like {', '.join(map(repr, known))}"
                 )
             if dim is None:
-                dim = 1 if K.builtin_kind(names[path]) == K.CONV else -1
+                dim = 1 if classify(names[path], path) == K.CONV else -1
             out[path] = int(dim)
         return out
     mm = analyse(model, example_input)
@@ -268,6 +273,9 @@ class CoadaptationMonitor(pl.Callback):
     and ``coadaptation/mean``. :attr:`last` holds the last per-layer results.
 
     Args:
+        config: the settings as one :class:`~regfw_plugins.coadaptation.CoadaptationConfig` (what the
+            ``coadaptation`` regularizer passes); or give them as the keywords below, validated the
+            same way (a :class:`~regfw.errors.ConfigError` naming ``CoadaptationMonitor.<keyword>``).
         layers: see :func:`unit_layers`; None measures every hidden and conv layer but the
             output one (of ``pl_module.model`` when it has one, e.g. a ``RegularizedModule``).
         every_n_epochs: measure after every N-th training epoch.
@@ -276,18 +284,15 @@ class CoadaptationMonitor(pl.Callback):
         prefix: prefix of the logged names.
     """
 
-    def __init__(self, layers: Sequence[str] | None = None, every_n_epochs: int = 1,
-                 max_batches: int | None = None, max_units: int | None = DEFAULT_MAX_UNITS,
-                 prefix: str = "coadaptation/") -> None:
+    def __init__(self, config: CoadaptationConfig | None = None, *, prefix: str = "coadaptation/",
+                 **settings: Any) -> None:
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"CoadaptationMonitor: every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"CoadaptationMonitor: max_batches must be an integer >= 1 or None, got {max_batches!r}")
-        self.layers = list(layers) if layers is not None else None
-        self.every_n_epochs = every_n_epochs
-        self.max_batches = max_batches
-        self.max_units = max_units
+        if config is not None and settings:
+            raise TypeError(f"CoadaptationMonitor: give the settings as one CoadaptationConfig or as keywords, "
+                            f"not both (got {sorted(settings)})")
+        #: The validated settings; keywords go through the same validation as the config section.
+        self.config: CoadaptationConfig = (
+            config if config is not None else validate_dataclass(CoadaptationConfig, settings, "CoadaptationMonitor"))
         self.prefix = prefix
         self.last: dict[str, LayerCoadaptation] = {}
         self.history: list[dict[str, float]] = []
@@ -303,8 +308,8 @@ class CoadaptationMonitor(pl.Callback):
 
     def _layers(self, pl_module: nn.Module) -> dict[str, int]:
         model, _ = self._target(pl_module)
-        if self.layers is not None:
-            return unit_layers(model, None, self.layers)
+        if self.config.layers is not None:
+            return unit_layers(model, None, self.config.layers)
         example = getattr(pl_module, "example_input_array", None)
         return unit_layers(model, example if isinstance(example, Tensor) else None)
 
@@ -317,16 +322,16 @@ class CoadaptationMonitor(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._batches = 0
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.config.every_n_epochs:
             return
         model, _ = self._target(pl_module)
-        self._recorder = _Recorder(model, self._layers(pl_module), self.max_units)
+        self._recorder = _Recorder(model, self._layers(pl_module), self.config.max_units)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
         if self._recorder is None:
             return
-        if self.max_batches is not None and self._batches >= self.max_batches:
+        if self.config.max_batches is not None and self._batches >= self.config.max_batches:
             self._recorder.pending = set()
             return
         self._batches += 1

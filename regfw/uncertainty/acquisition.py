@@ -1,4 +1,5 @@
-"""Active learning with MC dropout: which unlabelled inputs are most worth labelling.
+"""Active learning with MC dropout (the library; the `regfw rank` command is :mod:`regfw.rank_command`):
+which unlabelled inputs are most worth labelling.
 
 Acquisition functions (Gal, Islam & Ghahramani 2017, "Deep Bayesian Active Learning with
 Image Data"):

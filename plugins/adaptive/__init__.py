@@ -1,6 +1,6 @@
 """The ``adaptive_dropout`` regularizer: the dropout rates follow the train/validation gap.
 
-Selecting it adds an :class:`regfw.adaptive.AdaptiveDropout` callback to the fit: at each
+Selecting it adds an :class:`~regfw_plugins.adaptive.callback.AdaptiveDropoutCallback` to the fit: at each
 validation it raises the rates of the dropout layers regfw inserted when the model overfits
 (validation loss above training loss by more than ``gap_threshold``) and lowers them when it
 underfits (training loss above ``loss_threshold``, or stalled while the gap is small), by
@@ -13,7 +13,10 @@ compares with the validation loss. It inserts nothing itself, so it needs a regu
       dropout: {}
       adaptive_dropout: {step: 0.05, patience: 2, gap_threshold: 0.1}
 
-Lightning is imported only when the fit asks for the callback, never at plugin discovery.
+One feature, one plugin package: this module holds the settings (validated once, here) and the
+regularizer; :mod:`regfw_plugins.adaptive.callback` the Lightning callback and the rule, which
+take these settings as one object. Lightning is imported only when the fit asks for the
+callback, never at plugin discovery.
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ from regfw.regularizer import Regularizer
 
 @dataclass
 class AdaptiveDropoutConfig:
-    """Settings of the rate schedule (see :class:`regfw.adaptive.AdaptiveDropout`)."""
+    """Settings of the rate schedule (see :class:`~regfw_plugins.adaptive.callback.AdaptiveDropoutCallback`).
+
+    The one validation of these settings: the config section and the callback's keyword
+    constructor both go through :func:`regfw.config.validate_dataclass` with this class.
+    """
 
     #: How much one move changes each rate (absolute).
     step: float = field(default=0.05, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive"),
@@ -61,14 +68,13 @@ class AdaptiveDropoutConfig:
     max_rate: float | None = rate(doc="highest rate (null: each kind's range)")
 
     def __post_init__(self) -> None:
+        # ValueErrors: validate_dataclass reports them under the section's key.
         if self.kinds is not None:
             unknown = [k for k in self.kinds if k not in RATE_KINDS]
             if unknown:
-                raise ConfigError(f"regularizers.adaptive_dropout.kinds: got {unknown}, expected kinds among "
-                                  f"{', '.join(RATE_KINDS)}")
+                raise ValueError(f"kinds: got {unknown}, expected kinds among {', '.join(RATE_KINDS)}")
         if self.min_rate is not None and self.max_rate is not None and self.min_rate > self.max_rate:
-            raise ConfigError(f"regularizers.adaptive_dropout: min_rate {self.min_rate} is above max_rate "
-                              f"{self.max_rate}; swap them or remove one")
+            raise ValueError(f"min_rate {self.min_rate} is above max_rate {self.max_rate}; swap them or remove one")
 
 
 class AdaptiveDropout(Regularizer):
@@ -79,13 +85,9 @@ class AdaptiveDropout(Regularizer):
     Config = AdaptiveDropoutConfig
 
     def callbacks(self) -> list:
-        from regfw.adaptive import AdaptiveDropout as Callback
+        from .callback import AdaptiveDropoutCallback
 
-        c = self.config
-        return [Callback(step=c.step, patience=c.patience, gap_threshold=c.gap_threshold,
-                         loss_threshold=c.loss_threshold, stall_delta=c.stall_delta, monitor=c.monitor,
-                         train_loss=c.train_loss, clean_every=c.clean_every, cooldown=c.cooldown, kinds=c.kinds,
-                         min_rate=c.min_rate, max_rate=c.max_rate)]
+        return [AdaptiveDropoutCallback(self.config)]
 
     def check(self, config: Any) -> None:
         """A schedule needs layers to move: some selected regularizer must insert modules."""
@@ -101,6 +103,24 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
+        from regfw.schedules import is_active
+
+        for name in injecting:
+            cls = registry.specs[name].cls
+            kinds = set(getattr(cls, "kinds", ()))
+            if self.config.kinds is not None and not kinds & set(self.config.kinds):
+                continue
+            settings = config.regularizers[name] or {}
+            if is_active(settings.get("schedule")):
+                raise ConfigError(
+                    f"regularizers.{name}.schedule and regularizers.adaptive_dropout both set the rates of "
+                    f"{name}'s layers (a schedule fixes each rate as a function of training time); remove one, "
+                    f"or keep adaptive_dropout off those kinds with regularizers.adaptive_dropout.kinds")
+            if getattr(cls, "learns_rates", False):
+                raise ConfigError(
+                    f"regularizers.{name} learns its rates by gradient descent and regularizers.adaptive_dropout "
+                    f"would move them too; remove one, or keep adaptive_dropout off {name}'s kinds "
+                    f"({', '.join(sorted(kinds))}) with regularizers.adaptive_dropout.kinds")
 
     def describe(self, model: nn.Module) -> list[str]:
         c = self.config

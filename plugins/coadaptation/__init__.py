@@ -2,13 +2,18 @@
 
 Dropout was introduced to stop units from co-adapting (Hinton et al. 2012); the measure logged
 here is the mean absolute correlation between the hidden units of chosen layers on the
-validation data (:mod:`regfw.coadaptation`), ``coadaptation/<layer>`` and ``coadaptation/mean``.
+validation data (:mod:`regfw_plugins.coadaptation.monitor`), ``coadaptation/<layer>`` and
+``coadaptation/mean``.
 It changes nothing in the model and adds no loss: it is a regularizer entry only so that it is
 selected by name like everything else::
 
     regularizers:
       dropout: {}
       coadaptation: {}            # or {layers: [body.1], every_n_epochs: 5}
+
+One feature, one plugin package: the settings (validated once, here) and the regularizer in this
+module, the measure and its Lightning callback in :mod:`regfw_plugins.coadaptation.monitor`
+(imported when a fit or a plan asks for them, never at plugin discovery).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from regfw.regularizer import Regularizer
 
 @dataclass
 class CoadaptationConfig:
-    """Which layers to measure, and how often."""
+    """Which layers to measure, and how often (also the settings of
+    :class:`~regfw_plugins.coadaptation.monitor.CoadaptationMonitor`)."""
 
     #: Module paths whose outputs are the units (null: every hidden and conv layer but the output one).
     layers: list[str] | None = None
@@ -31,7 +37,7 @@ class CoadaptationConfig:
     #: Measure at most this many validation batches (null: all).
     max_batches: int | None = positive(None, doc="validation batches measured")
     #: Units per layer measured at most (evenly spaced), to bound the units x units statistics.
-    max_units: int = positive(512, doc="units per layer measured at most")
+    max_units: int | None = positive(512, doc="units per layer measured at most (null: all)")
 
 
 class Coadaptation(Regularizer):
@@ -42,14 +48,12 @@ class Coadaptation(Regularizer):
     Config = CoadaptationConfig
 
     def callbacks(self) -> list:
-        from regfw.coadaptation import CoadaptationMonitor
+        from .monitor import CoadaptationMonitor
 
-        c = self.config
-        return [CoadaptationMonitor(layers=c.layers, every_n_epochs=c.every_n_epochs, max_batches=c.max_batches,
-                                    max_units=c.max_units)]
+        return [CoadaptationMonitor(self.config)]
 
     def describe(self, model: nn.Module) -> list[str]:
-        from regfw.coadaptation import unit_layers
+        from .monitor import unit_layers
 
         try:
             layers = unit_layers(model, None, self.config.layers)

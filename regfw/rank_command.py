@@ -1,4 +1,8 @@
-"""``regfw rank``: active learning from a trained checkpoint and its config's data."""
+"""The `regfw rank` command: active learning from a trained checkpoint and its config's data.
+
+Command glue only (load the config, the data and the checkpoint, call the library; `regfw.cli`
+prints); the acquisition functions and the ranking are in :mod:`regfw.uncertainty.acquisition`.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence

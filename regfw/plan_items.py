@@ -1,0 +1,50 @@
+"""The rows of a plan (:class:`PlanItem`) and what a regularizer knows when it plans (:class:`PlanContext`).
+
+Plain data, imported by :mod:`regfw.regularizer` (which re-exports both, their public home) and by
+:mod:`regfw.surgery` and :mod:`regfw.plan`, so that the placement code never imports the base
+classes that call it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PlanContext:
+    """What a regularizer may know about the run when it plans.
+
+    ``layers`` is the classified model (see :func:`regfw.placement.classify_model`) and
+    ``model_map`` the same plus its dataflow and residual adds (:class:`regfw.placement.ModelMap`),
+    computed once and shared by all regularizers.
+    """
+
+    n_examples: int | None = None
+    n_params: int | None = None
+    example_input: Any = None
+    model_map: Any = None
+
+    @property
+    def layers(self) -> list:
+        return self.model_map.layers if self.model_map is not None else []
+
+
+@dataclass
+class PlanItem:
+    """One thing a regularizer does to one place of the model."""
+
+    regularizer: str
+    path: str
+    kind: str
+    variant: str
+    rate: float | None
+    reason: str
+    #: ``before`` (on the layer's input), ``after`` (on the output of ``anchor``), ``set``
+    #: (change an existing module's rate), ``wrap`` (modify the layer itself) or ``note``.
+    action: str = "after"
+    #: The module path the inserted module hangs on (its forward hook runs there).
+    anchor: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return asdict(self)
