@@ -297,6 +297,8 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
 MAX_SAMPLES = 10_000
 #: Seeds ``pytorch_lightning.seed_everything`` accepts.
 SEED_RANGE = (0, 2**32 - 1)
+#: The largest float32: a learning rate above it overflows in the first update.
+FLOAT32_MAX = 3.4028234663852886e38
 #: Optimizers that take a ``momentum`` setting.
 MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
 
@@ -328,9 +330,9 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"optimizer.momentum: got {opt.momentum} with optimizer.name {opt.name!r}, which takes no "
                           f"momentum (only {', '.join(MOMENTUM_OPTIMIZERS)} do; adam's betas play that part). Remove "
                           f"optimizer.momentum or choose sgd.", key="optimizer.momentum")
-    if opt.lr > 10.0:
-        raise ConfigError(f"optimizer.lr: got {opt.lr}, expected a learning rate in (0, 10] (typical: 1e-4 to 0.1).",
-                          key="optimizer.lr")
+    if opt.lr > FLOAT32_MAX:  # not even representable in the parameters' dtype: the first step overflows
+        raise ConfigError(f"optimizer.lr: got {opt.lr}, expected a learning rate a float32 can hold (typical: 1e-4 "
+                          f"to 0.1).", key="optimizer.lr")
     hidden = cfg.model.init_args.get("hidden") if cfg.model.name else None
     widths = hidden if isinstance(hidden, (list, tuple)) else [hidden] if hidden is not None else []
     for i, width in enumerate(widths):

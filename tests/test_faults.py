@@ -110,7 +110,7 @@ def test_empty_foreign_and_non_regfw_files(good_run, tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     (["model.init_args.hidden=[24]"],
      "model.init_args.hidden is [16] in the checkpoint but [24] in config"),
-    (["model.loss=mse"], "model.loss is 'cross_entropy' in the checkpoint but 'mse' in config"),
+    (["model.init_args.hidden=[16, 4]"], "model.init_args.hidden is [16] in the checkpoint but [16, 4] in config"),
     (["regularizers.dropout.hidden=0.5"],
      "regularizers.dropout.hidden is 0.3 in the checkpoint but 0.5 in config"),
     (["regularizers.dropout=false"], "in the checkpoint but not in config"),
