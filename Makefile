@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean
+.PHONY: demo test lint setup bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,21 @@ test: $(STAMP)
 bench: $(STAMP)
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
+# regfw beside torch-uncertainty and BaaL, in an environment of its own: they need torchvision,
+# which imports only beside torch 2.14.1 (both on this machine's disk for pip); constraints-peers.txt.
+# torch-uncertainty imports `lightning` and `rich` without declaring them, so they are listed too.
+# torch-uncertainty imports `lightning` and `rich` without declaring them, so they are installed too.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): pyproject.toml constraints-peers.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q -c constraints-peers.txt torch torchvision torch-uncertainty baal lightning rich
+	$(PEERS)/bin/pip install -q -c constraints-peers.txt -e .
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS)/bin/python bench/peers.py
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(PEERS) runs build *.egg-info

@@ -70,10 +70,10 @@ def main() -> None:
     # (h, w, block, shape, calls): 16384 independent maps for the small sizes.
     cases = [(7, 7, 3, (64, 64), 4), (7, 7, 7, (64, 64), 4), (8, 8, 5, (64, 64), 4), (56, 56, 7, (16, 32), 2)]
     for h, w, b, (n, c), calls in cases:
-        ours = dropped_fraction(lambda t: DropBlock2d(P, b).train()(t), (n, c, h, w), calls)
+        ours = dropped_fraction(lambda t, b=b: DropBlock2d(P, b).train()(t), (n, c, h, w), calls)
         print(f"dropblock_rate_{h}x{w}_block{b}: {ours:.2%} (target {P:.0%})")
     for h, w, b, (n, c), calls in cases:
-        timm_rate = dropped_fraction(lambda t: paper_gamma_drop_block(t, P, b), (n, c, h, w), calls)
+        timm_rate = dropped_fraction(lambda t, b=b: paper_gamma_drop_block(t, P, b), (n, c, h, w), calls)
         print(f"paper_gamma_rate_{h}x{w}_block{b}: {timm_rate:.2%} (target {P:.0%})")
 
 

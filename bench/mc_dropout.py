@@ -3,14 +3,20 @@
 Prints ratios measured side by side in one run (median of interleaved repeats):
 
 1. a CNN on 128x3x32x32 with dropout only in its classifier head, T = 30: each strategy's
-   ``mc_predict`` / one deterministic pass (target for ``auto``: <= 1.3x);
+   ``mc_predict`` with its defaults (``deterministic=True``: the eval-mode comparison included) and
+   with ``deterministic=False`` / one deterministic pass (target for ``auto`` defaults: <= 1.15x);
 2. a small ResNet with DropPath in its last stage, T = 30: ``batched`` / ``auto`` (target >= 2x);
 3. peak memory of ``auto`` (and ``batched``) under several budgets, measured (torch.profiler's
    allocation events on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and as planned;
 4. a validation epoch of the demo (digits, mlp, ``templates/demo.yaml``) with the MC callback /
-   without it (target <= 1.5x).
+   without it (target <= 1.5x);
+5. an MLP 784-512-512-10 with regfw dropout on its input and hidden layers, batch 256, T = 30:
+   ``mc_predict`` defaults / one deterministic pass (the floating-point floor is 30x; target <= 40x).
 
-Usage: ``python bench/mc_dropout.py [--device cpu|cuda] [--parts 1,2,3,4] [--repeats N] [--threads N]``.
+On CPU the times are CPU time of the process (``time.process_time``) with one intra-op thread by
+default, so other load on the machine changes them little; on CUDA, wall time after a synchronise.
+
+Usage: ``python bench/mc_dropout.py [--device cpu|cuda] [--parts 1,2,3,4,5] [--repeats N] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -43,8 +49,10 @@ class HeadDropoutCNN(nn.Module):
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(*conv(3, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, classes))
+        self.features = nn.Sequential(*conv(3, 32), *conv(32, 32), nn.MaxPool2d(2),
+                                      *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(128, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -98,17 +106,19 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, runs interleaved so load drifts hit all alike."""
+    """Median seconds per call of each function, runs interleaved so load drifts hit all alike
+    (CPU time of the process on CPU, wall time on CUDA)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (and the split's one-off analysis)
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -137,8 +147,10 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: int | None = 256 * MiB) -> Callable[[], object]:
-    return lambda: mc_predict(model, x, SAMPLES, strategy=strategy, seed=0, budget_bytes=budget, deterministic=False)
+def mc(model: nn.Module, x: torch.Tensor, strategy: str, budget: int | None = 256 * MiB,
+       deterministic: bool = False) -> Callable[[], object]:
+    return lambda: mc_predict(model, x, SAMPLES, strategy=strategy, seed=0, budget_bytes=budget,
+                              deterministic=deterministic)
 
 
 def plain(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -164,13 +176,40 @@ def part_cnn(device: torch.device, repeats: int) -> None:
     print(f"\n[1] CNN, dropout only in the classifier head, input {tuple(x.shape)}, T = {SAMPLES}")
     print(f"    split: {describe(model, x)}")
     # the fast pair first, on its own (the T-pass strategies would leave caches and allocator cold)
-    t = timed({"deterministic pass": plain(model, x), "auto": mc(model, x, "auto")}, repeats, device)
-    t.update(timed({"batched": mc(model, x, "batched"), "loop": mc(model, x, "loop")}, max(1, repeats // 2), device))
+    t = timed({"deterministic pass": plain(model, x), "auto (defaults)": mc(model, x, "auto", deterministic=True),
+               "auto, deterministic=False": mc(model, x, "auto")}, repeats, device)
+    t.update(timed({"batched (defaults)": mc(model, x, "batched", deterministic=True),
+                    "loop (defaults)": mc(model, x, "loop", deterministic=True)}, max(1, repeats // 2), device))
     base = t["deterministic pass"]
     for name, sec in t.items():
-        print(f"    {name:<20} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
-    print(f"    auto / deterministic pass = {t['auto'] / base:.2f}x (target <= 1.3x); "
-          f"batched / auto = {t['batched'] / t['auto']:.1f}x, loop / auto = {t['loop'] / t['auto']:.1f}x")
+        print(f"    {name:<26} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
+    auto = t["auto (defaults)"]
+    print(f"    auto (defaults) / deterministic pass = {auto / base:.2f}x (target <= 1.15x); "
+          f"batched / auto = {t['batched (defaults)'] / auto:.1f}x, loop / auto = {t['loop (defaults)'] / auto:.1f}x")
+
+
+def part_mlp(device: torch.device, repeats: int) -> None:
+    from regfw.layers import Dropout
+    from regfw.surgery import attach
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    attach(model, "0", "regfw_input_dropout", Dropout(0.2), "before")  # as regfw's dropout plan places it
+    attach(model, "1", "regfw_dropout", Dropout(0.5), "after")
+    attach(model, "3", "regfw_dropout", Dropout(0.5), "after")
+    model = model.to(device).eval()
+    x = torch.randn(256, 784, device=device)
+    print(f"\n[5] MLP 784-512-512-10, regfw dropout on the input (0.2) and hidden layers (0.5), "
+          f"input {tuple(x.shape)}, T = {SAMPLES}")
+    print(f"    split: {describe(model, x)}")
+    t = timed({"deterministic pass": plain(model, x), "auto (defaults)": mc(model, x, "auto", deterministic=True),
+               "batched (defaults)": mc(model, x, "batched", deterministic=True),
+               "loop (defaults)": mc(model, x, "loop", deterministic=True)}, repeats, device)
+    base = t["deterministic pass"]
+    for name, sec in t.items():
+        print(f"    {name:<26} {sec * 1e3:9.1f} ms   {sec / base:6.2f}x one deterministic pass")
+    print(f"    auto (defaults) / deterministic pass = {t['auto (defaults)'] / base:.1f}x "
+          f"(floating-point floor 30x; target <= 40x)")
 
 
 def part_resnet(device: torch.device, repeats: int, batch: int) -> None:
@@ -202,7 +241,8 @@ def part_memory(device: torch.device) -> None:
         budget = budget_mib * MiB
         for strategy in ("auto", "batched"):
             peak = peak_bytes(mc(model, x, strategy, budget), device)
-            line = f"    budget {budget_mib:4d} MiB  {strategy:<8} peak {peak / MiB:8.1f} MiB ({peak / budget:5.2f}x budget)"
+            line = (f"    budget {budget_mib:4d} MiB  {strategy:<8} peak {peak / MiB:8.1f} MiB "
+                    f"({peak / budget:5.2f}x budget)")
             if strategy == "auto":
                 run = split.last_run
                 line += (f"; planned {run.planned_peak_bytes / MiB:.1f} MiB, prefix in {run.prefix_chunks} chunk(s), "
@@ -257,14 +297,16 @@ def part_callback(device: torch.device, repeats: int) -> None:
                              enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
         return trainer, timer
 
-    for title, overrides in (("the demo config", []), ("the demo config, regularizers.dropout.input=0", ["regularizers.dropout.input=0"])):
+    for title, overrides in (("the demo config", []),
+                             ("the demo config, regularizers.dropout.input=0", ["regularizers.dropout.input=0"])):
         cfg = load_config(_config_path(None), overrides)
         datamodule = build_datamodule(cfg.data, seed=cfg.seed)
         module = build_module(cfg, datamodule).to(device)
         unc = cfg.uncertainty
         runs: dict[str, pl.Callback | None] = {"without the callback": None}
         for strategy in ("auto", "batched", "loop"):
-            runs[f"callback, {strategy}"] = MCDropoutUncertainty(samples=unc.samples, strategy=strategy, plots=False, seed=0)
+            runs[f"callback, {strategy}"] = MCDropoutUncertainty(samples=unc.samples, strategy=strategy, plots=False,
+                                                                 seed=0)
         runs["callback, auto, plots on"] = MCDropoutUncertainty(
             samples=unc.samples, strategy="auto", plots=True, plot_dir=tempfile.mkdtemp(prefix="regfw-bench-"), seed=0)
         trainers = {name: trainer_with(cb) for name, cb in runs.items()}
@@ -278,23 +320,29 @@ def part_callback(device: torch.device, repeats: int) -> None:
         base = trainers["without the callback"][1].median
         for name, (_trainer, timer) in trainers.items():
             print(f"    {name:<26} {timer.median * 1e3:8.1f} ms   {timer.median / base:5.2f}x without the callback")
-        sampling = timed({"auto": lambda: [mc_predict(module, xb.to(device), unc.samples, seed=0, deterministic=False)
-                                           for xb in datamodule.x_val.split(256)]}, repeats, device)["auto"]
+        def sample_all(module=module, unc=unc, datamodule=datamodule) -> object:
+            return [mc_predict(module, xb.to(device), unc.samples, seed=0, deterministic=False)
+                    for xb in datamodule.x_val.split(256)]
+
+        sampling = timed({"auto": sample_all}, repeats, device)["auto"]
         print(f"    of which mc_predict 'auto' alone: {sampling * 1e3:.1f} ms "
               f"({sampling / base:.2f}x a validation epoch without the callback)")
-        print(f"    callback (auto, plots off) / without = {trainers['callback, auto'][1].median / base:.2f}x (target <= 1.5x)")
+        print(f"    callback (auto, plots off) / without = {trainers['callback, auto'][1].median / base:.2f}x "
+              f"(target <= 1.5x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (1-4)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (1-5)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resnet-batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on CPU, so CPU time is one thread's)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
@@ -309,6 +357,8 @@ def main() -> None:
         part_memory(device)
     if "4" in parts:
         part_callback(device, args.repeats)
+    if "5" in parts:
+        part_mlp(device, args.repeats)
 
 
 if __name__ == "__main__":

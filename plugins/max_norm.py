@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 import regfw
-from regfw import kinds as K
 from regfw.config import check_finite, positive
 from regfw.regularizer import PlanContext, PlanItem, Regularizer
 
@@ -42,9 +41,17 @@ def _unit_view(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, t
     return weight, tuple(range(1, weight.ndim))
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"max_norm expects a layer with a weight tensor, got {type(module).__name__}.weight "
+                        f"of type {type(weight).__name__}")
+    return weight
+
+
 def incoming_norms(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The L2 norm of every unit's incoming weight vector, one value per output unit (flat)."""
-    weight = module.weight if weight is None else weight
+    weight = _weight(module) if weight is None else weight
     view, dims = _unit_view(module, weight.detach())
     return torch.linalg.vector_norm(view, dim=dims).flatten()
 
@@ -55,7 +62,7 @@ def max_norm_(module: nn.Module, max_value: float = DEFAULT_MAX_VALUE) -> int:
 
     Returns how many vectors were rescaled. Those within the bound are not touched.
     """
-    view, dims = _unit_view(module, module.weight)
+    view, dims = _unit_view(module, _weight(module))
     norms = torch.linalg.vector_norm(view, dim=dims, keepdim=True)
     over = norms > max_value
     count = int(over.sum())
@@ -75,7 +82,7 @@ class MaxNormConfig:
     """``regularizers.max_norm``: the bound and the layers it applies to."""
 
     max_value: float = positive(DEFAULT_MAX_VALUE, doc="c: the largest allowed incoming weight norm per unit")
-    kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: [K.HIDDEN, K.CONV])
+    kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: ["hidden", "conv"])
     #: Also constrain the model's output layer (its units are not hidden units).
     output: bool = False
 
@@ -102,7 +109,7 @@ class MaxNorm(Regularizer):
         c = self.config.max_value
         items = []
         for info in ctx.layers or classify_model(model, ctx.example_input):
-            if info.kind not in self.config.kinds or (info.is_output and not self.config.output):
+            if info.kind is None or info.kind not in self.config.kinds or (info.is_output and not self.config.output):
                 continue
             if not _constrainable(info.module):
                 continue
@@ -122,7 +129,10 @@ class MaxNorm(Regularizer):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Constrain after every ``optimizer.step()`` (plain torch); returns the removable handle."""
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.constrain())
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.constrain()
+
+        return optimizer.register_step_post_hook(hook)
 
     def callbacks(self) -> list:
         from regfw.step_hooks import StepPostHookCallback

@@ -37,7 +37,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -125,10 +125,9 @@ class WeightNoise(_StdMixin, nn.Module):
             if param is None:
                 continue
             self._saved[name] = param
-            if self.std:
-                host._parameters[name] = param + torch.randn_like(param) * self.std
-            else:
-                host._parameters[name] = param.view_as(param)
+            noisy = param + torch.randn_like(param) * self.std if self.std else param.view_as(param)
+            # a plain tensor stands in for the parameter during the forward pass (see the class docstring)
+            host._parameters[name] = noisy  # type: ignore[assignment]  # torch declares Parameter values
 
     def restore(self, host: nn.Module) -> None:
         for name, param in self._saved.items():
@@ -214,7 +213,7 @@ class NoiseConfig:
     conv_std: float = nonneg(0.0, doc="noise after conv layers (after BatchNorm and activation)")
     recurrent_std: float = nonneg(0.0, doc="noise on recurrent layer outputs")
     weight_std: float = nonneg(0.0, doc="noise on the weights of layers of weight_kinds, per forward pass")
-    weight_kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: [K.HIDDEN, K.CONV])
+    weight_kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: ["hidden", "conv"])
 
     def __post_init__(self) -> None:
         check_finite(self, _STD_FIELDS)
@@ -266,7 +265,7 @@ class Noise(InjectingRegularizer):
                         reason += f"; after {', '.join(skipped)}"
                     items.append(self._row(mm, info.path, info.kind, std, reason, "after", anchor))
             weight_std = self.config.weight_std
-            if weight_std and info.kind in self.config.weight_kinds and info.path:
+            if weight_std and info.kind is not None and info.kind in self.config.weight_kinds and info.path:
                 if isinstance(info.module._parameters.get("weight"), nn.Parameter):
                     items.append(PlanItem(self.name, info.path, info.kind, "weight_noise", weight_std,
                                           f"weight_std={weight_std:g}", action="wrap", anchor=info.path,
@@ -295,8 +294,11 @@ class Noise(InjectingRegularizer):
         apply_insertions(self, model, [i for i in items if i.action in ("before", "after")])
         for item in items:
             if item.action == "set":
-                model.get_submodule(item.anchor).std = item.rate
+                assert item.anchor is not None and item.rate is not None  # _row() fills both on a set row
+                # a set row names a GaussianNoise this regularizer inserted in an earlier plan
+                cast(GaussianNoise, model.get_submodule(item.anchor)).std = item.rate
             elif item.action == "wrap":
+                assert item.rate is not None  # plan() gives every wrap row its weight_std
                 host = model.get_submodule(item.path)
                 add_weight_noise(host, item.rate, item.options.get("names", ["weight"]))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -102,7 +103,9 @@ class DropConnectRegularizer(InjectingRegularizer):
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
         for item in items:
             if item.action == "wrap":
-                apply_weight_drop(model.get_submodule(item.anchor), item.rate)
+                assert item.anchor is not None and item.rate is not None  # plan() fills both on a wrap row
+                # plan() wraps nn.RNNBase layers only (and apply_weight_drop checks the type again)
+                apply_weight_drop(cast(nn.RNNBase, model.get_submodule(item.anchor)), item.rate)
 
 
 @regfw.hookimpl

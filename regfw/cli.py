@@ -58,26 +58,29 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from regfw.run import build_data, build_module
+    from regfw.run import build_data, build_plan  # no Lightning: the plan alone answers in about a second
 
     cfg = _config(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = build_module(cfg, build_data(cfg))
-    shown = set(module.plan.warnings)  # printed as "warning:" lines of the plan below
+        plan = build_plan(cfg, build_data(cfg, lightning=False))
+    shown = set(plan.warnings)  # printed as "warning:" lines of the plan below
     for w in caught:
         if str(w.message) not in shown:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    print(module.plan.format())
+    print(plan.format())
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from regfw.plugins import plugin_infos
+    from regfw.plugins import PluginWarning, plugin_failures, plugin_infos
     from regfw.registry import get_registry
 
-    registry = get_registry()
-    infos = plugin_infos()
+    with warnings.catch_warnings():  # the failures are listed at the end instead
+        warnings.simplefilter("ignore", PluginWarning)
+        registry = get_registry()
+        infos = plugin_infos()
+        failures = plugin_failures()
     for info in infos:
         provides = [s.name for s in registry.specs.values() if s.plugin == info.name]
         origin = "built-in" if info.builtin else (info.distribution or "registered at run time")
@@ -88,7 +91,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             desc = registry.specs[name].cls.description
             if desc:
                 print(f"    {name}: {desc}")
-    return 0
+    for failure in failures:
+        print(f"regfw plugins: error: {failure.message()}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -142,11 +142,9 @@ def _as_plain(value: Any) -> Any:
 
 
 def _check_trainer(section: Mapping[str, Any]) -> dict:
-    import inspect
+    from regfw.trainer_args import TRAINER_ARGUMENTS  # Lightning's Trainer arguments, without importing it
 
-    from pytorch_lightning import Trainer
-
-    known = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    known = list(TRAINER_ARGUMENTS)
     for name in section:
         if name not in known:
             raise ConfigError(

@@ -1,13 +1,42 @@
-"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``."""
+"""Built-in datasets, embedded in scikit-learn (no network): ``digits`` and ``diabetes``.
+
+The data classes (:class:`SklearnData`, :class:`DigitsData`, :class:`DiabetesData`) need neither
+Lightning nor anything heavy, so ``regfw plan`` reads the data's shapes without importing Lightning
+(seconds of start-up). The LightningDataModules ``SklearnDataModule``, ``DigitsDataModule``,
+``DiabetesDataModule`` (and ``BUILTIN_DATA``, keyed by name) are the same classes with
+``pytorch_lightning.LightningDataModule`` mixed in, made on first access.
+"""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+# SklearnDataModule, DigitsDataModule, DiabetesDataModule and BUILTIN_DATA come from __getattr__.
+__all__ = ["SklearnData", "DigitsData", "DiabetesData", "BUILTIN_PLAIN_DATA"]
 
-class SklearnDataModule(pl.LightningDataModule):
+
+def _sklearn_table(name: str) -> np.ndarray | None:
+    """A CSV table that scikit-learn ships in ``sklearn/datasets/data``, read the way
+    ``load_digits`` reads it, without importing scikit-learn (over a second of start-up);
+    None when the file is not there."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",")
+
+
+class SklearnData:
     """A scikit-learn bundled dataset split into train and validation with a fixed seed.
 
     Features are standardised with the training split's statistics (digits: scaled to [0, 1]).
@@ -64,23 +93,26 @@ class SklearnDataModule(pl.LightningDataModule):
         return DataLoader(self.train_dataset(), batch_size=256, shuffle=False)
 
 
-class DigitsDataModule(SklearnDataModule):
+class DigitsData(SklearnData):
     """8x8 handwritten digits (1,797 images, 10 classes), flattened to 64 features in [0, 1]."""
 
     task = "classification"
     num_outputs = 10
 
     def _load(self):
-        from sklearn.datasets import load_digits
+        table = _sklearn_table("digits.csv.gz")
+        if table is None:  # pragma: no cover - an install without the file: sklearn's own loader
+            from sklearn.datasets import load_digits
 
-        data = load_digits()
-        return data.data.astype(np.float32) / 16.0, data.target.astype(np.int64)
+            data = load_digits()
+            return data.data.astype(np.float32) / 16.0, data.target.astype(np.int64)
+        return table[:, :-1].astype(np.float32) / 16.0, table[:, -1].astype(np.int64)
 
     def _prepare(self, x, y, idx, train_idx):
         return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
 
-class DiabetesDataModule(SklearnDataModule):
+class DiabetesData(SklearnData):
     """Diabetes progression (442 patients, 10 features), standardised; target standardised."""
 
     task = "regression"
@@ -98,4 +130,31 @@ class DiabetesDataModule(SklearnDataModule):
         return torch.from_numpy((x[idx] - mx) / sx), torch.from_numpy(((y[idx] - my) / sy)[:, None])
 
 
-BUILTIN_DATA: dict[str, type[SklearnDataModule]] = {"digits": DigitsDataModule, "diabetes": DiabetesDataModule}
+#: The built-in datasets by name, without Lightning.
+BUILTIN_PLAIN_DATA: dict[str, type[SklearnData]] = {"digits": DigitsData, "diabetes": DiabetesData}
+
+_LIGHTNING: dict[str, Any] = {}
+
+
+def _lightning_classes() -> dict[str, Any]:
+    """The LightningDataModule classes, made once (this is where Lightning is imported)."""
+    if not _LIGHTNING:
+        import pytorch_lightning as pl
+
+        def made(name: str, bases: tuple, doc: str | None) -> type:
+            cls = type(name, bases, {"__module__": __name__, "__doc__": doc})
+            cls.__qualname__ = name  # pickled and shown as regfw.data.<name>
+            return cls
+
+        base = made("SklearnDataModule", (SklearnData, pl.LightningDataModule), SklearnData.__doc__)
+        digits = made("DigitsDataModule", (DigitsData, base), DigitsData.__doc__)
+        diabetes = made("DiabetesDataModule", (DiabetesData, base), DiabetesData.__doc__)
+        _LIGHTNING.update(SklearnDataModule=base, DigitsDataModule=digits, DiabetesDataModule=diabetes,
+                          BUILTIN_DATA={"digits": digits, "diabetes": diabetes})
+    return _LIGHTNING
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SklearnDataModule", "DigitsDataModule", "DiabetesDataModule", "BUILTIN_DATA"):
+        return _lightning_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regfw import tracing
 from regfw.tensors import iter_tensors
 
 #: Activations that commute with multiplying a sample by a non-negative factor
@@ -170,24 +171,14 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     return flow
 
 
-class _UnitTracer(torch.fx.Tracer):
-    """``torch.fx`` tracer that keeps the given units (and torch's own modules) as leaves."""
-
-    def __init__(self, leaves: Iterable[nn.Module] = ()) -> None:
-        super().__init__()
-        self._leaves = {id(m) for m in leaves}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
-
-
 def fx_trace(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> torch.fx.Graph:
     """The ``torch.fx`` graph of ``model`` (raises what ``torch.fx`` raises when it cannot trace).
 
-    Tracing runs ``forward`` on proxies without calling any hook, so modules that regfw attached
-    earlier are invisible and the graph is that of the model as written.
+    Tracing (:mod:`regfw.tracing`, the tracer MC dropout shares) runs ``forward`` on proxies without
+    calling any hook, so modules that regfw attached earlier are invisible and the graph is that of
+    the model as written; ``leaves`` (and torch's own modules) are kept whole.
     """
-    return _UnitTracer(leaves).trace(model)
+    return tracing.trace(model, leaves)
 
 
 def _module_producer(node: torch.fx.Node) -> torch.fx.Node | None:

@@ -62,7 +62,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 
@@ -73,10 +73,11 @@ def run_demo(config: str | None, overrides: Sequence[str] = ()) -> int:
     cfg = validate(raw, source=path)
     results = {}
     regs = ", ".join(cfg.regularizers) or "none"
-    print(f"== 1/2: {cfg.model.name or cfg.model.class_path} on {cfg.data.name or cfg.data.class_path} with regularizers: {regs}")
+    print(f"== 1/2: {cfg.model.name or cfg.model.class_path} on {cfg.data.name or cfg.data.class_path} "
+          f"with regularizers: {regs}")
     results[f"with ({regs})"] = fit(cfg)
-    baseline = validate({**raw, "regularizers": {}, "uncertainty": {**(raw.get("uncertainty") or {}), "enabled": False}},
-                        source=path)
+    baseline = validate({**raw, "regularizers": {},
+                         "uncertainty": {**(raw.get("uncertainty") or {}), "enabled": False}}, source=path)
     print("== 2/2: the same without regularizers")
     results["without"] = fit(baseline)
     print()

@@ -232,7 +232,7 @@ class ResumableDataLoader(DataLoader):
 
     # DataLoader builds every iterator's stream of indices from this property.
     @property
-    def _index_sampler(self) -> Any:  # type: ignore[override]
+    def _index_sampler(self) -> Any:
         return _SkipFirst(super()._index_sampler, self._skip_now)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]

@@ -31,13 +31,14 @@ def _instantiate(cls: type, init_args: Mapping[str, Any], key: str) -> Any:
         raise ConfigError(f"{key}.init_args: {cls.__name__}({', '.join(map(str, init_args))}) failed: {exc}") from None
 
 
-def build_datamodule(data_cfg: Any, seed: int = 0) -> Any:
-    """A LightningDataModule from ``data:``."""
-    from regfw.data import BUILTIN_DATA
+def build_datamodule(data_cfg: Any, seed: int = 0, *, lightning: bool = True) -> Any:
+    """A LightningDataModule from ``data:``; with ``lightning=False`` a built-in dataset is the plain
+    data class (the same data and shapes, without importing Lightning: for ``regfw plan``)."""
+    from regfw import data
 
     if data_cfg.class_path:
         return _instantiate(import_class(data_cfg.class_path, "data.class_path"), data_cfg.init_args, "data")
-    cls = BUILTIN_DATA[data_cfg.name]
+    cls = (data.BUILTIN_DATA if lightning else data.BUILTIN_PLAIN_DATA)[data_cfg.name]
     return cls(batch_size=data_cfg.batch_size, val_fraction=data_cfg.val_fraction,
                train_fraction=data_cfg.train_fraction, seed=seed, num_workers=data_cfg.num_workers,
                **dict(data_cfg.init_args))

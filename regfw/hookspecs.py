@@ -3,7 +3,8 @@
 A plugin is a module (usually named by an entry point in the ``regfw`` group) that implements
 some of these hooks with the ``@regfw.hookimpl`` marker. The hooks are few and broad, and are
 called at load time or once per model, never once per batch: per-step behaviour lives in the
-modules a regularizer injects and in the Lightning callbacks it provides.
+regularizer's own step methods (``transform_batch``, ``transform_loss``, ``loss_term``), in the
+modules it injects and in the Lightning callbacks it provides.
 
 Every hook here is documented in ``docs/hooks.md``; a test fails if one is not.
 """
@@ -58,7 +59,7 @@ def regfw_classify_module(module: nn.Module, path: str) -> str | None:
 
 
 @hookspec
-def regfw_stochastic_types() -> Sequence[type]:
+def regfw_stochastic_types() -> Sequence[type]:  # type: ignore[empty-body]  # a spec: pluggy never runs its body
     """Return module types that Monte Carlo dropout must switch to training mode.
 
     Called when MC dropout prepares a model. torch's dropout modules and every

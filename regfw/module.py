@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.batch import BatchFormat, split_batch
+from regfw.contract import check_callbacks, check_groups
 from regfw.errors import ConfigError
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
+from regfw.steps import MixedTargets, regularized_step
 from regfw.surgery import is_dropout
 from regfw.tensors import split_mean_variance  # the split MC dropout uses too (run.py passes it)
 
@@ -69,6 +72,14 @@ class RegularizedModule(pl.LightningModule):
         model_config: ``{"name"|"class_path": ..., "init_args": {...}}`` to rebuild the model.
         on_nan: what a NaN or infinite training loss does (``run.on_nan``; see :attr:`on_nonfinite`).
             Kept in ``hparams``, so a module loaded from a checkpoint keeps it.
+        batch: where inputs and targets sit in a batch, a :class:`~regfw.batch.BatchFormat` or
+            ``{"inputs": KEY_OR_INDEX, "targets": KEY_OR_INDEX}`` (default ``(inputs, targets)``).
+
+    Each training step runs :func:`regfw.steps.regularized_step`: the regularizers' batch
+    transforms, the forward pass, the (transformed) loss, their loss terms. Logged per epoch:
+    ``train_loss`` (the data loss, after the batch and loss transforms, without the terms),
+    ``train_penalty`` (the sum of the terms) and ``train_penalty/<name>`` (each term); the loss
+    that is backpropagated is ``train_loss + train_penalty``.
     """
 
     def __init__(
@@ -83,10 +94,12 @@ class RegularizedModule(pl.LightningModule):
         input_shape: Sequence[int] | None = None,
         input_dtype: str | None = None,
         on_nan: str = "ignore",
+        batch: BatchFormat | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
             raise ConfigError(f"run.on_nan: got {on_nan!r}, expected one of {', '.join(ON_NAN)}.")
+        self.batch_format = BatchFormat.coerce(batch)
         if example_input is not None:
             input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
         section = _regularizer_section(regularizers)
@@ -99,6 +112,7 @@ class RegularizedModule(pl.LightningModule):
             "input_shape": input_shape,
             "input_dtype": input_dtype,
             "on_nan": on_nan,
+            "batch": self.batch_format.as_dict(),
         })
         self.on_nonfinite = on_nan
         if model is None:
@@ -110,11 +124,18 @@ class RegularizedModule(pl.LightningModule):
         self.model = model
         self.loss_fn = _loss_fn(loss)
         self.task = "classification" if loss == "cross_entropy" else "regression"
+        #: What the step methods are told (``Step.task``): unknown for a custom loss function.
+        self.step_task: str | None = None if callable(loss) else self.task
         if input_shape is not None:
             self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
         from regfw.registry import build_regularizers
 
-        self.regularizers: list[Regularizer] = build_regularizers(section) if isinstance(regularizers, Mapping) or regularizers is None else list(regularizers)
+        # objects given: used as they are (built once by the caller); a mapping: built here, once
+        self.regularizers: list[Regularizer]
+        if regularizers is None or isinstance(regularizers, Mapping):
+            self.regularizers = build_regularizers(section)
+        else:
+            self.regularizers = list(regularizers)
         self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
         apply_plan(model, self.regularizers, self.plan)
 
@@ -122,35 +143,49 @@ class RegularizedModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _log_step(self, stage: str, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+    def _log_step(self, stage: str, out: torch.Tensor, y: Any, loss: torch.Tensor) -> None:
         n = len(y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
                  sync_dist=True)  # under DDP: the mean over every rank, not rank 0's shard
         if self.task == "classification":
-            acc = (out.argmax(-1) == y).float().mean()
+            pred = out.argmax(-1)
+            if isinstance(y, MixedTargets):  # mixup: the accuracy against each target, weighted
+                acc = y.lam * (pred == y.first).float().mean() + (1 - y.lam) * (pred == y.second).float().mean()
+            else:
+                acc = (pred == y).float().mean()
             self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
                      sync_dist=True)
 
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        x, y = split_batch(batch, self.batch_format)
+        if y is None:
+            raise ConfigError(f"batch: found no targets in a {type(batch).__name__} batch; RegularizedModule needs "
+                              f"(inputs, targets); set batch={{'targets': ...}} to where they are.")
+        return x, y
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y = self._split(batch)
         out = self(x)
         loss = self.loss_fn(out, y)
         self._log_step(stage, out, y, loss)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        out = self(x)
-        data_loss = self.loss_fn(out, y)
-        penalties = [p for p in (reg.penalty(self.model) for reg in self.regularizers) if p is not None]
-        penalty = torch.stack([p.reshape(()) for p in penalties]).sum() if penalties else None
-        loss = data_loss if penalty is None else data_loss + penalty
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = self._split(batch)
+        result = regularized_step(self.regularizers, self.model, x, y, self.loss_fn, forward=self,
+                                  batch_idx=batch_idx, task=self.step_task, module=self)
+        loss = result.total
         # checked before anything is logged, so a skipped batch leaves no NaN in the epoch metrics
         if self.on_nonfinite != "ignore" and not self._loss_is_finite(loss):
-            return self._nonfinite_loss(loss, batch_idx)
-        self._log_step("train", out, y, data_loss)
-        if penalty is not None:
-            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+            self._nonfinite_loss(loss, batch_idx)
+            return None
+        self._log_step("train", result.outputs, result.targets, result.data_loss)
+        if result.terms:
+            n = len(y)
+            penalty = torch.stack(list(result.terms.values())).sum()
+            self.log("train_penalty", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            for name, term in result.terms.items():
+                self.log(f"train_penalty/{name}", term.detach(), on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     #: What a NaN or infinite training loss does: ``"stop"`` raises
@@ -191,7 +226,8 @@ class RegularizedModule(pl.LightningModule):
     def param_groups(self) -> tuple[str | None, list[dict]]:
         """The regularizer that defines the optimizer's parameter groups (at most one may) and
         its groups; ``(None, [all trainable parameters])`` when none does."""
-        found = [(reg.name, g) for reg in self.regularizers if (g := reg.param_groups(self.model)) is not None]
+        found = [(reg.name, g) for reg in self.regularizers
+                 if (g := check_groups(reg, reg.param_groups(self.model))) is not None]
         if len(found) > 1:
             raise ConfigError(
                 f"regularizers: {found[0][0]!r} and {found[1][0]!r} both define optimizer parameter groups; "
@@ -222,7 +258,7 @@ class RegularizedModule(pl.LightningModule):
         return classes[name](groups, **cfg)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [cb for reg in self.regularizers for cb in reg.callbacks()]
+        return [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from regfw import __version__

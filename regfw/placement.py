@@ -100,6 +100,7 @@ def planned_module(model: nn.Module, row: PlanItem | Any) -> tuple[str, nn.Modul
     names = [expected] + [n for n in host._modules if n.startswith(INJECTED_PREFIX) and n.endswith(row.regularizer)
                           and (("input_" in n) == (row.action == "before"))]
     for name in names:
-        if name in host._modules:
-            return (f"{row.anchor}.{name}" if row.anchor else name), host._modules[name]
+        module = host._modules.get(name)
+        if module is not None:
+            return (f"{row.anchor}.{name}" if row.anchor else name), module
     return None

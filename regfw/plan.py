@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from regfw.contract import check_claims, check_items, check_lines
 from regfw.errors import ConfigError
 from regfw.regularizer import PlanContext, PlanItem, Regularizer
 from regfw.surgery import LayerInfo, ModelMap, analyse, is_batchnorm, is_dropout, is_injected
@@ -77,14 +78,14 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     for reg in regularizers:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = reg.plan(model, ctx)
+            rows = check_items(reg, reg.plan(model, ctx))
         for w in caught:
             if issubclass(w.category, UserWarning):
                 collected.append(str(w.message))
             else:  # not about the plan (e.g. a library deprecation): pass it on unchanged
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         items[reg.name] = rows
-        extra = reg.describe(model)
+        extra = check_lines(reg, reg.describe(model))
         if extra:
             notes[reg.name] = list(extra)
     plan = Plan(items, notes, mm.layers, ctx)
@@ -100,7 +101,7 @@ def check_families(regularizers: Sequence[Regularizer]) -> None:
         family = getattr(reg, "family", "")
         if not family:
             continue
-        for kind in reg.claims():
+        for kind in check_claims(reg, reg.claims()):
             other = claimed.setdefault((family, kind), reg)
             if other is reg:
                 continue

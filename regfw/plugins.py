@@ -8,7 +8,13 @@ Environment variables:
 
 ``REGFW_LOAD_PLUGINS``
     Unset: load every installed plugin. Set: a comma-separated list of the third-party entry
-    point names to load; empty loads the built-ins only. The built-ins are always loaded.
+    point names to load; empty loads the built-ins only. The built-ins are always loaded. A
+    name no installed plugin declares is reported with the closest installed name.
+
+A plugin that fails to import, is rejected by pluggy (a misspelled hook) or implements no hook
+is recorded as a :class:`PluginFailure` and reported once, as a :class:`PluginWarning`, when
+plugins are discovered; every other plugin loads. ``regfw plugins`` lists the failures and
+exits non-zero; selecting a regularizer such a plugin would provide is an error naming it.
 ``REGFW_TRACE_PLUGINS``
     ``1`` prints every hook call, its implementations and its results to stderr.
 """
@@ -18,13 +24,14 @@ import os
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import pluggy
 
 from regfw import hookspecs
-from regfw.errors import PluginError
+from regfw.errors import PluginError, closest_hint
 
 PROJECT = "regfw"
 ENTRY_POINT_GROUP = "regfw"
@@ -108,34 +115,120 @@ def _trace(pm: pluggy.PluginManager) -> None:
     pm.add_hookcall_monitoring(before, after)
 
 
+class PluginWarning(UserWarning):
+    """A plugin did not load (or loaded but provides nothing); the command goes on without it."""
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that did not load or registered nothing, reported once and kept for later messages.
+
+    ``problem`` is ``"import"`` (the module raised on import), ``"invalid"`` (pluggy rejected it,
+    e.g. a misspelled hook name), ``"no hooks"`` (the module implements no hook),
+    ``"conflict"`` (two distributions declare the name) or ``"unknown"`` (``REGFW_LOAD_PLUGINS``
+    names a plugin that is not installed).
+    """
+
+    name: str
+    problem: str
+    detail: str
+    entry_point: str | None = None
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def origin(self) -> str:
+        where = f"entry point '{self.entry_point}'" if self.entry_point else "no entry point"
+        dist = f" of distribution {self.distribution} {self.version or ''}".rstrip() if self.distribution else ""
+        return f"plugin {self.name!r} ({where}{dist})"
+
+    def message(self) -> str:
+        """One line: which plugin, where it came from, what went wrong and what to do."""
+        if self.problem == "unknown":
+            return f"REGFW_LOAD_PLUGINS names {self.name!r}, which no installed plugin declares. {self.detail}"
+        fix = ("Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS." if self.problem != "conflict"
+               else "Uninstall one of them.")
+        return f"{self.origin} {self.detail}. {fix}"
+
+
+_failures: dict[str, PluginFailure] = {}
+
+
+def _unmarked_hooks(plugin: object) -> str:
+    """Why a registered plugin implements no hook: its ``regfw_*`` functions without the marker."""
+    known = sorted(n for n in dir(hookspecs) if n.startswith("regfw_"))
+    names = [n for n in dir(plugin) if n.startswith("regfw_") and callable(getattr(plugin, n, None))
+             and not hasattr(getattr(plugin, n), f"{PROJECT}_impl")]
+    if not names:
+        return f"implements no regfw hook (the hooks: {', '.join(known)})"
+    hints = "".join(closest_hint(n, known) for n in names if n not in known)
+    return (f"implements no regfw hook: {', '.join(names)} lacks the @regfw.hookimpl marker, so pluggy ignores "
+            f"it.{hints}")
+
+
 def _load(pm: pluggy.PluginManager) -> None:
+    """Register every entry point; a plugin that fails is recorded in ``_failures``, never fatal."""
     selected = _selected_names()
     seen: dict[str, str] = {}
+    declared: set[str] = set()
     for ep in _entry_points():
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
         builtin = dist == BUILTIN_DISTRIBUTION
+        declared.add(ep.name)
         if not builtin and selected is not None and ep.name not in selected:
             if _tracing():
                 _trace_line(f"skip plugin {ep.name!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
             continue
+        entry = f"{ep.name} = {ep.value}"
         if ep.name in seen:
             if seen[ep.name] == dist:
                 continue  # the same distribution seen twice on sys.path
-            raise PluginError(
-                f"two distributions declare the regfw plugin {ep.name!r}: {seen[ep.name]} and {dist}; "
-                f"uninstall one of them"
-            )
+            _failures[ep.name] = PluginFailure(
+                ep.name, "conflict", f"is declared by two distributions, {seen[ep.name]} and {dist}; {dist}'s is "
+                f"not loaded", entry, dist, version)
+            continue
         seen[ep.name] = dist or "?"
         try:
             plugin = ep.load()
-        except Exception as exc:  # noqa: BLE001 - reported with its origin
-            raise PluginError(
-                f"plugin {ep.name!r} (entry point '{ep.name} = {ep.value}' of distribution "
-                f"{dist} {version}) failed to import: {type(exc).__name__}: {exc}. "
-                f"Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS."
-            ) from exc
-        register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin, pm=pm)
+        except Exception as exc:  # noqa: BLE001 - reported with its origin, the others still load
+            _failures[ep.name] = PluginFailure(ep.name, "import", f"failed to import: {type(exc).__name__}: {exc}",
+                                               entry, dist, version)
+            continue
+        try:
+            register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin, pm=pm)
+        except PluginError as exc:
+            _failures[ep.name] = PluginFailure(ep.name, "invalid", f"was rejected: {exc}", entry, dist, version)
+            continue
+        if not pm.get_hookcallers(plugin):
+            _failures[ep.name] = PluginFailure(ep.name, "no hooks", _unmarked_hooks(plugin), entry, dist, version)
+    for name in sorted((selected or set()) - declared):
+        third_party = sorted(n for n in seen if _origins.get(n) is None or not _origins[n].builtin)
+        installed = ", ".join(third_party) or "none"
+        _failures[name] = PluginFailure(name, "unknown", f"Installed third-party plugins: {installed}."
+                                        f"{closest_hint(name, third_party)}")
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """The plugins that did not load, or loaded and implement no hook, in load order."""
+    get_plugin_manager()
+    return list(_failures.values())
+
+
+def failure_for(name: str) -> PluginFailure | None:
+    """The failed plugin that most likely provides regularizer ``name`` (by its plugin or module name)."""
+    import difflib
+
+    for failure in _failures.values():
+        if failure.problem == "unknown":
+            continue
+        module = (failure.entry_point or "").split("=")[-1].strip().split(":")[0].split(".")[-1]
+        candidates = {failure.name, module, module.removeprefix("regfw_")}
+        if name in candidates or any(c and (c in name or name in c) for c in candidates):
+            return failure
+        if difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75):
+            return failure
+    return None
 
 
 def register_plugin(
@@ -150,7 +243,8 @@ def register_plugin(
     """Register a plugin object (a module or class instance with hook implementations).
 
     Entry points call this during discovery; tests and notebooks may call it directly. Hook
-    names are checked at once: a misspelled ``regfw_*`` hook is a :class:`PluginError`.
+    names are checked at once: a misspelled ``regfw_*`` hook is a :class:`PluginError` with the
+    closest hook name; a plugin that implements no hook at all gets a :class:`PluginWarning`.
     """
     pm = pm or get_plugin_manager()
     try:
@@ -159,14 +253,19 @@ def register_plugin(
     except (pluggy.PluginValidationError, ValueError) as exc:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
-        known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("regfw_")))
-        raise PluginError(f"plugin {name!r} ({distribution or 'not installed'}): {exc}. Known hooks: {known}") from exc
+        known = sorted(n for n in dir(hookspecs) if n.startswith("regfw_"))
+        marked = [n for n in dir(plugin) if hasattr(getattr(plugin, n, None), f"{PROJECT}_impl") and n not in known]
+        hint = "".join(closest_hint(n, known) for n in marked)
+        raise PluginError(f"plugin {name!r} ({distribution or 'not installed'}): {exc}.{hint} "
+                          f"Known hooks: {', '.join(known)}") from exc
     module = getattr(plugin, "__name__", type(plugin).__module__)
     _origins[name] = PluginInfo(name, module, distribution, version, builtin)
     if _tracing():
         hooks = ", ".join(sorted(h.name for h in pm.get_hookcallers(plugin) or ())) or "none"
         _trace_line(f"register plugin {name!r} ({distribution or 'not installed'} {version or ''}".rstrip()
                     + f"; module {module}): hooks {hooks}")
+    if _pm is not None and pm is _pm and not pm.get_hookcallers(plugin):  # registered at run time
+        warnings.warn(f"plugin {name!r} (module {module}) {_unmarked_hooks(plugin)}", PluginWarning, stacklevel=2)
 
 
 def unregister_plugin(name: str) -> None:
@@ -187,12 +286,17 @@ def get_plugin_manager() -> pluggy.PluginManager:
             pm.add_hookspecs(hookspecs)
             if _tracing():
                 _trace(pm)
+            _failures.clear()
             try:
                 _load(pm)
             except BaseException:
                 _origins.clear()
                 raise
             _pm = pm
+            for failure in _failures.values():  # once per discovery; the commands go on without them
+                # shown as "regfw: PluginWarning: ...", not as a line of whichever caller loaded plugins first
+                warnings.warn_explicit(failure.message(), PluginWarning, filename="regfw", lineno=0,
+                                       module="regfw.plugins")
         return _pm
 
 
@@ -202,6 +306,7 @@ def reset_plugin_manager() -> None:
     with _lock:
         _pm = None
         _origins.clear()
+        _failures.clear()
 
 
 def plugin_infos() -> list[PluginInfo]:

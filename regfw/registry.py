@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from regfw.errors import ConfigError, closest_hint
-from regfw.plugins import PluginError, get_plugin_manager, origin_of
+from regfw.plugins import PluginError, failure_for, get_plugin_manager, origin_of, plugin_failures
 from regfw.regularizer import Regularizer
 from regfw.validation import validate_dataclass
 
@@ -17,7 +17,7 @@ class RegularizerSpec:
     """A registered regularizer: its class and the plugin it came from."""
 
     name: str
-    cls: type
+    cls: type[Regularizer]
     plugin: str
     distribution: str | None
 
@@ -54,29 +54,53 @@ class Registry:
         return sorted(self.specs)
 
     def get(self, name: str, key: str = "regularizers") -> RegularizerSpec:
+        """The spec of ``name``; unknown: an error naming a failed plugin that may provide it, or the closest name."""
         try:
             return self.specs[name]
         except KeyError:
-            known = self.names()
-            raise ConfigError(
-                f"{key}.{name}: unknown regularizer {name!r}. Known regularizers: "
-                f"{', '.join(known) or '(none: no plugin is loaded)'}.{closest_hint(name, known)} "
-                f"Run `regfw plugins` to see what is installed."
-            ) from None
+            pass
+        failure = failure_for(name)
+        if failure is not None:
+            raise PluginError(f"{key}.{name}: regularizer {name!r} is not available: {failure.message()} "
+                              f"Run `regfw plugins` to see what is installed.")
+        known = self.names()
+        failed = [f for f in plugin_failures() if f.problem != "unknown"]
+        others = (f" These plugins did not load and may provide it: {'; '.join(f.message() for f in failed)}"
+                  if failed else "")
+        raise ConfigError(
+            f"{key}.{name}: unknown regularizer {name!r}. Known regularizers: "
+            f"{', '.join(known) or '(none: no plugin is loaded)'}.{closest_hint(name, known)} "
+            f"Run `regfw plugins` to see what is installed.{others}"
+        )
+
+
+_cache: tuple[tuple, Registry] | None = None
 
 
 def get_registry() -> Registry:
-    """A registry built from every loaded plugin (rebuilt each call: plugins may come and go)."""
+    """The registry of every loaded plugin, built once per set of registered plugins.
+
+    It is rebuilt when a plugin is registered or unregistered (``register_plugin``,
+    ``reset_plugin_manager``); otherwise every caller in a run shares one registry.
+    """
+    global _cache
+    pm = get_plugin_manager()
+    key = (id(pm), *((name, id(plugin)) for name, plugin in pm.list_name_plugin()))
+    if _cache is not None and _cache[0] == key:
+        return _cache[1]
     registry = Registry()
-    get_plugin_manager().hook.regfw_register_regularizers(register=registry.register)
+    pm.hook.regfw_register_regularizers(register=registry.register)
+    _cache = (key, registry)
     return registry
 
 
 def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | None = None) -> list[Regularizer]:
-    """Regularizer objects for a ``regularizers:`` config section (validated on the way).
+    """Regularizer objects for a ``regularizers:`` config section (validated on the way), in its order.
 
     ``section`` maps names to their settings (a mapping, or None/``{}`` for all defaults).
-    A name mapped to ``false`` is left out, so an override can switch one off.
+    A name mapped to ``false`` is left out, so an override can switch one off. Build them once
+    per run and pass the objects on (``RegularizedModule(regularizers=objects)`` uses them as
+    they are); the order is the order their step methods run in (see :mod:`regfw.steps`).
     """
     registry = registry or get_registry()
     out: list[Regularizer] = []

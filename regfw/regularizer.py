@@ -1,29 +1,35 @@
 """The public base classes every regularizer plugin builds on.
 
 A regularizer is a class with a ``name``, a ``Config`` dataclass (its config section is
-validated against it) and a few optional methods that the host calls at well-defined times:
+validated against it) and a few optional methods that the host calls at well-defined times.
+Every attribute and method is documented, with signatures, call order and logging, in
+``docs/plugins.md`` (a test fails when one is not).
+
+Once per model, before training:
 
 ``plan(model, ctx)``
-    once per model, before training: what this regularizer will do, as :class:`PlanItem` rows.
-    ``regfw plan`` prints these rows and :meth:`apply` carries out exactly these rows, so what
-    is printed cannot disagree with what is done.
+    what this regularizer will do, as :class:`PlanItem` rows. ``regfw plan`` prints these rows
+    and :meth:`apply` carries out exactly these rows.
 ``apply(model, items)``
-    once per model: change the model (insert modules, wrap weights) as planned.
-``param_groups(model)``
-    optimizer parameter groups (for example decay / no-decay), or None.
-``penalty(model)``
-    a loss term added to every training step, or None.
-``callbacks()``
-    Lightning callbacks for per-step behaviour (constraints, schedules).
-``check(config)``
-    a chance to reject a combination with the rest of the resolved config.
-``describe(model)``
-    extra lines for ``regfw plan`` (for example the optimizer groups).
+    change the model (insert modules, wrap weights) as planned.
+``param_groups(model)``, ``callbacks()``, ``check(config)``, ``describe(model)``, ``claims()``
+    optimizer parameter groups, Lightning callbacks, a check against the whole config, extra
+    ``regfw plan`` lines, the layer kinds claimed within the ``family``.
+
+Every training step (called by :func:`regfw.steps.regularized_step`, never through pluggy):
+
+``transform_batch(inputs, targets, step)``
+    before the forward pass: a new ``(inputs, targets)`` (mixup, cutmix).
+``transform_loss(loss_fn, step)``
+    a new loss function ``loss(outputs, targets)`` (label smoothing).
+``loss_term(step)``
+    after the data loss: a scalar added to the loss, logged as ``train_penalty/<name>``
+    (penalties, R-Drop, confidence penalty). Its default returns ``penalty(model)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -31,6 +37,9 @@ from torch import nn
 from regfw import kinds as K
 from regfw.plan_items import PlanContext, PlanItem
 from regfw.schedules import RateSchedule
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from regfw.steps import LossFn, Step
 
 
 @dataclass
@@ -58,13 +67,16 @@ class Regularizer:
     """Base class of every regularizer. Subclasses set ``name`` and ``Config``."""
 
     #: The name users select in ``regularizers:`` of the config.
-    name: ClassVar[str] = ""
+    name: str = ""
     #: A dataclass describing the config section; every field needs a default.
     Config: ClassVar[type] = NoConfig
     #: One line shown by ``regfw plugins``.
     description: ClassVar[str] = ""
     #: Regularizers of one family (e.g. ``"dropout"``) may not claim the same layer kind.
     family: ClassVar[str] = ""
+    #: Where the per-step methods run among the selected regularizers: ascending, ties in the
+    #: config's order. R-Drop uses 100 so that it repeats the batch after mixup has mixed it.
+    step_order: ClassVar[int] = 0
     #: The regularizer's own rate range for a kind where its "rate" means something else than the
     #: table's (kind -> ``(low, high)``, ``(low, high, default)`` or a :class:`regfw.kinds.RateRange`);
     #: :func:`regfw.kinds.choose_rate` uses it instead of that kind's row of the rate table.
@@ -84,7 +96,29 @@ class Regularizer:
         return None
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """A loss term that needs only the model (a weight penalty); see :meth:`loss_term`."""
         return None
+
+    # -- per training step (see regfw.steps for the order) ----------------------------------------
+    def transform_batch(self, inputs: Any, targets: Any, step: Step) -> tuple[Any, Any]:
+        """Before the forward pass: the ``(inputs, targets)`` to train on instead (default: unchanged).
+
+        Targets may become :class:`regfw.steps.MixedTargets` (a pair and a weight), whose loss
+        is the weighted pair of losses.
+        """
+        return inputs, targets
+
+    def transform_loss(self, loss_fn: LossFn, step: Step) -> LossFn:
+        """The loss function ``loss(outputs, targets) -> tensor`` to use instead (default: unchanged)."""
+        return loss_fn
+
+    def loss_term(self, step: Step) -> torch.Tensor | None:
+        """After the data loss: a scalar tensor added to it, or None. Default: ``penalty(step.model)``.
+
+        ``step`` holds the model, the (transformed) inputs and targets, the outputs, the data loss
+        and the loss function. The term is logged as ``train_penalty/<name>``.
+        """
+        return self.penalty(step.model)
 
     def callbacks(self) -> list:
         return []

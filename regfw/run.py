@@ -106,7 +106,7 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
     return result
 
 
-def build_data(cfg: Config) -> Any:
+def build_data(cfg: Config, **options: Any) -> Any:
     """The data module of ``cfg.data``; anything that goes wrong is a :class:`ConfigError` naming
     ``data`` (a wrong ``init_args`` key, a ``class_path`` that is not a LightningDataModule)."""
     from regfw.factory import build_datamodule, import_class
@@ -118,7 +118,7 @@ def build_data(cfg: Config) -> Any:
             raise ConfigError(f"data.class_path: {cfg.data.class_path!r} is {_kind_of(target)}, not a "
                               f"LightningDataModule class (one with train_dataloader()).", key="data.class_path")
     try:
-        datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+        datamodule = build_datamodule(cfg.data, seed=cfg.seed, **options)
     except RegfwError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user's data module may fail in any way
@@ -178,13 +178,47 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     except RegfwError:
         raise
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        # most often the model does not fit the data: its forward pass on one batch is what fails
-        name = model_config.get("name") or model_config.get("class_path")
-        batch = (f" on the data's example batch (shape {list(example.shape)}, {str(example.dtype).replace('torch.', '')})"
-                 if example is not None else "")
-        raise ConfigError(f"model: building {name!r} with init_args {model_config.get('init_args') or {}}{batch} "
-                          f"failed: {type(exc).__name__}: {exc}. If the shapes disagree, set model.init_args "
-                          f"(e.g. in_features, num_outputs) to match the data.") from exc
+        raise _model_error(exc, model_config, example) from exc
+
+
+def build_plan(cfg: Config, data: Any) -> Any:
+    """The :class:`~regfw.plan.Plan` that :func:`build_module` would apply, without Lightning.
+
+    For ``regfw plan``: the same steps as :class:`~regfw.module.RegularizedModule` (model from the
+    config, regularizer objects, the plan made on a zero batch shaped like the data's example
+    input, then applied, so apply-time warnings show), and the same errors, but neither the
+    LightningModule nor a LightningDataModule is built (``data`` may be a plain data object:
+    ``factory.build_datamodule(..., lightning=False)``).
+    """
+    from regfw.factory import build_model, model_config_for, resolve_loss
+    from regfw.plan import apply_plan, make_plan
+    from regfw.registry import build_regularizers
+
+    _check_model_target(cfg, data)
+    example = data.example_input() if hasattr(data, "example_input") else None
+    model_config = model_config_for(cfg.model, data)
+    try:
+        resolve_loss(cfg.model, data)
+        model = build_model(model_config)
+        regularizers = build_regularizers(dict(cfg.regularizers or {}))
+        zeros = None if example is None else torch.zeros(list(example.shape), dtype=example.dtype)
+        plan = make_plan(model, regularizers, getattr(data, "n_train", None), zeros)
+        apply_plan(model, regularizers, plan)
+        return plan
+    except RegfwError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise _model_error(exc, model_config, example) from exc
+
+
+def _model_error(exc: Exception, model_config: dict, example: Any) -> ConfigError:
+    """Most often the model does not fit the data: its forward pass on one batch is what fails."""
+    name = model_config.get("name") or model_config.get("class_path")
+    batch = (f" on the data's example batch (shape {list(example.shape)}, {str(example.dtype).replace('torch.', '')})"
+             if example is not None else "")
+    return ConfigError(f"model: building {name!r} with init_args {model_config.get('init_args') or {}}{batch} "
+                       f"failed: {type(exc).__name__}: {exc}. If the shapes disagree, set model.init_args "
+                       f"(e.g. in_features, num_outputs) to match the data.")
 
 
 def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path) -> Any | None:

@@ -147,7 +147,8 @@ def check_name(name: str, directory: str | Path = ".") -> Path:
         suggestion = re.sub(r"[^a-z0-9_]+", "_", str(name).lower()).strip("_")
         if suggestion and not suggestion[0].isalpha():
             suggestion = "my_" + suggestion
-        hint = f" such as {suggestion!r}" if suggestion and _NAME.match(suggestion) and not keyword.iskeyword(suggestion) else ""
+        hint = (f" such as {suggestion!r}"
+                if suggestion and _NAME.match(suggestion) and not keyword.iskeyword(suggestion) else "")
         raise RegfwError(
             f"plugin name {name!r} is not a lowercase Python identifier (letters a-z, digits and "
             f"underscores, starting with a letter, not a Python keyword); choose another name{hint}"

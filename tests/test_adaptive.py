@@ -225,7 +225,8 @@ def test_plugin_is_selected_by_name_with_its_options():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"regularizers\.adaptive_dropout\.step: got 1\.5, expected a value in \(0, 1\)"):
+    with pytest.raises(ConfigError,
+                       match=r"regularizers\.adaptive_dropout\.step: got 1\.5, expected a value in \(0, 1\)"):
         validate({"regularizers": {"dropout": {}, "adaptive_dropout": {"step": 1.5}}})
     with pytest.raises(ConfigError, match=r"regularizers\.adaptive_dropout\.kinds: got \['hiden'\]"):
         validate({"regularizers": {"dropout": {}, "adaptive_dropout": {"kinds": ["hiden"]}}})

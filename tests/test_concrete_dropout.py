@@ -138,7 +138,7 @@ def test_a_fit_logs_the_learned_rates_every_epoch_and_prints_them_at_the_end(cap
 
 
 def test_config_errors_name_the_key_and_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout: schedule: got kind 'linear', but concrete "
+    with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout\.schedule: got kind 'linear', but concrete "
                                           r"dropout learns its rates .*; remove `schedule`"):
         build_regularizers({"concrete_dropout": {"schedule": {"kind": "linear", "epochs": 3}}})
     with pytest.raises(ConfigError, match=r"regularizers\.concrete_dropout\.temperature: got 0\.0, expected a value "

@@ -87,11 +87,16 @@ regularizers:
   max_norm: {}
   adaptive_dropout: {patience: 1}
   coadaptation: {}
+  mixup: {alpha: 0.2}
+  label_smoothing: {epsilon: 0.1}
+  confidence_penalty: {strength: 0.1}
+  rdrop: {alpha: 1.0}
 uncertainty: {enabled: true, samples: 8, plots: false}
 trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
 """
 # The second launch runs the two variants the first cannot hold, in their places.
-CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}", "alpha_dropout: {input: 0.05, hidden: 0}")
+CONFIG_VARIANTS = (CONFIG.replace("gaussian_dropout: {input: 0.1, hidden: 0, conv: 0}",
+                                  "alpha_dropout: {input: 0.05, hidden: 0}")
                    .replace("dropblock: {conv: 0.1, block_size: 3}", "spatial_dropout: {conv: 0.1}")
                    .replace("dropout: {input: 0, hidden: 0.3, conv: 0, recurrent: 0}", "concrete_dropout: {input: 0}")
                    .replace("adaptive_dropout: {patience: 1}", "adaptive_dropout: {patience: 1, kinds: [conv]}"))
@@ -146,9 +151,11 @@ def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
     used = set(load_cfg(root).regularizers)
     assert builtin - used == NOT_RUN
     plan = (run / "plan.txt").read_text()
-    for name in used - {"l1", "weight_decay", "adaptive_dropout", "coadaptation"}:
+    described = {"l1", "weight_decay", "adaptive_dropout", "coadaptation", "mixup", "label_smoothing",
+                 "confidence_penalty", "rdrop"}
+    for name in used - described:
         assert f"\n{name} " in plan, name  # a plan row for every injecting regularizer
-    for name in ("l1", "weight_decay", "adaptive_dropout", "coadaptation"):
+    for name in described:
         assert f"\n{name}: " in plan, name
 
 

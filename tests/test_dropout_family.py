@@ -252,13 +252,15 @@ def test_drop_path_drops_whole_samples_of_a_branch_at_the_scheduled_rate():
 
 
 def test_config_errors_name_the_key_and_the_value():
-    with pytest.raises(ConfigError, match=r"regularizers\.spatial_dropout\.conv: got 1\.5, expected a value in \[0, 1\)"):
+    with pytest.raises(ConfigError,
+                       match=r"regularizers\.spatial_dropout\.conv: got 1\.5, expected a value in \[0, 1\)"):
         build_regularizers({"spatial_dropout": {"conv": 1.5}})
     with pytest.raises(ConfigError, match=r"regularizers\.dropblock\.block_size: got \[3, 0\], expected a positive"):
         build_regularizers({"dropblock": {"block_size": [3, 0]}})
     with pytest.raises(ConfigError, match=r"regularizers\.dropout\.inverted: got 'no', expected true or false"):
         build_regularizers({"dropout": {"inverted": "no"}})
-    with pytest.raises(ConfigError, match=r"regularizers\.drop_path\.depth: got 'cosine', expected one of 'linear', 'uniform'"):
+    with pytest.raises(ConfigError,
+                       match=r"regularizers\.drop_path\.depth: got 'cosine', expected one of 'linear', 'uniform'"):
         build_regularizers({"drop_path": {"depth": "cosine"}})
     (dropblock,) = build_regularizers({"dropblock": {"block_size": [3, 5]}})
     assert dropblock.make_module("conv", 0.1, None).block_size == (3, 5)

@@ -44,7 +44,8 @@ def test_documented_signature_first_result_and_example_match_the_spec(name):
     documented_args = tuple(a.arg for a in func.args.args)
     assert documented_args == tuple(caller.spec.argnames), signature
     first = re.search(r"\*\*First-result:\*\* (yes|no)", section).group(1)
-    assert (first == "yes") == bool(caller.spec.opts.get("firstresult")), f"{name}: first-result is {first!r} in the doc"
+    assert (first == "yes") == bool(caller.spec.opts.get("firstresult")), (
+        f"{name}: first-result is {first!r} in the doc")
     for arg in caller.spec.argnames:
         assert f"`{arg}`" in section.split("**Arguments:**", 1)[1].split("**Called:**", 1)[0], arg
     assert "**Called:**" in section

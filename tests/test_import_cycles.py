@@ -14,12 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "regfw"
 
 #: Cycles that exist and are being removed, as sorted module tuples. Each needs its reason.
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    # sampling's "auto" engine imports fast (import_module) and fast imports sampling's helpers;
-    # removed by splitting regfw/uncertainty/fast.py into a package. Delete this entry then: the
-    # test fails while a listed cycle is gone.
-    ("regfw.uncertainty.fast", "regfw.uncertainty.sampling"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def _modules(root: Path) -> dict[str, Path]:
@@ -74,7 +69,8 @@ def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
                 for alias in node.names:  # `from regfw.uncertainty import sampling` imports a module
                     full = f"{source}.{alias.name}"
                     targets.add(full if full in mods else resolve(source))
-            elif (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "import_module"
+            elif (isinstance(node, ast.Call)
+                  and getattr(node.func, "id", getattr(node.func, "attr", "")) == "import_module"
                   and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
                 targets.add(resolve(node.args[0].value))
         graph[module] = {t for t in targets if t is not None and t != module}

@@ -126,7 +126,8 @@ def test_ignore_trains_on_garbage(cfg_path):
 def test_a_huge_learning_rate_stops_at_the_first_infinite_loss(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("data: {train_fraction: 0.3}\nmodel: {init_args: {hidden: [16]}}\noptimizer: {name: sgd, lr: 1.0e+20}\n"
+    cfg.write_text("data: {train_fraction: 0.3}\nmodel: {init_args: {hidden: [16]}}\n"
+                   "optimizer: {name: sgd, lr: 1.0e+20}\n"
                    "uncertainty: {enabled: false}\ntrainer: {max_epochs: 1, enable_progress_bar: false}\n")
     assert main(["fit", str(cfg), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
@@ -137,6 +138,7 @@ def test_a_huge_learning_rate_stops_at_the_first_infinite_loss(tmp_path, monkeyp
 
 def test_skip_is_refused_with_several_processes_before_anything_is_written(cfg_path, tmp_path):
     cfg = load_config(cfg_path, ["run.on_nan=skip", "trainer.strategy=ddp", "trainer.devices=2"])
-    with pytest.raises(ConfigError, match="run.on_nan: got 'skip' with 2 processes; Lightning cannot leave a batch out"):
+    with pytest.raises(ConfigError,
+                       match="run.on_nan: got 'skip' with 2 processes; Lightning cannot leave a batch out"):
         fit(cfg, run_dir="run")
     assert not (tmp_path / "run").exists()

@@ -150,7 +150,7 @@ def test_weight_noise_with_std_0_trains_bit_identically_to_no_noise():
         add_weight_noise(noisy[i], 0.0)
     _train(reference, 25)
     _train(noisy, 25)  # the dropout masks match too: std 0 draws no random numbers
-    for (name, a), (_, b) in zip(reference.named_parameters(), noisy.named_parameters()):
+    for (name, a), (_, b) in zip(reference.named_parameters(), noisy.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -164,7 +164,7 @@ def test_weight_noise_restores_the_exact_parameter_so_nothing_drifts():
     _train(model, 50, lr=0.0, optimizer="sgd")  # 50 perturbed forward/backward passes, zero-size steps
     assert model[0].weight is originals[0] and model[2].weight is originals[1]
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
-    for p, q in zip(model.parameters(), start):
+    for p, q in zip(model.parameters(), start, strict=True):
         assert torch.equal(p, q)
 
 

@@ -60,7 +60,8 @@ def test_the_printed_plan_is_what_is_applied():
     model = BUILTIN_MODELS["cnn"](in_features=64, num_outputs=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = RegularizedModule(model, regularizers={"dropout": {"conv": 0, "hidden": 0}, "dropblock": {"block_size": 3},
+        module = RegularizedModule(model, regularizers={"dropout": {"conv": 0, "hidden": 0},
+                                                        "dropblock": {"block_size": 3},
                                                         "gaussian_dropout": {"input": 0, "conv": 0, "hidden": 0.3}},
                                    n_examples=500, example_input=torch.zeros(2, 64))
     rows = module.plan.rows()

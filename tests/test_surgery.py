@@ -233,7 +233,8 @@ def test_planning_an_insertion_directly_before_a_batchnorm_warns():
     class SharedBN(nn.Module):  # the BatchNorm runs twice, so dropout cannot move past it
         def __init__(self):
             super().__init__()
-            self.fc1, self.fc2, self.bn, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.bn, self.head = nn.BatchNorm1d(8), nn.Linear(8, 2)
 
         def forward(self, x):
             return self.head(self.bn(self.fc2(self.bn(self.fc1(x)))))
@@ -323,7 +324,8 @@ def test_a_plugin_classifies_its_own_module_type(fresh_plugins):
         unregister_plugin("classify-gated")
     register_plugin(ClassifyWrong(), "classify-wrong")
     try:
-        with pytest.raises(ValueError, match=r"classified module '2' \(GatedLinear\) as 'dense'; expected one of hidden"):
+        with pytest.raises(ValueError,
+                           match=r"classified module '2' \(GatedLinear\) as 'dense'; expected one of hidden"):
             plan_for(net_with_gated(), x, {"dropout": {}})
     finally:
         unregister_plugin("classify-wrong")

@@ -12,13 +12,13 @@ from regfw_plugins.weight_decay import (
     WeightDecay,
     WeightDecayConfig,
 )
-from regfw.params import split_parameters
 from torch import nn
 
 from regfw.config import validate
 from regfw.data import DigitsDataModule
 from regfw.errors import ConfigError
 from regfw.module import RegularizedModule
+from regfw.params import split_parameters
 from regfw.registry import build_regularizers
 
 
@@ -198,7 +198,7 @@ def _weights(module):
 
 
 def _close(a, b, atol=1e-6):
-    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b))
+    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b, strict=True))
 
 
 def test_decoupled_decay_with_adam_matches_adamw_and_acts(digits):
@@ -209,7 +209,9 @@ def test_decoupled_decay_with_adam_matches_adamw_and_acts(digits):
     assert _close(_weights(adam), _weights(adamw))
     assert not _close(_weights(adam), _weights(plain), atol=1e-4)
     # the decay group shrank against the run without decay (6 steps of 0.5 * lr = 0.5%)
-    norm = lambda m: sum(float(m.model.get_parameter(n).detach().pow(2).sum()) for n in ("body.0.weight", "head.weight"))  # noqa: E731
+    def norm(m):
+        return sum(float(m.model.get_parameter(n).detach().pow(2).sum()) for n in ("body.0.weight", "head.weight"))
+
     assert norm(adam) < 0.99 * norm(plain)
     group = next(g for g in trainer.optimizers[0].param_groups if g[GROUP_KEY] == "decay")
     assert group["weight_decay"] == 0.0 and group[DECOUPLED_KEY] == 0.5  # moved: Adam's own decay is coupled
@@ -234,4 +236,5 @@ def test_plan_prints_the_groups(tmp_path, capsys):
     assert "weight_decay: mode decoupled, strength 0.05" in out
     assert ("weight_decay: decay group: 4 tensor(s), 13,584 values: features.0.weight, features.3.weight, "
             "classifier.1.weight, classifier.3.weight") in out
-    assert "weight_decay: no-decay group: 8 tensor(s), 218 values: features.0.bias (bias), features.1.weight (norm)" in out
+    assert ("weight_decay: no-decay group: 8 tensor(s), 218 values: features.0.bias (bias), "
+            "features.1.weight (norm)") in out

@@ -45,7 +45,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import pytorch_lightning as pl
 import torch
@@ -58,7 +58,8 @@ from regfw.placement import INJECTED_PREFIX, is_dropout, planned_module
 
 from . import AdaptiveDropoutConfig
 
-__all__ = ["AdaptiveDropoutCallback", "Diagnosis", "Decision", "RateTarget", "diagnose", "rate_targets", "UNKNOWN_RANGE"]
+__all__ = ["AdaptiveDropoutCallback", "Diagnosis", "Decision", "RateTarget", "diagnose", "rate_targets",
+           "UNKNOWN_RANGE"]
 
 logger = logging.getLogger("regfw.adaptive")
 
@@ -90,10 +91,16 @@ def diagnose(train_loss: float, val_loss: float, gap_threshold: float, loss_thre
     if stall_delta is not None and previous_train_loss is not None and gap < gap_threshold / 2:
         drop = (previous_train_loss - train_loss) / max(abs(previous_train_loss), 1e-12)
         if drop < stall_delta:
-            return Diagnosis(DOWN, f"underfitting: train_loss stalled ({previous_train_loss:.4g} -> {train_loss:.4g}, "
-                                   f"{100 * drop:.2f}% < stall_delta {100 * stall_delta:g}%) with val_loss - train_loss "
-                                   f"= {gap:.4g} < gap_threshold / 2")
+            return Diagnosis(DOWN, f"underfitting: train_loss stalled ({previous_train_loss:.4g} -> "
+                                   f"{train_loss:.4g}, {100 * drop:.2f}% < stall_delta {100 * stall_delta:g}%) "
+                                   f"with val_loss - train_loss = {gap:.4g} < gap_threshold / 2")
     return Diagnosis(HOLD, f"balanced: val_loss - train_loss = {gap:.4g} <= gap_threshold {gap_threshold:g}")
+
+
+class _Rated(Protocol):
+    """A dropout-family module: its rate is the number ``p`` (see :func:`_has_rate`)."""
+
+    p: float
 
 
 @dataclass
@@ -108,7 +115,11 @@ class RateTarget:
 
     @property
     def rate(self) -> float:
-        return float(self.module.p)
+        return float(cast(_Rated, self.module).p)
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        cast(_Rated, self.module).p = value
 
 
 @dataclass
@@ -275,7 +286,7 @@ class AdaptiveDropoutCallback(pl.Callback):
                            f"they are ignored")
         for path, value in self._pending_rates.items():
             if path in by_path:
-                by_path[path].module.p = float(value)
+                by_path[path].rate = float(value)
         self._pending_rates = None
 
     def rates(self) -> dict[str, float]:
@@ -335,7 +346,7 @@ class AdaptiveDropoutCallback(pl.Callback):
             if d.changes:
                 by_path = {t.path: t for t in self.targets}
                 for path, (_, new) in d.changes.items():
-                    by_path[path].module.p = new
+                    by_path[path].rate = new
                 self.cooldown_left = self.config.cooldown
         self.previous_train_loss = float(train_loss)
         self.history.append(d)
@@ -377,6 +388,9 @@ class AdaptiveDropoutCallback(pl.Callback):
 
     @torch.no_grad()
     def _clean_loss(self, pl_module: pl.LightningModule, batch: Any) -> float | None:
+        clean_fn = self._clean_fn
+        if clean_fn is None:
+            return None
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             self._warn_once("batch", "AdaptiveDropout: train_loss='clean' expects (x, y) batches; using the "
                                      "noisy training loss")
@@ -385,7 +399,7 @@ class AdaptiveDropoutCallback(pl.Callback):
         saved = [(m, m.training) for m in pl_module.modules()]
         try:
             pl_module.eval()
-            return float(self._clean_fn(pl_module(batch[0]), batch[1]))
+            return float(clean_fn(pl_module(batch[0]), batch[1]))
         finally:
             for m, flag in saved:
                 m.training = flag
@@ -411,8 +425,8 @@ class AdaptiveDropoutCallback(pl.Callback):
         val = trainer.callback_metrics.get(self.config.monitor)
         if val is None:
             known = ", ".join(sorted(trainer.callback_metrics)) or "(none)"
-            self._warn_once("monitor", f"AdaptiveDropout: monitor {self.config.monitor!r} was not logged at validation; "
-                                       f"logged metrics: {known}. Set `monitor` to one of them.")
+            self._warn_once("monitor", f"AdaptiveDropout: monitor {self.config.monitor!r} was not logged at "
+                                       f"validation; logged metrics: {known}. Set `monitor` to one of them.")
             return
         train_loss = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = 0.0, 0
@@ -439,7 +453,7 @@ class AdaptiveDropoutCallback(pl.Callback):
         text = d.reason + "".join(f"; {p}: {o:g} -> {n:g}" for p, (o, n) in d.changes.items())
         for lg in trainer.loggers:
             experiment = getattr(lg, "experiment", None)
-            if hasattr(experiment, "add_text"):  # TensorBoard
+            if experiment is not None and hasattr(experiment, "add_text"):  # TensorBoard
                 experiment.add_text(f"{self.prefix}changes", text, trainer.global_step)
         if self.log_file and trainer.loggers and trainer.log_dir:
             os.makedirs(trainer.log_dir, exist_ok=True)

@@ -186,8 +186,9 @@ class _Recorder:
             rows = _rows(output, self.layers[path])
             if path not in self.stats:
                 units = rows.shape[1]
-                self.index[path] = _unit_index(units, self.max_units)
-                self.stats[path] = CorrelationStats(units if self.index[path] is None else len(self.index[path]))
+                index = _unit_index(units, self.max_units)
+                self.index[path] = index
+                self.stats[path] = CorrelationStats(units if index is None else len(index))
             idx = self.index[path]
             self.stats[path].update(rows if idx is None else rows[:, idx.to(rows.device)])
         return hook

@@ -50,7 +50,7 @@ def _block_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
         raise ValueError(
             f"block_size must be a positive int or a pair (height, width) of positive ints, got {block_size!r}"
         )
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _coverage(n: int, b: int) -> list[int]:
@@ -82,9 +82,9 @@ def _seed_intensity(height: int, width: int, block_h: int, block_w: int, p: floa
     target = 1.0 - p  # solve g(lam) = sum_k w_k exp(-lam k) = target; g is convex and decreasing
     lam = 0.0
     for _ in range(10_000):
-        terms = [w * math.exp(-lam * k) for k, w in zip(ks, ws)]
+        terms = [w * math.exp(-lam * k) for k, w in zip(ks, ws, strict=True)]
         g = math.fsum(terms)
-        slope = math.fsum(k * t for k, t in zip(ks, terms))
+        slope = math.fsum(k * t for k, t in zip(ks, terms, strict=True))
         if g <= target or slope == 0.0:
             break
         step = (g - target) / slope

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .masks import keep_scale_mask
 
 __all__ = ["drop_path", "drop_path_schedule", "DropPath"]
 
@@ -25,9 +26,7 @@ def drop_path(x: Tensor, p: float = 0.1, training: bool = True, scale_by_keep: b
         return x
     if p == 1.0:
         return zeros_like_graph(x)
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    if scale_by_keep:
-        mask.div_(1.0 - p)
+    mask = keep_scale_mask(x, (x.shape[0],) + (1,) * (x.dim() - 1), p, None if scale_by_keep else 1.0)
     return x * mask
 
 

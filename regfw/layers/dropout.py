@@ -9,7 +9,8 @@ of timm's ``timm/layers/drop.py``. The common contract, tested in ``tests/layers
   classic (non-inverted) :class:`Dropout`, which scales by ``1 - p`` at inference;
 * ``p = 0`` returns the input tensor itself; ``p = 1`` returns zeros, with no NaN and no division by zero;
 * masks are made in the input's dtype and on its device, from torch's global generator, so results
-  are reproducible under ``torch.manual_seed``.
+  are reproducible under ``torch.manual_seed``; on CPU they come from sliced random words
+  (:mod:`regfw.layers.masks`: drop rates exact to 1/65536), elsewhere from torch's fused kernels.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .masks import keep_scale_mask, masked_scale, use_words
 
 __all__ = [
     "dropout",
@@ -54,16 +56,15 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inverted: bool = T
             return x
         if p == 1.0:
             return zeros_like_graph(x)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            # Thresholding uniform noise is about twice as fast as F.dropout's bernoulli_ on CPU
-            # (it dominates Monte Carlo dropout there): the same distribution, another stream.
-            mask = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
-            return x * mask
+        if use_words(x):  # masks dominate Monte Carlo dropout on CPU: draw them at the floor
+            return masked_scale(x, p)
         return F.dropout(x, p, training=True)
     if not training:
         return x * (1.0 - p)
     if p == 1.0:
         return zeros_like_graph(x)
+    if use_words(x):
+        return masked_scale(x, p, scale=1.0)
     mask = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1.0 - p)
     return x * mask
 
@@ -87,9 +88,7 @@ def spatial_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         return x
     if p == 1.0:
         return zeros_like_graph(x)
-    mask = x.new_empty(x.shape[:2] + (1,) * (x.dim() - 2)).bernoulli_(1.0 - p)
-    mask.div_(1.0 - p)
-    return x * mask
+    return x * keep_scale_mask(x, x.shape[:2] + (1,) * (x.dim() - 2), p)
 
 
 def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -123,6 +122,11 @@ def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         return x
     if p == 1.0:
         return zeros_like_graph(x)
+    if use_words(x):  # F.alpha_dropout's affine map, with the mask drawn from random words
+        alpha = 1.7580993408473766  # -SELU's negative saturation value
+        a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
+        keep = keep_scale_mask(x, x.shape, p, scale=1.0)  # kept: a * x + alpha a p; dropped: -alpha a + alpha a p
+        return (x * a).add_(alpha * a).mul_(keep).add_(alpha * a * (p - 1.0))
     return F.alpha_dropout(x, p, training=True)
 
 

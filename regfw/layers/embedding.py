@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .masks import keep_scale_mask
 
 __all__ = ["EmbeddingDropout", "embedding_dropout", "apply_embedding_dropout", "EMBEDDING_DROPOUT_ATTR"]
 
@@ -48,7 +49,7 @@ def embedding_dropout(vectors: Tensor, indices: Tensor, p: float, num_embeddings
     else:
         key = indices
     words, where = torch.unique(key, return_inverse=True)
-    keep = (torch.rand(words.shape, device=vectors.device) >= p).to(vectors.dtype).mul_(1.0 / (1.0 - p))
+    keep = keep_scale_mask(vectors, words.shape, p)  # one draw per word (CPU: sliced random words)
     return vectors * keep[where].unsqueeze(-1)
 
 

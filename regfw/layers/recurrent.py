@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .masks import keep_scale_mask, masked_scale, use_words
 
 __all__ = [
     "locked_dropout",
@@ -55,7 +56,7 @@ __all__ = [
     "remove_weight_drop",
 ]
 
-SequenceInput = Union[Tensor, PackedSequence, tuple]
+SequenceInput = Tensor | PackedSequence | tuple
 
 #: Name of the child module that :func:`apply_weight_drop` adds to an RNN.
 WEIGHT_DROP_ATTR = "weight_drop"
@@ -65,16 +66,15 @@ def _locked_tensor(x: Tensor, p: float, batch_first: bool) -> Tensor:
     if x.dim() == 2:  # one unbatched sequence (L, F), as nn.LSTM accepts
         shape = (1,) + tuple(x.shape[1:])
     elif x.dim() >= 3:
-        shape = list(x.shape)
-        shape[1 if batch_first else 0] = 1
-        shape = tuple(shape)
+        dims = list(x.shape)
+        dims[1 if batch_first else 0] = 1
+        shape = tuple(dims)
     else:
         raise ValueError(
             "locked_dropout expects a sequence of shape (B, T, F) (batch_first=True), (T, B, F) "
             f"(batch_first=False) or (T, F), got shape {tuple(x.shape)}"
         )
-    mask = x.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * mask
+    return x * keep_scale_mask(x, shape, p)
 
 
 def _locked_packed(x: PackedSequence, p: float) -> PackedSequence:
@@ -83,7 +83,7 @@ def _locked_packed(x: PackedSequence, p: float) -> PackedSequence:
     # PackedSequence.data is time-major: step t holds sequences 0 .. batch_sizes[t] - 1 (sorted order).
     index = torch.arange(batch).expand(steps, batch)
     sequence_of_row = index[index < batch_sizes[:, None]].to(data.device)
-    mask = data.new_empty((batch,) + tuple(data.shape[1:])).bernoulli_(1.0 - p).div_(1.0 - p)
+    mask = keep_scale_mask(data, (batch,) + tuple(data.shape[1:]), p)
     return x._replace(data=data * mask[sequence_of_row])
 
 
@@ -109,7 +109,9 @@ def locked_dropout(
             raise ValueError("locked_dropout got an empty tuple; expected (output, hidden)")
         return (locked_dropout(x[0], p, training, batch_first),) + tuple(x[1:])
     if not isinstance(x, Tensor):
-        raise TypeError(f"locked_dropout expects a Tensor, PackedSequence or (output, hidden) tuple, got {type(x).__name__}")
+        raise TypeError(
+            f"locked_dropout expects a Tensor, PackedSequence or (output, hidden) tuple, got {type(x).__name__}"
+        )
     if p == 1.0:
         return zeros_like_graph(x)
     return _locked_tensor(x, p, batch_first)
@@ -149,6 +151,8 @@ def drop_connect(weight: Tensor, p: float = 0.5, training: bool = True) -> Tenso
         return weight
     if p == 1.0:
         return zeros_like_graph(weight)
+    if use_words(weight):
+        return masked_scale(weight, p)
     return F.dropout(weight, p, training=True)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from regfw.uncertainty import fast as fast  # registers the "auto" strategy
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     DEFAULT_SAMPLES,

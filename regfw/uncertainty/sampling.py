@@ -19,8 +19,9 @@ How the T passes are computed is a *strategy*, a function in :data:`STRATEGIES`:
 
 called inside :func:`mc_mode` and :func:`isolated_rng`. Built in: ``"loop"`` (T full passes)
 and ``"batched"`` (the batch repeated T times, run in chunks that fit ``budget_bytes``).
-``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast` (which registers
-itself on import); when that module is not available ``"auto"`` means ``"batched"``.
+``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast`, which registers
+itself on import (the package :mod:`regfw.uncertainty` imports it; this module never imports it,
+so the two form no import cycle); while it is not registered ``"auto"`` means ``"batched"``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_BUDGET_BYTES",
     "DEFAULT_SAMPLES",
     "STRATEGIES",
+    "WITH_DETERMINISTIC",
     "TASKS",
     "MCResult",
     "mc_predict",
@@ -415,29 +416,31 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def register_strategy(name: str, fn: Strategy) -> None:
-    """Register (or replace) the strategy ``name``; see the module docstring for the contract."""
+#: Per strategy name, an optional variant that also returns the eval-mode output from shared work:
+#: ``fn(model, inputs, samples, *, budget_bytes, **kw) -> (Tensor[T, B, ...], Tensor[B, ...])``,
+#: called like the strategy (inside :func:`mc_mode`); it must draw the same masks as the strategy.
+WITH_DETERMINISTIC: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def register_strategy(name: str, fn: Strategy, *, with_deterministic: Callable[..., Any] | None = None) -> None:
+    """Register (or replace) the strategy ``name``; see the module docstring for the contract.
+
+    ``with_deterministic``: the same strategy also returning the deterministic (eval-mode) output,
+    computed from work it shares (``auto``: the cached prefix, the suffix once in eval mode);
+    :func:`mc_predict` uses it instead of a second full pass when ``deterministic=True``.
+    """
     if not callable(fn):
         raise TypeError(f"strategy {name!r} must be callable, got {fn!r}")
     STRATEGIES[name] = fn
+    WITH_DETERMINISTIC.pop(name, None)
+    if with_deterministic is not None:
+        WITH_DETERMINISTIC[name] = with_deterministic
 
 
 def resolve_strategy(name: str) -> str:
     """The registered strategy name that ``name`` stands for (``"auto"`` may become ``"batched"``)."""
     if name == "auto" and "auto" not in STRATEGIES:
-        try:
-            import_module("regfw.uncertainty.fast")  # registers "auto" on import
-        except ModuleNotFoundError as exc:
-            if exc.name != "regfw.uncertainty.fast":
-                warnings.warn(
-                    f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
-                )
-        except ImportError as exc:
-            warnings.warn(
-                f"strategy 'auto' unavailable ({exc}); using 'batched'", RuntimeWarning, stacklevel=3
-            )
-        if "auto" not in STRATEGIES:
-            return "batched"
+        return "batched"
     if name not in STRATEGIES:
         known = sorted({*STRATEGIES, "auto"})
         raise ValueError(f"strategy must be one of {known}, got {name!r}")
@@ -571,7 +574,9 @@ def mc_predict(
         output_transform: maps the stacked raw outputs ``[T, B, ...]`` to logits
             (classification) or to means / ``(means, variances)`` (regression), e.g.
             :func:`split_mean_logvar`.
-        deterministic: also run one eval-mode pass (weight scaling) for comparison.
+        deterministic: also compute the eval-mode output (weight scaling) for comparison: one
+            more pass for ``loop`` and ``batched``; under ``auto`` only the stochastic suffix, run
+            once in eval mode on the cached prefix.
         strategy_kwargs: passed to the strategy (e.g. ``chunk_rows`` for ``batched``).
 
     The global RNG state, every module's ``training`` flag and BatchNorm statistics are the
@@ -592,11 +597,15 @@ def mc_predict(
     used_seed = _resolve_seed(seed, generator)
     with torch.no_grad(), isolated_rng(used_seed, _devices(model, inputs)):
         det = None
-        if deterministic:  # inside the fork too, in case a module is random even in eval mode
+        joint = WITH_DETERMINISTIC.get(name) if deterministic else None
+        if deterministic and joint is None:  # inside the fork too, in case a module is random even in eval mode
             with eval_mode(model):
                 det = _forward(model, inputs)
         with mc_mode(model, stoch):
-            outputs = fn(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
+            if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
+                outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
+            else:
+                outputs = fn(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
         if not isinstance(outputs, Tensor) or outputs.dim() < 2 or outputs.shape[0] != samples:
             shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
             raise RuntimeError(f"strategy {name!r} must return a tensor [T={samples}, B, ...], got {shape}")

@@ -31,13 +31,16 @@ def test_encoder_and_decoder_layers_like_their_dropout_argument():
     assert set_attention_dropout(dec, 0.2) == 6  # self_attn, multihead_attn + 4 dropouts
     reference = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.2)
     for built, ref in ((dec, reference), (enc, nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.2))):
-        got = {n: (m.dropout if isinstance(m, nn.MultiheadAttention) else m.p) for n, m in built.named_modules() if isinstance(m, (nn.MultiheadAttention, nn.Dropout))}
-        want = {n: (m.dropout if isinstance(m, nn.MultiheadAttention) else m.p) for n, m in ref.named_modules() if isinstance(m, (nn.MultiheadAttention, nn.Dropout))}
+        got = {n: (m.dropout if isinstance(m, nn.MultiheadAttention) else m.p) for n, m in built.named_modules()
+               if isinstance(m, (nn.MultiheadAttention, nn.Dropout))}
+        want = {n: (m.dropout if isinstance(m, nn.MultiheadAttention) else m.p) for n, m in ref.named_modules()
+                if isinstance(m, (nn.MultiheadAttention, nn.Dropout))}
         assert got == want
 
 
 def test_attention_only_and_other_dropouts_left_alone():
-    model = nn.Sequential(nn.Dropout(0.5), nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), num_layers=2, enable_nested_tensor=False))
+    model = nn.Sequential(nn.Dropout(0.5), nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0),
+                                                                 num_layers=2, enable_nested_tensor=False))
     assert set_attention_dropout(model, 0.3, attention_only=True) == 2
     assert model[0].p == 0.5
     layer = model[1].layers[0]

@@ -120,7 +120,8 @@ def test_gradient_is_the_scaled_mask():
     assert torch.allclose(x.grad * x.detach(), out.detach(), atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,block", [((2, 3, 7, 9), 4), ((2, 3, 5, 5), 7), ((2, 3, 6, 11), (2, 5)), ((1, 1, 1, 1), 3)])
+@pytest.mark.parametrize("shape,block",
+                         [((2, 3, 7, 9), 4), ((2, 3, 5, 5), 7), ((2, 3, 6, 11), (2, 5)), ((1, 1, 1, 1), 3)])
 def test_even_blocks_rectangular_maps_and_oversized_blocks_keep_shape(shape, block):
     torch.manual_seed(0)
     out = DropBlock2d(0.5, block).train()(torch.ones(shape))

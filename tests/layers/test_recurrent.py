@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop, locked_dropout, remove_weight_drop
+from regfw.layers.recurrent import drop_connect
 
 
 # ---------------------------------------------------------------- LockedDropout
@@ -132,7 +133,7 @@ def test_dropped_weight_is_used_exactly():
     out = _run(lstm.train(), x)
     torch.manual_seed(7)
     with torch.no_grad():
-        ref.weight_hh_l0.copy_(torch.nn.functional.dropout(ref.weight_hh_l0, 0.5))
+        ref.weight_hh_l0.copy_(drop_connect(ref.weight_hh_l0, 0.5))  # the mask the hook draws
     assert torch.allclose(out, _run(ref, x))
     # and the registered parameter itself was not modified
     assert torch.equal(lstm.weight_hh_l0, raw)
@@ -200,10 +201,10 @@ def test_no_warnings_and_flatten_parameters_works():
 def test_flat_weights_are_restored_after_forward_even_on_error():
     lstm = apply_weight_drop(nn.LSTM(4, 8, batch_first=True), 0.5).train()
     _run(lstm, torch.randn(2, 5, 4))
-    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names, strict=True))
     with pytest.raises(RuntimeError):
         lstm(torch.randn(2, 5, 3))  # wrong feature size
-    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names))
+    assert all(w is getattr(lstm, n) for w, n in zip(lstm._flat_weights, lstm._flat_weights_names, strict=True))
 
 
 def test_applying_twice_updates_the_rate_without_duplicate_hooks_and_remove_undoes():

@@ -61,7 +61,7 @@ def test_mc_variance_grows_with_p():
     (where the closed form is increasing) and for a two-dropout ReLU network (no closed form; the same
     seed for every p, 500 samples)."""
     head = [float(_variance(*_head_net(p)[:2]).mean()) for p in RATES]
-    assert all(a < b for a, b in zip(head, head[1:])), head
+    assert all(a < b for a, b in zip(head, head[1:], strict=False)), head
 
     deep = []
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
@@ -70,4 +70,4 @@ def test_mc_variance_grows_with_p():
         net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(p), nn.Linear(32, 32), nn.ReLU(),
                             nn.Dropout(p), nn.Linear(32, 1))
         deep.append(float(_variance(net, x, samples=500).mean()))
-    assert all(a < b for a, b in zip(deep, deep[1:])), deep
+    assert all(a < b for a, b in zip(deep, deep[1:], strict=False)), deep

@@ -23,7 +23,8 @@ P = 0.3
 
 def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(20, 5, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64) * scale
     w_true = torch.randn(5, generator=g, dtype=torch.float64)
     y = x @ w_true + 0.1 * torch.randn(20, generator=g, dtype=torch.float64)
     w = torch.randn(5, generator=g, dtype=torch.float64)

@@ -342,7 +342,8 @@ def test_cache_does_not_keep_the_model_alive():
 
 def test_budget_chunks_replay_and_prefix_without_changing_values():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8), nn.Dropout(0.5)).eval()
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8),
+                          nn.Dropout(0.5)).eval()
     x = torch.randn(40, 16)
     ref = samples(model, x, "auto", 10, budget_bytes=None)
     split = split_model(model, x)
@@ -399,3 +400,85 @@ def test_random_functions_in_forward_are_stochastic_sources():
         torch.manual_seed(1)
         b = STRATEGIES["loop"](model, x, 10)
     assert torch.allclose(a, b, rtol=0, atol=1e-6) and a.std(0).min() > 0
+
+
+# --------------------------------------------------------------------------- mixed mask kinds
+
+
+class AWDLSTM(nn.Module):
+    """Embedding -> 2 LSTMs -> Linear on the last step: the AWD-LSTM shape, small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm1 = nn.LSTM(8, 8, batch_first=True)
+        self.lstm2 = nn.LSTM(8, 8, batch_first=True)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm1(self.emb(x))
+        h, _ = self.lstm2(h)
+        return self.out(h[:, -1])
+
+
+def test_weight_masks_with_locked_dropout_are_drawn_per_sample_under_auto():
+    """dropconnect + locked_dropout (AWD-LSTM): the LSTM's hooks draw a per-row locked mask and a
+    batch-shared weight mask in one node. ``auto`` must draw one weight mask per sample and LSTM,
+    as ``loop`` does, and sample the same distribution: per entry of the mean probabilities, a
+    two-sample z-test against ``loop`` (T = 400 each) with |z| < 4.5 for all 30 entries (chance of
+    a false failure about 2e-4), and spreads within 15%."""
+    from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop
+
+    torch.manual_seed(0)
+    model = AWDLSTM()
+    for name in ("lstm1", "lstm2"):
+        apply_weight_drop(getattr(model, name), 0.5)
+        attach(model, name, "regfw_locked_dropout", LockedDropout(0.3), "after")
+    model.eval()
+    x = torch.randint(0, 20, (6, 7), generator=torch.Generator().manual_seed(1))
+    calls = [0]
+    for m in model.modules():
+        if isinstance(m, WeightDrop):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    t = 400
+    split = split_model(model, x)
+    assert split.mode == "samples" and "batch_shared" in split.mode_reason
+    auto = mc_predict(model, x, t, strategy="auto", seed=0, deterministic=False)
+    assert calls[0] == 2 * t  # one weight mask per LSTM and sample
+    loop = mc_predict(model, x, t, strategy="loop", seed=1, deterministic=False)
+    a, b = auto.probs.double(), loop.probs.double()
+    se = ((a.var(0) + b.var(0)) / t).sqrt().clamp_min(1e-12)
+    z = ((a.mean(0) - b.mean(0)) / se).abs()
+    assert z.max() < 4.5, z.max()
+    ratio = (a.std(0) / b.std(0)).mean().item()
+    assert abs(ratio - 1) < 0.15, ratio
+
+
+# --------------------------------------------------------------------------- deterministic output
+
+
+@pytest.mark.parametrize("make", [injected_mlp, resnet], ids=["mlp", "resnet"])
+def test_deterministic_output_comes_from_the_prefix_and_leaves_the_samples_alone(make):
+    """Under ``auto`` the eval-mode prediction is the suffix run once on the cached prefix: equal to
+    a separate eval pass, with the very samples of a call without it, and no second prefix pass."""
+    model = make()
+    x = torch.randn(6, 8) if make is injected_mlp else torch.randn(6, 3, 8, 8)
+    with torch.no_grad(), eval_mode(model):
+        expected = model(x)
+    with_det = mc_predict(model, x, 7, strategy="auto", seed=3)
+    without = mc_predict(model, x, 7, strategy="auto", seed=3, deterministic=False)
+    assert torch.allclose(with_det.deterministic, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(with_det.outputs, without.outputs)
+    if make is injected_mlp:
+        return  # input dropout: nothing before it to reuse
+    first = model.stem  # computed once, in the prefix
+    calls = [0]
+    handle = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        split_model(model, x)  # the hook changes the fingerprint: analyse again outside the count
+        mc_predict(model, x, 7, strategy="auto", seed=3)
+        calls[0] = 0
+        mc_predict(model, x, 7, strategy="auto", seed=3)
+    finally:
+        handle.remove()
+    assert calls[0] == 1  # the first layer ran once: the deterministic output reused the prefix

@@ -69,8 +69,8 @@ def test_nll_and_brier_by_hand():
 
 
 def brute_auroc(score, pos):
-    ps = [s for s, p in zip(score, pos) if p]
-    ns = [s for s, p in zip(score, pos) if not p]
+    ps = [s for s, p in zip(score, pos, strict=True) if p]
+    ns = [s for s, p in zip(score, pos, strict=True) if not p]
     total = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(ps, ns))
     return total / (len(ps) * len(ns))
 
@@ -154,8 +154,8 @@ def _batches(seed, n_batches=4, b=25, c=4, t=6):
 
 def test_torchmetrics_classification_equals_whole_set_functions():
     metric = MCClassificationMetrics(score="entropy", refer_fraction=0.2)
-    summaries, targets = zip(*_batches(0))
-    for s, y in zip(summaries, targets):
+    summaries, targets = zip(*_batches(0), strict=True)
+    for s, y in zip(summaries, targets, strict=True):
         metric.update(s, y)
     out = {k: float(v) for k, v in metric.compute().items()}
     probs = torch.cat([s.mean_probs for s in summaries])

@@ -254,7 +254,8 @@ def test_classification_result_fields():
 def test_heteroscedastic_regression_keeps_both_terms():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))  # mean, log-variance
-    res = mc_predict(model, torch.randn(7, 3), samples=10, seed=0, task="regression", output_transform=split_mean_logvar)
+    res = mc_predict(model, torch.randn(7, 3), samples=10, seed=0, task="regression",
+                     output_transform=split_mean_logvar)
     means, logvar = res.outputs[..., :1], res.outputs[..., 1:]
     assert torch.allclose(res.aleatoric, logvar.exp().mean(0))
     assert torch.allclose(res.epistemic, means.var(0, unbiased=False))
@@ -314,7 +315,7 @@ def test_training_is_bit_identical_with_and_without_mc_predict_in_between(digits
     torch.manual_seed(1)
     mixed = train_plain(make_mlp(p=0.5, batchnorm=True), xtr, ytr, epochs=3, seed=2, between=sample)
     assert len(seen) == 6 and min(seen) > 0  # sampling really drew dropout masks
-    for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values()):
+    for (name, a), b in zip(plain.state_dict().items(), mixed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # weights and BatchNorm buffers, bit for bit
     assert not math.isnan(seen[0])
 

@@ -1,0 +1,196 @@
+"""Trace, probe and split a model: the deterministic prefix, the replayed part, the boundary
+values between them, the replay mode and the memory plan."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from regfw import tracing
+from regfw.surgery import ApplyAfter, ApplyBefore
+from regfw.uncertainty import sampling as _sampling
+from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
+
+from .graph import (
+    _aliases_input,
+    _closure,
+    _cost,
+    _describe_target,
+    _first_node,
+    _fix_inplace,
+    _inputs,
+    _last_uses,
+    _mutates_input,
+    _random_op,
+    _resolve,
+)
+from .layout import _Batch, _batched, _has_tensor, _layout, _nbytes
+from .probes import (
+    _PROBE_ROWS,
+    _check_probe,
+    _declared_shared,
+    _Fallback,
+    _independent_rows,
+    _probe_inputs,
+    _record_real,
+    _rows_mode_obstacle,
+    _run_probe,
+)
+from .split import Split
+
+#: Hook types the tracer runs itself (pure: they only call a child module). A module with any
+#: other hook is an opaque leaf, called as a whole with all its hooks.
+TRACEABLE_HOOKS: tuple[type, ...] = (ApplyAfter, ApplyBefore)
+_FORWARD_ONLY = tracing.FORWARD_ONLY
+
+
+def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
+    """Trace, probe and split ``model`` for inputs like ``inputs``; raises :class:`_Fallback`."""
+    if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise _Fallback("the inputs are not a batch tensor")
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        raise _Fallback("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
+    stochastic = {id(m): (path or "<model>") for path, m in model.named_modules() if is_stochastic(m, types)}
+    x1, x2, distinct = _probe_inputs(inputs)
+    devices = _sampling._devices(model, inputs)
+
+    with isolated_rng(0, devices), eval_mode(model):
+        records, real_counts, ref = _record_real(model, x2, stochastic)
+    if not isinstance(ref, Tensor):
+        raise _Fallback(f"the model returns {type(ref).__name__}, not one tensor")
+    split, mods = _trace(model, stochastic, records)
+    sources = _sources(split, mods, stochastic)
+
+    with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)
+        with isolated_rng(0, devices):
+            env1, _ = _run_probe(split, model, x1, stochastic, mods)
+        with isolated_rng(0, devices):
+            env2, calls = _run_probe(split, model, x2, stochastic, mods)
+    _check_probe(split, env2[split.output], ref, calls, real_counts, set(sources))
+
+    _partition(split, sources, env2, mods, types)
+    n1, n2 = _PROBE_ROWS
+    layouts = {n: _layout(env1[n], env2[n], n1, n2) for n in split.nodes if n in env1 and n in env2}
+    layouts[split._placeholder] = _Batch(0, 1)
+    split.boundary = {n: layouts.get(n) for n in split.boundary}
+    reason = _rows_mode_obstacle(split, env2, layouts, distinct)
+    if reason is None:
+        reason = _declared_shared(sources, mods, types)
+    if reason is None:
+        with isolated_rng(1, devices):
+            shared = next((n for n in sources if not _independent_rows(n, env2, layouts, mods, model)), None)
+        if shared is not None:
+            reason = (f"{_describe_target(shared)!r} gives identical rows for identical inputs (one random "
+                      "mask for the whole batch, or no randomness at all in MC mode)")
+    split.mode, split.mode_reason = ("rows", None) if reason is None else ("samples", reason)
+    _plan_memory(split, env1, env2, layouts, distinct)
+    return split
+
+
+def _trace(model: nn.Module, stochastic: dict[int, str], records: dict) -> tuple[Split, dict]:
+    """The traced graph as a fresh :class:`Split`, and the modules its nodes call, by target."""
+    leaves = [m for m in model.modules() if id(m) in stochastic]
+    try:
+        graph = tracing.trace(tracing.Root(model), leaves, hooks=TRACEABLE_HOOKS, records=records)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use batched
+        raise _Fallback(f"the model could not be traced with torch.fx ({type(exc).__name__}: {exc})") from None
+    split = Split(mode="rows")
+    split.nodes = list(graph.nodes)
+    split._placeholder = next(n for n in split.nodes if n.op == "placeholder")
+    out = next(n for n in split.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node):
+        raise _Fallback("the traced graph does not return one tensor")
+    split.output = out
+    split._targets = tuple(sorted({n.target for n in split.nodes if n.op == "call_module"}))
+    try:
+        mods = {t: _resolve(model, t) for t in split._targets}
+    except AttributeError as exc:
+        raise _Fallback(f"a traced module could not be found again ({exc})") from None
+    return split, mods
+
+
+def _work(split: Split) -> list:
+    return [n for n in split.nodes if n.op not in ("placeholder", "output")]
+
+
+def _sources(split: Split, mods: dict, stochastic: dict[int, str]) -> list:
+    """Stochastic modules, opaque modules that contain one, and random ops."""
+    sources = []
+    for node in _work(split):
+        if node.op == "call_module":
+            mod = mods[node.target]
+            if id(mod) in stochastic:
+                sources.append(node)
+                continue
+            hooked = set()  # children the traced hooks call are nodes of their own
+            if node.meta.get(_FORWARD_ONLY):
+                hooked = {h.name for h in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values())}
+            inner = [c for name, c in mod.named_children() if name not in hooked]
+            if any(id(d) in stochastic for c in inner for d in c.modules()):
+                sources.append(node)
+        elif _random_op(node):
+            sources.append(node)
+    return sources
+
+
+def _partition(split: Split, sources: list, env: dict, mods: dict, types: tuple) -> None:
+    """Fill ``replay``, the prefix, ``boundary`` (keys) and ``mutated``.
+
+    Stochastic: the sources and everything downstream (grown by :func:`_fix_inplace`). The
+    replay also recomputes the non-tensor values it reads (``x.shape[0]`` gives the chunk's rows,
+    not ``B``); those stay in the prefix as well when the prefix reads them.
+    """
+    work = _work(split)
+    stoch = _closure(set(sources), work)
+    stoch = _fix_inplace([split._placeholder, *work], stoch, mods, types)
+    replay = set(stoch)
+    todo = list(replay)
+    while todo:
+        node = todo.pop()
+        for inp in _inputs(node):
+            if inp not in replay and inp.op in ("call_function", "call_method") and not _has_tensor(env.get(inp)):
+                replay.add(inp)
+                todo.append(inp)
+    split.sources = sources
+    split.replay = [n for n in work if n in replay]
+    split._prefix = [n for n in work if n not in stoch]
+    boundary = [n for n in [split._placeholder, *split._prefix]
+                if n not in replay and any(u in replay for u in n.users)]
+    if split.output not in replay and split.output not in boundary:
+        boundary.append(split.output)
+    split.boundary = dict.fromkeys(boundary)
+    for node in split.replay:  # boundary values the replay writes to in place are copied per chunk
+        if _mutates_input(node, mods):
+            base = _first_node(node)
+            while base is not None and base in replay and _aliases_input(base, mods, types):
+                base = _first_node(base)
+            if base is not None and base in split.boundary:
+                split.mutated.add(base)
+
+
+def _plan_memory(split: Split, env1: dict, env2: dict, layouts: dict, distinct: bool) -> None:
+    """(constant, per-row) bytes of every value from the two probes, and the peaks they add up to."""
+    n1, n2 = _PROBE_ROWS
+    per_node = {}
+    for node in split.nodes:
+        if node in env1 and node in env2:
+            b1, b2 = _nbytes(env1[node]), _nbytes(env2[node])
+            r = max(0, (b2 - b1) // (n2 - n1))
+            per_node[node] = (max(0, b1 - n1 * r), r)
+    keep = set(split.boundary)
+    split._prefix_free = _last_uses(split._prefix, {split._placeholder, *split._prefix})
+    split._replay_free = _last_uses(split.replay, set(split.replay) | keep)
+    shifted = {i + 1: dead for i, dead in split._prefix_free.items()}
+    split.prefix_cost = _cost([split._placeholder, *split._prefix], shifted, keep, per_node)
+    b_c = sum(per_node.get(n, (0, 0))[0] for n in keep)
+    b_r = sum(per_node.get(n, (0, 0))[1] for n in keep)
+    split.boundary_cost = (b_c, b_r)
+    r_c, r_r = _cost(split.replay, split._replay_free, set(), per_node)
+    split.replay_cost = (r_c + b_c, r_r + b_r)  # boundary values enter each chunk as gathered copies
+    depends = _closure({split._placeholder}, _work(split))
+    split.prefix_chunkable = distinct and all(
+        _batched(layouts.get(n)) for n in split._prefix if n in depends and _has_tensor(env2.get(n))
+    )

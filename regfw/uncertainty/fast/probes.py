@@ -1,0 +1,213 @@
+"""The checks a split passes before it is used, run on 2 and 3 rows of the real inputs: the traced
+graph reproduces the model and sees every stochastic call; rows stay independent; every stochastic
+node draws its randomness per row (else the replay runs one sample at a time)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from regfw import tracing
+from regfw.uncertainty.sampling import is_stochastic
+
+from .graph import _describe_target, _eval, _inputs
+from .layout import (
+    _Batch,
+    _batched,
+    _clean,
+    _has_tensor,
+    _layout_leaves,
+    _nbytes,
+    _repeat_row,
+    _rows_differ,
+    _same,
+    _Seq,
+)
+from .split import Split
+
+_PROBE_ROWS = (2, 3)  # the two probe batch sizes (not 1: squeeze() would hide the batch dim)
+_INDEPENDENCE_COPIES = 64  # copies of one row for the per-row randomness check
+_INDEPENDENCE_TRIALS = 3
+_INDEPENDENCE_BYTES = 16 * 2**20  # fewer copies (at least 8, more trials) for rows larger than this / 64
+
+
+class _Fallback(Exception):
+    """The split cannot be used; the message is the reason."""
+
+
+def _probe_inputs(inputs: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(x1, x2, distinct)``: 2 and 3 rows of ``inputs``, x2 extending x1.
+
+    Distinct rows are chosen when the batch has them (rows that mix would go unnoticed on
+    identical rows); a floating-point batch with fewer distinct rows gets slightly shifted copies.
+    """
+    n1, n2 = _PROBE_ROWS
+    b = inputs.shape[0]
+    chosen = [0]
+    for i in range(1, min(b, 64)):
+        if all(not torch.equal(inputs[i], inputs[j]) for j in chosen):
+            chosen.append(i)
+            if len(chosen) == n2:
+                break
+    distinct = len(chosen) == n2
+    if distinct:
+        x2 = inputs.index_select(0, torch.tensor(chosen, device=inputs.device))
+    else:
+        idx = torch.tensor([chosen[i % len(chosen)] for i in range(n2)], device=inputs.device)
+        x2 = inputs.index_select(0, idx)
+        if inputs.is_floating_point():
+            step = torch.arange(n2, device=inputs.device, dtype=inputs.dtype).view(-1, *([1] * (inputs.dim() - 1)))
+            x2 = x2 * (1.0 + 0.05 * step) + 0.01 * step  # distinct even for rows of zeros
+            distinct = True
+    return x2[:n1], x2, distinct
+
+
+def _record_real(model: nn.Module, x: Tensor, stochastic: dict[int, str]) -> tuple[dict, dict, Any]:
+    """One real eval pass: output structure of every module call, stochastic call counts, output."""
+    records: dict[int, list] = {}
+    raws: dict[int, list] = {}
+    counts = {path: 0 for path in stochastic.values()}
+    handles = []
+
+    def raw_hook(m: nn.Module, args: Any, out: Any) -> None:
+        raws.setdefault(id(m), []).append(tracing.structure(out))
+
+    def final_hook(m: nn.Module, args: Any, out: Any) -> None:
+        raw = raws.get(id(m), [None]).pop(0) if raws.get(id(m)) else None
+        records.setdefault(id(m), []).append((raw, tracing.structure(out)))
+
+    def count_hook(m: nn.Module, args: Any) -> None:
+        counts[stochastic[id(m)]] += 1
+
+    try:
+        for m in model.modules():
+            handles.append(m.register_forward_hook(raw_hook, prepend=True))
+            handles.append(m.register_forward_hook(final_hook))
+            if id(m) in stochastic:
+                handles.append(m.register_forward_pre_hook(count_hook))
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return records, counts, out
+
+
+def _run_probe(split: Split, model: nn.Module, x: Tensor, stochastic: dict[int, str], mods: dict) -> tuple[dict, dict]:
+    """Run the whole graph on ``x`` keeping every value; also which node called which stochastic module."""
+    current: list = [None]
+    calls: dict[str, list] = {path: [] for path in stochastic.values()}
+    handles = []
+
+    def count_hook(m: nn.Module, args: Any) -> None:
+        calls[stochastic[id(m)]].append(current[0])
+
+    try:
+        for m in model.modules():
+            if id(m) in stochastic:
+                handles.append(m.register_forward_pre_hook(count_hook))
+        env: dict = {split._placeholder: x}
+        for node in split.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            current[0] = node
+            env[node] = _eval(node, env, mods, model)
+    finally:
+        for h in handles:
+            h.remove()
+    return env, calls
+
+
+def _check_probe(split: Split, got: Any, ref: Tensor, calls: dict, real_counts: dict, sources: set) -> None:
+    """The graph gives the model's output and calls every stochastic module where the split sees it."""
+    if not isinstance(got, Tensor) or not _same(got, ref):
+        diff: Any = "shape"
+        if isinstance(got, Tensor) and got.shape == ref.shape:
+            diff = (got.float() - ref.float()).abs().max().item()
+        raise _Fallback(f"the traced graph does not reproduce the model's output (difference: {diff})")
+    for path, seen in calls.items():
+        if len(seen) != real_counts.get(path, 0):
+            raise _Fallback(
+                f"stochastic module {path!r} is called {real_counts.get(path, 0)} time(s) by the model "
+                f"but {len(seen)} time(s) by the traced graph"
+            )
+        hidden = [n for n in seen if n not in sources]
+        if hidden:
+            raise _Fallback(
+                f"stochastic module {path!r} is called inside {_describe_target(hidden[0])!r}, where the "
+                "split cannot see it (from a hook that is not regfw's, or from a leaf module's forward)"
+            )
+
+
+def _rows_mode_obstacle(split: Split, env: dict, layouts: dict, distinct: bool) -> str | None:
+    """Why the replay cannot run as one pass over ``T x B`` independent rows (None: it can)."""
+    if not distinct:
+        return "the batch has fewer than 3 distinct rows, so mixing of rows cannot be ruled out"
+    for node in split.replay:
+        if _has_tensor(env[node]) and not _batched(layouts[node]):
+            return f"{_describe_target(node)!r} ({node.name}) mixes batch rows or has no batch dimension"
+    for node, layout in split.boundary.items():
+        if _has_tensor(env.get(node)) and not _clean(layout):
+            return f"the replay reads {node.name}, whose batch rows cannot be separated"
+    if layouts.get(split.output) != _Batch(0, 1):
+        return "the output's first dimension is not the batch"
+    return None
+
+
+def _declared_shared(sources: list, mods: dict, types: tuple) -> str | None:
+    """Why some source draws a batch-shared mask by declaration (None: none does).
+
+    A module with ``batch_shared = True`` (weight drop: one weight mask per forward pass) inside a
+    source makes the rows of one replay share that mask, even when the same source also draws per
+    row (an LSTM with weight drop and locked dropout on its output, both run by the LSTM's hooks):
+    the per-row check below would pass on the per-row part alone and T samples would reuse a
+    handful of weight masks. Such a split replays one sample at a time, exactly like ``loop``.
+    """
+    for node in sources:
+        if node.op != "call_module":
+            continue
+        for m in mods[node.target].modules():
+            if getattr(m, "batch_shared", False) and is_stochastic(m, types):
+                return (f"{_describe_target(node)!r} draws one random mask for the whole batch "
+                        f"({type(m).__name__} declares batch_shared)")
+    return None
+
+
+def _independent_rows(node: fx.Node, env: dict, layouts: dict, mods: dict, model: nn.Module) -> bool:
+    """Whether a stochastic node draws its randomness per row: identical rows in, different rows out.
+
+    Runs the node on 64 copies of one probe row (fewer for large rows, with more trials), up to 3
+    times. A module that draws one mask for the whole batch (weight drop) gives identical rows
+    every time. A per-row module gives identical rows with a probability like ``(1 - p) ** 63``
+    per trial (DropPath, one draw per row); then the samples mode, slower but exact, is chosen.
+    """
+    if node.op != "call_module":
+        return True  # random functions and methods draw per element
+    out_layout = layouts.get(node)
+    per_row = isinstance(out_layout, _Seq) and any(isinstance(x, _Batch) for x in _layout_leaves(out_layout))
+    if not isinstance(out_layout, _Batch) and not per_row:
+        return False
+    arg_nodes = _inputs(node)
+    if not any(isinstance(layouts.get(a), (_Batch, _Seq)) for a in arg_nodes):
+        return False
+    first = next((a for a in arg_nodes if isinstance(layouts.get(a), _Batch)), None)
+    row = 0
+    if first is not None:
+        lay, val = layouts[first], env[first]
+        norms = [float(val.narrow(lay.d, r * lay.k, lay.k).abs().sum()) for r in range(val.shape[lay.d] // lay.k)]
+        row = max(range(len(norms)), key=norms.__getitem__) if norms else 0
+    row_bytes = sum(_nbytes(_repeat_row(env[a], layouts.get(a), row, 1)) for a in arg_nodes
+                    if isinstance(layouts.get(a), (_Batch, _Seq)))
+    copies = max(8, min(_INDEPENDENCE_COPIES, _INDEPENDENCE_BYTES // max(1, row_bytes)))
+    trials = max(_INDEPENDENCE_TRIALS, math.ceil(_INDEPENDENCE_COPIES * _INDEPENDENCE_TRIALS / copies))
+    try:
+        local = {a: _repeat_row(env[a], layouts.get(a), row, copies) for a in arg_nodes}
+        for _ in range(trials):
+            out = _eval(node, local, mods, model)
+            if _rows_differ(out, out_layout, copies):
+                return True
+    except Exception:  # noqa: BLE001 - cannot tell: assume shared, the samples mode is exact
+        return False
+    return False

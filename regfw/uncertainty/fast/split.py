@@ -1,0 +1,111 @@
+"""The result of the analysis: :class:`Split` (what is computed once, what is replayed) and
+:class:`RunStats` (how its last call ran)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .graph import _describe_target, _eval, _resolve
+
+__all__ = ["RunStats", "Split"]
+
+
+@dataclass
+class RunStats:
+    """How the last call of a split was executed (for benchmarks and tests)."""
+
+    samples: int = 0
+    batch: int = 0
+    prefix_chunks: int = 0  #: passes of the deterministic prefix (1 unless over budget)
+    chunks: int = 0  #: passes of the replay
+    chunk_rows: int = 0  #: largest replay chunk, in rows
+    kept_bytes: int = 0  #: boundary activations held for the whole replay
+    planned_peak_bytes: int = 0  #: estimated activation peak: kept + largest chunk (or prefix chunk)
+    budget_bytes: int | None = None
+
+
+@dataclass(eq=False)
+class Split:
+    """The deterministic / stochastic split of one model for one input signature.
+
+    ``fallback`` is the reason the split cannot be used (then ``batched`` runs); otherwise
+    ``mode`` is ``"rows"`` (one replay over ``T x B`` rows, chunked) or ``"samples"`` (T replays
+    over ``B`` rows, see ``mode_reason``).
+    """
+
+    fallback: str | None = None
+    mode: str = "fallback"
+    mode_reason: str | None = None
+    nodes: list = field(default_factory=list, repr=False)
+    replay: list = field(default_factory=list, repr=False)  #: replayed nodes, in graph order
+    sources: list = field(default_factory=list, repr=False)  #: stochastic source nodes
+    boundary: dict = field(default_factory=dict, repr=False)  #: node -> layout, prefix values the replay reads
+    mutated: set = field(default_factory=set, repr=False)  #: boundary nodes the replay changes in place
+    output: Any = field(default=None, repr=False)
+    prefix_chunkable: bool = False
+    prefix_cost: tuple = (0, 0)  #: (constant, per-row) bytes of the prefix at its peak
+    replay_cost: tuple = (0, 0)  #: (constant, per-row) bytes of one replay chunk at its peak
+    boundary_cost: tuple = (0, 0)  #: (constant, per-row) bytes of the kept boundary values
+    last_run: RunStats = field(default_factory=RunStats)
+    _prefix: list = field(default_factory=list, repr=False)
+    _prefix_free: dict = field(default_factory=dict, repr=False)
+    _replay_free: dict = field(default_factory=dict, repr=False)
+    _targets: tuple = field(default=(), repr=False)
+    _placeholder: Any = field(default=None, repr=False)
+    _verified: bool = field(default=False, repr=False)  #: ran once without error
+    _warned: bool = field(default=False, repr=False)  #: the fallback warning was given
+
+    @property
+    def ok(self) -> bool:
+        """True when the split is used (no fallback)."""
+        return self.fallback is None
+
+    @property
+    def deterministic_names(self) -> list[str]:
+        """Names of the nodes computed once (graph order)."""
+        replay = set(self.replay)
+        return [n.name for n in self.nodes if n not in replay and n.op not in ("placeholder", "output")]
+
+    @property
+    def replay_names(self) -> list[str]:
+        """Names of the nodes computed for every sample (graph order)."""
+        return [n.name for n in self.replay]
+
+    @property
+    def source_targets(self) -> list[str]:
+        """The stochastic sources: module paths (``m.`` is the model) or op names."""
+        return [_describe_target(n) for n in self.sources]
+
+    def node_targets(self) -> list[str]:
+        """Every node's target (module path, function or method name), graph order."""
+        return [_describe_target(n) for n in self.nodes]
+
+    def describe(self) -> str:
+        """A few lines: what is computed once, what is replayed, and how."""
+        if not self.ok:
+            return f"fallback to 'batched': {self.fallback}"
+        work = [n for n in self.nodes if n.op in ("call_module", "call_function", "call_method")]
+        replay = set(self.replay)
+        once = sum(1 for n in work if n not in replay)
+        lines = [
+            f"mode {self.mode}" + (f" ({self.mode_reason})" if self.mode_reason else ""),
+            f"{once} of {len(work)} ops computed once; {len(work) - once} replayed per sample",
+            "stochastic sources: " + ", ".join(self.source_targets),
+            "boundary: " + ", ".join(n.name for n in self.boundary),
+        ]
+        return "\n".join(lines)
+
+    def graph_forward(self, model: nn.Module, inputs: Tensor) -> Any:
+        """Run the whole traced graph on ``inputs`` (in the model's current modes)."""
+        mods = {t: _resolve(model, t) for t in self._targets}
+        env: dict = {self._placeholder: inputs}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], env.__getitem__)
+            env[node] = _eval(node, env, mods, model)
+        raise RuntimeError("graph without output")  # pragma: no cover
