@@ -102,7 +102,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise RegfwError(f"{str(path)!r} is a directory; give a file path such as {path / 'regfw.yaml'}")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise RegfwError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a directory; choose another path")
+        raise RegfwError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a directory; "
+                         f"choose another path")
     if path.exists() and not args.force:
         raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
     text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()

@@ -148,7 +148,8 @@ def _check_model_target(cfg: Config, datamodule: Any) -> None:
     task = getattr(datamodule, "task", None)
     loss = cfg.model.loss
     if task == "classification" and loss in ("mse", "gaussian_nll"):
-        raise ConfigError(f"model.loss: got {loss!r}, a regression loss, but data {cfg.data.name or cfg.data.class_path!r} "
+        raise ConfigError(f"model.loss: got {loss!r}, a regression loss, but data "
+                          f"{cfg.data.name or cfg.data.class_path!r} "
                           f"is a classification task; use cross_entropy (or auto).", key="model.loss")
     if task == "regression" and loss == "cross_entropy":
         raise ConfigError(f"model.loss: got 'cross_entropy', a classification loss, but data "
