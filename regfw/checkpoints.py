@@ -20,8 +20,10 @@
 from __future__ import annotations
 
 import hashlib
+import pathlib
+import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -126,7 +128,17 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
         raise RunError(f"checkpoint {str(path)!r} is empty (0 bytes): it was never completely written."
                        f"{_others(path)}{start_over}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
+                           f"(UnpicklingError: {reason[:200]}).{_others(path)}{start_over}") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise RunError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain data{what}; "
+                       f"regfw loads checkpoints with torch.load(weights_only=True) and does not run code from a "
+                       f"file. Resume from a checkpoint written by `regfw fit`.") from None
     except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported alike
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
@@ -145,7 +157,86 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
             raise RunError(f"checkpoint {str(path)!r} is corrupt: its tensors no longer match the SHA-256 digest "
                            f"recorded when it was written ({count} tensors read, {integrity.get('tensors')} "
                            f"written).{_others(path)}{start_over}")
+    if verify:
+        check_finite_weights(ckpt, path)
+    regs = (ckpt.get("hyper_parameters") or {}).get("regularizers")
+    if regs is not None and not isinstance(regs, Mapping):
+        raise RunError(f"checkpoint {str(path)!r} is damaged: its 'regularizers' hyperparameter is "
+                       f"{type(regs).__name__} {_short(regs)}, expected a mapping of regularizer names to settings. "
+                       f"Resume from a checkpoint written by `regfw fit`.")
     return ckpt
+
+
+#: Types other than tensors and plain data that a regfw checkpoint may hold; ``torch.load`` with
+#: ``weights_only=True`` refuses every other global, so a file cannot run code when it is read.
+SAFE_TYPES: list[Any] = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+
+
+def safe_load(path: PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with :data:`SAFE_TYPES` allowed."""
+    with torch.serialization.safe_globals(SAFE_TYPES):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_finite_weights(ckpt: Mapping[str, Any], path: PathLike) -> None:
+    """A :class:`RunError` when a floating-point weight of ``ckpt`` is NaN or infinite.
+
+    Such weights make every prediction NaN; resuming or ranking from them would only spread it.
+    Checked with or without the tensor digest, which proves only that the file is unchanged.
+    """
+    bad = [k for k, t in (ckpt.get("state_dict") or {}).items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise RunError(f"checkpoint {str(path)!r} holds non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+                       f"{more}; the run diverged before it was written.{_others(Path(path))} start a new run "
+                       f"(lower optimizer.lr or set trainer.gradient_clip_val).")
+
+
+def epochs_done(ckpt: Mapping[str, Any]) -> int:
+    """How many epochs the checkpoint's loop state has finished (a checkpoint written after the
+    last batch of an epoch counts that epoch as finished, as Lightning does when it resumes)."""
+    loop = ((ckpt.get("loops") or {}).get("fit_loop") or {})
+    batches = loop.get("epoch_loop.batch_progress") or {}
+    epoch = int(ckpt.get("epoch") or 0)
+    return epoch + 1 if batches.get("is_last_batch") else epoch
+
+
+def check_loop_state(ckpt: Mapping[str, Any], path: PathLike, trainer: Mapping[str, Any]) -> None:
+    """A :class:`RunError` unless ``ckpt``'s loop state is whole and leaves training to do.
+
+    Lightning trusts ``epoch``, ``global_step`` and ``loops`` blindly: an edited or missing loop
+    state, or a checkpoint that already reached ``trainer.max_epochs``, would train nothing and
+    exit 0 with the old metrics.
+    """
+    name = str(path)
+    epoch, step = ckpt.get("epoch"), ckpt.get("global_step")
+    loop = (ckpt.get("loops") or {}).get("fit_loop") if isinstance(ckpt.get("loops"), Mapping) else None
+    if not isinstance(loop, Mapping) or "epoch_progress" not in loop:
+        raise RunError(f"checkpoint {name!r} has no training loop state (loops.fit_loop); it holds weights only "
+                       f"and cannot be resumed. Start a new run without --resume.")
+    for key, value in (("epoch", epoch), ("global_step", step)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RunError(f"checkpoint {name!r}: its {key} is {value!r}, expected a whole number >= 0; the file "
+                           f"was edited or damaged. Resume from another checkpoint or start a new run.")
+    epoch, step = int(epoch), int(step)  # type: ignore[arg-type]  # checked just above
+    progress = (loop.get("epoch_progress") or {}).get("current") or {}
+    batches = (loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
+    if progress.get("processed", epoch) not in (epoch, epoch + 1) or batches.get("ready", step) < step:
+        raise RunError(f"checkpoint {name!r}: its epoch ({epoch}) and global step ({step}) disagree with its loop "
+                       f"state (epoch {progress.get('processed')}, {batches.get('ready')} batches); the file "
+                       f"was edited or damaged. Resume from another checkpoint or start a new run.")
+    done = epochs_done(ckpt)
+    max_epochs = trainer.get("max_epochs")
+    if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
+        raise RunError(f"checkpoint {name!r} has finished {done} epochs (global step {step}), and "
+                       f"trainer.max_epochs is {max_epochs}: there is nothing left to train. To train longer, "
+                       f"resume with trainer.max_epochs={done + 1} or more.")
+    max_steps = trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps >= 0 and step >= max_steps:
+        raise RunError(f"checkpoint {name!r} is at global step {step}, and trainer.max_steps is {max_steps}: "
+                       f"there is nothing left to train. To train longer, resume with trainer.max_steps="
+                       f"{step + 1} or more.")
 
 
 #: How hyperparameters are called in the config, for messages.
@@ -256,7 +347,8 @@ def missing_plugins(ckpt: Mapping[str, Any], known: Any) -> list[str]:
     """Lines naming each regularizer of ``ckpt`` that no installed plugin provides, with its origin."""
     meta = ckpt.get("regfw") or {}
     origins = meta.get("plugins") or {}
-    names = list((ckpt.get("hyper_parameters") or {}).get("regularizers") or meta.get("regularizers") or [])
+    found = (ckpt.get("hyper_parameters") or {}).get("regularizers") or meta.get("regularizers") or []
+    names = [found] if isinstance(found, str) else list(found) if isinstance(found, (Mapping, list, tuple)) else []
     lines = []
     for name in names:
         if name in known:
@@ -279,7 +371,9 @@ def run_stem(cfg: Any) -> str:
 
 
 def latest_run_dir(cfg: Any) -> Path:
-    """The newest ``<run.dir>/<stem>-<timestamp>[-n]`` directory of ``cfg``, or a :class:`RunError`."""
+    """The newest ``<run.dir>/<stem>-<timestamp>[-n]`` directory of ``cfg`` that can be resumed (it
+    has ``checkpoints/last.ckpt``; a run killed before its first checkpoint is passed over), else
+    the newest one, or a :class:`RunError` when there is none."""
     root = Path(cfg.run.dir)
     stem = run_stem(cfg)
     pattern = re.compile(rf"^{re.escape(stem)}-(\d{{8}}-\d{{6}})(?:-(\d+))?$")
@@ -292,7 +386,10 @@ def latest_run_dir(cfg: Any) -> Path:
     if not found:
         raise RunError(f"--resume: no run of {stem!r} under {str(root)!r} (looked for {stem}-YYYYmmdd-HHMMSS); "
                        f"pass the checkpoint (`--resume PATH`) or the run (`--run-dir DIR --resume`).")
-    return max(found)[1]
+    resumable = [item for item in found if (item[1] / "checkpoints" / LAST).is_file()]
+    if not resumable:  # the newest one is named in the error of resume_target
+        return max(found)[1]
+    return max(resumable)[1]
 
 
 def resume_target(cfg: Any, checkpoint: PathLike | None, run_dir: PathLike | None) -> tuple[Path, Path | None]:
@@ -343,6 +440,12 @@ class RunCheckpoint(ModelCheckpoint):
         #: Global step and path of the newest last.ckpt this run wrote (None: none yet).
         self.last_saved_step: int | None = None
         self.saved_on_sigterm = False
+        self._deferred_sigterm = False
+        self._pending_sums: dict[str, Any] = {}
+        self._pending_epoch = -1
+        self._trainer_ref: pl.Trainer | None = None
+        #: Called after every checkpoint this callback writes (``regfw fit`` keeps the run from then on).
+        self.on_save: Callable[[], None] | None = None
 
     @property
     def last_path(self) -> Path:
@@ -357,20 +460,99 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._pending_sums:
+            self._restore_sums(trainer)
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         sigterm = self._sigterm(trainer)
+        if _last_batch_of_epoch(trainer, batch_idx):
+            # A checkpoint here would resume in the next epoch, skipping this one's validation, epoch
+            # checkpoint and metrics rows (Lightning's loop state cannot express "after the last batch").
+            # The epoch-end checkpoint follows shortly; a SIGTERM waits for it.
+            if sigterm:
+                self._deferred_sigterm = True
+                trainer._signal_connector.received_sigterm = False
+            return
         if (due or sigterm) and self.last_saved_step != step:
+            _flush_loggers(trainer)
             trainer.save_checkpoint(str(self.last_path), self.save_weights_only)
             self.last_model_path = str(self.last_path)
             self.last_saved_step = step
+            if self.on_save is not None:
+                self.on_save()
         if sigterm:
             self.saved_on_sigterm = True
 
+    # -- the epoch's running metrics --------------------------------------------------------------
+    # Lightning does not checkpoint the sums behind epoch-level metrics (``train_loss`` with
+    # ``on_epoch=True``): a run resumed mid-epoch would log that epoch's mean over the batches
+    # after the resume only. They travel in this callback's state and are added back after the
+    # first batch, in the order the uninterrupted run adds them (so the mean is bitwise the same).
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        trainer = getattr(self, "_trainer_ref", None)
+        sums = {}
+        if trainer is not None:
+            for key, metric in trainer.fit_loop.epoch_loop._results.items():
+                if getattr(metric, "is_tensor", False) and metric.meta.on_epoch:
+                    sums[key] = {"value": metric.value.detach().clone(),
+                                 "count": getattr(metric, "cumulated_batch_size", torch.tensor(0)).clone()}
+        state["epoch_sums"] = sums
+        state["epoch_sums_epoch"] = trainer.current_epoch if trainer is not None else -1
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pending_sums = dict(state_dict.get("epoch_sums") or {})
+        self._pending_epoch = state_dict.get("epoch_sums_epoch", -1)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer_ref = trainer
+
+    def _restore_sums(self, trainer: pl.Trainer) -> None:
+        pending, self._pending_sums = self._pending_sums, {}
+        if trainer.current_epoch != self._pending_epoch:
+            return  # saved at an epoch's end: the resumed run starts the next epoch afresh
+        for key, metric in trainer.fit_loop.epoch_loop._results.items():
+            saved = pending.get(key)
+            if saved is None or not getattr(metric, "is_tensor", False):
+                continue
+            meta = metric.meta
+            if meta.is_mean_reduction:
+                metric.value = saved["value"].to(metric.value) + metric.value
+                metric.cumulated_batch_size = saved["count"].to(metric.cumulated_batch_size) + metric.cumulated_batch_size
+            elif meta.is_sum_reduction:
+                metric.value = saved["value"].to(metric.value) + metric.value
+            elif meta.is_max_reduction or meta.is_min_reduction:
+                metric.value = meta.reduce_fx(saved["value"].to(metric.value), metric.value)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._deferred_sigterm:  # the epoch-end checkpoint is written: now Lightning may stop
+            self._deferred_sigterm = False
+            self.saved_on_sigterm = True
+            trainer._signal_connector.received_sigterm = True
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        _flush_loggers(trainer)  # metrics.csv holds every row up to the checkpoint when the checkpoint exists
         super()._save_checkpoint(trainer, filepath)
         if Path(filepath).name == LAST:
             self.last_saved_step = trainer.global_step
+        if self.on_save is not None:
+            self.on_save()
+
+
+def _last_batch_of_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    total = trainer.num_training_batches
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) or (
+        isinstance(total, int) and batch_idx + 1 >= total)
+
+
+def _flush_loggers(trainer: pl.Trainer) -> None:
+    for logger in trainer.loggers:
+        logger.save()
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -399,7 +581,8 @@ class _ContinuingWriter(ExperimentWriter):
         self.metrics_keys = sorted(fields)
         limit = self.keep_until_step
         if limit is not None or partial:
-            kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) <= limit]
+            # a row logged at step s belongs to the (s+1)-th batch: those of a checkpoint at global step g are < g
+            kept = [r for r in rows if limit is None or not (r.get("step") or "").isdigit() or int(r["step"]) < limit]
             if len(kept) != len(rows) or partial:
                 with atomic_open(path, "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
@@ -411,7 +594,8 @@ class RunCSVLogger(CSVLogger):
     """``metrics.csv`` and ``hparams.yaml`` directly in the run directory, continued on resume."""
 
     def __init__(self, run_dir: PathLike, keep_until_step: int | None = None) -> None:
-        super().__init__(save_dir=str(run_dir), name="", version="")
+        # every row reaches the file when it is logged: a kill loses none of the steps before it
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
         self._keep_until_step = keep_until_step
 
     @property

@@ -7,14 +7,18 @@ Plugins are loaded only by the commands that need them, so a broken plugin never
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any, NoReturn
 
 from regfw import __version__
-from regfw.errors import RegfwError
+from regfw.errors import RegfwError, Terminated
 
 
 def _config(args: argparse.Namespace):
@@ -54,13 +58,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from regfw.factory import build_datamodule
-    from regfw.run import build_plan  # no Lightning: the plan alone answers in about a second
+    from regfw.run import build_data, build_plan  # no Lightning: the plan alone answers in about a second
 
     cfg = _config(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = build_plan(cfg, build_datamodule(cfg.data, seed=cfg.seed, lightning=False))
+        plan = build_plan(cfg, build_data(cfg, lightning=False))
     shown = set(plan.warnings)  # printed as "warning:" lines of the plan below
     for w in caught:
         if str(w.message) not in shown:
@@ -95,6 +98,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    if path.is_dir():
+        raise RegfwError(f"{str(path)!r} is a directory; give a file path such as {path / 'regfw.yaml'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RegfwError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a directory; "
+                         f"choose another path")
     if path.exists() and not args.force:
         raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
     text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()
@@ -158,10 +167,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regfw", description="Regularization and MC dropout uncertainty for PyTorch Lightning.")
+    parser = _Parser(prog="regfw", description="Regularization and MC dropout uncertainty for PyTorch Lightning.")
     parser.add_argument("--version", action="version", version=f"regfw {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     parsers = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
 
@@ -200,31 +209,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``regfw fit: error: ...; see regfw fit --help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message}; see `{self.prog} --help`")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _one_line(text: str, prefix: str) -> str:
+    """``text`` as one line, without a repeated ``regfw CMD:`` prefix."""
+    text = " ".join(str(text).split())
+    while text.startswith(prefix):
+        text = text[len(prefix):].lstrip()
+    return text
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM outside training (which Lightning handles, calling this too): stop with a message."""
+    from regfw import run
+
+    if not run.TRAINING:
+        raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # overrides after an option, e.g. `fit CONFIG --resume CKPT trainer.max_epochs=5`
-        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
-    handler = COMMANDS[args.command][0]
     try:
-        return handler(args)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides after an option, e.g. `fit CONFIG --resume CKPT trainer.max_epochs=5`
+            if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    handler = COMMANDS[args.command][0]
+    prefix = f"regfw {args.command}:"
+    previous = signal.getsignal(signal.SIGTERM) if args.command == "fit" else None
+    try:
+        if args.command == "fit" and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except RegfwError as exc:
         if args.debug:
             raise
-        if not getattr(exc, "quiet", False):  # other ranks of a multi-process run leave it to rank 0
-            print(f"regfw {args.command}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        if not exc.quiet:  # other ranks of a multi-process run leave it to rank 0
+            print(f"{prefix} error: {_one_line(str(exc), prefix)}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated:
+        print(f"{prefix} error: stopped by SIGTERM before training began; no run directory was kept (a run "
+              f"directory is kept once it holds a checkpoint).", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"regfw {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix} interrupted (SIGINT)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`regfw plugins | head`): stop quietly, as CLI tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except Exception as exc:  # noqa: BLE001 - one clear line; --debug for the traceback
         if args.debug:
             raise
-        print(f"regfw {args.command}: error: {type(exc).__name__}: {exc} (run `regfw --debug {args.command} ...` "
-              f"for the traceback)", file=sys.stderr)
+        print(f"{prefix} error: {type(exc).__name__}: {_one_line(str(exc), prefix)} (run `regfw --debug "
+              f"{args.command} ...` for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -266,7 +266,11 @@ def _check_trainer(section: Mapping[str, Any]) -> dict:
                 f"trainer.{name}: unknown key; the trainer section takes the arguments of "
                 f"pytorch_lightning.Trainer.{closest_hint(str(name), known)}"
             )
-    return {**TRAINER_DEFAULTS, **section}
+    from regfw.trainer_config import check_trainer_values
+
+    merged = {**TRAINER_DEFAULTS, **section}
+    check_trainer_values(merged)
+    return merged
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -276,10 +280,20 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(
                 f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3"
             )
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: the key {key!r} has an empty part; write a dotted key such as "
+                              f"trainer.max_epochs=3.")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:  # noqa: BLE001 - YAML and OmegaConf errors alike
+            raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML{_yaml_problem(exc)} Quote "
+                              f"it, e.g. {key}=\"'{value}'\", or fix the brackets.", key=key) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"overrides {list(overrides)}: {exc}") from None
+        raise ConfigError(f"overrides {list(overrides)}: {' '.join(str(exc).split())}") from None
 
 
 def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
@@ -287,19 +301,60 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     base = OmegaConf.create()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist. Create one with `regfw init {path}`.")
+        _check_config_file(path)
         try:
             base = OmegaConf.load(path)
         except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}") from None
         if not isinstance(base, DictConfig):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level.")
+    parsed = parse_overrides(overrides)
+    for item in overrides:  # name the override that cannot be merged (a mapping replaced by a list ...)
+        try:
+            OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            key = item.split("=", 1)[0]
+            raise ConfigError(f"override {item!r}: {' '.join(str(exc).splitlines()[0].split())}: {key} is "
+                              f"{_shape_of(OmegaConf.select(base, key))} in config {str(path)!r}; give it the same "
+                              f"shape, e.g. {key}.SETTING=VALUE.", key=key) from None
     try:
-        merged = OmegaConf.merge(base, parse_overrides(overrides))
+        merged = OmegaConf.merge(base, parsed)
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config {str(path)!r}: {exc}") from None
+        key = getattr(exc, "full_key", None)
+        text = " ".join(str(exc).split("\n")[0].split())
+        raise ConfigError(f"config {str(path)!r}: {key + ': ' if key else ''}{text}. Check the ${{...}} "
+                          f"interpolations and the overrides.", key=key) from None
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, DictConfig):
+        return "a mapping"
+    if isinstance(value, ListConfig):
+        return "a list"
+    return "a single value" if value is not None else "not set"
+
+
+def _check_config_file(path: Path) -> None:
+    """A :class:`ConfigError` unless ``path`` is a regular, non-empty file."""
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Create one with `regfw init {path}`.")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file (e.g. {path}/config.yaml).")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a regular file (a FIFO, socket or device); pass a "
+                          f"YAML file.")
+    if not path.read_text(errors="replace").strip():
+        raise ConfigError(f"config file {str(path)!r} is empty; write one with `regfw init {path} --force`, or "
+                          f"put at least a regularizers: section in it.")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """`` at line L, column C: problem`` of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[-1:] and str(exc).strip().splitlines()[-1]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {' '.join(str(problem).split())}."
 
 
 def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins: bool = True) -> Config:
@@ -307,7 +362,8 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     for name in raw:
         if name not in TOP_LEVEL:
             raise ConfigError(
-                f"{name}: unknown top-level section. Known sections: {', '.join(TOP_LEVEL)}."
+                f"{name}: unknown top-level section{f' in config {source!r}' if source else ''}. Known sections: "
+                f"{', '.join(TOP_LEVEL)}."
                 f"{closest_hint(str(name), TOP_LEVEL)}"
             )
     seed = raw.get("seed", 0)
@@ -343,8 +399,7 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
         source=source,
     )
     cfg.lr_scheduler = _check_open_sections(raw, cfg.optimizer)
-    if cfg.uncertainty.samples < 2:
-        raise ConfigError(f"uncertainty.samples: got {cfg.uncertainty.samples}, expected at least 2 Monte Carlo samples.")
+    check_values(cfg)
     if check_plugins:
         from regfw.registry import build_regularizers
 
@@ -355,6 +410,54 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     else:
         cfg.regularizers = dict(regs)
     return cfg
+
+
+#: The most Monte Carlo samples per input (estimates settle long before; more only costs time).
+MAX_SAMPLES = 10_000
+#: Seeds ``pytorch_lightning.seed_everything`` accepts.
+SEED_RANGE = (0, 2**32 - 1)
+#: The largest float32: a learning rate above it overflows in the first update.
+FLOAT32_MAX = 3.4028234663852886e38
+#: Optimizers that take a ``momentum`` setting.
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+
+
+def check_values(cfg: Config) -> None:
+    """Values that pass their type but cannot work together or at all; each a :class:`ConfigError`."""
+    low, high = SEED_RANGE
+    if not low <= cfg.seed <= high:
+        raise ConfigError(f"seed: got {cfg.seed}, expected a whole number from {low} to {high} (2**32 - 1).",
+                          key="seed")
+    unc = cfg.uncertainty
+    if not 2 <= unc.samples <= MAX_SAMPLES:
+        raise ConfigError(f"uncertainty.samples: got {unc.samples}, expected at least 2 and at most {MAX_SAMPLES} "
+                          f"Monte Carlo samples (30 is typical).", key="uncertainty.samples")
+    if unc.threshold is not None and unc.threshold < 0:
+        raise ConfigError(f"uncertainty.threshold: got {unc.threshold}, expected a score >= 0 (null refers the top "
+                          f"uncertainty.refer_fraction).", key="uncertainty.threshold")
+    if unc.max_batches is not None and unc.max_batches < 1:
+        raise ConfigError(f"uncertainty.max_batches: got {unc.max_batches}, expected a number of batches >= 1 or "
+                          f"null (all).", key="uncertainty.max_batches")
+    name = cfg.run.name
+    if name is not None and (not name.strip() or any(c in name for c in "/\\") or name in (".", "..")):
+        raise ConfigError(f"run.name: got {name!r}, expected a plain name without path separators (run directories "
+                          f"go under run.dir; set run.dir to choose where).", key="run.name")
+    if not str(cfg.run.dir).strip():
+        raise ConfigError("run.dir: got '', expected a directory such as runs.", key="run.dir")
+    opt = cfg.optimizer
+    if opt.momentum and opt.name not in MOMENTUM_OPTIMIZERS:
+        raise ConfigError(f"optimizer.momentum: got {opt.momentum} with optimizer.name {opt.name!r}, which takes no "
+                          f"momentum (only {', '.join(MOMENTUM_OPTIMIZERS)} do; adam's betas play that part). Remove "
+                          f"optimizer.momentum or choose sgd.", key="optimizer.momentum")
+    if opt.lr > FLOAT32_MAX:  # not even representable in the parameters' dtype: the first step overflows
+        raise ConfigError(f"optimizer.lr: got {opt.lr}, expected a learning rate a float32 can hold (typical: 1e-4 "
+                          f"to 0.1).", key="optimizer.lr")
+    hidden = cfg.model.init_args.get("hidden") if cfg.model.name else None
+    widths = hidden if isinstance(hidden, (list, tuple)) else [hidden] if hidden is not None else []
+    for i, width in enumerate(widths):
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            where = f"model.init_args.hidden[{i}]" if isinstance(hidden, (list, tuple)) else "model.init_args.hidden"
+            raise ConfigError(f"{where}: got {width!r}, expected a layer width >= 1 (a whole number).", key=where)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

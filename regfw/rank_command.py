@@ -27,7 +27,7 @@ def load_module(checkpoint: str) -> Any:
             from regfw.callback import load_regularized
 
             return load_regularized(None, path)
-        module = RegularizedModule.load_from_checkpoint(path, map_location="cpu")
+        module = RegularizedModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported with the file name
@@ -61,4 +61,4 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
         return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed,
                     temperature=temperature)
     except ValueError as exc:
-        raise RunError(f"regfw rank: {exc}") from None
+        raise RunError(str(exc)) from None

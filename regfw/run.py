@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -30,54 +31,43 @@ import torch
 
 from regfw.atomic import write_atomic
 from regfw.config import Config
-from regfw.errors import ConfigError, RegfwError, RunError
+from regfw.errors import ConfigError, RegfwError, RunError, Terminated
 
 
-def _clear_run_dir(path: Path) -> None:
-    """Delete the contents of an earlier regfw run directory (``--force``)."""
-    import shutil
-
-    if not (path / "config.yaml").is_file():
-        raise RunError(f"run directory {str(path)!r} is not empty and holds no regfw run (no config.yaml); "
-                       f"--force replaces only an earlier regfw run. Choose a new or empty directory.")
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def new_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Path:
-    """A fresh run directory; an existing one is never reused silently.
+def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Any:
+    """A fresh run directory, created and locked (a :class:`regfw.rundir.Claim`); an existing
+    one is never reused silently.
 
     With ``explicit`` the directory must not exist yet (or must be empty); ``force`` empties
-    it first when it holds an earlier regfw run. Otherwise it is
-    ``<run.dir>/<run.name or config stem>-<timestamp>``, with ``-2``, ``-3`` ... appended when
+    it first when it holds an earlier regfw run (:func:`regfw.rundir.claim_new`). Otherwise it
+    is ``<run.dir>/<run.name or config stem>-<timestamp>``, with ``-2``, ``-3`` ... appended when
     that name is taken (created with ``mkdir``, which fails rather than reuse).
     """
+    from regfw.rundir import claim_new
+
+    if explicit is not None and not str(explicit).strip():
+        raise RunError("--run-dir: got an empty path; pass a directory, or leave --run-dir out for a generated one.")
     if explicit:
-        path = Path(explicit)
-        if path.exists() and not path.is_dir():
-            raise RunError(f"run directory {str(path)!r} is a file; choose a directory.")
-        if path.exists() and any(path.iterdir()):
-            if not force:
-                raise RunError(f"run directory {str(path)!r} exists and is not empty; choose a new one, continue "
-                               f"it with `regfw fit CONFIG --run-dir {path} --resume`, or replace it with --force")
-            _clear_run_dir(path)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return claim_new(Path(explicit), explicit=True, force=force)
+    if force:
+        raise RunError("--force replaces the --run-dir directory; it needs --run-dir DIR (a generated run "
+                       "directory is always new).")
     root = Path(cfg.run.dir)
-    root.mkdir(parents=True, exist_ok=True)
     stem = cfg.run.name or (Path(cfg.source).stem if cfg.source else "run")
     base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
-        path = root / (base if n == 1 else f"{base}-{n}")
         try:
-            path.mkdir()
-            return path
+            return claim_new(root / (base if n == 1 else f"{base}-{n}"), explicit=False)
         except FileExistsError:
             continue
     raise RunError(f"could not create a new run directory under {str(root)!r}")
+
+
+def new_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Path:
+    """:func:`claim_run_dir`'s directory, its lock released (for callers that only need one)."""
+    claim = claim_run_dir(cfg, explicit, force=force)
+    claim.release()
+    return Path(claim.path)
 
 
 @dataclass
@@ -118,6 +108,57 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
     return result
 
 
+def build_data(cfg: Config, **options: Any) -> Any:
+    """The data module of ``cfg.data``; anything that goes wrong is a :class:`ConfigError` naming
+    ``data`` (a wrong ``init_args`` key, a ``class_path`` that is not a LightningDataModule)."""
+    from regfw.factory import build_datamodule, import_class
+
+    what = cfg.data.class_path or cfg.data.name
+    if cfg.data.class_path:
+        target = import_class(cfg.data.class_path, "data.class_path")
+        if not (isinstance(target, type) and hasattr(target, "train_dataloader")):
+            raise ConfigError(f"data.class_path: {cfg.data.class_path!r} is {_kind_of(target)}, not a "
+                              f"LightningDataModule class (one with train_dataloader()).", key="data.class_path")
+    try:
+        datamodule = build_datamodule(cfg.data, seed=cfg.seed, **options)
+    except RegfwError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's data module may fail in any way
+        raise ConfigError(f"data: building {what!r} with init_args {dict(cfg.data.init_args)} failed: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Check data.init_args against "
+                          f"its __init__ arguments.", key="data.init_args") from None
+    return datamodule
+
+
+def _kind_of(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj):
+        return f"the function {getattr(obj, '__qualname__', obj)!s}"
+    return f"{type(obj).__name__} {obj!r}"[:80]
+
+
+def _check_model_target(cfg: Config, datamodule: Any) -> None:
+    """``model.class_path`` names an ``nn.Module`` class or factory; the loss fits the data's task."""
+    from regfw.factory import import_class
+
+    if cfg.model.class_path:
+        target = import_class(cfg.model.class_path, "model.class_path")
+        if not callable(target) or (isinstance(target, type) and not issubclass(target, torch.nn.Module)):
+            raise ConfigError(f"model.class_path: {cfg.model.class_path!r} is {_kind_of(target)}, not a "
+                              f"torch.nn.Module class.", key="model.class_path")
+    task = getattr(datamodule, "task", None)
+    loss = cfg.model.loss
+    if task == "classification" and loss in ("mse", "gaussian_nll"):
+        raise ConfigError(f"model.loss: got {loss!r}, a regression loss, but data "
+                          f"{cfg.data.name or cfg.data.class_path!r} "
+                          f"is a classification task; use cross_entropy (or auto).", key="model.loss")
+    if task == "regression" and loss == "cross_entropy":
+        raise ConfigError(f"model.loss: got 'cross_entropy', a classification loss, but data "
+                          f"{cfg.data.name or cfg.data.class_path!r} is a regression task; use mse, gaussian_nll "
+                          f"(or auto).", key="model.loss")
+
+
 def build_module(cfg: Config, datamodule: Any) -> Any:
     """The :class:`~regfw.module.RegularizedModule` for ``cfg`` and its data."""
     from regfw.data import describe_data
@@ -125,6 +166,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     from regfw.module import RegularizedModule
     from regfw.optim import optimizer_spec
 
+    _check_model_target(cfg, datamodule)
     n_train, example, notes = describe_data(datamodule, cfg.data.batch)
     model_config = model_config_for(cfg.model, datamodule)
     try:
@@ -145,7 +187,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         return module
     except RegfwError:
         raise
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise _model_error(exc, model_config, example) from exc
 
 
@@ -162,6 +204,7 @@ def build_plan(cfg: Config, data: Any) -> Any:
     from regfw.plan import apply_plan, make_plan
     from regfw.registry import build_regularizers
 
+    _check_model_target(cfg, data)
     example = data.example_input() if hasattr(data, "example_input") else None
     model_config = model_config_for(cfg.model, data)
     try:
@@ -174,7 +217,7 @@ def build_plan(cfg: Config, data: Any) -> Any:
         return plan
     except RegfwError:
         raise
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise _model_error(exc, model_config, example) from exc
 
 
@@ -198,7 +241,14 @@ def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path, heldout: Any 
     from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
 
     unc = cfg.uncertainty
-    if not unc.enabled or not stochastic_modules(module):
+    if not unc.enabled:
+        return None
+    if not stochastic_modules(module):
+        import warnings
+
+        warnings.warn("regfw: uncertainty.enabled is true, but the model has no active dropout (no dropout "
+                      "regularizer, or all its rates are 0): MC dropout uncertainty is off for this run. Select a "
+                      "dropout regularizer, or set uncertainty.enabled: false.", stacklevel=2)
         return None
     return MCDropoutUncertainty.from_config(
         unc, task=module.task, plot_dir=str(plot_dir),
@@ -286,7 +336,7 @@ def _check_distributed(cfg: Config, trainer: Any, datamodule: Any) -> None:
                        f"of them, so validation (and MC) metrics count those twice.")
 
 
-def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> None:
+def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> str:
     """``resume-<k>.yaml``: the config in effect from this resume on, and where it resumed from."""
     k = 1
     while (path / f"resume-{k}.yaml").exists():
@@ -294,6 +344,7 @@ def _resume_note(path: Path, ckpt_path: Path, ckpt: dict, cfg: Config) -> None:
     header = (f"# resumed {time.strftime('%Y-%m-%d %H:%M:%S')} from {ckpt_path} "
               f"(epoch {ckpt.get('epoch')}, global step {ckpt.get('global_step')})\n")
     write_atomic(path / f"resume-{k}.yaml", header + cfg.to_yaml())
+    return f"resume-{k}.yaml"
 
 
 def _last_good(ckpt_cb: Any) -> str:
@@ -320,20 +371,22 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     checkpoint on to the others, and only rank 0 writes files and evaluates.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from regfw import checkpoints as C
     from regfw import distributed as D
-    from regfw.errors import NonFiniteLossError, RunInterrupted
-    from regfw.factory import build_datamodule
 
     rank = D.env_rank()
+    if run_dir is not None and not str(run_dir).strip():
+        raise RunError("--run-dir: got an empty path; pass a directory, or leave --run-dir out for a generated one.")
     explicit = run_dir or D.shared_run_dir()
     if D.launched_externally() and not explicit:
         raise RunError(f"this process (rank {rank}) is one of several started by a launcher (torchrun, srun); all of "
                        f"them must write to one run directory: pass --run-dir DIR (or set {D.RUN_DIR_ENV}=DIR)")
     if resume and force:
         raise RunError("--resume continues a run and --force replaces one; pass only one of them")
+    if force and not run_dir:
+        raise RunError("--force replaces the --run-dir directory; it needs --run-dir DIR (a generated run "
+                       "directory is always new).")
     if rank != 0 and resume and os.environ.get(D.RESUME_ENV):
         resume = os.environ[D.RESUME_ENV]  # the checkpoint rank 0 chose
     ckpt_path: Path | None = None
@@ -344,7 +397,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     # Build and check everything before writing anything.
     _check_settings(cfg, _processes(cfg.trainer))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = D.make_resumable(build_datamodule(cfg.data, seed=cfg.seed), cfg.seed)
+    datamodule = D.make_resumable(build_data(cfg), cfg.seed)
     from regfw.uncertainty.heldout import prepare_heldout
 
     heldout = prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # calibration split, OOD set
@@ -354,19 +407,58 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
         ckpt = C.read_checkpoint(ckpt_path)
         C.check_compatible(ckpt, module, ckpt_path, cfg.source)
 
+    if ckpt_path is not None:
+        C.check_loop_state(ckpt, ckpt_path, cfg.trainer)
+
+    claim = None
     if rank != 0:
         path = Path(explicit)  # rank 0 made it and writes into it
-    elif resume_dir is not None:
-        path = resume_dir
     else:
-        path = new_run_dir(cfg, explicit, force=force)
+        from regfw.rundir import claim_existing
+
+        claim = claim_existing(resume_dir) if resume_dir is not None else claim_run_dir(cfg, explicit, force=force)
+        path = claim.path
+    global TRAINING
+    try:
+        return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank)
+    except BaseException as exc:
+        if claim is not None and not claim.keep:
+            claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"no space left on device writing {exc.filename or path}; the older files of the run are "
+                           f"intact. Free some space and continue with `regfw fit {cfg.source or 'CONFIG'} "
+                           f"--run-dir {path} --resume`.") from None
+        raise
+    finally:
+        TRAINING = False
+        if claim is not None:
+            claim.release()
+
+
+#: True while ``trainer.fit`` runs in this process: SIGTERM is then Lightning's to handle (it
+#: stops after the batch, and :class:`~regfw.checkpoints.RunCheckpoint` saves there).
+TRAINING = False
+
+
+def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
+           callbacks: Sequence[Any], quiet: bool, rank: int) -> FitResult:
+    """The part of :func:`fit` that runs in the claimed run directory ``path``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.trainer.states import TrainerStatus
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from regfw import checkpoints as C
+    from regfw import distributed as D
+    from regfw.errors import NonFiniteLossError, RunInterrupted
+
+    global TRAINING
     config_path = path / "config.yaml"
-    if rank == 0:
-        if resume_dir is None:
-            write_atomic(config_path, cfg.to_yaml())
-            write_atomic(path / "plan.txt", module.plan.format() + "\n")
+    if claim is not None:
+        if ckpt_path is None or not config_path.exists():
+            claim.write("config.yaml", cfg.to_yaml())
+            claim.write("plan.txt", module.plan.format() + "\n")
         if ckpt_path is not None:
-            _resume_note(path, ckpt_path, ckpt, cfg)
+            claim.written.append(_resume_note(path, ckpt_path, ckpt, cfg))
 
     ckpt_cb = C.RunCheckpoint(path / "checkpoints", every_n_steps=cfg.run.checkpoint_every_n_steps)
     trainer_args = dict(cfg.trainer)
@@ -374,8 +466,12 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
         trainer_args.update(enable_progress_bar=False, enable_model_summary=False)
     plugins = _trainer_plugins(trainer_args)
     logger = trainer_args.pop("logger", None)
-    if logger is None or logger is True:
+    if logger is None or logger is True or logger == "csv":
         logger = C.RunCSVLogger(path, keep_until_step=ckpt.get("global_step") if ckpt else None)
+    elif logger == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(save_dir=str(path), name="tensorboard", version="")
     mc = uncertainty_callback(cfg, module, path / "plots", heldout)
     trainer = pl.Trainer(
         **trainer_args,
@@ -387,32 +483,66 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     _check_distributed(cfg, trainer, datamodule)
     announce = (D.announce_to_child_processes(str(path), str(ckpt_path) if ckpt_path else None)
                 if rank == 0 and trainer.world_size > 1 else contextlib.nullcontext())
+    start_step = int(ckpt.get("global_step") or 0)
+    resume_how = f"`regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`"
+    if claim is not None:
+        ckpt_cb.on_save = claim.keep_run  # from the first checkpoint on, a failed run is kept for --resume
     try:
+        TRAINING = True
         with announce:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except NonFiniteLossError as exc:
         error: RunError = RunError(
             f"{exc}. Last good checkpoint: {_last_good(ckpt_cb)}. Lower optimizer.lr (or clip gradients with "
-            f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.")
-        error.quiet = rank != 0  # type: ignore[attr-defined]  # every rank stops alike; rank 0 reports
+            f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.",
+            quiet=rank != 0)  # every rank stops alike; rank 0 reports
         raise error from None
     except SIGTERMException:
         how = (f"saved {ckpt_cb.last_path} at global step {trainer.global_step}" if ckpt_cb.saved_on_sigterm else
                f"the newest checkpoint is {_last_good(ckpt_cb)}; resuming repeats the steps after it")
         error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                               f"{how}. Continue with `regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`.")
-        error.quiet = rank != 0  # type: ignore[attr-defined]
+                               f"{how}. Continue with {resume_how}.", quiet=rank != 0)
         raise error from None
+    except SystemExit as exc:
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C from here on
+        del exc
+        error = RunInterrupted(f"interrupted (SIGINT) at global step {trainer.global_step} (epoch "
+                               f"{trainer.current_epoch}); the newest checkpoint is {_last_good(ckpt_cb)}; resuming "
+                               f"repeats the steps after it. Continue with {resume_how}.", exit_code=130,
+                               quiet=rank != 0)
+        raise error from None
+    except RegfwError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        if trainer.global_step > start_step:
+            raise
+        # the first training step failed: the model, its loss or the data do not fit together
+        name = cfg.model.name or cfg.model.class_path
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"model: the first training step of {name!r} with {module.hparams.loss} loss on "
+                          f"{cfg.data.name or cfg.data.class_path!r} failed: {type(exc).__name__}: {text[:300]}. "
+                          f"Check that the model's forward returns one tensor of the shape the loss expects "
+                          f"(model.loss, model.init_args).", key="model") from None
+    finally:
+        TRAINING = False
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
     if last is None and ckpt_cb.last_path.is_file():
         last = ckpt_cb.last_path  # written by spawned processes (ddp_spawn), whose callbacks stay there
     if rank != 0 or not trainer.is_global_zero:
         return FitResult(path, config_path, last, module=module, resumed_from=ckpt_path, rank=rank)
-    metrics = {}
-    train_loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
-    for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
-        for name, value in evaluate(module, loader).items():
-            metrics[f"{split}_{name}"] = value
+    try:
+        metrics = {}
+        train_loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
+        for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
+            for name, value in evaluate(module, loader).items():
+                metrics[f"{split}_{name}"] = value
+    except Terminated:
+        raise RunInterrupted(f"stopped by SIGTERM after training finished, during the final evaluation; training is "
+                             f"complete and saved in {last}.") from None
     plots: dict[str, str] = {}
     if mc is not None:
         metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items() if k.startswith("mc/")})

@@ -112,7 +112,7 @@ def test_empty_foreign_and_non_regfw_files(good_run, tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     (["model.init_args.hidden=[24]"],
      "model.init_args.hidden is [16] in the checkpoint but [24] in config"),
-    (["model.loss=mse"], "model.loss is 'cross_entropy' in the checkpoint but 'mse' in config"),
+    (["model.init_args.hidden=[16, 4]"], "model.init_args.hidden is [16] in the checkpoint but [16, 4] in config"),
     (["regularizers.dropout.hidden=0.5"],
      "regularizers.dropout.hidden is 0.3 in the checkpoint but 0.5 in config"),
     (["regularizers.dropout=false"], "in the checkpoint but not in config"),
@@ -137,7 +137,8 @@ def test_trainer_and_run_sections_may_change_on_resume(good_run, tmp_path):
     assert read_checkpoint(last)["epoch"] == 1
     # the copied run rewrote its own last.ckpt (no last-v1.ckpt beside a stale one)
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("last") and p.name != "last.ckpt"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "plan.txt", "resume-1.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == [".regfw-lock", ".regfw-run", "checkpoints", "config.yaml", "plan.txt",
+                                                     "resume-1.yaml"]
 
 
 PLUGIN = '''

@@ -286,7 +286,8 @@ def test_metrics_csv_is_continued_and_rows_after_the_checkpoint_are_dropped(tmp_
     from regfw.checkpoints import RunCSVLogger
 
     (tmp_path / "metrics.csv").write_text("epoch,step,train_loss\n0,1,0.9\n0,3,0.7\n0,5,0.5\n0,6,0.")  # cut short
-    logger = RunCSVLogger(tmp_path, keep_until_step=3)  # the checkpoint was at step 3; steps 4-6 are redone
+    # the checkpoint was at global step 4: rows logged at steps 0-3 (batches 1-4) stay, those of steps 4-6 are redone
+    logger = RunCSVLogger(tmp_path, keep_until_step=4)
     logger.log_metrics({"val_loss": 0.6, "epoch": 0}, step=4)
     logger.save()
     rows = _rows(tmp_path)

@@ -18,7 +18,8 @@ def test_new_runs_get_new_directories_even_within_one_second(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path / 'runs'}", "run.name=exp"])
     made = [new_run_dir(cfg) for _ in range(3)]
     assert len({p.name for p in made}) == 3
-    assert all(p.is_dir() and not any(p.iterdir()) and p.name.startswith("exp-") for p in made)
+    assert all(p.is_dir() and sorted(c.name for c in p.iterdir()) == [".regfw-lock", ".regfw-run"]
+               and p.name.startswith("exp-") for p in made)
     # within one second the timestamp repeats and -2, -3 are appended
     first = made[0].name
     assert all(p.name in (first + "-2", first + "-3") or p.name[:19] != first[:19] for p in made[1:])
@@ -37,10 +38,9 @@ def test_an_explicit_directory_must_be_new_or_empty(tmp_path):
         new_run_dir(cfg, str(busy))
     assert str(err.value) == (f"run directory '{busy}' exists and is not empty; choose a new one, continue it with "
                               f"`regfw fit CONFIG --run-dir {busy} --resume`, or replace it with --force")
-    with pytest.raises(RunError, match="holds no regfw run \\(no config.yaml\\); --force replaces only an earlier "
-                                       "regfw run"):
+    with pytest.raises(RunError, match="holds no regfw run; --force replaces only a run directory regfw made"):
         new_run_dir(cfg, str(busy), force=True)
-    assert (busy / "notes.txt").read_text() == "mine"  # refused, and untouched
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]  # refused, and untouched
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(RunError, match="is a file; choose a directory"):
@@ -54,17 +54,18 @@ def test_force_replaces_an_earlier_run_only_after_the_new_one_was_checked(tmp_pa
     run = tmp_path / "run"
     assert main(["fit", str(cfg), "--run-dir", str(run)]) == 0
     first = (run / "checkpoints" / "last.ckpt").read_bytes()
-    (run / "stale.txt").write_text("from before")
+    (run / "checkpoints" / "epoch=007.ckpt").write_text("from before")  # a file of regfw's kind
 
     assert main(["fit", str(cfg), "--run-dir", str(run)]) == 2  # no flag: refused
     assert "exists and is not empty" in capsys.readouterr().err
     # a config that fails is reported before anything is deleted
     assert main(["fit", str(cfg), "model.init_args.in_features=3", "--run-dir", str(run), "--force"]) == 2
     assert "model: building 'mlp'" in capsys.readouterr().err
-    assert (run / "stale.txt").exists() and (run / "checkpoints" / "last.ckpt").read_bytes() == first
+    assert (run / "checkpoints" / "epoch=007.ckpt").exists()
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == first
 
     assert main(["fit", str(cfg), "seed=1", "--run-dir", str(run), "--force"]) == 0
-    assert not (run / "stale.txt").exists()
+    assert not (run / "checkpoints" / "epoch=007.ckpt").exists()
     assert "seed: 1" in (run / "config.yaml").read_text()
     assert (run / "checkpoints" / "last.ckpt").read_bytes() != first
 
