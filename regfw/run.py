@@ -420,7 +420,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
         path = claim.path
     global TRAINING
     try:
-        return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank)
+        return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank, heldout)
     except BaseException as exc:
         if claim is not None and not claim.keep:
             claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
@@ -441,7 +441,7 @@ TRAINING = False
 
 
 def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
-           callbacks: Sequence[Any], quiet: bool, rank: int) -> FitResult:
+           callbacks: Sequence[Any], quiet: bool, rank: int, heldout: Any = None) -> FitResult:
     """The part of :func:`fit` that runs in the claimed run directory ``path``."""
     import pytorch_lightning as pl
     from pytorch_lightning.trainer.states import TrainerStatus
