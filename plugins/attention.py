@@ -79,8 +79,8 @@ class AttentionDropout(InjectingRegularizer):
                 continue
             if was > 0 and self.config.existing == "keep":
                 continue
-            what = "attention weights" if self.config.attention_only or not isinstance(info.module, _TRANSFORMER_LAYERS) \
-                else "attention weights and sub-layer outputs"
+            weights_only = self.config.attention_only or not isinstance(info.module, _TRANSFORMER_LAYERS)
+            what = "attention weights" if weights_only else "attention weights and sub-layer outputs"
             rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
                                  f"{reason}; {what} (was {was:g})", action="set", anchor=info.path))
         if not rows:

@@ -92,7 +92,8 @@ class DropBlockRegularizer(InjectingRegularizer):
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         size = self.config.block_size
-        return DropBlock2d(rate, size if isinstance(size, int) else tuple(size), shared_channels=self.config.shared_channels)
+        return DropBlock2d(rate, size if isinstance(size, int) else tuple(size),
+                           shared_channels=self.config.shared_channels)
 
 
 @regfw.hookimpl

@@ -25,7 +25,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -38,7 +38,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from regfw.atomic import atomic_open
 from regfw.errors import RunError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 #: Top-level checkpoint key holding the tensor digest written by :class:`AtomicCheckpointIO`.
 INTEGRITY_KEY = "regfw_integrity"
@@ -83,7 +83,7 @@ def tensor_digest(obj: Any) -> tuple[str, int]:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         if t.numel():
-            h.update(memoryview(t.view(torch.uint8).numpy()))
+            h.update(t.view(torch.uint8).numpy().tobytes())
         count += 1
     return h.hexdigest(), count
 
@@ -304,7 +304,8 @@ def state_differences(found: Mapping[str, torch.Tensor], expected: Mapping[str, 
     if extra:
         lines.append(f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     for k in shapes[:5]:
-        lines.append(f"{k} has shape {tuple(found[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model")
+        lines.append(f"{k} has shape {tuple(found[k].shape)} in the checkpoint, "
+                     f"{tuple(expected[k].shape)} in the model")
     return lines
 
 
@@ -449,6 +450,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     @property
     def last_path(self) -> Path:
+        assert self.dirpath is not None, "RunCheckpoint is always made with a directory"
         return Path(self.dirpath) / LAST
 
     def _sigterm(self, trainer: pl.Trainer) -> bool:
@@ -522,7 +524,8 @@ class RunCheckpoint(ModelCheckpoint):
             meta = metric.meta
             if meta.is_mean_reduction:
                 metric.value = saved["value"].to(metric.value) + metric.value
-                metric.cumulated_batch_size = saved["count"].to(metric.cumulated_batch_size) + metric.cumulated_batch_size
+                count = metric.cumulated_batch_size
+                metric.cumulated_batch_size = saved["count"].to(count) + count
             elif meta.is_sum_reduction:
                 metric.value = saved["value"].to(metric.value) + metric.value
             elif meta.is_max_reduction or meta.is_min_reduction:
@@ -605,4 +608,4 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             writer_cls = type("_Writer", (_ContinuingWriter,), {"keep_until_step": self._keep_until_step})
             self._experiment = writer_cls(log_dir=self.log_dir)
-        return self._experiment
+        return cast(ExperimentWriter, self._experiment)

@@ -132,7 +132,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     ranked = rank_checkpoint(args.config, args.checkpoint, args.overrides, k=args.k,
                              acquisition=args.acquisition, split=args.split, samples=args.samples)
     print(f"top {len(ranked.indices)} of the {args.split} split by {args.acquisition} (index, score):")
-    for index, score in zip(ranked.indices.tolist(), ranked.scores.tolist()):
+    for index, score in zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True):
         print(f"{index}\t{score:.6f}")
     return 0
 
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("fit", "plan", "demo"):
         p = parsers[name]
         p.add_argument("config", nargs="?" if name == "demo" else None,
-                       default=None, help="YAML config file" + (" (default: the packaged demo config)" if name == "demo" else ""))
+                       default=None,
+                       help="YAML config file" + (" (default: the packaged demo config)" if name == "demo" else ""))
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. trainer.max_epochs=3")
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
     parsers["fit"].add_argument(

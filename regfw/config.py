@@ -249,7 +249,7 @@ class Config:
 
 
 def _as_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     if isinstance(value, dict):
         return {k: _as_plain(v) for k, v in value.items()}
@@ -298,7 +298,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     """The YAML file merged with ``overrides``, as plain containers, not yet validated."""
-    base = OmegaConf.create()
+    base: DictConfig | ListConfig = OmegaConf.create()
     if path is not None:
         path = Path(path)
         _check_config_file(path)
@@ -321,10 +321,10 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
         merged = OmegaConf.merge(base, parsed)
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
+        full_key: str | None = getattr(exc, "full_key", None)
         text = " ".join(str(exc).split("\n")[0].split())
-        raise ConfigError(f"config {str(path)!r}: {key + ': ' if key else ''}{text}. Check the ${{...}} "
-                          f"interpolations and the overrides.", key=key) from None
+        raise ConfigError(f"config {str(path)!r}: {full_key + ': ' if full_key else ''}{text}. Check the ${{...}} "
+                          f"interpolations and the overrides.", key=full_key) from None
 
 
 def _shape_of(value: Any) -> str:

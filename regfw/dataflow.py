@@ -337,13 +337,14 @@ def _from_sequential(model: nn.Module, units: dict[str, nn.Module]) -> Dataflow:
             continue
         prefix = f"{path}." if path else ""
         keys = [prefix + k for k in module._modules]
-        for a, b in zip(keys, keys[1:]):
+        for a, b in zip(keys, keys[1:], strict=False):
             if a in units and b in units:
                 flow.link(a, b)
     return flow
 
 
-def build_dataflow(model: nn.Module, units: dict[str, nn.Module], example_input: Any = None) -> tuple[Dataflow, str | None]:
+def build_dataflow(model: nn.Module, units: dict[str, nn.Module],
+                   example_input: Any = None) -> tuple[Dataflow, str | None]:
     """The dataflow between ``units`` (path -> module) and, when a weaker source had to be used,
     a message saying why."""
     if example_input is not None:
@@ -410,7 +411,7 @@ def _param_modules(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]
     count = 0
     for n in nodes:
         if n.op == "call_module":
-            m = modules.get(n.target)
+            m = modules.get(str(n.target))
             if m is not None and any(True for _ in m.parameters()):
                 count += 1
     return count
@@ -488,14 +489,15 @@ def _branch_anchor(branch: torch.fx.Node, modules: dict[str, nn.Module],
             what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
             return None, (f"the branch ends in {what!r}, not in a module, so no hook can reach it; "
                           f"end the branch with a module (e.g. nn.Identity) to allow DropPath")
-        path = producer.target
+        path = str(producer.target)  # a call_module node's target is the module's path
         # The hook changes the module's output (output[0] of a tuple): nothing but the add may see it.
         users_ok = len(node.users) == 1 and (producer is node or all(
             u is node or (u.op == "call_function" and u.target is operator.getitem and u.args[1] != 0)
             for u in producer.users
         ))
         if not users_ok:
-            return None, f"the output of module {path!r} on the branch is also used elsewhere, so DropPath cannot hang on it"
+            return None, (f"the output of module {path!r} on the branch is also used elsewhere, so DropPath "
+                          f"cannot hang on it")
         if module_calls.get(path, 0) == 1:
             return path, None
         before = producer.args[0] if producer.args else None
@@ -503,7 +505,8 @@ def _branch_anchor(branch: torch.fx.Node, modules: dict[str, nn.Module],
                 and isinstance(before, torch.fx.Node) and len(before.users) == 1):
             node = before
             continue
-        return None, f"module {path!r} producing the branch is called more than once, so a hook on it would act at every call"
+        return None, (f"module {path!r} producing the branch is called more than once, so a hook on it would act "
+                      f"at every call")
 
 
 @dataclass

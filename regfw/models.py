@@ -43,7 +43,8 @@ class CNN(nn.Module):
             nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 4, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * 4, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], 1, self.side, self.side)

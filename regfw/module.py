@@ -368,7 +368,7 @@ class RegularizedModule(pl.LightningModule):
 
         checkpoint["regfw"] = {
             "version": __version__,
-            "regularizers": sorted(self.hparams.regularizers),
+            "regularizers": sorted(self.hparams["regularizers"]),
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "plugins": _plugin_origins(self.regularizers),
             # rates are plain attributes, not state: a rate schedule's current values resume from here

@@ -48,7 +48,7 @@ class Plan:
             table.append((item.regularizer, item.path or "<model>", item.kind, item.variant, rate, where, item.reason))
         widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
         for row in table:
-            cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [str(row[-1])]
+            cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + [str(row[-1])]  # last: unpadded
             lines.append("  ".join(cells).rstrip())
         for name, notes in self.notes.items():
             for note in notes:

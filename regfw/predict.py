@@ -164,11 +164,11 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
                        split: str = "val", samples: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """``regfw predict``: MC predictions of a checkpoint on the config's data (the data module's
     ``predict_dataloader`` when it has one, else the ``split``), written to ``out``."""
-    from regfw.rank_command import load_module
     from regfw.config import load_config
     from regfw.errors import RunError
     from regfw.factory import build_datamodule
     from regfw.module import split_mean_variance
+    from regfw.rank_command import load_module
 
     cfg = load_config(config, overrides)
     unc = cfg.uncertainty

@@ -23,7 +23,8 @@ class RegularizerSpec:
 
     @property
     def origin(self) -> str:
-        return f"plugin {self.plugin!r} ({self.distribution or 'not installed'}, {self.cls.__module__}.{self.cls.__qualname__})"
+        where = f"{self.cls.__module__}.{self.cls.__qualname__}"
+        return f"plugin {self.plugin!r} ({self.distribution or 'not installed'}, {where})"
 
 
 class Registry:

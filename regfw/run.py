@@ -332,7 +332,8 @@ def _check_distributed(cfg: Config, trainer: Any, datamodule: Any) -> None:
         return
     if n_val % trainer.world_size:
         rank_zero_warn(f"regfw: the validation set has {n_val} examples, not a multiple of {trainer.world_size} "
-                       f"processes; Lightning's DistributedSampler repeats {trainer.world_size - n_val % trainer.world_size} "
+                       f"processes; Lightning's DistributedSampler repeats "
+                       f"{trainer.world_size - n_val % trainer.world_size} "
                        f"of them, so validation (and MC) metrics count those twice.")
 
 
@@ -412,6 +413,9 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     claim = None
     if rank != 0:
+        if not explicit:
+            raise RunError(f"this process (rank {rank}) found no run directory from rank 0; pass --run-dir DIR "
+                           f"(or set {D.RUN_DIR_ENV}=DIR)")
         path = Path(explicit)  # rank 0 made it and writes into it
     else:
         from regfw.rundir import claim_existing
@@ -500,7 +504,8 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
     except SIGTERMException:
         how = (f"saved {ckpt_cb.last_path} at global step {trainer.global_step}" if ckpt_cb.saved_on_sigterm else
                f"the newest checkpoint is {_last_good(ckpt_cb)}; resuming repeats the steps after it")
-        error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+        error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} "
+                               f"(epoch {trainer.current_epoch}); "
                                f"{how}. Continue with {resume_how}.", quiet=rank != 0)
         raise error from None
     except SystemExit as exc:

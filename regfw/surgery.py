@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from regfw import foreign, structure
 from regfw import kinds as K
@@ -96,7 +96,7 @@ class ApplyAfter:
         self.name = name
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        child = module._modules[self.name]
+        child = cast(nn.Module, module._modules[self.name])  # attached by attach(), never None
         if isinstance(output, tuple):
             return (child(output[0]), *output[1:])
         return child(output)
@@ -109,7 +109,7 @@ class ApplyBefore:
         self.name = name
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        child = module._modules[self.name]
+        child = cast(nn.Module, module._modules[self.name])  # attached by attach(), never None
         return (child(args[0]), *args[1:])
 
 
@@ -123,7 +123,8 @@ def is_dropout(module: nn.Module) -> bool:
     stochastic layers of torchvision and timm (:mod:`regfw.foreign`)."""
     from regfw.layers.base import StochasticModule
 
-    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule)) or foreign.foreign_layer(module) is not None
+    return (isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
+            or foreign.foreign_layer(module) is not None)
 
 
 def is_path_drop(module: nn.Module) -> bool:
@@ -407,7 +408,8 @@ def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: P
     if not rate:
         return []
     before = mm.flow.prev(info.path)
-    existing = before if before is not None and is_dropout(mm.module(before)) and mm.flow.next(before) == info.path else None
+    existing = (before if before is not None and is_dropout(mm.module(before)) and mm.flow.next(before) == info.path
+                else None)
     reused = reuse_existing(reg, mm, K.INPUT, info.path, "before", rate, reason, existing, info.path)
     if reused is not None:
         return reused
@@ -433,7 +435,7 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
     host = model.get_submodule(anchor) if anchor else model
     if name in host._modules:
         return False
-    ref = next(iter(host.parameters()), None)
+    ref: Tensor | None = next(iter(host.parameters()), None)
     if ref is None:
         ref = next(iter(host.buffers()), None)
     if ref is not None:
@@ -456,8 +458,12 @@ def set_rate(model: nn.Module, path: str, rate: float) -> None:
 def apply_insertions(reg: InjectingRegularizer, model: nn.Module, items: list[PlanItem]) -> None:
     """Carry out the rows of :func:`plan_insertions`."""
     for item in items:
+        if item.action not in ("set", "after", "before"):
+            continue
+        if item.anchor is None or item.rate is None:
+            raise ValueError(f"{reg.name}: a {item.action!r} plan row needs an anchor and a rate, got {item!r}")
         if item.action == "set":
             set_rate(model, item.anchor, item.rate)
-        elif item.action in ("after", "before"):
+        else:
             module = reg.make_module(item.kind, item.rate, item)
             attach(model, item.anchor, injected_name(reg.name, item.action), module, item.action)

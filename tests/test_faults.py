@@ -137,8 +137,8 @@ def test_trainer_and_run_sections_may_change_on_resume(good_run, tmp_path):
     assert read_checkpoint(last)["epoch"] == 1
     # the copied run rewrote its own last.ckpt (no last-v1.ckpt beside a stale one)
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("last") and p.name != "last.ckpt"]
-    assert sorted(p.name for p in run.iterdir()) == [".regfw-lock", ".regfw-run", "checkpoints", "config.yaml", "plan.txt",
-                                                     "resume-1.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == [".regfw-lock", ".regfw-run", "checkpoints", "config.yaml",
+                                                     "plan.txt", "resume-1.yaml"]
 
 
 PLUGIN = '''

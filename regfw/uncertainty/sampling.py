@@ -336,7 +336,8 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None, **kw: Any) -> Tensor:
+def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None,
+                  **kw: Any) -> Tensor:
     """T full forward passes of the batch, stacked: ``[T, B, ...]``. Memory of one pass."""
     return torch.stack([_forward(model, inputs) for _ in range(samples)])
 
