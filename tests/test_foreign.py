@@ -85,7 +85,7 @@ def test_zero_spread_with_a_positive_rate_is_an_error_naming_the_module():
         mc_predict(model, torch.randn(3, 6), samples=4, strategy="loop", seed=0)
 
 
-def test_sequence_logits_message_says_how_to_reshape():
+def test_sequence_logits_are_summarised_per_position_or_flattened_by_a_transform():
     class LM(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -94,12 +94,14 @@ def test_sequence_logits_message_says_how_to_reshape():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.drop(x))
 
-    x = torch.randn(2, 5, 4)
-    with pytest.raises(ValueError, match=r"per-position logits \[B, L, V\] of a sequence model.*output_transform="
-                                         r"lambda o: o.reshape\(o.shape\[0\], -1, o.shape\[-1\]\)"):
-        mc_predict(LM(), x, samples=3, seed=0)
-    res = mc_predict(LM(), x, samples=3, seed=0, output_transform=lambda o: o.reshape(o.shape[0], -1, o.shape[-1]))
+    torch.manual_seed(0)
+    lm, x = LM(), torch.randn(2, 5, 4)
+    dense = mc_predict(lm, x, samples=3, seed=0)  # [B, L, V]: one summary per position
+    assert dense.summary.mean_probs.shape == (2, 5, 9)
+    assert dense.summary.mutual_information.shape == (2, 5)
+    res = mc_predict(lm, x, samples=3, seed=0, output_transform=lambda o: o.reshape(o.shape[0], -1, o.shape[-1]))
     assert res.probs.shape == (3, 10, 9)
+    torch.testing.assert_close(res.summary.mean_probs, dense.summary.mean_probs.reshape(10, 9))
 
 
 def test_dict_output_message_names_the_keys():

@@ -571,20 +571,6 @@ def _summarise(
         logits = apply(outputs)
         if isinstance(logits, (tuple, list)):
             raise TypeError("for classification, output_transform must return one tensor of logits")
-        if logits.dim() == 4:
-            raise ValueError(
-                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
-                f"{tuple(logits.shape)}: per-position logits [B, L, V] of a sequence model. Score every "
-                f"position as its own prediction with output_transform=lambda o: o.reshape(o.shape[0], -1, "
-                f"o.shape[-1]) ([T, B*L, V]), or reduce to one [B, V] per sequence in the model"
-            )
-        if logits.dim() == 5:
-            raise ValueError(
-                f"classification needs logits of shape [B, C] per pass ([T, B, C] stacked), got "
-                f"{tuple(logits.shape)}: per-pixel logits [B, C, H, W] of a segmentation model. Score every "
-                f"pixel with output_transform=lambda o: o.movedim(2, -1).reshape(o.shape[0], -1, o.shape[2]) "
-                f"([T, B*H*W, C])"
-            )
         if logits.dim() != 3:
             if logits.dim() < 3:
                 raise ValueError(
