@@ -33,9 +33,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check regfw plugins tests bench templates
 	$(BIN)/mypy
 
-# Tests that install into the environment run alone, after the parallel run; the zoo runs last, in its own
-# environment.
-test: $(STAMP) $(ZOO_STAMP)
+# `make test`: ruff and mypy first, then the tests; those that install into the environment run alone,
+# after the parallel run; the zoo runs last, in its own environment.
+test: $(STAMP) $(ZOO_STAMP) lint
 	$(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo
 	$(BIN)/python -m pytest -q -m serial --ignore=tests/zoo
 	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
