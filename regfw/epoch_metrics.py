@@ -35,6 +35,17 @@ class EpochMeans:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums and counts, for a checkpoint written mid-epoch: Lightning's own
+        epoch-metric state never sees them, and a resumed run must log the same epoch means."""
+        return {"sums": {k: v.detach().clone() for k, v in self._sums.items()}, "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the sums of :meth:`state_dict` (the same additions in the same order as a run
+        that was never stopped, so the means are bitwise the same)."""
+        self._sums = {k: v.detach().clone() for k, v in (state.get("sums") or {}).items()}
+        self._counts = {k: int(v) for k, v in (state.get("counts") or {}).items()}
+
     def pop(self, strategy: Any = None, prefix: str = "") -> dict[str, Tensor]:
         """The means of the names starting with ``prefix``, which are reset.
 

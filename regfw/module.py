@@ -375,8 +375,11 @@ class RegularizedModule(pl.LightningModule):
             "rates": {name: float(m.p) for name, m in self.model.named_modules()
                       if is_dropout(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
+        checkpoint["regfw_epoch_means"] = self._epoch_means.state_dict()  # a mid-epoch checkpoint's sums
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "regfw_epoch_means" in checkpoint:
+            self._epoch_means.load_state_dict(checkpoint["regfw_epoch_means"])
         modules = dict(self.model.named_modules())
         for name, p in ((checkpoint.get("regfw") or {}).get("rates") or {}).items():
             if name in modules and is_dropout(modules[name]):
