@@ -207,8 +207,6 @@ def test_zoo(name: str, variant: str) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="auto draws a handful of DropConnect weight masks for all T samples when "
-                   "locked dropout is present (issue 13, item 2); the fix belongs in regfw/uncertainty/fast.py")
 def test_lstm_dropconnect_locked_dropout_auto_matches_loop() -> None:
     entry = ZOO["lstm_lm"]
     model, x = build(entry)
