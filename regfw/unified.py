@@ -26,11 +26,13 @@ from regfw.uncertainty.callback import MCDropoutUncertainty as _MCDropoutUncerta
 __all__ = ["MCDropoutUncertainty", "Regularize", "RegularizedModule"]
 
 
-class Regularize(_Regularize, L.Callback):
+# The two packages declare the same hooks in two base classes, which mypy reports as incompatible
+# (misc); without `lightning` installed the base is Any and the ignore is unused.
+class Regularize(_Regularize, L.Callback):  # type: ignore[misc, unused-ignore]
     __doc__ = _Regularize.__doc__
 
 
-class MCDropoutUncertainty(_MCDropoutUncertainty, L.Callback):
+class MCDropoutUncertainty(_MCDropoutUncertainty, L.Callback):  # type: ignore[misc, unused-ignore]
     __doc__ = _MCDropoutUncertainty.__doc__
 
 
