@@ -14,28 +14,14 @@ Usage: ``python bench/masks.py [--repeats N] [--entries N]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import cpu_times  # bench/ is the script directory, on sys.path
 
 from regfw.layers import masks
 from regfw.layers.dropout import dropout
-
-
-def cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median CPU seconds per call, runs interleaved so load drifts hit all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

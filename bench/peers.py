@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import cpu_times  # bench/ is the script directory, on sys.path
 from torch import nn
 
 from regfw.uncertainty import mc_predict
@@ -50,18 +49,6 @@ def _mlp(regfw_layers: bool) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(drop(0.2), nn.Linear(784, 512), nn.ReLU(), drop(0.5), nn.Linear(512, 512),
                          nn.ReLU(), drop(0.5), nn.Linear(512, 10))
-
-
-def cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peers(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
