@@ -38,17 +38,15 @@ from regfw.uncertainty.metrics import (
     MCRegressionMetrics,
     ProbabilityCalibration,
 )
+from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
+from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     TASKS,
     OutputTransform,
     _check_samples,
-    _dropout_family,
-    _require_stochastic,
-    derive_seed,
     mc_predict,
-    stochastic_modules,
 )
 from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
 
@@ -319,7 +317,7 @@ class MCDropoutUncertainty(pl.Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _require_stochastic(pl_module)  # fail before training, with the fix in the message
+        require_stochastic(pl_module)  # fail before training, with the fix in the message
         if self.calibrate and self.calibration_loader is None:
             datamodule = getattr(trainer, "datamodule", None)
             own = getattr(datamodule, "calibration_dataloader", None)
@@ -372,13 +370,13 @@ class MCDropoutUncertainty(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
         self._batches = 0
-        if self._active and not stochastic_modules(pl_module) and _dropout_family(pl_module):
+        if self._active and not stochastic_modules(pl_module) and dropout_family(pl_module):
             # every rate is 0 for now (a rate schedule's early or late phase): nothing to sample
             rank_zero_warn(f"MCDropoutUncertainty: every dropout rate is 0 at epoch {trainer.current_epoch} (a rate "
                            f"schedule?); Monte Carlo dropout is skipped this epoch")
             self._active = False
         if self._active:
-            _require_stochastic(pl_module)
+            require_stochastic(pl_module)
             for name in ("_metric", "_cal_metric", "_det_before", "_det_after", "_ood_in", "_ood_out"):
                 metric = getattr(self, name)
                 metric.reset()
