@@ -68,6 +68,14 @@ FUNCTIONAL_NAMES = frozenset(f.__name__ for f in FUNCTIONAL_DROPOUT)
 _FUNCTIONAL_HOSTS: weakref.WeakKeyDictionary[nn.Module, tuple[str, float]] = weakref.WeakKeyDictionary()
 #: Models whose forward has been watched, with their module count then (a changed model is watched again).
 _SCANNED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+#: Bumped whenever ``_FUNCTIONAL_HOSTS`` gains a host or a host's rate changes, so that what is
+#: computed from it (:func:`regfw.uncertainty.modes.model_index`) knows when to look again.
+_generation = 0
+
+
+def functional_generation() -> int:
+    """A counter that changes whenever the recorded functional-dropout hosts or their rates change."""
+    return _generation
 
 
 def foreign_layer(module: nn.Module) -> ForeignLayer | None:
@@ -119,9 +127,11 @@ def set_rate(module: nn.Module, rate: float) -> None:
     if attr is None:
         raise ValueError(f"{type(module).__name__} has no rate attribute regfw can set (its dropout rate is fixed "
                          f"in its forward); use existing: keep for this model")
+    global _generation
     setattr(module, attr, float(rate))
     if module in _FUNCTIONAL_HOSTS:
         _FUNCTIONAL_HOSTS[module] = (_FUNCTIONAL_HOSTS[module][0], float(rate))
+        _generation += 1
 
 
 def is_batch_shared(module: nn.Module) -> bool:
@@ -205,6 +215,7 @@ def watch_functional_dropout(model: nn.Module) -> Iterator[dict[nn.Module, tuple
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(enter, prepend=True))
         handles.append(m.register_forward_hook(leave, always_call=True))
+    global _generation
     try:
         with _FunctionalWatch(stack, found):
             yield found
@@ -212,13 +223,18 @@ def watch_functional_dropout(model: nn.Module) -> Iterator[dict[nn.Module, tuple
         for h in handles:
             h.remove()
         for host, value in found.items():
-            _FUNCTIONAL_HOSTS[host] = value
+            if _FUNCTIONAL_HOSTS.get(host) != value:
+                _FUNCTIONAL_HOSTS[host] = value
+                _generation += 1
         _SCANNED[model] = _size(model)
 
 
-def needs_scan(model: nn.Module) -> bool:
-    """True unless :func:`watch_functional_dropout` has seen a forward of ``model`` as it is now."""
-    return _SCANNED.get(model) != _size(model)
+def needs_scan(model: nn.Module, size: int | None = None) -> bool:
+    """True unless :func:`watch_functional_dropout` has seen a forward of ``model`` as it is now.
+
+    ``size``: the number of modules of ``model`` (``len(list(model.modules()))``) when the caller
+    knows it, which saves a walk of the model."""
+    return _SCANNED.get(model) != (_size(model) if size is None else size)
 
 
 def _size(model: nn.Module) -> int:

@@ -10,16 +10,42 @@ from torch import nn
 
 from regfw.tensors import iter_tensors
 
-__all__ = ["derive_seed", "isolated_rng", "model_devices", "resolve_seed"]
+__all__ = ["derive_seed", "isolated_rng", "model_devices", "resolve_seed", "rng_devices"]
 
 
-def model_devices(model: nn.Module, inputs: Any) -> set[torch.device]:
+def model_devices(model: nn.Module, inputs: Any, modules: Iterable[nn.Module] | None = None) -> set[torch.device]:
+    """The devices of ``model``'s parameters and buffers and of the tensors in ``inputs``.
+
+    ``modules``: every module of the model (``model.modules()``) when the caller has them at hand
+    (:func:`regfw.uncertainty.modes.model_index`), which saves the walks of ``parameters()``."""
     found: set[torch.device] = set()
-    for t in (*model.parameters(), *model.buffers()):
-        found.add(t.device)
+    if modules is None:
+        for t in (*model.parameters(), *model.buffers()):
+            found.add(t.device)
+    else:
+        for m in modules:
+            for v in (*m._parameters.values(), *m._buffers.values()):
+                if v is not None:
+                    found.add(v.device)
     for t in iter_tensors(inputs):
         found.add(t.device)
     return found
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return bool(torch.cuda.is_available())  # pragma: no cover - torch without torch.accelerator
+
+
+def rng_devices(model: nn.Module, inputs: Any, modules: Iterable[nn.Module] | None = None) -> set[torch.device]:
+    """The devices whose generators :func:`isolated_rng` must fork for ``model`` and ``inputs``:
+    :func:`model_devices`, or none at once when torch sees no accelerator (the CPU generator is
+    always forked), which saves looking at every parameter on a CPU-only machine."""
+    if not _accelerator_available():
+        return set()
+    return model_devices(model, inputs, modules)
 
 
 @contextlib.contextmanager

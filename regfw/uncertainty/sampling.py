@@ -25,6 +25,7 @@ so the two form no import cycle); while it is not registered ``"auto"`` means ``
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +37,16 @@ from regfw import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
+    ModelIndex,
     eval_mode,
     is_stochastic,
     mc_mode,
+    model_index,
     require_stochastic,
     stochastic_modules,
     stochastic_types,
 )
-from regfw.uncertainty.rng import derive_seed, isolated_rng, model_devices, resolve_seed
+from regfw.uncertainty.rng import derive_seed, isolated_rng, resolve_seed, rng_devices
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -71,6 +74,8 @@ __all__ = [
     "loop_strategy",
     "batched_strategy",
     "estimate_row_bytes",
+    "deterministic_pass",
+    "scan_functional_dropout",
     "derive_seed",
     "split_mean_logvar",
 ]
@@ -104,6 +109,31 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
             "last dimension and use output_transform=regfw.uncertainty.split_mean_logvar."
         )
     return out
+
+
+def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
+    """Find the modules of ``model`` that call ``F.dropout`` in their forward (one eval-mode pass
+    of one row, :func:`regfw.foreign.watch_functional_dropout`), unless the model as it is now was
+    watched already; the hosts found are then switched on by :func:`mc_mode`."""
+    index = model_index(model) if index is None else index
+    if foreign.needs_scan(model, len(index.modules) + 1) and isinstance(inputs, Tensor) and inputs.dim() > 0:
+        with eval_mode(model, index=index), foreign.watch_functional_dropout(model):
+            model(inputs[:1])
+
+
+def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> Tensor:
+    """The eval-mode output of ``model`` (weight scaling, the comparison of
+    ``mc_predict(deterministic=True)``), every flag restored after. The pass also serves as the
+    functional-dropout scan when the model needs one (:func:`scan_functional_dropout`).
+
+    The one eval pass of Monte Carlo prediction: :func:`mc_predict` runs it for strategies without
+    a ``with_deterministic`` variant, and the ``auto`` strategy when it falls back to ``batched``.
+    """
+    index = model_index(model) if index is None else index
+    scan = foreign.needs_scan(model, len(index.modules) + 1)
+    with eval_mode(model, index=index), (foreign.watch_functional_dropout(model) if scan
+                                         else contextlib.nullcontext()):
+        return _forward(model, inputs)
 
 
 def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None,
@@ -421,18 +451,19 @@ def mc_predict(
     name = resolve_strategy(strategy)
     fn = STRATEGIES[name]
     used_seed = resolve_seed(seed, generator)
-    with torch.no_grad(), isolated_rng(used_seed, model_devices(model, inputs)):
+    index = model_index(model)
+    with torch.no_grad(), isolated_rng(used_seed, rng_devices(model, inputs, [model, *index.modules])):
         det = None
         joint = WITH_DETERMINISTIC.get(name) if deterministic else None
-        # inside the fork too, in case a module is random even in eval mode; the eval pass also
-        # finds F.dropout calls inside a forward (one row is run for that when it is not wanted)
-        with eval_mode(model), foreign.watch_functional_dropout(model):
-            if deterministic and joint is None:
-                det = _forward(model, inputs)
-            elif foreign.needs_scan(model) and isinstance(inputs, Tensor) and inputs.dim() > 0:
-                model(inputs[:1])
-        stoch = require_stochastic(model)
-        with mc_mode(model, stoch):
+        # inside the fork too, in case a module is random even in eval mode
+        if deterministic and joint is None:
+            det = deterministic_pass(model, inputs, index)
+        else:
+            scan_functional_dropout(model, inputs, index)
+        if index.functional != foreign.functional_generation():  # the scan found functional-dropout hosts
+            index = model_index(model, index.types)
+        stoch = require_stochastic(model, index)
+        with mc_mode(model, stoch, index=index):
             if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
                 outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
             else:

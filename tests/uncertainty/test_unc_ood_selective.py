@@ -27,7 +27,12 @@ def test_mutual_information_detects_held_out_digits(digits):
     assert res.auroc["mutual_information"] >= 0.75  # measured 0.88 with this seed
     assert set(res.auroc) == {"msp", "entropy", "mutual_information", "variation_ratio", "energy"}
     for name in res.auroc:
-        assert res.auroc[name] > 0.6 and res.aupr[name] > 0.6 and 0 <= res.fpr95[name] < 1, name
+        assert res.auroc[name] > 0.6 and res.aupr[name] > 0.6 and 0 <= res.fpr95[name] <= 1, name
+        # the variation ratio takes T + 1 values: when more than 5% of the OOD inputs get unanimous
+        # samples (ratio 0, tied with most in-distribution inputs), 95% TPR needs threshold 0 and the
+        # FPR is 1 (5 of 6 seeds here, with either mask stream); the continuous scores stay below 1
+        if name != "variation_ratio":
+            assert res.fpr95[name] < 1, name
     assert (res.n_in, res.n_out) == (int((yv < 5).sum()), int((yv >= 5).sum()))
     assert "ood/auroc_energy" in res.as_metrics()
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regfw.uncertainty.sampling import is_stochastic, mc_mode, stochastic_types
+from regfw.uncertainty.modes import ModelIndex, mc_mode, model_index, stochastic_modules
 
 from .analysis import _analyse
 from .probes import _Fallback
@@ -21,29 +21,27 @@ _MAX_SIGNATURES = 8  # cached splits per model (input shapes / dtypes / devices)
 @dataclass
 class _Entry:
     fingerprint: tuple
+    index: ModelIndex  #: held so that its id in the fingerprint is not reused
     splits: dict = field(default_factory=dict)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: nn.Module, types: tuple) -> tuple:
-    """What a split depends on: every module's identity, type, stochasticity and hooks.
+def _fingerprint(model: nn.Module, index: ModelIndex) -> tuple:
+    """What a split depends on: the module tree, which modules are stochastic (both in ``index``,
+    :func:`~regfw.uncertainty.modes.model_index`, rebuilt when either changes) and the hooks of
+    every module.
 
-    (Not the ``training`` flags: the split is always traced and run in ``mc_mode``.)
+    (Not the ``training`` flags: the split is always traced and run in ``mc_mode``.) Only the
+    modules that have hooks add to it, so a model without hooks costs one pass over its modules.
     """
-    return tuple(
-        (
-            name,
-            id(m),
-            type(m),
-            is_stochastic(m, types),
-            tuple(m._forward_pre_hooks),
-            tuple(m._forward_hooks),
-            tuple(m._backward_hooks),
-        )
-        for name, m in model.named_modules()
+    hooks = tuple(
+        (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._backward_hooks))
+        for i, m in enumerate((model, *index.modules))
+        if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks
     )
+    return (id(index), hooks)
 
 
 def _signature(inputs: Any) -> tuple:
@@ -65,18 +63,19 @@ def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) ->
     trace follows the ``training`` flags of traced-through modules) and restores every flag.
     A split that cannot be used has ``fallback`` set to the reason.
     """
-    types = stochastic_types() if types is None else types
-    fp = _fingerprint(model, types)
+    index = model_index(model, types)
+    fp = _fingerprint(model, index)
     entry = _CACHE.get(model)
     if entry is None or entry.fingerprint != fp:
-        entry = _Entry(fp)
+        entry = _Entry(fp, index)
         _CACHE[model] = entry
     sig = _signature(inputs)
     split = entry.splits.get(sig)
     if split is None:
-        on = [m for m in model.modules() if is_stochastic(m, types)]
+        types = index.types
+        on = [m for _, m in stochastic_modules(model, index)]
         try:
-            with torch.no_grad(), mc_mode(model, on):
+            with torch.no_grad(), mc_mode(model, on, index=index):
                 split = _analyse(model, inputs, types)
         except _Fallback as exc:
             split = Split(fallback=str(exc))

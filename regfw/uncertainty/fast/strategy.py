@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from regfw.uncertainty import sampling as _sampling
-from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, eval_mode
+from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, deterministic_pass
 
 from .cache import split_model
 from .execute import _execute
@@ -29,8 +29,7 @@ def _fall_back(
         )
     det = None
     if deterministic:  # before the samples, as mc_predict's own eval pass would be
-        with eval_mode(model):
-            det = model(inputs)
+        det = deterministic_pass(model, inputs)
     return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
 
 
