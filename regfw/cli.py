@@ -31,8 +31,6 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from regfw.run import fit
-
     resume = args.resume
     if resume is not None and "=" in resume and not Path(resume).exists():
         args.overrides.append(resume)  # `--resume key=value`: an override, not a checkpoint
@@ -43,6 +41,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from regfw.run import load_resume_config
 
         cfg = load_resume_config(args.config, args.overrides, resume or None, args.run_dir)
+    from regfw.run import fit  # after the config: its errors come before torch and Lightning are imported
+
     result = fit(cfg, run_dir=args.run_dir, resume=(resume or True) if resume is not None else None,
                  force=args.force)
     if result.rank != 0:
@@ -58,9 +58,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # first: the errors found without torch come before it is imported
     from regfw.run import build_data, build_plan  # no Lightning: the plan alone answers in about a second
 
-    cfg = _config(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = build_plan(cfg, build_data(cfg, lightning=False))

@@ -62,10 +62,24 @@ def _selected_names() -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _dist_name_version(ep: metadata.EntryPoint, cache: dict[int, tuple[str | None, str | None]]
+                       ) -> tuple[str | None, str | None]:
+    """The name and version of the distribution declaring ``ep``. Each ``dist.name`` /
+    ``dist.version`` parses its METADATA file again, so they are read once per distribution
+    (the built-ins are one distribution with a dozen entry points)."""
+    if ep.dist is None:
+        return None, None
+    if id(ep.dist) not in cache:
+        meta = ep.dist.metadata
+        cache[id(ep.dist)] = (meta["Name"], meta["Version"])
+    return cache[id(ep.dist)]
+
+
 def _entry_points() -> list[metadata.EntryPoint]:
-    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    cache: dict[int, tuple[str | None, str | None]] = {}
     # Entry-point order is undefined; sort so that loading (and any error) is deterministic.
-    return sorted(eps, key=lambda ep: (getattr(ep.dist, "name", "") != BUILTIN_DISTRIBUTION, ep.name))
+    return sorted(eps, key=lambda ep: (_dist_name_version(ep, cache)[0] != BUILTIN_DISTRIBUTION, ep.name))
 
 
 def _tracing() -> bool:
@@ -165,9 +179,9 @@ def _load(pm: pluggy.PluginManager) -> None:
     selected = _selected_names()
     seen: dict[str, str] = {}
     declared: set[str] = set()
+    names: dict[int, tuple[str | None, str | None]] = {}
     for ep in _entry_points():
-        dist = ep.dist.name if ep.dist is not None else None
-        version = ep.dist.version if ep.dist is not None else None
+        dist, version = _dist_name_version(ep, names)
         builtin = dist == BUILTIN_DISTRIBUTION
         declared.add(ep.name)
         if not builtin and selected is not None and ep.name not in selected:
