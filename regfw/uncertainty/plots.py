@@ -138,8 +138,10 @@ def score_histogram_figure(
     else:
         lo, hi = float(s.min()), float(s.max())
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+    # histtype="stepfilled": one polygon per histogram, drawn like the edgeless bars of the default
+    # "bar" type, instead of a Rectangle per bin (building those patches was most of the plot time)
     if correct is None:
-        ax.hist(s, bins=edges.tolist(), color="#4c72b0", alpha=0.8)
+        ax.hist(s, bins=edges.tolist(), color="#4c72b0", alpha=0.8, histtype="stepfilled")
     else:
         raw = _np(score)
         c = _np(correct).astype(bool)
@@ -147,7 +149,7 @@ def score_histogram_figure(
         for mask, color, label in ((ok & c, "#55a868", "correct"), (ok & ~c, "#c44e52", "incorrect")):
             if mask.any():  # an empty group has no density
                 ax.hist(raw[mask], bins=edges.tolist(), alpha=0.6, color=color, label=f"{label} ({int(mask.sum())})",
-                        density=True)
+                        density=True, histtype="stepfilled")
         ax.legend(loc="best", fontsize=8)
         ax.set_ylabel("density")
     ax.set_xlabel(score_name)
@@ -200,9 +202,9 @@ def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Ten
         lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
         ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0",
-                label=f"in ({a.size})")
+                label=f"in ({a.size})", histtype="stepfilled")  # one polygon each, see score_histogram_figure
         ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52",
-                label=f"out ({b.size})")
+                label=f"out ({b.size})", histtype="stepfilled")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     return fig
