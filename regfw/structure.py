@@ -17,8 +17,18 @@ Placement rules need facts that a module's type does not tell for models written
 * **Transformer family**: a model with attention blocks takes its hidden, residual and
   existing-dropout rates from the Transformer range of :data:`regfw.kinds.TRANSFORMER_RANGE`
   (0-0.1, Vaswani et al. 2017; timm and DeiT use <= 0.1), and the plan says why.
+* **token dropout** (:func:`token_dropout_slot`): in a Transformer the input dropout acts on the
+  token embeddings, after the position embedding is added (Vaswani et al. 2017, section 5.4; timm's
+  ``pos_drop``), not on the pixels or ids; the model's own dropout there is that slot, and the stem
+  before it (a ViT's ``patch_embed.proj``) gets no dropout of its own.
+* **Transformer layers' own dropout** (:func:`transformer_layer_slots`): ``nn.TransformerEncoderLayer``
+  drops each sub-layer's output (``dropout1`` after self-attention, ``dropout2`` after the
+  feed-forward block) and the feed-forward hidden units (``dropout``); those are the layer's hidden
+  dropout slots, as timm's ``proj_drop``, ``drop1`` and ``drop2`` are.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
@@ -96,6 +106,37 @@ def qkv_projections(model: nn.Module) -> set[str]:
             if name in QKV_NAMES:
                 out.add(f"{path}.{name}" if path else name)
     return out
+
+
+#: The dropout children of torch's Transformer layers and the sub-layer each follows, in forward order.
+_ENCODER_SLOTS = (("self_attn", "dropout1"), ("linear1", "dropout"), ("linear2", "dropout2"))
+_DECODER_SLOTS = (("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"),
+                  ("linear2", "dropout3"))
+
+
+def transformer_layer_slots(module: nn.Module) -> list[tuple[str, str]]:
+    """``(sub-layer, dropout child)`` names of an ``nn.TransformerEncoderLayer`` / ``DecoderLayer``
+    whose dropout child is an ``nn.Dropout`` (see the module docstring); ``[]`` for other modules."""
+    if isinstance(module, nn.TransformerDecoderLayer):
+        slots = _DECODER_SLOTS
+    elif isinstance(module, nn.TransformerEncoderLayer):
+        slots = _ENCODER_SLOTS
+    else:
+        return []
+    return [(sub, drop) for sub, drop in slots if isinstance(module._modules.get(drop), nn.Dropout)]
+
+
+def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callable[[str], bool]) -> str | None:
+    """The input dropout slot of a Transformer-family model: the first dropout unit (``is_dropout(path)``)
+    that the forward pass runs before the first attention block (timm's ``pos_drop``), or None."""
+    if not attention or not flow.order:
+        return None
+    for path in flow.order:
+        if any(path == a or path.startswith(a + ".") for a in attention):
+            return None
+        if is_dropout(path):
+            return path
+    return None
 
 
 def named_like_attention(model: nn.Module) -> list[str]:
