@@ -263,7 +263,8 @@ def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoi
                        run_dir: str | None = None) -> Config:
     """:func:`~regfw.config.load_config` for ``--resume``: a regularizer whose plugin is gone is
     reported as such, naming the checkpoint and the plugin (and distribution) it came from."""
-    from regfw.checkpoints import missing_plugins, read_checkpoint, resume_target
+    from regfw.checkpoint_compat import missing_plugins
+    from regfw.checkpoints import read_checkpoint, resume_target
     from regfw.config import load_raw, validate
 
     raw = load_raw(path, overrides)
@@ -375,6 +376,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     from regfw import checkpoints as C
     from regfw import distributed as D
+    from regfw.checkpoint_compat import check_compatible
 
     rank = D.env_rank()
     if run_dir is not None and not str(run_dir).strip():
@@ -406,7 +408,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)
-        C.check_compatible(ckpt, module, ckpt_path, cfg.source)
+        check_compatible(ckpt, module, ckpt_path, cfg.source)
 
     if ckpt_path is not None:
         C.check_loop_state(ckpt, ckpt_path, cfg.trainer)
