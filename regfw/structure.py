@@ -109,9 +109,10 @@ def qkv_projections(model: nn.Module) -> set[str]:
 
 
 #: The dropout children of torch's Transformer layers and the sub-layer each follows, in forward order.
-_ENCODER_SLOTS = (("self_attn", "dropout1"), ("linear1", "dropout"), ("linear2", "dropout2"))
-_DECODER_SLOTS = (("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"),
-                  ("linear2", "dropout3"))
+Slots = tuple[tuple[str, str], ...]
+_ENCODER_SLOTS: Slots = (("self_attn", "dropout1"), ("linear1", "dropout"), ("linear2", "dropout2"))
+_DECODER_SLOTS: Slots = (("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"),
+                         ("linear2", "dropout3"))
 
 
 def transformer_layer_slots(module: nn.Module) -> list[tuple[str, str]]:
@@ -145,3 +146,20 @@ def named_like_attention(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules()
                    if ("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
                    and not attention_like(m)})
+
+
+#: Parameter names of a ``forward`` that takes the targets and computes its own losses in training.
+_TARGET_PARAMS = ("targets", "target")
+
+
+def own_loss_forward(model: nn.Module) -> str | None:
+    """The name of the ``targets`` parameter when ``model.forward(inputs, targets)`` computes its own
+    losses in training (torchvision's detection models: ``FasterRCNN``, ``RetinaNet``, ``SSD``,
+    ``FCOS``, ...), else None. Such a model cannot be trained as ``loss(model(inputs), targets)``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in params[1:] if p in _TARGET_PARAMS), None)

@@ -367,12 +367,14 @@ def _looked_at(reg: InjectingRegularizer, mm: ModelMap) -> str:
             parts.append(f"the model input goes first to {first} ({type(mm.module(first)).__name__}), not to a "
                          f"layer of kind {', '.join(k for k in reg.kinds if k in _LAYER_KINDS)}, so it takes no "
                          f"input dropout")
-    others: dict[str, int] = {}
+    others: dict[str, list[str]] = {}
     for info in mm.layers:
         if info.path and info.kind in (_LAYER_KINDS | {K.EMBEDDING}) and info.kind not in reg.kinds:
-            others[info.kind] = others.get(info.kind, 0) + 1
+            others.setdefault(info.kind, []).append(info.path)
     if others:
-        parts.append("layers of other kinds: " + ", ".join(f"{n} {k}" for k, n in others.items()))
+        parts.append("layers of other kinds: " + ", ".join(
+            f"{len(paths)} {kind} ({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''})"
+            for kind, paths in others.items()))
     return f"It looked at: {'; '.join(parts)}." if parts else "The model has no classified layer."
 
 
