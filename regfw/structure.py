@@ -127,16 +127,22 @@ def transformer_layer_slots(module: nn.Module) -> list[tuple[str, str]]:
     return [(sub, drop) for sub, drop in slots if isinstance(module._modules.get(drop), nn.Dropout)]
 
 
-def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callable[[str], bool]) -> str | None:
-    """The input dropout slot of a Transformer-family model: the first dropout unit (``is_dropout(path)``)
-    that the forward pass runs before the first attention block (timm's ``pos_drop``), or None."""
+def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callable[[str], bool],
+                       is_layer: Callable[[str], bool]) -> str | None:
+    """The input dropout slot of a Transformer-family model: the dropout unit (``is_dropout(path)``)
+    that the forward pass runs last before the first attention block with no layer
+    (``is_layer(path)``: a weight layer, not a norm) in between (timm's ``pos_drop``), or None. A
+    dropout inside a convolutional stem of a hybrid model is followed by more layers, so it is not."""
     if not attention or not flow.order:
         return None
+    found = None
     for path in flow.order:
         if any(path == a or path.startswith(a + ".") for a in attention):
-            return None
+            return found
         if is_dropout(path):
-            return path
+            found = path
+        elif is_layer(path):
+            found = None
     return None
 
 

@@ -67,8 +67,11 @@ class ModelMap:
     #: Paths of the attention blocks; a model with any is Transformer-family (:mod:`regfw.structure`).
     attention: list[str] = field(default_factory=list)
     #: A Transformer's token dropout (timm's ``pos_drop``): its input dropout slot
-    #: (:func:`regfw.structure.token_dropout_slot`); the layers called before it are its stem.
+    #: (:func:`regfw.structure.token_dropout_slot`).
     token_drop: str | None = None
+    #: The layers that make the tokens, called after any earlier dropout and before ``token_drop`` (a
+    #: ViT's patch embedding): they get no dropout of their own.
+    stem: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_path = {i.path: i for i in self.layers}
@@ -80,12 +83,6 @@ class ModelMap:
         outer = [p for p in self.attention if not any(p.startswith(a + ".") for a in self.attention if a)]
         kinds = sorted({type(self.module(p)).__name__ for p in outer})
         return f"{len(outer)} x {'/'.join(kinds)}"
-
-    def in_stem(self, path: str) -> bool:
-        """True for a layer a Transformer runs before its token dropout (a ViT's patch embedding)."""
-        if self.token_drop is None or path not in self.flow.order:
-            return False
-        return self.flow.order.index(path) < self.flow.order.index(self.token_drop)
 
     def kind(self, path: str) -> str | None:
         info = self.by_path.get(path)
@@ -228,10 +225,19 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
             last[-1].is_output = True
     leaves = tuple(m for p, m in units.items() if p)
     attention = [p for p, _ in structure.attention_modules(model) if not is_injected(p)]
-    token_drop = structure.token_dropout_slot(
-        flow, attention, lambda p: p in units and is_dropout(units[p]) and not is_path_drop(units[p]))
+    kinds = {i.path: i.kind for i in infos}
+
+    def drop_unit(p: str) -> bool:
+        return p in units and is_dropout(units[p]) and not is_path_drop(units[p])
+
+    token_drop = structure.token_dropout_slot(flow, attention, drop_unit, lambda p: kinds.get(p) in _LAYER_KINDS)
+    stem: set[str] = set()
+    if token_drop is not None:  # the layers since the dropout before it (or the input): a ViT's patch embedding
+        end = flow.order.index(token_drop)
+        start = max((i for i in range(end) if drop_unit(flow.order[i])), default=-1)
+        stem = {p for p in flow.order[start + 1:end] if kinds.get(p) in _LAYER_KINDS}
     return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes, gates=structure.gate_units(flow),
-                    qkv=structure.qkv_projections(model), attention=attention, token_drop=token_drop)
+                    qkv=structure.qkv_projections(model), attention=attention, token_drop=token_drop, stem=stem)
 
 
 def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:
@@ -309,7 +315,7 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
             continue
         matched = True
-        if info.path in mm.gates or info.path in mm.qkv or mm.in_stem(info.path):
+        if info.path in mm.gates or info.path in mm.qkv or info.path in mm.stem:
             continue  # a gating path (SE, GLU), an attention q/k/v projection, a Transformer's stem: never dropout
         rate, reason = reg.rate_for(info.kind, ctx)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
@@ -463,7 +469,7 @@ def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: P
     if not rate:
         return []
     if mm.token_drop is not None:  # a Transformer: its input dropout acts on the token embeddings
-        stem = [i.path for i in mm.layers if i.kind in _LAYER_KINDS and mm.in_stem(i.path)]
+        stem = [p for p in mm.flow.order if p in mm.stem]
         reason += (f"; token dropout: the model's own {mm.token_drop} after the position embedding"
                    + (f" (nothing on the pixels or in the stem {', '.join(stem)})" if stem else ""))
         return reuse_existing(reg, mm, K.INPUT, mm.token_drop, "after", rate, reason, mm.token_drop, info.path) or []

@@ -150,3 +150,29 @@ def test_the_decoder_layers_slots_follow_its_three_sub_layers():
     assert transformer_layer_slots(nn.TransformerDecoderLayer(8, 2, 16)) == [
         ("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"), ("linear2", "dropout3")]
     assert transformer_layer_slots(nn.Linear(2, 2)) == []
+
+
+class HybridStem(nn.Module):
+    """A conv stem with its own dropout and another conv after it, then the token dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.stem_drop = nn.Dropout(0.1)
+        self.vit = TinyViT()
+        self.vit.patch = nn.Conv2d(8, 16, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(self.stem_drop(self.act(self.conv1(x))))
+
+
+def test_a_dropout_in_a_conv_stem_with_layers_after_it_is_not_the_token_dropout():
+    model = HybridStem().eval()
+    _, plan = plan_quietly(model, torch.randn(2, 3, 8, 8), {"dropout": {}})
+    rows = {(r.kind, r.path): r for r in plan.rows()}
+    token = rows[("input", "conv1")]
+    assert (token.action, token.anchor) == ("set", "vit.pos_drop")
+    assert "stem vit.patch)" in token.reason  # the patch embedding since the stem's own dropout
+    assert (rows[("conv", "conv1")].action, rows[("conv", "conv1")].anchor) == ("set", "stem_drop")
+    assert ("conv", "vit.patch") not in rows
