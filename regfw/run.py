@@ -173,7 +173,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         module = RegularizedModule(
             model=None,
             loss=resolve_loss(cfg.model, datamodule),
-            regularizers=cfg.regularizers,
+            regularizers=cfg.take_regularizers(),
             optimizer=optimizer_spec(cfg.optimizer),
             lr_scheduler=dataclasses.asdict(cfg.lr_scheduler) if cfg.lr_scheduler else None,
             batch=cfg.data.batch,
@@ -202,7 +202,6 @@ def build_plan(cfg: Config, data: Any) -> Any:
     """
     from regfw.factory import build_model, model_config_for, resolve_loss
     from regfw.plan import apply_plan, make_plan
-    from regfw.registry import build_regularizers
 
     _check_model_target(cfg, data)
     example = data.example_input() if hasattr(data, "example_input") else None
@@ -210,7 +209,7 @@ def build_plan(cfg: Config, data: Any) -> Any:
     try:
         resolve_loss(cfg.model, data)
         model = build_model(model_config)
-        regularizers = build_regularizers(dict(cfg.regularizers or {}))
+        regularizers = cfg.take_regularizers()
         zeros = None if example is None else torch.zeros(list(example.shape), dtype=example.dtype)
         plan = make_plan(model, regularizers, getattr(data, "n_train", None), zeros)
         apply_plan(model, regularizers, plan)
