@@ -71,7 +71,8 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
     ctx = PlanContext(n_examples=n_examples, n_params=n_params, example_input=example_input,
-                      model_map=mm)
+                      model_map=mm, claimed={k: r.name for r in reversed(regularizers)
+                                             if getattr(r, "family", "") == "dropout" for k in r.claims()})
     items: dict[str, list[PlanItem]] = {}
     notes: dict[str, list[str]] = {}
     collected: list[str] = list(mm.notes)
