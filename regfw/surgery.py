@@ -24,11 +24,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from torch import Tensor, nn
+from torch import nn
 
 from regfw import foreign, structure
 from regfw import kinds as K
 from regfw.dataflow import FUNCTION, Dataflow, ResidualAnalysis, build_dataflow
+from regfw.layers.base import attach_child
 from regfw.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -501,17 +502,10 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
     host = model.get_submodule(anchor) if anchor else model
     if name in host._modules:
         return False
-    ref: Tensor | None = next(iter(host.parameters()), None)
-    if ref is None:
-        ref = next(iter(host.buffers()), None)
-    if ref is not None:
-        module = module.to(device=ref.device)
-    module.train(host.training)
-    host.add_module(name, module)
     if where == "after":
-        host.register_forward_hook(ApplyAfter(name))
+        attach_child(host, name, module, hook=ApplyAfter(name))
     else:
-        host.register_forward_pre_hook(ApplyBefore(name))
+        attach_child(host, name, module, pre_hook=ApplyBefore(name))
     return True
 
 
