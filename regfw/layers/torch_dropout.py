@@ -19,6 +19,7 @@ whose instance already has a ``forward`` of its own.
 """
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -39,33 +40,25 @@ def _usable(module: _DropoutNd, x: Tensor) -> bool:
     return module.training and 0.0 < module.p < 1.0 and isinstance(x, Tensor) and use_words(x)
 
 
-def _element(module: _DropoutNd, own: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        if not _usable(module, x):
-            return own(x)
-        mask = keep_scale_mask(x, x.shape, module.p)
-        return x.mul_(mask) if module.inplace else x * mask
-
-    return forward
+def _element(self: _DropoutNd, x: Tensor) -> Tensor:
+    if not _usable(self, x):
+        return type(self).forward(self, x)
+    mask = keep_scale_mask(x, x.shape, self.p)
+    return x.mul_(mask) if self.inplace else x * mask
 
 
-def _channel(module: _DropoutNd, own: Callable[[Tensor], Tensor], rank: int) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        if not _usable(module, x) or x.dim() != rank:
-            return own(x)
-        mask = keep_scale_mask(x, (x.shape[0], x.shape[1], *([1] * (rank - 2))), module.p)
-        return x.mul_(mask) if module.inplace else x * mask
-
-    return forward
+def _channel(self: _DropoutNd, x: Tensor) -> Tensor:
+    rank = _CHANNEL_RANK[type(self)]
+    if not _usable(self, x) or x.dim() != rank:
+        return type(self).forward(self, x)
+    mask = keep_scale_mask(x, (x.shape[0], x.shape[1], *([1] * (rank - 2))), self.p)
+    return x.mul_(mask) if self.inplace else x * mask
 
 
-def _alpha(module: _DropoutNd, own: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        if not _usable(module, x) or module.inplace:
-            return own(x)
-        return alpha_dropout(x, module.p, training=True)
-
-    return forward
+def _alpha(self: _DropoutNd, x: Tensor) -> Tensor:
+    if not _usable(self, x) or self.inplace:
+        return type(self).forward(self, x)
+    return alpha_dropout(x, self.p, training=True)
 
 
 def word_forward(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
@@ -79,9 +72,6 @@ def word_forward(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
     kind = type(module)
     if kind not in ROUTED_TYPES or "forward" in module.__dict__ or not isinstance(module, _DropoutNd):
         return None
-    own = module.forward
-    if kind is nn.Dropout:
-        return _element(module, own)
-    if kind is nn.AlphaDropout:
-        return _alpha(module, own)
-    return _channel(module, own, _CHANNEL_RANK[kind])
+    # a bound method, not a closure: a deepcopy of the module made meanwhile binds it to the copy
+    fn = _element if kind is nn.Dropout else _alpha if kind is nn.AlphaDropout else _channel
+    return types.MethodType(fn, module)

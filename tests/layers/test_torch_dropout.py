@@ -110,7 +110,8 @@ def test_inplace_alpha_and_other_cases():
 
     d = nn.Dropout(0.5).eval()
     x = torch.ones(10)
-    assert torch.equal(word_forward(d)(x), x)  # type: ignore[misc]
+    fn = word_forward(d)
+    assert fn is not None and torch.equal(fn(x), x)
 
 
 def test_only_exact_torch_types_without_their_own_forward_are_routed():
@@ -126,3 +127,22 @@ def test_only_exact_torch_types_without_their_own_forward_are_routed():
     model = nn.Sequential(nn.Linear(2, 2), MyDropout(0.5)).eval()
     with torch.no_grad(), mc_mode(model):
         assert torch.equal(model(torch.ones(3, 2)), torch.full((3, 2), 7.0))  # its own forward, in MC mode
+
+
+def test_a_copy_made_in_mc_mode_follows_its_own_flag_and_rate():
+    """The routed forward is a method bound to its module, so a deepcopy made in MC mode (an
+    averaging callback, an ensemble) binds it to the copy: the copy follows its own flag and rate."""
+    import copy
+
+    drop = nn.Dropout(0.5)
+    model = nn.Sequential(nn.Identity(), drop).eval()
+    with mc_mode(model):
+        clone = copy.deepcopy(model)
+    clone[1].p = 0.9
+    clone.train()
+    x = torch.ones(100_000)
+    torch.manual_seed(0)
+    y = clone(x)
+    assert abs((y == 0).double().mean().item() - 0.9) < 0.01
+    clone.eval()
+    assert torch.equal(clone(x), x)
