@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from regfw.uncertainty.modes import ModelIndex, mc_mode, model_index, stochastic_modules
 
@@ -20,28 +21,52 @@ _MAX_SIGNATURES = 8  # cached splits per model (input shapes / dtypes / devices)
 
 @dataclass
 class _Entry:
-    fingerprint: tuple
-    index: ModelIndex  #: held so that its id in the fingerprint is not reused
+    index: ModelIndex  #: the module tree and its stochastic modules the splits were made for
+    hooks: tuple  #: :func:`_hooks` then
+    hook_id: int  #: ``RemovableHandle.next_id`` when ``hooks`` was last checked in full
     splits: dict = field(default_factory=dict)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: nn.Module, index: ModelIndex) -> tuple:
-    """What a split depends on: the module tree, which modules are stochastic (both in ``index``,
-    :func:`~regfw.uncertainty.modes.model_index`, rebuilt when either changes) and the hooks of
-    every module.
+def _hook_id() -> int:
+    """torch's global hook counter: every ``register_*_hook`` call takes the next number."""
+    return int(getattr(RemovableHandle, "next_id", -1))
 
-    (Not the ``training`` flags: the split is always traced and run in ``mc_mode``.) Only the
-    modules that have hooks add to it, so a model without hooks costs one pass over its modules.
-    """
-    hooks = tuple(
+
+def _hooks(model: nn.Module, index: ModelIndex) -> tuple:
+    """The hooks of every module that has any: ``(position, pre, forward, backward hook ids)``."""
+    return tuple(
         (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._backward_hooks))
         for i, m in enumerate((model, *index.modules))
         if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks
     )
-    return (id(index), hooks)
+
+
+def _current(entry: _Entry, model: nn.Module, index: ModelIndex) -> bool:
+    """Whether the splits of ``entry`` still fit ``model``: what a split depends on is the module
+    tree, which modules are stochastic (both in ``index``, :func:`~regfw.uncertainty.modes.model_index`,
+    a new object when either changes) and the hooks of every module. (Not the ``training`` flags:
+    the split is always traced and run in ``mc_mode``.)
+
+    Hooks are compared in full only when a hook was registered somewhere since the last check
+    (torch numbers every hook from one counter); otherwise only the modules that had hooks are
+    looked at, for removals.
+    """
+    if entry.index is not index:
+        return False
+    if entry.hook_id >= 0 and _hook_id() == entry.hook_id:
+        modules = (model, *index.modules)
+        for hooked in entry.hooks:
+            m = modules[hooked[0]]
+            if (hooked[0], tuple(m._forward_pre_hooks), tuple(m._forward_hooks), tuple(m._backward_hooks)) != hooked:
+                return False
+        return True
+    if _hooks(model, index) != entry.hooks:
+        return False
+    entry.hook_id = _hook_id()
+    return True
 
 
 def _signature(inputs: Any) -> tuple:
@@ -64,10 +89,9 @@ def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) ->
     A split that cannot be used has ``fallback`` set to the reason.
     """
     index = model_index(model, types)
-    fp = _fingerprint(model, index)
     entry = _CACHE.get(model)
-    if entry is None or entry.fingerprint != fp:
-        entry = _Entry(fp, index)
+    if entry is None or not _current(entry, model, index):
+        entry = _Entry(index, _hooks(model, index), _hook_id())
         _CACHE[model] = entry
     sig = _signature(inputs)
     split = entry.splits.get(sig)

@@ -54,6 +54,9 @@ class Split:
     _prefix_free: dict = field(default_factory=dict, repr=False)
     _replay_free: dict = field(default_factory=dict, repr=False)
     _targets: tuple = field(default=(), repr=False)
+    #: ``_targets`` resolved to the modules (None for the model itself, which is not referenced),
+    #: on first run; the cache gives a new split whenever the module tree changes
+    _mods: dict | None = field(default=None, repr=False)
     _placeholder: Any = field(default=None, repr=False)
     _verified: bool = field(default=False, repr=False)  #: ran once without error
     _warned: bool = field(default=False, repr=False)  #: the fallback warning was given
