@@ -8,7 +8,8 @@ each as a ratio to one deterministic (eval-mode) pass of the same model on the s
 2. torchvision ``mobilenet_v3_small`` and ``efficientnet_b0`` (random weights), their own
    classifier dropout only, 64x64 inputs, batch 8;
 3. an MLP 784-512-512-10 with dropout on its input and hidden layers, batch 256 (regfw's own
-   ``Dropout`` layers for regfw, ``nn.Dropout`` for the peers, which look for torch's modules).
+   ``Dropout`` layers for regfw, ``nn.Dropout`` for the peers, which look for torch's modules;
+   regfw on the ``nn.Dropout`` model too, whose masks it draws from its CPU word masks in MC mode).
 
 regfw runs ``mc_predict`` with its defaults (``strategy="auto"``, ``deterministic=True``: the
 eval-mode comparison is included in its time); the peers run their MC dropout prediction (which
@@ -89,6 +90,8 @@ def case(title: str, model: nn.Module, x: torch.Tensor, repeats: int, peer_model
     ours = {"deterministic pass": det,
             "regfw mc_predict (defaults)": lambda: mc_predict(model, x, T, seed=0),
             "regfw mc_predict, batched": lambda: mc_predict(model, x, T, seed=0, strategy="batched")}
+    if peer_model is not model:  # torch's nn.Dropout: regfw's word masks in MC mode too (layers/torch_dropout.py)
+        ours["regfw mc_predict (defaults), nn.Dropout"] = lambda: mc_predict(peer_model, x, T, seed=0)
     t = cpu_times(ours, repeats)
     t.update(cpu_times(peers(peer_model, x), max(1, repeats // 2)))
     base = t["deterministic pass"]
