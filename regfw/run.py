@@ -4,7 +4,7 @@ Run directories and resume (what ``regfw fit`` does with them):
 
 * a new run gets a new directory ``<run.dir>/<run.name or config stem>-<timestamp>``;
 * ``--run-dir DIR`` uses DIR, which must not exist or be empty; ``--force`` replaces a DIR
-  that holds an earlier regfw run (it has a ``config.yaml``), and refuses any other non-empty
+  that holds an earlier regfw run (it has regfw's ``.regfw-run`` marker), and refuses any other non-empty
   directory;
 * ``--resume`` continues the newest run of the config (or the ``--run-dir`` one) from its
   ``checkpoints/last.ckpt``, in that directory; ``--resume PATH`` continues from PATH, in
@@ -438,45 +438,32 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
                 claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
         signum = stopping.signal_of(exc)
         if signum is not None:  # before _train's trainer existed: nothing was trained in this start
-            raise _stopped(signum, cfg, path, claim, ckpt_path, ckpt, rank=rank) from None
+            raise stopping.stopped(signum, cfg, path, claim, ckpt_path, ckpt, rank=rank) from None
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"no space left on device writing {exc.filename or path}; the older files of the run are "
-                           f"intact. Free some space and continue with `regfw fit {cfg.source or 'CONFIG'} "
-                           f"--run-dir {path} --resume`.") from None
+            raise RunError(_no_space(exc, cfg, path, claim, ckpt_path)) from None
         raise
     finally:
         if claim is not None:
             claim.release()
 
 
-def _finished(trainer: Any) -> bool:
-    """Whether ``trainer`` has trained all it was asked to (``max_steps`` or ``max_epochs``)."""
-    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
-    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
-        return True
-    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs
-
-
-def _stopped(signum: int, cfg: Config, path: Path | None, claim: Any, ckpt_path: Path | None, ckpt: dict,
-             trainer: Any = None, ckpt_cb: Any = None, during: str = "", rank: int = 0) -> RunError:
-    """The :class:`~regfw.errors.RunInterrupted` for a signal that stopped a fit, saying what is
-    kept (:func:`regfw.stopping.message`); a start without a checkpoint of its own is removed by
-    :func:`fit` (``claim.keep`` false)."""
-    from regfw.errors import RunInterrupted
-    from regfw.stopping import EXIT_STATUS, RunState, message
-
-    state = RunState(signum, cfg.source, run_dir=path, removed=claim is not None and not claim.keep
-                     and bool(claim.created), max_epochs=cfg.trainer.get("max_epochs"), during=during)
-    if ckpt_path is not None:
-        state.checkpoint, state.checkpoint_step = ckpt_path, ckpt.get("global_step")
-    if ckpt_cb is not None and ckpt_cb.last_saved_step is not None and ckpt_cb.last_path.is_file():
-        state.checkpoint, state.checkpoint_step = ckpt_cb.last_path, ckpt_cb.last_saved_step
-    if trainer is not None:
-        state.step, state.epoch = trainer.global_step, trainer.current_epoch
-        state.trained = trainer.global_step > int(ckpt.get("global_step") or 0)
-        state.saved_now = bool(ckpt_cb is not None and ckpt_cb.saved_on_sigterm and state.checkpoint_step == state.step)
-        state.finished = _finished(trainer) and state.checkpoint_step == state.step
-    return RunInterrupted(message(state), exit_code=EXIT_STATUS[signum], quiet=rank != 0)
+def _no_space(exc: OSError, cfg: Config, path: Path | None, claim: Any, ckpt_path: Path | None) -> str:
+    """A full disk: the file, and what the run has to continue from (its newest complete checkpoint:
+    ``last.ckpt``, else the newest ``epoch=NNN.ckpt``), or that nothing of it was kept."""
+    src = cfg.source or "CONFIG"
+    head = f"no space left on device writing {exc.filename or path}"
+    if path is None or (claim is not None and not claim.keep and claim.created):
+        return f"{head}; nothing of the run was kept. Free some space and start it again."
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return (f"{head}; the older files of the run are intact, its newest complete checkpoint is {last}. Free "
+                f"some space and continue with `regfw fit {src} --run-dir {path} --resume`.")
+    epochs = sorted((path / "checkpoints").glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest = epochs[-1] if epochs else ckpt_path
+    if newest is None:
+        return f"{head}; the run has no complete checkpoint to continue from. Free some space and start it again."
+    return (f"{head}; the older files of the run are intact, its newest complete checkpoint is {newest}. Free some "
+            f"space and continue with `regfw fit {src} --resume {newest}`.")
 
 
 def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
@@ -527,7 +514,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         ckpt_cb.on_save = claim.keep_run  # from the first checkpoint on, a failed run is kept for --resume
 
     def stopped(signum: int, during: str = "") -> RunError:
-        return _stopped(signum, cfg, path, claim, ckpt_path, ckpt, trainer, ckpt_cb, during, rank)
+        return stopping.stopped(signum, cfg, path, claim, ckpt_path, ckpt, trainer, ckpt_cb, during, rank)
 
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -543,7 +530,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         raise stopped(signal.SIGTERM) from None
     except (Terminated, KeyboardInterrupt) as exc:  # before Lightning's handler, or after its teardown
         raise stopped(stopping.signal_of(exc) or signal.SIGTERM,
-                      "as Lightning finished" if _finished(trainer) else "") from None
+                      "as Lightning finished" if stopping.finished(trainer) else "") from None
     except SystemExit as exc:
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from regfw.errors import Terminated
+from regfw.errors import RunInterrupted, Terminated
 
 #: The exit status of ``regfw fit`` stopped by each signal.
 EXIT_STATUS: dict[int, int] = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -195,3 +195,31 @@ def message(state: RunState) -> str:
         return f"{what} {at}; the run is as it was: checkpoint {ckpt} is complete. Continue with {resume}."
     return (f"{what} {at}; the newest checkpoint is {ckpt}; resuming repeats the steps after it. "
             f"Continue with {resume}.")
+
+
+def finished(trainer: Any) -> bool:
+    """Whether ``trainer`` has trained all it was asked to (``max_steps`` or ``max_epochs``)."""
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs
+
+
+def stopped(signum: int, cfg: Any, path: Path | None, claim: Any, ckpt_path: Path | None, ckpt: dict,
+            trainer: Any = None, ckpt_cb: Any = None, during: str = "", rank: int = 0) -> RunInterrupted:
+    """The :class:`~regfw.errors.RunInterrupted` of :func:`regfw.run.fit` for a signal, from where the
+    fit stood: its config, run directory and claim (:class:`regfw.rundir.Claim`; a start without a
+    checkpoint of its own is removed, ``claim.keep`` false), the checkpoint it resumed from, and,
+    once they exist, its Trainer and :class:`~regfw.checkpoints.RunCheckpoint`."""
+    state = RunState(signum, cfg.source, run_dir=path, removed=claim is not None and not claim.keep
+                     and bool(claim.created), max_epochs=cfg.trainer.get("max_epochs"), during=during)
+    if ckpt_path is not None:
+        state.checkpoint, state.checkpoint_step = ckpt_path, ckpt.get("global_step")
+    if ckpt_cb is not None and ckpt_cb.last_saved_step is not None and ckpt_cb.last_path.is_file():
+        state.checkpoint, state.checkpoint_step = ckpt_cb.last_path, ckpt_cb.last_saved_step
+    if trainer is not None:
+        state.step, state.epoch = trainer.global_step, trainer.current_epoch
+        state.trained = trainer.global_step > int(ckpt.get("global_step") or 0)
+        state.saved_now = bool(ckpt_cb is not None and ckpt_cb.saved_on_sigterm and state.checkpoint_step == state.step)
+        state.finished = finished(trainer) and state.checkpoint_step == state.step
+    return RunInterrupted(message(state), exit_code=EXIT_STATUS[signum], quiet=rank != 0)
