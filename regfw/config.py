@@ -239,6 +239,20 @@ class Config:
     run: RunConfig
     source: str | None = None
     lr_scheduler: LRSchedulerConfig | None = None
+    #: The regularizer objects :func:`load_config` built while validating ``regularizers``, for
+    #: the run to use once (:meth:`take_regularizers`); not part of the config's contents.
+    regularizer_objects: list = field(default_factory=list, repr=False, compare=False)
+
+    def take_regularizers(self) -> list:
+        """The regularizer objects of this config, built once: those :func:`load_config` built
+        (handed over once, since a plan attaches them to one model), else built now from
+        ``regularizers``."""
+        built, self.regularizer_objects = self.regularizer_objects, []
+        if built:
+            return built
+        from regfw.registry import build_regularizers
+
+        return build_regularizers(dict(self.regularizers or {}))
 
     def to_dict(self) -> dict:
         out = {name: _as_plain(getattr(self, name)) for name in TOP_LEVEL}
@@ -407,6 +421,7 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
         cfg.regularizers = {r.name: dataclasses.asdict(r.config) for r in built}
         for reg in built:
             reg.check(cfg)
+        cfg.regularizer_objects = built
     else:
         cfg.regularizers = dict(regs)
     return cfg

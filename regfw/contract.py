@@ -12,14 +12,9 @@ from typing import Any
 
 import torch
 
-from regfw.errors import PluginError
+from regfw.errors import PluginError, short_repr
 from regfw.plan_items import PlanItem
 from regfw.regularizer import Regularizer
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def who(reg: Regularizer) -> str:
@@ -34,7 +29,7 @@ def who(reg: Regularizer) -> str:
 
 def bad_return(reg: Regularizer, method: str, value: Any, expected: str) -> PluginError:
     """The error for ``reg.method(...)`` returning ``value`` instead of ``expected``."""
-    return PluginError(f"{who(reg)}: {method}() returned {type(value).__name__} {_short(value)}, "
+    return PluginError(f"{who(reg)}: {method}() returned {type(value).__name__} {short_repr(value, 60)}, "
                        f"expected {expected}. Fix the plugin's {method} method.")
 
 

@@ -21,6 +21,13 @@ def closest_hint(name: str, known: Iterable[str]) -> str:
     return f" Did you mean {match[0]!r}?" if match else ""
 
 
+def short_repr(value: object, limit: int = 80, *, text: bool = False) -> str:
+    """``repr(value)`` (``str`` with ``text=True``) on one line, cut to ``limit`` characters: how
+    messages quote a value without flooding the line."""
+    out = " ".join((str(value) if text else repr(value)).split())
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 class RegfwError(Exception):
     """Base class: a problem with the user's input, reported without a traceback by the CLI."""
 

@@ -31,7 +31,7 @@ from importlib import metadata
 import pluggy
 
 from regfw import hookspecs
-from regfw.errors import PluginError, closest_hint
+from regfw.errors import PluginError, closest_hint, short_repr
 
 PROJECT = "regfw"
 ENTRY_POINT_GROUP = "regfw"
@@ -76,12 +76,6 @@ def _trace_line(text: str) -> None:
     print(f"[regfw trace] {text}", file=sys.stderr, flush=True)
 
 
-def _short(value: object, limit: int = 100, *, text: bool = False) -> str:
-    """``repr(value)`` (``str`` with ``text=True``) on one line, cut to ``limit`` characters."""
-    out = " ".join((str(value) if text else repr(value)).split())
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
 def _trace(pm: pluggy.PluginManager) -> None:
     """Print every hook call to stderr: its arguments, the implementations it runs, its result.
 
@@ -95,7 +89,7 @@ def _trace(pm: pluggy.PluginManager) -> None:
         caller = getattr(pm.hook, hook_name, None)
         spec = getattr(caller, "spec", None)
         first = " [firstresult]" if spec is not None and spec.opts.get("firstresult") else ""
-        args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+        args = ", ".join(f"{k}={short_repr(v, 100)}" for k, v in kwargs.items())
         impls = ", ".join(
             f"{impl.plugin_name} ({impl.function.__module__}.{impl.function.__qualname__})"
             for impl in reversed(hook_impls)
@@ -107,9 +101,9 @@ def _trace(pm: pluggy.PluginManager) -> None:
     def after(outcome, hook_name, hook_impls, kwargs):
         elapsed = (time.perf_counter() - local.starts.pop()) * 1000
         try:
-            result = _short(outcome.get_result())
+            result = short_repr(outcome.get_result(), 100)
         except BaseException as exc:  # noqa: BLE001 - tracing reports, it does not handle
-            result = f"raised {type(exc).__name__}: {_short(exc, 200, text=True)}"
+            result = f"raised {type(exc).__name__}: {short_repr(exc, 200, text=True)}"
         _trace_line(f"  {hook_name} -> {result} ({elapsed:.1f} ms)")
 
     pm.add_hookcall_monitoring(before, after)

@@ -175,7 +175,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         module = RegularizedModule(
             model=None,
             loss=resolve_loss(cfg.model, datamodule),
-            regularizers=cfg.regularizers,
+            regularizers=cfg.take_regularizers(),
             optimizer=optimizer_spec(cfg.optimizer),
             lr_scheduler=dataclasses.asdict(cfg.lr_scheduler) if cfg.lr_scheduler else None,
             batch=cfg.data.batch,
@@ -204,7 +204,6 @@ def build_plan(cfg: Config, data: Any) -> Any:
     """
     from regfw.factory import build_model, model_config_for, resolve_loss
     from regfw.plan import apply_plan, make_plan
-    from regfw.registry import build_regularizers
 
     _check_model_target(cfg, data)
     example = data.example_input() if hasattr(data, "example_input") else None
@@ -212,7 +211,7 @@ def build_plan(cfg: Config, data: Any) -> Any:
     try:
         resolve_loss(cfg.model, data)
         model = build_model(model_config)
-        regularizers = build_regularizers(dict(cfg.regularizers or {}))
+        regularizers = cfg.take_regularizers()
         zeros = None if example is None else torch.zeros(list(example.shape), dtype=example.dtype)
         plan = make_plan(model, regularizers, getattr(data, "n_train", None), zeros)
         apply_plan(model, regularizers, plan)
@@ -265,7 +264,8 @@ def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoi
                        run_dir: str | None = None) -> Config:
     """:func:`~regfw.config.load_config` for ``--resume``: a regularizer whose plugin is gone is
     reported as such, naming the checkpoint and the plugin (and distribution) it came from."""
-    from regfw.checkpoints import missing_plugins, read_checkpoint, resume_target
+    from regfw.checkpoint_compat import missing_plugins
+    from regfw.checkpoints import read_checkpoint, resume_target
     from regfw.config import load_raw, validate
 
     raw = load_raw(path, overrides)
@@ -377,6 +377,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     from regfw import checkpoints as C
     from regfw import distributed as D
+    from regfw.checkpoint_compat import check_compatible
 
     rank = D.env_rank()
     if run_dir is not None and not str(run_dir).strip():
@@ -408,7 +409,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)
-        C.check_compatible(ckpt, module, ckpt_path, cfg.source)
+        check_compatible(ckpt, module, ckpt_path, cfg.source)
 
     if ckpt_path is not None:
         C.check_loop_state(ckpt, ckpt_path, cfg.trainer)

@@ -73,10 +73,10 @@ class RateSchedule:
             return
         if (self.epochs is None) == (self.steps is None):
             given = "both" if self.epochs is not None else "neither"
-            raise ValueError(f"schedule: kind {self.kind!r} needs its length as exactly one of `epochs` or `steps`, "
+            raise ValueError(f"kind {self.kind!r} needs its length as exactly one of `epochs` or `steps`, "
                              f"{given} given; e.g. {{kind: {self.kind}, epochs: 10}}")
         if self.kind in ("early", "late") and self.start != 0.0:
-            raise ValueError(f"schedule.start: got {self.start:g}, but kind {self.kind!r} switches between 0 and the "
+            raise ValueError(f"start: got {self.start:g}, but kind {self.kind!r} switches between 0 and the "
                              f"planned rate; remove `start` (or use kind linear/cosine/step)")
 
     @property

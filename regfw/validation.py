@@ -67,6 +67,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in _UNIONS:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: got {value!r}, expected a finite number.")
+        real = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(real) == 1:  # Optional[X]: X's own message, which says what is wrong
+            try:
+                return _coerce(value, real[0], key)
+            except ConfigError as exc:
+                text = str(exc)
+                if text.startswith(f"{key}: ") and text.endswith("."):
+                    text = text[:-1] + ", or null."  # the key itself may be null, not an element of it
+                raise ConfigError(text, key=key) from None
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)

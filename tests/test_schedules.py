@@ -45,7 +45,7 @@ def test_schedule_config_errors_name_the_key_the_value_and_the_fix():
     with pytest.raises(ConfigError, match=r"regularizers\.dropblock\.schedule\.kind: got 'linaer', expected one of "
                                           r".*Did you mean 'linear'"):
         build_regularizers({"dropblock": {"schedule": {"kind": "linaer", "epochs": 10}}})
-    with pytest.raises(ConfigError, match=r"regularizers\.dropblock\.schedule: schedule: kind 'linear' needs its "
+    with pytest.raises(ConfigError, match=r"regularizers\.dropblock\.schedule: kind 'linear' needs its "
                                           r"length as exactly one of `epochs` or `steps`, neither given"):
         build_regularizers({"dropblock": {"schedule": {"kind": "linear"}}})
     with pytest.raises(ConfigError, match=r"both given"):
@@ -56,7 +56,8 @@ def test_schedule_config_errors_name_the_key_the_value_and_the_fix():
     with pytest.raises(ConfigError, match=r"regularizers\.locked_dropout\.schedule\.epochs: got -1\.0, expected a "
                                           r"value in > 0"):
         build_regularizers({"locked_dropout": {"schedule": {"kind": "late", "epochs": -1}}})
-    with pytest.raises(ConfigError, match=r"kind 'early' switches between 0 and the planned rate; remove `start`"):
+    with pytest.raises(ConfigError, match=r"regularizers\.dropout\.schedule\.start: got 0\.1, but kind 'early' "
+                                          r"switches between 0 and the planned rate; remove `start`"):
         build_regularizers({"dropout": {"schedule": {"kind": "early", "start": 0.1, "epochs": 3}}})
     with pytest.raises(ConfigError, match=r"regularizers\.drop_path\.schedule\.stages: got 0"):
         build_regularizers({"drop_path": {"schedule": {"kind": "step", "epochs": 3, "stages": 0}}})

@@ -69,9 +69,9 @@ _LAZY = {
     "gaussian_nll": "regfw.uncertainty.metrics",
     "interval_coverage": "regfw.uncertainty.metrics",
     "interval_calibration_error": "regfw.uncertainty.metrics",
-    "MCClassificationMetrics": "regfw.uncertainty.metrics",
-    "MCRegressionMetrics": "regfw.uncertainty.metrics",
-    "ProbabilityCalibration": "regfw.uncertainty.metrics",
+    "MCClassificationMetrics": "regfw.uncertainty.accumulators",
+    "MCRegressionMetrics": "regfw.uncertainty.accumulators",
+    "ProbabilityCalibration": "regfw.uncertainty.accumulators",
     # post-hoc calibration, OOD detection, selective prediction
     "fit_temperature": "regfw.uncertainty.calibration",
     "Temperature": "regfw.uncertainty.calibration",

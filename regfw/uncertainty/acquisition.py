@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from regfw.uncertainty.calibration import Temperature
+from regfw.uncertainty.modes import require_stochastic
+from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     _check_samples,
-    _require_stochastic,
-    derive_seed,
     mc_predict,
 )
 from regfw.uncertainty.summaries import per_input
@@ -122,7 +122,7 @@ def acquisition_scores(
         gen = torch.Generator().manual_seed(derive_seed(base, 0x52414E44))
         return torch.rand(n, generator=gen, dtype=torch.float64)
     _check_samples(samples)
-    _require_stochastic(model)
+    require_stochastic(model)
     device = _model_device(model)
     get = batch_to_input or _default_input
     out: list[Tensor] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -30,25 +29,19 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
 from regfw.uncertainty.calibration import Temperature, fit_temperature
-from regfw.uncertainty.metrics import (
-    DEFAULT_BINS,
-    DEFAULT_LEVELS,
-    MCClassificationMetrics,
-    MCRegressionMetrics,
-    ProbabilityCalibration,
-)
+from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
+from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
+from regfw.uncertainty.plot_jobs import PlotQueue, draw_plots
+from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
     TASKS,
     OutputTransform,
     _check_samples,
-    _dropout_family,
-    _require_stochastic,
-    derive_seed,
     mc_predict,
-    stochastic_modules,
 )
 from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
 
@@ -263,8 +256,7 @@ class MCDropoutUncertainty(pl.Callback):
         self._det_after = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
         self._ood_in = OODScoreStore()
         self._ood_out = OODScoreStore()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[dict[str, str]] | None = None
+        self._plot_queue = PlotQueue()
 
         self.last_metrics: dict[str, float] = {}
         self.last_plots: dict[str, str] = {}
@@ -319,7 +311,7 @@ class MCDropoutUncertainty(pl.Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _require_stochastic(pl_module)  # fail before training, with the fix in the message
+        require_stochastic(pl_module)  # fail before training, with the fix in the message
         if self.calibrate and self.calibration_loader is None:
             datamodule = getattr(trainer, "datamodule", None)
             own = getattr(datamodule, "calibration_dataloader", None)
@@ -372,13 +364,13 @@ class MCDropoutUncertainty(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self.should_run(trainer)
         self._batches = 0
-        if self._active and not stochastic_modules(pl_module) and _dropout_family(pl_module):
+        if self._active and not stochastic_modules(pl_module) and dropout_family(pl_module):
             # every rate is 0 for now (a rate schedule's early or late phase): nothing to sample
             rank_zero_warn(f"MCDropoutUncertainty: every dropout rate is 0 at epoch {trainer.current_epoch} (a rate "
                            f"schedule?); Monte Carlo dropout is skipped this epoch")
             self._active = False
         if self._active:
-            _require_stochastic(pl_module)
+            require_stochastic(pl_module)
             for name in ("_metric", "_cal_metric", "_det_before", "_det_after", "_ood_in", "_ood_out"):
                 metric = getattr(self, name)
                 metric.reset()
@@ -508,20 +500,15 @@ class MCDropoutUncertainty(pl.Callback):
     def _draw(self, data: dict[str, Any], directory: str, loggers: list[Any], step: int) -> None:
         self.flush_plots()  # one epoch's plots at a time, in order
         if not self.background_plots:
-            self.last_plots = _draw_plots(data, directory, loggers, step, self.prefix)
+            self.last_plots = draw_plots(data, directory, loggers, step, self.prefix)
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regfw-plots")
-        self._pending = self._executor.submit(_draw_plots, data, directory, loggers, step, self.prefix)
+        self._plot_queue.submit(data, directory, loggers, step, self.prefix)
 
     def flush_plots(self) -> dict[str, str]:
         """Wait for the plots being drawn in the background; returns :attr:`last_plots`."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                self.last_plots = pending.result()
-            except Exception as exc:  # a plot failing must not fail the run
-                rank_zero_warn(f"MCDropoutUncertainty: could not draw the plots: {type(exc).__name__}: {exc}")
+        written = self._plot_queue.wait()
+        if written is not None:
+            self.last_plots = written
         return self.last_plots
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -532,9 +519,7 @@ class MCDropoutUncertainty(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.flush_plots()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self._plot_queue.shutdown()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -602,44 +587,6 @@ class MCDropoutUncertainty(pl.Callback):
         self.runs = int(state_dict.get("runs", 0))
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.last_plots = dict(state_dict.get("last_plots", {}))
-
-
-def _draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
-                prefix: str) -> dict[str, str]:
-    """Draw the figures of :meth:`MCDropoutUncertainty._plot_data`, write them and send them to
-    image-capable loggers; runs on the plot thread."""
-    from regfw.uncertainty import plots
-
-    figures = {}
-    if data["task"] == "classification":
-        figures["reliability"] = plots.reliability_figure(
-            data["reliability"], after=data.get("reliability_after"), temperature=data.get("temperature"))
-        fr, acc = data["referral"]
-        figures["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
-        figures["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
-                                                             score_name=data["score_name"])
-        figures["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
-        if "ood" in data:
-            figures["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
-    else:
-        cov = data["coverage"]
-        figures["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
-        fr, mse = data["referral"]
-        figures["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
-                                                    title="Referral curve")
-        figures["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
-    written: dict[str, str] = {}
-    for name, fig in figures.items():
-        written[name] = plots.save_figure(fig, os.path.join(directory, f"{name}.png"))
-        for logger in loggers:
-            experiment = getattr(logger, "experiment", None)
-            add_figure = getattr(experiment, "add_figure", None)
-            if callable(add_figure):
-                try:
-                    add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
-                except Exception as exc:  # a logger failing to take an image must not stop training
-                    rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
-    return written
 
 
 def _per_input_scores(scores: dict[str, Tensor], batch: int) -> dict[str, Tensor]:

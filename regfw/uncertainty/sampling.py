@@ -25,9 +25,7 @@ so the two form no import cycle); while it is not registered ``"auto"`` means ``
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +33,17 @@ import torch
 from torch import Tensor, nn
 
 from regfw import foreign
-from regfw.layers.base import StochasticModule
 from regfw.tensors import iter_tensors, split_mean_variance
+from regfw.uncertainty.modes import (
+    TORCH_STOCHASTIC_TYPES,
+    eval_mode,
+    is_stochastic,
+    mc_mode,
+    require_stochastic,
+    stochastic_modules,
+    stochastic_types,
+)
+from regfw.uncertainty.rng import derive_seed, isolated_rng, model_devices, resolve_seed
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -68,18 +75,6 @@ __all__ = [
     "split_mean_logvar",
 ]
 
-#: torch's own dropout modules (all subclass ``nn.modules.dropout._DropoutNd``), and
-#: ``nn.MultiheadAttention``, whose attention-weight dropout (rate ``.dropout``) acts in training mode.
-TORCH_STOCHASTIC_TYPES: tuple[type, ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.MultiheadAttention,
-)
-
 #: Default memory budget of the ``batched`` strategy for the activations of one chunk.
 DEFAULT_BUDGET_BYTES: int = 256 * 2**20
 #: Default number of Monte Carlo samples T.
@@ -87,231 +82,6 @@ DEFAULT_SAMPLES: int = 30
 TASKS: tuple[str, ...] = ("classification", "regression")
 
 Strategy = Callable[..., Tensor]
-
-
-# --------------------------------------------------------------------------- stochastic modules
-
-
-_warned: set[str] = set()
-
-
-def _plugin_stochastic_types() -> tuple[type, ...]:
-    """The module types plugins declare through the ``regfw_stochastic_types`` hook."""
-    try:
-        from regfw.plugins import get_plugin_manager
-    except ImportError:
-        return ()
-    try:
-        answers = get_plugin_manager().hook.regfw_stochastic_types()
-    except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop MC dropout
-        message = (
-            f"regfw_stochastic_types could not be asked ({type(exc).__name__}: {exc}); Monte Carlo "
-            "dropout uses the built-in stochastic types only"
-        )
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        return ()
-    found: list[type] = []
-    for answer in answers:
-        if answer is None:
-            continue
-        if isinstance(answer, type):
-            answer = [answer]
-        for t in answer:
-            if not isinstance(t, type):
-                raise TypeError(
-                    f"regfw_stochastic_types must return module types, got {t!r} of type {type(t).__name__}"
-                )
-            found.append(t)
-    return tuple(found)
-
-
-def stochastic_types() -> tuple[type, ...]:
-    """Every module type MC dropout switches on: torch's dropout modules,
-    :class:`regfw.layers.base.StochasticModule` and the types plugins declare."""
-    return (*TORCH_STOCHASTIC_TYPES, StochasticModule, *_plugin_stochastic_types())
-
-
-def _rate_is_zero(module: nn.Module) -> bool:
-    """True when the module has a rate attribute (``p``, timm's ``drop_prob``, ...) and every rate
-    in it is 0."""
-    attr = foreign.rate_attr(module)
-    p = foreign.get_rate(module) if attr is None else getattr(module, attr, None)
-    if p is None:
-        return False
-    if isinstance(p, Tensor):
-        return bool(p.numel() > 0 and torch.all(p == 0))
-    if isinstance(p, (list, tuple)):
-        return len(p) > 0 and all(float(v) == 0.0 for v in p)
-    try:
-        return float(p) == 0.0
-    except (TypeError, ValueError):
-        return False
-
-
-def is_stochastic(module: nn.Module, types: tuple[type, ...] | None = None) -> bool:
-    """Whether ``module`` is random in training mode: a dropout-family type with a rate > 0.
-
-    ``types`` defaults to :func:`stochastic_types` (pass it when testing many modules, to ask
-    the plugins once). Matching is by type (``isinstance``), and for the stochastic layers of
-    torchvision and timm (which are not imported) by class and package (:mod:`regfw.foreign`).
-    """
-    types = stochastic_types() if types is None else types
-    return (isinstance(module, types) or foreign.is_foreign_stochastic(module)) and not _rate_is_zero(module)
-
-
-def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, module)`` for every stochastic module of ``model`` with a rate > 0.
-
-    ``model.named_modules()`` is searched, so regularizer layers attached as child modules
-    (e.g. ``fc1.regfw_dropout``) are found as well as ordinary ones.
-    """
-    types = stochastic_types()
-    return [(name, m) for name, m in model.named_modules() if is_stochastic(m, types)]
-
-
-def _dropout_family(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    types = stochastic_types()
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, types) or foreign.is_foreign_stochastic(m)]
-
-
-def _require_stochastic(model: nn.Module) -> list[nn.Module]:
-    found = stochastic_modules(model)
-    if found:
-        return [m for _, m in found]
-    family = _dropout_family(model)
-    if family:
-        names = ", ".join(n or "<root>" for n, _ in family[:5]) + (" ..." if len(family) > 5 else "")
-        what = (
-            f"the model's {len(family)} dropout-family module(s) ({names}) all have rate p = 0"
-        )
-    else:
-        what = "the model has no dropout-family module"
-    raise ValueError(
-        f"Monte Carlo dropout needs a stochastic module with a rate > 0, but {what}, so every "
-        "sample would be identical. Fix: select a dropout regularizer in the config, e.g. "
-        "`regularizers: {dropout: {}}`, or add an nn.Dropout(p > 0) to the model "
-        "(a custom stochastic layer should subclass regfw.layers.base.StochasticModule or be "
-        "declared through the regfw_stochastic_types hook)."
-    )
-
-
-# --------------------------------------------------------------------------- modes and RNG
-
-
-@contextlib.contextmanager
-def mc_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[list[nn.Module]]:
-    """Put only the stochastic modules of ``model`` in training mode, all others in eval.
-
-    BatchNorm and every other non-stochastic module stay in eval mode (running statistics
-    used, never updated). Modules that are random only through their own flag
-    (:func:`regfw.foreign.mc_train_modules`: ``nn.TransformerEncoderLayer``'s fused fast path,
-    timm's fused attention, functional-dropout hosts) are put in training mode as well, whatever
-    ``modules`` says, so every strategy samples them. On exit -- also when an exception is raised -- every module's
-    previous ``training`` flag is restored exactly. ``modules`` overrides the set switched on
-    (default :func:`stochastic_modules`). Yields the list of modules switched on.
-    """
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        stoch = [m for _, m in stochastic_modules(model)] if modules is None else list(modules)
-        hosts = [m for _, m in foreign.mc_train_modules(model)]
-        on = {id(m) for m in (*stoch, *hosts)}
-        model.eval()
-        for m in (*stoch, *hosts):
-            m.train(True)
-        for m in model.modules():  # undo train(True) reaching non-stochastic children
-            if m.training and id(m) not in on:
-                m.training = False
-        yield stoch
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put the whole model in eval mode, restoring every module's flag on exit."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-def _devices(model: nn.Module, inputs: Any) -> set[torch.device]:
-    found: set[torch.device] = set()
-    for t in (*model.parameters(), *model.buffers()):
-        found.add(t.device)
-    for t in iter_tensors(inputs):
-        found.add(t.device)
-    return found
-
-
-@contextlib.contextmanager
-def isolated_rng(seed: int, devices: Iterable[torch.device] = ()) -> Iterator[None]:
-    """Run the block on a random stream seeded by ``seed``, leaving the global RNG untouched.
-
-    The CPU generator and the default generator of every accelerator device in ``devices``
-    are forked (:func:`torch.random.fork_rng`) and reseeded; on exit their states are restored
-    exactly, so a training run is bit-identical with or without the block.
-    """
-    by_type: dict[str, set[int]] = {}
-    for d in devices:
-        d = torch.device(d)
-        if d.type in ("cpu", "meta"):
-            continue
-        mod = torch.get_device_module(d.type)
-        index = d.index if d.index is not None else mod.current_device()
-        by_type.setdefault(d.type, set()).add(int(index))
-    with contextlib.ExitStack() as stack:
-        # the CPU generator is always forked; device_type only matters with devices listed
-        stack.enter_context(torch.random.fork_rng(devices=[], device_type="cuda"))
-        for dtype, idx in sorted(by_type.items()):
-            stack.enter_context(torch.random.fork_rng(devices=sorted(idx), device_type=dtype))
-        torch.default_generator.manual_seed(seed)
-        for dtype, idx in by_type.items():
-            mod = torch.get_device_module(dtype)
-            gens = getattr(mod, "default_generators", None)
-            for i in idx:
-                if gens is not None and i < len(gens):
-                    gens[i].manual_seed(seed)
-                else:  # pragma: no cover - accelerators without per-device generators
-                    mod.manual_seed(seed)
-        yield
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def derive_seed(*values: int) -> int:
-    """A seed in ``[0, 2**62)`` mixed from integers (SplitMix64), e.g. ``(seed, epoch, batch)``.
-
-    Deterministic across processes and Python versions (no ``hash()``), so a run resumed from
-    a checkpoint draws the same masks for the same epoch and batch.
-    """
-    x = 0x2545F4914F6CDD1D
-    for v in values:
-        x = (x ^ (int(v) & _MASK64)) & _MASK64
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x & ((1 << 62) - 1)
-
-
-def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        return seed
-    if generator is not None:
-        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    # a fresh, non-deterministic seed from a private generator: the global RNG is not used
-    return int(torch.Generator().seed() % 2**62)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -650,8 +420,8 @@ def mc_predict(
         raise ValueError("tau (noise precision) applies to task='regression' only")
     name = resolve_strategy(strategy)
     fn = STRATEGIES[name]
-    used_seed = _resolve_seed(seed, generator)
-    with torch.no_grad(), isolated_rng(used_seed, _devices(model, inputs)):
+    used_seed = resolve_seed(seed, generator)
+    with torch.no_grad(), isolated_rng(used_seed, model_devices(model, inputs)):
         det = None
         joint = WITH_DETERMINISTIC.get(name) if deterministic else None
         # inside the fork too, in case a module is random even in eval mode; the eval pass also
@@ -661,7 +431,7 @@ def mc_predict(
                 det = _forward(model, inputs)
             elif foreign.needs_scan(model) and isinstance(inputs, Tensor) and inputs.dim() > 0:
                 model(inputs[:1])
-        stoch = _require_stochastic(model)
+        stoch = require_stochastic(model)
         with mc_mode(model, stoch):
             if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
                 outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)

@@ -31,3 +31,12 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
     assert message in str(err.value)
+
+
+def test_an_optional_list_of_class_numbers_names_what_is_wrong_in_it():
+    base = ["regularizers.dropout={}", "uncertainty.ood.protocol=heldout_classes"]
+    with pytest.raises(ConfigError, match=r"^uncertainty\.ood\.in_classes\[1\]: got 'a' \(str\), expected a whole "
+                                          r"number\.$"):
+        load_config(None, [*base, "uncertainty.ood.in_classes=[0,a]"])
+    with pytest.raises(ConfigError, match=r"^uncertainty\.ood\.in_classes: got 'foo', expected a list, or null\.$"):
+        load_config(None, [*base, "uncertainty.ood.in_classes=foo"])

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from regfw.uncertainty import MCDropoutUncertainty, derive_seed, mc_predict, rank
-from regfw.uncertainty.metrics import MCClassificationMetrics, nll
+from regfw.uncertainty.accumulators import MCClassificationMetrics
+from regfw.uncertainty.metrics import nll
 from regfw.uncertainty.summaries import classification_summary
 
 

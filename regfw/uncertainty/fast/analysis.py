@@ -55,7 +55,7 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
         raise _Fallback("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
     stochastic = {id(m): (path or "<model>") for path, m in model.named_modules() if is_stochastic(m, types)}
     x1, x2, distinct = _probe_inputs(inputs)
-    devices = _sampling._devices(model, inputs)
+    devices = _sampling.model_devices(model, inputs)
 
     with isolated_rng(0, devices), eval_mode(model):
         records, real_counts, ref = _record_real(model, x2, stochastic)

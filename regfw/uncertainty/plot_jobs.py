@@ -1,0 +1,86 @@
+"""The MC callback's figures: drawn from CPU copies of its metric states, on a background thread.
+
+Drawing with matplotlib costs more than sampling on small models, so the callback hands the data
+to :class:`PlotQueue` (one worker thread, one epoch's figures at a time, in order) and the training
+loop does not wait; :func:`draw_plots` is what the worker runs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from pytorch_lightning.utilities import rank_zero_warn
+
+__all__ = ["PlotQueue", "draw_plots"]
+
+
+class PlotQueue:
+    """One background thread drawing one set of figures at a time."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[dict[str, str]] | None = None
+
+    def submit(self, data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int, prefix: str) -> None:
+        """Start drawing; the previous set must have been waited for (:meth:`wait`)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regfw-plots")
+        self._pending = self._executor.submit(draw_plots, data, directory, loggers, step, prefix)
+
+    def wait(self) -> dict[str, str] | None:
+        """The files the pending set wrote, once drawn; None when nothing was pending or it failed
+        (a plot failing must not fail the run: it is reported as a warning)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception as exc:
+            rank_zero_warn(f"MCDropoutUncertainty: could not draw the plots: {type(exc).__name__}: {exc}")
+            return None
+
+    def shutdown(self) -> None:
+        """Stop the thread (after :meth:`wait`); a later :meth:`submit` starts a new one."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
+                prefix: str) -> dict[str, str]:
+    """Draw the figures of the callback's plot data (``MCDropoutUncertainty._plot_data``), write
+    them and send them to image-capable loggers; runs on the plot thread."""
+    from regfw.uncertainty import plots
+
+    figures = {}
+    if data["task"] == "classification":
+        figures["reliability"] = plots.reliability_figure(
+            data["reliability"], after=data.get("reliability_after"), temperature=data.get("temperature"))
+        fr, acc = data["referral"]
+        figures["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
+        figures["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
+                                                             score_name=data["score_name"])
+        figures["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
+        if "ood" in data:
+            figures["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
+    else:
+        cov = data["coverage"]
+        figures["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
+        fr, mse = data["referral"]
+        figures["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
+                                                    title="Referral curve")
+        figures["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
+    written: dict[str, str] = {}
+    for name, fig in figures.items():
+        written[name] = plots.save_figure(fig, os.path.join(directory, f"{name}.png"))
+        for logger in loggers:
+            experiment = getattr(logger, "experiment", None)
+            add_figure = getattr(experiment, "add_figure", None)
+            if callable(add_figure):
+                try:
+                    add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
+                except Exception as exc:  # a logger failing to take an image must not stop training
+                    rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
+    return written
