@@ -184,7 +184,8 @@ def message(state: RunState) -> str:
             then = "the run to resume is unchanged (run the same command again)" if state.resume else \
                 "there is nothing to resume"
             return f"{what} during start-up, before anything was written; {then}."
-        removed = f"the new run directory {state.run_dir} was removed, so there is nothing to resume"
+        removed = (f"the new run directory {state.run_dir} was removed" if state.removed else
+                   f"what it had written in {state.run_dir} was removed") + ", so there is nothing to resume"
         if not state.trained:
             return f"{what} {at}; {removed}."
         return (f"{what} {at}, before the first checkpoint; {removed} (run.checkpoint_every_n_steps saves "

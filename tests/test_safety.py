@@ -165,6 +165,10 @@ def test_a_failed_start_leaves_nothing_and_resume_picks_the_newest_resumable_run
     assert "model: the first training step of 'pair_model.Pair' with cross_entropy loss on 'digits' failed: " \
            "TypeError: " in _one_error_line(capsys)
     assert not Path("runs").exists()  # not even the parent it would have made
+    Path("mine").mkdir()  # a given empty directory stays, emptied again (Lightning's hparams.yaml too)
+    assert main(["fit", str(pair), "--run-dir", "mine"]) == 2
+    capsys.readouterr()
+    assert Path("mine").is_dir() and not list(Path("mine").iterdir())
 
     assert main(["fit", str(cfg)]) == 0
     (good,) = Path("runs").iterdir()

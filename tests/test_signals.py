@@ -183,6 +183,15 @@ def test_sigterm_before_anything_is_written_leaves_nothing(root, capsys, monkeyp
     assert not (root / "run").exists() and not (root / "runs").exists()
 
 
+def test_sigterm_in_a_given_empty_directory_leaves_it_empty(root, capsys, monkeypatch):
+    (root / "mine").mkdir()  # the user's own (empty) directory: emptied again, not removed
+    monkeypatch.setenv("SIG_SELF", "setup-fit")
+    assert main(["fit", "c.yaml", "--run-dir", "mine"]) == 143
+    _line(capsys.readouterr().err, "regfw fit: error: stopped by SIGTERM during start-up, before the first training "
+                                   "step; what it had written in mine was removed, so there is nothing to resume.")
+    assert (root / "mine").is_dir() and not list((root / "mine").iterdir())
+
+
 def test_sigterm_while_a_resume_starts_leaves_the_run_as_it_was_and_resume_then_works(root, capsys, monkeypatch):
     assert main(["fit", "c.yaml", "--run-dir", "run"]) == 0
     last = Path("run") / "checkpoints" / "last.ckpt"  # as --resume found it
