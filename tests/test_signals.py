@@ -225,7 +225,13 @@ def test_sigterm_once_training_is_done_says_the_run_is_complete(root, capsys, mo
     _no_temporaries(root)
 
 
-def test_the_cli_puts_the_previous_handlers_back(root):
+def test_the_other_commands_stop_on_sigterm_with_one_line_and_put_the_previous_handlers_back(root, capsys,
+                                                                                             monkeypatch):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setenv("SIG_SELF", "init")
+    assert main(["plan", "c.yaml"]) == 143
+    _line(capsys.readouterr().err, "regfw plan: stopped by SIGTERM")
+    assert {s: signal.getsignal(s) for s in before} == before
+    monkeypatch.delenv("SIG_SELF")
     assert main(["plan", "c.yaml"]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
