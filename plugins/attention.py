@@ -16,7 +16,7 @@ from torch import nn
 
 import regfw
 from regfw.config import rate
-from regfw.kinds import ATTENTION
+from regfw.kinds import ATTENTION, HIDDEN
 from regfw.layers import set_attention_dropout
 from regfw.placement import set_rate
 from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
@@ -79,10 +79,16 @@ class AttentionDropout(InjectingRegularizer):
                 continue
             if was > 0 and self.config.existing == "keep":
                 continue
-            weights_only = self.config.attention_only or not isinstance(info.module, _TRANSFORMER_LAYERS)
+            hidden = getattr(ctx, "claimed", {}).get(HIDDEN)  # e.g. `dropout`: it sets the sub-layer dropouts
+            weights_only = (self.config.attention_only or not isinstance(info.module, _TRANSFORMER_LAYERS)
+                            or (hidden is not None and hidden != self.name))
             what = "attention weights" if weights_only else "attention weights and sub-layer outputs"
+            if weights_only and hidden is not None and hidden != self.name and isinstance(info.module,
+                                                                                          _TRANSFORMER_LAYERS):
+                what += f"; its sub-layer dropouts left to {hidden} (kind hidden)"
             rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
-                                 f"{reason}; {what} (was {was:g})", action="set", anchor=info.path))
+                                 f"{reason}; {what} (was {was:g})", action="set", anchor=info.path,
+                                 options={"attention_only": weights_only}))
         if not rows:
             seen = sorted({type(m).__name__ for m in model.modules()
                            if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()})
@@ -100,7 +106,7 @@ class AttentionDropout(InjectingRegularizer):
             if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
                 set_rate(model, item.anchor, item.rate)
             else:
-                set_attention_dropout(target, item.rate, self.config.attention_only)
+                set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 
 
 @regfw.hookimpl

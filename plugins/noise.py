@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import regfw
 from regfw import kinds as K
 from regfw.config import check_finite, nonneg
-from regfw.layers import StochasticModule
+from regfw.layers import StochasticModule, attach_child
 from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
 
 #: The child name a layer's :class:`WeightNoise` is attached under.
@@ -176,16 +176,12 @@ def add_weight_noise(module: nn.Module, std: float, names: Sequence[str] = ("wei
         if not isinstance(module._parameters.get(name), nn.Parameter):
             raise ValueError(f"{type(module).__name__} has no parameter {name!r} to perturb; "
                              f"its parameters: {', '.join(module._parameters) or '(none)'}")
-    existing = module._modules.get(WEIGHT_NOISE_NAME)
-    if isinstance(existing, WeightNoise):
-        existing.std = std
-        existing.names = tuple(names)
-        return existing
-    noise = WeightNoise(std, names)
-    noise.train(module.training)
-    module.add_module(WEIGHT_NOISE_NAME, noise)
-    module.register_forward_pre_hook(_Perturb(WEIGHT_NOISE_NAME))
-    module.register_forward_hook(_Restore(WEIGHT_NOISE_NAME), always_call=True)
+    noise = attach_child(module, WEIGHT_NOISE_NAME, WeightNoise(std, names), pre_hook=_Perturb(WEIGHT_NOISE_NAME),
+                         hook=_Restore(WEIGHT_NOISE_NAME), always_call=True)
+    if not isinstance(noise, WeightNoise):
+        raise ValueError(f"{type(module).__name__} has a child {WEIGHT_NOISE_NAME!r} that is not weight noise")
+    noise.std = std  # a module that carried weight noise already: updated, not doubled
+    noise.names = tuple(names)
     return noise
 
 

@@ -128,10 +128,12 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
     without a unit with parameters in between (``sources``)."""
 
     def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
-                 sources: dict[int, frozenset], keep: list) -> None:
+                 sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]]) -> None:
         super().__init__()
         self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
         self.sources, self.keep = sources, keep
+        #: per running unit call: (ids of its input tensors, ids of those whose values it used)
+        self.unit_inputs = unit_inputs
         self.chain: dict[int, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -140,6 +142,9 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
         if self.depth[0] > 0:
             if self.current and name not in _METADATA:
                 self.flow.inner_calls.setdefault(self.current[-1], set()).add(name)
+                if self.unit_inputs:
+                    given, used = self.unit_inputs[-1]
+                    used.update(i for i in map(id, (*iter_tensors(args), *iter_tensors(kwargs))) if i in given)
             return func(*args, **kwargs)
         if name in _METADATA:
             return func(*args, **kwargs)
@@ -199,6 +204,10 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     sources: dict[int, frozenset] = {}
     in_sources: dict[str, frozenset] = {}
     in_shapes: dict[str, tuple] = {}
+    # a parameterless unit passes on the sources of the inputs whose values it uses, not of those it
+    # reads the shape of only (torchvision's AnchorGenerator reads the feature maps' sizes)
+    unit_inputs: list[tuple[set[int], set[int]]] = []
+    in_tensors: dict[str, list[torch.Tensor]] = {}
     handles = []
 
     def pre(path: str):
@@ -206,7 +215,8 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
             depth[0] += 1
             current.append(path)
             ts = [*iter_tensors(args), *iter_tensors(kwargs)]
-            in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in ts))
+            in_tensors[path] = ts
+            unit_inputs.append(({id(t) for t in ts}, set()))
             if ts:
                 in_shapes[path] = tuple(ts[0].shape)
             flow.calls[path] = flow.calls.get(path, 0) + 1
@@ -224,6 +234,12 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
             depth[0] -= 1
             if current:
                 current.pop()
+            given, used = unit_inputs.pop() if unit_inputs else (set(), set())
+            ts = in_tensors.pop(path, [])
+            # a unit whose forward showed no function at all (an op no torch function mode sees): every
+            # input counts as used
+            read = [t for t in ts if id(t) in used] if flow.inner_calls.get(path) else ts
+            in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in read))
             out = _first_tensor(output)
             if out is not None:
                 keep.append(out)
@@ -233,6 +249,8 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
                     flow.same_shape.add(path)
             carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
             for t in iter_tensors(output):
+                if id(t) in given:
+                    continue  # an input passed through unchanged (FPN's extra block returns the list it got)
                 keep.append(t)
                 sources[id(t)] = carried
         return hook
@@ -246,7 +264,7 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     try:
         model.eval()
         with torch.no_grad(), foreign.watch_functional_dropout(model), \
-                _FunctionWatch(flow, producer, depth, current, sources, keep):
+                _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs):
             output = call_with_example(model, example_input)
         for t in iter_tensors(output):
             flow.output_sources |= sources.get(id(t), frozenset())

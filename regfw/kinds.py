@@ -78,12 +78,13 @@ RATE_TABLE: dict[str, RateRange] = {
     EMBEDDING: RateRange(0.05, 0.2, 0.1),
 }
 
-#: The Transformer range: hidden, residual and existing-dropout rates of a model with attention
-#: blocks (Vaswani et al. 2017 use P_drop = 0.1; timm and DeiT keep dropout and drop path <= 0.1, and
-#: ViTs trained on large data use 0). Replaces the hidden/conv/residual rows for such a model.
+#: The Transformer range: input (token), hidden, residual and existing-dropout rates of a model with
+#: attention blocks (Vaswani et al. 2017 use P_drop = 0.1, on the embeddings too; timm and DeiT keep
+#: dropout and drop path <= 0.1, and ViTs trained on large data use 0). Replaces the
+#: input/hidden/conv/residual rows for such a model.
 TRANSFORMER_RANGE = RateRange(0.0, 0.1, 0.1)
 #: The kinds whose rows the Transformer range replaces.
-TRANSFORMER_KINDS: tuple[str, ...] = (HIDDEN, CONV, RESIDUAL)
+TRANSFORMER_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RESIDUAL)
 
 
 def transformer_ranges(model_map: object) -> dict[str, RateRange]:

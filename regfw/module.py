@@ -26,6 +26,7 @@ from regfw.optim import (
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.steps import MixedTargets, regularized_step
+from regfw.structure import own_loss_forward
 from regfw.surgery import is_dropout
 from regfw.tensors import split_mean_variance  # the split MC dropout uses too (run.py passes it)
 
@@ -156,6 +157,14 @@ class RegularizedModule(pl.LightningModule):
             from regfw.factory import build_model
 
             model = build_model(model_config)
+        own_loss = own_loss_forward(model)
+        if own_loss is not None:
+            raise ConfigError(
+                f"model: {type(model).__name__}.forward takes {own_loss!r} and computes its own losses in training "
+                f"(a detection model), which RegularizedModule's step loss(model(inputs), targets) cannot train. "
+                f"Regularize it with regfw.plan.make_plan(model, regularizers, example_input=[image, ...]) and "
+                f"apply_plan, then train it in your own loop or LightningModule: "
+                f"loss = sum(model(images, targets).values())")
         self.model = model
         self.loss_fn = _loss_fn(loss)
         if task not in (None, "classification", "regression"):

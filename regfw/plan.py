@@ -71,7 +71,8 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
     ctx = PlanContext(n_examples=n_examples, n_params=n_params, example_input=example_input,
-                      model_map=mm)
+                      model_map=mm, claimed={k: r.name for r in reversed(regularizers)
+                                             if getattr(r, "family", "") == "dropout" for k in r.claims()})
     items: dict[str, list[PlanItem]] = {}
     notes: dict[str, list[str]] = {}
     collected: list[str] = list(mm.notes)
@@ -86,12 +87,34 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         items[reg.name] = rows
         extra = check_lines(reg, reg.describe(model))
+        if not extra and type(reg).plan is Regularizer.plan:  # places nothing by design: say what it does
+            extra = what_it_does(reg)
         if extra:
             notes[reg.name] = list(extra)
     plan = Plan(items, notes, mm.layers, ctx)
     plan.warnings.extend(dict.fromkeys(collected))
     plan.warnings.extend(batchnorm_warnings(mm, plan.rows()))
     return plan
+
+
+#: The per-step and optimizer methods a regularizer may override, and what each does, for
+#: :func:`what_it_does`.
+_ACTS = (
+    ("transform_batch", "changes each training batch"),
+    ("transform_loss", "changes the loss function"),
+    ("penalty", "adds a penalty on the model to the loss"),
+    ("loss_term", "adds a loss term each training step"),
+    ("param_groups", "sets optimizer parameter groups"),
+    ("callbacks", "runs Lightning callbacks"),
+)
+
+
+def what_it_does(reg: Regularizer) -> list[str]:
+    """One line for a regularizer that plans no layer change and describes nothing itself: which of
+    its methods act (``regfw plan`` lists every selected regularizer, not only those with rows)."""
+    acts = [text for method, text in _ACTS
+            if getattr(type(reg), method, None) is not getattr(Regularizer, method, None)]
+    return [f"no layer changes; {', '.join(acts) if acts else 'does nothing during training'}"]
 
 
 def check_families(regularizers: Sequence[Regularizer]) -> None:

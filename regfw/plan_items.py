@@ -23,6 +23,10 @@ class PlanContext:
     n_params: int | None = None
     example_input: Any = None
     model_map: Any = None
+    #: Layer kind -> the selected dropout-family regularizer claiming it (``Regularizer.claims``), so one
+    #: regularizer can leave a place to another (``attention_dropout`` leaves a Transformer layer's
+    #: sub-layer dropouts to ``dropout`` when both are selected).
+    claimed: dict[str, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> list:

@@ -17,8 +17,18 @@ Placement rules need facts that a module's type does not tell for models written
 * **Transformer family**: a model with attention blocks takes its hidden, residual and
   existing-dropout rates from the Transformer range of :data:`regfw.kinds.TRANSFORMER_RANGE`
   (0-0.1, Vaswani et al. 2017; timm and DeiT use <= 0.1), and the plan says why.
+* **token dropout** (:func:`token_dropout_slot`): in a Transformer the input dropout acts on the
+  token embeddings, after the position embedding is added (Vaswani et al. 2017, section 5.4; timm's
+  ``pos_drop``), not on the pixels or ids; the model's own dropout there is that slot, and the stem
+  before it (a ViT's ``patch_embed.proj``) gets no dropout of its own.
+* **Transformer layers' own dropout** (:func:`transformer_layer_slots`): ``nn.TransformerEncoderLayer``
+  drops each sub-layer's output (``dropout1`` after self-attention, ``dropout2`` after the
+  feed-forward block) and the feed-forward hidden units (``dropout``); those are the layer's hidden
+  dropout slots, as timm's ``proj_drop``, ``drop1`` and ``drop2`` are.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
@@ -98,9 +108,64 @@ def qkv_projections(model: nn.Module) -> set[str]:
     return out
 
 
+#: The dropout children of torch's Transformer layers and the sub-layer each follows, in forward order.
+Slots = tuple[tuple[str, str], ...]
+_ENCODER_SLOTS: Slots = (("self_attn", "dropout1"), ("linear1", "dropout"), ("linear2", "dropout2"))
+_DECODER_SLOTS: Slots = (("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"),
+                         ("linear2", "dropout3"))
+
+
+def transformer_layer_slots(module: nn.Module) -> list[tuple[str, str]]:
+    """``(sub-layer, dropout child)`` names of an ``nn.TransformerEncoderLayer`` / ``DecoderLayer``
+    whose dropout child is an ``nn.Dropout`` (see the module docstring); ``[]`` for other modules."""
+    if isinstance(module, nn.TransformerDecoderLayer):
+        slots = _DECODER_SLOTS
+    elif isinstance(module, nn.TransformerEncoderLayer):
+        slots = _ENCODER_SLOTS
+    else:
+        return []
+    return [(sub, drop) for sub, drop in slots if isinstance(module._modules.get(drop), nn.Dropout)]
+
+
+def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callable[[str], bool],
+                       is_layer: Callable[[str], bool]) -> str | None:
+    """The input dropout slot of a Transformer-family model: the dropout unit (``is_dropout(path)``)
+    that the forward pass runs last before the first attention block with no layer
+    (``is_layer(path)``: a weight layer, not a norm) in between (timm's ``pos_drop``), or None. A
+    dropout inside a convolutional stem of a hybrid model is followed by more layers, so it is not."""
+    if not attention or not flow.order:
+        return None
+    found = None
+    for path in flow.order:
+        if any(path == a or path.startswith(a + ".") for a in attention):
+            return found
+        if is_dropout(path):
+            found = path
+        elif is_layer(path):
+            found = None
+    return None
+
+
 def named_like_attention(model: nn.Module) -> list[str]:
     """Class names of modules that are called attention but are not recognised as attention
     blocks, for a message saying what was seen."""
     return sorted({type(m).__name__ for m in model.modules()
                    if ("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
                    and not attention_like(m)})
+
+
+#: Parameter names of a ``forward`` that takes the targets and computes its own losses in training.
+_TARGET_PARAMS = ("targets", "target")
+
+
+def own_loss_forward(model: nn.Module) -> str | None:
+    """The name of the ``targets`` parameter when ``model.forward(inputs, targets)`` computes its own
+    losses in training (torchvision's detection models: ``FasterRCNN``, ``RetinaNet``, ``SSD``,
+    ``FCOS``, ...), else None. Such a model cannot be trained as ``loss(model(inputs), targets)``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in params[1:] if p in _TARGET_PARAMS), None)

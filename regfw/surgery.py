@@ -24,11 +24,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from torch import Tensor, nn
+from torch import nn
 
 from regfw import foreign, structure
 from regfw import kinds as K
 from regfw.dataflow import FUNCTION, Dataflow, ResidualAnalysis, build_dataflow
+from regfw.layers.base import attach_child
 from regfw.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,12 @@ class ModelMap:
     qkv: set[str] = field(default_factory=set)
     #: Paths of the attention blocks; a model with any is Transformer-family (:mod:`regfw.structure`).
     attention: list[str] = field(default_factory=list)
+    #: A Transformer's token dropout (timm's ``pos_drop``): its input dropout slot
+    #: (:func:`regfw.structure.token_dropout_slot`).
+    token_drop: str | None = None
+    #: The layers that make the tokens, called after any earlier dropout and before ``token_drop`` (a
+    #: ViT's patch embedding): they get no dropout of their own.
+    stem: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_path = {i.path: i for i in self.layers}
@@ -74,8 +81,9 @@ class ModelMap:
         """The attention blocks in a few words, for plan reasons."""
         if not self.attention:
             return "none"
-        kinds = sorted({type(self.module(p)).__name__ for p in self.attention})
-        return f"{len(self.attention)} x {'/'.join(kinds)}"
+        outer = [p for p in self.attention if not any(p.startswith(a + ".") for a in self.attention if a)]
+        kinds = sorted({type(self.module(p)).__name__ for p in outer})
+        return f"{len(outer)} x {'/'.join(kinds)}"
 
     def kind(self, path: str) -> str | None:
         info = self.by_path.get(path)
@@ -218,8 +226,19 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
             last[-1].is_output = True
     leaves = tuple(m for p, m in units.items() if p)
     attention = [p for p, _ in structure.attention_modules(model) if not is_injected(p)]
+    kinds = {i.path: i.kind for i in infos}
+
+    def drop_unit(p: str) -> bool:
+        return p in units and is_dropout(units[p]) and not is_path_drop(units[p])
+
+    token_drop = structure.token_dropout_slot(flow, attention, drop_unit, lambda p: kinds.get(p) in _LAYER_KINDS)
+    stem: set[str] = set()
+    if token_drop is not None:  # the layers since the dropout before it (or the input): a ViT's patch embedding
+        end = flow.order.index(token_drop)
+        start = max((i for i in range(end) if drop_unit(flow.order[i])), default=-1)
+        stem = {p for p in flow.order[start + 1:end] if kinds.get(p) in _LAYER_KINDS}
     return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes, gates=structure.gate_units(flow),
-                    qkv=structure.qkv_projections(model), attention=attention)
+                    qkv=structure.qkv_projections(model), attention=attention, token_drop=token_drop, stem=stem)
 
 
 def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:
@@ -291,11 +310,14 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         if K.INPUT in reg.kinds and info.is_input:
             matched = True
             items.extend(_input_rows(reg, mm, info, ctx))
+        if K.HIDDEN in reg.kinds and structure.transformer_layer_slots(info.module):
+            matched = True
+            items.extend(_transformer_layer_rows(reg, mm, info, ctx))
         if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
             continue
         matched = True
-        if info.path in mm.gates or info.path in mm.qkv:
-            continue  # a gating path (SE, GLU) or an attention q/k/v projection: never dropout
+        if info.path in mm.gates or info.path in mm.qkv or info.path in mm.stem:
+            continue  # a gating path (SE, GLU), an attention q/k/v projection, a Transformer's stem: never dropout
         rate, reason = reg.rate_for(info.kind, ctx)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
@@ -334,10 +356,50 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
     if not matched:
         warnings.warn(
             f"regularizer {reg.name!r} found no layer of kinds {', '.join(reg.kinds)} in "
-            f"{type(model).__name__}; nothing was inserted",
+            f"{type(model).__name__}; nothing was inserted. {_looked_at(reg, mm)}",
             stacklevel=3,
         )
     return items
+
+
+def _looked_at(reg: InjectingRegularizer, mm: ModelMap) -> str:
+    """What :func:`plan_insertions` saw in a model that gave it no layer: for its warning."""
+    parts: list[str] = []
+    outputs = [i.path for i in mm.layers if i.is_output and i.kind in reg.kinds]
+    if outputs:
+        parts.append(f"output layer(s) {', '.join(outputs)} (nothing goes after an output layer)")
+    if K.INPUT in reg.kinds and not any(i.is_input for i in mm.layers):
+        first = next((p for p in mm.flow.order if _has_own_params(mm.module(p))), None)
+        if first is not None:
+            parts.append(f"the model input goes first to {first} ({type(mm.module(first)).__name__}), not to a "
+                         f"layer of kind {', '.join(k for k in reg.kinds if k in _LAYER_KINDS)}, so it takes no "
+                         f"input dropout")
+    others: dict[str, list[str]] = {}
+    for info in mm.layers:
+        if info.path and info.kind in (_LAYER_KINDS | {K.EMBEDDING}) and info.kind not in reg.kinds:
+            others.setdefault(info.kind, []).append(info.path)
+    if others:
+        parts.append("layers of other kinds: " + ", ".join(
+            f"{len(paths)} {kind} ({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''})"
+            for kind, paths in others.items()))
+    return f"It looked at: {'; '.join(parts)}." if parts else "The model has no classified layer."
+
+
+def _transformer_layer_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo,
+                            ctx: PlanContext) -> list[PlanItem]:
+    """The hidden rows of a torch Transformer layer: its own sub-layer and feed-forward dropouts
+    (:func:`regfw.structure.transformer_layer_slots`), reused (``override`` or ``keep``), never doubled."""
+    rate, reason = reg.rate_for(K.HIDDEN, ctx)
+    if not rate:
+        return []
+    rows: list[PlanItem] = []
+    for sub, drop in structure.transformer_layer_slots(info.module):
+        what = "feed-forward hidden units" if sub == "linear1" else "sub-layer output, before the residual add"
+        slot = f"{info.path}.{drop}" if info.path else drop
+        rows.extend(reuse_existing(reg, mm, K.HIDDEN, slot, "after", rate,
+                                   f"{reason}; {type(info.module).__name__}'s own dropout ({what})", slot,
+                                   f"{info.path}.{sub}" if info.path else sub) or [])
+    return rows
 
 
 def _shortcuts(mm: ModelMap) -> set[str]:
@@ -407,6 +469,11 @@ def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: P
     rate, reason = reg.rate_for(K.INPUT, ctx)
     if not rate:
         return []
+    if mm.token_drop is not None:  # a Transformer: its input dropout acts on the token embeddings
+        stem = [p for p in mm.flow.order if p in mm.stem]
+        reason += (f"; token dropout: the model's own {mm.token_drop} after the position embedding"
+                   + (f" (nothing on the pixels or in the stem {', '.join(stem)})" if stem else ""))
+        return reuse_existing(reg, mm, K.INPUT, mm.token_drop, "after", rate, reason, mm.token_drop, info.path) or []
     before = mm.flow.prev(info.path)
     existing = (before if before is not None and is_dropout(mm.module(before)) and mm.flow.next(before) == info.path
                 else None)
@@ -435,17 +502,10 @@ def attach(model: nn.Module, anchor: str, name: str, module: nn.Module, where: s
     host = model.get_submodule(anchor) if anchor else model
     if name in host._modules:
         return False
-    ref: Tensor | None = next(iter(host.parameters()), None)
-    if ref is None:
-        ref = next(iter(host.buffers()), None)
-    if ref is not None:
-        module = module.to(device=ref.device)
-    module.train(host.training)
-    host.add_module(name, module)
     if where == "after":
-        host.register_forward_hook(ApplyAfter(name))
+        attach_child(host, name, module, hook=ApplyAfter(name))
     else:
-        host.register_forward_pre_hook(ApplyBefore(name))
+        attach_child(host, name, module, pre_hook=ApplyBefore(name))
     return True
 
 

@@ -77,7 +77,10 @@ def test_fit_builds_each_regularizer_once_and_trains_with_that_object(counted, c
     assert counted.BUILT[0].config.strength == 0.001
 
 
-def test_plan_builds_each_regularizer_once(counted, capsys):
+def test_plan_builds_each_regularizer_once_and_lists_what_it_does(counted, capsys):
     assert main(["plan", "c.yaml"]) == 0
     assert len(counted.BUILT) == 1
-    assert "dropout" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dropout" in out
+    # a regularizer that changes no layer and describes nothing is still listed, with what it does
+    assert "counted: no layer changes; adds a penalty on the model to the loss" in out

@@ -102,7 +102,9 @@ def test_no_insertion_sits_between_a_layer_and_its_batchnorm(make, x):
 def test_transformer_encoder_layers_are_units_and_the_residual_stream_is_not_split():
     model = SmallTransformer()
     _, plan = plan_for(model, X_SEQ, {"dropout": {}})
-    assert where(plan) == [("input", "before", "proj"), ("hidden", "after", "proj")]
+    # the encoder layers' own dropouts (after self-attention, in and after the feed-forward block) are reused
+    assert where(plan) == [("input", "before", "proj"), ("hidden", "after", "proj")] + [
+        ("hidden", "set", f"encoder.layers.{i}.{d}") for i in (0, 1) for d in ("dropout1", "dropout", "dropout2")]
     # Pre-norm blocks: proj's output feeds blocks.0.ln1 *and* the residual add, so dropout goes on
     # proj itself; after ln1 it would drop only the attention branch.
     _, plan = plan_for(PreNormTransformer(), X_SEQ, {"dropout": {"input": 0}})
@@ -258,7 +260,8 @@ def test_two_variants_for_one_kind_is_a_config_error_naming_both():
 def test_nothing_to_do_is_a_warning():
     _, plan = plan_for(builtin("mlp"), X_FLAT, {"spatial_dropout": {}})
     assert plan.rows() == []
-    assert plan.warnings == ["regularizer 'spatial_dropout' found no layer of kinds conv in MLP; nothing was inserted"]
+    assert plan.warnings == ["regularizer 'spatial_dropout' found no layer of kinds conv in MLP; nothing was inserted. "
+                             "It looked at: layers of other kinds: 3 hidden (body.0, body.2, head)."]
 
 
 # -- classification -----------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -241,8 +240,10 @@ class AdaptiveDropoutCallback(pl.Callback):
         self.streak_direction = HOLD
         self.cooldown_left = 0
         self.previous_train_loss: float | None = None
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        # the epoch's training-loss sum and count, kept as tensors on the loss's device so that no
+        # training step waits for the device (they are read once per validation)
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count: torch.Tensor | int = 0
         self._pending_rates: dict[str, float] | None = None
         self._warned: set[str] = set()
         self._clean_fn: Callable | None = None
@@ -381,13 +382,15 @@ class AdaptiveDropoutCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_pending()  # some strategies restore callback state after on_fit_start
 
-    def _add(self, value: float) -> None:
-        if math.isfinite(value):
-            self._loss_sum += value
-            self._loss_count += 1
+    def _add(self, value: torch.Tensor) -> None:
+        """Add one batch's loss (a non-finite one is left out) without a device sync."""
+        v = value.detach().reshape(()).double()
+        finite = torch.isfinite(v)
+        self._loss_sum = self._loss_sum + torch.where(finite, v, torch.zeros_like(v))
+        self._loss_count = self._loss_count + finite.long()
 
     @torch.no_grad()
-    def _clean_loss(self, pl_module: pl.LightningModule, batch: Any) -> float | None:
+    def _clean_loss(self, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor | None:
         clean_fn = self._clean_fn
         if clean_fn is None:
             return None
@@ -399,7 +402,7 @@ class AdaptiveDropoutCallback(pl.Callback):
         saved = [(m, m.training) for m in pl_module.modules()]
         try:
             pl_module.eval()
-            return float(clean_fn(pl_module(batch[0]), batch[1]))
+            return clean_fn(pl_module(batch[0]), batch[1])
         finally:
             for m, flag in saved:
                 m.training = flag
@@ -417,10 +420,10 @@ class AdaptiveDropoutCallback(pl.Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._add(float(loss.detach()))
+            self._add(loss)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self._loss_count == 0:
+        if trainer.sanity_checking or int(self._loss_count) == 0:
             return
         val = trainer.callback_metrics.get(self.config.monitor)
         if val is None:
@@ -428,7 +431,7 @@ class AdaptiveDropoutCallback(pl.Callback):
             self._warn_once("monitor", f"AdaptiveDropout: monitor {self.config.monitor!r} was not logged at "
                                        f"validation; logged metrics: {known}. Set `monitor` to one of them.")
             return
-        train_loss = self._loss_sum / self._loss_count
+        train_loss = float(self._loss_sum) / int(self._loss_count)
         self._loss_sum, self._loss_count = 0.0, 0
         if trainer.world_size > 1:  # every process must take the same decision
             pair = torch.tensor([train_loss, float(val)], device=pl_module.device)
@@ -472,8 +475,8 @@ class AdaptiveDropoutCallback(pl.Callback):
             "streak_direction": self.streak_direction,
             "cooldown_left": self.cooldown_left,
             "previous_train_loss": self.previous_train_loss,
-            "loss_sum": self._loss_sum,
-            "loss_count": self._loss_count,
+            "loss_sum": float(self._loss_sum),
+            "loss_count": int(self._loss_count),
             "history": [asdict(d) for d in self.history],
         }
 

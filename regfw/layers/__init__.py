@@ -4,7 +4,7 @@ Every module subclasses :class:`~regfw.layers.base.StochasticModule` and keeps i
 Importing this package needs torch only.
 """
 from .attention import DEFAULT_ATTENTION_DROPOUT, set_attention_dropout
-from .base import Rate, StochasticModule, check_rate
+from .base import Rate, StochasticModule, attach_child, check_rate
 from .concrete import ConcreteDropout, concrete_dropout, concrete_regularizer
 from .drop_block import DropBlock2d, drop_block_2d, drop_block_gamma
 from .drop_path import DropPath, drop_path, drop_path_schedule
@@ -34,6 +34,7 @@ from .recurrent import (
 __all__ = [
     "StochasticModule",
     "Rate",
+    "attach_child",
     "check_rate",
     "Dropout",
     "dropout",

@@ -1,6 +1,9 @@
 """The common base of every stochastic layer in regfw."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import Tensor, nn
 
 
@@ -62,3 +65,32 @@ class Rate:
 
     def __set__(self, obj: object, value: float) -> None:
         obj.__dict__[self.slot] = check_rate(value, self.name)
+
+
+def attach_child(host: nn.Module, name: str, child: nn.Module, *,
+                 pre_hook: Callable[..., Any] | None = None, hook: Callable[..., Any] | None = None,
+                 always_call: bool = False) -> nn.Module:
+    """Hang ``child`` on ``host`` as child ``name``, called from ``host``'s forward pre-hook and/or
+    forward hook; returns the child that is there afterwards.
+
+    How regfw adds a layer without replacing one: parameter names and the host's own state dict
+    entries are unchanged. When ``host`` already has a child ``name``, nothing changes and that
+    child is returned (the caller updates its settings): a module is never attached twice. A new
+    child moves to the host's device and takes its training flag. ``always_call`` runs the forward
+    hook also when the forward raises (to undo what the pre-hook did).
+    """
+    existing = host._modules.get(name)
+    if existing is not None:
+        return existing
+    ref: Tensor | None = next(iter(host.parameters()), None)
+    if ref is None:
+        ref = next(iter(host.buffers()), None)
+    if ref is not None:
+        child = child.to(device=ref.device)
+    child.train(host.training)
+    host.add_module(name, child)
+    if pre_hook is not None:
+        host.register_forward_pre_hook(pre_hook)
+    if hook is not None:
+        host.register_forward_hook(hook, always_call=always_call)
+    return child

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Rate, StochasticModule, check_rate, zeros_like_graph
+from .base import Rate, StochasticModule, attach_child, check_rate, zeros_like_graph
 from .masks import keep_scale_mask
 
 __all__ = ["EmbeddingDropout", "embedding_dropout", "apply_embedding_dropout", "EMBEDDING_DROPOUT_ATTR"]
@@ -91,13 +91,9 @@ def apply_embedding_dropout(embedding: nn.Embedding, p: float = 0.1, batch_dim: 
     """
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"apply_embedding_dropout expects an nn.Embedding, got {type(embedding).__name__}")
-    current = embedding._modules.get(EMBEDDING_DROPOUT_ATTR)
-    if isinstance(current, EmbeddingDropout):
-        current.p = p
-        current.batch_dim = int(batch_dim)
-        return embedding
-    child = EmbeddingDropout(p, batch_dim)
-    child.train(embedding.training)
-    embedding.add_module(EMBEDDING_DROPOUT_ATTR, child)
-    embedding.register_forward_hook(_EmbeddingDropoutHook())
+    child = attach_child(embedding, EMBEDDING_DROPOUT_ATTR, EmbeddingDropout(p, batch_dim),
+                         hook=_EmbeddingDropoutHook())
+    if isinstance(child, EmbeddingDropout):  # already there: update it
+        child.p = p
+        child.batch_dim = int(batch_dim)
     return embedding

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from regfw import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
+from regfw.uncertainty.accepted import check_inputs, output_error
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
     eval_mode,
@@ -97,12 +98,7 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
             f"to sample, e.g. forward(x) = model(x)[{next(iter(out), 'out')!r}]."
         )
     if not isinstance(out, Tensor):
-        raise TypeError(
-            f"Monte Carlo sampling needs a model whose forward returns one tensor, got "
-            f"{type(out).__name__}. Wrap the model so that it returns a tensor; a regression "
-            "model predicting variances can return mean and log-variance concatenated on the "
-            "last dimension and use output_transform=regfw.uncertainty.split_mean_logvar."
-        )
+        raise output_error(out)
     return out
 
 
@@ -419,6 +415,7 @@ def mc_predict(
     if task == "classification" and tau is not None:
         raise ValueError("tau (noise precision) applies to task='regression' only")
     name = resolve_strategy(strategy)
+    check_inputs(inputs, name)
     fn = STRATEGIES[name]
     used_seed = resolve_seed(seed, generator)
     with torch.no_grad(), isolated_rng(used_seed, model_devices(model, inputs)):

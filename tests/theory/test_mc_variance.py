@@ -37,12 +37,17 @@ def _variance(net: nn.Module, x: torch.Tensor, samples: int = SAMPLES) -> torch.
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_mc_variance_matches_the_closed_form(p):
-    """2,000 samples on 16 inputs: the mean over inputs of MC variance / exact variance is within 10%
-    of 1 and every input within 35% (measured: 0.92-1.07 per input at p = 0.1)."""
+    """2,000 samples on 16 inputs: each input's MC variance is within 5 standard errors of the closed
+    form, the standard error of a sample variance being sqrt((m4 - s^4) / T) with m4 the samples'
+    fourth central moment (measured: |z| at most 2.1, 2.8 and 1.8 at p = 0.1, 0.3, 0.5); the mean
+    ratio over inputs is within 5% of 1 (measured 0.985-0.992)."""
     net, x, exact = _head_net(p)
-    ratio = _variance(net, x) / exact
-    assert float(ratio.mean()) == pytest.approx(1.0, abs=0.10)
-    assert float((ratio - 1).abs().max()) < 0.35
+    samples = mc_predict(net, x, samples=SAMPLES, seed=0, task="regression").outputs.squeeze(-1).double()
+    centred = samples - samples.mean(0)
+    variance, m4 = (centred**2).mean(0), (centred**4).mean(0)
+    z = (variance - exact.double()) / ((m4 - variance**2) / SAMPLES).sqrt()
+    assert float(z.abs().max()) < 5.0, z
+    assert float((variance / exact.double()).mean()) == pytest.approx(1.0, abs=0.05)
 
 
 def test_mc_variance_vanishes_as_p_goes_to_zero():

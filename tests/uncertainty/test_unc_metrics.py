@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from regfw.uncertainty import classification_summary, regression_summary
+from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics
 from regfw.uncertainty.metrics import (
-    MCClassificationMetrics,
-    MCRegressionMetrics,
     auroc,
     bin_index,
     brier_score,

@@ -130,6 +130,33 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
 )}
 
 
+#: The detection model: torchvision's cheapest detector on the CPU, images resized to 64 (min_size and
+#: max_size), so one eval pass takes a fraction of a second. Its forward takes a list of images.
+DETECTOR_CLASSES = 5
+
+
+def detector() -> nn.Module:
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    return fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=DETECTOR_CLASSES,
+                                                 min_size=IMAGE, max_size=IMAGE)
+
+
+def detection_images() -> list[torch.Tensor]:
+    """Two images in [0, 1], as torchvision detection models take them."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.rand(3, IMAGE, IMAGE, generator=gen) for _ in range(2)]
+
+
+def detection_targets() -> list[dict[str, torch.Tensor]]:
+    """One box per image, what a detection model's training step takes beside the images."""
+    return [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([1])},
+            {"boxes": torch.tensor([[20.0, 4.0, 60.0, 30.0]]), "labels": torch.tensor([3])}]
+
+
+DETECTION = ZooModel("fasterrcnn_mobilenet_v3_large_320_fpn", detector, detection_images, ("dropout",))
+
+
 def last_weight_layer(model: nn.Module) -> nn.Module:
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return layers[-1]

@@ -60,6 +60,9 @@ OUTPUT_LAYERS = {
     "resnet18d": {"fc"},
     "text_transformer": {"head"},
     "lstm_lm": {"decoder"},
+    # every head: the RPN's objectness and box deltas, the box predictor's class scores and box deltas
+    "fasterrcnn_mobilenet_v3_large_320_fpn": {"rpn.head.cls_logits", "rpn.head.bbox_pred",
+                                              "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"},
 }
 
 #: Classes whose inside is a gating path (the whole module multiplies the main map by its output).
