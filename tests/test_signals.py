@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from regfw.checkpoints import read_checkpoint
 from regfw.cli import main
@@ -222,6 +223,34 @@ def test_sigterm_once_training_is_done_says_the_run_is_complete(root, capsys, mo
                                    f"train further: `regfw fit c.yaml --run-dir run --resume trainer.max_epochs=2`).")
     monkeypatch.delenv("SIG_SELF")
     _resumes_one_more_epoch("run")
+    _no_temporaries(root)
+
+
+def test_sigterm_during_validation_waits_for_its_checkpoint_and_resume_is_exact(root, capsys, monkeypatch):
+    """Lightning would stop after the validation batch, before the epoch's checkpoint (the epoch's
+    training steps lost, and with them, in a first epoch, the run directory)."""
+    import csv
+
+    assert main(["fit", "c.yaml", "--run-dir", "reference", "trainer.max_epochs=2"]) == 0
+    capsys.readouterr()
+    sys.modules["sig_data"].CALLS.update(train=0, val=0, transfer=0)
+    monkeypatch.setenv("SIG_SELF", "val2")  # the first epoch's validation, half-way
+    assert main(["fit", "c.yaml", "--run-dir", "run", "trainer.max_epochs=2"]) == 143
+    last = (root / "run" / "checkpoints" / "last.ckpt").resolve()
+    _line(capsys.readouterr().err, f"regfw fit: error: stopped by SIGTERM at global step {STEPS} (epoch 1); saved "
+                                   f"{last} at global step {STEPS}. Continue with `regfw fit c.yaml --run-dir run "
+                                   f"--resume`.")
+    monkeypatch.delenv("SIG_SELF")
+    assert main(["fit", "c.yaml", "--run-dir", "run", "--resume", "trainer.max_epochs=2"]) == 0
+    weights = read_checkpoint(last)["state_dict"]
+    ref = read_checkpoint(root / "reference" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)  # bitwise
+
+    def rows(run: str) -> list[dict]:
+        with open(root / run / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    assert rows("run") == rows("reference")
     _no_temporaries(root)
 
 
