@@ -228,7 +228,8 @@ def check_loop_state(ckpt: Mapping[str, Any], path: PathLike, trainer: Mapping[s
     done = epochs_done(ckpt)
     max_epochs = trainer.get("max_epochs")
     if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
-        raise RunError(f"checkpoint {name!r} has finished {done} epochs (global step {step}), and "
+        epochs = f"{done} epoch{'' if done == 1 else 's'}"
+        raise RunError(f"checkpoint {name!r} has finished {epochs} (global step {step}), and "
                        f"trainer.max_epochs is {max_epochs}: there is nothing left to train. To train longer, "
                        f"resume with trainer.max_epochs={done + 1} or more.")
     max_steps = trainer.get("max_steps")
