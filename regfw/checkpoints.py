@@ -228,7 +228,8 @@ def check_loop_state(ckpt: Mapping[str, Any], path: PathLike, trainer: Mapping[s
     done = epochs_done(ckpt)
     max_epochs = trainer.get("max_epochs")
     if isinstance(max_epochs, int) and max_epochs >= 0 and done >= max_epochs:
-        raise RunError(f"checkpoint {name!r} has finished {done} epochs (global step {step}), and "
+        epochs = f"{done} epoch{'' if done == 1 else 's'}"
+        raise RunError(f"checkpoint {name!r} has finished {epochs} (global step {step}), and "
                        f"trainer.max_epochs is {max_epochs}: there is nothing left to train. To train longer, "
                        f"resume with trainer.max_epochs={done + 1} or more.")
     max_steps = trainer.get("max_steps")
@@ -304,7 +305,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     On SIGTERM (a scheduler preempting the job, ``kill``), Lightning stops after the current
     batch without saving; this callback saves ``last.ckpt`` at that batch first, so a resumed
-    run repeats nothing. Under DDP the ranks agree on the signal before saving (all of them must
+    run repeats nothing (a SIGTERM during validation, or at an epoch's last batch, waits for the
+    validation's or epoch's checkpoint instead). Under DDP the ranks agree on the signal before saving (all of them must
     take part in a save).
     """
 
@@ -408,7 +410,23 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._deferred_sigterm:  # the epoch-end checkpoint is written: now Lightning may stop
+        self._release_sigterm(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Lightning would stop after this batch, before the validation's checkpoint: every training
+        # step since the last checkpoint would be lost. A SIGTERM waits for the validation to end.
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._sigterm(trainer):
+            self._deferred_sigterm = True
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # the validation's checkpoint
+        self._release_sigterm(trainer)
+
+    def _release_sigterm(self, trainer: pl.Trainer) -> None:
+        if self._deferred_sigterm:  # the checkpoint it waited for is written: now Lightning may stop
             self._deferred_sigterm = False
             self.saved_on_sigterm = True
             trainer._signal_connector.received_sigterm = True

@@ -10,15 +10,14 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from regfw import __version__
-from regfw.errors import RegfwError, Terminated
+from regfw import __version__, stopping
+from regfw.errors import RegfwError, RunInterrupted, Terminated
 
 
 def _config(args: argparse.Namespace):
@@ -47,13 +46,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
                  force=args.force)
     if result.rank != 0:
         return 0
-    if result.resumed_from is not None:
-        print(f"\nresumed from:  {result.resumed_from}")
-    print(f"\nrun directory: {result.run_dir}")
-    print(f"config:        {result.config_path}")
-    print(f"checkpoint:    {result.checkpoint}")
-    for name, value in result.metrics.items():
-        print(f"{name}: {value:.4f}")
+    try:
+        if result.resumed_from is not None:
+            print(f"\nresumed from:  {result.resumed_from}")
+        print(f"\nrun directory: {result.run_dir}")
+        print(f"config:        {result.config_path}")
+        print(f"checkpoint:    {result.checkpoint}")
+        for name, value in result.metrics.items():
+            print(f"{name}: {value:.4f}")
+    except (Terminated, KeyboardInterrupt) as exc:  # the run is complete: only the report was cut short
+        signum = stopping.signal_of(exc) or signal.SIGTERM
+        state = stopping.RunState(signum, cfg.source, run_dir=result.run_dir, checkpoint=result.checkpoint,
+                                  finished=True, during="while printing the report",
+                                  max_epochs=cfg.trainer.get("max_epochs"))
+        raise RunInterrupted(stopping.message(state), exit_code=stopping.EXIT_STATUS[signum]) from None
     return 0
 
 
@@ -229,15 +235,36 @@ def _one_line(text: str, prefix: str) -> str:
     return text
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM outside training (which Lightning handles, calling this too): stop with a message."""
-    from regfw import run
-
-    if not run.TRAINING:
-        raise Terminated()
+def _signal_line(args: argparse.Namespace, exc: BaseException) -> tuple[str, int]:
+    """The line and exit status for a SIGTERM or SIGINT that no later step turned into a
+    :class:`~regfw.errors.RunInterrupted` (``regfw fit`` does from the moment it claims a run
+    directory): for ``fit``, nothing was written yet."""
+    signum = stopping.signal_of(exc) or signal.SIGTERM
+    if args.command != "fit":
+        return ("stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted (SIGINT)"), \
+            stopping.EXIT_STATUS[signum]
+    state = stopping.RunState(signum, args.config, resume=args.resume is not None)
+    return "error: " + stopping.message(state), stopping.EXIT_STATUS[signum]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``regfw`` command line; returns its exit status.
+
+    SIGTERM and SIGINT are handled from the first line on (:mod:`regfw.stopping`). With ``argv``
+    None (the process's own command line) the handlers stay once the command has finished, so a
+    signal while the process exits changes nothing; with ``argv`` given (a caller inside a longer
+    process) the previous handlers are put back.
+    """
+    restore = stopping.install()
+    try:
+        return _main(argv)
+    finally:
+        stopping.hold()
+        if argv is not None:
+            restore()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -246,44 +273,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             args.overrides = [*args.overrides, *extra]
     except _UsageError as exc:
+        stopping.hold()
         print(str(exc), file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as exc:
+        stopping.hold()
+        print(f"regfw: {'stopped by SIGTERM' if isinstance(exc, Terminated) else 'interrupted (SIGINT)'}",
+              file=sys.stderr)
+        return stopping.EXIT_STATUS[stopping.signal_of(exc) or signal.SIGTERM]
     handler = COMMANDS[args.command][0]
     prefix = f"regfw {args.command}:"
-    previous = signal.getsignal(signal.SIGTERM) if args.command == "fit" else None
     try:
-        if args.command == "fit" and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
         code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
+        stopping.hold()
         return code
     except RegfwError as exc:
+        stopping.hold()
         if args.debug:
             raise
         if not exc.quiet:  # other ranks of a multi-process run leave it to rank 0
             print(f"{prefix} error: {_one_line(str(exc), prefix)}", file=sys.stderr)
         return exc.exit_code
-    except Terminated:
-        print(f"{prefix} error: stopped by SIGTERM before training began; no run directory was kept (a run "
-              f"directory is kept once it holds a checkpoint).", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{prefix} interrupted (SIGINT)", file=sys.stderr)
-        return 130
+    except (Terminated, KeyboardInterrupt) as exc:
+        stopping.hold()
+        line, code = _signal_line(args, exc)
+        print(f"{prefix} {line}", file=sys.stderr)
+        return code
     except BrokenPipeError:
+        stopping.hold()
         # the reader went away (`regfw plugins | head`): stop quietly, as CLI tools do
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE
     except Exception as exc:  # noqa: BLE001 - one clear line; --debug for the traceback
+        stopping.hold()
         if args.debug:
             raise
         print(f"{prefix} error: {type(exc).__name__}: {_one_line(str(exc), prefix)} (run `regfw --debug "
               f"{args.command} ...` for the traceback)", file=sys.stderr)
         return 1
-    finally:
-        if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ Run directories and resume (what ``regfw fit`` does with them):
 
 * a new run gets a new directory ``<run.dir>/<run.name or config stem>-<timestamp>``;
 * ``--run-dir DIR`` uses DIR, which must not exist or be empty; ``--force`` replaces a DIR
-  that holds an earlier regfw run (it has a ``config.yaml``), and refuses any other non-empty
+  that holds an earlier regfw run (it has regfw's ``.regfw-run`` marker), and refuses any other non-empty
   directory;
 * ``--resume`` continues the newest run of the config (or the ``--run-dir`` one) from its
   ``checkpoints/last.ckpt``, in that directory; ``--resume PATH`` continues from PATH, in
@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import errno
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import torch
 
 from regfw.atomic import write_atomic
 from regfw.config import Config
-from regfw.errors import ConfigError, RegfwError, RunError, Terminated
+from regfw.errors import ConfigError, RegfwError, RunError
 
 
 def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Any:
@@ -412,37 +414,57 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     if ckpt_path is not None:
         C.check_loop_state(ckpt, ckpt_path, cfg.trainer)
 
+    from regfw import stopping
+
     claim = None
+    path: Path | None = None
     if rank != 0:
         if not explicit:
             raise RunError(f"this process (rank {rank}) found no run directory from rank 0; pass --run-dir DIR "
                            f"(or set {D.RUN_DIR_ENV}=DIR)")
         path = Path(explicit)  # rank 0 made it and writes into it
-    else:
-        from regfw.rundir import claim_existing
-
-        claim = claim_existing(resume_dir) if resume_dir is not None else claim_run_dir(cfg, explicit, force=force)
-        path = claim.path
-    global TRAINING
     try:
+        if rank == 0:
+            from regfw.rundir import claim_existing
+
+            with stopping.deferred():  # a signal waits until the claim is whole (and is then undone below)
+                claim = (claim_existing(resume_dir) if resume_dir is not None
+                         else claim_run_dir(cfg, explicit, force=force))
+                path = claim.path
+        assert path is not None
         return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank, heldout)
     except BaseException as exc:
-        if claim is not None and not claim.keep:
-            claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
+        with stopping.deferred(drop=True):  # a signal must not cut the clean-up short
+            if claim is not None and not claim.keep:
+                claim.abandon()  # nothing half-made: a start that failed before its first checkpoint leaves nothing
+        signum = stopping.signal_of(exc)
+        if signum is not None:  # before _train's trainer existed: nothing was trained in this start
+            raise stopping.stopped(signum, cfg, path, claim, ckpt_path, ckpt, rank=rank) from None
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"no space left on device writing {exc.filename or path}; the older files of the run are "
-                           f"intact. Free some space and continue with `regfw fit {cfg.source or 'CONFIG'} "
-                           f"--run-dir {path} --resume`.") from None
+            raise RunError(_no_space(exc, cfg, path, claim, ckpt_path)) from None
         raise
     finally:
-        TRAINING = False
         if claim is not None:
             claim.release()
 
 
-#: True while ``trainer.fit`` runs in this process: SIGTERM is then Lightning's to handle (it
-#: stops after the batch, and :class:`~regfw.checkpoints.RunCheckpoint` saves there).
-TRAINING = False
+def _no_space(exc: OSError, cfg: Config, path: Path | None, claim: Any, ckpt_path: Path | None) -> str:
+    """A full disk: the file, and what the run has to continue from (its newest complete checkpoint:
+    ``last.ckpt``, else the newest ``epoch=NNN.ckpt``), or that nothing of it was kept."""
+    src = cfg.source or "CONFIG"
+    head = f"no space left on device writing {exc.filename or path}"
+    if path is None or (claim is not None and not claim.keep and claim.created):
+        return f"{head}; nothing of the run was kept. Free some space and start it again."
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return (f"{head}; the older files of the run are intact, its newest complete checkpoint is {last}. Free "
+                f"some space and continue with `regfw fit {src} --run-dir {path} --resume`.")
+    epochs = sorted((path / "checkpoints").glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest = epochs[-1] if epochs else ckpt_path
+    if newest is None:
+        return f"{head}; the run has no complete checkpoint to continue from. Free some space and start it again."
+    return (f"{head}; the older files of the run are intact, its newest complete checkpoint is {newest}. Free some "
+            f"space and continue with `regfw fit {src} --resume {newest}`.")
 
 
 def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
@@ -454,9 +476,9 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
 
     from regfw import checkpoints as C
     from regfw import distributed as D
-    from regfw.errors import NonFiniteLossError, RunInterrupted
+    from regfw import stopping
+    from regfw.errors import NonFiniteLossError, Terminated
 
-    global TRAINING
     config_path = path / "config.yaml"
     if claim is not None:
         if ckpt_path is None or not config_path.exists():
@@ -489,11 +511,14 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
     announce = (D.announce_to_child_processes(str(path), str(ckpt_path) if ckpt_path else None)
                 if rank == 0 and trainer.world_size > 1 else contextlib.nullcontext())
     start_step = int(ckpt.get("global_step") or 0)
-    resume_how = f"`regfw fit {cfg.source or 'CONFIG'} --run-dir {path} --resume`"
     if claim is not None:
         ckpt_cb.on_save = claim.keep_run  # from the first checkpoint on, a failed run is kept for --resume
+
+    def stopped(signum: int, during: str = "") -> RunError:
+        return stopping.stopped(signum, cfg, path, claim, ckpt_path, ckpt, trainer, ckpt_cb, during, rank)
+
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
-        TRAINING = True
         with announce:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except NonFiniteLossError as exc:
@@ -502,25 +527,18 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
             f"trainer.gradient_clip_val) and start a new run, or set run.on_nan=skip to leave such batches out.",
             quiet=rank != 0)  # every rank stops alike; rank 0 reports
         raise error from None
-    except SIGTERMException:
-        how = (f"saved {ckpt_cb.last_path} at global step {trainer.global_step}" if ckpt_cb.saved_on_sigterm else
-               f"the newest checkpoint is {_last_good(ckpt_cb)}; resuming repeats the steps after it")
-        error = RunInterrupted(f"stopped by SIGTERM at global step {trainer.global_step} "
-                               f"(epoch {trainer.current_epoch}); "
-                               f"{how}. Continue with {resume_how}.", quiet=rank != 0)
-        raise error from None
+    except SIGTERMException:  # Lightning's handler had it: training stopped after a batch
+        raise stopped(signal.SIGTERM) from None
+    except (Terminated, KeyboardInterrupt) as exc:  # before Lightning's handler, or after its teardown
+        raise stopped(stopping.signal_of(exc) or signal.SIGTERM,
+                      "as Lightning finished" if stopping.finished(trainer) else "") from None
     except SystemExit as exc:
         if trainer.state.status != TrainerStatus.INTERRUPTED:
             raise
-        import signal
-
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C from here on
+        if sigint is not None:  # Lightning ignores a second Ctrl-C from here on; this handler decides again
+            signal.signal(signal.SIGINT, sigint)
         del exc
-        error = RunInterrupted(f"interrupted (SIGINT) at global step {trainer.global_step} (epoch "
-                               f"{trainer.current_epoch}); the newest checkpoint is {_last_good(ckpt_cb)}; resuming "
-                               f"repeats the steps after it. Continue with {resume_how}.", exit_code=130,
-                               quiet=rank != 0)
-        raise error from None
+        raise stopped(signal.SIGINT) from None
     except RegfwError:
         raise
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
@@ -533,25 +551,25 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
                           f"{cfg.data.name or cfg.data.class_path!r} failed: {type(exc).__name__}: {text[:300]}. "
                           f"Check that the model's forward returns one tensor of the shape the loss expects "
                           f"(model.loss, model.init_args).", key="model") from None
-    finally:
-        TRAINING = False
+    if getattr(trainer, "received_sigterm", False):  # it came after Lightning's last look at it
+        raise stopped(signal.SIGTERM, "as Lightning finished")
     last = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else None
     if last is None and ckpt_cb.last_path.is_file():
         last = ckpt_cb.last_path  # written by spawned processes (ddp_spawn), whose callbacks stay there
     if rank != 0 or not trainer.is_global_zero:
         return FitResult(path, config_path, last, module=module, resumed_from=ckpt_path, rank=rank)
+    plots: dict[str, str] = {}
     try:
         metrics = {}
         train_loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
         for split, loader in (("train", train_loader), ("val", datamodule.val_dataloader())):
             for name, value in evaluate(module, loader).items():
                 metrics[f"{split}_{name}"] = value
-    except Terminated:
-        raise RunInterrupted(f"stopped by SIGTERM after training finished, during the final evaluation; training is "
-                             f"complete and saved in {last}.") from None
-    plots: dict[str, str] = {}
-    if mc is not None:
-        metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items() if k.startswith("mc/")})
-        metrics.update({k.replace("/", "_"): v for k, v in mc.last_metrics.items() if not k.startswith("mc/")})
-        plots = dict(mc.flush_plots())
+        if mc is not None:
+            metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items()
+                            if k.startswith("mc/")})
+            metrics.update({k.replace("/", "_"): v for k, v in mc.last_metrics.items() if not k.startswith("mc/")})
+            plots = dict(mc.flush_plots())
+    except (Terminated, KeyboardInterrupt) as exc:
+        raise stopped(stopping.signal_of(exc) or signal.SIGTERM, "during the final evaluation") from None
     return FitResult(path, config_path, last, metrics, plots=plots, module=module, resumed_from=ckpt_path)

@@ -196,7 +196,12 @@ class Claim:
             return
         for name in reversed(self.written):
             (self.path / name).unlink(missing_ok=True)
-        for sub in ("checkpoints", "plots"):
+        if MARKER in self.written:  # a new run in a given empty directory: all of regfw's files there are this
+            for child in self.path.rglob("*"):  # start's, also those Lightning's logger wrote (hparams.yaml)
+                if child.is_file() and not child.is_symlink() and child.name != LOCK and _regfw_file(
+                        child.relative_to(self.path)):
+                    child.unlink(missing_ok=True)
+        for sub in ("checkpoints", "plots", "tensorboard"):
             with _quietly():
                 for d in sorted((self.path / sub).rglob("*"), reverse=True):
                     if d.is_dir():

@@ -124,6 +124,34 @@ _VALUES = [
     (["model=[1]"], "model"), (["seeds=1"], "seeds"),
 ]
 
+# models of the user's that cannot work: an int, a factory returning a string, an __init__ that raises,
+# a forward that returns a tuple (written to badmodels.py by _all_cases)
+BAD_MODELS = """
+from torch import nn
+
+INT = 3
+
+def to_string(**kwargs):
+    return "not a module"
+
+class Raising(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        raise RuntimeError("cannot build me")
+
+class Pair(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.body = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.body(x), x
+"""
+_MODELS = [
+    (["model.class_path=badmodels.INT"], "model.class_path"), (["model.class_path=badmodels.to_string"], "model"),
+    (["model.class_path=badmodels.Raising"], "cannot build me"), (["model.class_path=badmodels.Pair"], "tuple"),
+]
+
 _OVERRIDES = [
     (["seed=[1,2"], "seed=[1,2"), ([".seed=1"], ".seed=1"), (["=1"], "=1"), (["seed."], "seed."),
     (["trainer..max_epochs=2"], "trainer..max_epochs"), (["seed={a"], "seed={a"),
@@ -243,7 +271,9 @@ def _all_cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
     cfg = str(tmp / "c.yaml")
     (tmp / "c.yaml").write_text(GOOD)
     (tmp / "adir2").mkdir()
-    cases = [(["fit", cfg, *o], key) for o, key in _schema_cases() + _trainer_cases() + _VALUES + _OVERRIDES]
+    (tmp / "badmodels.py").write_text(BAD_MODELS)
+    cases = [(["fit", cfg, *o], key) for o, key in
+             _schema_cases() + _trainer_cases() + _VALUES + _MODELS + _OVERRIDES]
     cases += [(["fit", *f], key) for f, key in _file_cases(tmp)]
     cases += [(["plan", *f], key) for f, key in _file_cases_plan(tmp)]
     cases += _checkpoint_cases(root, tmp) + _cli_cases(tmp)
@@ -256,11 +286,12 @@ def _file_cases_plan(tmp: Path) -> list[tuple[list[str], str]]:
 
 def _snapshot(directory: Path) -> dict:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_fifo()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_fifo() and "__pycache__" not in p.parts}
 
 
 def test_every_bad_input_is_one_named_line_and_exit_2(good_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # badmodels.py
     cases = _all_cases(good_run, tmp_path)
     assert len(cases) >= 150
     before = _snapshot(tmp_path), _snapshot(good_run)

@@ -165,6 +165,10 @@ def test_a_failed_start_leaves_nothing_and_resume_picks_the_newest_resumable_run
     assert "model: the first training step of 'pair_model.Pair' with cross_entropy loss on 'digits' failed: " \
            "TypeError: " in _one_error_line(capsys)
     assert not Path("runs").exists()  # not even the parent it would have made
+    Path("mine").mkdir()  # a given empty directory stays, emptied again (Lightning's hparams.yaml too)
+    assert main(["fit", str(pair), "--run-dir", "mine"]) == 2
+    capsys.readouterr()
+    assert Path("mine").is_dir() and not list(Path("mine").iterdir())
 
     assert main(["fit", str(cfg)]) == 0
     (good,) = Path("runs").iterdir()
@@ -208,7 +212,54 @@ def test_a_full_disk_is_named_and_the_older_checkpoint_stays_intact(cfg, tmp_pat
     run = tmp_path / "run"
     assert main(["fit", str(cfg), "--run-dir", str(run), "trainer.max_epochs=2"]) == 2
     err = _one_error_line(capsys)
-    assert f"regfw fit: error: no space left on device writing {run}/checkpoints/last.ckpt; the older files of " \
-           f"the run are intact. Free some space and continue with" in err
+    assert err == (f"regfw fit: error: no space left on device writing {run}/checkpoints/last.ckpt; the older files "
+                   f"of the run are intact, its newest complete checkpoint is {run}/checkpoints/last.ckpt. Free some "
+                   f"space and continue with `regfw fit {cfg} --run-dir {run} --resume`.")
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0  # the older one, whole
     assert not [p.name for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def _full_at(monkeypatch, name: str) -> None:
+    """The first write of ``name`` fails on a full disk (see the test above)."""
+    import errno
+    import io
+
+    import regfw.atomic as A
+
+    real_open = A._open_temporary
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(path, mode, **kw):
+        if path.name.startswith(f".{name}.tmp-"):
+            monkeypatch.setattr(A, "_open_temporary", real_open)
+            return Full(path, "w")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(A, "_open_temporary", opener)
+
+
+def test_a_full_disk_names_the_checkpoint_to_continue_from_or_that_nothing_was_kept(cfg, tmp_path, monkeypatch,
+                                                                                   capsys):
+    # the first last.ckpt fails after epoch=000.ckpt was written: that one is what to resume from
+    run = tmp_path / "run"
+    _full_at(monkeypatch, "last.ckpt")
+    assert main(["fit", str(cfg), "--run-dir", str(run), "trainer.max_epochs=2"]) == 2
+    epoch0 = run / "checkpoints" / "epoch=000.ckpt"
+    assert _one_error_line(capsys) == (
+        f"regfw fit: error: no space left on device writing {run}/checkpoints/last.ckpt; the older files of the run "
+        f"are intact, its newest complete checkpoint is {epoch0}. Free some space and continue with `regfw fit "
+        f"{cfg} --resume {epoch0}`.")
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    assert main(["fit", str(cfg), "--resume", str(epoch0), "trainer.max_epochs=2"]) == 0  # as the message says
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+    # no checkpoint yet (the disk is full at config.yaml): nothing is kept, and the message says so
+    _full_at(monkeypatch, "config.yaml")
+    assert main(["fit", str(cfg), "--run-dir", str(tmp_path / "run2")]) == 2
+    assert _one_error_line(capsys) == (f"regfw fit: error: no space left on device writing {tmp_path / 'run2'}/"
+                                       f"config.yaml; nothing of the run was kept. Free some space and start it again.")
+    assert not (tmp_path / "run2").exists()
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]

@@ -323,16 +323,3 @@ def interval_calibration_error(
     """Mean absolute gap between observed coverage and nominal level over ``levels``."""
     cov = interval_coverage(mean, variance, target, levels)
     return sum(abs(c - lv) for lv, c in cov.items()) / len(cov)
-
-
-_MOVED = ("MCClassificationMetrics", "MCRegressionMetrics", "ProbabilityCalibration")
-
-
-def __getattr__(name: str) -> object:
-    """The torchmetrics classes moved to :mod:`regfw.uncertainty.accumulators`; the old import path
-    keeps working (imported on first use, as that module imports this one)."""
-    if name in _MOVED:
-        from regfw.uncertainty import accumulators
-
-        return getattr(accumulators, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
