@@ -44,7 +44,14 @@ def check_inputs(inputs: Any, strategy: str) -> None:
 
 
 def output_error(out: Any) -> TypeError:
-    """The refusal of a forward that returned something other than one tensor (a dict has its own)."""
+    """The refusal of a forward that returned something other than one tensor."""
+    if isinstance(out, dict):
+        keys = ", ".join(repr(k) for k in out)
+        return TypeError(
+            f"Monte Carlo sampling needs a model whose forward returns one tensor, got a dict with keys {keys} "
+            f"(as torchvision segmentation models return). Wrap the model so that forward returns the tensor "
+            f"to sample, e.g. forward(x) = model(x)[{next(iter(out), 'out')!r}]."
+        )
     per_image = isinstance(out, (list, tuple)) and bool(out) and all(isinstance(v, dict) for v in out)
     why = (" (a detection model's per-image results: their number of boxes changes from sample to sample, so T "
            "samples cannot be stacked and averaged position by position)") if per_image else ""

@@ -95,13 +95,6 @@ Strategy = Callable[..., Tensor]
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
     out = model(x)
-    if isinstance(out, dict):
-        keys = ", ".join(repr(k) for k in out)
-        raise TypeError(
-            f"Monte Carlo sampling needs a model whose forward returns one tensor, got a dict with keys {keys} "
-            f"(as torchvision segmentation models return). Wrap the model so that forward returns the tensor "
-            f"to sample, e.g. forward(x) = model(x)[{next(iter(out), 'out')!r}]."
-        )
     if not isinstance(out, Tensor):
         raise output_error(out)
     return out
