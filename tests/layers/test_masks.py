@@ -86,3 +86,64 @@ def test_alpha_dropout_word_path_matches_torch_in_distribution():
     ours = alpha_dropout(torch.zeros(10_000), 0.2).unique()
     theirs = torch.nn.functional.alpha_dropout(torch.zeros(10_000), 0.2, training=True).unique()
     assert torch.allclose(ours, theirs)
+
+
+@pytest.mark.parametrize("p", [2**-18, 0.01, 0.3, 0.5, 0.9, 1 - 2**-18])
+def test_keep_mask_is_the_complement_of_the_drop_mask_under_the_same_seed(p):
+    """keep_scale_mask compares the slices straight into the mask's dtype (``>=``); drop_mask keeps
+    the boolean ``<``: the same entries, so the rate tested above holds for both."""
+    like = torch.empty(1)
+    torch.manual_seed(7)
+    keep = masks.keep_scale_mask(like, (257, 33), p, scale=1.0)
+    torch.manual_seed(7)
+    drop = masks.drop_mask((257, 33), p)
+    assert keep.dtype == torch.float32
+    assert torch.equal(keep == 1.0, ~drop) and torch.equal(keep == 0.0, drop)
+
+
+def test_results_without_gradients_never_share_the_reused_mask_buffer():
+    """Without autograd the mask lives in a reused buffer: an earlier result must not change when the
+    next mask is drawn, and the values are those of the fresh-mask path under the same seed."""
+    x = torch.randn(64, 300)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        first = dropout(x, 0.4)
+        kept = first.clone()
+        second = dropout(x, 0.4)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    torch.manual_seed(3)
+    fresh = x * masks.keep_scale_mask(x, x.shape, 0.4)
+    assert torch.equal(first, fresh)
+
+
+def test_gradients_use_their_own_mask_when_more_masks_are_drawn_before_backward():
+    x = torch.randn(32, 200, requires_grad=True)
+    y = dropout(x, 0.5)
+    with torch.no_grad():
+        for _ in range(3):
+            dropout(torch.randn(32, 200), 0.5)  # reuses the scratch buffer
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * 2.0)
+
+
+def test_scratch_buffers_made_under_inference_mode_work_outside_it():
+    """Lightning validates under inference mode; a thread's first mask drawn there must not leave
+    an inference tensor that the next training step cannot write."""
+    import threading
+
+    errors = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                dropout(torch.randn(16, 16), 0.3)
+            dropout(torch.randn(16, 16), 0.3)
+            with torch.no_grad():
+                dropout(torch.randn(16, 16), 0.3)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
