@@ -43,7 +43,7 @@ from regfw.uncertainty.sampling import (
     _check_samples,
     mc_predict,
 )
-from regfw.uncertainty.summaries import SCORES, classes_last, classification_summary
+from regfw.uncertainty.summaries import SCORES, class_softmax, classes_last, classification_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     from regfw.config import UncertaintyConfig
@@ -413,7 +413,7 @@ class MCDropoutUncertainty(pl.Callback):
         if self.calibrate or self.ood_loader is not None:
             logits = self._transform(result.outputs)
         if self.calibrate and self.temperature is not None and logits is not None:
-            probs = torch.softmax(Temperature(self.temperature)(logits).float(), dim=-1)
+            probs = class_softmax(Temperature(self.temperature)(logits).float())
             summary = classification_summary(probs)
             self._cal_metric.update(summary, y)
             if result.deterministic is not None and self.det_temperature is not None:
@@ -437,7 +437,7 @@ class MCDropoutUncertainty(pl.Callback):
                                    derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i),
                                    deterministic=False)  # OOD scores use the MC predictive only
             logits = Temperature(t)(self._transform(result.outputs))
-            summary = classification_summary(torch.softmax(logits.float(), dim=-1))
+            summary = classification_summary(class_softmax(logits.float()))
             self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

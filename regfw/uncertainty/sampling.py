@@ -51,6 +51,7 @@ from regfw.uncertainty.rng import derive_seed, isolated_rng, resolve_seed, rng_d
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
+    class_softmax,
     classification_summary,
     regression_summary,
 )
@@ -370,7 +371,7 @@ def _summarise(
 
             d = None if det is None else classes_last(apply(det.unsqueeze(0)))[0]
             return dense_classification_summary(classes_last(logits), d, DEFAULT_BUDGET_BYTES), None, None
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = class_softmax(logits.float())
         det_probs = None
         if det is not None:
             det_probs = torch.softmax(apply(det.unsqueeze(0)).float(), dim=-1)[0]

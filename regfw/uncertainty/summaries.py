@@ -50,6 +50,7 @@ __all__ = [
     "dense_classification_summary",
     "classes_last",
     "per_input",
+    "class_softmax",
     "SCORES",
 ]
 
@@ -58,6 +59,28 @@ SCORES: tuple[str, ...] = ("entropy", "mutual_information", "variation_ratio", "
 
 #: Smallest variance used inside a log or a division (regression), to keep NLL finite.
 MIN_VARIANCE = 1e-12
+
+
+#: Up to this many classes :func:`class_softmax` reduces over a leading class dimension.
+_FEW_CLASSES = 32
+
+
+def class_softmax(logits: Tensor) -> Tensor:
+    """``torch.softmax(logits, dim=-1)`` (classes last), to float round-off, fast for few classes.
+
+    torch's kernel walks the rows one at a time, which for a handful of classes costs far more
+    than the arithmetic: measured on one CPU thread, ``[30, 218, 5]`` float32 logits (the demo's
+    30 samples of a validation batch) took 0.68 ms with ``torch.softmax`` and 0.2 ms here. With up
+    to 32 classes the maximum, the exponentials and their sum are taken with the classes as the
+    leading dimension, vectorised over all rows; otherwise, and for tiny inputs, torch's kernel.
+    """
+    c = logits.shape[-1] if logits.dim() else 0
+    if logits.dim() < 2 or c > _FEW_CLASSES or logits.numel() < 4096:
+        return torch.softmax(logits, dim=-1)
+    x = logits.movedim(-1, 0).contiguous()
+    e = (x - x.amax(0)).exp_()
+    e /= e.sum(0)
+    return e.movedim(0, -1).contiguous()
 
 
 def _check_probs(probs: Tensor) -> None:
@@ -168,6 +191,7 @@ def classification_summary(
     mean = probs.mean(0)
     pe = entropy(mean)
     ee = entropy(probs).mean(0)
+    deviation = probs - mean  # the population variance in two passes: torch.var(0) ran 10x slower here
     return ClassificationSummary(
         mean_probs=mean,
         prediction=mean.argmax(-1),
@@ -175,7 +199,7 @@ def classification_summary(
         expected_entropy=ee,
         mutual_information=(pe - ee).clamp_min(0.0),
         variation_ratio=variation_ratio(probs),
-        class_variance=probs.var(0, unbiased=False),
+        class_variance=(deviation * deviation).mean(0),
         deterministic_probs=deterministic_probs,
     )
 
@@ -316,7 +340,7 @@ def dense_classification_summary(
     rows = b if budget_bytes is None else max(1, min(b, int(budget_bytes) // per_row))
     parts = []
     for start in range(0, b, rows):
-        chunk = torch.softmax(logits[:, start:start + rows].float(), dim=-1)
+        chunk = class_softmax(logits[:, start:start + rows].float())
         det = None
         if deterministic_logits is not None:
             det = torch.softmax(deterministic_logits[start:start + rows].float(), dim=-1)

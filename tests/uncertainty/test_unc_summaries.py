@@ -121,3 +121,24 @@ def test_regression_argument_errors():
         regression_summary(m, tau=0.0)
     with pytest.raises(ValueError, match="shape"):
         regression_summary(m, torch.ones(3, 2, 2))
+
+
+@pytest.mark.parametrize("shape", [(30, 218, 5), (4, 8, 200, 2), (30, 218, 32), (30, 218, 33), (3, 1), (2, 4096, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_softmax_is_torch_softmax_to_round_off(shape, dtype):
+    """The classes-leading path (few classes) and torch's kernel (many classes, tiny inputs) agree
+    with torch.softmax to a few ulps; -inf logits get probability exactly 0, rows sum to 1."""
+    from regfw.uncertainty.summaries import class_softmax
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = (6 * torch.randn(shape, generator=gen)).to(dtype)
+    if shape[-1] > 1:
+        logits[..., 0] = -math.inf
+    out = class_softmax(logits)
+    ref = torch.softmax(logits, dim=-1)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert torch.allclose(out, ref, rtol=tol, atol=tol)
+    if shape[-1] > 1:
+        assert torch.all(out[..., 0] == 0)
+    assert torch.allclose(out.sum(-1), torch.ones((), dtype=dtype), atol=10 * tol)
