@@ -187,7 +187,7 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 def _tick_label(v: float, ticks: Sequence[float]) -> str:
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(v) or 1.0
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if _digits(step) > 1 else 0)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9) + (1 if _digits(step) > 1 else 0))
     return f"{v:.{decimals}f}" if abs(v) < 1e5 else f"{v:.3g}"
 
 
