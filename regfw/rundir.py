@@ -59,7 +59,7 @@ def _regfw_file(rel: Path) -> bool:
     if parts[0] == "tensorboard":  # trainer.logger: tensorboard
         return True
     if parts[0] == "plots":
-        return len(parts) == 3 and bool(_PLOT.match(parts[1])) and parts[2].endswith(".png")
+        return len(parts) == 3 and bool(_PLOT.match(parts[1])) and parts[2].endswith((".svg", ".png"))
     return False
 
 

@@ -1,8 +1,10 @@
 """The MC callback's figures: drawn from CPU copies of its metric states, on a background thread.
 
-Drawing with matplotlib costs more than sampling on small models, so the callback hands the data
-to :class:`PlotQueue` (one worker thread, one epoch's figures at a time, in order) and the training
-loop does not wait; :func:`draw_plots` is what the worker runs.
+The figures are written as SVG (a few milliseconds each) unless PNG is asked for, and a PNG or a
+logger taking matplotlib figures costs matplotlib's drawing time, more than sampling on small
+models; so the callback hands the data to :class:`PlotQueue` (one worker thread, one epoch's
+figures at a time, in order) and the training loop does not wait; :func:`draw_plots` is what the
+worker runs.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ class PlotQueue:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[dict[str, str]] | None = None
 
-    def submit(self, data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int, prefix: str) -> None:
+    def submit(self, data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int, prefix: str,
+               fmt: str = "svg") -> None:
         """Start drawing; the previous set must have been waited for (:meth:`wait`)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regfw-plots")
-        self._pending = self._executor.submit(draw_plots, data, directory, loggers, step, prefix)
+        self._pending = self._executor.submit(draw_plots, data, directory, loggers, step, prefix, fmt)
 
     def wait(self) -> dict[str, str] | None:
         """The files the pending set wrote, once drawn; None when nothing was pending or it failed
@@ -49,38 +52,43 @@ class PlotQueue:
 
 
 def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
-                prefix: str) -> dict[str, str]:
+               prefix: str, fmt: str = "svg") -> dict[str, str]:
     """Draw the figures of the callback's plot data (``MCDropoutUncertainty._plot_data``), write
-    them and send them to image-capable loggers; runs on the plot thread."""
+    them as ``fmt`` (``svg`` or ``png``) and send them to loggers whose experiment takes matplotlib
+    figures (``add_figure``); runs on the plot thread."""
     from regfw.uncertainty import plots
 
-    figures = {}
+    charts = {}
     if data["task"] == "classification":
-        figures["reliability"] = plots.reliability_figure(
+        charts["reliability"] = plots.reliability_figure(
             data["reliability"], after=data.get("reliability_after"), temperature=data.get("temperature"))
         fr, acc = data["referral"]
-        figures["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
-        figures["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
-                                                             score_name=data["score_name"])
-        figures["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
+        charts["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
+        charts["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
+                                                            score_name=data["score_name"])
+        charts["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
         if "ood" in data:
-            figures["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
+            charts["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
     else:
         cov = data["coverage"]
-        figures["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
+        charts["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
         fr, mse = data["referral"]
-        figures["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
-                                                    title="Referral curve")
-        figures["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
+        charts["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
+                                                   title="Referral curve")
+        charts["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
+    takers = [add for add in (getattr(getattr(lg, "experiment", None), "add_figure", None) for lg in loggers)
+              if callable(add)]
     written: dict[str, str] = {}
-    for name, fig in figures.items():
-        written[name] = plots.save_figure(fig, os.path.join(directory, f"{name}.png"))
-        for logger in loggers:
-            experiment = getattr(logger, "experiment", None)
-            add_figure = getattr(experiment, "add_figure", None)
-            if callable(add_figure):
-                try:
-                    add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
-                except Exception as exc:  # a logger failing to take an image must not stop training
-                    rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
+    for name, chart in charts.items():
+        written[name] = plots.save_chart(chart, os.path.join(directory, f"{name}.{fmt}"))
+        if not takers:
+            continue
+        from regfw.uncertainty.chart_mpl import to_figure
+
+        fig = to_figure(chart)
+        for add_figure in takers:
+            try:
+                add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
+            except Exception as exc:  # a logger failing to take an image must not stop training
+                rank_zero_warn(f"MCDropoutUncertainty: could not send plot {name!r} to the logger: {exc}")
     return written

@@ -1,28 +1,30 @@
 """Uncertainty plots: reliability diagram, referral and risk-coverage curves, score histograms.
 
-matplotlib is imported lazily, only here, and figures are built with the object API on the
-Agg canvas (no pyplot state, no display needed). Files are written atomically: to a temporary
-file in the target directory, then ``os.replace``, so a reader never sees half a PNG.
+Each function returns a :class:`~regfw.uncertainty.chart.Chart` (the figure as data);
+:func:`save_chart` writes it as SVG (the default: written directly, a few milliseconds) or PNG
+(drawn with matplotlib, :mod:`regfw.uncertainty.chart_mpl`). Files are written atomically: to a
+temporary file in the target directory, then ``os.replace``, so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from regfw.atomic import atomic_open
+from regfw.uncertainty.chart import Bars, Chart, Hist, Line, Panel, Text, VLine
 
 if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
-
     from regfw.uncertainty.metrics import ReliabilityData
     from regfw.uncertainty.selective import RiskCoverage
 
 __all__ = [
-    "new_figure",
-    "save_figure",
+    "FORMATS",
+    "save_chart",
     "reliability_figure",
     "referral_figure",
     "score_histogram_figure",
@@ -31,180 +33,154 @@ __all__ = [
     "ood_histogram_figure",
 ]
 
-
-def new_figure(figsize: tuple[float, float] = (4.5, 4.0)) -> Figure:
-    """A matplotlib Figure on the Agg canvas, independent of pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=80)
-    FigureCanvasAgg(fig)
-    return fig
+#: File formats :func:`save_chart` writes.
+FORMATS = ("svg", "png")
 
 
-def save_figure(fig: Figure, path: str | os.PathLike) -> str:
-    """Write ``fig`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
+def save_chart(chart: Chart, path: str | os.PathLike) -> str:
+    """Write ``chart`` to ``path`` atomically (temporary file + ``os.replace``), as SVG or PNG by
+    the suffix."""
     path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ValueError(f"save_chart: {path!r} should end in .svg or .png")
+    if suffix == "svg":
+        with atomic_open(path, "w") as fh:
+            fh.write(chart.to_svg())
+        return path
+    from regfw.uncertainty.chart_mpl import to_figure
+
+    fig = to_figure(chart)
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png")
     return path
 
 
-def _np(x: Tensor | Sequence[float]):
-    import numpy as np
-
+def _list(x: Tensor | Sequence[float]) -> list[float]:
     if isinstance(x, Tensor):
-        return x.detach().double().cpu().numpy()
-    return np.asarray(x, dtype=float)
+        return [float(v) for v in x.detach().double().cpu().flatten().tolist()]
+    return [float(v) for v in x]
 
 
-def _reliability_panel(ax, ax_n, data: ReliabilityData, title: str) -> None:
-    import numpy as np
+def _edges(values: Sequence[float], bins: int) -> list[float]:
+    """``bins + 1`` equal-width edges over the finite values (a unit-free span when all are equal)."""
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if not hi > lo:
+        hi = lo + 1e-6
+    return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
 
-    edges = _np(data.edges)
-    width = np.diff(edges)
-    left = edges[:-1]
-    count = _np(data.count)
-    filled = count > 0  # bars (accuracy and gap) only where samples fell
-    acc = _np(data.accuracy)[filled]
-    conf = _np(data.confidence)[filled]
-    ax.bar(left[filled], acc, width=width[filled], align="edge", edgecolor="black", color="#4c72b0",
-           label="accuracy")
-    ax.bar(left[filled], conf - acc, bottom=acc, width=width[filled], align="edge", fill=False, hatch="///",
-           edgecolor="#c44e52", lw=0.8, label="gap to mean confidence")
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE {data.ece:.3f})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=7)
-    ax_n.bar(left[filled], count[filled], width=width[filled], align="edge", color="gray", edgecolor="black")
-    top = float(count.max()) if count.size else 1.0
-    for x, w, n in zip(left[filled], width[filled], count[filled], strict=True):
-        ax_n.text(x + w / 2, n + 0.02 * top, f"{int(n)}", ha="center", va="bottom", fontsize=6)
-    ax_n.set_ylim(0, top * 1.25 if top > 0 else 1)
-    ax_n.set_xlabel("confidence")
-    ax_n.set_ylabel("count")
+
+def _density(values: Sequence[float], edges: Sequence[float]) -> list[float]:
+    """Histogram of ``values`` over ``edges`` normalised to unit area (the last bin is closed)."""
+    t = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
+    e = torch.tensor(list(edges), dtype=torch.float64)
+    if t.numel() == 0:
+        return [0.0] * (len(edges) - 1)
+    counts = torch.histogram(t, bins=e).hist
+    widths = e[1:] - e[:-1]
+    return _list(counts / (counts.sum() * widths))
+
+
+def _reliability_panels(data: ReliabilityData, title: str) -> tuple[Panel, Panel]:
+    edges = _list(data.edges)
+    count = _list(data.count)
+    filled = [i for i, n in enumerate(count) if n > 0]  # bars (accuracy and gap) only where samples fell
+    left = [edges[i] for i in filled]
+    width = [edges[i + 1] - edges[i] for i in filled]
+    acc = [_list(data.accuracy)[i] for i in filled]
+    conf = [_list(data.confidence)[i] for i in filled]
+    top = Panel(title=f"{title} (ECE {data.ece:.3f})", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+                legend="upper left", title_size=11, legend_size=8, marks=[
+                    Bars(left, acc, width, label="accuracy"),
+                    Bars(left, [c - a for c, a in zip(conf, acc, strict=True)], width, bottom=acc, color=None,
+                         edge="#c44e52", hatch=True, label="gap to mean confidence"),
+                    Line([0, 1], [0, 1], color="black", width=1, dashed=True, label="perfect calibration")])
+    n = [count[i] for i in filled]
+    peak = max(n) if n else 1.0
+    bottom = Panel(xlabel="confidence", ylabel="count", xlim=(0, 1), ylim=(0, peak * 1.25),
+                   marks=[Bars(left, n, width, color="gray"),
+                          *(Text(a + w / 2, c + 0.02 * peak, f"{int(c)}", size=7)
+                            for a, w, c in zip(left, width, n, strict=True))])
+    return top, bottom
 
 
 def reliability_figure(data: ReliabilityData, title: str = "Reliability diagram", *,
-                       after: ReliabilityData | None = None, temperature: float | None = None) -> Figure:
+                       after: ReliabilityData | None = None, temperature: float | None = None) -> Chart:
     """Accuracy per confidence bin against the diagonal, the gap to the bin's mean confidence
-    shaded, and the number of inputs per bin (written on each bar) below. Only bins that hold
+    hatched, and the number of inputs per bin (written on each bar) below. Only bins that hold
     inputs get bars. With ``after`` (the same data after temperature scaling) a second column
     shows it."""
-    cols = 1 if after is None else 2
-    fig = new_figure((4.5 * cols, 5.0))
-    axes = fig.subplots(2, cols, sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
-    _reliability_panel(axes[0][0], axes[1][0], data, title if after is None else "before calibration")
-    if after is not None:
-        label = "after calibration" + (f", T = {temperature:.2f}" if temperature is not None else "")
-        _reliability_panel(axes[0][1], axes[1][1], after, label)
-    return fig
+    if after is None:
+        top, bottom = _reliability_panels(data, title)
+        return Chart([top, bottom], cols=1, size=(360, 400), row_heights=(3, 1.3))
+    label = "after calibration" + (f", T = {temperature:.2f}" if temperature is not None else "")
+    t0, b0 = _reliability_panels(data, "before calibration")
+    t1, b1 = _reliability_panels(after, label)
+    return Chart([t0, t1, b0, b1], cols=2, size=(720, 400), row_heights=(3, 1.3))
 
 
 def referral_figure(
     fractions: Tensor, values: Tensor, ylabel: str = "accuracy on retained",
     title: str = "Referral curve", marker: float | None = None,
-) -> Figure:
+) -> Chart:
     """The metric on the retained inputs against the fraction referred to review."""
-    fig = new_figure()
-    ax = fig.subplots()
-    ax.plot(_np(fractions), _np(values), lw=1.5)
+    marks: list = [Line(_list(fractions), _list(values))]
     if marker is not None:
-        ax.axvline(marker, color="gray", ls=":", lw=1, label=f"referred {marker:.2f}")
-        ax.legend(loc="best", fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("fraction referred")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return fig
+        marks.append(VLine(float(marker), label=f"referred {marker:.2f}"))
+    return Chart([Panel(marks, title=title, xlabel="fraction referred", ylabel=ylabel, xlim=(0, 1), grid=True,
+                        legend="best" if marker is not None else None)])
 
 
 def score_histogram_figure(
     score: Tensor, correct: Tensor | None = None, score_name: str = "uncertainty",
     bins: int = 30,
-) -> Figure:
-    """Histogram of the uncertainty score, split into correct and incorrect when given."""
-    import numpy as np
-
-    fig = new_figure()
-    ax = fig.subplots()
-    s = _np(score)
-    s = s[np.isfinite(s)]
-    if s.size == 0:
-        edges = np.linspace(0, 1, bins + 1)
-    else:
-        lo, hi = float(s.min()), float(s.max())
-        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-    # histtype="stepfilled": one polygon per histogram, drawn like the edgeless bars of the default
-    # "bar" type, instead of a Rectangle per bin (building those patches was most of the plot time)
+) -> Chart:
+    """Histogram of the uncertainty score, split into correct and incorrect (each as a density)
+    when given."""
+    s = _list(score)
+    edges = _edges(s, bins)
     if correct is None:
-        ax.hist(s, bins=edges.tolist(), color="#4c72b0", alpha=0.8, histtype="stepfilled")
-    else:
-        raw = _np(score)
-        c = _np(correct).astype(bool)
-        ok = np.isfinite(raw)
-        for mask, color, label in ((ok & c, "#55a868", "correct"), (ok & ~c, "#c44e52", "incorrect")):
-            if mask.any():  # an empty group has no density
-                ax.hist(raw[mask], bins=edges.tolist(), alpha=0.6, color=color, label=f"{label} ({int(mask.sum())})",
-                        density=True, histtype="stepfilled")
-        ax.legend(loc="best", fontsize=8)
-        ax.set_ylabel("density")
-    ax.set_xlabel(score_name)
-    ax.set_title(f"{score_name} by outcome" if correct is not None else score_name)
-    return fig
+        counts = torch.histogram(torch.tensor([v for v in s if math.isfinite(v)] or [0.0], dtype=torch.float64),
+                                 bins=torch.tensor(edges, dtype=torch.float64)).hist
+        panel = Panel([Hist(edges, _list(counts), alpha=0.8)], title=score_name, xlabel=score_name, ylabel="count")
+        return Chart([panel])
+    ok = [bool(v) for v in _list(correct)]
+    marks: list = []
+    for want, color, label in ((True, "#55a868", "correct"), (False, "#c44e52", "incorrect")):
+        group = [v for v, c in zip(s, ok, strict=True) if c == want and math.isfinite(v)]
+        if group:  # an empty group has no density
+            marks.append(Hist(edges, _density(group, edges), color=color, label=f"{label} ({len(group)})"))
+    return Chart([Panel(marks, title=f"{score_name} by outcome", xlabel=score_name, ylabel="density",
+                        legend="best")])
 
 
-def coverage_figure(levels: Sequence[float], coverage: Sequence[float]) -> Figure:
+def coverage_figure(levels: Sequence[float], coverage: Sequence[float]) -> Chart:
     """Observed coverage of the central predictive intervals against their nominal level."""
-    fig = new_figure()
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
-    ax.plot(_np(list(levels)), _np(list(coverage)), "o-", label="observed")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("nominal interval level")
-    ax.set_ylabel("observed coverage")
-    ax.set_title("Interval calibration")
-    ax.legend(loc="upper left", fontsize=8)
-    return fig
+    return Chart([Panel([Line([0, 1], [0, 1], color="black", width=1, dashed=True, label="calibrated"),
+                         Line(_list(list(levels)), _list(list(coverage)), markers=True, label="observed")],
+                        title="Interval calibration", xlabel="nominal interval level", ylabel="observed coverage",
+                        xlim=(0, 1), ylim=(0, 1), legend="upper left")])
 
 
-def risk_coverage_figure(rc: RiskCoverage, title: str = "Risk-coverage curve") -> Figure:
+def risk_coverage_figure(rc: RiskCoverage, title: str = "Risk-coverage curve") -> Chart:
     """Selective risk (error rate on the accepted inputs) against coverage, with AURC and AUGRC."""
-    fig = new_figure()
-    ax = fig.subplots()
-    ax.plot(_np(rc.coverage), _np(rc.risk), lw=1.5, label="selective risk")
-    for c in (0.8, 0.95):
-        ax.axvline(c, color="gray", ls=":", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("coverage (fraction answered)")
-    ax.set_ylabel("risk (error rate on answered)")
-    ax.set_title(f"{title}\nAURC {rc.aurc:.4f}, AUGRC {rc.augrc:.4f}", fontsize=10)
-    ax.grid(alpha=0.3)
-    return fig
+    return Chart([Panel([Line(_list(rc.coverage), _list(rc.risk), label="selective risk"),
+                         VLine(0.8), VLine(0.95)],
+                        title=f"{title}\nAURC {rc.aurc:.4f}, AUGRC {rc.augrc:.4f}", title_size=11,
+                        xlabel="coverage (fraction answered)", ylabel="risk (error rate on answered)",
+                        xlim=(0, 1), ylim=(0, None), grid=True)])
 
 
-def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Tensor], bins: int = 30) -> Figure:
-    """One panel per OOD score: histograms of in-distribution against out-of-distribution."""
-    import numpy as np
-
-    names = [n for n in in_scores if n in out_scores]
-    fig = new_figure((3.2 * max(len(names), 1), 3.0))
-    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
-    for ax, name in zip(axes, names, strict=False):
-        a, b = _np(in_scores[name]), _np(out_scores[name])
-        both = np.concatenate([a, b])
-        both = both[np.isfinite(both)]
-        lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
-        edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        ax.hist(a[np.isfinite(a)], bins=edges.tolist(), alpha=0.6, density=True, color="#4c72b0",
-                label=f"in ({a.size})", histtype="stepfilled")  # one polygon each, see score_histogram_figure
-        ax.hist(b[np.isfinite(b)], bins=edges.tolist(), alpha=0.6, density=True, color="#c44e52",
-                label=f"out ({b.size})", histtype="stepfilled")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
-    return fig
+def ood_histogram_figure(in_scores: dict[str, Tensor], out_scores: dict[str, Tensor], bins: int = 30) -> Chart:
+    """One panel per OOD score: densities of in-distribution against out-of-distribution."""
+    panels = []
+    for name in [n for n in in_scores if n in out_scores]:
+        a, b = _list(in_scores[name]), _list(out_scores[name])
+        edges = _edges(a + b, bins)
+        panels.append(Panel([Hist(edges, _density(a, edges), label=f"in ({len(a)})"),
+                             Hist(edges, _density(b, edges), color="#c44e52", label=f"out ({len(b)})")],
+                            title=name, title_size=10, legend="best", legend_size=8))
+    if not panels:
+        panels = [Panel(title="no OOD score")]
+    return Chart(panels, cols=len(panels), size=(256 * len(panels), 240))

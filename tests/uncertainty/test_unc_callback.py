@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import xml.etree.ElementTree as ET
 
 import pytest
 import pytorch_lightning as pl
@@ -118,13 +119,12 @@ def test_fit_logs_metrics_and_writes_four_plots(tmp_path, digits):
     logged = [float(r["mc/acc"]) for r in rows if r.get("mc/acc")]
     assert len(logged) == 2 and logged[-1] == pytest.approx(m["mc/acc"], abs=1e-6)
 
-    # four PNGs per run under <log_dir>/plots/epoch=NNN, no temporary files left behind
+    # four SVGs per run under <log_dir>/plots/epoch=NNN, no temporary files left behind
     for epoch in (0, 1):
         d = os.path.join(csv_logger.log_dir, "plots", f"epoch={epoch:03d}")
-        assert sorted(os.listdir(d)) == ["referral.png", "reliability.png", "risk_coverage.png", "score_hist.png"]
+        assert sorted(os.listdir(d)) == ["referral.svg", "reliability.svg", "risk_coverage.svg", "score_hist.svg"]
         for f in os.listdir(d):
-            with open(os.path.join(d, f), "rb") as fh:
-                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+            assert ET.parse(os.path.join(d, f)).getroot().tag == "{http://www.w3.org/2000/svg}svg"
     assert set(cb.last_plots) == {"reliability", "referral", "score_hist", "risk_coverage"}
     assert all(os.path.isfile(p) and "epoch=001" in p for p in cb.last_plots.values())
     # and to the logger that takes images
@@ -154,6 +154,7 @@ def test_regression_every_n_epochs_and_subset(tmp_path, digits):
     train, val = loaders(digits, n_train=300, n_val=150)
     cb = MCDropoutUncertainty(
         samples=6, task="regression", tau=1.0, every_n_epochs=2, subset=0.5, plot_dir=str(tmp_path / "plots"),
+        plot_format="png",  # drawn with matplotlib
     )
     t = trainer(tmp_path, [cb], epochs=2)
     t.fit(LitMLP(regression=True), train, val)
@@ -165,6 +166,8 @@ def test_regression_every_n_epochs_and_subset(tmp_path, digits):
     assert cb.runs == 1 and cb.last_epoch == 1  # every 2nd epoch only
     assert os.listdir(tmp_path / "plots") == ["epoch=001"]
     assert sorted(os.listdir(tmp_path / "plots" / "epoch=001")) == ["coverage.png", "referral.png", "score_hist.png"]
+    for f in (tmp_path / "plots" / "epoch=001").iterdir():
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mc/rmse" in t.callback_metrics
 
 

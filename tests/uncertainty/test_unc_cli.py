@@ -27,7 +27,7 @@ def test_fit_calibrates_saves_the_temperature_and_rank_uses_it(tmp_path, run_cli
     assert float(last["cal/nll_after"]) <= float(last["cal/nll_before"]) + 1e-6
     assert float(last["ood/auroc_entropy"]) > 0.5
     assert sorted(p.name for p in (run / "plots" / "epoch=001").iterdir()) == [
-        "ood_hist.png", "referral.png", "reliability.png", "risk_coverage.png", "score_hist.png"]
+        "ood_hist.svg", "referral.svg", "reliability.svg", "risk_coverage.svg", "score_hist.svg"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     temperature = ckpt["regfw_calibration"]["temperature"]
     assert temperature == pytest.approx(float(last["cal/temperature"]))

@@ -125,4 +125,4 @@ def test_callback_on_a_language_model_with_padding_and_calibration(tmp_path):
     assert 0 <= m["mc/acc"] <= 1 and m["mc/nll"] > 0 and cb.temperature is not None
     assert m["cal/nll_after"] > 0 and "mc/aurc" in m
     assert sorted(p.name for p in (tmp_path / "plots" / "epoch=001").iterdir()) == [
-        "referral.png", "reliability.png", "risk_coverage.png", "score_hist.png"]
+        "referral.svg", "reliability.svg", "risk_coverage.svg", "score_hist.svg"]
