@@ -259,8 +259,7 @@ class MCDropoutUncertainty(pl.Callback):
         #: Fitted temperatures of the MC predictive and of the deterministic prediction (None: not fitted).
         self.temperature: float | None = None
         self.det_temperature: float | None = None
-        # the calibrated MC predictive: only its NLL, ECE and reliability bins are reported
-        self._cal_metric = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
+        self._cal_metric = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)  # the calibrated MC
         self._det_before = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
         self._det_after = ProbabilityCalibration(n_bins=n_bins, ignore_index=ignore_index)
         self._ood_in = OODScoreStore()
@@ -383,8 +382,7 @@ class MCDropoutUncertainty(pl.Callback):
             for name in ("_metric", "_cal_metric", "_det_before", "_det_after", "_ood_in", "_ood_out"):
                 metric = getattr(self, name)
                 metric.reset()
-                if metric.device != pl_module.device:
-                    setattr(self, name, metric.to(pl_module.device))
+                setattr(self, name, metric.to(pl_module.device))
             if self.calibrate:
                 self._fit_temperatures(trainer, pl_module)
 
@@ -424,11 +422,8 @@ class MCDropoutUncertainty(pl.Callback):
             logits = self._transform(result.outputs)
         if self.calibrate and self.temperature is not None and logits is not None:
             probs = class_softmax(Temperature(self.temperature)(logits).float())
-            if self.ood_loader is not None:  # the OOD scores below are those of the calibrated predictive
-                summary = classification_summary(probs)
-                self._cal_metric.update(summary.mean_probs, y)
-            else:
-                self._cal_metric.update(probs.mean(0), y)
+            summary = classification_summary(probs) if self.ood_loader is not None else summary  # OOD: calibrated
+            self._cal_metric.update(probs.mean(0), y)
             if result.deterministic is not None and self.det_temperature is not None:
                 det = self._transform(result.deterministic.unsqueeze(0))[0]
                 self._det_before.update(torch.softmax(Temperature(1.0)(det).double(), -1), y)
