@@ -88,16 +88,17 @@ def test_alpha_dropout_word_path_matches_torch_in_distribution():
     assert torch.allclose(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("p", [2**-18, 0.01, 0.3, 0.5, 0.9, 1 - 2**-18])
-def test_keep_mask_is_the_complement_of_the_drop_mask_under_the_same_seed(p):
+def test_keep_mask_is_the_complement_of_the_drop_mask_under_the_same_seed(p, dtype):
     """keep_scale_mask compares the slices straight into the mask's dtype (``>=``); drop_mask keeps
     the boolean ``<``: the same entries, so the rate tested above holds for both."""
-    like = torch.empty(1)
+    like = torch.empty(1, dtype=dtype)
     torch.manual_seed(7)
     keep = masks.keep_scale_mask(like, (257, 33), p, scale=1.0)
     torch.manual_seed(7)
     drop = masks.drop_mask((257, 33), p)
-    assert keep.dtype == torch.float32
+    assert keep.dtype == dtype
     assert torch.equal(keep == 1.0, ~drop) and torch.equal(keep == 0.0, drop)
 
 
