@@ -24,6 +24,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from regfw.uncertainty import mc_mode, mc_predict
 from regfw.uncertainty.fast import split_model
 
 SAMPLES = 30
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "templates" / "demo.yaml"
 MiB = 2**20
 
 
@@ -258,7 +260,6 @@ def part_callback(device: torch.device, repeats: int) -> None:
     import pytorch_lightning as pl
 
     from regfw.config import load_config
-    from regfw.demo import _config_path
     from regfw.factory import build_datamodule
     from regfw.run import build_module
     from regfw.uncertainty import MCDropoutUncertainty
@@ -299,7 +300,7 @@ def part_callback(device: torch.device, repeats: int) -> None:
 
     for title, overrides in (("the demo config", []),
                              ("the demo config, regularizers.dropout.input=0", ["regularizers.dropout.input=0"])):
-        cfg = load_config(_config_path(None), overrides)
+        cfg = load_config(str(DEMO_CONFIG), overrides)
         datamodule = build_datamodule(cfg.data, seed=cfg.seed)
         module = build_module(cfg, datamodule).to(device)
         unc = cfg.uncertainty

@@ -15,7 +15,7 @@ temperature is kept in the callback state and in the checkpoint (``regfw_calibra
 ``regfw rank`` reads it. With ``ood_loader`` the out-of-distribution scores of
 :mod:`regfw.uncertainty.ood` are logged as ``ood/...``. Selective-prediction metrics
 (:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn on a background
-thread, so the training loop does not wait for matplotlib.
+thread (:mod:`regfw.uncertainty.plot_jobs`), so the training loop does not wait for them.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from regfw.uncertainty.calibration import Temperature, fit_temperature
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
 from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
-from regfw.uncertainty.plot_jobs import PlotQueue, draw_plots
+from regfw.uncertainty.plot_jobs import PlotQueue, draw_plots, plot_data
 from regfw.uncertainty.plots import FORMATS
 from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
@@ -546,33 +546,10 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _plot_data(self) -> dict[str, Any]:
         """Everything the plots need, as CPU tensors (safe to hand to another thread)."""
-        from regfw.uncertainty.metrics import retained_curve
-        from regfw.uncertainty.selective import risk_coverage
-
-        data: dict[str, Any] = {"task": self.task, "score_name": self.score}
-        if self.task == "classification":
-            metric = self._metric
-            assert isinstance(metric, MCClassificationMetrics)
-            score, correct = metric.score_and_correct()
-            score, correct = score.cpu(), correct.cpu()
-            data["reliability"] = metric.reliability()
-            if self.calibrate and self.temperature is not None:
-                data["reliability_after"] = self._cal_metric.reliability()
-                data["temperature"] = self.temperature
-            data["referral"] = retained_curve(score, correct)
-            data["referral_marker"] = self.last_metrics.get(self.prefix + "referred_fraction")
-            data["score"], data["correct"] = score, correct >= 1.0  # dense: every position right
-            data["risk_coverage"] = risk_coverage(score, correct)
-            if self.ood_loader is not None:
-                data["ood"] = (self._ood_in.compute_scores(), self._ood_out.compute_scores())
-        else:
-            metric = self._metric
-            assert isinstance(metric, MCRegressionMetrics)
-            score, sq = metric.score_and_error()
-            data["coverage"] = metric.coverage()
-            data["referral"] = retained_curve(score.cpu(), sq.cpu())
-            data["score"] = score.cpu()
-        return data
+        calibrated = self._cal_metric if self.calibrate and self.temperature is not None else None
+        ood = (self._ood_in, self._ood_out) if self.ood_loader is not None else None
+        return plot_data(self._metric, self.score, calibrated, self.temperature,
+                         self.last_metrics.get(self.prefix + "referred_fraction"), ood)
 
     # ------------------------------------------------------------------ state
 

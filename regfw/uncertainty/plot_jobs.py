@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["PlotQueue", "draw_plots"]
+if TYPE_CHECKING:  # pragma: no cover
+    from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
+    from regfw.uncertainty.ood import OODScoreStore
+
+__all__ = ["PlotQueue", "draw_plots", "plot_data"]
 
 
 class PlotQueue:
@@ -49,6 +53,36 @@ class PlotQueue:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def plot_data(metric: MCClassificationMetrics | MCRegressionMetrics, score_name: str,
+              calibrated: ProbabilityCalibration | None = None, temperature: float | None = None,
+              referral_marker: float | None = None,
+              ood: tuple[OODScoreStore, OODScoreStore] | None = None) -> dict[str, Any]:
+    """What :func:`draw_plots` draws, from the callback's metric states, as CPU tensors (safe to
+    hand to another thread): ``calibrated`` the metrics after temperature scaling, ``ood`` the
+    in- and out-of-distribution score stores."""
+    from regfw.uncertainty.accumulators import MCClassificationMetrics
+    from regfw.uncertainty.metrics import retained_curve
+    from regfw.uncertainty.selective import risk_coverage
+
+    if not isinstance(metric, MCClassificationMetrics):
+        score, sq = metric.score_and_error()
+        return {"task": "regression", "score_name": score_name, "coverage": metric.coverage(),
+                "referral": retained_curve(score.cpu(), sq.cpu()), "score": score.cpu()}
+    score, correct = metric.score_and_correct()
+    score, correct = score.cpu(), correct.cpu()
+    data: dict[str, Any] = {"task": "classification", "score_name": score_name, "reliability": metric.reliability()}
+    if calibrated is not None:
+        data["reliability_after"] = calibrated.reliability()
+        data["temperature"] = temperature
+    data["referral"] = retained_curve(score, correct)
+    data["referral_marker"] = referral_marker
+    data["score"], data["correct"] = score, correct >= 1.0  # dense: every position right
+    data["risk_coverage"] = risk_coverage(score, correct)
+    if ood is not None:
+        data["ood"] = (ood[0].compute_scores(), ood[1].compute_scores())
+    return data
 
 
 def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
