@@ -15,8 +15,9 @@ The calibration split must be data the model was not trained on and that the rep
 are not computed on: :func:`carve_calibration_split` takes it from the *training* data, never
 from validation or test, so the validation metrics before and after stay honest.
 
-The fit is a one-dimensional search over ``log T`` without gradients (a coarse grid, refined
-around its best point), so it runs as it is under Lightning's :func:`torch.inference_mode`.
+The fit is a one-dimensional search over ``log T`` without autograd (a coarse grid, then Newton
+steps with closed-form derivatives around its best point), so it runs as it is under Lightning's
+:func:`torch.inference_mode`.
 """
 from __future__ import annotations
 
@@ -178,7 +179,7 @@ def _minimise_log_t(z: Tensor, y: Tensor, start: float, step: float) -> float:
     return best
 
 
-def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False, max_iter: int = 20) -> float:
+def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False) -> float:
     """The temperature ``T`` minimising the NLL of ``target`` on held-out logits.
 
     Args:
@@ -186,7 +187,6 @@ def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False, max_ite
             ``[T, N, C]`` or ``[T, N]`` for the Monte Carlo predictive (``mc=True``).
         target: ``[N]`` integer classes (binary: 0 or 1).
         mc: whether ``logits`` hold T stochastic samples whose softmaxes are averaged.
-        max_iter: kept for compatibility and unused (the search below ends by its tolerance).
 
     The minimum over ``log T`` is found by a coarse grid over ``[MIN_TEMPERATURE,
     MAX_TEMPERATURE]``, then by safeguarded Newton steps with the closed-form derivatives around
@@ -199,7 +199,6 @@ def fit_temperature(logits: Tensor, target: Tensor, *, mc: bool = False, max_ite
     sharpening. Works under :func:`torch.inference_mode` and :func:`torch.no_grad` (it needs no
     gradients).
     """
-    del max_iter
     with torch.no_grad():
         z = as_class_logits(logits, mc).detach().double()
         y = target.detach().long().flatten().to(z.device)
