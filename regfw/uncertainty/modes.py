@@ -10,6 +10,7 @@ every module's ``training`` flag on exit.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ __all__ = [
     "eval_mode",
     "is_stochastic",
     "mc_mode",
+    "checked_index",
     "model_index",
     "require_stochastic",
     "stochastic_modules",
@@ -191,11 +193,31 @@ def structure_signature(model: nn.Module) -> list:
     return sig
 
 
+#: ``(model, index)`` while :func:`checked_index` holds: the index was checked in this call.
+_CHECKED: contextvars.ContextVar[tuple[nn.Module, ModelIndex] | None] = contextvars.ContextVar(
+    "regfw_checked_index", default=None)
+
+
+@contextlib.contextmanager
+def checked_index(model: nn.Module, index: ModelIndex) -> Iterator[None]:
+    """Within the block, :func:`model_index` returns ``index`` for ``model`` without checking it
+    again: for one Monte Carlo call, which checks the index once at its start and changes no module
+    (its strategy asks for the index again, e.g. to look up its cached split)."""
+    token = _CHECKED.set((model, index))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def model_index(model: nn.Module, types: tuple[type, ...] | None = None) -> ModelIndex:
     """The (cached) :class:`ModelIndex` of ``model``: checked against the model on every call (one
     cheap walk, :func:`structure_signature`, and the rates of its dropout-family modules), rebuilt
-    only when something it depends on changed."""
+    only when something it depends on changed (inside :func:`checked_index`: the index it holds)."""
     types = stochastic_types() if types is None else types
+    held = _CHECKED.get()
+    if held is not None and held[0] is model and held[1].types == types:
+        return held[1]
     sig = structure_signature(model)
     generation = foreign.functional_generation()
     index = _INDEX.get(model)

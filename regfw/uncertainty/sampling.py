@@ -39,6 +39,7 @@ from regfw.uncertainty.accepted import check_inputs, output_error
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
     ModelIndex,
+    checked_index,
     eval_mode,
     is_stochastic,
     mc_mode,
@@ -454,7 +455,7 @@ def mc_predict(
         if index.functional != foreign.functional_generation():  # the scan found functional-dropout hosts
             index = model_index(model, index.types)
         stoch = require_stochastic(model, index)
-        with mc_mode(model, stoch, index=index):
+        with mc_mode(model, stoch, index=index), checked_index(model, index):
             if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
                 outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
             else:

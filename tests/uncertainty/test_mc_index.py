@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regfw.uncertainty import eval_mode, mc_mode, mc_predict, stochastic_modules
-from regfw.uncertainty.modes import model_index, structure_signature
+from regfw.uncertainty.modes import checked_index, model_index, structure_signature
 
 
 def mlp() -> nn.Sequential:
@@ -38,6 +38,16 @@ def test_the_index_is_reused_until_the_structure_or_a_rate_changes():
     model.head._modules["1"] = nn.Dropout(0.3)  # changed behind __setattr__'s back
     assert model_index(model) is not before
     assert [p for p, _ in stochastic_modules(model)] == ["3", "head.0", "head.1"]
+
+
+def test_a_checked_index_is_returned_as_it_is_inside_its_block_only():
+    model, other = mlp(), mlp()
+    index = model_index(model)
+    with checked_index(model, index):
+        model[3].p = 0.0  # not looked at again inside the block (one MC call changes no module)
+        assert model_index(model) is index
+        assert model_index(other) is not index  # another model is checked as always
+    assert model_index(model) is not index and stochastic_modules(model) == []  # checked again after it
 
 
 def test_structure_signature_tells_trees_with_the_same_modules_apart():
