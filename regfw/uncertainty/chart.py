@@ -234,15 +234,17 @@ def _panel_svg(panel: Panel, cell: tuple[float, float, float, float], index: int
     cx, cy, cw, ch = cell
     title_lines = panel.title.split("\n") if panel.title else []
     top = 8 + len(title_lines) * (panel.title_size + 3)
-    left = 52 if panel.ylabel else 40
+    xr, yr = panel.limits()
+    xt = [t for t in nice_ticks(*xr) if xr[0] - 1e-12 <= t <= xr[1] + 1e-12]
+    yt = [t for t in nice_ticks(*yr) if yr[0] - 1e-12 <= t <= yr[1] + 1e-12]
+    widest = max((len(_tick_label(t, yt)) for t in yt), default=1)  # tick labels: about 6 px a character
+    left = (20 if panel.ylabel else 4) + 6 * widest + 8
     bottom = 38 if panel.xlabel else 22
-    fr = _Frame(cx + left, cy + top, max(cw - left - 12, 10), max(ch - top - bottom, 10), *panel.limits())
+    fr = _Frame(cx + left, cy + top, max(cw - left - 12, 10), max(ch - top - bottom, 10), xr, yr)
     out = []
     for k, line in enumerate(title_lines):
         out.append(f'<text x="{_f(fr.x0 + fr.w / 2)}" y="{_f(cy + 6 + (k + 1) * panel.title_size)}" '
                    f'font-size="{panel.title_size}" text-anchor="middle">{escape(line)}</text>')
-    xt = [t for t in nice_ticks(*fr.xr) if fr.xr[0] - 1e-12 <= t <= fr.xr[1] + 1e-12]
-    yt = [t for t in nice_ticks(*fr.yr) if fr.yr[0] - 1e-12 <= t <= fr.yr[1] + 1e-12]
     for t in xt:
         x = fr.px(t)
         if panel.grid:
