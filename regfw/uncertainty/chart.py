@@ -290,19 +290,19 @@ def _dash(dashed: bool, dotted: bool) -> str:
 def _mark_svg(m: Mark, fr: _Frame) -> list[str]:
     out = []
     if isinstance(m, Line):
-        runs: list[list[str]] = [[]]
+        runs: list[list[tuple[str, str]]] = [[]]  # pixel coordinates, split at non-finite points
         for x, y in zip(m.x, m.y, strict=True):
             if math.isfinite(float(x)) and math.isfinite(float(y)):
-                runs[-1].append(f"{_f(fr.px(float(x)))},{_f(fr.py(float(y)))}")
+                runs[-1].append((_f(fr.px(float(x))), _f(fr.py(float(y)))))
             elif runs[-1]:
                 runs.append([])
         for run in runs:
             if run:
-                out.append(f'<polyline points="{" ".join(run)}" fill="none" stroke="{m.color}" '
+                path = " ".join(f"{px},{py}" for px, py in run)
+                out.append(f'<polyline points="{path}" fill="none" stroke="{m.color}" '
                            f'stroke-width="{m.width}"{_dash(m.dashed, m.dotted)}/>')
             if m.markers:
-                out += [f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="3" fill="{m.color}"/>'
-                        for p in run]
+                out += [f'<circle cx="{px}" cy="{py}" r="3" fill="{m.color}"/>' for px, py in run]
     elif isinstance(m, Bars):
         bottom = list(m.bottom) if m.bottom is not None else [0.0] * len(m.height)
         fill = (f"url(#{_hatch_id(m.edge)})" if m.hatch else "none") if m.color is None else m.color
@@ -340,7 +340,7 @@ def _legend_corner(panel: Panel, fr: _Frame) -> str:
         if isinstance(m, Line):
             pts = list(zip(m.x, m.y, strict=True))
         elif isinstance(m, Hist):
-            pts = [((m.edges[i] + m.edges[i + 1]) / 2, h) for i, h in enumerate(m.heights) for _ in range(3)]
+            pts = [((m.edges[i] + m.edges[i + 1]) / 2, h) for i, h in enumerate(m.heights)]
         for x, y in pts:
             if math.isfinite(float(x)) and math.isfinite(float(y)):
                 counts[("upper" if y >= my else "lower") + (" right" if x >= mx else " left")] += 1

@@ -44,9 +44,11 @@ def test_reliability_bars_only_in_filled_bins_with_their_counts():
 
 
 def test_non_finite_points_break_a_line_and_labels_are_escaped():
-    chart = Chart([Panel([Line([0, 1, 2, 3], [0, float("nan"), 1, 2], label="a < b & c")], legend="best")])
+    chart = Chart([Panel([Line([0, 1, 2, 3], [0, float("nan"), 1, 2], markers=True, label="a < b & c")],
+                         legend="best")])
     root = _tree(chart)
     assert len(list(root.iter(f"{SVG}polyline"))) == 2
+    assert len(list(root.iter(f"{SVG}circle"))) == 3  # a marker at each finite point
     assert "a < b & c" in _texts(root)
 
 
