@@ -194,7 +194,7 @@ class UncertaintyConfig:
     ignore_index: int | None = None
     #: Draw the plots of every N-th sampled validation; null: only of the last one (cheaper).
     plot_every: int | None = positive(None)
-    #: ``svg`` (written directly, milliseconds) or ``png`` (drawn with matplotlib, ~0.15 s each).
+    #: ``svg`` (written directly, milliseconds) or ``png`` (drawn with matplotlib, ~0.35 s each).
     plot_format: Literal["svg", "png"] = "svg"
     seed: int = 1234
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

@@ -92,7 +92,7 @@ class MCDropoutUncertainty(pl.Callback):
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
         plot_format: ``"svg"`` (written directly, a few milliseconds per figure) or ``"png"``
-            (drawn with matplotlib, about 0.15 s of CPU per figure).
+            (drawn with matplotlib, about 0.35 s of CPU per figure; ``bench/plots.py``).
         seed: base seed of the MC masks (mixed with epoch, rank and batch index); None draws
             one at construction, kept in the checkpoint state.
         dataloader_idx: the validation dataloader to use.

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["to_figure"]
 
 _DPI = 80
+#: Chart sizes are pixels; matplotlib's font sizes are points (1/72 inch).
+_PT = 72 / _DPI
 
 
 def to_figure(chart: Chart) -> Figure:
@@ -58,14 +60,14 @@ def _draw(ax: Any, panel: Panel) -> None:
         elif isinstance(m, VLine):
             ax.axvline(m.x, color=m.color, ls=_style(False, m.dotted), lw=1, label=m.label)
         elif isinstance(m, Text):
-            ax.text(m.x, m.y, m.text, ha="center", va="bottom", fontsize=m.size * 0.75)
+            ax.text(m.x, m.y, m.text, ha="center", va="bottom", fontsize=m.size * _PT)
     (x0, x1), (y0, y1) = panel.limits()
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
-    ax.set_title(panel.title, fontsize=panel.title_size * 0.8)
+    ax.set_title(panel.title, fontsize=panel.title_size * _PT)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     if panel.grid:
         ax.grid(alpha=0.3)
     if panel.legend is not None and any(getattr(m, "label", None) for m in panel.marks):
-        ax.legend(loc=panel.legend, fontsize=panel.legend_size * 0.8)
+        ax.legend(loc=panel.legend, fontsize=panel.legend_size * _PT)

@@ -90,7 +90,7 @@ def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], ste
     """Draw the figures of the callback's plot data (``MCDropoutUncertainty._plot_data``), write
     them as ``fmt`` (``svg`` or ``png``) and send them to loggers whose experiment takes matplotlib
     figures (``add_figure``); runs on the plot thread."""
-    from regfw.uncertainty import plots
+    from regfw.uncertainty import chart_mpl, plots  # chart_mpl imports matplotlib only when called
 
     charts = {}
     if data["task"] == "classification":
@@ -117,9 +117,7 @@ def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], ste
         written[name] = plots.save_chart(chart, os.path.join(directory, f"{name}.{fmt}"))
         if not takers:
             continue
-        from regfw.uncertainty.chart_mpl import to_figure
-
-        fig = to_figure(chart)
+        fig = chart_mpl.to_figure(chart)
         for add_figure in takers:
             try:
                 add_figure(f"{prefix}{name}", fig, global_step=step, close=False)

@@ -71,14 +71,20 @@ def _edges(values: Sequence[float], bins: int) -> list[float]:
     return [lo + (hi - lo) * i / bins for i in range(bins + 1)]
 
 
-def _density(values: Sequence[float], edges: Sequence[float]) -> list[float]:
-    """Histogram of ``values`` over ``edges`` normalised to unit area (the last bin is closed)."""
+def _counts(values: Sequence[float], edges: Sequence[float]) -> Tensor:
+    """How many of the finite ``values`` fall in each bin of ``edges`` (the last bin is closed)."""
     t = torch.tensor([v for v in values if math.isfinite(v)], dtype=torch.float64)
-    e = torch.tensor(list(edges), dtype=torch.float64)
     if t.numel() == 0:
-        return [0.0] * (len(edges) - 1)
-    counts = torch.histogram(t, bins=e).hist
-    widths = e[1:] - e[:-1]
+        return torch.zeros(len(edges) - 1, dtype=torch.float64)
+    return torch.histogram(t, bins=torch.tensor(list(edges), dtype=torch.float64)).hist
+
+
+def _density(values: Sequence[float], edges: Sequence[float]) -> list[float]:
+    """:func:`_counts` normalised to unit area (zeros when no value is finite)."""
+    counts = _counts(values, edges)
+    if counts.sum() == 0:
+        return _list(counts)
+    widths = torch.tensor([b - a for a, b in zip(edges, edges[1:], strict=False)], dtype=torch.float64)
     return _list(counts / (counts.sum() * widths))
 
 
@@ -141,9 +147,8 @@ def score_histogram_figure(
     s = _list(score)
     edges = _edges(s, bins)
     if correct is None:
-        counts = torch.histogram(torch.tensor([v for v in s if math.isfinite(v)] or [0.0], dtype=torch.float64),
-                                 bins=torch.tensor(edges, dtype=torch.float64)).hist
-        panel = Panel([Hist(edges, _list(counts), alpha=0.8)], title=score_name, xlabel=score_name, ylabel="count")
+        panel = Panel([Hist(edges, _list(_counts(s, edges)), alpha=0.8)], title=score_name, xlabel=score_name,
+                      ylabel="count")
         return Chart([panel])
     ok = [bool(v) for v in _list(correct)]
     marks: list = []
