@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from badinput_cases import area_cases
 
 from regfw.cli import main
 from regfw.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, UncertaintyConfig
@@ -277,6 +278,7 @@ def _all_cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
     cases += [(["fit", *f], key) for f, key in _file_cases(tmp)]
     cases += [(["plan", *f], key) for f, key in _file_cases_plan(tmp)]
     cases += _checkpoint_cases(root, tmp) + _cli_cases(tmp)
+    cases += area_cases(root, tmp)
     return cases
 
 
