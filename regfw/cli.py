@@ -103,20 +103,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if path.is_dir():
-        raise RegfwError(f"{str(path)!r} is a directory; give a file path such as {path / 'regfw.yaml'}")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise RegfwError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a directory; "
-                         f"choose another path")
-    if path.exists() and not args.force:
-        raise RegfwError(f"{str(path)!r} exists; choose another path or pass --force to overwrite it")
-    text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from regfw.atomic import write_atomic
+    from regfw.atomic import write_output
 
-    write_atomic(path, text)
+    path = Path(args.path)
+    text = resources.files("regfw_templates").joinpath("starter.yaml").read_text()
+    write_output(path, text, force=args.force)  # never over a file without --force, nor over a non-file
     print(f"wrote {path}; train with: regfw fit {path}")
     return 0
 
@@ -140,6 +131,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
     print(f"top {len(ranked.indices)} of the {args.split} split by {args.acquisition} (index, score):")
     for index, score in zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True):
         print(f"{index}\t{score:.6f}")
+    if ranked.referred:
+        from regfw.finite_inputs import format_rows
+
+        print(f"referred for review, not ranked ({len(ranked.referred)}: non-finite model output): "
+              f"{format_rows(ranked.referred)}")
     return 0
 
 
@@ -147,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from regfw.predict import predict_checkpoint
 
     path, rows = predict_checkpoint(args.config, args.checkpoint, args.overrides, out=args.out, split=args.split,
-                                    samples=args.samples)
+                                    samples=args.samples, force=args.force)
     referred = sum(1 for r in rows if r["refer"])
     rule = rows[0]["rule"] if rows else "-"
     print(f"wrote {path}: {len(rows)} predictions, {referred} referred for human review ({rule})")
@@ -194,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["fit"].add_argument("--force", action="store_true",
                                 help="replace the --run-dir directory when it holds an earlier regfw run")
     parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
-    parsers["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
+    parsers["init"].add_argument("--force", action="store_true",
+                                 help="overwrite an existing file (a regular file only, never a device or link)")
     rank = parsers["rank"]
     rank.add_argument("config", help="the run's YAML config (for the data)")
     rank.add_argument("checkpoint", help="a checkpoint written by `regfw fit`")
@@ -211,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--split", default="val", choices=["val", "train", "predict"],
                          help="the inputs (default: the data module's predict_dataloader when it has one, else val)")
     predict.add_argument("--samples", type=int, default=None, help="MC samples per input (default uncertainty.samples)")
+    predict.add_argument("--force", action="store_true", help="replace an existing --out file (a regular file only)")
     parsers["new-plugin"].add_argument("name", help="the plugin and regularizer name, a lowercase identifier")
     parsers["new-plugin"].add_argument("--dir", default=".", help="where to create regfw-NAME/ (default: here)")
     return parser

@@ -63,6 +63,11 @@ class RunError(RegfwError, RuntimeError):
     """A run directory or checkpoint problem (exists already, corrupt, mismatched)."""
 
 
+class OutputError(RunError):
+    """A file regfw was asked to write cannot be written where asked: something is there that regfw
+    must not replace, or the file system refused (full, read-only, a name too long)."""
+
+
 class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite (``run.on_nan: stop``); raised before the update."""
 

@@ -16,6 +16,7 @@ for a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import types
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from regfw.batch import BatchFormat, split_batch
-from regfw.errors import ConfigError
+from regfw.errors import ConfigError, RegfwError
 
 __all__ = ["MCDropoutPredict", "prediction_rows", "write_table"]
 
@@ -94,24 +95,39 @@ class MCDropoutPredict(pl.Callback):
         return {k: v.detach().cpu() for k, v in out.items()}
 
 
+#: The ``reason`` of a row whose model output holds a NaN or an infinity (its inputs were finite).
+NONFINITE_OUTPUT = "non-finite model output"
+
+
 def prediction_rows(predictions: Sequence[Mapping[str, Tensor]], score: str, threshold: float | None = None,
                     refer_fraction: float = 0.1) -> list[dict[str, Any]]:
     """One row per input (in order) from :class:`MCDropoutPredict`'s batch outputs, with ``refer``:
     the score exceeds ``threshold``, or (no threshold) the input is among the ``refer_fraction``
-    most uncertain (ties broken by order)."""
+    most uncertain (ties broken by order), and ``reason``, why a row is referred (empty when it
+    is not).
+
+    A row whose outputs hold a NaN or an infinity (the model's: the inputs are checked before)
+    has no score to compare; it is always referred, with the reason :data:`NONFINITE_OUTPUT`,
+    and the fraction is taken of the other rows.
+    """
     if not predictions:
         return []
     cat = {k: torch.cat([p[k] for p in predictions]) for k in predictions[0]}
     scores = cat["score"].double()
     n = len(scores)
+    finite = torch.ones(n, dtype=torch.bool)
+    for value in cat.values():
+        if value.is_floating_point():
+            finite &= torch.isfinite(value.reshape(n, -1)).all(dim=1)
     if threshold is not None:
-        refer = scores > threshold
+        refer = finite & (scores > threshold)
         rule = f"{score} > {threshold:g}"
     else:
-        k = min(n, math.ceil(refer_fraction * n - 1e-9))
+        usable = torch.nonzero(finite).flatten()
+        k = min(len(usable), math.ceil(refer_fraction * len(usable) - 1e-9))
         refer = torch.zeros(n, dtype=torch.bool)
         if k:
-            refer[torch.argsort(-scores, stable=True)[:k]] = True
+            refer[usable[torch.argsort(-scores[usable], stable=True)[:k]]] = True
         rule = f"top {refer_fraction:g} by {score}"
     rows = []
     for i in range(n):
@@ -127,15 +143,18 @@ def prediction_rows(predictions: Sequence[Mapping[str, Tensor]], score: str, thr
                 for j, item in enumerate(v.reshape(-1).tolist()):
                     row[f"{prefix}_{j}" if v.numel() > 1 or key == "mean_probs" else key] = item
         row["score"] = float(scores[i])
-        row["refer"] = bool(refer[i])
+        row["refer"] = bool(refer[i]) or not bool(finite[i])
+        row["reason"] = NONFINITE_OUTPUT if not finite[i] else (rule if refer[i] else "")
         row["rule"] = rule
         rows.append(row)
     return rows
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write ``rows`` to ``path``: Parquet for ``.parquet`` (needs pyarrow), else CSV."""
-    from regfw.atomic import write_atomic
+def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path, *, force: bool = False) -> Path:
+    """Write ``rows`` to ``path``: Parquet for ``.parquet`` (needs pyarrow), else CSV; atomically,
+    never over anything but a regular file, and over an existing file only with ``force``
+    (:func:`regfw.atomic.write_output`)."""
+    from regfw.atomic import write_output
 
     path = Path(path)
     columns = list(rows[0]) if rows else ["index"]
@@ -146,33 +165,70 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         except ImportError:
             raise ConfigError(f"--out {str(path)!r}: writing Parquet needs pyarrow, which is not installed; "
                               f"pip install pyarrow, or write a .csv file.") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({c: [r[c] for r in rows] for c in columns}), path)
-        return path
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({c: [r[c] for r in rows] for c in columns}), sink)
+        return write_output(path, sink.getvalue().to_pybytes(), force=force)
     import io
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buf.getvalue())
+    return write_output(path, buf.getvalue(), force=force)
+
+
+def check_out(out: str | Path, *, force: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse ``--out`` before any work: a path where regfw must not write (see
+    :func:`regfw.atomic.check_target`), or one of the command's own ``inputs`` (the config, the
+    checkpoint), which ``--force`` does not replace either."""
+    import os
+
+    from regfw.atomic import check_target
+    from regfw.errors import OutputError
+
+    path = Path(out)
+    if not str(out).strip():
+        raise OutputError("--out: got an empty path; give the table to write, e.g. --out predictions.csv.")
+    check_target(path, replace=force)  # first: it also refuses what os.stat cannot look at (a name too long)
+    for given in inputs:
+        if path.exists() and Path(given).exists() and os.path.samefile(path, given):
+            raise OutputError(f"--out {str(path)!r} is the command's own input {str(given)!r}; regfw never writes "
+                              f"over it, not even with --force. Choose another path for the table.")
     return path
 
 
+def check_samples(samples: int | None, flag: str = "--samples") -> None:
+    """Refuse a number of MC samples outside the bounds ``uncertainty.samples`` has."""
+    from regfw.config import MAX_SAMPLES
+
+    if samples is not None and not 2 <= samples <= MAX_SAMPLES:
+        raise ConfigError(f"{flag}: got {samples}, expected at least 2 and at most {MAX_SAMPLES} Monte Carlo samples "
+                          f"per input (30 is typical).", key="uncertainty.samples")
+
+
 def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, out: str,
-                       split: str = "val", samples: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
+                       split: str = "val", samples: int | None = None,
+                       force: bool = False) -> tuple[Path, list[dict[str, Any]]]:
     """``regfw predict``: MC predictions of a checkpoint on the config's data (the data module's
-    ``predict_dataloader`` when it has one, else the ``split``), written to ``out``."""
+    ``predict_dataloader`` when it has one, else the ``split``), written to ``out`` (an existing
+    regular file only with ``force``, see :func:`check_out`). Inputs with NaN or infinite values
+    are refused by row (:mod:`regfw.finite_inputs`) before the model runs."""
+    from regfw import stopping
     from regfw.config import load_config
-    from regfw.errors import RunError
     from regfw.factory import build_datamodule
+    from regfw.finite_inputs import refuse_nonfinite
     from regfw.module import split_mean_variance
     from regfw.rank_command import load_module
 
+    check_samples(samples)
+    check_out(out, force=force, inputs=(config, checkpoint))
     cfg = load_config(config, overrides)
     unc = cfg.uncertainty
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    data_name = str(cfg.data.name or cfg.data.class_path)
+    if split == "predict" and not _has_own(datamodule, "predict_dataloader"):
+        raise ConfigError(f"--split predict: the data {data_name!r} has no predict_dataloader(); use --split val "
+                          f"or --split train, or a data module that defines predict_dataloader().", key="data")
     module = load_module(checkpoint)
     task = getattr(module, "task", None) or ("regression" if getattr(datamodule, "task", "") == "regression"
                                              else "classification")
@@ -182,20 +238,38 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
                                 output_transform=split_mean_variance if gaussian else None, batch=cfg.data.batch)
     if split == "predict" or (split == "val" and _has_own(datamodule, "predict_dataloader")):
         datamodule.setup("predict")
-        loader = datamodule.predict_dataloader()
+        loader, used = datamodule.predict_dataloader(), "predict"
     elif split == "train":
-        loader = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)()
+        loader, used = getattr(datamodule, "train_eval_dataloader", datamodule.train_dataloader)(), "train"
     else:
         datamodule.setup("validate")
-        loader = datamodule.val_dataloader()
+        loader, used = datamodule.val_dataloader(), "val"
+    refuse_nonfinite(loader, what=used, data=data_name, batch_format=callback.batch_format)
     trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "cpu"), devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     try:
-        predictions = trainer.predict(module, loader)
-    except ValueError as exc:
-        raise RunError(f"regfw predict: {exc}") from None
+        with stopping.lightning_interrupts(trainer):
+            predictions = trainer.predict(module, loader)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, RegfwError):
+            raise
+        raise ConfigError(_mismatch(exc, checkpoint, data_name, used, loader, callback.batch_format),
+                          key="data") from None
     rows = prediction_rows(predictions or [], callback.score, unc.threshold, unc.refer_fraction)  # type: ignore[arg-type]
-    return write_table(rows, out), rows
+    return write_table(rows, out, force=force), rows
+
+
+def _mismatch(exc: Exception, checkpoint: str, data: str, split: str, loader: Any, fmt: BatchFormat) -> str:
+    """The one line for a model that fails on the data's inputs (a wrong width, a wrong dtype)."""
+    shape = ""
+    with contextlib.suppress(Exception):
+        batch = next(iter(loader))
+        inputs = batch if isinstance(batch, Tensor) else split_batch(batch, fmt)[0]
+        shape = f" (inputs of shape {list(inputs.shape[1:])} per row)"
+    text = " ".join(str(exc).split())
+    return (f"the model of checkpoint {checkpoint!r} cannot predict the {split} inputs of data {data!r}{shape}: "
+            f"{type(exc).__name__}: {text[:200]}. Predict with the data the checkpoint was trained on (its run's "
+            f"config.yaml).")
 
 
 def _has_own(datamodule: Any, name: str) -> bool:

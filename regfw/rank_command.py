@@ -6,10 +6,14 @@ prints); the acquisition functions and the ranking are in :mod:`regfw.uncertaint
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regfw.errors import RunError
+import torch
+from torch import Tensor
+
+from regfw.errors import ConfigError, RunError
 
 
 def load_module(checkpoint: str) -> Any:
@@ -17,8 +21,15 @@ def load_module(checkpoint: str) -> Any:
     from regfw.module import RegularizedModule
 
     path = Path(checkpoint)
-    if not path.is_file():
+    if path.is_dir():
+        hint = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        raise RunError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file; pass a .ckpt file in it, "
+                       f"such as {str(hint)!r}")
+    if not path.exists():
         raise RunError(f"checkpoint {str(path)!r} does not exist; pass a file from <run dir>/checkpoints/")
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} is not a regular file; pass a .ckpt file from "
+                       f"<run dir>/checkpoints/")
     from regfw.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)  # a truncated, corrupt or foreign file is reported by name
@@ -35,15 +46,40 @@ def load_module(checkpoint: str) -> Any:
     return module.eval()
 
 
+@dataclass
+class RankResult:
+    """What ``regfw rank`` reports: the ranked inputs, and those referred for review instead (their
+    model output held a NaN or an infinity, so they have no score to rank by)."""
+
+    indices: Tensor
+    scores: Tensor
+    referred: list[int] = field(default_factory=list)
+
+
+def check_k(k: int) -> None:
+    """``--k`` is a whole number of inputs, at least 1."""
+    if k < 1:
+        raise ConfigError(f"--k: got {k}, expected at least 1 (how many inputs to list for labelling).")
+
+
 def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, k: int = 50,
-                    acquisition: str = "bald", split: str = "val", samples: int = 30) -> Any:
-    """The ``k`` samples of the config's ``split`` most worth labelling, by ``acquisition``."""
+                    acquisition: str = "bald", split: str = "val", samples: int = 30) -> RankResult:
+    """The ``k`` samples of the config's ``split`` most worth labelling, by ``acquisition``.
+
+    Inputs with NaN or infinite values are refused by row before the model runs
+    (:mod:`regfw.finite_inputs`); inputs whose model output is not finite are not ranked but
+    returned as ``referred``.
+    """
     from regfw.checkpoints import read_checkpoint
     from regfw.config import load_config
     from regfw.factory import build_datamodule
-    from regfw.uncertainty import rank
+    from regfw.finite_inputs import refuse_nonfinite
+    from regfw.predict import check_samples
+    from regfw.uncertainty.acquisition import acquisition_scores
     from regfw.uncertainty.heldout import prepare_heldout
 
+    check_k(k)
+    check_samples(samples)
     cfg = load_config(config, overrides)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # the same splits as the fit
@@ -57,8 +93,13 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
     else:
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
+    refuse_nonfinite(loader, what=split, data=str(cfg.data.name or cfg.data.class_path))
     try:
-        return rank(module, loader, acquisition=acquisition, k=k, samples=samples, seed=cfg.uncertainty.seed,
-                    temperature=temperature)
+        scores = acquisition_scores(module, loader, acquisition=acquisition, samples=samples,
+                                    seed=cfg.uncertainty.seed, temperature=temperature)
     except ValueError as exc:
         raise RunError(str(exc)) from None
+    finite = torch.isfinite(scores)
+    usable = torch.nonzero(finite).flatten()
+    order = usable[torch.sort(scores[usable], descending=True, stable=True).indices[:k]]
+    return RankResult(order, scores[order], torch.nonzero(~finite).flatten().tolist())

@@ -35,6 +35,9 @@ from regfw.atomic import write_atomic
 from regfw.config import Config
 from regfw.errors import ConfigError, RegfwError, RunError
 
+#: The longest file name (bytes) of common file systems: a generated run directory's name must fit.
+NAME_MAX = 255
+
 
 def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = False) -> Any:
     """A fresh run directory, created and locked (a :class:`regfw.rundir.Claim`); an existing
@@ -57,6 +60,10 @@ def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = Fal
     root = Path(cfg.run.dir)
     stem = cfg.run.name or (Path(cfg.source).stem if cfg.source else "run")
     base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if len(f"{base}-999".encode()) > NAME_MAX:
+        raise ConfigError(f"run.name: got a name of {len(stem)} characters; the run directory's name would be "
+                          f"{len(base.encode())} bytes, longer than the {NAME_MAX} a file name may have. Choose a "
+                          f"run.name of at most {NAME_MAX - len(base) + len(stem) - 4} characters.", key="run.name")
     for n in range(1, 1000):
         try:
             return claim_new(root / (base if n == 1 else f"{base}-{n}"), explicit=False)

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -285,8 +286,28 @@ def claim_new(path: Path, *, explicit: bool, force: bool = False) -> Claim:
     exist when empty, or with ``force`` when it holds an earlier regfw run. The emptiness check
     is made again once the lock is held, so two processes never share one directory.
     """
-    if path.exists() and not path.is_dir():
-        raise RunError(f"run directory {str(path)!r} is a file; choose a directory.")
+    from regfw.atomic import kind_of, os_error_line
+
+    kind = kind_of(path)
+    if kind == "symbolic link" and not path.exists():
+        raise RunError(f"run directory {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+                       f"exist; create that directory first, remove the link, or choose another directory.")
+    if kind is not None and not path.is_dir():
+        raise RunError(f"run directory {str(path)!r} is a {kind}; choose a directory.")
+    try:
+        return _claim_new(path, explicit=explicit, force=force)
+    except FileExistsError:
+        if not explicit:
+            raise  # the caller picks another name
+        raise RunError(os_error_line(FileExistsError(errno.EEXIST, "File exists"), path,
+                                     "cannot create run directory")) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # regfw.run reports a full disk with what of the run was kept
+        raise RunError(os_error_line(exc, exc.filename or path, "cannot create run directory")) from None
+
+
+def _claim_new(path: Path, *, explicit: bool, force: bool) -> Claim:
     if explicit and path.is_dir():
         if _held(path):
             raise _in_use(path, _owner(path / LOCK))

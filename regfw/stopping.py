@@ -119,6 +119,26 @@ def deferred(*, drop: bool = False) -> Iterator[None]:
             _raise(signum)
 
 
+@contextlib.contextmanager
+def lightning_interrupts(trainer: Any) -> Iterator[None]:
+    """Around a Lightning entry point other than ``fit`` (``trainer.predict``): Lightning turns a
+    ``KeyboardInterrupt`` into ``sys.exit(1)`` after its teardown; raise it again as the
+    ``KeyboardInterrupt`` it was, so that the command exits 130 with its one line like every other
+    command, and put back the SIGINT handler Lightning replaced with ``SIG_IGN``."""
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit:
+        from pytorch_lightning.trainer.states import TrainerStatus
+
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        raise KeyboardInterrupt() from None
+
+
 def signal_of(exc: BaseException) -> int | None:
     """The signal behind ``exc`` (:class:`Terminated`: SIGTERM; ``KeyboardInterrupt``: SIGINT)."""
     if isinstance(exc, Terminated):
