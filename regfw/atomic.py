@@ -69,7 +69,7 @@ def check_target(path: PathLike, *, replace: bool = True, flag: str = "--force")
         raise OutputError(f"{os.fspath(path)!r} is a {kind}{target}; regfw writes only regular files and never "
                           f"replaces anything else, not even with {flag}. Choose another path.")
     if not replace:
-        raise OutputError(f"{os.fspath(path)!r} exists; choose another path, or pass {flag} to replace it.")
+        raise OutputError(f"{os.fspath(path)!r} exists; choose another path or pass {flag} to replace it.")
 
 
 def fsync_dir(directory: Path) -> None:

@@ -13,6 +13,10 @@ referral rule (refer when the score exceeds ``threshold``, or the ``refer_fracti
 uncertain inputs), and :func:`write_table` writes them as CSV (Parquet for a ``.parquet`` path
 when pyarrow is installed): the list a person works through. ``regfw predict`` does all of it
 for a checkpoint.
+
+Nothing uncertain escapes review silently: inputs holding NaN or infinity are refused by row
+before the model runs (:mod:`regfw.finite_inputs`, as for ``regfw rank``), and a row whose model
+output is not finite is referred with the ``reason`` ``non-finite model output``.
 """
 from __future__ import annotations
 
@@ -197,15 +201,6 @@ def check_out(out: str | Path, *, force: bool, inputs: Sequence[str | Path] = ()
     return path
 
 
-def check_samples(samples: int | None, flag: str = "--samples") -> None:
-    """Refuse a number of MC samples outside the bounds ``uncertainty.samples`` has."""
-    from regfw.config import MAX_SAMPLES
-
-    if samples is not None and not 2 <= samples <= MAX_SAMPLES:
-        raise ConfigError(f"{flag}: got {samples}, expected at least 2 and at most {MAX_SAMPLES} Monte Carlo samples "
-                          f"per input (30 is typical).", key="uncertainty.samples")
-
-
 def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, out: str,
                        split: str = "val", samples: int | None = None,
                        force: bool = False) -> tuple[Path, list[dict[str, Any]]]:
@@ -218,7 +213,7 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
     from regfw.factory import build_datamodule
     from regfw.finite_inputs import refuse_nonfinite
     from regfw.module import split_mean_variance
-    from regfw.rank_command import load_module
+    from regfw.rank_command import check_samples, load_module
 
     check_samples(samples)
     check_out(out, force=force, inputs=(config, checkpoint))

@@ -56,6 +56,16 @@ class RankResult:
     referred: list[int] = field(default_factory=list)
 
 
+def check_samples(samples: int | None, flag: str = "--samples") -> None:
+    """Refuse a number of MC samples (``regfw rank`` and ``regfw predict``) outside the bounds
+    ``uncertainty.samples`` has, before any work (a billion would die in allocation much later)."""
+    from regfw.config import MAX_SAMPLES
+
+    if samples is not None and not 2 <= samples <= MAX_SAMPLES:
+        raise ConfigError(f"{flag}: got {samples}, expected at least 2 and at most {MAX_SAMPLES} Monte Carlo samples "
+                          f"per input (30 is typical).", key="uncertainty.samples")
+
+
 def check_k(k: int) -> None:
     """``--k`` is a whole number of inputs, at least 1."""
     if k < 1:
@@ -74,7 +84,6 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
     from regfw.config import load_config
     from regfw.factory import build_datamodule
     from regfw.finite_inputs import refuse_nonfinite
-    from regfw.predict import check_samples
     from regfw.uncertainty.acquisition import acquisition_scores
     from regfw.uncertainty.heldout import prepare_heldout
 

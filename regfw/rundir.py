@@ -293,7 +293,8 @@ def claim_new(path: Path, *, explicit: bool, force: bool = False) -> Claim:
         raise RunError(f"run directory {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
                        f"exist; create that directory first, remove the link, or choose another directory.")
     if kind is not None and not path.is_dir():
-        raise RunError(f"run directory {str(path)!r} is a {kind}; choose a directory.")
+        raise RunError(f"run directory {str(path)!r} is a {'file' if kind == 'regular file' else kind}; choose a "
+                       f"directory.")
     try:
         return _claim_new(path, explicit=explicit, force=force)
     except FileExistsError:

@@ -164,6 +164,13 @@ def check_name(name: str, directory: str | Path = ".") -> Path:
             f"plugin name {name!r}: a module named {package_name(name)!r} is already importable, so the "
             f"generated package would clash with it; choose another name"
         )
+    from regfw.atomic import kind_of
+
+    blocking = next((p for p in (Path(directory), *Path(directory).parents)
+                     if kind_of(p) not in (None, "directory") and not p.is_dir()), None)
+    if blocking is not None:
+        raise RegfwError(f"--dir {str(directory)!r}: {str(blocking)!r} is a {kind_of(blocking)}, not a directory; "
+                         f"give a directory to create regfw-{name.replace('_', '-')}/ in")
     target = Path(directory) / distribution_name(name)
     if target.exists() or target.is_symlink():
         raise RegfwError(
@@ -182,8 +189,13 @@ def new_plugin(name: str, directory: str | Path = ".", files: dict[str, str] | N
     target = check_name(name, directory)
     files = render_template(name) if files is None else files
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:  # a read-only place, a name too long
+        from regfw.atomic import os_error_line
+
+        raise RegfwError(os_error_line(exc, exc.filename or parent, "cannot create the plugin folder in")) from None
     try:
         for rel, text in files.items():
             path = tmp / rel
@@ -193,8 +205,12 @@ def new_plugin(name: str, directory: str | Path = ".", files: dict[str, str] | N
         if target.exists() or target.is_symlink():  # appeared while we were writing
             raise RegfwError(f"{str(target)!r} appeared while the plugin was being written; nothing was changed")
         os.rename(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a quota: nothing was left
+            from regfw.atomic import os_error_line
+
+            raise RegfwError(os_error_line(exc, target, "cannot write the plugin folder")) from None
         raise
     return NewPlugin(name, target, tuple(sorted(files)))
 

@@ -57,6 +57,10 @@ def cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["init", str(out / "init-link.yaml"), "--force"], "symbolic link"),
         (["init", str(out / "dangling.csv"), "--force"], "dangling.csv"),
         (["init", str(out / "not-a-dir" / "x.yaml"), "--force"], "not-a-dir"),
+        # new-plugin: --dir must be a directory (or a new one)
+        (["new-plugin", "outcase", "--dir", str(out / "not-a-dir")], "is a regular file, not a directory"),
+        (["new-plugin", "outcase", "--dir", str(out / "not-a-dir" / "sub")], "not-a-dir"),
+        (["new-plugin", "outcase", "--dir", str(out / "fifo")], "FIFO"),
         # MC samples and --k are bounded before any work
         ([*predict, "--out", str(out / "p.csv"), "--samples", "0"], "--samples: got 0"),
         ([*predict, "--out", str(out / "p.csv"), "--samples", "1"], "--samples: got 1"),
