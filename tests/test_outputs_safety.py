@@ -371,3 +371,26 @@ def test_sigint_while_plugins_are_listed(monkeypatch, capsys):
     monkeypatch.setattr(plugins, "plugin_infos", interrupted)
     assert main(["plugins"]) == 130
     _interrupted(capsys, "plugins")
+
+
+# -- places the file system refuses -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; the refusal needs a user")
+def test_a_read_only_place_is_one_line_for_a_run_directory_init_and_predict(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("out_data.Digits", "regfw.data.DigitsDataModule"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["fit", "c.yaml", "--run-dir", str(locked / "run")]) == 2
+        assert _one_line(capsys) == (f"regfw fit: error: cannot create run directory {str(locked / 'run')!r}: "
+                                     f"permission denied; its directory is not writable by you; choose a writable "
+                                     f"location.")
+        assert main(["init", str(locked / "my.yaml")]) == 2
+        assert _one_line(capsys) == (f"regfw init: error: cannot write {str(locked / 'my.yaml')!r}: permission "
+                                     f"denied; its directory is not writable by you; choose a writable location.")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
