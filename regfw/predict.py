@@ -24,7 +24,7 @@ import contextlib
 import csv
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,11 +240,12 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
         datamodule.setup("validate")
         loader, used = datamodule.val_dataloader(), "val"
     refuse_nonfinite(loader, what=used, data=data_name, batch_format=callback.batch_format)
-    trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "cpu"), devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     try:
-        with stopping.lightning_interrupts(trainer):
-            predictions = trainer.predict(module, loader)
+        with _lightning_quiet():
+            trainer = pl.Trainer(accelerator=cfg.trainer.get("accelerator", "cpu"), devices=1, logger=False,
+                                 enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+            with stopping.lightning_interrupts(trainer):
+                predictions = trainer.predict(module, loader)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if isinstance(exc, RegfwError):
             raise
@@ -252,6 +253,21 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
                           key="data") from None
     rows = prediction_rows(predictions or [], callback.score, unc.threshold, unc.refer_fraction)  # type: ignore[arg-type]
     return write_table(rows, out, force=force), rows
+
+
+@contextlib.contextmanager
+def _lightning_quiet() -> Iterator[None]:
+    """Lightning's info lines (the accelerators found, tips, "Detected KeyboardInterrupt") left out
+    while ``regfw predict`` runs: its report, or its one error line, is the command's output."""
+    import logging
+
+    log = logging.getLogger("pytorch_lightning")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _mismatch(exc: Exception, checkpoint: str, data: str, split: str, loader: Any, fmt: BatchFormat) -> str:
