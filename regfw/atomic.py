@@ -173,8 +173,8 @@ def write_atomic(path: PathLike, text: str, *, replace: bool = True, flag: str =
 _FIXES: dict[int, str] = {
     errno.ENOSPC: "free some space, or write it elsewhere",
     errno.EDQUOT: "free some space within your quota, or write it elsewhere",
-    errno.EACCES: "its directory is not writable by you; choose a writable location",
-    errno.EPERM: "its directory is not writable by you; choose a writable location",
+    errno.EACCES: "it or its directory is not writable by you; make it writable, or choose another location",
+    errno.EPERM: "it or its directory is not writable by you; make it writable, or choose another location",
     errno.EROFS: "that file system is read-only; choose a writable location",
     errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (usually 255 bytes); "
                         "choose a shorter name",

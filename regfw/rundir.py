@@ -348,7 +348,15 @@ def _check_reusable(path: Path, force: bool) -> None:
 
 def claim_existing(path: Path) -> Claim:
     """Lock the run directory ``path`` to continue it (``--resume``), removing stale temporaries."""
+    from regfw.atomic import os_error_line
+
     claim = Claim(path)
-    claim._lock()
-    claim.clean_temporaries()
+    try:
+        claim._lock()
+        claim.clean_temporaries()
+    except OSError as exc:  # a read-only run directory, a lock file that is not a file
+        claim.release()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise RunError(os_error_line(exc, exc.filename or path, "cannot continue the run in")) from None
     return claim

@@ -386,11 +386,12 @@ def test_a_read_only_place_is_one_line_for_a_run_directory_init_and_predict(tmp_
     try:
         assert main(["fit", "c.yaml", "--run-dir", str(locked / "run")]) == 2
         assert _one_line(capsys) == (f"regfw fit: error: cannot create run directory {str(locked / 'run')!r}: "
-                                     f"permission denied; its directory is not writable by you; choose a writable "
-                                     f"location.")
+                                     f"permission denied; it or its directory is not writable by you; make it "
+                                     f"writable, or choose another location.")
         assert main(["init", str(locked / "my.yaml")]) == 2
         assert _one_line(capsys) == (f"regfw init: error: cannot write {str(locked / 'my.yaml')!r}: permission "
-                                     f"denied; its directory is not writable by you; choose a writable location.")
+                                     f"denied; it or its directory is not writable by you; make it writable, or "
+                                     f"choose another location.")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
