@@ -39,7 +39,8 @@ FORMATS = ("svg", "png")
 
 def save_chart(chart: Chart, path: str | os.PathLike) -> str:
     """Write ``chart`` to ``path`` atomically (temporary file + ``os.replace``), as SVG or PNG by
-    the suffix."""
+    the suffix; only a regular file is ever replaced (a link, FIFO, device or directory at
+    ``path`` is an :class:`~regfw.errors.OutputError`, see :func:`regfw.atomic.check_target`)."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower().lstrip(".")
     if suffix not in FORMATS:
