@@ -1,0 +1,195 @@
+"""Bounded YAML: every YAML text regfw reads is measured before OmegaConf sees it.
+
+OmegaConf turns each alias (``*name``) into a copy of the node it names, and does so before any
+key is checked: a 600-byte document with eight levels of nine-fold aliases stands for 9**8, about
+43 million, nodes and would take hours and gigabytes to build. :func:`check_yaml` walks PyYAML's
+event stream once (no node is built, no alias expanded) and counts the nodes the expanded
+document would have, with each anchor's expanded size and height remembered, so an alias costs
+one dictionary look-up. It stops at the first event past a limit, so a bomb is refused after
+reading at most :data:`MAX_NODES` events, in milliseconds.
+
+The limits, each far above what a regfw config needs:
+
+* :data:`MAX_BYTES`: a config is a few kilobytes; the pure-Python YAML parser reads about
+  200 KB a second, so a larger file is refused from its size alone, before it is read.
+* :data:`MAX_DEPTH`: configs nest fewer than ten levels (``regularizers.dropout.schedule.x``);
+  OmegaConf recurses several Python frames per level, so a thousand levels would end in a
+  ``RecursionError`` deep inside it.
+* :data:`MAX_NODES`: a config has a few hundred keys and values; OmegaConf spends about 0.1 ms
+  per node (creation and merge), so ten thousand nodes take about a second.
+
+The same check applies to config files (:func:`read_config_text`), to the values of ``KEY=VALUE``
+overrides and to the configs of run directories read for ``--resume``: all of them go through
+:func:`regfw.config.load_raw`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
+
+from regfw.errors import ConfigError, short_repr
+
+#: The largest config file or override value, in bytes (256 KiB).
+MAX_BYTES = 256 * 1024
+#: The deepest nesting of mappings and lists, counted after alias expansion.
+MAX_DEPTH = 32
+#: The most nodes (keys, values, mappings, lists) a document may have once its aliases are expanded.
+MAX_NODES = 10_000
+
+
+@dataclass
+class _Open:
+    """A mapping or list being read: its expanded size and height so far."""
+
+    anchor: str | None
+    mapping: bool
+    path: str
+    size: int = 1
+    height: int = 0
+    index: int = 0  # the next list index, or in a mapping: even = a key comes next
+    key: str | None = None
+
+
+@dataclass
+class YamlShape:
+    """What :func:`check_yaml` measured: the expanded node count and depth, whether the top level
+    is a mapping, and the 1-based line of every key (``optimizer.lr``, ``data.init_args.x[0]``)."""
+
+    nodes: int = 0
+    depth: int = 0
+    top: str = "empty"
+    lines: dict[str, int] = field(default_factory=dict)
+
+
+def _child_path(frame: _Open) -> str:
+    if frame.mapping:
+        key = frame.key if frame.key is not None else "?"
+        return f"{frame.path}.{key}" if frame.path else key
+    return f"{frame.path}[{frame.index}]"
+
+
+def check_yaml(text: str, source: str) -> YamlShape:
+    """Measure the YAML document ``text`` (named ``source`` in messages) without expanding it.
+
+    Raises :class:`~regfw.errors.ConfigError` (one line naming ``source``, the line, the limit
+    and the fix) when the document is larger, deeper or expands to more nodes than the limits,
+    holds more than one document, uses an alias before its anchor or a list or mapping as a key.
+    A YAML syntax error propagates as :class:`yaml.YAMLError` for the caller to word.
+    """
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise too_large(source, len(text.encode("utf-8", "surrogatepass")))
+    shape = YamlShape()
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (expanded size, height)
+    stack: list[_Open] = []
+    documents = 0
+
+    one_line = "\n" not in text.rstrip("\n")
+
+    def where(event: yaml.Event) -> str:
+        return source if one_line else f"{source}, line {event.start_mark.line + 1}"
+
+    def add(size: int, height: int, anchor: str | None) -> None:
+        """A finished node of ``size`` expanded nodes and ``height`` levels below it."""
+        if anchor is not None:
+            sizes[anchor] = (size, height)
+        if not stack:
+            return
+        parent = stack[-1]
+        parent.size += size
+        parent.height = max(parent.height, height + 1)
+        parent.index += 1
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise ConfigError(f"{where(event)}: a second YAML document ('---'); a config is one document. "
+                                  f"Remove the '---' line or split the file.")
+            continue
+        if not isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent,
+                                  yaml.SequenceStartEvent, yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            continue
+        parent = stack[-1] if stack else None
+        at_key = parent is not None and parent.mapping and parent.index % 2 == 0
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            done = stack.pop()
+            add(done.size, done.height, done.anchor)
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                raise ConfigError(f"{where(event)}: the alias *{event.anchor} names no anchor defined before it; "
+                                  f"define &{event.anchor} first or remove the alias.")
+            size, height = sizes[event.anchor]
+            alias = f"*{event.anchor}"
+        else:
+            size, height, alias = 1, 0, ""
+        if parent is None:
+            shape.top = "mapping" if isinstance(event, yaml.MappingStartEvent) else "other"
+        if at_key and not isinstance(event, yaml.ScalarEvent):
+            what = "an alias" if alias else "a list" if isinstance(event, yaml.SequenceStartEvent) else "a mapping"
+            raise ConfigError(f"{where(event)}: a key that is {what}; config keys are names such as lr. Write "
+                              f"the key as plain text.")
+        shape.nodes += size
+        depth = len(stack) + 1 + height
+        if shape.nodes > MAX_NODES:
+            how = f" (the alias {alias} alone stands for {size} nodes)" if alias else ""
+            raise ConfigError(f"{where(event)}: the document expands to more than {MAX_NODES} nodes{how}, the "
+                              f"limit for a config (one has a few hundred); remove the aliases that repeat large "
+                              f"lists or mappings, or split the file.")
+        if depth > MAX_DEPTH:
+            how = f" through the alias {alias}" if alias else ""
+            raise ConfigError(f"{where(event)}: nesting deeper than {MAX_DEPTH} levels{how}, the limit for a "
+                              f"config (one nests fewer than ten); flatten the lists and mappings.")
+        shape.depth = max(shape.depth, depth)
+        if isinstance(event, yaml.ScalarEvent) and at_key:
+            assert parent is not None
+            parent.key = event.value
+            shape.lines.setdefault(_child_path(parent), event.start_mark.line + 1)
+            add(1, 0, event.anchor)
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            path = _child_path(parent) if parent is not None else ""
+            stack.append(_Open(event.anchor, isinstance(event, yaml.MappingStartEvent), path))
+        elif isinstance(event, yaml.AliasEvent):
+            add(size, height, None)
+        else:
+            add(1, 0, event.anchor)
+    return shape
+
+
+def too_large(source: str, size: int) -> ConfigError:
+    """The error for ``source`` of ``size`` bytes, over :data:`MAX_BYTES`."""
+    return ConfigError(f"{source}: {size} bytes, more than the {MAX_BYTES} bytes ({MAX_BYTES // 1024} KiB) a config "
+                       f"may have (one is a few kilobytes); pass the config file, not a data file.")
+
+
+#: Byte-order marks and the encodings they announce (YAML allows UTF-8, UTF-16 and UTF-32).
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def read_config_text(path: Path) -> str:
+    """The text of config file ``path``: refused from its size before it is read (over
+    :data:`MAX_BYTES`), decoded as UTF-8 (or UTF-16/32 with a byte-order mark, as YAML allows);
+    binary content is a :class:`~regfw.errors.ConfigError` naming the file."""
+    source = f"config file {str(path)!r}"
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_BYTES:
+            raise too_large(source, size)
+        data = f.read(MAX_BYTES + 1)  # a file whose size the OS does not know (a pipe, /proc) is read up to the limit
+    if len(data) > MAX_BYTES:
+        raise too_large(source, len(data))
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not {encoding.upper()} text (byte {short_repr(data[exc.start:exc.start + 1])} "
+                          f"at offset {exc.start}); save it as UTF-8 YAML, or pass the config file, not a binary "
+                          f"one.") from None
+    if "\x00" in text:
+        raise ConfigError(f"{source} holds NUL characters (offset {text.index(chr(0))}): a binary file, or UTF-16 "
+                          f"without a byte-order mark; save it as UTF-8 YAML.")
+    return text.removeprefix("\ufeff")
