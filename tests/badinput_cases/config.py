@@ -36,7 +36,8 @@ def _write(tmp: Path, name: str, content: str | bytes) -> str:
 def cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
     out: list[tuple[list[str], str]] = []
     for levels in (6, 8, 20):
-        out.append((["plan", _write(tmp, f"bomb{levels}.yaml", alias_bomb(levels))], "expands to more than 10000 nodes"))
+        bomb = _write(tmp, f"bomb{levels}.yaml", alias_bomb(levels))
+        out.append((["plan", bomb], "expands to more than 10000 nodes"))
     out.append((["fit", _write(tmp, "deep-list.yaml", nested(1000, False))], "nesting deeper than 32 levels"))
     out.append((["fit", _write(tmp, "deep-map.yaml", nested(1000, True))], "nesting deeper than 32 levels"))
     huge = "# " + "x" * (MAX_BYTES + 10) + "\n" + GOOD
