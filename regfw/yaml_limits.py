@@ -34,7 +34,8 @@ from regfw.errors import ConfigError, short_repr
 
 #: The largest config file or override value, in bytes (256 KiB).
 MAX_BYTES = 256 * 1024
-#: The deepest nesting of mappings and lists, counted after alias expansion.
+#: The most levels of nodes, counted after alias expansion (``a: {b: 1}``: the top mapping, the
+#: mapping under ``a``, and the value 1 make three).
 MAX_DEPTH = 32
 #: The most nodes (keys, values, mappings, lists) a document may have once its aliases are expanded.
 MAX_NODES = 10_000
