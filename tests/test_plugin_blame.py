@@ -1,0 +1,157 @@
+"""A plugin whose code raises is named: entry point, distribution, the function, what regfw was
+doing, and the fix (the plugin, or deselecting it); exit 2, and a run keeps (and names) its last
+checkpoint or leaves nothing.
+
+The plugins are real distributions (a ``*.dist-info`` with ``entry_points.txt`` on a temporary
+``sys.path`` entry), discovered through ``importlib.metadata`` and registered by pluggy, as in
+``test_plugin_failures.py``; the commands run in-process through ``regfw.cli.main``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_plugin_failures import distribution
+
+from regfw.cli import main
+from regfw.plugins import reset_plugin_manager
+
+FRAGILE = '''
+import regfw
+from regfw import Regularizer
+
+
+class Fragile(Regularizer):
+    """Adds nothing until global step 2, then raises (a bug that shows after some training)."""
+
+    name = "fragile"
+
+    def loss_term(self, step):
+        if step.module is not None and step.module.global_step >= 2:
+            raise FloatingPointError("the fragile term diverged")
+        return None
+
+
+class PlanBoom(Regularizer):
+    name = "plan_boom"
+
+    def plan(self, model, ctx):
+        return self._layers(model)
+
+    def _layers(self, model):
+        raise KeyError("layer table missing")
+
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(Fragile)
+    register(PlanBoom)
+'''
+
+CLASSIFY = '''
+import regfw
+
+
+@regfw.hookimpl
+def regfw_classify_module(module, path):
+    raise RuntimeError("cannot classify " + type(module).__name__)
+'''
+
+CONFIG = """\
+data: {train_fraction: 0.3, batch_size: 64}
+model: {init_args: {hidden: [8]}}
+regularizers: {dropout: {hidden: 0.2}}
+uncertainty: {enabled: false}
+trainer: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false}
+"""
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch, fresh_plugins):
+    """Two third-party distributions: regfw-fragile (two regularizers) and regfw-classify (a hook)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    distribution(site, "regfw-fragile", "fragile", "regfw_fragile", FRAGILE)
+    distribution(site, "regfw-classify", "classify", "regfw_classify", CLASSIFY)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _config(root: Path, regularizers: str) -> Path:
+    path = root / "c.yaml"
+    path.write_text(CONFIG.replace("{dropout: {hidden: 0.2}}", regularizers))
+    return path
+
+
+def _one_line(capsys) -> str:
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+def test_a_hook_that_raises_names_the_plugin_not_the_model(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "classify")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}}")
+    assert main(["plan", str(cfg)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("regfw plan: error: plugin 'classify' (entry point 'classify', distribution regfw-classify "
+                           "1.0) raised RuntimeError: cannot classify ")
+    assert "in regfw_classify_module(), while building the model and its plan." in line
+    assert "The fix is in the plugin" in line and "leave it out with REGFW_LOAD_PLUGINS" in line
+    assert "model.init_args" not in line
+    assert main(["fit", str(cfg), "--run-dir", str(plugins / "run")]) == 2
+    assert "plugin 'classify' (entry point 'classify', distribution regfw-classify 1.0)" in _one_line(capsys)
+    assert not (plugins / "run").exists()
+
+
+def test_a_regularizer_method_that_raises_names_plugin_method_and_how_to_deselect(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, plan_boom: {}}")
+    assert main(["plan", str(cfg)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("regfw plan: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile "
+                           "1.0) raised KeyError: 'layer table missing' in PlanBoom.plan(), while building the model "
+                           "and its plan.")
+    assert line.endswith("deselect it: remove regularizers.fragile / regularizers.plan_boom from the config.")
+
+
+def test_a_plugin_raising_mid_training_names_the_step_and_the_checkpoint_kept(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, fragile: {}}")
+    run = plugins / "run"
+    assert main(["fit", str(cfg), "--run-dir", str(run), "run.checkpoint_every_n_steps=1"]) == 2
+    line = _one_line(capsys)
+    last = run / "checkpoints" / "last.ckpt"
+    assert line.startswith("regfw fit: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile 1.0) "
+                           "raised FloatingPointError: the fragile term diverged in Fragile.loss_term(), in training "
+                           "step 3 (epoch 0).")
+    assert (f"The run directory is kept; its last checkpoint is {last}: once the plugin is fixed, continue with "
+            f"`regfw fit {cfg} --resume {last}`.") in line
+    assert last.is_file()
+
+
+def test_a_plugin_raising_before_the_first_checkpoint_leaves_nothing(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, fragile: {}}")
+    run = plugins / "run"
+    assert main(["fit", str(cfg), "--run-dir", str(run)]) == 2  # checkpoints only at epoch ends: none yet
+    line = _one_line(capsys)
+    assert "in Fragile.loss_term(), in training step 3 (epoch 0). No checkpoint was written before it, so nothing " \
+           "of the run was kept." in line
+    assert not run.exists()
+
+
+def test_the_models_own_failure_is_still_the_models(plugins, capsys, monkeypatch):
+    """A plugin on the stack does not take the blame for the model's forward (the walk's rule)."""
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, fragile: {}}")
+    assert main(["plan", str(cfg), "model.init_args.in_features=5"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("regfw plan: error: model: building 'mlp'") and "plugin" not in line
