@@ -25,7 +25,7 @@ from regfw.validation import check_finite as check_finite
 from regfw.validation import nonneg as nonneg
 from regfw.validation import positive as positive
 from regfw.validation import rate as rate
-from regfw.yaml_limits import MAX_BYTES, YamlShape, check_yaml, read_config_text, too_large
+from regfw.yaml_limits import MAX_BYTES, YamlShape, check_interpolations, check_yaml, read_config_text, too_large
 
 # -- the top-level schema -------------------------------------------------------------------------
 
@@ -417,6 +417,7 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
                               f"shape, e.g. {key}.SETTING=VALUE.", key=key) from None
     try:
         merged = OmegaConf.merge(base, parsed)
+        check_interpolations(OmegaConf.to_container(merged, resolve=False), f"config {str(path)!r}", lines)
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         full_key: str | None = getattr(exc, "full_key", None) or None

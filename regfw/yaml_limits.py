@@ -20,13 +20,18 @@ The limits, each far above what a regfw config needs:
 
 The same check applies to config files (:func:`read_config_text`), to the values of ``KEY=VALUE``
 overrides and to the configs of run directories read for ``--resume``: all of them go through
-:func:`regfw.config.load_raw`.
+:func:`regfw.config.load_raw`. Interpolations (``${a.b}``) are the other way OmegaConf copies
+nodes, when it resolves them; :func:`check_interpolations` measures the resolved config the same
+way, against the same node and size limits, before anything is resolved.
 """
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 
@@ -194,3 +199,113 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(f"{source} holds NUL characters (offset {text.index(chr(0))}): a binary file, or UTF-16 "
                           f"without a byte-order mark; save it as UTF-8 YAML.")
     return text.removeprefix("\ufeff")
+
+
+#: One ``${...}`` with no interpolation inside it (nested ones are found first, then their hosts).
+_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+#: A resolved string counts as this many characters per node it stands for (a container
+#: interpolated into a string becomes its text).
+_CHARS_PER_NODE = 8
+
+
+def check_interpolations(tree: Any, source: str, lines: dict[str, int] | None = None) -> None:
+    """Measure what resolving the ``${...}`` interpolations of ``tree`` (plain containers, not
+    resolved) would build, without resolving them.
+
+    OmegaConf copies the node an interpolation names, and concatenates the text of string
+    interpolations, so nine-fold references over a few levels are a bomb just like aliases
+    (four levels of lists: 2 s; five levels of strings: 12 s, ten times more per level). Each
+    node's resolved size (nodes, characters) is computed once, with the sizes of the nodes it
+    names; a resolver's arguments that name a key count as references to it. Raises
+    :class:`~regfw.errors.ConfigError` naming the key (and its line in ``lines``) when the
+    resolved config would exceed :data:`MAX_NODES` nodes or :data:`MAX_BYTES` characters, or
+    when interpolations chain more than :data:`MAX_DEPTH` deep.
+    """
+    nodes: dict[str, Any] = {}
+    _flatten(tree, "", nodes)
+    memo: dict[str, tuple[int, int, int]] = {}  # path -> (nodes, characters, interpolation chain)
+    active: set[str] = set()
+
+    def named(path: str) -> str:
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path)
+        line = (lines or {}).get(key)
+        return f"{source}, line {line}: {key}" if line else f"{source}: {key}"
+
+    def size(path: str, chain: int) -> tuple[int, int, int]:
+        if path in memo:
+            return memo[path]
+        if path in active or path not in nodes:
+            return 1, 0, 0  # a cycle or a missing key: OmegaConf names those itself
+        active.add(path)
+        value = nodes[path]
+        if isinstance(value, (dict, list)):
+            kids = [size(_join(path, k), chain) for k in (value if isinstance(value, dict) else range(len(value)))]
+            result = (1 + sum(k[0] for k in kids), sum(k[1] for k in kids), max((k[2] for k in kids), default=0))
+        elif isinstance(value, str) and "${" in value:
+            if chain >= MAX_DEPTH:
+                raise _chained(named(path))
+            result = _string_size(value, path, nodes, lambda ref: size(ref, chain + 1))
+        else:
+            result = (1, len(str(value)), 0)
+        active.discard(path)
+        memo[path] = result
+        if result[2] > MAX_DEPTH:
+            raise _chained(named(path))
+        if result[0] > MAX_NODES or result[1] > MAX_BYTES:
+            what = f"{result[0]} nodes" if result[0] > MAX_NODES else f"{result[1]} characters"
+            raise ConfigError(f"{named(path) if path else source}: its ${{...}} interpolations resolve to {what}, "
+                              f"more than a config may have ({MAX_NODES} nodes, {MAX_BYTES} characters); "
+                              f"interpolate the large lists or strings fewer times.")
+        return result
+
+    size("", 0)
+
+
+def _chained(where: str) -> ConfigError:
+    return ConfigError(f"{where}: interpolations chained more than {MAX_DEPTH} deep (a ${{...}} naming a key whose "
+                       f"value is another ${{...}}, and so on); refer to the final value directly.")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _flatten(value: Any, path: str, out: dict[str, Any]) -> None:
+    out[path] = value
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _flatten(child, _join(path, key), out)
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _flatten(child, _join(path, index), out)
+
+
+def _target(ref: str, path: str) -> str:
+    """The absolute key an interpolation names from the node at ``path`` (``.x``: a sibling,
+    ``..x``: a sibling of the parent; ``a[0].b`` as ``a.0.b``)."""
+    ref = re.sub(r"\[(\d+)\]", r".\1", ref.strip())
+    if not ref.startswith("."):
+        return ref
+    dots = len(ref) - len(ref.lstrip("."))
+    parts = path.split(".") if path else []
+    base = parts[: max(len(parts) - dots, 0)]
+    return ".".join([*base, ref.lstrip(".")]) if ref.lstrip(".") else ".".join(base)
+
+
+def _string_size(value: str, path: str, nodes: dict[str, Any],
+                 size: Callable[[str], tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(nodes, characters, chain) of a string with interpolations, resolved."""
+    refs: list[str] = []
+    for body in _INTERPOLATION.findall(value):
+        head, colon, args = body.partition(":")
+        if not colon:
+            refs.append(_target(head, path))
+            continue
+        refs += [t for t in (_target(a, path) for a in args.split(",") if a.strip()) if t in nodes]
+    parts = [size(ref) for ref in refs if ref != path]
+    chain = 1 + max((p[2] for p in parts), default=0)
+    whole = _INTERPOLATION.fullmatch(value.strip())
+    if whole is not None and ":" not in whole.group(1) and parts:  # '${a}': the node a itself
+        return parts[0][0], parts[0][1], chain
+    literal = len(_INTERPOLATION.sub("", value))
+    return 1, literal + sum(c + _CHARS_PER_NODE * n for n, c, _ in parts), chain

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from badinput_cases.config import GOOD, alias_bomb, nested
+from badinput_cases.config import GOOD, alias_bomb, interpolation_bomb, nested
 
 from regfw.cli import main
 from regfw.config import load_config, load_raw
 from regfw.errors import ConfigError
-from regfw.yaml_limits import MAX_BYTES, MAX_DEPTH, MAX_NODES, check_yaml
+from regfw.yaml_limits import MAX_BYTES, MAX_DEPTH, MAX_NODES, check_interpolations, check_yaml
 
 #: The CPU time a refusal may take (the check itself takes milliseconds).
 REFUSAL_S = 1.0
@@ -120,3 +120,42 @@ def test_a_broken_interpolation_names_key_line_and_form_not_the_footer(tmp_path)
     assert text.startswith(f"config file {str(path)!r}, line 6: optimizer.lr: the interpolation '${{optimizer.' is "
                            f"malformed (no viable alternative at input '${{optimizer.'); write ${{section.key}}")
     assert "object_type" not in text and "\n" not in text
+
+
+@pytest.mark.parametrize("strings", [False, True], ids=["lists", "strings"])
+@pytest.mark.parametrize("levels", [6, 8, 20])
+def test_an_interpolation_bomb_is_refused_before_omegaconf_resolves_it(tmp_path, strings, levels):
+    path = tmp_path / "ibomb.yaml"
+    path.write_text(interpolation_bomb(levels, strings=strings))
+    start = time.process_time()
+    with pytest.raises(ConfigError) as err:
+        load_raw(path)
+    assert time.process_time() - start < REFUSAL_S  # OmegaConf: 2 s at 4 levels of lists, 12 s at 5 of strings
+    # the first key past a limit is named: l4 (9**5 + ... = 66430 nodes), s5 (9**5 * 9 characters and more)
+    key, what = ("s5", "characters") if strings else ("l4", "66430 nodes")
+    assert f"ibomb.yaml', line {3 + int(key[1:])}: data.init_args.{key}: its ${{...}} interpolations resolve to" \
+           in str(err.value) and what in str(err.value)
+
+
+def test_interpolations_are_measured_exactly_and_ordinary_ones_resolve(tmp_path):
+    tree = {"a": [1, 2, 3], "b": {"x": "${a}", "y": "${.x}", "z": "n=${a}", "e": "${oc.select:a,0}"}}
+    check_interpolations(tree, "t")  # well under the limits
+    path = tmp_path / "c.yaml"
+    path.write_text(GOOD + "optimizer: {name: sgd, lr: 0.05, momentum: '${optimizer.lr}'}\n"
+                           "uncertainty: {samples: 4, seed: '${uncertainty.samples}'}\n")
+    cfg = load_config(path, ["trainer.max_epochs=1"])
+    assert (cfg.optimizer.momentum, cfg.uncertainty.seed) == (0.05, 4)
+    wide = {"a": list(range(99)), "b": ["${a}"] * (MAX_NODES // 100)}  # b: 1 + 100 x 100 = 10001 nodes
+    with pytest.raises(ConfigError, match=r"^t: b: its \$\{\.\.\.\} interpolations resolve to 10001 nodes"):
+        check_interpolations(wide, "t")
+    wide["b"] = wide["b"][:-1]  # 9901 nodes in b, 10001 in all
+    with pytest.raises(ConfigError, match=r"^t: its"):
+        check_interpolations(wide, "t")
+
+
+def test_an_interpolation_chain_longer_than_the_depth_limit_is_refused():
+    tree = {"c0": 1, **{f"c{i}": f"${{c{i - 1}}}" for i in range(1, MAX_DEPTH + 2)}}
+    with pytest.raises(ConfigError, match=rf"t: c{MAX_DEPTH + 1}: interpolations chained more than {MAX_DEPTH} deep"):
+        check_interpolations(tree, "t")
+    del tree[f"c{MAX_DEPTH + 1}"]
+    check_interpolations(tree, "t")

@@ -71,4 +71,35 @@ def cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
     out.append((["fit", good, "optimizer.lr=${optimizer."], "the interpolation '${optimizer.' is malformed"))
     out.append((["fit", good, "k" * 300 + ".x=1"], "a key of 302 characters"))
     out.append((["fit", good, "data.init_args.x=" + "1" * (MAX_BYTES + 1)], f"more than the {MAX_BYTES} bytes"))
-    return out
+    return out + interpolation_cases(tmp)
+
+
+def interpolation_bomb(levels: int, width: int = 9, strings: bool = False) -> str:
+    """Like :func:`alias_bomb` with ``${...}`` references: lists of ``width`` references to the
+    level before, or strings that concatenate them (resolved by OmegaConf, not by YAML)."""
+    key = "data.init_args"
+    if strings:
+        rows = ["s0: lollollol"]
+        rows += [f"s{i}: '{('${' + key + f'.s{i - 1}' + '}') * width}'" for i in range(1, levels + 1)]
+    else:
+        rows = [f"l0: [{', '.join(['lol'] * width)}]"]
+        rows += [f"l{i}: [{', '.join([repr('${' + key + f'.l{i - 1}' + '}')] * width)}]" for i in range(1, levels + 1)]
+    return "data:\n  init_args:\n" + "".join(f"    {row}\n" for row in rows)
+
+
+def interpolation_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """Interpolation bombs and chains, in a file and in an override."""
+    chain = "data:\n  init_args:\n    c0: 1\n" + "".join(f"    c{i}: '${{data.init_args.c{i - 1}}}'\n"
+                                                       for i in range(1, 200))
+    good = _write(tmp, "good-for-interpolations.yaml", GOOD)
+    return [
+        (["plan", _write(tmp, "ibomb.yaml", interpolation_bomb(8))], "line 7: data.init_args.l4: its ${...} "
+                                                                      "interpolations resolve to 66430 nodes"),
+        (["plan", _write(tmp, "sbomb.yaml", interpolation_bomb(8, strings=True))], "line 8: data.init_args.s5: its "
+                                                                                   "${...} interpolations resolve to"),
+        (["plan", _write(tmp, "chain.yaml", chain)], "interpolations chained more than 32 deep"),
+        (["plan", good, "data.init_args.a=[1,2,3,4,5,6,7,8,9,10]",
+          *(f"data.init_args.{b}=[{', '.join([repr('${data.init_args.' + a + '}')] * 4)}]"
+            for a, b in zip("abcdef", "bcdefg", strict=True))],
+         "data.init_args.f: its ${...} interpolations resolve to 11605 nodes"),
+    ]
