@@ -42,10 +42,18 @@ class PlanBoom(Regularizer):
         raise KeyError("layer table missing")
 
 
+class BadCheck(Regularizer):
+    name = "bad_check"
+
+    def check(self, config):
+        return 1 / 0
+
+
 @regfw.hookimpl
 def regfw_register_regularizers(register):
     register(Fragile)
     register(PlanBoom)
+    register(BadCheck)
 '''
 
 CLASSIFY = '''
@@ -116,7 +124,21 @@ def test_a_regularizer_method_that_raises_names_plugin_method_and_how_to_deselec
     assert line.startswith("regfw plan: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile "
                            "1.0) raised KeyError: 'layer table missing' in PlanBoom.plan(), while building the model "
                            "and its plan.")
-    assert line.endswith("deselect it: remove regularizers.fragile / regularizers.plan_boom from the config.")
+    assert line.endswith("deselect it: remove regularizers.bad_check / regularizers.fragile / regularizers.plan_boom "
+                         "from the config.")
+
+
+def test_a_plugin_raising_while_the_config_is_checked_is_named_by_the_cli(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, bad_check: {}}")
+    for command in ("plan", "fit"):
+        assert main([command, str(cfg)]) == 2
+        line = _one_line(capsys)
+        assert line.startswith(f"regfw {command}: error: plugin 'fragile' (entry point 'fragile', distribution "
+                               f"regfw-fragile 1.0) raised ZeroDivisionError: division by zero in BadCheck.check(), "
+                               f"during `regfw {command}`.")
+    assert not (plugins / "runs").exists()
 
 
 def test_a_plugin_raising_mid_training_names_the_step_and_the_checkpoint_kept(plugins, capsys, monkeypatch):
