@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
@@ -320,8 +321,10 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {shown}: {_omegaconf_problem(exc, value)}", key=key) from None
         except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
-            raise ConfigError(f"override {shown}: the value {short_repr(value)} is not valid YAML{_yaml_problem(exc)} "
-                              f"Quote it, e.g. {key}=\"'{value}'\", or fix the brackets.", key=key) from None
+            quoted = f"{key}=\"'{short_repr(value, 60, text=True)}'\""
+            raise ConfigError(f"override {shown}: the value {short_repr(value)} is not valid "
+                              f"YAML{_yaml_problem(exc, value)} Quote it, e.g. {quoted}, or fix the brackets.",
+                              key=key) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
@@ -369,7 +372,7 @@ def _document(text: str, source: str) -> tuple[DictConfig, dict[str, int]]:
         raise ConfigError(f"{source}{line}: {key + ': ' if key else ''}{_omegaconf_problem(exc, value)}",
                           key=key) from None
     except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
-        raise ConfigError(f"{source} is not valid YAML{_yaml_problem(exc)}") from None
+        raise ConfigError(f"{source} is not valid YAML{_yaml_problem(exc, text)}") from None
     if not isinstance(made, DictConfig):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level.")
     return made, shape.lines
@@ -447,10 +450,18 @@ def _check_config_file(path: Path) -> None:
                           f"YAML file.")
 
 
-def _yaml_problem(exc: Exception) -> str:
-    """`` at line L, column C: problem`` of a YAML error, on one line."""
+def _yaml_problem(exc: Exception, text: str | None = None) -> str:
+    """`` at line L, column C: problem`` of a YAML error, on one line. A reader error (a character
+    YAML does not allow) carries an offset into ``text`` instead of a line."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[-1:] and str(exc).strip().splitlines()[-1]
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = (text or "")[: exc.position]
+        where = (f" at line {before.count(chr(10)) + 1}, column {len(before) - before.rfind(chr(10))}"
+                 if text is not None else f" at character {exc.position}")
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return f"{where}: the character {char!r} (#x{ord(char):04x}) is not allowed ({exc.reason}); remove it."
+    lines = str(exc).strip().splitlines()
+    problem = getattr(exc, "problem", None) or (lines[0] if lines else type(exc).__name__)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{where}: {' '.join(str(problem).split())}."
 

@@ -46,6 +46,10 @@ MAX_DEPTH = 32
 MAX_NODES = 10_000
 
 
+#: What YAML reads as null (``~``, ``null``, an empty plain scalar), as PyYAML's resolver has it.
+_NULL = re.compile(r"~|null|Null|NULL|")
+
+
 @dataclass
 class _Open:
     """A mapping or list being read: its expanded size and height so far."""
@@ -152,6 +156,9 @@ def check_yaml(text: str, source: str) -> YamlShape:
         shape.depth = max(shape.depth, depth)
         if isinstance(event, yaml.ScalarEvent) and at_key:
             assert parent is not None
+            if event.implicit[0] and _NULL.fullmatch(event.value):
+                raise ConfigError(f"{where(event)}: a key that is null ({event.value or 'empty'}); config keys are "
+                                  f"names such as lr. Write the key, or quote it.")
             parent.key = event.value
             shape.lines.setdefault(_child_path(parent), event.start_mark.line + 1)
             add(1, 0, event.anchor)

@@ -62,6 +62,11 @@ def cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
     out.append((["fit", _write(tmp, "tab.yaml", "data:\n\tname: digits\n")], "is not valid YAML at line 2"))
     out.append((["fit", _write(tmp, "env.yaml", GOOD + "run: {name: '${oc.env:REGFW_SURELY_UNSET_12345}'}\n")],
                 "run.name: "))
+    out.append((["fit", _write(tmp, "null-key.yaml", GOOD + "~: 1\n")], "line 4: a key that is null (~)"))
+    out.append((["fit", _write(tmp, "bell.yaml", GOOD + "run: {name: 'a\x07b'}\n")],
+                "line 4, column 15: the character '\\x07' (#x0007) is not allowed"))
+    out.append((["fit", _write(tmp, "python-tag.yaml", GOOD + "seed: !!python/object/apply:os.system [ls]\n")],
+                "line 4, column 7: could not determine a constructor for the tag"))
     good = _write(tmp, "good-for-overrides.yaml", GOOD)
     out.append((["fit", good, "seed=*x"], "override 'seed=*x': the alias *x names no anchor"))
     flow_bomb = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
