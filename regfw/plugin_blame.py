@@ -24,6 +24,7 @@ import traceback
 from dataclasses import dataclass
 from types import FrameType
 
+from regfw import plugins
 from regfw.errors import PluginError, short_repr
 from regfw.plugins import PluginInfo, origin_of, plugin_infos
 
@@ -53,7 +54,7 @@ def _plugin_of(module: str) -> PluginInfo | None:
     if info is not None:
         return info
     top = module.partition(".")[0]
-    if top in THROUGH:
+    if top in THROUGH or plugins._pm is None:  # no plugin discovered yet: none can have raised (and none is loaded now)
         return None
     try:
         owners = [i for i in plugin_infos() if i.module.partition(".")[0] == top]

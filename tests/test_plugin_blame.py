@@ -177,3 +177,28 @@ def test_the_models_own_failure_is_still_the_models(plugins, capsys, monkeypatch
     assert main(["plan", str(cfg), "model.init_args.in_features=5"]) == 2
     line = _one_line(capsys)
     assert line.startswith("regfw plan: error: model: building 'mlp'") and "plugin" not in line
+
+
+def test_a_plugin_package_is_named_for_code_in_any_of_its_modules(tmp_path, monkeypatch, fresh_plugins, capsys):
+    """The entry point is ``regfw_split.plugin``; the class that raises lives in ``regfw_split.regs``."""
+    package = tmp_path / "regfw_split"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "regs.py").write_text("from regfw import Regularizer\n\n\nclass Split(Regularizer):\n"
+                                     "    name = 'split'\n\n    def plan(self, model, ctx):\n"
+                                     "        raise ValueError('split plan failed')\n")
+    (package / "plugin.py").write_text("import regfw\nfrom regfw_split.regs import Split\n\n\n@regfw.hookimpl\n"
+                                       "def regfw_register_regularizers(register):\n    register(Split)\n")
+    info = tmp_path / "regfw_split-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: regfw-split\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[regfw]\nsplit = regfw_split.plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "split")
+    monkeypatch.chdir(tmp_path)
+    reset_plugin_manager()
+    cfg = _config(tmp_path, "{dropout: {hidden: 0.2}, split: {}}")
+    assert main(["plan", str(cfg)]) == 2
+    assert _one_line(capsys).startswith("regfw plan: error: plugin 'split' (entry point 'split', distribution "
+                                        "regfw-split 2.0) raised ValueError: split plan failed in Split.plan(), while "
+                                        "building the model and its plan.")
