@@ -38,7 +38,8 @@ class Culprit:
     """The plugin responsible for an exception and the function of it that regfw called."""
 
     info: PluginInfo
-    #: The qualified name of the plugin's outermost frame (``MyNoise.plan``, ``regfw_classify_module``).
+    #: The plugin's function that regfw (or a library) called last on the way to the raise
+    #: (``MyNoise.plan``, ``MyNoise.make_module`` called by regfw's ``apply``, ``regfw_classify_module``).
     function: str
 
     @property
@@ -76,14 +77,16 @@ def culprit(exc: BaseException) -> Culprit | None:
     """The plugin responsible for ``exc`` (see the module docstring), or None."""
     owner: PluginInfo | None = None
     entry = ""
+    inside = False  # the previous frame was the owner's own code
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         module = str(frame.f_globals.get("__name__", ""))
         info = _plugin_of(module)
         if info is not None:
-            if owner is None or owner.name != info.name:
+            if not inside or owner is None or owner.name != info.name:  # called from outside: what regfw asked
                 entry = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-            owner = info
+            owner, inside = info, True
             continue
+        inside = False
         if _is_model_forward(frame):
             owner = None
             continue

@@ -17,6 +17,10 @@ from regfw.cli import main
 from regfw.plugins import reset_plugin_manager
 
 FRAGILE = '''
+from dataclasses import dataclass
+
+from torch import nn
+
 import regfw
 from regfw import Regularizer
 
@@ -42,6 +46,41 @@ class PlanBoom(Regularizer):
         raise KeyError("layer table missing")
 
 
+@dataclass
+class PickyConfig(regfw.InjectionConfig):
+    hidden: float | None = None
+    #: The method that raises (a plugin bug in that method).
+    fail_in: str = ""
+
+
+class Picky(regfw.InjectingRegularizer):
+    """Dropout after hidden layers, raising in the method named by ``fail_in``."""
+
+    name = "picky"
+    Config = PickyConfig
+    kinds = ("hidden",)
+
+    def _maybe_fail(self, method):
+        if self.config.fail_in == method:
+            raise RuntimeError(method + " is broken")
+
+    def rate_for(self, kind, ctx):
+        self._maybe_fail("rate_for")
+        return super().rate_for(kind, ctx)
+
+    def make_module(self, kind, rate, item):
+        self._maybe_fail("make_module")
+        return nn.Dropout(rate)
+
+    def apply(self, model, items):
+        self._maybe_fail("apply")
+        super().apply(model, items)
+
+    def describe(self, model):
+        self._maybe_fail("describe")
+        return []
+
+
 class BadCheck(Regularizer):
     name = "bad_check"
 
@@ -54,6 +93,7 @@ def regfw_register_regularizers(register):
     register(Fragile)
     register(PlanBoom)
     register(BadCheck)
+    register(Picky)
 '''
 
 CLASSIFY = '''
@@ -124,8 +164,22 @@ def test_a_regularizer_method_that_raises_names_plugin_method_and_how_to_deselec
     assert line.startswith("regfw plan: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile "
                            "1.0) raised KeyError: 'layer table missing' in PlanBoom.plan(), while building the model "
                            "and its plan.")
-    assert line.endswith("deselect it: remove regularizers.bad_check / regularizers.fragile / regularizers.plan_boom "
-                         "from the config.")
+    assert line.endswith("deselect it: remove regularizers.bad_check / regularizers.fragile / regularizers.picky / "
+                         "regularizers.plan_boom from the config.")
+
+
+@pytest.mark.parametrize("method", ["rate_for", "make_module", "apply", "describe"])
+def test_each_planning_method_that_raises_is_named(plugins, capsys, monkeypatch, method):
+    """``make_module`` is called by regfw's own insertion code from the plugin's ``apply``: the
+    function named is the one regfw called last, not the plugin's outer frame."""
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, f"{{picky: {{hidden: 0.2, fail_in: {method}}}}}")
+    assert main(["plan", str(cfg)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"regfw plan: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile "
+                           f"1.0) raised RuntimeError: {method} is broken in Picky.{method}(), while building the "
+                           f"model and its plan.")
 
 
 def test_a_plugin_raising_while_the_config_is_checked_is_named_by_the_cli(plugins, capsys, monkeypatch):
