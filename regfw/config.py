@@ -26,7 +26,15 @@ from regfw.validation import check_finite as check_finite
 from regfw.validation import nonneg as nonneg
 from regfw.validation import positive as positive
 from regfw.validation import rate as rate
-from regfw.yaml_limits import MAX_BYTES, YamlShape, check_interpolations, check_yaml, read_config_text, too_large
+from regfw.yaml_limits import (
+    MAX_BYTES,
+    MAX_KEY_CHARS,
+    YamlShape,
+    check_interpolations,
+    check_yaml,
+    read_config_text,
+    too_large,
+)
 
 # -- the top-level schema -------------------------------------------------------------------------
 
@@ -331,10 +339,6 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"overrides {short_repr(list(overrides))}: {_omegaconf_problem(exc)}") from None
 
 
-#: The longest key a config or an override may name (a real one has a few dozen characters).
-MAX_KEY_CHARS = 200
-
-
 def _omegaconf_problem(exc: OmegaConfBaseException, value: str | None = None) -> str:
     """OmegaConf's message without its ``full_key:`` / ``object_type=`` footer, on one line; an
     interpolation its grammar rejects gets the form it expects."""
@@ -357,11 +361,6 @@ def _document(text: str, source: str) -> tuple[DictConfig, dict[str, int]]:
         if shape.top == "other":
             raise ConfigError(f"{source}: expected a mapping of sections at the top level (such as "
                               f"regularizers: and trainer:).")
-        long_key = next((k for k in shape.lines if len(_last_part(k)) > MAX_KEY_CHARS), None)
-        if long_key is not None:
-            raise ConfigError(f"{source}, line {shape.lines[long_key]}: a key of {len(_last_part(long_key))} "
-                              f"characters ({short_repr(_last_part(long_key), 40)}), more than the {MAX_KEY_CHARS} "
-                              f"a config key may have; config keys are names such as lr.")
         made = OmegaConf.create(text) if shape.top == "mapping" else OmegaConf.create()
     except ConfigError:
         raise
@@ -376,10 +375,6 @@ def _document(text: str, source: str) -> tuple[DictConfig, dict[str, int]]:
     if not isinstance(made, DictConfig):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level.")
     return made, shape.lines
-
-
-def _last_part(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
 
 
 def _raw_value(text: str, line: int | None) -> str | None:

@@ -17,6 +17,7 @@ The limits, each far above what a regfw config needs:
   ``RecursionError`` deep inside it.
 * :data:`MAX_NODES`: a config has a few hundred keys and values; OmegaConf spends about 0.1 ms
   per node (creation and merge), so ten thousand nodes take about a second.
+* :data:`MAX_KEY_CHARS`: a key is a name of a few dozen characters.
 
 The same check applies to config files (:func:`read_config_text`), to the values of ``KEY=VALUE``
 overrides and to the configs of run directories read for ``--resume``: all of them go through
@@ -44,6 +45,9 @@ MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32
 #: The most nodes (keys, values, mappings, lists) a document may have once its aliases are expanded.
 MAX_NODES = 10_000
+#: The longest key of a config or an override (a real one has a few dozen characters; a longer one
+#: is a value or a file pasted in the wrong place, and would make every message about it huge).
+MAX_KEY_CHARS = 200
 
 
 #: What YAML reads as null (``~``, ``null``, an empty plain scalar), as PyYAML's resolver has it.
@@ -156,6 +160,10 @@ def check_yaml(text: str, source: str) -> YamlShape:
         shape.depth = max(shape.depth, depth)
         if isinstance(event, yaml.ScalarEvent) and at_key:
             assert parent is not None
+            if len(event.value) > MAX_KEY_CHARS:
+                raise ConfigError(f"{where(event)}: a key of {len(event.value)} characters "
+                                  f"({short_repr(event.value, 40)}), more than the {MAX_KEY_CHARS} a config key "
+                                  f"may have; config keys are names such as lr.")
             if event.implicit[0] and _NULL.fullmatch(event.value):
                 raise ConfigError(f"{where(event)}: a key that is null ({event.value or 'empty'}); config keys are "
                                   f"names such as lr. Write the key, or quote it.")
