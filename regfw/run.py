@@ -190,7 +190,10 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     except RegfwError:
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
-        raise _building_error(exc, model_config, example) from exc
+        error = _building_error(exc, model_config, example)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def build_plan(cfg: Config, data: Any) -> Any:
@@ -219,7 +222,10 @@ def build_plan(cfg: Config, data: Any) -> Any:
     except RegfwError:
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
-        raise _building_error(exc, model_config, example) from exc
+        error = _building_error(exc, model_config, example)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def _building_error(exc: Exception, model_config: dict, example: Any) -> Exception:
