@@ -378,7 +378,7 @@ def _last_good(ckpt_cb: Any) -> str:
     return f"{last}{step}"
 
 
-def _plugin_failure(exc: Exception, trainer: Any, ckpt_cb: Any, cfg: Config, claim: Any, rank: int) -> Any:
+def _plugin_failure(exc: Exception, trainer: Any, ckpt_cb: Any, cfg: Config, rank: int) -> Any:
     """A plugin's code raising during training: the :class:`~regfw.errors.PluginError` naming it,
     the step, and the checkpoint the run keeps to continue from (or that nothing was kept), or
     None when no plugin raised it (:mod:`regfw.plugin_blame`)."""
@@ -391,8 +391,14 @@ def _plugin_failure(exc: Exception, trainer: Any, ckpt_cb: Any, cfg: Config, cla
                 f"with `regfw fit {src} --resume {last}`.")
     else:
         kept = " No checkpoint was written before it, so nothing of the run was kept."
-    return plugin_error(exc, f"in training step {trainer.global_step + 1} (epoch {trainer.current_epoch})", kept,
-                        quiet=rank != 0)
+    import traceback
+
+    # Lightning resets its stage while it tears down after the exception: the loop it was in is on the traceback
+    loops = {str(f.f_globals.get("__name__", "")).rpartition(".")[2] for f, _ in traceback.walk_tb(exc.__traceback__)}
+    doing = (f"during validation after training step {trainer.global_step} (epoch {trainer.current_epoch})"
+             if "evaluation_loop" in loops else
+             f"in training step {trainer.global_step + 1} (epoch {trainer.current_epoch})")
+    return plugin_error(exc, doing, kept, quiet=rank != 0)
 
 
 def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (), quiet: bool = False,
@@ -578,7 +584,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
     except RegfwError:
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything during training
-        blamed = _plugin_failure(exc, trainer, ckpt_cb, cfg, claim, rank)
+        blamed = _plugin_failure(exc, trainer, ckpt_cb, cfg, rank)
         if blamed is not None:
             raise blamed from exc
         if trainer.global_step > start_step or not isinstance(

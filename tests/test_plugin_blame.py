@@ -81,6 +81,22 @@ class Picky(regfw.InjectingRegularizer):
         return []
 
 
+class ValBoom(Regularizer):
+    """A Lightning callback that raises at the end of the first real validation."""
+
+    name = "val_boom"
+
+    def callbacks(self):
+        import pytorch_lightning as pl
+
+        class Boom(pl.Callback):
+            def on_validation_epoch_end(self, trainer, pl_module):
+                if not trainer.sanity_checking:
+                    raise ArithmeticError("validation summary failed")
+
+        return [Boom()]
+
+
 class BadCheck(Regularizer):
     name = "bad_check"
 
@@ -94,6 +110,7 @@ def regfw_register_regularizers(register):
     register(PlanBoom)
     register(BadCheck)
     register(Picky)
+    register(ValBoom)
 '''
 
 CLASSIFY = '''
@@ -165,7 +182,7 @@ def test_a_regularizer_method_that_raises_names_plugin_method_and_how_to_deselec
                            "1.0) raised KeyError: 'layer table missing' in PlanBoom.plan(), while building the model "
                            "and its plan.")
     assert line.endswith("deselect it: remove regularizers.bad_check / regularizers.fragile / regularizers.picky / "
-                         "regularizers.plan_boom from the config.")
+                         "regularizers.plan_boom / regularizers.val_boom from the config.")
 
 
 @pytest.mark.parametrize("method", ["rate_for", "make_module", "apply", "describe"])
@@ -256,3 +273,15 @@ def test_a_plugin_package_is_named_for_code_in_any_of_its_modules(tmp_path, monk
     assert _one_line(capsys).startswith("regfw plan: error: plugin 'split' (entry point 'split', distribution "
                                         "regfw-split 2.0) raised ValueError: split plan failed in Split.plan(), while "
                                         "building the model and its plan.")
+
+
+def test_a_plugin_callback_raising_during_validation_says_so(plugins, capsys, monkeypatch):
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "fragile")
+    reset_plugin_manager()
+    cfg = _config(plugins, "{dropout: {hidden: 0.2}, val_boom: {}}")
+    assert main(["fit", str(cfg), "--run-dir", str(plugins / "run")]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("regfw fit: error: plugin 'fragile' (entry point 'fragile', distribution regfw-fragile 1.0) "
+                           "raised ArithmeticError: validation summary failed in "
+                           "ValBoom.callbacks.<locals>.Boom.on_validation_epoch_end(), during validation after "
+                           "training step 7 (epoch 0).")
