@@ -308,6 +308,12 @@ def _main(argv: Sequence[str] | None) -> int:
         stopping.hold()
         if args.debug:
             raise
+        from regfw.plugin_blame import plugin_error
+
+        blamed = plugin_error(exc, f"during `regfw {args.command}`")
+        if blamed is not None:  # a plugin's code raised: named, exit 2 like every other plugin failure
+            print(f"{prefix} error: {_one_line(str(blamed), prefix)}", file=sys.stderr)
+            return blamed.exit_code
         print(f"{prefix} error: {type(exc).__name__}: {_one_line(str(exc), prefix)} (run `regfw --debug "
               f"{args.command} ...` for the traceback)", file=sys.stderr)
         return 1

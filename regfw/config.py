@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
-from regfw.errors import ConfigError, closest_hint
+from regfw.errors import ConfigError, closest_hint, short_repr
 
 # The field helpers and section validation live in regfw.validation (regfw.registry uses them
 # too); regfw.config is their public home, so they are re-exported here.
@@ -25,6 +26,15 @@ from regfw.validation import check_finite as check_finite
 from regfw.validation import nonneg as nonneg
 from regfw.validation import positive as positive
 from regfw.validation import rate as rate
+from regfw.yaml_limits import (
+    MAX_BYTES,
+    MAX_KEY_CHARS,
+    YamlShape,
+    check_interpolations,
+    check_yaml,
+    read_config_text,
+    too_large,
+)
 
 # -- the top-level schema -------------------------------------------------------------------------
 
@@ -290,57 +300,129 @@ def _check_trainer(section: Mapping[str, Any]) -> dict:
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """``key=value`` overrides as a config; a malformed one is a :class:`ConfigError`."""
+    """``key=value`` overrides as a config; a malformed one is a :class:`ConfigError`.
+
+    Each value is YAML, measured by :func:`regfw.yaml_limits.check_yaml` (size, depth, aliases)
+    before OmegaConf parses it."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(
-                f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3"
+                f"override {short_repr(item)}: expected KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3"
             )
     for item in overrides:
         key, value = item.split("=", 1)
-        if any(not part.strip() for part in key.split(".")):
-            raise ConfigError(f"override {item!r}: the key {key!r} has an empty part; write a dotted key such as "
+        shown = short_repr(item)
+        if len(item.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+            raise too_large(f"override {short_repr(item, 40)}", len(item.encode("utf-8", "surrogatepass")))
+        if len(key) > MAX_KEY_CHARS:
+            raise ConfigError(f"override {short_repr(item, 60)}: a key of {len(key)} characters, more than the "
+                              f"{MAX_KEY_CHARS} a config key may have; write a dotted key such as "
                               f"trainer.max_epochs=3.")
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {shown}: the key {short_repr(key)} has an empty part; write a dotted key "
+                              f"such as trainer.max_epochs=3.")
         try:
+            check_yaml(value, f"override {shown}")
             OmegaConf.from_dotlist([item])
-        except Exception as exc:  # noqa: BLE001 - YAML and OmegaConf errors alike
-            raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML{_yaml_problem(exc)} Quote "
-                              f"it, e.g. {key}=\"'{value}'\", or fix the brackets.", key=key) from None
+        except ConfigError:
+            raise
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {shown}: {_omegaconf_problem(exc, value)}", key=key) from None
+        except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
+            quoted = f"{key}=\"'{short_repr(value, 60, text=True)}'\""
+            raise ConfigError(f"override {shown}: the value {short_repr(value)} is not valid "
+                              f"YAML{_yaml_problem(exc, value)} Quote it, e.g. {quoted}, or fix the brackets.",
+                              key=key) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"overrides {list(overrides)}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"overrides {short_repr(list(overrides))}: {_omegaconf_problem(exc)}") from None
+
+
+def _omegaconf_problem(exc: OmegaConfBaseException, value: str | None = None) -> str:
+    """OmegaConf's message without its ``full_key:`` / ``object_type=`` footer, on one line; an
+    interpolation its grammar rejects gets the form it expects."""
+    lines = [line for line in str(exc).splitlines()
+             if not line.strip().startswith(("full_key:", "object_type=", "reference_type=", "child_key:"))]
+    text = " ".join(" ".join(lines).split()).rstrip(".")
+    if isinstance(exc, GrammarParseError):
+        shown = f" {short_repr(value)}" if value is not None else ""
+        return (f"the interpolation{shown} is malformed ({text}); write ${{section.key}}, e.g. ${{optimizer.lr}}, "
+                f"or a resolver such as ${{oc.env:NAME}}, or escape a literal dollar as \\${{...}}.")
+    return f"{text}."
+
+
+def _document(text: str, source: str) -> tuple[DictConfig, dict[str, int]]:
+    """The YAML ``text`` of ``source`` as a config and the line of each key, once
+    :func:`~regfw.yaml_limits.check_yaml` has measured it."""
+    shape = YamlShape()
+    try:
+        shape = check_yaml(text, source)
+        if shape.top == "other":
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level (such as "
+                              f"regularizers: and trainer:).")
+        made = OmegaConf.create(text) if shape.top == "mapping" else OmegaConf.create()
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or None
+        line = f", line {shape.lines[key]}" if key in shape.lines else ""
+        value = _raw_value(text, shape.lines.get(key)) if key else None
+        raise ConfigError(f"{source}{line}: {key + ': ' if key else ''}{_omegaconf_problem(exc, value)}",
+                          key=key) from None
+    except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
+        raise ConfigError(f"{source} is not valid YAML{_yaml_problem(exc, text)}") from None
+    if not isinstance(made, DictConfig):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level.")
+    return made, shape.lines
+
+
+def _raw_value(text: str, line: int | None) -> str | None:
+    """The value written on ``line`` (1-based) of ``text`` after its key's colon, for messages."""
+    if line is None:
+        return None
+    rows = text.splitlines()
+    if not 0 < line <= len(rows):
+        return None
+    _, sep, value = rows[line - 1].partition(":")
+    return value.strip() if sep else None
 
 
 def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
-    """The YAML file merged with ``overrides``, as plain containers, not yet validated."""
+    """The YAML file merged with ``overrides``, as plain containers, not yet validated.
+
+    The file and every override value are measured first (:mod:`regfw.yaml_limits`): a file
+    too large, too deep or with aliases that would expand past the limits is refused before
+    OmegaConf reads it."""
     base: DictConfig | ListConfig = OmegaConf.create()
+    lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
         _check_config_file(path)
-        try:
-            base = OmegaConf.load(path)
-        except Exception as exc:  # noqa: BLE001 - YAML errors come in many types
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}") from None
-        if not isinstance(base, DictConfig):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level.")
+        text = read_config_text(path)
+        if not text.strip():
+            raise ConfigError(f"config file {str(path)!r} is empty; write one with `regfw init {path} --force`, or "
+                              f"put at least a regularizers: section in it.")
+        base, lines = _document(text, f"config file {str(path)!r}")
     parsed = parse_overrides(overrides)
     for item in overrides:  # name the override that cannot be merged (a mapping replaced by a list ...)
         try:
             OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             key = item.split("=", 1)[0]
-            raise ConfigError(f"override {item!r}: {' '.join(str(exc).splitlines()[0].split())}: {key} is "
+            raise ConfigError(f"override {short_repr(item)}: {' '.join(str(exc).splitlines()[0].split())}: {key} is "
                               f"{_shape_of(OmegaConf.select(base, key))} in config {str(path)!r}; give it the same "
                               f"shape, e.g. {key}.SETTING=VALUE.", key=key) from None
     try:
         merged = OmegaConf.merge(base, parsed)
+        check_interpolations(OmegaConf.to_container(merged, resolve=False), f"config {str(path)!r}", lines)
         return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        full_key: str | None = getattr(exc, "full_key", None)
-        text = " ".join(str(exc).split("\n")[0].split())
-        raise ConfigError(f"config {str(path)!r}: {full_key + ': ' if full_key else ''}{text}. Check the ${{...}} "
-                          f"interpolations and the overrides.", key=full_key) from None
+        full_key: str | None = getattr(exc, "full_key", None) or None
+        line = f", line {lines[full_key]}" if full_key in lines else ""
+        raise ConfigError(f"config {str(path)!r}{line}: {full_key + ': ' if full_key else ''}"
+                          f"{_omegaconf_problem(exc).rstrip('.')}. Check the ${{...}} interpolations and the "
+                          f"overrides.", key=full_key) from None
 
 
 def _shape_of(value: Any) -> str:
@@ -352,7 +434,8 @@ def _shape_of(value: Any) -> str:
 
 
 def _check_config_file(path: Path) -> None:
-    """A :class:`ConfigError` unless ``path`` is a regular, non-empty file."""
+    """A :class:`ConfigError` unless ``path`` is a regular file (its size and text are
+    :func:`~regfw.yaml_limits.read_config_text`'s to check)."""
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist. Create one with `regfw init {path}`.")
     if path.is_dir():
@@ -360,15 +443,20 @@ def _check_config_file(path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} is not a regular file (a FIFO, socket or device); pass a "
                           f"YAML file.")
-    if not path.read_text(errors="replace").strip():
-        raise ConfigError(f"config file {str(path)!r} is empty; write one with `regfw init {path} --force`, or "
-                          f"put at least a regularizers: section in it.")
 
 
-def _yaml_problem(exc: Exception) -> str:
-    """`` at line L, column C: problem`` of a YAML error, on one line."""
+def _yaml_problem(exc: Exception, text: str | None = None) -> str:
+    """`` at line L, column C: problem`` of a YAML error, on one line. A reader error (a character
+    YAML does not allow) carries an offset into ``text`` instead of a line."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[-1:] and str(exc).strip().splitlines()[-1]
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = (text or "")[: exc.position]
+        where = (f" at line {before.count(chr(10)) + 1}, column {len(before) - before.rfind(chr(10))}"
+                 if text is not None else f" at character {exc.position}")
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return f"{where}: the character {char!r} (#x{ord(char):04x}) is not allowed ({exc.reason}); remove it."
+    lines = str(exc).strip().splitlines()
+    problem = getattr(exc, "problem", None) or (lines[0] if lines else type(exc).__name__)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{where}: {' '.join(str(problem).split())}."
 

@@ -6,6 +6,9 @@ called at load time or once per model, never once per batch: per-step behaviour 
 regularizer's own step methods (``transform_batch``, ``transform_loss``, ``loss_term``), in the
 modules it injects and in the Lightning callbacks it provides.
 
+An implementation that raises is reported as its plugin's failure, naming the plugin, the hook
+and what regfw was doing (:mod:`regfw.plugin_blame`), never as a problem of the user's model.
+
 Every hook here is documented in ``docs/hooks.md``; a test fails if one is not.
 """
 from __future__ import annotations

@@ -196,8 +196,11 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         return module
     except RegfwError:
         raise
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise _model_error(exc, model_config, example) from exc
+    except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
+        error = _building_error(exc, model_config, example)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def build_plan(cfg: Config, data: Any) -> Any:
@@ -225,8 +228,24 @@ def build_plan(cfg: Config, data: Any) -> Any:
         return plan
     except RegfwError:
         raise
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise _model_error(exc, model_config, example) from exc
+    except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
+        error = _building_error(exc, model_config, example)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _building_error(exc: Exception, model_config: dict, example: Any) -> Exception:
+    """What building the model and its plan failing is reported as: the plugin whose code raised
+    (:mod:`regfw.plugin_blame`), else the model not fitting the data, else ``exc`` itself."""
+    from regfw.plugin_blame import plugin_error
+
+    blamed = plugin_error(exc, "while building the model and its plan")
+    if blamed is not None:
+        return blamed
+    if isinstance(exc, (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError)):
+        return _model_error(exc, model_config, example)
+    return exc
 
 
 def _model_error(exc: Exception, model_config: dict, example: Any) -> ConfigError:
@@ -364,6 +383,29 @@ def _last_good(ckpt_cb: Any) -> str:
                 "checkpoints/last.ckpt more often)")
     step = f" (global step {ckpt_cb.last_saved_step})" if ckpt_cb.last_saved_step is not None else ""
     return f"{last}{step}"
+
+
+def _plugin_failure(exc: Exception, trainer: Any, ckpt_cb: Any, cfg: Config, rank: int) -> Any:
+    """A plugin's code raising during training: the :class:`~regfw.errors.PluginError` naming it,
+    the step, and the checkpoint the run keeps to continue from (or that nothing was kept), or
+    None when no plugin raised it (:mod:`regfw.plugin_blame`)."""
+    from regfw.plugin_blame import plugin_error
+
+    last = ckpt_cb.last_model_path
+    if last and Path(last).is_file():
+        src = cfg.source or "CONFIG"
+        kept = (f" The run directory is kept; its last checkpoint is {last}: once the plugin is fixed, continue "
+                f"with `regfw fit {src} --resume {last}`.")
+    else:
+        kept = " No checkpoint was written before it, so nothing of the run was kept."
+    import traceback
+
+    # Lightning resets its stage while it tears down after the exception: the loop it was in is on the traceback
+    loops = {str(f.f_globals.get("__name__", "")).rpartition(".")[2] for f, _ in traceback.walk_tb(exc.__traceback__)}
+    doing = (f"during validation after training step {trainer.global_step} (epoch {trainer.current_epoch})"
+             if "evaluation_loop" in loops else
+             f"in training step {trainer.global_step + 1} (epoch {trainer.current_epoch})")
+    return plugin_error(exc, doing, kept, quiet=rank != 0)
 
 
 def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (), quiet: bool = False,
@@ -548,8 +590,12 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         raise stopped(signal.SIGINT) from None
     except RegfwError:
         raise
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        if trainer.global_step > start_step:
+    except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything during training
+        blamed = _plugin_failure(exc, trainer, ckpt_cb, cfg, rank)
+        if blamed is not None:
+            raise blamed from exc
+        if trainer.global_step > start_step or not isinstance(
+                exc, (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError)):
             raise
         # the first training step failed: the model, its loss or the data do not fit together
         name = cfg.model.name or cfg.model.class_path
