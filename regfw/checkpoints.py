@@ -160,7 +160,7 @@ def _unreadable(path: Path, exc: BaseException) -> str:
         return (f"holds Python objects other than tensors and plain data ({found.group(1)}); regfw loads "
                 f"checkpoints with torch.load(weights_only=True) and does not run code from a file")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "is damaged or truncated (a torch file that cannot be read to its end)"
+        return "is corrupt or truncated"  # a torch file that cannot be read to its end
     return f"is not a torch checkpoint (it starts with {head!r}, neither a zip archive nor a pickle)"
 
 
