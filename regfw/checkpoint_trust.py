@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Acceptance:
 
     unverified: bool = False
     version: bool = False
+    #: The notices already printed: a command that reads one checkpoint twice says it once.
+    said: set[str] = field(default_factory=set, compare=False, repr=False)
 
 
 #: How each acceptance is asked for, on the command line and in Python.
@@ -55,5 +57,10 @@ def how_to_accept(kind: str) -> str:
 
 
 def notice(text: str) -> None:
-    """One ``regfw: notice:`` line on stderr: what was accepted, so that it is never silent."""
-    print(f"regfw: notice: {' '.join(text.split())}", file=sys.stderr)
+    """One ``regfw: notice:`` line on stderr: what was accepted, so that it is never silent (once
+    per command, or once per process outside one)."""
+    line = f"regfw: notice: {' '.join(text.split())}"
+    said = current().said
+    if line not in said:
+        said.add(line)
+        print(line, file=sys.stderr)
