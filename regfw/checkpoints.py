@@ -4,16 +4,20 @@
   directory, flushes it to disk and renames it over the old one (``os.replace``): a crash or a
   ``kill -9`` mid-write leaves the previous checkpoint intact. (Lightning's default writes
   through a temporary file in the system temp directory and *moves* it, which across file
-  systems is a copy into the final path.) It also records a SHA-256 digest of every tensor, so
-  a file damaged later (a bad disk, a partial copy) is reported instead of loaded: ``torch.load``
-  itself notices a truncated file but not changed bytes inside one.
+  systems is a copy into the final path.) It also records a SHA-256 digest of the whole content
+  (:func:`seal`: tensors, hyperparameters, loop state, callback states, regfw's metadata), so a
+  file damaged or edited later (a bad disk, a partial copy, a changed dropout rate) is reported
+  instead of loaded: ``torch.load`` itself notices a truncated file but not changed bytes inside one.
 * :func:`read_checkpoint` loads a checkpoint for resuming and turns every way it can be bad
-  (missing, empty, truncated, corrupt, not written by regfw) into a :class:`~regfw.errors.RunError`
-  naming the file, what is wrong and what to do.
+  (missing, empty, truncated, corrupt, not a torch file, not written by regfw) into a
+  :class:`~regfw.errors.RunError` naming the file, what is wrong and what to do;
+  :func:`verify_checkpoint` refuses a regfw checkpoint without a matching digest or from another
+  regfw version unless it is accepted knowingly (:mod:`regfw.checkpoint_trust`).
 * :func:`regfw.checkpoint_compat.check_compatible` compares a checkpoint with the module built
   from the config and lists every difference by its config key.
 * :class:`RunCheckpoint` is the ``ModelCheckpoint`` of ``regfw fit``: epoch checkpoints plus
-  ``last.ckpt`` every ``run.checkpoint_every_n_steps`` steps and when SIGTERM arrives.
+  ``last.ckpt`` every ``run.checkpoint_every_n_steps`` steps and when SIGTERM arrives; an epoch's
+  checkpoint carries the epoch's training row, which Lightning logs only after it.
 * :class:`RunCSVLogger` continues ``metrics.csv`` of a resumed run instead of deleting it.
 """
 from __future__ import annotations
