@@ -319,9 +319,9 @@ class Regularize(pl.Callback):
         checkpoint.setdefault("hyper_parameters", dict(pl_module.hparams))
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"][LOAD_MARK] = torch.zeros(0)
-        from regfw.checkpoints import seal
+        from regfw.checkpoints import seal_in_hook
 
-        seal(checkpoint)  # over what it holds now; AtomicCheckpointIO seals the whole file again
+        seal_in_hook(checkpoint, trainer)  # over what it holds now, unless AtomicCheckpointIO seals the file
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         _restore_rates(self.network(pl_module), checkpoint)

@@ -129,6 +129,14 @@ def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def seal_in_hook(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """:func:`seal` from an ``on_save_checkpoint`` hook, unless ``trainer`` writes through
+    :class:`AtomicCheckpointIO`, which seals the whole file anyway (the content is hashed once)."""
+    io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None) if trainer is not None else None
+    if not isinstance(io, AtomicCheckpointIO):
+        seal(checkpoint)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes atomically (:func:`save_atomic`) with the digest of
     :func:`seal` over the whole checkpoint.
