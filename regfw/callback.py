@@ -350,10 +350,15 @@ def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Pat
     or from another regfw version is a :class:`~regfw.errors.RunError` unless
     ``accept_unverified`` / ``accept_version`` is True (None: as the command's flags say).
     """
-    from regfw.checkpoints import verify_checkpoint
+    from regfw.checkpoints import safe_load, unreadable, verify_checkpoint
 
     path = Path(checkpoint)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} does not exist or is not a file; pass the .ckpt file itself.")
+    try:
+        ckpt = safe_load(path)  # data only: nothing in the file runs before it is verified
+    except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is named by what the file is
+        raise RunError(f"checkpoint {str(path)!r} {unreadable(path, exc)} and cannot be loaded.") from None
     meta = (ckpt.get("regfw") or {}) if isinstance(ckpt, Mapping) else {}
     state = meta.get("state")
     if not meta.get("callback") or not isinstance(state, Mapping):

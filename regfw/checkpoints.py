@@ -160,7 +160,7 @@ def _others(path: Path) -> str:
     return " Resume from another checkpoint with `--resume PATH`, or"
 
 
-def _unreadable(path: Path, exc: BaseException) -> str:
+def unreadable(path: Path, exc: BaseException) -> str:
     """Why ``torch.load`` could not read ``path``, by what the file is: a zip archive or a pickle
     (torch's two formats) that fails is damaged or truncated; anything else is not a torch file;
     a file that unpickles only by importing code holds Python objects other than tensors. (torch
@@ -197,7 +197,7 @@ def read_checkpoint(path: PathLike, *, verify: bool = True, accept_unverified: b
     try:
         ckpt = safe_load(path)
     except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported by what the file is
-        what = _unreadable(path, exc)
+        what = unreadable(path, exc)
         if what.startswith("holds"):
             raise RunError(f"checkpoint {str(path)!r} {what}. Use a checkpoint written by `regfw fit`.") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -302,3 +302,16 @@ def test_a_trainer_with_the_callback_resumes_the_marked_checkpoint(regularized, 
     trainer.fit(module, _data(), ckpt_path=str(path))  # the marker is dropped before the strict load
     assert trainer.current_epoch == 2 and stochastic_modules(module)
     assert "on_load_checkpoint" not in module.__dict__  # unwrapped at teardown
+
+
+def test_load_regularized_reads_data_only_and_names_what_a_file_is(tmp_path):
+    random = tmp_path / "random.ckpt"
+    random.write_bytes(bytes((i * 131 + 7) % 256 for i in range(2048)))
+    with pytest.raises(RunError, match=r"random.ckpt' is not a torch checkpoint \(it starts with"):
+        load_regularized(MyClassifier, random)
+    objects = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {}, "when": datetime.date(2020, 1, 1)}, objects)
+    with pytest.raises(RunError, match=r"objects.ckpt' holds Python objects other than tensors"):
+        load_regularized(MyClassifier, objects)
+    with pytest.raises(RunError, match=r"nope.ckpt' does not exist or is not a file"):
+        load_regularized(MyClassifier, tmp_path / "nope.ckpt")
