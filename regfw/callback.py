@@ -31,8 +31,15 @@ there). Selecting one is a :class:`~regfw.errors.ConfigError` at setup naming it
 
 Checkpoints: the callback's state (kept by Lightning in the checkpoint) holds what rebuilds the
 same structure; :func:`load_regularized` (``load_regularized(MyModule, path)``) is the
-one-line replacement for ``MyModule.load_from_checkpoint(path)``. Resuming with
-``trainer.fit(..., ckpt_path=...)`` and the callback in the Trainer continues exactly.
+one-line replacement for ``MyModule.load_from_checkpoint(path)``. A plain
+``MyModule.load_from_checkpoint(path)`` cannot rebuild the regularizers (no regfw code runs when
+Lightning builds a module from a checkpoint, and the inserted layers have no parameters, so a
+strict load would pass without them); the callback therefore puts one marker entry
+(:data:`LOAD_MARK`) into the checkpoint's ``state_dict``, which the plain class does not have:
+its strict load fails with an error naming ``regfw.load_regularized``. ``load_regularized`` and a
+Trainer with the callback (``trainer.fit(..., ckpt_path=...)``, which continues exactly) drop
+the marker before loading. The checkpoint is sealed with regfw's digest
+(:func:`regfw.checkpoints.seal`), which ``load_regularized`` verifies.
 """
 from __future__ import annotations
 
@@ -59,6 +66,9 @@ __all__ = ["Regularize", "load_regularized", "callback_needs_module"]
 
 #: Where the callback puts what rebuilds a checkpoint's structure (also in ``checkpoint["regfw"]``).
 STATE_MARK = "regfw_regularize"
+#: The ``state_dict`` entry that makes a plain ``load_from_checkpoint`` (strict) of a checkpoint
+#: written with :class:`Regularize` fail, naming the function that restores the regularizers.
+LOAD_MARK = "__regfw__: trained with regfw.Regularize; load with regfw.load_regularized(cls, path)"
 
 
 def _section(regularizers: Any) -> dict:
@@ -163,6 +173,7 @@ class Regularize(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._applied_to is not pl_module:
             self.apply(pl_module, getattr(trainer, "datamodule", None))
+        self._wrap_loading(pl_module)
         if stage == "fit":
             if not pl_module.automatic_optimization:
                 raise ConfigError(f"Regularize: {type(pl_module).__name__} uses manual optimization (it calls "
@@ -209,12 +220,27 @@ class Regularize(pl.Callback):
         if any(type(r).loss_term is not Regularizer.loss_term for r in self.regularizers):
             self._hook = self.network(pl_module).register_forward_hook(self._record_output)
 
+    @staticmethod
+    def _wrap_loading(pl_module: pl.LightningModule) -> None:
+        """Drop :data:`LOAD_MARK` from a checkpoint Lightning restores into ``pl_module`` (the module's
+        ``on_load_checkpoint`` runs before its strict ``load_state_dict``; callbacks' hooks after it)."""
+        if getattr(pl_module.on_load_checkpoint, "_regfw_wrapped", False):
+            return
+        user_hook = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+            user_hook(checkpoint)
+            (checkpoint.get("state_dict") or {}).pop(LOAD_MARK, None)
+
+        on_load_checkpoint._regfw_wrapped = True  # type: ignore[attr-defined]
+        pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)  # type: ignore[method-assign]
+
     def _record_output(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         if _module.training:
             self._last_output = output
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name in ("training_step", "configure_optimizers"):
+        for name in ("training_step", "configure_optimizers", "on_load_checkpoint"):
             if name in pl_module.__dict__:
                 del pl_module.__dict__[name]  # the class's own methods again
         if self._hook is not None:
@@ -291,6 +317,11 @@ class Regularize(pl.Callback):
                       if is_dropout(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
         checkpoint.setdefault("hyper_parameters", dict(pl_module.hparams))
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"][LOAD_MARK] = torch.zeros(0)
+        from regfw.checkpoints import seal_in_hook
+
+        seal_in_hook(checkpoint, trainer)  # over what it holds now, unless AtomicCheckpointIO seals the file
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         _restore_rates(self.network(pl_module), checkpoint)
@@ -307,20 +338,33 @@ def _restore_rates(network: nn.Module, checkpoint: Mapping[str, Any]) -> None:
             modules[name].p = p
 
 
-def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Path, **kwargs: Any) -> pl.LightningModule:
+def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Path, *,
+                     accept_unverified: bool | None = None, accept_version: bool | None = None,
+                     **kwargs: Any) -> pl.LightningModule:
     """``cls.load_from_checkpoint(checkpoint, **kwargs)`` for a module trained with :class:`Regularize`:
     the same regularized structure (the plan applied again from the checkpoint's callback state,
     dropout rates as saved), then the weights loaded strictly, in eval mode.
 
-    ``cls`` None: the module class recorded in the checkpoint.
+    ``cls`` None: the module class recorded in the checkpoint. The checkpoint is verified first
+    (:func:`regfw.checkpoints.verify_checkpoint`): one without its digest, with edited content
+    or from another regfw version is a :class:`~regfw.errors.RunError` unless
+    ``accept_unverified`` / ``accept_version`` is True (None: as the command's flags say).
     """
+    from regfw.checkpoints import safe_load, unreadable, verify_checkpoint
+
     path = Path(checkpoint)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} does not exist or is not a file; pass the .ckpt file itself.")
+    try:
+        ckpt = safe_load(path)  # data only: nothing in the file runs before it is verified
+    except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is named by what the file is
+        raise RunError(f"checkpoint {str(path)!r} {unreadable(path, exc)} and cannot be loaded.") from None
     meta = (ckpt.get("regfw") or {}) if isinstance(ckpt, Mapping) else {}
     state = meta.get("state")
     if not meta.get("callback") or not isinstance(state, Mapping):
         raise RunError(f"checkpoint {str(path)!r} was not written with regfw.Regularize in the Trainer (no callback "
                        f"state); load it with its module's load_from_checkpoint.")
+    verify_checkpoint(ckpt, path, accept_unverified=accept_unverified, accept_version=accept_version)
     if cls is None:
         from regfw.factory import import_class
 
@@ -331,8 +375,8 @@ def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Pat
                           batch=state.get("batch"))
     callback._input_shape, callback._input_dtype = state.get("input_shape"), state.get("input_dtype")
     callback.apply(module)
-    module.load_state_dict(ckpt["state_dict"], strict=True)
+    weights = {k: v for k, v in ckpt["state_dict"].items() if k != LOAD_MARK}
+    module.load_state_dict(weights, strict=True)
     _restore_rates(callback.network(module), ckpt)
     setattr(module, "regfw_plan", callback.plan)  # noqa: B010 - a plain attribute, not a submodule
     return module.eval()
-

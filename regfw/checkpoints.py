@@ -4,16 +4,20 @@
   directory, flushes it to disk and renames it over the old one (``os.replace``): a crash or a
   ``kill -9`` mid-write leaves the previous checkpoint intact. (Lightning's default writes
   through a temporary file in the system temp directory and *moves* it, which across file
-  systems is a copy into the final path.) It also records a SHA-256 digest of every tensor, so
-  a file damaged later (a bad disk, a partial copy) is reported instead of loaded: ``torch.load``
-  itself notices a truncated file but not changed bytes inside one.
+  systems is a copy into the final path.) It also records a SHA-256 digest of the whole content
+  (:func:`seal`: tensors, hyperparameters, loop state, callback states, regfw's metadata), so a
+  file damaged or edited later (a bad disk, a partial copy, a changed dropout rate) is reported
+  instead of loaded: ``torch.load`` itself notices a truncated file but not changed bytes inside one.
 * :func:`read_checkpoint` loads a checkpoint for resuming and turns every way it can be bad
-  (missing, empty, truncated, corrupt, not written by regfw) into a :class:`~regfw.errors.RunError`
-  naming the file, what is wrong and what to do.
+  (missing, empty, truncated, corrupt, not a torch file, not written by regfw) into a
+  :class:`~regfw.errors.RunError` naming the file, what is wrong and what to do;
+  :func:`verify_checkpoint` refuses a regfw checkpoint without a matching digest or from another
+  regfw version unless it is accepted knowingly (:mod:`regfw.checkpoint_trust`).
 * :func:`regfw.checkpoint_compat.check_compatible` compares a checkpoint with the module built
   from the config and lists every difference by its config key.
 * :class:`RunCheckpoint` is the ``ModelCheckpoint`` of ``regfw fit``: epoch checkpoints plus
-  ``last.ckpt`` every ``run.checkpoint_every_n_steps`` steps and when SIGTERM arrives.
+  ``last.ckpt`` every ``run.checkpoint_every_n_steps`` steps and when SIGTERM arrives; an epoch's
+  checkpoint carries the epoch's training row, which Lightning logs only after it.
 * :class:`RunCSVLogger` continues ``metrics.csv`` of a resumed run instead of deleting it.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import hashlib
 import pathlib
 import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,38 +61,85 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         torch.save(obj, f)
 
 
-def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+#: Version of the digest format: 2 covers every top-level entry it lists (tensors, hyperparameters,
+#: loop state, metadata); 1 (older checkpoints) covered the tensors only.
+DIGEST_SCHEME = 2
+#: Entries regfw reads when it resumes or samples: a checkpoint whose digest does not cover one of
+#: these (that it holds) is unverified.
+MUST_COVER = ("state_dict", "hyper_parameters", "loops", "epoch", "global_step", "optimizer_states",
+              "lr_schedulers", "callbacks", "regfw", "regfw_epoch_means")
+
+
+def _feed(h: Any, obj: Any, path: str, counter: list[int]) -> None:
+    """Add ``obj`` to the hash ``h`` in a canonical form: the same for a value and its
+    ``torch.save``/``torch.load`` round trip (mappings by sorted key, lists and tuples alike,
+    floats by their exact repr, tensors by dtype, shape and bytes)."""
     if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if key != INTEGRITY_KEY:
-                yield from _tensors(value, f"{prefix}/{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _tensors(value, f"{prefix}/{i}")
-
-
-def tensor_digest(obj: Any) -> tuple[str, int]:
-    """SHA-256 over every tensor in ``obj`` (nested dicts and lists) with its key path, dtype and
-    shape, and the number of tensors. Non-tensor values are left out: damage to them makes
-    unpickling fail, which :func:`read_checkpoint` reports already."""
-    h = hashlib.sha256()
-    count = 0
-    for key, tensor in _tensors(obj):
-        if tensor.is_sparse or tensor.is_quantized or tensor.device.type == "meta":
-            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|opaque".encode())
-            continue
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        if obj.is_sparse or obj.is_quantized or obj.device.type == "meta":
+            h.update(f"T{path}|{obj.dtype}|{tuple(obj.shape)}|opaque;".encode())
+            return
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"T{path}|{t.dtype}|{tuple(obj.shape)}|".encode())
         if t.numel():
             h.update(t.view(torch.uint8).numpy().tobytes())
-        count += 1
-    return h.hexdigest(), count
+        h.update(b";")
+        counter[0] += 1
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            if key == INTEGRITY_KEY and not path:
+                continue
+            h.update(f"{type(key).__name__}:{key!r}=".encode())
+            _feed(h, obj[key], f"{path}/{key}", counter)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for i, value in enumerate(obj):
+            _feed(h, value, f"{path}/{i}", counter)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(ckpt: Mapping[str, Any], keys: Any = None) -> tuple[str, int]:
+    """SHA-256 over the top-level entries ``keys`` of ``ckpt`` (all but the digest itself when
+    None): every tensor (key path, dtype, shape, bytes) and every other value (hyperparameters,
+    loop state, metadata), and the number of tensors."""
+    names = [k for k in ckpt if k != INTEGRITY_KEY] if keys is None else [k for k in keys if k in ckpt]
+    h = hashlib.sha256()
+    counter = [0]
+    _feed(h, {k: ckpt[k] for k in names}, "", counter)
+    return h.hexdigest(), counter[0]
+
+
+def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Record in ``checkpoint`` (in place, and return it) the digest of all its other entries.
+
+    The digest covers everything that decides what is resumed or sampled: the weights, the
+    optimizer and scheduler state, the hyperparameters (dropout rates, model and regularizer
+    settings), the loop state (epoch, global step, progress), the callbacks' state and regfw's
+    metadata (version, rates, plugins). It is written by :class:`AtomicCheckpointIO` and, for
+    checkpoints written by another checkpoint IO, by the ``on_save_checkpoint`` hooks of
+    :class:`~regfw.module.RegularizedModule` and :class:`~regfw.callback.Regularize`
+    (over what the checkpoint holds then); :func:`verify_checkpoint` checks it.
+    """
+    keys = sorted((k for k in checkpoint if k != INTEGRITY_KEY), key=str)
+    digest, count = content_digest(checkpoint, keys)
+    checkpoint[INTEGRITY_KEY] = {"scheme": DIGEST_SCHEME, "sha256": digest, "tensors": count, "covers": keys}
+    return checkpoint
+
+
+def seal_in_hook(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """:func:`seal` from an ``on_save_checkpoint`` hook, unless ``trainer`` writes through
+    :class:`AtomicCheckpointIO`, which seals the whole file anyway (the content is hashed once)."""
+    io = getattr(getattr(trainer, "strategy", None), "checkpoint_io", None) if trainer is not None else None
+    if not isinstance(io, AtomicCheckpointIO):
+        seal(checkpoint)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes atomically (:func:`save_atomic`) with a tensor digest.
+    """Lightning checkpoint IO that writes atomically (:func:`save_atomic`) with the digest of
+    :func:`seal` over the whole checkpoint.
 
     Pass it as ``Trainer(plugins=[AtomicCheckpointIO()])``; ``regfw fit`` always does.
     """
@@ -96,8 +147,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        digest, count = tensor_digest(checkpoint)
-        save_atomic({**checkpoint, INTEGRITY_KEY: {"sha256": digest, "tensors": count}}, path)
+        save_atomic(seal({k: v for k, v in checkpoint.items() if k != INTEGRITY_KEY}), path)
 
 
 # -- reading and checking ---------------------------------------------------------------------
@@ -110,12 +160,30 @@ def _others(path: Path) -> str:
     return " Resume from another checkpoint with `--resume PATH`, or"
 
 
-def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
+def unreadable(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, by what the file is: a zip archive or a pickle
+    (torch's two formats) that fails is damaged or truncated; anything else is not a torch file;
+    a file that unpickles only by importing code holds Python objects other than tensors. (torch
+    puts its ``weights_only`` explanation into every unpickling error, so its text says nothing.)"""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and found:
+        return (f"holds Python objects other than tensors and plain data ({found.group(1)}); regfw loads "
+                f"checkpoints with torch.load(weights_only=True) and does not run code from a file")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "is corrupt or truncated"  # a torch file that cannot be read to its end
+    return f"is not a torch checkpoint (it starts with {head!r}, neither a zip archive nor a pickle)"
+
+
+def read_checkpoint(path: PathLike, *, verify: bool = True, accept_unverified: bool | None = None,
+                    accept_version: bool | None = None) -> dict:
     """Load the checkpoint at ``path`` onto the CPU, or raise a :class:`RunError` saying why not.
 
     Checks that the file exists and is not empty, that ``torch.load`` can read it (a truncated
-    file cannot be), that it is a Lightning checkpoint written by regfw, and (``verify``) that its
-    tensors still have the digest :class:`AtomicCheckpointIO` recorded.
+    file cannot be), that it is a Lightning checkpoint written by regfw, and (``verify``)
+    :func:`verify_checkpoint` (its digest and regfw version; ``accept_*`` None: as the command's
+    flags say, :mod:`regfw.checkpoint_trust`) and that its weights are finite.
     """
     path = Path(path)
     start_over = " start a new run without --resume."
@@ -128,20 +196,15 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
                        f"{_others(path)}{start_over}")
     try:
         ckpt = safe_load(path)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
-                           f"(UnpicklingError: {reason[:200]}).{_others(path)}{start_over}") from None
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise RunError(f"checkpoint {str(path)!r} holds Python objects other than tensors and plain data{what}; "
-                       f"regfw loads checkpoints with torch.load(weights_only=True) and does not run code from a "
-                       f"file. Resume from a checkpoint written by `regfw fit`.") from None
-    except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported alike
+    except Exception as exc:  # noqa: BLE001 - every reason a file cannot be read is reported by what the file is
+        what = unreadable(path, exc)
+        if what.startswith("holds"):
+            raise RunError(f"checkpoint {str(path)!r} {what}. Use a checkpoint written by `regfw fit`.") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RunError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be read "
-                       f"({type(exc).__name__}: {reason[:200]}).{_others(path)}{start_over}") from None
+        noise = "weights_only" in reason or "Weights only" in reason  # torch's explanation, not the reason
+        detail = "" if noise else f" ({type(exc).__name__}: {reason[:160]})"
+        raise RunError(f"checkpoint {str(path)!r} {what} and cannot be read{detail}."
+                       f"{_others(path)}{start_over}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RunError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (it holds "
                        f"{type(ckpt).__name__}{' without a state_dict' if isinstance(ckpt, dict) else ''}); "
@@ -149,14 +212,8 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
     if "regfw" not in ckpt or "hyper_parameters" not in ckpt:
         raise RunError(f"checkpoint {str(path)!r} was not written by regfw (it has no 'regfw' metadata or "
                        f"hyperparameters); resume needs a checkpoint written by `regfw fit`.")
-    integrity = ckpt.get(INTEGRITY_KEY)
-    if verify and isinstance(integrity, Mapping) and "sha256" in integrity:
-        digest, count = tensor_digest(ckpt)
-        if digest != integrity["sha256"]:
-            raise RunError(f"checkpoint {str(path)!r} is corrupt: its tensors no longer match the SHA-256 digest "
-                           f"recorded when it was written ({count} tensors read, {integrity.get('tensors')} "
-                           f"written).{_others(path)}{start_over}")
     if verify:
+        verify_checkpoint(ckpt, path, accept_unverified=accept_unverified, accept_version=accept_version)
         check_finite_weights(ckpt, path)
     regs = (ckpt.get("hyper_parameters") or {}).get("regularizers")
     if regs is not None and not isinstance(regs, Mapping):
@@ -164,6 +221,66 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> dict:
                        f"{type(regs).__name__} {short_repr(regs)}, expected a mapping of regularizer names to "
                        f"settings. Resume from a checkpoint written by `regfw fit`.")
     return ckpt
+
+
+def is_regfw_checkpoint(ckpt: Any) -> bool:
+    """Whether ``ckpt`` was written by regfw: its ``regfw`` metadata (with the version), which
+    every regfw checkpoint has, digest or not."""
+    return isinstance(ckpt, Mapping) and isinstance(ckpt.get("regfw"), Mapping) and "version" in ckpt["regfw"]
+
+
+def digest_problem(ckpt: Mapping[str, Any]) -> str | None:
+    """Why ``ckpt``'s digest does not vouch for it (None: every entry regfw reads is covered and unchanged)."""
+    integrity = ckpt.get(INTEGRITY_KEY)
+    if not isinstance(integrity, Mapping) or "sha256" not in integrity:
+        return "has no integrity digest (the digest was removed, or another program wrote the file)"
+    covers = integrity.get("covers")
+    if integrity.get("scheme") != DIGEST_SCHEME or not isinstance(covers, list):
+        return ("has a digest of an older format that covers only its tensors, not its hyperparameters and loop "
+                "state")
+    uncovered = [k for k in MUST_COVER if k in ckpt and k not in covers]
+    if uncovered:
+        return f"holds {', '.join(uncovered)} that its digest does not cover (added after it was written)"
+    digest, _ = content_digest(ckpt, covers)
+    if digest != integrity["sha256"]:
+        return ("no longer matches the SHA-256 digest recorded when it was written (its weights, hyperparameters "
+                "or loop state were edited, or the file is damaged)")
+    return None
+
+
+def verify_checkpoint(ckpt: Mapping[str, Any], path: PathLike, *, accept_unverified: bool | None = None,
+                      accept_version: bool | None = None) -> None:
+    """A :class:`RunError` unless the regfw checkpoint ``ckpt`` is verified whole and of this regfw version.
+
+    Refused: a digest that is missing, of the older tensors-only format, or that no longer matches
+    the content (:func:`seal` says what it covers), and a checkpoint written by another regfw
+    version. ``accept_unverified`` / ``accept_version`` (None: :func:`regfw.checkpoint_trust.current`,
+    which the CLI's ``--accept-unverified`` / ``--accept-version`` set) accept them knowingly,
+    with one notice line each on stderr. A checkpoint without regfw's metadata is not regfw's and
+    is left to the caller.
+    """
+    from regfw import __version__
+    from regfw.checkpoint_trust import current, how_to_accept, notice
+
+    if not is_regfw_checkpoint(ckpt):
+        return
+    accepted = current()
+    unverified_ok = accepted.unverified if accept_unverified is None else accept_unverified
+    version_ok = accepted.version if accept_version is None else accept_version
+    name = str(path)
+    problem = digest_problem(ckpt)
+    if problem is not None:
+        if not unverified_ok:
+            raise RunError(f"checkpoint {name!r} {problem}: it is not loaded unverified. Use a checkpoint written by "
+                           f"`regfw fit`, or, if you trust this file, {how_to_accept('unverified')}.")
+        notice(f"checkpoint {name!r} {problem}; loaded unverified, as accepted.")
+    written_by = ckpt["regfw"].get("version")
+    if written_by != __version__:
+        if not version_ok:
+            raise RunError(f"checkpoint {name!r} was written by regfw {written_by}, this is regfw {__version__}: "
+                           f"its regularizers may build or sample differently. Use it with regfw {written_by}, or, "
+                           f"to load it with this version, {how_to_accept('version')}.")
+        notice(f"checkpoint {name!r} was written by regfw {written_by}; loaded with regfw {__version__}, as accepted.")
 
 
 #: Types other than tensors and plain data that a regfw checkpoint may hold; ``torch.load`` with
@@ -322,6 +439,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._pending_sums: dict[str, Any] = {}
         self._pending_epoch = -1
         self._trainer_ref: pl.Trainer | None = None
+        self._resume_row: dict[str, Any] | None = None
         #: Called after every checkpoint this callback writes (``regfw fit`` keeps the run from then on).
         self.on_save: Callable[[], None] | None = None
 
@@ -379,12 +497,30 @@ class RunCheckpoint(ModelCheckpoint):
                                  "count": getattr(metric, "cumulated_batch_size", torch.tensor(0)).clone()}
         state["epoch_sums"] = sums
         state["epoch_sums_epoch"] = trainer.current_epoch if trainer is not None else -1
+        state["epoch_row"] = _pending_epoch_row(trainer) if trainer is not None else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pending_sums = dict(state_dict.get("epoch_sums") or {})
         self._pending_epoch = state_dict.get("epoch_sums_epoch", -1)
+        self._resume_row = state_dict.get("epoch_row")
+
+    # -- the epoch's training row ---------------------------------------------------------------
+    # Lightning logs an epoch's training metrics (train_loss, train_acc) after the epoch's checkpoint
+    # (at validation end) is written, and a run resumed from that checkpoint starts the next epoch:
+    # a kill between the two would lose the row. The row travels in the checkpoint (``epoch_row``)
+    # and the resumed run writes it to metrics.csv when it is not there.
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        row, self._resume_row = self._resume_row, None
+        if not row or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger) and not _has_row(Path(logger.experiment.metrics_file_path), row):
+                logger.log_metrics(dict(row["metrics"]), step=int(row["step"]))
+                logger.save()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -438,6 +574,37 @@ class RunCheckpoint(ModelCheckpoint):
             self.last_saved_step = trainer.global_step
         if self.on_save is not None:
             self.on_save()
+
+
+def _pending_epoch_row(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The training row Lightning is about to log for the epoch whose batches are all done (the
+    metrics and step of its ``update_train_epoch_metrics``), or None when there is none pending."""
+    from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    loop = trainer.fit_loop.epoch_loop
+    if not loop.batch_progress.is_last_batch or loop._results is None:
+        return None
+    metrics = convert_tensors_to_scalars(dict(loop._results.metrics(False)["log"]))
+    if not metrics:
+        return None  # logged already (the results are reset after logging)
+    step = metrics.pop("step", None)
+    if step is None:
+        metrics.setdefault("epoch", trainer.current_epoch)
+        step = loop._batches_that_stepped - 1  # the step Lightning logs epoch-end metrics at
+    return {"metrics": metrics, "step": int(step)}
+
+
+def _has_row(path: Path, row: Mapping[str, Any]) -> bool:
+    """Whether the metrics file at ``path`` has a row at ``row``'s step with all of its metrics."""
+    import csv
+
+    if not path.is_file():
+        return False
+    with open(path, newline="") as f:
+        for found in csv.DictReader(f):
+            if found.get("step") == str(row["step"]) and all(found.get(k) not in (None, "") for k in row["metrics"]):
+                return True
+    return False
 
 
 def _last_batch_of_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:

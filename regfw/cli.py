@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
              "(or of --run-dir), in that run's directory")
     parsers["fit"].add_argument("--force", action="store_true",
                                 help="replace the --run-dir directory when it holds an earlier regfw run")
+    for name in ("fit", "rank", "predict"):  # the commands that load a checkpoint
+        parsers[name].add_argument("--accept-unverified", action="store_true",
+                                   help="load a regfw checkpoint whose digest is missing or no longer matches its "
+                                        "content (edited or damaged), with a notice")
+        parsers[name].add_argument("--accept-version", action="store_true",
+                                   help="load a checkpoint written by another regfw version, with a notice")
     parsers["init"].add_argument("path", nargs="?", default="regfw.yaml", help="where to write (default regfw.yaml)")
     parsers["init"].add_argument("--force", action="store_true",
                                  help="overwrite an existing file (a regular file only, never a device or link)")
@@ -282,7 +288,10 @@ def _main(argv: Sequence[str] | None) -> int:
     handler = COMMANDS[args.command][0]
     prefix = f"regfw {args.command}:"
     try:
-        code = handler(args)
+        from regfw.checkpoint_trust import accepting
+
+        with accepting(getattr(args, "accept_unverified", False), getattr(args, "accept_version", False)):
+            code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         stopping.hold()
         return code

@@ -385,6 +385,9 @@ class RegularizedModule(pl.LightningModule):
                       if is_dropout(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
         checkpoint["regfw_epoch_means"] = self._epoch_means.state_dict()  # a mid-epoch checkpoint's sums
+        from regfw.checkpoints import seal_in_hook
+
+        seal_in_hook(checkpoint, self._trainer)  # a Trainer without regfw's AtomicCheckpointIO keeps it too
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "regfw_epoch_means" in checkpoint:

@@ -83,8 +83,10 @@ def test_changed_bytes_inside_a_tensor_fail_the_digest(good_run, tmp_path):
     last.write_bytes(bytes(data))
     assert not torch.equal(torch.load(last, weights_only=False)["state_dict"]["model.head.weight"], weight)
     text = resume_error(cfg, run)
-    assert text.startswith(f"checkpoint '{last}' is corrupt: its tensors no longer match the SHA-256 digest "
-                           f"recorded when it was written")
+    assert text.startswith(f"checkpoint '{last}' no longer matches the SHA-256 digest recorded when it was written "
+                           f"(its weights, hyperparameters or loop state were edited, or the file is damaged): it is "
+                           f"not loaded unverified.")
+    assert text.endswith("pass --accept-unverified (accept_unverified=True in Python).")
 
 
 def test_empty_foreign_and_non_regfw_files(good_run, tmp_path):

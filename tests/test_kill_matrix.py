@@ -3,8 +3,10 @@ uninterrupted run: bitwise weights, the same ``metrics.csv`` rows, no temporary 
 ``--resume trainer.max_epochs=N+1`` that trains one more epoch.
 
 Moments: a random training step (SIGKILL), the middle of a checkpoint write (SIGKILL), an epoch
-boundary (after the last batch, before the epoch's checkpoint; SIGKILL), after training during the
-final evaluation (SIGKILL), mid-epoch SIGTERM (exit 143) and SIGINT (exit 130). A data module of
+boundary (after the last batch, before the epoch's checkpoint; SIGKILL), the moment the epoch's
+checkpoint becomes visible (``epoch=000.ckpt``, and the epoch-end ``last.ckpt``: before Lightning
+logs the epoch's training row; SIGKILL), after training during the final evaluation (SIGKILL),
+mid-epoch SIGTERM (exit 143) and SIGINT (exit 130). A data module of
 the test stalls on a chosen batch fetch and writes a marker file, so each signal arrives at a
 known moment however loaded the machine is. Kept lean: an MLP on 10% of digits, 2 epochs of 3 steps.
 """
@@ -93,6 +95,28 @@ from regfw.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 
+# a kill the moment a checkpoint file appears: the N-th rename onto KM_AFTER=NAME:N stalls after it
+KILL_AFTER = '''
+import os, sys, time
+from pathlib import Path
+
+_replace = os.replace
+NAME, NTH = os.environ["KM_AFTER"].rsplit(":", 1)
+SEEN = [0]
+
+def _replace_then_stall(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if Path(dst).name == NAME:
+        SEEN[0] += 1
+        if SEEN[0] == int(NTH):
+            Path(os.environ["KM_MARKER"]).write_text("visible")
+            time.sleep(120)
+
+os.replace = _replace_then_stall
+from regfw.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
 CONFIG = """
 seed: 0
 data: {class_path: km_data.Stalling, init_args: {batch_size: 48, train_fraction: 0.1}}
@@ -114,6 +138,7 @@ def km(tmp_path_factory):
     root = tmp_path_factory.mktemp("km")
     (root / "km_data.py").write_text(STALL)
     (root / "slow_write.py").write_text(SLOW_WRITE)
+    (root / "kill_after.py").write_text(KILL_AFTER)
     (root / "c.yaml").write_text(CONFIG)
     sys.path.insert(0, str(root))
     cwd = os.getcwd()
@@ -143,6 +168,11 @@ MATRIX = [
      -signal.SIGKILL),
     ("checkpoint write", "slow_write.py", {}, signal.SIGKILL, -signal.SIGKILL),
     ("epoch boundary", "-m regfw", {"KM_STALL_VAL": "1"}, signal.SIGKILL, -signal.SIGKILL),
+    # the epoch's checkpoints are written at its validation's end; Lightning logs the epoch's training row
+    # (train_loss, train_acc) after them: the row travels in the checkpoint and the resume writes it
+    ("epoch checkpoint visible", "kill_after.py", {"KM_AFTER": "epoch=000.ckpt:1"}, signal.SIGKILL,
+     -signal.SIGKILL),
+    ("epoch last.ckpt visible", "kill_after.py", {"KM_AFTER": "last.ckpt:2"}, signal.SIGKILL, -signal.SIGKILL),
     ("after training", "-m regfw", {"KM_STALL_VAL": str(2 * VAL_BATCHES + 1)}, signal.SIGKILL, -signal.SIGKILL),
     ("sigterm", "-m regfw", {"KM_STALL_TRAIN": "5"}, signal.SIGTERM, 143),
     ("sigint", "-m regfw", {"KM_STALL_TRAIN": "5"}, signal.SIGINT, 130),
@@ -184,6 +214,7 @@ def test_kill_and_resume_gives_the_uninterrupted_run(km, monkeypatch, capsys, na
     weights, ref = _weights(last), _weights(reference / "checkpoints" / "last.ckpt")
     assert weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)  # bitwise
     assert _rows(km / run) == _rows(reference)  # every row, every value
+    assert (km / run / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()  # the identical file
     leftovers = [p.name for p in (km / run).rglob("*") if ".tmp-" in p.name]
     assert not leftovers  # a kill mid-write leaves .last.ckpt.tmp-PID; the resume removed it
 

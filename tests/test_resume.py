@@ -316,3 +316,54 @@ def test_resume_at_an_epoch_end_with_loader_workers_keeps_the_next_epochs_order(
     assert read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")["global_step"] == 13  # epoch 0's end
     resumed = fit(cfg, run_dir="cut", resume=True, quiet=True)
     assert _same_weights(resumed.module.state_dict(), full.module.state_dict())
+
+
+KILL_AFTER = '''
+import os, sys, time
+from pathlib import Path
+
+_replace = os.replace
+NAME, NTH = os.environ["KILL_AFTER"].rsplit(":", 1)
+SEEN = [0]
+
+def _replace_then_stall(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if Path(dst).name == NAME:
+        SEEN[0] += 1
+        if SEEN[0] == int(NTH):
+            Path(os.environ["KILL_MARKER"]).write_text("visible")
+            time.sleep(120)
+
+os.replace = _replace_then_stall
+from regfw.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigkill_the_moment_the_epoch_checkpoint_appears_keeps_metrics_csv_identical(workdir, monkeypatch):
+    """Lightning logs an epoch's training row after the epoch's checkpoints: a kill between the two
+    must not lose it (the row travels in the checkpoint), with the MC callback and a rate schedule."""
+    root, reference = workdir
+    (root / "kill_after.py").write_text(KILL_AFTER)
+    marker = root / "epoch-visible.marker"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "KILL_MARKER": str(marker), "KILL_AFTER": "last.ckpt:3"}  # steps 5, 10, then the end of epoch 0 (13)
+    env.pop(D.RUN_DIR_ENV, None)
+    proc = subprocess.Popen([sys.executable, "kill_after.py", "fit", "cfg.yaml", "--run-dir", "epoch-visible"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    run = root / "epoch-visible"
+    killed = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert killed["global_step"] == 13 and killed["epoch"] == 0  # the epoch's own checkpoint
+    assert not [r for r in _rows(run) if r.get("train_loss")]  # the kill came before the training row
+
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    from regfw.cli import main
+
+    assert main(["fit", "cfg.yaml", "--run-dir", "epoch-visible", "--resume"]) == 0
+    final = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert _same_weights(final["state_dict"], reference.module.state_dict())  # bitwise
+    assert (run / "metrics.csv").read_bytes() == (root / reference.run_dir / "metrics.csv").read_bytes()
