@@ -92,8 +92,9 @@ class Registry:
         return [self._specs[k] for k in sorted(self._specs)]
 
     def providers(self, name: str) -> list[RegularizerSpec]:
-        """The regularizers registered under the bare ``name``, by qualified name."""
-        return [s for s in self.all_specs() if s.name == name]
+        """The regularizers registered under the bare ``name``: the built-in first, then by qualified name."""
+        found = [s for s in self._specs.values() if s.name == name]
+        return sorted(found, key=lambda s: (not s.builtin, s.qualified_name))
 
     def selection_name(self, spec: RegularizerSpec) -> str:
         """How a config selects ``spec``: its bare name when no other provider registers it, else

@@ -102,8 +102,8 @@ def test_a_name_two_plugins_register_keeps_both_and_the_bare_name_is_ambiguous(m
             registry.get("dropout")
         text = str(err.value)
         assert text.startswith("regularizers.dropout: the regularizer name 'dropout' is ambiguous: 2 installed "
-                               "plugins register it, 'dup:dropout' (plugin 'dup' registered at run time, "
-                               "dup_plugin.Dup) or 'regfw:dropout' (built-in, regfw_plugins.dropout.Dropout)")
+                               "plugins register it, 'regfw:dropout' (built-in, regfw_plugins.dropout.Dropout) or "
+                               "'dup:dropout' (plugin 'dup' registered at run time, dup_plugin.Dup)")
         assert "regularizers: {regfw:dropout: {...}}" in text and "uninstall" not in text.lower()
     finally:
         unregister_plugin("dup")
