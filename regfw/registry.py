@@ -12,6 +12,7 @@ installed first.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -166,26 +167,33 @@ class Registry:
         qualifiers = sorted({s.qualifier for s in self._specs.values()})
         if not dist or not bare or ":" in bare:
             part = ("more than one ':'" if ":" in bare else "an empty distribution" if not dist else "an empty name")
-            example = next((self.selection_name(s) for s in self.all_specs() if s.qualifier == dist), None)
-            example = self.all_specs()[0].qualified_name if example is None and self._specs else example
+            own = [s.qualified_name for s in self.all_specs() if s.qualifier == dist] or \
+                [s.qualified_name for s in self.all_specs()]
+            example = next(iter(difflib.get_close_matches(f"{dist or 'regfw'}:{bare.rpartition(':')[2]}", own, n=1,
+                                                          cutoff=0.0)), None)
             raise ConfigError(
                 f"{where}: {name!r} has {part}; a qualified regularizer name is DIST:NAME, one ':' between the "
-                f"distribution that provides it and the regularizer's name (e.g. {example!r}), or write the bare "
-                f"NAME. Run `regfw plugins` to see the qualified names."
+                f"distribution that provides it and the regularizer's name"
+                f"{f' (e.g. {example!r})' if example else ''}, or write the bare NAME. Run `regfw plugins` to see "
+                f"the qualified names."
             )
         spec = self._specs.get(f"{dist}:{bare}")
         if spec is not None:
             return spec
         if dist not in qualifiers:
+            others = [s.qualified_name for s in self.providers(bare)]
+            hint = (f" {bare!r} is installed as {' and '.join(others)}." if others
+                    else closest_hint(dist, qualifiers))
             raise ConfigError(
                 f"{where}: no installed plugin distribution is called {dist!r}; distributions providing "
-                f"regularizers: {', '.join(qualifiers) or 'none'}.{closest_hint(dist, qualifiers)} Install it or "
-                f"correct the DIST part of {name!r}. Run `regfw plugins` to see the qualified names."
+                f"regularizers: {', '.join(qualifiers) or 'none'}.{hint} Install it or correct the DIST part of "
+                f"{name!r}. Run `regfw plugins` to see the qualified names."
             )
         offered = sorted(s.qualified_name for s in self._specs.values() if s.qualifier == dist)
+        hint = closest_hint(f"{dist}:{bare}", offered)
         raise ConfigError(
-            f"{where}: distribution {dist!r} provides no regularizer {bare!r}; it provides: {', '.join(offered)}."
-            f"{closest_hint(f'{dist}:{bare}', offered)} Run `regfw plugins` to see the qualified names."
+            f"{where}: distribution {dist!r} provides no regularizer {bare!r}.{hint} It provides: "
+            f"{', '.join(offered)}. Run `regfw plugins` to see the qualified names."
         )
 
 

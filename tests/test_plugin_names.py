@@ -298,10 +298,11 @@ def test_two_third_party_plugins_of_one_name_both_load_under_qualified_names(twi
 def test_qualified_names_that_select_nothing_say_what_to_write(twins):
     registry = get_registry()
     cases = {
-        "regfw-alpha:gumbl": "distribution 'regfw-alpha' provides no regularizer 'gumbl'; it provides: "
-                             "regfw-alpha:gumbel. Did you mean 'regfw-alpha:gumbel'?",
+        "regfw-alpha:gumbl": "distribution 'regfw-alpha' provides no regularizer 'gumbl'. Did you mean "
+                             "'regfw-alpha:gumbel'? It provides: regfw-alpha:gumbel.",
         "regfw-gamma:gumbel": "no installed plugin distribution is called 'regfw-gamma'; distributions providing "
-                              "regularizers: regfw, regfw-alpha, regfw-beta.",
+                              "regularizers: regfw, regfw-alpha, regfw-beta. 'gumbel' is installed as "
+                              "regfw-alpha:gumbel and regfw-beta:gumbel.",
         ":gumbel": "':gumbel' has an empty distribution; a qualified regularizer name is DIST:NAME",
         "regfw-beta:": "'regfw-beta:' has an empty name; a qualified regularizer name is DIST:NAME, one ':' "
                        "between the distribution that provides it and the regularizer's name (e.g. "
