@@ -7,6 +7,7 @@ and ``regfw-concrete-dropout`` (``concrete_dropout``).
 """
 from __future__ import annotations
 
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -117,6 +118,18 @@ def distribution(root: Path, dist: str, entry: str, module: str, source: str) ->
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[regfw]\n{entry} = {module}\n")
+
+
+#: The plugin modules these tests import, forgotten after each test (other tests install their own
+#: modules of some of these names).
+MODULES = ("regfw_rdrop", "regfw_concrete_dropout", "regfw_gumbel_first", "regfw_alpha", "regfw_beta")
+
+
+@pytest.fixture(autouse=True)
+def forget_modules():
+    yield
+    for name in MODULES:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture
@@ -230,26 +243,27 @@ def test_one_run_takes_one_regularizer_of_a_name(installed, capsys):
 
 
 def test_a_builtin_added_later_never_takes_over_a_name_a_plugin_uses(tmp_path, monkeypatch, fresh_plugins, capsys):
-    distribution(tmp_path, "regfw-gumbel", "gumbel", "regfw_gumbel", NAMED.format(cls="Gumbel", reg="gumbel_noise"))
+    source = NAMED.format(cls="Gumbel", reg="gumbel_noise")
+    distribution(tmp_path, "regfw-gumbel", "gumbel", "regfw_gumbel_first", source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("REGFW_LOAD_PLUGINS", raising=False)
     reset_plugin_manager()
-    assert type(build_regularizers({"gumbel_noise": {}})[0]).__module__ == "regfw_gumbel"
+    assert type(build_regularizers({"gumbel_noise": {}})[0]).__module__ == "regfw_gumbel_first"
     # a later regfw ships a built-in of that name: registered as the built-in distribution is
     later = textwrap.dedent(NAMED.format(cls="BuiltinGumbel", reg="gumbel_noise"))
     namespace: dict = {"__name__": "regfw_plugins_later"}
     exec(compile(later, "regfw_plugins_later", "exec"), namespace)
     module = type(textwrap)("regfw_plugins_later")
     module.__dict__.update(namespace)
-    monkeypatch.setitem(__import__("sys").modules, "regfw_plugins_later", module)
+    monkeypatch.setitem(sys.modules, "regfw_plugins_later", module)
     register_plugin(module, "gumbel_builtin", distribution="regfw", builtin=True)
     try:
         with pytest.raises(ConfigError) as err:
             build_regularizers({"gumbel_noise": {}})
         assert ("'gumbel_noise' is ambiguous: 2 installed plugins register it, 'regfw:gumbel_noise' (built-in, "
                 "regfw_plugins_later.BuiltinGumbel) or 'regfw-gumbel:gumbel_noise' (distribution regfw-gumbel, "
-                "regfw_gumbel.Gumbel)") in str(err.value)
-        assert type(build_regularizers({"regfw-gumbel:gumbel_noise": {}})[0]).__module__ == "regfw_gumbel"
+                "regfw_gumbel_first.Gumbel)") in str(err.value)
+        assert type(build_regularizers({"regfw-gumbel:gumbel_noise": {}})[0]).__module__ == "regfw_gumbel_first"
         assert type(build_regularizers({"regfw:gumbel_noise": {}})[0]).__module__ == "regfw_plugins_later"
         code, out, _ = _run(["plugins"], capsys)
         assert code == 0 and "shared name 'gumbel_noise'" in out
