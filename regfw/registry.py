@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,14 +214,18 @@ def section_key(reg: Regularizer, registry: Registry | None = None) -> str:
 _cache: tuple[tuple, Registry] | None = None
 
 
-def _register_for(registry: Registry, info: PluginInfo | None) -> Callable[..., None]:
-    """The ``register`` a plugin's hook receives: it registers for that plugin, so a class is
-    credited to the plugin that registered it, whatever module defines it."""
-    return functools.partial(_bound_register, registry, info)
+class Registrar:
+    """The ``register(cls, name=None)`` a plugin's hook receives: it registers for that plugin, so a
+    class is credited to the plugin that registered it, whatever module defines it."""
 
+    def __init__(self, registry: Registry, info: PluginInfo | None, plugin: str) -> None:
+        self.registry, self.info, self.plugin = registry, info, plugin
 
-def _bound_register(registry: Registry, info: PluginInfo | None, cls: type, name: str | None = None) -> None:
-    registry.register(cls, name, plugin=info)
+    def __call__(self, cls: type, name: str | None = None) -> None:
+        self.registry.register(cls, name, plugin=self.info)
+
+    def __repr__(self) -> str:
+        return f"<register for plugin {self.plugin!r}>"
 
 
 def get_registry() -> Registry:
@@ -243,7 +246,7 @@ def get_registry() -> Registry:
     for impl in reversed(pm.hook.regfw_register_regularizers.get_hookimpls()):  # pluggy's call order
         others = [p for n, p in plugins.items() if n != impl.plugin_name]
         caller = pm.subset_hook_caller("regfw_register_regularizers", remove_plugins=others)
-        caller(register=_register_for(registry, infos.get(impl.plugin_name)))
+        caller(register=Registrar(registry, infos.get(impl.plugin_name), impl.plugin_name))
     _cache = (key, registry)
     return registry
 
