@@ -327,3 +327,41 @@ def test_qualified_names_that_select_nothing_say_what_to_write(twins):
         with pytest.raises(ConfigError) as err:
             registry.get(name)
         assert str(err.value).startswith(f"regularizers.{name}: {expected}"), str(err.value)
+
+
+LIGHTNING_CLI = """
+from pytorch_lightning.cli import LightningCLI
+from regfw.data import DigitsDataModule
+from regfw.module import RegularizedModule
+
+cli = LightningCLI(RegularizedModule, DigitsDataModule, run=False, save_config_kwargs={"overwrite": True})
+cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+print("REGS", [(type(r).__module__, r.name, r.selected_as, r.config.alpha) for r in cli.model.regularizers])
+print("HPARAMS", dict(cli.model.hparams["regularizers"]))
+"""
+
+LIGHTNING_CONFIG = """
+seed_everything: 0
+trainer: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, logger: false, enable_progress_bar: false,
+          enable_checkpointing: false}
+model:
+  model_config: {name: mlp, init_args: {in_features: 64, num_outputs: 10, hidden: [8]}}
+  regularizers: {regfw-rdrop:rdrop: {alpha: 2.0}}
+  n_examples: 1347
+data: {batch_size: 64}
+"""
+
+
+@pytest.mark.slow
+def test_lightning_cli_selects_a_regularizer_by_its_qualified_name(installed):
+    import os
+    import subprocess
+
+    (installed / "cli.py").write_text(LIGHTNING_CLI)
+    (installed / "cfg.yaml").write_text(LIGHTNING_CONFIG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(installed / "site")}
+    proc = subprocess.run([sys.executable, "cli.py", "--config", "cfg.yaml"], cwd=installed, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REGS [('regfw_rdrop', 'rdrop', 'regfw-rdrop:rdrop', 2.0)]" in proc.stdout, proc.stdout
+    assert "HPARAMS {'regfw-rdrop:rdrop': {'alpha': 2.0}}" in proc.stdout, proc.stdout
