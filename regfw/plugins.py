@@ -56,6 +56,8 @@ class PluginInfo:
     version: str | None
     builtin: bool
     hooks: tuple[str, ...] = field(default=())
+    #: ``name = module`` as its distribution declares it; None for a plugin registered at run time.
+    entry_point: str | None = None
 
     @property
     def qualifier(self) -> str:
@@ -246,7 +248,7 @@ def _load(pm: pluggy.PluginManager) -> None:
                                            entry, dist, version)
             continue
         try:
-            register_plugin(plugin, key, distribution=dist, version=version, builtin=builtin, pm=pm)
+            register_plugin(plugin, key, distribution=dist, version=version, builtin=builtin, pm=pm, entry_point=entry)
         except PluginError as exc:
             _failures[key] = PluginFailure(key, "invalid", f"was rejected: {exc}", entry, dist, version)
             continue
@@ -256,6 +258,19 @@ def _load(pm: pluggy.PluginManager) -> None:
         installed = ", ".join(dict.fromkeys(third_party)) or "none"
         _failures[name] = PluginFailure(name, "unknown", f"Installed third-party plugins: {installed}."
                                         f"{closest_hint(name, list(third_party))}")
+
+
+def refuse_plugin(name: str, detail: str) -> PluginFailure:
+    """Record that plugin ``name`` was refused after it loaded (its hook registered something the
+    registry does not accept, see :func:`regfw.registry.get_registry`) and warn once: the other
+    plugins go on, and selecting one of its regularizers names it."""
+    info = _origins.get(name)
+    failure = PluginFailure(name, "invalid", f"was refused: {detail}", info.entry_point if info else None,
+                            info.distribution if info else None, info.version if info else None)
+    if _failures.get(name) != failure:
+        _failures[name] = failure
+        warnings.warn_explicit(failure.message(), PluginWarning, filename="regfw", lineno=0, module="regfw.plugins")
+    return failure
 
 
 def plugin_failures() -> list[PluginFailure]:
@@ -288,6 +303,7 @@ def register_plugin(
     version: str | None = None,
     builtin: bool = False,
     pm: pluggy.PluginManager | None = None,
+    entry_point: str | None = None,
 ) -> None:
     """Register a plugin object (a module or class instance with hook implementations).
 
@@ -308,7 +324,7 @@ def register_plugin(
         raise PluginError(f"plugin {name!r} ({distribution or 'not installed'}): {exc}.{hint} "
                           f"Known hooks: {', '.join(known)}") from exc
     module = getattr(plugin, "__name__", type(plugin).__module__)
-    _origins[name] = PluginInfo(name, module, distribution, version, builtin)
+    _origins[name] = PluginInfo(name, module, distribution, version, builtin, entry_point=entry_point)
     if _tracing():
         hooks = ", ".join(sorted(h.name for h in pm.get_hookcallers(plugin) or ())) or "none"
         _trace_line(f"register plugin {name!r} ({distribution or 'not installed'} {version or ''}".rstrip()
@@ -365,7 +381,8 @@ def plugin_infos() -> list[PluginInfo]:
     for name, plugin in pm.list_name_plugin():
         hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
         base = _origins.get(name) or PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), None, None, False)
-        infos.append(PluginInfo(base.name, base.module, base.distribution, base.version, base.builtin, hooks))
+        infos.append(PluginInfo(base.name, base.module, base.distribution, base.version, base.builtin, hooks,
+                                base.entry_point))
     return sorted(infos, key=lambda i: (not i.builtin, i.name))
 
 

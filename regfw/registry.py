@@ -27,6 +27,7 @@ from regfw.plugins import (
     origin_of,
     plugin_failures,
     plugin_infos,
+    refuse_plugin,
     split_qualified,
 )
 from regfw.regularizer import Regularizer, check_overrides
@@ -233,7 +234,10 @@ def get_registry() -> Registry:
 
     It is rebuilt when a plugin is registered or unregistered (``register_plugin``,
     ``reset_plugin_manager``); otherwise every caller in a run shares one registry. Each plugin's
-    hook is called on its own, with a ``register`` bound to that plugin.
+    hook is called on its own, with a ``register`` bound to that plugin. A plugin whose
+    registration is refused (a :class:`PluginError`: a name it registers twice, a class that is
+    not a regularizer or overrides ``apply_row``) contributes nothing and is reported once as a
+    :class:`~regfw.plugins.PluginWarning` and in ``plugin_failures()``; the others are used.
     """
     global _cache
     pm = get_plugin_manager()
@@ -246,7 +250,13 @@ def get_registry() -> Registry:
     for impl in reversed(pm.hook.regfw_register_regularizers.get_hookimpls()):  # pluggy's call order
         others = [p for n, p in plugins.items() if n != impl.plugin_name]
         caller = pm.subset_hook_caller("regfw_register_regularizers", remove_plugins=others)
-        caller(register=Registrar(registry, infos.get(impl.plugin_name), impl.plugin_name))
+        before = set(registry._specs)
+        try:
+            caller(register=Registrar(registry, infos.get(impl.plugin_name), impl.plugin_name))
+        except PluginError as exc:  # refused: none of its regularizers, the others go on
+            for added in set(registry._specs) - before:
+                del registry._specs[added]
+            refuse_plugin(impl.plugin_name, str(exc))
     _cache = (key, registry)
     return registry
 

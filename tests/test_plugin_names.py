@@ -365,3 +365,45 @@ def test_lightning_cli_selects_a_regularizer_by_its_qualified_name(installed):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REGS [('regfw_rdrop', 'rdrop', 'regfw-rdrop:rdrop', 2.0)]" in proc.stdout, proc.stdout
     assert "HPARAMS {'regfw-rdrop:rdrop': {'alpha': 2.0}}" in proc.stdout, proc.stdout
+
+
+TWICE = """
+import regfw
+from regfw import Regularizer
+
+
+class One(Regularizer):
+    name = "twice"
+
+
+class Two(Regularizer):
+    name = "twice"
+
+
+@regfw.hookimpl
+def regfw_register_regularizers(register):
+    register(One)
+    register(Two)
+"""
+
+
+def test_a_plugin_refused_at_registration_breaks_only_the_configs_that_select_it(tmp_path, monkeypatch,
+                                                                                 fresh_plugins, capsys):
+    distribution(tmp_path, "regfw-twice", "twice", "regfw_twice_plugin", TWICE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("REGFW_LOAD_PLUGINS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    reset_plugin_manager()
+    try:
+        code, out, err = _run(["plugins"], capsys)  # it lists the failure instead of warning
+        assert code == 1 and "dropout" in out
+        assert ("regfw plugins: error: plugin 'twice' (entry point 'twice = regfw_twice_plugin' of distribution "
+                "regfw-twice 1.0) was refused: regularizer 'twice' is registered twice by one provider "
+                "(regfw-twice)") in err
+        code, out, err = _run(["plan", _config(tmp_path, "dropout: {}")], capsys)
+        assert code == 0 and "plan:" in out
+        code, out, err = _run(["plan", _config(tmp_path, "twice: {}")], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert "regularizers.twice: regularizer 'twice' is not available: plugin 'twice' (entry point" in err
+    finally:
+        sys.modules.pop("regfw_twice_plugin", None)
