@@ -72,6 +72,7 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     before a BatchNorm, are collected in ``Plan.warnings`` (printed by ``regfw plan`` and
     emitted again by :func:`apply_plan`).
     """
+    check_names(regularizers)
     check_families(regularizers)
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
@@ -120,6 +121,18 @@ def what_it_does(reg: Regularizer) -> list[str]:
     acts = [text for method, text in _ACTS
             if getattr(type(reg), method, None) is not getattr(Regularizer, method, None)]
     return [f"no layer changes; {', '.join(acts) if acts else 'does nothing during training'}"]
+
+
+def check_names(regularizers: Sequence[Regularizer]) -> None:
+    """Two regularizers of one name: a config error (the plan keys its rows by name, so one's rows
+    would be applied by the other; their inserted modules and logged terms would share the name)."""
+    seen: dict[str, Regularizer] = {}
+    for reg in regularizers:
+        other = seen.setdefault(reg.name, reg)
+        if other is not reg:
+            first, second = (f"{type(r).__module__}.{type(r).__qualname__}" for r in (other, reg))
+            raise ConfigError(f"regularizers: two selected regularizers are named {reg.name!r} ({first} and {second}); "
+                              f"one plan takes one regularizer of a name: remove one of them.")
 
 
 def check_families(regularizers: Sequence[Regularizer]) -> None:
@@ -176,6 +189,10 @@ def check_rows(reg: Regularizer, rows: list[PlanItem]) -> list[PlanItem]:
     naming the regularizer's class, the row and the method it needs, before anything is printed
     or changed."""
     for row in rows:
+        if row.regularizer != reg.name:
+            raise PluginError(f"{who(reg)}: plan() returned a row ({_where(row)}) of regularizer {row.regularizer!r}, "
+                              f"not its own name {reg.name!r}; `regfw plan` would show it under another name than "
+                              f"the one that applies it. Make its rows with PlanItem(self.name, ...).")
         problem = row_problem(row)
         if problem:
             raise PluginError(f"{who(reg)}: plan() returned a row it cannot carry out ({_where(row)}): {problem}. "

@@ -425,3 +425,27 @@ def test_a_regularizer_overriding_the_one_applier_is_refused_when_it_registers(m
         assert "dropout" in registry.names()
     finally:
         unregister_plugin("own_applier")
+
+
+def test_rows_under_another_name_and_two_regularizers_of_one_name_are_refused_before_planning():
+    from torch import nn
+
+    from regfw.errors import ConfigError
+    from regfw.plan import make_plan
+    from regfw.regularizer import PlanItem
+
+    class Renamed(Regularizer):
+        name = "renamed"
+
+        def plan(self, model, ctx):
+            return [PlanItem("Renamed", "0", "hidden", "x", 0.1, "why", action="set", anchor="1")]
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    with pytest.raises(PluginError, match=r"plan\(\) returned a row \(path '0', anchor '1'\) of regularizer "
+                                          r"'Renamed', not its own name 'renamed'"):
+        make_plan(model, [Renamed()])
+    dropout = get_registry().get("dropout").cls
+    with pytest.raises(ConfigError, match=r"^regularizers: two selected regularizers are named 'dropout' "
+                                          r"\(regfw_plugins\.dropout\.Dropout and regfw_plugins\.dropout\.Dropout\)"):
+        make_plan(model, [dropout(), dropout()])
+    assert [type(m).__name__ for m in model] == ["Linear", "Dropout", "Linear"]  # nothing changed
