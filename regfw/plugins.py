@@ -187,6 +187,9 @@ class PluginFailure:
         """One line: which plugin, where it came from, what went wrong and what to do."""
         if self.problem == "unknown":
             return f"REGFW_LOAD_PLUGINS names {self.name!r}, which no installed plugin declares. {self.detail}"
+        if self.distribution == BUILTIN_DISTRIBUTION:  # never tell a user to uninstall regfw itself
+            return (f"{self.origin} {self.detail}. It is a built-in plugin of regfw: reinstall regfw "
+                    f"(pip install --force-reinstall regfw) and report the error if it stays.")
         return f"{self.origin} {self.detail}. Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS."
 
 

@@ -407,3 +407,13 @@ def test_a_plugin_refused_at_registration_breaks_only_the_configs_that_select_it
         assert "regularizers.twice: regularizer 'twice' is not available: plugin 'twice' (entry point" in err
     finally:
         sys.modules.pop("regfw_twice_plugin", None)
+
+
+def test_no_failure_message_tells_a_user_to_uninstall_regfw():
+    from regfw.plugins import PluginFailure
+
+    builtin = PluginFailure("dropout", "import", "failed to import: ImportError: x", "dropout = regfw_plugins.dropout",
+                            "regfw", "0.1.0")
+    assert "uninstall" not in builtin.message().lower() and "reinstall regfw" in builtin.message()
+    third = PluginFailure("x", "import", "failed to import: ImportError: x", "x = regfw_x", "regfw-x", "1.0")
+    assert third.message().endswith("Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS.")
