@@ -91,7 +91,9 @@ def _selected_names() -> set[str] | None:
     raw = os.environ.get("REGFW_LOAD_PLUGINS")
     if raw is None:
         return None
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    names = {part.strip() for part in raw.split(",") if part.strip()}
+    # DIST:NAME in any spelling of the distribution's name, as the qualified names are compared
+    return {name if ":" not in name else ":".join(p or "" for p in split_qualified(name)) for name in names}
 
 
 def _dist_name_version(ep: metadata.EntryPoint, cache: dict[int, tuple[str | None, str | None]]

@@ -291,7 +291,7 @@ def test_two_third_party_plugins_of_one_name_both_load_under_qualified_names(twi
         build_regularizers({"gumbel": {}})
     assert type(build_regularizers({"regfw-beta:gumbel": {}})[0]).__name__ == "Beta"
     # REGFW_LOAD_PLUGINS: DIST:NAME loads that one (the bare name is then no longer shared) ...
-    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "regfw-beta:gumbel")
+    monkeypatch.setenv("REGFW_LOAD_PLUGINS", "Regfw_Beta:gumbel")
     reset_plugin_manager()
     assert type(build_regularizers({"gumbel": {}})[0]).__name__ == "Beta"
     assert "regfw-alpha:gumbel" not in {i.name for i in plugin_infos()}
