@@ -200,7 +200,8 @@ def check_rows(reg: Regularizer, rows: list[PlanItem]) -> list[PlanItem]:
         method = missing_method(reg, row)
         if method is not None:
             raise PluginError(
-                f"{who(reg)}: plan() returned a {row.action!r} row ({_where(row)}), which apply() carries out with "
+                f"{who(reg)}: plan() returned {'an' if row.action[0] in 'aeiou' else 'a'} {row.action!r} row "
+                f"({_where(row)}), which apply() carries out with "
                 f"{method}(), and {type(reg).__qualname__} does not define {method}(); define it, or plan another "
                 f"action (see the regularizer contract in docs/plugins.md)")
     return rows

@@ -379,7 +379,7 @@ def test_a_plugin_that_overrides_only_plan_gets_exactly_its_rows_inserted(site, 
                      "row it cannot carry out (path 'act', anchor 'act'): its action 'insert' is not one of before, "
                      "after, set, wrap, note"),
     ("no_maker: {}", "regularizer 'no_maker' (plugin 'unappliable', regfw_unappliable.NoMaker): plan() returned "
-                     "a 'after' row (path 'act', anchor 'act'), which apply() carries out with make_module(), and "
+                     "an 'after' row (path 'act', anchor 'act'), which apply() carries out with make_module(), and "
                      "NoMaker does not define make_module()"),
     ("half_apply: {}", "regularizer 'half_apply' (plugin 'unappliable', regfw_unappliable.HalfApply): "
                        "regfw_unappliable.HalfApply.apply() left 3 of its 3 planned change(s) undone "
