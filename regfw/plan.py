@@ -95,6 +95,9 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
         extra = check_lines(reg, reg.describe(model))
         if not extra and type(reg).plan is Regularizer.plan:  # places nothing by design: say what it does
             extra = what_it_does(reg)
+        selected = getattr(reg, "selected_as", "")
+        if selected and selected != reg.name:  # by its qualified name: say which one the rows are
+            extra = [f"selected as {selected} ({type(reg).__module__}.{type(reg).__qualname__})", *extra]
         if extra:
             notes[reg.name] = list(extra)
     plan = Plan(items, notes, mm.layers, ctx)

@@ -197,6 +197,8 @@ def test_each_is_selected_by_its_qualified_name(installed, capsys):
                           capsys)
     assert code == 0, err
     assert "hand_written_concrete" in out and "1 change(s)" in out
+    assert ("concrete_dropout: selected as regfw-concrete-dropout:concrete_dropout "
+            "(regfw_concrete_dropout.HandConcrete)") in out
     code, out, err = _run(["plan", _config(installed, "regfw:concrete_dropout: {}")], capsys)
     assert code == 0, err
     assert "hand_written_concrete" not in out and "learned" in out  # the built-in's rows: learned rates
