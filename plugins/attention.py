@@ -98,15 +98,14 @@ class AttentionDropout(InjectingRegularizer):
                           f"nothing was changed{what}", stacklevel=2)
         return rows
 
-    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        for item in items:
-            if item.action != "set" or item.anchor is None or item.rate is None:
-                continue
-            target = model.get_submodule(item.anchor)
-            if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
-                set_rate(model, item.anchor, item.rate)
-            else:
-                set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
+    def set_existing(self, model: nn.Module, item: PlanItem) -> None:
+        """A set row: the attention dropout of the layer at ``item.anchor`` (or a timm block's attn_drop)."""
+        assert item.anchor is not None and item.rate is not None  # plan() fills both on a set row
+        target = model.get_submodule(item.anchor)
+        if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
+            set_rate(model, item.anchor, item.rate)
+        else:
+            set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 
 
 @regfw.hookimpl

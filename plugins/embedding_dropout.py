@@ -72,12 +72,12 @@ class EmbeddingDropoutRegularizer(InjectingRegularizer):
                           f"changed", stacklevel=2)
         return rows
 
-    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        for item in items:
-            if item.action == "wrap" and item.rate is not None and item.anchor is not None:
-                embedding = model.get_submodule(item.anchor)
-                assert isinstance(embedding, nn.Embedding)
-                apply_embedding_dropout(embedding, item.rate, item.options.get("batch_dim", 0))
+    def wrap(self, model: nn.Module, item: PlanItem) -> None:
+        """A wrap row: embedding dropout on the ``nn.Embedding`` at ``item.anchor``."""
+        assert item.anchor is not None and item.rate is not None  # plan() fills both on a wrap row
+        embedding = model.get_submodule(item.anchor)
+        assert isinstance(embedding, nn.Embedding)
+        apply_embedding_dropout(embedding, item.rate, item.options.get("batch_dim", 0))
 
 
 @regfw.hookimpl

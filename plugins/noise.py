@@ -284,19 +284,16 @@ class Noise(InjectingRegularizer):
                             action="set", anchor=target)
         return PlanItem(self.name, path, kind, self.variant, std, reason, action=action, anchor=anchor)
 
-    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        from regfw.placement import apply_insertions
+    def set_existing(self, model: nn.Module, item: PlanItem) -> None:
+        """A set row names a GaussianNoise this regularizer inserted in an earlier plan: its std."""
+        assert item.anchor is not None and item.rate is not None  # _row() fills both on a set row
+        cast(GaussianNoise, model.get_submodule(item.anchor)).std = item.rate
 
-        apply_insertions(self, model, [i for i in items if i.action in ("before", "after")])
-        for item in items:
-            if item.action == "set":
-                assert item.anchor is not None and item.rate is not None  # _row() fills both on a set row
-                # a set row names a GaussianNoise this regularizer inserted in an earlier plan
-                cast(GaussianNoise, model.get_submodule(item.anchor)).std = item.rate
-            elif item.action == "wrap":
-                assert item.rate is not None  # plan() gives every wrap row its weight_std
-                host = model.get_submodule(item.path)
-                add_weight_noise(host, item.rate, item.options.get("names", ["weight"]))
+    def wrap(self, model: nn.Module, item: PlanItem) -> None:
+        """A wrap row: weight noise on the layer at ``item.path``."""
+        assert item.rate is not None  # plan() gives every wrap row its weight_std
+        host = model.get_submodule(item.path)
+        add_weight_noise(host, item.rate, item.options.get("names", ["weight"]))
 
 
 @regfw.hookimpl

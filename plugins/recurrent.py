@@ -100,12 +100,11 @@ class DropConnectRegularizer(InjectingRegularizer):
                           f"nothing was changed", stacklevel=2)
         return rows
 
-    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        for item in items:
-            if item.action == "wrap":
-                assert item.anchor is not None and item.rate is not None  # plan() fills both on a wrap row
-                # plan() wraps nn.RNNBase layers only (and apply_weight_drop checks the type again)
-                apply_weight_drop(cast(nn.RNNBase, model.get_submodule(item.anchor)), item.rate)
+    def wrap(self, model: nn.Module, item: PlanItem) -> None:
+        """A wrap row: weight drop on the hidden-to-hidden matrices of the RNN at ``item.anchor``."""
+        assert item.anchor is not None and item.rate is not None  # plan() fills both on a wrap row
+        # plan() wraps nn.RNNBase layers only (and apply_weight_drop checks the type again)
+        apply_weight_drop(cast(nn.RNNBase, model.get_submodule(item.anchor)), item.rate)
 
 
 @regfw.hookimpl

@@ -104,7 +104,7 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
             problems.append(f"{key} is {short_repr(f)} in the checkpoint but {short_repr(e)} in {where}")
     from regfw.registry import get_registry
 
-    gone = missing_plugins(ckpt, get_registry().names())
+    gone = missing_plugins(ckpt, get_registry())
     if gone:
         problems.insert(0, f"the checkpoint's {', '.join(gone)} is provided by no installed plugin")
     meta = ckpt.get("regfw") or {}

@@ -88,7 +88,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         infos = plugin_infos()
         failures = plugin_failures()
     for info in infos:
-        provides = [s.name for s in registry.specs.values() if s.plugin == info.name]
+        provides = [registry.selection_name(s) for s in registry.all_specs() if s.plugin == info.name]
         origin = "built-in" if info.builtin else (info.distribution or "registered at run time")
         print(f"{info.name} {info.version or ''} ({origin}; module {info.module})".replace("  ", " "))
         print(f"  hooks:        {', '.join(info.hooks) or '-'}")
@@ -97,6 +97,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             desc = registry.specs[name].cls.description
             if desc:
                 print(f"    {name}: {desc}")
+    shared = sorted({s.name for s in registry.all_specs() if len(registry.providers(s.name)) > 1})
+    for name in shared:  # not an error: each is selected by its qualified name
+        choices = " or ".join(s.qualified_name for s in registry.providers(name))
+        print(f"shared name {name!r}: select {choices} in regularizers:; {name!r} alone selects none")
     for failure in failures:
         print(f"regfw plugins: error: {failure.message()}", file=sys.stderr)
     return 1 if failures else 0

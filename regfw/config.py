@@ -505,10 +505,10 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     cfg.lr_scheduler = _check_open_sections(raw, cfg.optimizer)
     check_values(cfg)
     if check_plugins:
-        from regfw.registry import build_regularizers
+        from regfw.registry import build_regularizers, section_key
 
         built = build_regularizers(regs)
-        cfg.regularizers = {r.name: dataclasses.asdict(r.config) for r in built}
+        cfg.regularizers = {section_key(r): dataclasses.asdict(r.config) for r in built}
         for reg in built:
             reg.check(cfg)
         cfg.regularizer_objects = built

@@ -56,11 +56,13 @@ def _regularizer_section(regularizers: Any) -> dict:
         return {}
     if isinstance(regularizers, Mapping):
         return dict(regularizers)
+    from regfw.registry import section_key
+
     section = {}
     for reg in regularizers:
         if not isinstance(reg, Regularizer):
             raise ConfigError(f"regularizers: expected Regularizer objects or a mapping, got {reg!r}")
-        section[reg.name] = dataclasses.asdict(reg.config)
+        section[section_key(reg)] = dataclasses.asdict(reg.config)
     return section
 
 
@@ -401,10 +403,11 @@ class RegularizedModule(pl.LightningModule):
 def _plugin_origins(regularizers: Sequence[Regularizer]) -> dict:
     """Which plugin (and distribution, version) provided each regularizer, for checkpoint metadata."""
     from regfw.plugins import origin_of
+    from regfw.registry import section_key
 
     out = {}
     for reg in regularizers:
         info = origin_of(type(reg).__module__)
-        out[reg.name] = ({"plugin": info.name, "distribution": info.distribution, "version": info.version}
+        out[section_key(reg)] = ({"plugin": info.name, "distribution": info.distribution, "version": info.version}
                          if info else {"plugin": None, "module": type(reg).__module__})
     return out

@@ -1,7 +1,11 @@
 """The plan: what every selected regularizer does to a model, computed once.
 
 ``regfw plan`` prints a :class:`Plan` and :class:`~regfw.module.RegularizedModule` applies the
-same object, so what is printed is what is done.
+same object, so what is printed is what is done. Two checks hold every regularizer to that:
+:func:`make_plan` refuses a row that cannot be carried out (an unknown action, no anchor or
+rate, or a ``wrap`` / insertion row from a class without ``wrap`` / ``make_module``), and
+:func:`apply_plan` refuses a regularizer whose ``apply`` left one of its rows undone (every row
+is carried out by :meth:`regfw.Regularizer.apply_row`).
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from regfw.contract import check_claims, check_items, check_lines
-from regfw.errors import ConfigError
-from regfw.regularizer import PlanContext, PlanItem, Regularizer
+from regfw.contract import check_claims, check_items, check_lines, who
+from regfw.errors import ConfigError, PluginError
+from regfw.plan_items import tracking_applied
+from regfw.regularizer import PlanContext, PlanItem, Regularizer, missing_method, row_problem
 from regfw.surgery import LayerInfo, ModelMap, analyse, is_batchnorm, is_dropout, is_injected
 
 
@@ -67,6 +72,7 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     before a BatchNorm, are collected in ``Plan.warnings`` (printed by ``regfw plan`` and
     emitted again by :func:`apply_plan`).
     """
+    check_names(regularizers)
     check_families(regularizers)
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
@@ -79,7 +85,7 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     for reg in regularizers:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = check_items(reg, reg.plan(model, ctx))
+            rows = check_rows(reg, check_items(reg, reg.plan(model, ctx)))
         for w in caught:
             if issubclass(w.category, UserWarning):
                 collected.append(str(w.message))
@@ -89,6 +95,9 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
         extra = check_lines(reg, reg.describe(model))
         if not extra and type(reg).plan is Regularizer.plan:  # places nothing by design: say what it does
             extra = what_it_does(reg)
+        selected = getattr(reg, "selected_as", "")
+        if selected and selected != reg.name:  # by its qualified name: say which one the rows are
+            extra = [f"selected as {selected} ({type(reg).__module__}.{type(reg).__qualname__})", *extra]
         if extra:
             notes[reg.name] = list(extra)
     plan = Plan(items, notes, mm.layers, ctx)
@@ -115,6 +124,18 @@ def what_it_does(reg: Regularizer) -> list[str]:
     acts = [text for method, text in _ACTS
             if getattr(type(reg), method, None) is not getattr(Regularizer, method, None)]
     return [f"no layer changes; {', '.join(acts) if acts else 'does nothing during training'}"]
+
+
+def check_names(regularizers: Sequence[Regularizer]) -> None:
+    """Two regularizers of one name: a config error (the plan keys its rows by name, so one's rows
+    would be applied by the other; their inserted modules and logged terms would share the name)."""
+    seen: dict[str, Regularizer] = {}
+    for reg in regularizers:
+        other = seen.setdefault(reg.name, reg)
+        if other is not reg:
+            first, second = (f"{type(r).__module__}.{type(r).__qualname__}" for r in (other, reg))
+            raise ConfigError(f"regularizers: two selected regularizers are named {reg.name!r} ({first} and {second}); "
+                              f"one plan takes one regularizer of a name: remove one of them.")
 
 
 def check_families(regularizers: Sequence[Regularizer]) -> None:
@@ -166,10 +187,54 @@ def batchnorm_warnings(mm: ModelMap, rows: Sequence[PlanItem]) -> list[str]:
     return out
 
 
+def check_rows(reg: Regularizer, rows: list[PlanItem]) -> list[PlanItem]:
+    """``rows`` when ``reg`` can carry out every one of them; otherwise a :class:`PluginError`
+    naming the regularizer's class, the row and the method it needs, before anything is printed
+    or changed."""
+    for row in rows:
+        if row.regularizer != reg.name:
+            raise PluginError(f"{who(reg)}: plan() returned a row ({_where(row)}) of regularizer {row.regularizer!r}, "
+                              f"not its own name {reg.name!r}; `regfw plan` would show it under another name than "
+                              f"the one that applies it. Make its rows with PlanItem(self.name, ...).")
+        problem = row_problem(row)
+        if problem:
+            raise PluginError(f"{who(reg)}: plan() returned a row it cannot carry out ({_where(row)}): {problem}. "
+                              f"Fix the plugin's plan method.")
+        method = missing_method(reg, row)
+        if method is not None:
+            raise PluginError(
+                f"{who(reg)}: plan() returned {'an' if row.action[0] in 'aeiou' else 'a'} {row.action!r} row "
+                f"({_where(row)}), which apply() carries out with "
+                f"{method}(), and {type(reg).__qualname__} does not define {method}(); define it, or plan another "
+                f"action (see the regularizer contract in docs/plugins.md)")
+    return rows
+
+
+def _where(row: PlanItem) -> str:
+    return f"path {row.path or '<model>'!r}, anchor {row.anchor!r}"
+
+
 def apply_plan(model: nn.Module, regularizers: Sequence[Regularizer], plan: Plan) -> None:
-    """Carry out ``plan`` on ``model`` (each regularizer applies its own rows); the plan's
-    warnings are emitted with :func:`warnings.warn`."""
+    """Carry out ``plan`` on ``model``: each regularizer applies its own rows; the plan's
+    warnings are emitted with :func:`warnings.warn`.
+
+    Every row but a ``note`` must be carried out by :meth:`~regfw.Regularizer.apply_row` during
+    the regularizer's ``apply``: one that was not (an ``apply`` override that skips rows or does
+    the work itself) is a :class:`PluginError` naming the class, its ``apply`` and the rows, so a
+    plan that `regfw plan` printed is never silently not applied.
+    """
     for message in plan.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     for reg in regularizers:
-        reg.apply(model, plan.items.get(reg.name, []))
+        rows = plan.items.get(reg.name, [])
+        with tracking_applied() as done:
+            reg.apply(model, rows)
+        undone = [row for row in rows if row.action != "note" and id(row) not in done]
+        if undone:
+            owner = next(c for c in type(reg).__mro__ if "apply" in vars(c))
+            listed = "; ".join(f"{r.action} {_where(r)}" for r in undone[:3]) + (", ..." if len(undone) > 3 else "")
+            raise PluginError(
+                f"{who(reg)}: {owner.__module__}.{owner.__qualname__}.apply() left {len(undone)} of its "
+                f"{sum(r.action != 'note' for r in rows)} planned change(s) undone ({listed}), which `regfw plan` "
+                f"lists as done. apply() must pass every row to self.apply_row(model, row) (call "
+                f"super().apply(model, items) in an override; apply_row uses make_module, set_existing and wrap)")

@@ -6,8 +6,16 @@ classes that call it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: What a plan row does: ``before`` (insert a module on the layer's input), ``after`` (on the
+#: output of ``anchor``), ``set`` (change an existing module's rate), ``wrap`` (modify the layer
+#: itself) or ``note`` (nothing: a remark shown in the plan).
+ACTIONS = ("before", "after", "set", "wrap", "note")
 
 
 @dataclass
@@ -52,3 +60,25 @@ class PlanItem:
 
     def row(self) -> dict:
         return asdict(self)
+
+
+_applied: ContextVar[set[int] | None] = ContextVar("regfw_applied_rows", default=None)
+
+
+@contextmanager
+def tracking_applied() -> Iterator[set[int]]:
+    """Collect the ids of the rows :meth:`regfw.Regularizer.apply_row` carries out inside the block,
+    so that :func:`regfw.plan.apply_plan` can tell a planned row that was never applied."""
+    done: set[int] = set()
+    token = _applied.set(done)
+    try:
+        yield done
+    finally:
+        _applied.reset(token)
+
+
+def mark_applied(item: PlanItem) -> None:
+    """Record that ``item`` was carried out (a no-op outside :func:`tracking_applied`)."""
+    done = _applied.get()
+    if done is not None:
+        done.add(id(item))

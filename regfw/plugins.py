@@ -8,8 +8,15 @@ Environment variables:
 
 ``REGFW_LOAD_PLUGINS``
     Unset: load every installed plugin. Set: a comma-separated list of the third-party entry
-    point names to load; empty loads the built-ins only. The built-ins are always loaded. A
-    name no installed plugin declares is reported with the closest installed name.
+    point names to load (``NAME``, or ``DIST:NAME`` for the one of distribution ``DIST``); empty
+    loads the built-ins only. The built-ins are always loaded. A name no installed plugin
+    declares is reported with the closest installed name.
+
+Names several distributions share: an entry-point name declared by more than one distribution
+(a third-party ``rdrop`` next to the built-in one) loads every one of them, each registered
+under its qualified name ``DIST:NAME`` (``regfw:rdrop``, ``regfw-rdrop:rdrop``), where ``DIST``
+is the distribution's normalised name (:func:`qualifier`). None wins: regularizer names are
+resolved the same way by :mod:`regfw.registry`.
 
 A plugin that fails to import, is rejected by pluggy (a misspelled hook) or implements no hook
 is recorded as a :class:`PluginFailure` and reported once, as a :class:`PluginWarning`, when
@@ -21,6 +28,7 @@ exits non-zero; selecting a regularizer such a plugin would provide is an error 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -48,6 +56,30 @@ class PluginInfo:
     version: str | None
     builtin: bool
     hooks: tuple[str, ...] = field(default=())
+    #: ``name = module`` as its distribution declares it; None for a plugin registered at run time.
+    entry_point: str | None = None
+
+    @property
+    def qualifier(self) -> str:
+        """The ``DIST`` of this plugin's qualified regularizer names ``DIST:NAME``: its distribution's
+        normalised name, or the plugin's own name for a plugin registered at run time."""
+        return qualifier(self.distribution) if self.distribution else self.name
+
+
+def qualifier(distribution: str) -> str:
+    """The normalised distribution name used in qualified names (``DIST:NAME``): lowercase, each run
+    of ``-``, ``_`` and ``.`` one ``-`` (PEP 503), so ``regfw_rdrop`` and ``Regfw.Rdrop`` name the
+    distribution ``regfw-rdrop``."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def split_qualified(name: str) -> tuple[str | None, str]:
+    """``("regfw-rdrop", "rdrop")`` for ``"regfw-rdrop:rdrop"`` (the qualifier normalised), ``(None, name)``
+    for a bare name. The parts are not checked here; callers say what is wrong with them."""
+    if ":" not in name:
+        return None, name
+    dist, _, bare = name.partition(":")
+    return qualifier(dist.strip()), bare.strip()
 
 
 _lock = threading.Lock()
@@ -59,7 +91,9 @@ def _selected_names() -> set[str] | None:
     raw = os.environ.get("REGFW_LOAD_PLUGINS")
     if raw is None:
         return None
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    names = {part.strip() for part in raw.split(",") if part.strip()}
+    # DIST:NAME in any spelling of the distribution's name, as the qualified names are compared
+    return {name if ":" not in name else ":".join(p or "" for p in split_qualified(name)) for name in names}
 
 
 def _dist_name_version(ep: metadata.EntryPoint, cache: dict[int, tuple[str | None, str | None]]
@@ -79,7 +113,8 @@ def _entry_points() -> list[metadata.EntryPoint]:
     eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     cache: dict[int, tuple[str | None, str | None]] = {}
     # Entry-point order is undefined; sort so that loading (and any error) is deterministic.
-    return sorted(eps, key=lambda ep: (_dist_name_version(ep, cache)[0] != BUILTIN_DISTRIBUTION, ep.name))
+    return sorted(eps, key=lambda ep: (_dist_name_version(ep, cache)[0] != BUILTIN_DISTRIBUTION, ep.name,
+                                       qualifier(_dist_name_version(ep, cache)[0] or "?")))
 
 
 def _tracing() -> bool:
@@ -132,9 +167,9 @@ class PluginFailure:
     """A plugin that did not load or registered nothing, reported once and kept for later messages.
 
     ``problem`` is ``"import"`` (the module raised on import), ``"invalid"`` (pluggy rejected it,
-    e.g. a misspelled hook name), ``"no hooks"`` (the module implements no hook),
-    ``"conflict"`` (two distributions declare the name) or ``"unknown"`` (``REGFW_LOAD_PLUGINS``
-    names a plugin that is not installed).
+    e.g. a misspelled hook name), ``"no hooks"`` (the module implements no hook) or ``"unknown"``
+    (``REGFW_LOAD_PLUGINS`` names a plugin that is not installed). Two distributions declaring one
+    name are not a failure: both load, under qualified names.
     """
 
     name: str
@@ -154,9 +189,10 @@ class PluginFailure:
         """One line: which plugin, where it came from, what went wrong and what to do."""
         if self.problem == "unknown":
             return f"REGFW_LOAD_PLUGINS names {self.name!r}, which no installed plugin declares. {self.detail}"
-        fix = ("Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS." if self.problem != "conflict"
-               else "Uninstall one of them.")
-        return f"{self.origin} {self.detail}. {fix}"
+        if self.distribution == BUILTIN_DISTRIBUTION:  # never tell a user to uninstall regfw itself
+            return (f"{self.origin} {self.detail}. It is a built-in plugin of regfw: reinstall regfw "
+                    f"(pip install --force-reinstall regfw) and report the error if it stays.")
+        return f"{self.origin} {self.detail}. Fix or uninstall it, or leave it out with REGFW_LOAD_PLUGINS."
 
 
 _failures: dict[str, PluginFailure] = {}
@@ -174,47 +210,72 @@ def _unmarked_hooks(plugin: object) -> str:
             f"it.{hints}")
 
 
+def _plugin_keys(eps: list[metadata.EntryPoint], names: dict[int, tuple[str | None, str | None]]) -> dict[int, str]:
+    """The name each entry point is registered under: its own name, or ``DIST:NAME`` when several
+    distributions declare that name (every one of them qualified: none takes the bare name)."""
+    dists: dict[str, set[str]] = {}
+    for ep in eps:
+        dists.setdefault(ep.name, set()).add(qualifier(_dist_name_version(ep, names)[0] or "?"))
+    return {id(ep): (f"{qualifier(_dist_name_version(ep, names)[0] or '?')}:{ep.name}"
+                     if len(dists[ep.name]) > 1 else ep.name) for ep in eps}
+
+
 def _load(pm: pluggy.PluginManager) -> None:
     """Register every entry point; a plugin that fails is recorded in ``_failures``, never fatal."""
     selected = _selected_names()
-    seen: dict[str, str] = {}
-    declared: set[str] = set()
     names: dict[int, tuple[str | None, str | None]] = {}
-    for ep in _entry_points():
+    eps = _entry_points()
+    keys = _plugin_keys(eps, names)
+    matched: set[str] = set()
+    loaded: set[str] = set()
+    third_party: list[str] = []
+    for ep in eps:
         dist, version = _dist_name_version(ep, names)
         builtin = dist == BUILTIN_DISTRIBUTION
-        declared.add(ep.name)
-        if not builtin and selected is not None and ep.name not in selected:
-            if _tracing():
-                _trace_line(f"skip plugin {ep.name!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
-            continue
+        key = keys[id(ep)]
+        aliases = {ep.name, key, f"{qualifier(dist or '?')}:{ep.name}"}
+        if not builtin:
+            third_party.append(key)
+        if selected is not None:
+            matched |= aliases & selected
+            if not builtin and not aliases & selected:
+                if _tracing():
+                    _trace_line(f"skip plugin {key!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
+                continue
+        if key in loaded:
+            continue  # the same distribution seen twice on sys.path
+        loaded.add(key)
         entry = f"{ep.name} = {ep.value}"
-        if ep.name in seen:
-            if seen[ep.name] == dist:
-                continue  # the same distribution seen twice on sys.path
-            _failures[ep.name] = PluginFailure(
-                ep.name, "conflict", f"is declared by two distributions, {seen[ep.name]} and {dist}; {dist}'s is "
-                f"not loaded", entry, dist, version)
-            continue
-        seen[ep.name] = dist or "?"
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - reported with its origin, the others still load
-            _failures[ep.name] = PluginFailure(ep.name, "import", f"failed to import: {type(exc).__name__}: {exc}",
-                                               entry, dist, version)
+            _failures[key] = PluginFailure(key, "import", f"failed to import: {type(exc).__name__}: {exc}",
+                                           entry, dist, version)
             continue
         try:
-            register_plugin(plugin, ep.name, distribution=dist, version=version, builtin=builtin, pm=pm)
+            register_plugin(plugin, key, distribution=dist, version=version, builtin=builtin, pm=pm, entry_point=entry)
         except PluginError as exc:
-            _failures[ep.name] = PluginFailure(ep.name, "invalid", f"was rejected: {exc}", entry, dist, version)
+            _failures[key] = PluginFailure(key, "invalid", f"was rejected: {exc}", entry, dist, version)
             continue
         if not pm.get_hookcallers(plugin):
-            _failures[ep.name] = PluginFailure(ep.name, "no hooks", _unmarked_hooks(plugin), entry, dist, version)
-    for name in sorted((selected or set()) - declared):
-        third_party = sorted(n for n in seen if _origins.get(n) is None or not _origins[n].builtin)
-        installed = ", ".join(third_party) or "none"
+            _failures[key] = PluginFailure(key, "no hooks", _unmarked_hooks(plugin), entry, dist, version)
+    for name in sorted((selected or set()) - matched):
+        installed = ", ".join(dict.fromkeys(third_party)) or "none"
         _failures[name] = PluginFailure(name, "unknown", f"Installed third-party plugins: {installed}."
-                                        f"{closest_hint(name, third_party)}")
+                                        f"{closest_hint(name, list(third_party))}")
+
+
+def refuse_plugin(name: str, detail: str) -> PluginFailure:
+    """Record that plugin ``name`` was refused after it loaded (its hook registered something the
+    registry does not accept, see :func:`regfw.registry.get_registry`) and warn once: the other
+    plugins go on, and selecting one of its regularizers names it."""
+    info = _origins.get(name)
+    failure = PluginFailure(name, "invalid", f"was refused: {detail}", info.entry_point if info else None,
+                            info.distribution if info else None, info.version if info else None)
+    if _failures.get(name) != failure:
+        _failures[name] = failure
+        warnings.warn_explicit(failure.message(), PluginWarning, filename="regfw", lineno=0, module="regfw.plugins")
+    return failure
 
 
 def plugin_failures() -> list[PluginFailure]:
@@ -247,6 +308,7 @@ def register_plugin(
     version: str | None = None,
     builtin: bool = False,
     pm: pluggy.PluginManager | None = None,
+    entry_point: str | None = None,
 ) -> None:
     """Register a plugin object (a module or class instance with hook implementations).
 
@@ -267,7 +329,7 @@ def register_plugin(
         raise PluginError(f"plugin {name!r} ({distribution or 'not installed'}): {exc}.{hint} "
                           f"Known hooks: {', '.join(known)}") from exc
     module = getattr(plugin, "__name__", type(plugin).__module__)
-    _origins[name] = PluginInfo(name, module, distribution, version, builtin)
+    _origins[name] = PluginInfo(name, module, distribution, version, builtin, entry_point=entry_point)
     if _tracing():
         hooks = ", ".join(sorted(h.name for h in pm.get_hookcallers(plugin) or ())) or "none"
         _trace_line(f"register plugin {name!r} ({distribution or 'not installed'} {version or ''}".rstrip()
@@ -324,7 +386,8 @@ def plugin_infos() -> list[PluginInfo]:
     for name, plugin in pm.list_name_plugin():
         hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
         base = _origins.get(name) or PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), None, None, False)
-        infos.append(PluginInfo(base.name, base.module, base.distribution, base.version, base.builtin, hooks))
+        infos.append(PluginInfo(base.name, base.module, base.distribution, base.version, base.builtin, hooks,
+                                base.entry_point))
     return sorted(infos, key=lambda i: (not i.builtin, i.name))
 
 

@@ -11,7 +11,12 @@ Once per model, before training:
     what this regularizer will do, as :class:`PlanItem` rows. ``regfw plan`` prints these rows
     and :meth:`apply` carries out exactly these rows.
 ``apply(model, items)``
-    change the model (insert modules, wrap weights) as planned.
+    change the model as planned: every row goes through :meth:`apply_row`, the one applier,
+    which carries it out by its ``action`` with the regularizer's :meth:`make_module`
+    (``before``/``after``), :meth:`set_existing` (``set``) or :meth:`wrap` (``wrap``).
+    :func:`regfw.plan.apply_plan` refuses a regularizer whose ``apply`` left a planned row
+    undone, and :func:`regfw.plan.make_plan` one that plans a row it has no method for, so the
+    rows ``regfw plan`` prints are exactly what training applies.
 ``param_groups(model)``, ``callbacks()``, ``check(config)``, ``describe(model)``, ``claims()``
     optimizer parameter groups, Lightning callbacks, a check against the whole config, extra
     ``regfw plan`` lines, the layer kinds claimed within the ``family``.
@@ -35,7 +40,8 @@ import torch
 from torch import nn
 
 from regfw import kinds as K
-from regfw.plan_items import PlanContext, PlanItem
+from regfw.errors import PluginError
+from regfw.plan_items import ACTIONS, PlanContext, PlanItem, mark_applied
 from regfw.schedules import RateSchedule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -81,6 +87,10 @@ class Regularizer:
     #: table's (kind -> ``(low, high)``, ``(low, high, default)`` or a :class:`regfw.kinds.RateRange`);
     #: :func:`regfw.kinds.choose_rate` uses it instead of that kind's row of the rate table.
     rate_ranges: ClassVar[K.OwnRanges] = {}
+    #: The key of the ``regularizers:`` section this object was built from (``dropout``, or a
+    #: qualified ``DIST:NAME``), set by :func:`regfw.registry.build_regularizers`; empty for an
+    #: object made directly.
+    selected_as: str = ""
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -90,7 +100,49 @@ class Regularizer:
         return []
 
     def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        return None
+        """Carry out this regularizer's rows, each through :meth:`apply_row`. An override that does
+        more (remember what was inserted) calls ``super().apply(model, items)``."""
+        for item in items:
+            self.apply_row(model, item)
+
+    def apply_row(self, model: nn.Module, item: PlanItem) -> None:
+        """Carry out one planned row by its ``action``: ``before``/``after`` insert
+        :meth:`make_module`'s module on ``item.anchor``, ``set`` calls :meth:`set_existing`, ``wrap``
+        calls :meth:`wrap`, ``note`` does nothing. The one applier of every regularizer: a class that
+        overrides it is refused when it registers (override the methods it calls instead)."""
+        if item.action == "note":
+            return
+        if item.action not in ACTIONS or item.anchor is None or (item.rate is None and item.action != "wrap"):
+            raise PluginError(f"regularizer {self.name!r} ({type(self).__module__}.{type(self).__qualname__}): "
+                              f"cannot carry out the plan row {item!r}: {row_problem(item)}")
+        if item.action in ("before", "after"):
+            from regfw.surgery import attach, injected_name
+
+            assert item.rate is not None  # checked above
+            attach(model, item.anchor, injected_name(self.name, item.action),
+                   self.make_module(item.kind, item.rate, item), item.action)
+        elif item.action == "set":
+            self.set_existing(model, item)
+        else:
+            self.wrap(model, item)
+        mark_applied(item)
+
+    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
+        """The module a ``before``/``after`` row inserts (called by :meth:`apply_row`)."""
+        raise NotImplementedError(f"{type(self).__qualname__}.make_module")
+
+    def set_existing(self, model: nn.Module, item: PlanItem) -> None:
+        """Carry out a ``set`` row: give the module at ``item.anchor`` the rate ``item.rate``
+        (default: its ``p``, or timm's ``drop_prob``; :func:`regfw.placement.set_rate`)."""
+        from regfw.surgery import set_rate
+
+        assert item.anchor is not None and item.rate is not None  # apply_row checked both
+        set_rate(model, item.anchor, item.rate)
+
+    def wrap(self, model: nn.Module, item: PlanItem) -> None:
+        """Carry out a ``wrap`` row: modify the layer at ``item.anchor`` itself (weight drop, weight
+        noise, embedding dropout). No default: a regularizer that plans ``wrap`` rows defines it."""
+        raise NotImplementedError(f"{type(self).__qualname__}.wrap")
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         return None
@@ -180,9 +232,6 @@ class InjectingRegularizer(Regularizer):
             why += f"; Transformer range: attention blocks ({ctx.model_map.attention_summary()})"
         return rate, why
 
-    def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
-        raise NotImplementedError
-
     def callbacks(self) -> list:
         """A :class:`~regfw.schedule_callback.RateScheduler` when the config has a ``schedule``."""
         schedule = getattr(self.config, "schedule", None)
@@ -201,7 +250,41 @@ class InjectingRegularizer(Regularizer):
 
         return plan_insertions(self, model, ctx)
 
-    def apply(self, model: nn.Module, items: list[PlanItem]) -> None:
-        from regfw.surgery import apply_insertions
 
-        apply_insertions(self, model, items)
+#: Methods of :class:`Regularizer` no subclass may override, and why (checked when it registers).
+FINAL_METHODS = {
+    "apply_row": "it is the one applier that carries out every planned row (what `regfw plan` printed); override "
+                 "make_module (before/after rows), set_existing (set rows) or wrap (wrap rows) instead",
+}
+
+
+def check_overrides(cls: type[Regularizer]) -> None:
+    """Refuse a regularizer class that overrides a method of :data:`FINAL_METHODS`, naming the class
+    and the method."""
+    for method, why in FINAL_METHODS.items():
+        if getattr(cls, method, None) is not getattr(Regularizer, method):
+            owner = next(c for c in cls.__mro__ if method in vars(c))
+            raise PluginError(f"regularizer {cls.__module__}.{cls.__qualname__} overrides {method}() (in "
+                              f"{owner.__qualname__}), which it may not: {why}")
+
+
+def row_problem(item: PlanItem) -> str:
+    """What makes ``item`` impossible to carry out, whoever planned it ('' when nothing)."""
+    if item.action not in ACTIONS:
+        return f"its action {item.action!r} is not one of {', '.join(ACTIONS)}"
+    if item.action == "note":
+        return ""
+    if not isinstance(item.anchor, str):
+        return f"a {item.action!r} row needs an anchor (the module path it acts on), got {item.anchor!r}"
+    if item.action != "wrap" and (isinstance(item.rate, bool) or not isinstance(item.rate, (int, float))):
+        return f"a {item.action!r} row needs a rate, got {item.rate!r}"
+    return ""
+
+
+def missing_method(reg: Regularizer, item: PlanItem) -> str | None:
+    """The method ``reg`` lacks to carry out ``item`` (``make_module`` for an insertion, ``wrap`` for
+    a wrap row), or None."""
+    method = {"before": "make_module", "after": "make_module", "wrap": "wrap"}.get(item.action)
+    if method is not None and getattr(type(reg), method) is getattr(Regularizer, method):
+        return method
+    return None

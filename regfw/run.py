@@ -306,7 +306,7 @@ def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoi
             raise exc from None
         from regfw.registry import get_registry
 
-        gone = missing_plugins(ckpt, get_registry().names())
+        gone = missing_plugins(ckpt, get_registry())
         if not gone:
             raise
         raise RunError(f"cannot resume from checkpoint {str(ckpt_path)!r}: it was trained with {', '.join(gone)}, "

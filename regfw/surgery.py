@@ -516,14 +516,8 @@ def set_rate(model: nn.Module, path: str, rate: float) -> None:
 
 
 def apply_insertions(reg: InjectingRegularizer, model: nn.Module, items: list[PlanItem]) -> None:
-    """Carry out the rows of :func:`plan_insertions`."""
+    """Carry out the ``before``, ``after`` and ``set`` rows among ``items`` (those of
+    :func:`plan_insertions`), each through the regularizer's :meth:`~regfw.Regularizer.apply_row`."""
     for item in items:
-        if item.action not in ("set", "after", "before"):
-            continue
-        if item.anchor is None or item.rate is None:
-            raise ValueError(f"{reg.name}: a {item.action!r} plan row needs an anchor and a rate, got {item!r}")
-        if item.action == "set":
-            set_rate(model, item.anchor, item.rate)
-        else:
-            module = reg.make_module(item.kind, item.rate, item)
-            attach(model, item.anchor, injected_name(reg.name, item.action), module, item.action)
+        if item.action in ("set", "after", "before"):
+            reg.apply_row(model, item)

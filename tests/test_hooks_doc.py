@@ -98,6 +98,6 @@ def test_trace_env_var_prints_registrations_and_hook_calls_of_the_cli(run_cli):
     err = proc.stderr
     assert "[regfw trace] register plugin 'dropout' (regfw " in err
     assert "; module regfw_plugins.dropout): hooks regfw_register_regularizers" in err
-    assert "[regfw trace] call regfw_register_regularizers(register=<bound method Registry.register" in err
+    assert "[regfw trace] call regfw_register_regularizers(register=<register for plugin 'dropout'>)" in err
     assert "dropout (regfw_plugins.dropout.regfw_register_regularizers)" in err
     assert re.search(r"regfw_register_regularizers -> \[\] \(\d+\.\d ms\)", err)

@@ -106,7 +106,7 @@ def test_unknown_load_plugins_name_gets_did_you_mean(plugin_path, monkeypatch):
         get_plugin_manager()
     (message,) = [str(w.message) for w in caught]
     assert message == ("REGFW_LOAD_PLUGINS names 'goood', which no installed plugin declares. Installed "
-                       "third-party plugins: good. Did you mean 'good'?")
+                       "third-party plugins: broken, good, gumbel, typo. Did you mean 'good'?")
     assert "good_noise" in get_registry().names()
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import regfw
-from regfw.errors import PluginError
+from regfw.errors import ConfigError, PluginError
 from regfw.plugins import (
     PluginWarning,
     get_plugin_manager,
@@ -83,7 +83,7 @@ def test_misspelled_hook_is_an_error_naming_it(monkeypatch):
     assert get_plugin_manager().get_plugin("typo") is None
 
 
-def test_duplicate_regularizer_name_names_both_origins(monkeypatch):
+def test_a_name_two_plugins_register_keeps_both_and_the_bare_name_is_ambiguous(monkeypatch):
     module = _plugin_module("dup_plugin", """
         class Dup(Regularizer):
             name = "dropout"
@@ -94,13 +94,49 @@ def test_duplicate_regularizer_name_names_both_origins(monkeypatch):
     """, monkeypatch)
     register_plugin(module, "dup")
     try:
-        with pytest.raises(PluginError) as err:
-            get_registry()
+        registry = get_registry()
+        assert registry.get("regfw:dropout").cls.__module__ == "regfw_plugins.dropout"
+        assert registry.get("dup:dropout").cls is module.Dup  # a run-time plugin: qualified by its own name
+        assert {"regfw:dropout", "dup:dropout"} <= set(registry.names()) and "dropout" not in registry.names()
+        with pytest.raises(ConfigError) as err:
+            registry.get("dropout")
         text = str(err.value)
-        assert "'dropout' is registered twice" in text
-        assert "regfw_plugins.dropout.Dropout" in text and "dup_plugin.Dup" in text
+        assert text.startswith("regularizers.dropout: the regularizer name 'dropout' is ambiguous: 2 installed "
+                               "plugins register it, 'regfw:dropout' (built-in, regfw_plugins.dropout.Dropout) or "
+                               "'dup:dropout' (plugin 'dup' registered at run time, dup_plugin.Dup)")
+        assert "regularizers: {regfw:dropout: {...}}" in text and "uninstall" not in text.lower()
     finally:
         unregister_plugin("dup")
+    assert get_registry().get("dropout").cls.__module__ == "regfw_plugins.dropout"
+
+
+def test_one_plugin_registering_a_name_twice_names_both_classes(monkeypatch):
+    module = _plugin_module("twice_plugin", """
+        class One(Regularizer):
+            name = "twice"
+
+        class Two(Regularizer):
+            name = "twice"
+
+        @regfw.hookimpl
+        def regfw_register_regularizers(register):
+            register(One)
+            register(Two)
+    """, monkeypatch)
+    register_plugin(module, "twice")
+    try:
+        with pytest.warns(PluginWarning) as caught:
+            registry = get_registry()
+        (text,) = [str(w.message) for w in caught if "twice" in str(w.message)]
+        assert text.startswith("plugin 'twice' (no entry point) was refused: regularizer 'twice' is registered twice "
+                               "by one provider (twice)")
+        assert "twice_plugin.One" in text and "twice_plugin.Two" in text
+        assert "twice" not in registry.names() and "dropout" in registry.names()  # it adds nothing; the rest works
+        with pytest.raises(PluginError, match=r"^regularizers\.twice: regularizer 'twice' is not available: "
+                                              r"plugin 'twice' \(no entry point\) was refused"):
+            registry.get("twice")
+    finally:
+        unregister_plugin("twice")
 
 
 def _broken_distribution(root):
