@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from regfw.errors import RunError, short_repr
+from regfw.errors import RegfwError, RunError, short_repr
 
 __all__ = ["ABSENT", "check_compatible", "hparam_differences", "missing_plugins", "state_differences"]
 
@@ -93,18 +93,20 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
     the regularizers and model class in the ``regfw`` metadata, and the parameter names and
     shapes. The ``trainer``, ``run`` and ``uncertainty`` sections may change on resume.
     """
+    from regfw.registry import get_registry
+
     where = f"config {config!r}" if config else "the config"
     problems = []
-    for key, f, e in hparam_differences(ckpt.get("hyper_parameters") or {}, dict(module.hparams)):
+    registry = get_registry()
+    found_hp = _named_by_provider(ckpt.get("hyper_parameters") or {}, registry)
+    for key, f, e in hparam_differences(found_hp, _named_by_provider(dict(module.hparams), registry)):
         if f is ABSENT:
             problems.append(f"{key} is not in the checkpoint but is {short_repr(e)} in {where}")
         elif e is ABSENT:
             problems.append(f"{key} is {short_repr(f)} in the checkpoint but not in {where}")
         else:
             problems.append(f"{key} is {short_repr(f)} in the checkpoint but {short_repr(e)} in {where}")
-    from regfw.registry import get_registry
-
-    gone = missing_plugins(ckpt, get_registry())
+    gone = missing_plugins(ckpt, registry)
     if gone:
         problems.insert(0, f"the checkpoint's {', '.join(gone)} is provided by no installed plugin")
     meta = ckpt.get("regfw") or {}
@@ -117,6 +119,21 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
         listed = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise RunError(f"checkpoint {str(path)!r} does not match {where}: {listed}. Resume with the settings the "
                        f"run was started with (its config.yaml), or start a new run without --resume.")
+
+
+def _named_by_provider(hparams: Mapping[str, Any], registry: Any) -> dict[str, Any]:
+    """``hparams`` with each regularizer key that selects an installed plugin written as that plugin's
+    qualified name, so ``dropout`` and ``regfw:dropout`` compare equal; other keys stay as written."""
+    regs = hparams.get("regularizers")
+    if not isinstance(regs, Mapping):
+        return dict(hparams)
+    named = {}
+    for name, settings in regs.items():
+        try:
+            named[registry.get(name).qualified_name] = settings
+        except RegfwError:  # unknown or ambiguous here: compared (and reported) as written
+            named[name] = settings
+    return {**hparams, "regularizers": named}
 
 
 def missing_plugins(ckpt: Mapping[str, Any], known: Any) -> list[str]:

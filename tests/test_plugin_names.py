@@ -224,6 +224,20 @@ def test_a_fit_keeps_the_qualified_name_in_its_config_and_checkpoint(installed, 
     assert reg.selected_as == "regfw-rdrop:rdrop"
 
 
+def test_resuming_compares_regularizers_by_the_plugin_they_select_not_by_spelling(installed, capsys):
+    # fitted as regfw-rdrop:rdrop; resumed with the spelling pip accepts too, and with the built-in
+    cfg = _config(installed, "regfw-rdrop:rdrop: {alpha: 1.0}")
+    code, out, err = _run(["fit", cfg, "--run-dir", "run"], capsys)
+    assert code == 0, err
+    ckpt = str(installed / "run" / "checkpoints" / "last.ckpt")
+    same = _config(installed, "Regfw_Rdrop:rdrop: {alpha: 1.0}")
+    code, out, err = _run(["fit", same, "--resume", ckpt, "trainer.max_epochs=2"], capsys)
+    assert code == 0, err
+    other = _config(installed, "regfw:rdrop: {alpha: 1.0}")
+    code, out, err = _run(["fit", other, "--resume", ckpt, "trainer.max_epochs=3"], capsys)
+    assert code == 2 and "regularizers.regfw-rdrop:rdrop is {'alpha': 1.0} in the checkpoint but not in" in err, err
+
+
 def test_objects_made_in_python_are_recorded_under_a_name_that_selects_them_again(installed):
     registry = get_registry()
     third_party = registry.get("regfw-rdrop:rdrop").cls()
