@@ -7,8 +7,12 @@ STAMP := $(VENV)/.installed
 # environment's, so the zoo has its own environment, pinned by constraints-zoo.txt.
 ZOO_VENV := .venv-zoo
 ZOO_STAMP := $(ZOO_VENV)/.installed
+# The package as a user installs it (tests/installed/): a fresh environment, made anew by every run, holding
+# the wheel built from the sdist (both kept in its dist/).
+WHEEL_VENV := .venv-wheel
+WHEEL_TESTS := REGFW_WHEEL_VENV=$(CURDIR)/$(WHEEL_VENV) $(BIN)/python -m pytest -q tests/installed
 
-.PHONY: demo test test-zoo lint setup setup-zoo bench bench-peers clean
+.PHONY: demo test test-zoo test-wheel wheel-env lint setup setup-zoo bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,16 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	$(ZOO_VENV)/bin/pip install -q --no-compile -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm
 	touch $(ZOO_STAMP)
 
+# `python -m build` makes the sdist, then the wheel from the unpacked sdist (so a file missing from the
+# sdist fails here); pip installs the wheel into a new environment, pinned like .venv. --no-compile as for
+# the zoo: the modules the checks import are compiled on first use. pytest, mypy and ruff are the generated
+# plugin's `test` extra, which its tests need (installed here, off the tests' clock).
+wheel-env: $(STAMP)
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(BIN)/python -m build -o $(WHEEL_VENV)/dist .
+	$(WHEEL_VENV)/bin/pip install -q --no-compile -c constraints.txt $(WHEEL_VENV)/dist/regfw-*.whl pytest mypy ruff
+
 setup: $(STAMP)
 
 setup-zoo: $(ZOO_STAMP)
@@ -32,25 +46,34 @@ demo: $(STAMP)
 # Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
 # configured in pyproject.toml.
 lint: $(STAMP)
-	$(BIN)/ruff check regfw plugins tests bench templates
+	$(BIN)/ruff check regfw plugins tests bench templates setup.py
 	$(BIN)/mypy
 
 # `make test`: ruff and mypy first, then the tests; those that install into the environment run alone,
-# after the parallel run; the zoo runs last, in its own environment. The zoo environment is built in
-# the background meanwhile (its output in .venv/zoo-setup.log, shown if it fails): most of its two
-# minutes is unpacking files, which overlaps well with the tests.
+# after the parallel run; the zoo runs in its own environment, and last the installed wheel is checked
+# in a fresh one (tests/installed/). Both environments are built in the background meanwhile, one
+# after the other (their output in .venv/zoo-setup.log and .venv/wheel-setup.log, shown if a build
+# fails): most of their three and a half minutes is unpacking files, which overlaps well with the tests.
 test: $(STAMP)
-	@$(MAKE) --no-print-directory $(ZOO_STAMP) > $(VENV)/zoo-setup.log 2>&1 & zoo=$$!; \
+	@{ $(MAKE) --no-print-directory $(ZOO_STAMP) > $(VENV)/zoo-setup.log 2>&1 || exit 3; \
+	   $(MAKE) --no-print-directory wheel-env > $(VENV)/wheel-setup.log 2>&1 || exit 4; } & envs=$$!; \
 	status=0; \
 	$(MAKE) --no-print-directory lint \
 	&& $(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo \
 	&& $(BIN)/python -m pytest -q -m serial --ignore=tests/zoo || status=$$?; \
-	if ! wait $$zoo; then cat $(VENV)/zoo-setup.log; echo "make test: building $(ZOO_VENV) failed" >&2; exit 1; fi; \
+	wait $$envs; built=$$?; \
+	if [ $$built -eq 3 ]; then cat $(VENV)/zoo-setup.log; echo "make test: building $(ZOO_VENV) failed" >&2; exit 1; fi; \
+	if [ $$built -ne 0 ]; then cat $(VENV)/wheel-setup.log; echo "make test: building $(WHEEL_VENV) failed" >&2; exit 1; fi; \
 	[ $$status -eq 0 ] || exit $$status; \
-	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo \
+	&& $(WHEEL_TESTS)
 
 test-zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+
+# The installed wheel alone: a fresh .venv-wheel, then tests/installed/.
+test-wheel: wheel-env
+	$(WHEEL_TESTS)
 
 # Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers).
 bench: $(STAMP)
@@ -72,4 +95,4 @@ bench-peers: $(PEERS_STAMP)
 	$(PEERS)/bin/python bench/peers.py
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(PEERS) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) $(WHEEL_VENV) $(PEERS) runs build dist *.egg-info
