@@ -7,8 +7,12 @@ STAMP := $(VENV)/.installed
 # environment's, so the zoo has its own environment, pinned by constraints-zoo.txt.
 ZOO_VENV := .venv-zoo
 ZOO_STAMP := $(ZOO_VENV)/.installed
+# The package as a user installs it (tests/installed/): a fresh environment, made anew by every run, holding
+# the wheel built from the sdist (both kept in its dist/).
+WHEEL_VENV := .venv-wheel
+WHEEL_TESTS := REGFW_WHEEL_VENV=$(CURDIR)/$(WHEEL_VENV) $(BIN)/python -m pytest -q tests/installed
 
-.PHONY: demo test test-zoo lint setup setup-zoo bench bench-peers clean
+.PHONY: demo test test-zoo test-wheel wheel-env lint setup setup-zoo bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,16 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	$(ZOO_VENV)/bin/pip install -q --no-compile -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm
 	touch $(ZOO_STAMP)
 
+# `python -m build` makes the sdist, then the wheel from the unpacked sdist (so a file missing from the
+# sdist fails here); pip installs the wheel into a new environment, pinned like .venv. --no-compile as for
+# the zoo: the modules the checks import are compiled on first use. pytest, mypy and ruff are the generated
+# plugin's `test` extra, which its tests need (installed here, off the tests' clock).
+wheel-env: $(STAMP)
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(BIN)/python -m build -o $(WHEEL_VENV)/dist .
+	$(WHEEL_VENV)/bin/pip install -q --no-compile -c constraints.txt $(WHEEL_VENV)/dist/regfw-*.whl pytest mypy ruff
+
 setup: $(STAMP)
 
 setup-zoo: $(ZOO_STAMP)
@@ -32,25 +46,36 @@ demo: $(STAMP)
 # Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
 # configured in pyproject.toml.
 lint: $(STAMP)
-	$(BIN)/ruff check regfw plugins tests bench templates
+	$(BIN)/ruff check regfw plugins tests bench templates setup.py
 	$(BIN)/mypy
 
 # `make test`: ruff and mypy first, then the tests; those that install into the environment run alone,
-# after the parallel run; the zoo runs last, in its own environment. The zoo environment is built in
-# the background meanwhile (its output in .venv/zoo-setup.log, shown if it fails): most of its two
-# minutes is unpacking files, which overlaps well with the tests.
+# after the parallel run; the zoo runs last, in its own environment. Two jobs run in the background
+# meanwhile: the zoo environment is built (output in .venv/zoo-setup.log, shown if it fails), and
+# `make test-wheel` builds the wheel, installs it into a fresh .venv-wheel and checks it there (output
+# in .venv/test-wheel.log: its summary is shown, the whole log if it fails). Most of their work is
+# unpacking files or waiting on one process, which overlaps well with the tests.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory $(ZOO_STAMP) > $(VENV)/zoo-setup.log 2>&1 & zoo=$$!; \
+	$(MAKE) --no-print-directory test-wheel > $(VENV)/test-wheel.log 2>&1 & wheel=$$!; \
 	status=0; \
 	$(MAKE) --no-print-directory lint \
 	&& $(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo \
 	&& $(BIN)/python -m pytest -q -m serial --ignore=tests/zoo || status=$$?; \
-	if ! wait $$zoo; then cat $(VENV)/zoo-setup.log; echo "make test: building $(ZOO_VENV) failed" >&2; exit 1; fi; \
-	[ $$status -eq 0 ] || exit $$status; \
-	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+	if ! wait $$zoo; then cat $(VENV)/zoo-setup.log; echo "make test: building $(ZOO_VENV) failed" >&2; status=1; \
+	elif [ $$status -eq 0 ]; then $(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo || status=$$?; fi; \
+	if wait $$wheel; then echo "installed wheel (tests/installed, .venv/test-wheel.log):"; tail -n 1 $(VENV)/test-wheel.log; \
+	else cat $(VENV)/test-wheel.log; echo "make test: the installed wheel failed; log above and in $(VENV)/test-wheel.log" >&2; \
+	[ $$status -ne 0 ] || status=1; fi; \
+	exit $$status
 
 test-zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
+
+# The package as a user installs it: a fresh .venv-wheel, then tests/installed/ (`make test` runs this
+# in the background).
+test-wheel: wheel-env
+	$(WHEEL_TESTS)
 
 # Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers).
 bench: $(STAMP)
@@ -72,4 +97,4 @@ bench-peers: $(PEERS_STAMP)
 	$(PEERS)/bin/python bench/peers.py
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(PEERS) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) $(WHEEL_VENV) $(PEERS) runs build dist *.egg-info

@@ -39,13 +39,17 @@ def fresh_plugins():
 
 
 ZOO = ROOT / "tests" / "zoo"
+INSTALLED = ROOT / "tests" / "installed"
+#: Folders that need an environment of their own, run by their own `make` stage.
+SEPARATE = (ZOO, INSTALLED)
 
 
 def pytest_ignore_collect(collection_path, config):
     """The zoo (tests/zoo/) needs torchvision and timm, which only the zoo environment (.venv-zoo,
-    `make test` builds it) has: a plain run of the suite leaves it out, and it runs when named
-    (`pytest tests/zoo`), where its conftest fails loudly if either package is missing."""
-    if collection_path != ZOO:
+    `make test` builds it) has; tests/installed/ checks the wheel installed into a fresh environment
+    (.venv-wheel, `make test-wheel`). A plain run of the suite leaves both out, and each runs when named
+    (`pytest tests/zoo`), where it fails loudly if its environment is missing."""
+    if collection_path not in SEPARATE:
         return None
-    named = any(Path(str(a).split("::")[0]).resolve().is_relative_to(ZOO) for a in config.args)
+    named = any(Path(str(a).split("::")[0]).resolve().is_relative_to(collection_path) for a in config.args)
     return None if named else True

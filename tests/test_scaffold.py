@@ -174,7 +174,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path):
 def test_a_non_editable_wheel_ships_the_plugin_template(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)
     if not (src / "README.md").exists():
