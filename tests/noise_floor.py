@@ -32,7 +32,8 @@ def batch_noise_floor(model: nn.Module, inputs: torch.Tensor, rows: int | Iterab
                       quantity: Quantity | None = None) -> float:
     """The largest ``|difference|`` of ``quantity`` between running ``inputs`` (B rows) as one batch
     and inside a batch of ``rows`` rows (each size given; row i of it is input row ``i mod B``),
-    the model deterministic (eval mode, no gradient; its modes are restored afterwards).
+    the model deterministic (eval mode, no gradient; its modes are restored afterwards; asserted by
+    a second pass at B rows).
 
     ``quantity`` maps a stack of outputs ``[S, B', ...]`` to what the test compares (e.g. softmax
     probabilities after the entry's output transform); the identity by default.
@@ -49,6 +50,9 @@ def batch_noise_floor(model: nn.Module, inputs: torch.Tensor, rows: int | Iterab
     try:
         with torch.no_grad():
             alone = model(inputs)
+            assert torch.equal(model(inputs), alone), (
+                "the model gives another output on a second eval-mode pass: the noise floor between batch sizes "
+                "needs a deterministic model (measure it on the same layers without the random function)")
             worst = 0.0
             for n in sizes:
                 index = torch.arange(n, device=inputs.device) % batch
