@@ -1,6 +1,14 @@
 """The zoo's models: real torchvision, timm and torch definitions with random weights (never a
 download: ``weights=None``, ``pretrained=False``), small inputs (64x64 images, batch 4).
 
+Every model gets the residual-branch scales a trained net has (:func:`train_like_scales`): at
+initialisation several architectures silence their residual branches on purpose, by a per-channel
+scale that starts tiny (layer scale: timm's ConvNeXt multiplies each branch by 1e-6, timm's
+``LayerScale`` starts at 1e-5) or at zero (timm's ResNets zero the last BatchNorm weight of each
+branch). Stochastic depth on a silent branch moves the output by about the scale (a spread of
+1e-8 in ConvNeXt's probabilities), below the floating-point noise between batch sizes, so MC
+dropout would be tested on noise. Trained nets have such scales of order 0.1-1.
+
 Random-init torchvision mobilenet/efficientnet nets give near-constant logits: the BatchNorm
 layers hold their initial statistics (mean 0, variance 1) while the activations they see are far
 from that, and the last layer's tiny initial weights squash what is left. :func:`prepare` fixes
@@ -121,9 +129,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("convnext_atto", _timm("convnext_atto", num_classes=10), images, ("dropout", "drop_path")),
     ZooModel("convnext_atto_dp", _timm("convnext_atto", num_classes=10, drop_path_rate=0.1), images,
              ("dropout", "drop_path")),
-    # timm zero-initialises the last BatchNorm gamma of every residual branch by default, so at random init
-    # each branch outputs 0 and stochastic depth on it changes nothing; a trained net has non-zero gammas
-    ZooModel("resnet18d", _timm("resnet18d", num_classes=10, zero_init_last=False), images, CNN),
+    # timm zero-initialises the last BatchNorm weight of every residual branch: train_like_scales gives it one
+    ZooModel("resnet18d", _timm("resnet18d", num_classes=10), images, CNN),
     ZooModel("text_transformer", TextClassifier, tokens, ("dropout", "attention_dropout")),
     ZooModel("lstm_lm", LSTMLanguageModel, tokens, ("dropout", "locked_dropout+dropconnect"),
              output_transform=sequence_logits),
@@ -157,6 +164,46 @@ def detection_targets() -> list[dict[str, torch.Tensor]]:
 DETECTION = ZooModel("fasterrcnn_mobilenet_v3_large_320_fpn", detector, detection_images, ("dropout",))
 
 
+#: A per-channel scale initialised to one constant of at most this magnitude silences its branch (layer scale
+#: starts at 1e-6 or 1e-5; a trained one is of order 0.1-1).
+TINY_SCALE = 1e-3
+#: The range trained residual-branch scales are drawn from.
+TRAINED_SCALE = (0.1, 1.0)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def silencing_scales(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The per-channel scales ``model`` starts with that silence what they multiply, found by what they
+    are, never by name: a one-dimensional parameter holding a single non-zero constant of magnitude at most
+    :data:`TINY_SCALE` (layer scale; biases start at zero or at random values, never at one tiny non-zero
+    constant), or a normalisation layer's weight (its per-channel scale) that is all zero (zero-init-last)."""
+    found = []
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() != 1 or not param.is_floating_point() or param.numel() == 0:
+                continue
+            values = param.detach()
+            value = float(values[0])
+            constant = bool((values == value).all())
+            tiny = constant and 0 < abs(value) <= TINY_SCALE
+            zero_norm_scale = isinstance(module, NORMS) and name == "weight" and constant and value == 0
+            if tiny or zero_norm_scale:
+                found.append((f"{path}.{name}" if path else name, param))
+    return found
+
+
+@torch.no_grad()
+def train_like_scales(model: nn.Module, seed: int = 3) -> list[str]:
+    """Every scale :func:`silencing_scales` finds drawn uniformly from :data:`TRAINED_SCALE`, per channel
+    (seeded); returns their paths."""
+    gen = torch.Generator().manual_seed(seed)
+    low, high = TRAINED_SCALE
+    found = silencing_scales(model)
+    for _, param in found:
+        param.copy_(torch.empty(param.shape).uniform_(low, high, generator=gen).to(param))
+    return [path for path, _ in found]
+
+
 def last_weight_layer(model: nn.Module) -> nn.Module:
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return layers[-1]
@@ -185,9 +232,11 @@ def prepare(model: nn.Module, example: torch.Tensor, batches: int = 3, logit_sca
 
 
 def build(entry: ZooModel, seed: int = 0) -> tuple[nn.Module, Any]:
-    """The model with seeded random weights, in eval mode, and its example input."""
+    """The model with seeded random weights and a trained net's residual-branch scales, in eval mode,
+    and its example input."""
     torch.manual_seed(seed)
     model = entry.build()
+    train_like_scales(model)
     x = entry.example()
     if entry.prepare:
         prepare(model, x)
