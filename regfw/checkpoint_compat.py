@@ -98,8 +98,9 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
     where = f"config {config!r}" if config else "the config"
     problems = []
     registry = get_registry()
-    found_hp = _named_by_provider(ckpt.get("hyper_parameters") or {}, registry)
-    for key, f, e in hparam_differences(found_hp, _named_by_provider(dict(module.hparams), registry)):
+    expected = dict(module.hparams)
+    found = _as_config_names(ckpt.get("hyper_parameters") or {}, expected, registry)
+    for key, f, e in hparam_differences(found, expected):
         if f is ABSENT:
             problems.append(f"{key} is not in the checkpoint but is {short_repr(e)} in {where}")
         elif e is ABSENT:
@@ -121,19 +122,22 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
                        f"run was started with (its config.yaml), or start a new run without --resume.")
 
 
-def _named_by_provider(hparams: Mapping[str, Any], registry: Any) -> dict[str, Any]:
-    """``hparams`` with each regularizer key that selects an installed plugin written as that plugin's
-    qualified name, so ``dropout`` and ``regfw:dropout`` compare equal; other keys stay as written."""
-    regs = hparams.get("regularizers")
-    if not isinstance(regs, Mapping):
-        return dict(hparams)
-    named = {}
-    for name, settings in regs.items():
+def _as_config_names(found: Mapping[str, Any], expected: Mapping[str, Any], registry: Any) -> dict[str, Any]:
+    """The checkpoint's hyperparameters ``found`` with each regularizer key renamed to the config's key that
+    selects the same plugin, so ``dropout``, ``regfw:dropout`` and a distribution's other spellings compare
+    equal and differences are named as the config writes them; other keys stay as written."""
+    regs, mine = found.get("regularizers"), expected.get("regularizers")
+    if not isinstance(regs, Mapping) or not isinstance(mine, Mapping):
+        return dict(found)
+
+    def provider(name: str) -> str:
         try:
-            named[registry.get(name).qualified_name] = settings
+            return str(registry.get(name).qualified_name)
         except RegfwError:  # unknown or ambiguous here: compared (and reported) as written
-            named[name] = settings
-    return {**hparams, "regularizers": named}
+            return name
+
+    spelled = {provider(name): name for name in mine}
+    return {**found, "regularizers": {spelled.get(provider(name), name): v for name, v in regs.items()}}
 
 
 def missing_plugins(ckpt: Mapping[str, Any], known: Any) -> list[str]:

@@ -225,7 +225,8 @@ def test_a_fit_keeps_the_qualified_name_in_its_config_and_checkpoint(installed, 
 
 
 def test_resuming_compares_regularizers_by_the_plugin_they_select_not_by_spelling(installed, capsys):
-    # fitted as regfw-rdrop:rdrop; resumed with the spelling pip accepts too, and with the built-in
+    # fitted as regfw-rdrop:rdrop; resumed under another spelling pip accepts (the checkpoint then keeps that
+    # spelling), then with the built-in of that name: another plugin, refused
     cfg = _config(installed, "regfw-rdrop:rdrop: {alpha: 1.0}")
     code, out, err = _run(["fit", cfg, "--run-dir", "run"], capsys)
     assert code == 0, err
@@ -235,7 +236,7 @@ def test_resuming_compares_regularizers_by_the_plugin_they_select_not_by_spellin
     assert code == 0, err
     other = _config(installed, "regfw:rdrop: {alpha: 1.0}")
     code, out, err = _run(["fit", other, "--resume", ckpt, "trainer.max_epochs=3"], capsys)
-    assert code == 2 and "regularizers.regfw-rdrop:rdrop is {'alpha': 1.0} in the checkpoint but not in" in err, err
+    assert code == 2 and "regularizers.Regfw_Rdrop:rdrop is {'alpha': 1.0} in the checkpoint but not in" in err, err
 
 
 def test_objects_made_in_python_are_recorded_under_a_name_that_selects_them_again(installed):
