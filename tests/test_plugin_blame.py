@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_plugin_failures import distribution
+from plugin_dists import distribution
 
 from regfw.cli import main
 from regfw.plugins import reset_plugin_manager
@@ -260,10 +260,7 @@ def test_a_plugin_package_is_named_for_code_in_any_of_its_modules(tmp_path, monk
                                      "        raise ValueError('split plan failed')\n")
     (package / "plugin.py").write_text("import regfw\nfrom regfw_split.regs import Split\n\n\n@regfw.hookimpl\n"
                                        "def regfw_register_regularizers(register):\n    register(Split)\n")
-    info = tmp_path / "regfw_split-2.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: regfw-split\nVersion: 2.0\n")
-    (info / "entry_points.txt").write_text("[regfw]\nsplit = regfw_split.plugin\n")
+    distribution(tmp_path, "regfw-split", "split", "regfw_split.plugin", None, version="2.0")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("REGFW_LOAD_PLUGINS", "split")
     monkeypatch.chdir(tmp_path)

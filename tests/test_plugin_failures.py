@@ -5,10 +5,8 @@ module on a temporary ``sys.path`` entry), found by ``importlib.metadata`` and l
 """
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
-
 import pytest
+from plugin_dists import distribution
 
 from regfw.config import load_config
 from regfw.errors import ConfigError, PluginError
@@ -27,14 +25,6 @@ def {hook}(register):
     register({cls})
 """
 
-
-def distribution(root: Path, dist: str, entry: str, module: str, source: str) -> None:
-    """Install (by path) a distribution ``dist`` whose regfw entry point ``entry`` is ``module``."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[regfw]\n{entry} = {module}\n")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from plugin_dists import distribution
 
 from regfw.cli import main
 from regfw.errors import ConfigError
@@ -110,14 +111,6 @@ trainer: {{max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, enable_p
           enable_model_summary: false}}
 """
 
-
-def distribution(root: Path, dist: str, entry: str, module: str, source: str) -> None:
-    """Install (by path) distribution ``dist`` 1.0 whose regfw entry point ``entry`` is ``module``."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[regfw]\n{entry} = {module}\n")
 
 
 #: The plugin modules these tests import, forgotten after each test (other tests install their own
