@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kill_matrix import KILL_AFTER
 
 from regfw import distributed as D
 from regfw.checkpoints import read_checkpoint
@@ -318,26 +319,6 @@ def test_resume_at_an_epoch_end_with_loader_workers_keeps_the_next_epochs_order(
     assert _same_weights(resumed.module.state_dict(), full.module.state_dict())
 
 
-KILL_AFTER = '''
-import os, sys, time
-from pathlib import Path
-
-_replace = os.replace
-NAME, NTH = os.environ["KILL_AFTER"].rsplit(":", 1)
-SEEN = [0]
-
-def _replace_then_stall(src, dst, *args, **kwargs):
-    _replace(src, dst, *args, **kwargs)
-    if Path(dst).name == NAME:
-        SEEN[0] += 1
-        if SEEN[0] == int(NTH):
-            Path(os.environ["KILL_MARKER"]).write_text("visible")
-            time.sleep(120)
-
-os.replace = _replace_then_stall
-from regfw.cli import main
-sys.exit(main(sys.argv[1:]))
-'''
 
 
 def test_sigkill_the_moment_the_epoch_checkpoint_appears_keeps_metrics_csv_identical(workdir, monkeypatch):
@@ -347,7 +328,7 @@ def test_sigkill_the_moment_the_epoch_checkpoint_appears_keeps_metrics_csv_ident
     (root / "kill_after.py").write_text(KILL_AFTER)
     marker = root / "epoch-visible.marker"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "KILL_MARKER": str(marker), "KILL_AFTER": "last.ckpt:3"}  # steps 5, 10, then the end of epoch 0 (13)
+           "KM_MARKER": str(marker), "KM_AFTER": "last.ckpt:3"}  # steps 5, 10, then the end of epoch 0 (13)
     env.pop(D.RUN_DIR_ENV, None)
     proc = subprocess.Popen([sys.executable, "kill_after.py", "fit", "cfg.yaml", "--run-dir", "epoch-visible"],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
