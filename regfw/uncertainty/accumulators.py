@@ -208,9 +208,9 @@ class MCClassificationMetrics(Metric):
             out.update(selective_metrics(score, correct))
         else:
             out.update({"aurc": nan, "augrc": nan, **{f"risk_{round(c * 100):d}": nan for c in COVERAGES}})
-        return explained(out, self._nan_reasons(n, ref), self._warned, type(self).__name__)
+        return explained(out, self._nan_reasons(n, dense=score.numel() != n), self._warned, type(self).__name__)
 
-    def _nan_reasons(self, n: float, ref: Any) -> dict[str, str]:
+    def _nan_reasons(self, n: float, dense: bool) -> dict[str, str]:
         """Why each metric that can be NaN is NaN (see :func:`explained`)."""
         if not n:
             reason = ("no target was scored (update() was not called, or every target equals "
@@ -224,7 +224,8 @@ class MCClassificationMetrics(Metric):
         return {
             "det_acc": "no deterministic pass was made (mc_predict(..., deterministic=True) adds it)",
             "auroc_error": "the error AUROC needs both right and wrong predictions, and every scored input was "
-                           + ("right" if float(self.correct) == n else "wrong"),
+                           + ("right" if float(self.correct) == n else "wrong")
+                           + (" (an input with positions is right only when all of them are)" if dense else ""),
             "retained_acc": f"every input was referred ({referral_setting}); lower it to keep some",
         }
 
