@@ -297,6 +297,10 @@ class MCResult:
                              "classification use the mean probabilities (mc/nll)")
         if tau is None:
             return self.tau
+        if self.variances is not None:
+            raise ValueError(
+                f"tau={tau!r} given, but these samples carry predicted variances, which the mixture uses; "
+                f"leave tau out")
         if self.tau is not None and float(tau) != self.tau:
             raise ValueError(
                 f"tau={tau!r} differs from the tau={self.tau!r} these samples were drawn and summarised with "

@@ -78,6 +78,10 @@ def test_ll_mixture_equals_the_gaussian_mixture_for_heteroscedastic_variances(se
     x, y = torch.randn(150, 4, generator=g), torch.randn(150, generator=g)
     r = mc_predict(model, x, samples=20, seed=seed, task="regression", output_transform=split_mean_logvar)
     assert r.tau is None and r.variances is not None
+    with pytest.raises(ValueError) as err:
+        r.ll_mixture(y, tau=2.0)
+    assert str(err.value) == ("tau=2.0 given, but these samples carry predicted variances, which the mixture "
+                              "uses; leave tau out")
     mu = r.summary.sample_means[..., 0].double().numpy()
     var = r.variances[..., 0].double().numpy()
     assert var.std() > 1e-2  # the variances really differ per sample and point
@@ -279,3 +283,28 @@ def test_float32_stays_float32_and_half_precision_is_summarised_in_float32():
     r16 = mc_predict(dropout_regressor(0, d_in=3, dtype=torch.bfloat16), x.bfloat16(), samples=4, seed=0,
                      task="regression", tau=1.0)
     assert r16.outputs.dtype == torch.bfloat16 and r16.mean.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.parametrize("loss, tau", [("mse", "4.0"), ("gaussian_nll", None)])
+def test_regfw_fit_writes_the_mixture_log_likelihood_to_metrics_csv(tmp_path, loss, tau):
+    import csv
+
+    from regfw.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{name: diabetes}}\nmodel: {{name: mlp, loss: {loss}}}\n"
+                   "regularizers: {dropout: {hidden: 0.3}}\n"
+                   "uncertainty: {samples: 6, every_n_epochs: 1, plots: false, calibration: {enabled: false}}\n"
+                   "trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false}\n")
+    run = tmp_path / "run"
+    overrides = [] if tau is None else [f"uncertainty.tau={tau}"]
+    assert main(["fit", str(cfg), *overrides, "--run-dir", str(run)]) == 0
+    with open(run / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("mc/rmse")]
+    assert len(rows) == 1
+    ll, nll = float(rows[0]["mc/ll_mixture"]), float(rows[0]["mc/nll_mixture"])
+    assert math.isfinite(ll) and ll == pytest.approx(-nll, rel=1e-6)
+    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k.startswith("mc/") and v), rows[0]
