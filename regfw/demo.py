@@ -31,7 +31,9 @@ MC_MEANINGS = {
     "coverage_90": "share of targets inside the central 90% predictive interval",
     "interval_error": "mean |coverage - level| over the interval levels",
     "retained_rmse": "RMSE on the samples not referred",
-    "nll_mixture": "NLL of the mixture of the T Gaussians (Gal & Ghahramani's figure)",
+    "ll_mixture": "test log-likelihood of the mixture of the T Gaussians (Gal & Ghahramani's figure, higher is "
+                  "better)",
+    "nll_mixture": "minus ll_mixture (lower is better)",
     "aurc": "area under the risk-coverage curve (selective prediction, lower is better)",
     "augrc": "area under the generalized risk-coverage curve (lower is better)",
     "risk_80": "error rate on the 80% most certain samples",

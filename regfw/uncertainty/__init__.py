@@ -44,6 +44,7 @@ from regfw.uncertainty.summaries import (
     classification_summary,
     entropy,
     expected_entropy,
+    mixture_ll_elements,
     mixture_nll_elements,
     mutual_information,
     predictive_entropy,
@@ -121,6 +122,7 @@ __all__ = [
     "predictive_entropy",
     "regression_summary",
     "variation_ratio",
+    "mixture_ll_elements",
     "mixture_nll_elements",
     *_LAZY,
 ]

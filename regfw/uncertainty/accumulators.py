@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
 from regfw.uncertainty.metrics import (
     DEFAULT_BINS,
@@ -31,7 +31,27 @@ from regfw.uncertainty.metrics import (
 )
 from regfw.uncertainty.summaries import ClassificationSummary, RegressionSummary
 
-__all__ = ["MCClassificationMetrics", "MCRegressionMetrics", "ProbabilityCalibration"]
+__all__ = ["MCClassificationMetrics", "MCRegressionMetrics", "ProbabilityCalibration", "explained"]
+
+
+def explained(values: dict[str, float], reasons: dict[str, str], warned: set[str], owner: str) -> dict[str, Tensor]:
+    """``values`` as 0-d float64 tensors, without the ones that are NaN: a metric that cannot be
+    computed is left out of the results, never reported as a silent NaN. Each one left out is
+    named once (per metric object) in a warning with its reason from ``reasons`` (metric name ->
+    what is missing and which setting supplies it); metrics sharing a reason share one line."""
+    missing: dict[str, list[str]] = {}
+    out: dict[str, Tensor] = {}
+    for key, value in values.items():
+        if math.isnan(value):
+            missing.setdefault(reasons.get(key, "it is undefined on the data seen"), []).append(key)
+        else:
+            out[key] = torch.tensor(value, dtype=torch.float64)
+    for reason, keys in missing.items():
+        fresh = [k for k in keys if k not in warned]
+        if fresh:
+            warned.update(fresh)
+            rank_zero_warn(f"{owner}: {', '.join(fresh)} left out of the results: {reason}")
+    return out
 
 
 class MCClassificationMetrics(Metric):
@@ -95,6 +115,7 @@ class MCClassificationMetrics(Metric):
             self.add_state(name, default=torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("corrects", default=[], dist_reduce_fx="cat")
+        self._warned: set[str] = set()
 
     def update(self, summary: ClassificationSummary, target: Tensor) -> None:
         """Add a batch. Dense summaries (``mean_probs`` ``[B, ..., C]``, targets ``[B, ...]``) add
@@ -187,7 +208,26 @@ class MCClassificationMetrics(Metric):
             out.update(selective_metrics(score, correct))
         else:
             out.update({"aurc": nan, "augrc": nan, **{f"risk_{round(c * 100):d}": nan for c in COVERAGES}})
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+        return explained(out, self._nan_reasons(n, dense=score.numel() != n), self._warned, type(self).__name__)
+
+    def _nan_reasons(self, n: float, dense: bool) -> dict[str, str]:
+        """Why each metric that can be NaN is NaN (see :func:`explained`)."""
+        if not n:
+            reason = ("no target was scored (update() was not called, or every target equals "
+                      f"ignore_index={self.ignore_index!r})")
+            return dict.fromkeys(("acc", "det_acc", "nll", "brier", "ece", "auroc_error", "referred_fraction",
+                                  "retained_acc", "mean_mi", "mean_entropy", "mean_expected_entropy",
+                                  "mean_variation_ratio", "mean_score", "aurc", "augrc", "risk_80", "risk_95"),
+                                 reason)
+        referral_setting = (f"threshold={self.threshold!r}" if self.threshold is not None
+                            else f"refer_fraction={self.refer_fraction!r}")
+        return {
+            "det_acc": "no deterministic pass was made (mc_predict(..., deterministic=True) adds it)",
+            "auroc_error": "the error AUROC needs both right and wrong predictions, and every scored input was "
+                           + ("right" if float(self.correct) == n else "wrong")
+                           + (" (an input with positions is right only when all of them are)" if dense else ""),
+            "retained_acc": f"every input was referred ({referral_setting}); lower it to keep some",
+        }
 
 
 class MCRegressionMetrics(Metric):
@@ -195,12 +235,19 @@ class MCRegressionMetrics(Metric):
 
     ``update(summary, target)`` takes a :class:`RegressionSummary`. ``compute()`` returns
     ``rmse, det_rmse, nll`` (moment-matched Gaussian, total variance, nats per element),
-    ``nll_mixture`` (the mixture of the T Gaussians, Gal & Ghahramani 2016; NaN unless
-    ``update`` got ``mixture_nll``), ``coverage_50``,
+    ``ll_mixture`` (the test log-likelihood of the mixture of the T Gaussians, Gal & Ghahramani
+    2016, nats per element, higher is better) and its negative ``nll_mixture``, ``coverage_50``,
     ``coverage_80``, ... (one per level, the percentage in the name), ``interval_error``
     (mean |coverage - level|), ``mean_variance``, ``mean_aleatoric``, ``mean_epistemic``,
     ``referred_fraction`` and ``retained_rmse`` (the ``refer_fraction`` inputs with the largest
     ``score`` -- or those above ``threshold`` -- removed).
+
+    The mixture terms are computed here from the summary's sampled means and its predicted
+    variances or ``tau`` (:meth:`RegressionSummary.ll_mixture`), in float64. A metric that cannot
+    be computed is left out of ``compute()``'s results with a one-line warning naming what enables
+    it (:func:`explained`): the mixture metrics without ``tau`` (``uncertainty.tau``) and without
+    predicted variances, ``det_rmse`` without a deterministic pass, ``retained_rmse`` when every
+    input was referred.
     """
 
     full_state_update = False
@@ -208,6 +255,7 @@ class MCRegressionMetrics(Metric):
     is_differentiable = False
 
     n: Tensor
+    inputs: Tensor
     det_n: Tensor
     se_sum: Tensor
     det_se_sum: Tensor
@@ -236,19 +284,25 @@ class MCRegressionMetrics(Metric):
         self.threshold = threshold
         self.refer_fraction = refer_fraction
         zero = lambda: torch.tensor(0.0, dtype=torch.float64)  # noqa: E731
-        for name in ("n", "det_n", "se_sum", "det_se_sum", "nll_sum", "mix_n", "mix_nll_sum", "var_sum", "alea_sum",
-                     "epi_sum"):
+        for name in ("n", "inputs", "det_n", "se_sum", "det_se_sum", "nll_sum", "mix_n", "mix_nll_sum", "var_sum",
+                     "alea_sum", "epi_sum"):
             self.add_state(name, default=zero(), dist_reduce_fx="sum")
         self.add_state("covered", default=torch.zeros(len(self.levels), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("sq_errors", default=[], dist_reduce_fx="cat")
+        self._warned: set[str] = set()
 
     def update(self, summary: RegressionSummary, target: Tensor, mixture_nll: Tensor | None = None) -> None:
-        """Add a batch; ``mixture_nll`` (``[B]``, from :meth:`MCResult.nll_mixture`) feeds ``nll_mixture``."""
+        """Add a batch. The mixture terms come from the summary when it has its sampled means and
+        variances or ``tau`` (:attr:`RegressionSummary.has_mixture`); ``mixture_nll`` (``[B]``, e.g.
+        :meth:`MCResult.nll_mixture`) replaces them when given."""
+        if mixture_nll is None and summary.has_mixture:
+            mixture_nll = -summary.ll_mixture(target)
         mean = summary.mean.double()
         target = target.to(mean.device).double().reshape(mean.shape)
         se = (mean - target) ** 2
         self.n += se.numel()
+        self.inputs += se.shape[0]
         self.se_sum += se.sum()
         if summary.deterministic_mean is not None:
             self.det_n += se.numel()
@@ -282,11 +336,14 @@ class MCRegressionMetrics(Metric):
         def mean(x: Tensor) -> float:
             return float(x) / n if n else nan
 
+        mix_n = float(self.mix_n)
+        mixture = float(self.mix_nll_sum) / mix_n if mix_n and n and mix_n == float(self.inputs) else nan
         out = {
             "rmse": math.sqrt(mean(self.se_sum)) if n else nan,
             "det_rmse": math.sqrt(float(self.det_se_sum) / float(self.det_n)) if float(self.det_n) else nan,
             "nll": mean(self.nll_sum),
-            "nll_mixture": float(self.mix_nll_sum) / float(self.mix_n) if float(self.mix_n) else nan,
+            "ll_mixture": -mixture,
+            "nll_mixture": mixture,
             "mean_variance": mean(self.var_sum),
             "mean_aleatoric": mean(self.alea_sum),
             "mean_epistemic": mean(self.epi_sum),
@@ -306,7 +363,29 @@ class MCRegressionMetrics(Metric):
         else:
             out["referred_fraction"] = nan
             out["retained_rmse"] = nan
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+        return explained(out, self._nan_reasons(n, mix_n), self._warned, type(self).__name__)
+
+    def _nan_reasons(self, n: float, mix_n: float) -> dict[str, str]:
+        """Why each metric that can be NaN is NaN (see :func:`explained`)."""
+        if not n:
+            return dict.fromkeys(("rmse", "det_rmse", "nll", "ll_mixture", "nll_mixture", "mean_variance",
+                                  "mean_aleatoric", "mean_epistemic", "interval_error", "referred_fraction",
+                                  "retained_rmse", *(f"coverage_{round(lv * 100):d}" for lv in self.levels)),
+                                 "no target was scored (update() was not called)")
+        if mix_n:
+            mixture = (f"only {mix_n:.0f} of the {float(self.inputs):.0f} inputs had the sampled means with variances "
+                       f"or tau, so the mixture average would cover part of the data")
+        else:
+            mixture = ("the mixture of the T Gaussians needs a noise precision: set uncertainty.tau "
+                       "(mc_predict(..., tau=...)) or predict variances (model.loss: gaussian_nll)")
+        referral_setting = (f"threshold={self.threshold!r}" if self.threshold is not None
+                            else f"refer_fraction={self.refer_fraction!r}")
+        return {
+            "det_rmse": "no deterministic pass was made (mc_predict(..., deterministic=True) adds it)",
+            "ll_mixture": mixture,
+            "nll_mixture": mixture,
+            "retained_rmse": f"every input was referred ({referral_setting}); lower it to keep some",
+        }
 
 
 class ProbabilityCalibration(Metric):

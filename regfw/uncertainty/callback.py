@@ -405,10 +405,7 @@ class MCDropoutUncertainty(pl.Callback):
         )
         if self.task == "regression":
             assert isinstance(self._metric, MCRegressionMetrics)
-            mixture = None
-            if self.tau is not None or result.variances is not None:
-                mixture = result.nll_mixture(y, self.tau)
-            self._metric.update(result.summary, y, mixture_nll=mixture)
+            self._metric.update(result.summary, y)  # the mixture terms come from the summary's samples
         else:
             self._metric.update(result.summary, y)
             self._update_classification(result, y)

@@ -52,6 +52,7 @@ from regfw.uncertainty.rng import derive_seed, isolated_rng, resolve_seed, rng_d
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
+    accumulation_dtype,
     class_softmax,
     classification_summary,
     regression_summary,
@@ -264,6 +265,9 @@ class MCResult:
 
     Attributes of :attr:`summary` are reachable directly, e.g. ``result.mutual_information``
     or ``result.mean_probs`` (classification), ``result.variance`` (regression).
+
+    Regression outputs keep the dtype the model (or ``output_transform``) produced: float64 stays
+    float64 end to end; float16 and bfloat16 are summarised in float32.
     """
 
     outputs: Tensor  #: ``[T, B, ...]`` the raw model outputs (logits or means)
@@ -274,6 +278,7 @@ class MCResult:
     deterministic: Tensor | None = None  #: ``[B, ...]`` raw eval-mode output
     probs: Tensor | None = None  #: ``[T, B, C]`` softmax of the logits (classification)
     variances: Tensor | None = None  #: ``[T, B, ...]`` predicted variances (regression)
+    tau: float | None = None  #: the noise precision the regression samples were summarised with
 
     @property
     def samples(self) -> int:
@@ -284,20 +289,48 @@ class MCResult:
         """Per-input uncertainty score ``[B]``; see the summaries' ``score``."""
         return self.summary.score(name)
 
-    def nll_mixture(self, targets: Tensor, tau: float | None = None) -> Tensor:
-        """Regression: per-input NLL (nats per output element) of ``targets`` under the mixture
-        of the T Gaussians, Gal & Ghahramani's predictive log-likelihood; see
-        :func:`regfw.uncertainty.summaries.mixture_nll_elements`. Uses the predicted variances
-        when the model has them, otherwise ``tau`` (a precision in output units)."""
-        from regfw.uncertainty.summaries import mixture_nll_elements
-
+    def _mixture_tau(self, tau: float | None) -> float | None:
+        """The noise precision of the mixture: the one :func:`mc_predict` sampled with, or ``tau``
+        when none was stored; a ``tau`` that differs from the stored one is an error."""
         if self.task != "regression":
-            raise ValueError("nll_mixture is the regression likelihood; for classification use the mean probabilities")
+            raise ValueError("ll_mixture / nll_mixture is the regression likelihood (task='regression'); for "
+                             "classification use the mean probabilities (mc/nll)")
+        if tau is None:
+            return self.tau
+        if self.variances is not None:
+            raise ValueError(
+                f"tau={tau!r} given, but these samples carry predicted variances, which the mixture uses; "
+                f"leave tau out")
+        if self.tau is not None and float(tau) != self.tau:
+            raise ValueError(
+                f"tau={tau!r} differs from the tau={self.tau!r} these samples were drawn and summarised with "
+                f"(mc_predict(..., tau={self.tau!r})); leave tau out to use the stored value, or sample again "
+                f"with mc_predict(..., tau={tau!r})")
+        return float(tau)
+
+    def ll_mixture(self, targets: Tensor, tau: float | None = None) -> Tensor:
+        """Regression: per-input test log-likelihood ``[B]`` (nats per output element, higher is
+        better) of ``targets`` under the mixture of the T Gaussians, Gal & Ghahramani 2016's
+        predictive log-likelihood; see :func:`regfw.uncertainty.summaries.mixture_ll_elements`.
+        Uses the predicted variances when the model has them, otherwise the ``tau`` given to
+        :func:`mc_predict` (stored in :attr:`tau`). ``tau`` here is only needed when none was
+        stored; a different value from the stored one raises ``ValueError`` naming both."""
+        from regfw.uncertainty.summaries import mixture_ll_elements
+
+        tau = self._mixture_tau(tau)
         summary = self.summary
         assert isinstance(summary, RegressionSummary)
         means = summary.sample_means if summary.sample_means is not None else self.outputs
-        return mixture_nll_elements(means, targets, self.variances if self.variances is not None else None,
-                                    None if self.variances is not None else tau)
+        if self.variances is None and tau is None:
+            raise ValueError(
+                "the mixture log-likelihood needs a noise precision: pass mc_predict(..., tau=...) "
+                "(uncertainty.tau in a config) or give the model predicted variances (an output_transform "
+                "returning (means, variances), e.g. split_mean_logvar)")
+        return mixture_ll_elements(means, targets, self.variances, None if self.variances is not None else tau)
+
+    def nll_mixture(self, targets: Tensor, tau: float | None = None) -> Tensor:
+        """The negative of :meth:`ll_mixture` (``[B]``, nats per output element, lower is better)."""
+        return -self.ll_mixture(targets, tau)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "summary":
@@ -372,10 +405,10 @@ def _summarise(
 
             d = None if det is None else classes_last(apply(det.unsqueeze(0)))[0]
             return dense_classification_summary(classes_last(logits), d, DEFAULT_BUDGET_BYTES), None, None
-        probs = class_softmax(logits.float())
+        probs = class_softmax(accumulation_dtype(logits))
         det_probs = None
         if det is not None:
-            det_probs = torch.softmax(apply(det.unsqueeze(0)).float(), dim=-1)[0]
+            det_probs = torch.softmax(accumulation_dtype(apply(det.unsqueeze(0))), dim=-1)[0]
         return classification_summary(probs, det_probs), probs, None
     out = apply(outputs)
     means, variances = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
@@ -383,9 +416,9 @@ def _summarise(
     if det is not None:
         d = apply(det.unsqueeze(0))
         det_mean = (d[0] if isinstance(d, (tuple, list)) else d)[0]
-    summary = regression_summary(
-        means.float(), None if variances is None else variances.float(), tau=tau, deterministic_mean=det_mean
-    )
+    means = accumulation_dtype(means)
+    variances = None if variances is None else accumulation_dtype(variances)
+    summary = regression_summary(means, variances, tau=tau, deterministic_mean=det_mean)
     return summary, None, variances
 
 
@@ -416,7 +449,8 @@ def mc_predict(
         seed: seed of the masks; None draws one from ``generator`` or, without it, a fresh
             non-deterministic one. The seed used is returned as ``result.seed``.
         task: ``"classification"`` (softmax of logits) or ``"regression"``.
-        tau: regression only, fixed noise precision (aleatoric variance ``1 / tau``).
+        tau: regression only, fixed noise precision (aleatoric variance ``1 / tau``), in the units
+            of the output; kept as ``result.tau`` for :meth:`MCResult.ll_mixture`.
         output_transform: maps the stacked raw outputs ``[T, B, ...]`` to logits
             (classification) or to means / ``(means, variances)`` (regression), e.g.
             :func:`split_mean_logvar`.
@@ -474,4 +508,5 @@ def mc_predict(
         deterministic=det,
         probs=probs,
         variances=variances,
+        tau=None if tau is None else float(tau),
     )

@@ -47,6 +47,8 @@ __all__ = [
     "variation_ratio",
     "class_variance",
     "mixture_nll_elements",
+    "mixture_ll_elements",
+    "accumulation_dtype",
     "dense_classification_summary",
     "classes_last",
     "per_input",
@@ -214,6 +216,30 @@ class RegressionSummary:
     epistemic: Tensor  #: ``[B, D]`` population variance of the sample means over T
     deterministic_mean: Tensor | None = None  #: ``[B, D]`` eval-mode output
     sample_means: Tensor | None = None  #: ``[T, B, D]`` the sampled means (for the mixture likelihood)
+    sample_variances: Tensor | None = None  #: ``[T, B, D]`` the predicted variances (heteroscedastic)
+    tau: float | None = None  #: the fixed noise precision the summary was made with
+
+    @property
+    def has_mixture(self) -> bool:
+        """Whether :meth:`ll_mixture` can be computed: the sampled means and either the predicted
+        variances or a noise precision ``tau`` (a mixture of point masses has no density)."""
+        return self.sample_means is not None and (self.sample_variances is not None or self.tau is not None)
+
+    def ll_mixture(self, target: Tensor) -> Tensor:
+        """``[B]`` test log-likelihood of ``target`` under the mixture of the T Gaussians, nats per
+        output element (:func:`mixture_ll_elements`; higher is better).
+
+        Raises:
+            ValueError: the summary has no sampled means, or neither variances nor ``tau``.
+        """
+        if self.sample_means is None:
+            raise ValueError("the mixture log-likelihood needs the sampled means; this summary was made without them")
+        if self.sample_variances is None and self.tau is None:
+            raise ValueError(
+                "the mixture log-likelihood needs a noise precision: pass tau= (uncertainty.tau in a config) "
+                "or predicted variances (model.loss: gaussian_nll)")
+        return mixture_ll_elements(self.sample_means, target, self.sample_variances,
+                                   None if self.sample_variances is not None else self.tau)
 
     @property
     def std(self) -> Tensor:
@@ -274,25 +300,36 @@ def regression_summary(
         epistemic=epistemic,
         deterministic_mean=deterministic_mean,
         sample_means=means,
+        sample_variances=variances,
+        tau=None if tau is None else float(tau),
     )
 
 
-def mixture_nll_elements(
+def accumulation_dtype(x: Tensor) -> Tensor:
+    """``x`` in the floating dtype its summaries are computed in: float64 and float32 as they
+    are (a float64 model keeps every digit of a target with a large offset), float16, bfloat16
+    and integers in float32 (their own precision is too coarse for sums over T samples)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def mixture_ll_elements(
     means: Tensor, target: Tensor, variances: Tensor | None = None, tau: float | None = None
 ) -> Tensor:
-    """Negative log-likelihood of ``target`` under the equal-weight mixture of the T Gaussians.
+    """Test log-likelihood of ``target`` under the equal-weight mixture of the T Gaussians.
 
     Gal & Ghahramani 2016 (eq. 8, and their UCI tables) score MC dropout by the log of the
-    mixture density, not of a moment-matched Gaussian::
+    mixture density, not of a moment-matched Gaussian; with a fixed precision ``tau``, per point::
 
-        log p(y) = logsumexp_t log N(y; mu_t, sigma_t^2) - log T
+        log p(y) = logsumexp_t(-tau/2 (y - mu_t)^2) - log T - log(2 pi)/2 + log(tau)/2
 
-    ``means`` is ``[T, B, ...]``; ``sigma_t^2`` is ``variances`` (same shape, predicted per
-    sample) or ``1 / tau``. ``tau`` is a precision in the units of the model's output: with
-    standardised targets pass ``tau * target_variance`` (or report in the original units through
-    an ``output_transform``). The output elements of one input are independent given a sample,
-    so their log-densities add inside the logsumexp; the result, ``[B]``, is divided by the
-    number of elements per input to be *nats per output element* like ``mc/nll``.
+    and in general ``logsumexp_t log N(y; mu_t, sigma_t^2) - log T``. ``means`` is ``[T, B, ...]``;
+    ``sigma_t^2`` is ``variances`` (same shape, predicted per sample by a heteroscedastic model)
+    or ``1 / tau``. ``tau`` is a precision in the units of the model's output: with standardised
+    targets pass ``tau * target_variance`` (or report in the original units through an
+    ``output_transform``). The output elements of one input are independent given a sample, so
+    their log-densities add inside the logsumexp; the result, ``[B]``, is divided by the number of
+    elements per input to be *nats per output element* like ``mc/nll``. Computed in float64.
+    Higher is better; :func:`mixture_nll_elements` is its negative.
 
     Raises:
         ValueError: neither or both of ``variances`` and ``tau`` (a mixture of point masses has
@@ -305,7 +342,7 @@ def mixture_nll_elements(
     mu = means.double()
     y = target.to(mu.device).double().reshape(mu.shape[1:]).unsqueeze(0)
     if variances is not None:
-        v = variances.double().clamp_min(MIN_VARIANCE)
+        v = variances.to(mu.device).double().clamp_min(MIN_VARIANCE)
     else:
         if not tau > 0:  # type: ignore[operator]
             raise ValueError(f"tau (noise precision) must be > 0, got {tau!r}")
@@ -314,7 +351,15 @@ def mixture_nll_elements(
     per_sample = log_n.reshape(mu.shape[0], mu.shape[1], -1)
     d = per_sample.shape[-1]
     log_mix = torch.logsumexp(per_sample.sum(-1), dim=0) - math.log(mu.shape[0])  # [B]
-    return -log_mix / d
+    return log_mix / d
+
+
+def mixture_nll_elements(
+    means: Tensor, target: Tensor, variances: Tensor | None = None, tau: float | None = None
+) -> Tensor:
+    """The negative of :func:`mixture_ll_elements` (``[B]``, nats per output element; lower is
+    better), kept for code written against the NLL."""
+    return -mixture_ll_elements(means, target, variances, tau)
 
 
 def classes_last(logits: Tensor) -> Tensor:
