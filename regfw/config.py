@@ -183,7 +183,7 @@ class OODConfig:
 
 @dataclass
 class UncertaintyConfig:
-    """``uncertainty:`` Monte Carlo dropout at validation time."""
+    """``uncertainty:`` Monte Carlo dropout at validation time (and at test time: ``regfw test``)."""
 
     enabled: bool = True
     samples: int = 30
