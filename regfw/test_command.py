@@ -58,7 +58,14 @@ def _test_loader(datamodule: Any, data_name: str) -> None:
                           f"test_dataloader() method (built-in data: set data.init_args.test_fraction, e.g. 0.2, "
                           f"when training).", key="data")
     datamodule.setup("test")
-    datamodule.test_dataloader()  # a built-in without a test split says so here
+    try:
+        datamodule.test_dataloader()  # a built-in without a test split says so here
+    except RegfwError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. the base class's "not implemented" of another package
+        raise ConfigError(f"data {data_name!r}: test_dataloader() failed: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]}; give the data module a working test_dataloader() "
+                          f"to test on.", key="data") from None
 
 
 def test_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (), *, out: str | None = None,
