@@ -166,3 +166,21 @@ def test_regfw_test_as_a_real_process(diabetes_run, run_cli):
     result = run_cli("test", str(diabetes_run / "c.yaml"), str(ckpt), "--out", "m.json", "--samples", "3")
     assert result.returncode == 0, result.stderr
     assert "test/mc/coverage_90:" in result.stdout and "wrote m.json: " in result.stdout
+
+
+def test_regfw_test_on_a_classifier_uses_the_temperature_of_the_fit(tmp_path, capsys):
+    from regfw.checkpoints import read_checkpoint
+
+    (tmp_path / "c.yaml").write_text(
+        "data: {batch_size: 32, init_args: {test_fraction: 0.2}}\n"
+        "model: {init_args: {hidden: [16]}}\nregularizers: {dropout: {hidden: 0.2}}\n"
+        "uncertainty: {samples: 4, plots: false, calibration: {enabled: true, fraction: 0.2}}\n"
+        "optimizer: {lr: 0.01}\ntrainer: {max_epochs: 3, enable_progress_bar: false, enable_model_summary: false}\n")
+    assert main(["fit", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert main(["test", str(tmp_path / "c.yaml"), str(ckpt)]) == 0
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
+    fitted = read_checkpoint(ckpt)["regfw_calibration"]["temperature"]
+    assert fitted != pytest.approx(1.0, abs=1e-3)  # a real fitted temperature, not the identity
+    assert metrics["test/cal/temperature"] == pytest.approx(fitted, rel=1e-6)
+    assert 0.5 < metrics["test/mc/acc"] <= 1 and {"test/mc/ece", "test/cal/ece_after", "test_loss"} <= set(metrics)
