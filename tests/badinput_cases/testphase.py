@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 NO_TEST = '''
 import pytorch_lightning as pl
 import torch
