@@ -184,3 +184,13 @@ def test_regfw_test_on_a_classifier_uses_the_temperature_of_the_fit(tmp_path, ca
     assert fitted != pytest.approx(1.0, abs=1e-3)  # a real fitted temperature, not the identity
     assert metrics["test/cal/temperature"] == pytest.approx(fitted, rel=1e-6)
     assert 0.5 < metrics["test/mc/acc"] <= 1 and {"test/mc/ece", "test/cal/ece_after", "test_loss"} <= set(metrics)
+
+
+def test_units_and_target_come_from_the_yaml_section():
+    from regfw.config import validate
+
+    unc = validate({"uncertainty": {"units": "standardized", "target": "input"}}).uncertainty
+    cb = MCDropoutUncertainty.from_config(unc, task="regression")
+    assert (cb.units, cb.target, cb.test_prefix) == ("standardized", "input", "test/mc/")
+    default = MCDropoutUncertainty.from_config(validate({}).uncertainty, task="regression")
+    assert (default.units, default.target) == ("original", "batch")
