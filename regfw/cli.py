@@ -154,6 +154,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from regfw.test_command import test_checkpoint
+
+    result = test_checkpoint(args.config, args.checkpoint, args.overrides, out=args.out, samples=args.samples,
+                             force=args.force)
+    for name, value in result.metrics.items():
+        print(f"{name}: {value:.6g}")
+    print(f"wrote {result.path}: {len(result.metrics)} test metrics")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from regfw.demo import run_demo
 
@@ -168,6 +179,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "demo": (cmd_demo, "train with and without the regularizers and compare"),
     "rank": (cmd_rank, "rank samples for labelling by MC dropout uncertainty (active learning)"),
     "predict": (cmd_predict, "MC dropout predictions of a checkpoint: one row per input, with its review decision"),
+    "test": (cmd_test, "the test split through a checkpoint: the MC dropout metrics, written to its run directory"),
     "new-plugin": (cmd_new_plugin, "generate a ready-to-install plugin package regfw-NAME/"),
 }
 
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
              "(or of --run-dir), in that run's directory")
     parsers["fit"].add_argument("--force", action="store_true",
                                 help="replace the --run-dir directory when it holds an earlier regfw run")
-    for name in ("fit", "rank", "predict"):  # the commands that load a checkpoint
+    for name in ("fit", "rank", "predict", "test"):  # the commands that load a checkpoint
         parsers[name].add_argument("--accept-unverified", action="store_true",
                                    help="load a regfw checkpoint whose digest is missing or no longer matches its "
                                         "content (edited or damaged), with a notice")
@@ -219,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the inputs (default: the data module's predict_dataloader when it has one, else val)")
     predict.add_argument("--samples", type=int, default=None, help="MC samples per input (default uncertainty.samples)")
     predict.add_argument("--force", action="store_true", help="replace an existing --out file (a regular file only)")
+    test = parsers["test"]
+    test.add_argument("config", help="the run's YAML config (data and uncertainty settings)")
+    test.add_argument("checkpoint", help="a checkpoint written by `regfw fit`")
+    test.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. uncertainty.samples=100")
+    test.add_argument("--out", default=None,
+                      help="the JSON file to write (default: test_metrics.json in the checkpoint's run directory)")
+    test.add_argument("--samples", type=int, default=None, help="MC samples per input (default uncertainty.samples)")
+    test.add_argument("--force", action="store_true", help="replace an existing metrics file (a regular file only)")
     parsers["new-plugin"].add_argument("name", help="the plugin and regularizer name, a lowercase identifier")
     parsers["new-plugin"].add_argument("--dir", default=".", help="where to create regfw-NAME/ (default: here)")
     return parser

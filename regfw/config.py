@@ -183,7 +183,7 @@ class OODConfig:
 
 @dataclass
 class UncertaintyConfig:
-    """``uncertainty:`` Monte Carlo dropout at validation time."""
+    """``uncertainty:`` Monte Carlo dropout at validation time (and at test time: ``regfw test``)."""
 
     enabled: bool = True
     samples: int = 30
@@ -207,6 +207,13 @@ class UncertaintyConfig:
     #: ``svg`` (written directly, milliseconds) or ``png`` (drawn with matplotlib, ~0.35 s each).
     plot_format: Literal["svg", "png"] = "svg"
     seed: int = 1234
+    #: Regression: report the MC metrics in the data's ``original`` units (undoing the target
+    #: scaling the data module declares as ``target_scaling``; see regfw/targets.py) or in the
+    #: ``standardized`` units the model predicts. The same when the data declares no scaling.
+    units: Literal["original", "standardized"] = "original"
+    #: Where the MC metrics' targets come from: ``batch`` (the targets of each ``(inputs, targets)``
+    #: batch) or ``input`` (the inputs themselves: autoencoders and other reconstructions).
+    target: Literal["batch", "input"] = "batch"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     #: Off unless ``protocol`` or ``class_path`` is set (null or an empty section: off).
     ood: OODConfig = field(default_factory=OODConfig)

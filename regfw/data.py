@@ -22,6 +22,14 @@ A data module of your own (``data.class_path``) needs only Lightning's ``train_d
     for ``model.loss: auto`` and the built-in models' sizes.
 ``train_eval_dataloader()``
     the training split in order, for the final evaluation and ``regfw rank --split train``.
+``test_dataloader()``
+    Lightning's own: the test split, for ``Trainer.test`` and ``regfw test`` (the MC metrics are
+    logged as ``test/mc/...``). The built-in datasets have one when ``init_args.test_fraction`` > 0.
+``target_scaling``
+    regression data whose targets were standardised, ``z = (y - mean) / std``: a
+    :class:`regfw.targets.TargetScaling`, a ``(mean, std)`` pair or ``{"mean": ..., "std": ...}``.
+    The MC metrics are then reported in the original units of ``y`` (``uncertainty.units``);
+    None or absent: the targets are in original units already.
 
 The keys of the ``data:`` section other than ``class_path`` and ``init_args`` (``batch_size``,
 ``val_fraction``, ``train_fraction``, ``num_workers``) are passed to a ``class_path`` data
@@ -63,36 +71,49 @@ def _sklearn_table(name: str) -> np.ndarray | None:
 
 
 class SklearnData:
-    """A scikit-learn bundled dataset split into train and validation with a fixed seed.
+    """A scikit-learn bundled dataset split into train, validation and (optionally) test with a
+    fixed seed.
 
     Features are standardised with the training split's statistics (digits: scaled to [0, 1]).
     Exposes ``input_dim``, ``num_outputs``, ``task`` and ``n_train`` for building models and
-    for the dropout rate policy.
+    for the dropout rate policy. ``test_fraction`` > 0 holds that fraction out as a test split
+    (``test_dataloader``, for ``Trainer.test`` and ``regfw test``), taken after the validation
+    split, so the validation split is the same with or without it.
     """
 
     task: str = "classification"
+    #: How the targets were standardised (regression), see :mod:`regfw.targets`; None: not at all.
+    target_scaling: Any = None
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.25, train_fraction: float = 1.0,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, num_workers: int = 0, test_fraction: float = 0.0) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.train_fraction = train_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.num_workers = num_workers
         x, y = self._load()
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(x))
         n_val = max(1, int(round(len(x) * val_fraction)))
-        val_idx, train_idx = order[:n_val], order[n_val:]
+        n_test = _test_count(len(x), n_val, test_fraction)
+        val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
         train_idx = train_idx[: max(1, int(round(len(train_idx) * train_fraction)))]
+        self._fit_scaling(x, y, train_idx)
         self.x_train, self.y_train = self._prepare(x, y, train_idx, train_idx)
         self.x_val, self.y_val = self._prepare(x, y, val_idx, train_idx)
+        self.x_test, self.y_test = self._prepare(x, y, test_idx, train_idx)
         self.input_dim = int(x.shape[1])
         self.n_train = len(train_idx)
+        self.n_test = n_test
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def _fit_scaling(self, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray) -> None:
+        """Learn whatever scaling ``_prepare`` applies, from the training split only."""
 
     def _prepare(self, x, y, idx, train_idx):
         raise NotImplementedError
@@ -113,6 +134,15 @@ class SklearnData:
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset(), batch_size=256, shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test split (``test_fraction`` > 0), in order."""
+        if not self.n_test:
+            raise ConfigError(f"data: {type(self).__name__} has no test split (test_fraction={self.test_fraction}); "
+                              f"set data.init_args.test_fraction, e.g. 0.2, and train with it so the test rows are "
+                              f"held out of training.", key="data.init_args.test_fraction")
+        return DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=256, shuffle=False,
+                          num_workers=self.num_workers)
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training split in order, for evaluating the final model on it."""
@@ -139,10 +169,26 @@ class DigitsData(SklearnData):
 
 
 class DiabetesData(SklearnData):
-    """Diabetes progression (442 patients, 10 features), standardised; target standardised."""
+    """Diabetes progression (442 patients, 10 features), features standardised.
+
+    With ``standardize_targets`` (the default) the target is standardised with the training
+    split's mean and standard deviation too, and declared as :attr:`target_scaling`, so the MC
+    metrics are reported in the original units (``uncertainty.units: original``); without it the
+    model learns the raw disease-progression score (25 to 346).
+    """
 
     task = "regression"
     num_outputs = 1
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.25, train_fraction: float = 1.0,
+                 seed: int = 0, num_workers: int = 0, test_fraction: float = 0.0,
+                 standardize_targets: bool = True) -> None:
+        if not isinstance(standardize_targets, bool):
+            raise ConfigError(f"data.init_args.standardize_targets: got {standardize_targets!r}, expected true or "
+                              f"false", key="data.init_args.standardize_targets")
+        self.standardize_targets = standardize_targets
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, train_fraction=train_fraction, seed=seed,
+                         num_workers=num_workers, test_fraction=test_fraction)
 
     def _load(self):
         from sklearn.datasets import load_diabetes
@@ -150,10 +196,33 @@ class DiabetesData(SklearnData):
         data = load_diabetes()
         return data.data.astype(np.float32), data.target.astype(np.float32)
 
+    def _fit_scaling(self, x, y, train_idx):
+        if self.standardize_targets:
+            from regfw.targets import TargetScaling
+
+            self.target_scaling = TargetScaling(float(y[train_idx].mean()), float(y[train_idx].std() + 1e-8))
+
     def _prepare(self, x, y, idx, train_idx):
         mx, sx = x[train_idx].mean(0), x[train_idx].std(0) + 1e-8
-        my, sy = y[train_idx].mean(), y[train_idx].std() + 1e-8
-        return torch.from_numpy((x[idx] - mx) / sx), torch.from_numpy(((y[idx] - my) / sy)[:, None])
+        target = y[idx]
+        if self.target_scaling is not None:
+            target = (target - np.float32(self.target_scaling.mean)) / np.float32(self.target_scaling.std)
+        return torch.from_numpy((x[idx] - mx) / sx), torch.from_numpy(target.astype(np.float32)[:, None])
+
+
+def _test_count(n: int, n_val: int, test_fraction: float) -> int:
+    """Rows held out for the test split; a :class:`~regfw.errors.ConfigError` when the fraction
+    leaves no training row."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1:
+        raise ConfigError(f"data.init_args.test_fraction: got {test_fraction!r}, expected a fraction in [0, 1), "
+                          f"e.g. 0.2", key="data.init_args.test_fraction")
+    n_test = int(round(n * test_fraction)) if test_fraction > 0 else 0
+    if test_fraction > 0:
+        n_test = max(1, n_test)
+    if n - n_val - n_test < 1:
+        raise ConfigError(f"data.init_args.test_fraction: {test_fraction} with val_fraction leaves no training "
+                          f"row of {n}; lower one of them", key="data.init_args.test_fraction")
+    return n_test
 
 
 #: The built-in datasets by name, without Lightning.

@@ -1,4 +1,4 @@
-"""Monte Carlo dropout uncertainty at validation time, as a Lightning callback.
+"""Monte Carlo dropout uncertainty at validation and test time, as a Lightning callback.
 
 :class:`MCDropoutUncertainty` samples each selected validation batch right after the model's own
 ``validation_step`` has seen it (``on_validation_batch_end``), while the batch is still on the
@@ -16,6 +16,12 @@ temperature is kept in the callback state and in the checkpoint (``regfw_calibra
 :mod:`regfw.uncertainty.ood` are logged as ``ood/...``. Selective-prediction metrics
 (:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn on a background
 thread (:mod:`regfw.uncertainty.plot_jobs`), so the training loop does not wait for them.
+
+``Trainer.test`` runs the same metrics on every test batch (``on_test_batch_end``) and logs them
+under ``test/`` (``test/mc/rmse``, ``test/mc/acc``, ``test/cal/...``); the validation-time
+economies ``every_n_epochs``, ``max_batches`` and ``subset`` do not apply there, and no plots are
+drawn. Regression metrics are reported in the original units of the targets when the data module
+declares its target scaling (:mod:`regfw.targets`, ``units="original"``, the default).
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from regfw.errors import RegfwError
+from regfw.targets import UNITS, TargetScaling, declared_scaling, original_units_transform
 from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
 from regfw.uncertainty.calibration import Temperature, fit_temperature
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
@@ -53,6 +61,8 @@ __all__ = ["MCDropoutUncertainty", "CLASSIFICATION_SCORES", "REGRESSION_SCORES"]
 
 CLASSIFICATION_SCORES: tuple[str, ...] = SCORES
 REGRESSION_SCORES: tuple[str, ...] = ("variance", "entropy")
+#: The values of ``target``: the targets of each ``(x, y)`` batch, or the inputs (reconstruction).
+TARGETS: tuple[str, ...] = ("batch", "input")
 
 
 def _default_xy(batch: Any) -> tuple[Tensor, Tensor]:
@@ -98,6 +108,18 @@ class MCDropoutUncertainty(pl.Callback):
         dataloader_idx: the validation dataloader to use.
         batch_to_xy: maps a batch to ``(x, y)`` when batches are not tuples.
         prefix: prefix of the logged names (``"mc/"``).
+        test_prefix: prefix of the names logged by ``Trainer.test`` (default ``"test/" + prefix``;
+            the ``cal/`` and ``ood/`` metrics get ``"test/"`` too).
+        units: regression, ``"original"`` (the default): predictions, targets, variances and the
+            aleatoric ``1 / tau`` are mapped to the original units of the targets before any
+            metric, when a target scaling is known (``target_scaling``, else the data module's
+            ``target_scaling`` attribute; see :mod:`regfw.targets`); ``"standardized"``: the
+            metrics are in the units the model predicts. ``threshold`` is in the reported units.
+        target_scaling: how the targets were standardised, a :class:`regfw.targets.TargetScaling`
+            or ``(mean, std)``; None reads ``trainer.datamodule.target_scaling``.
+        target: ``"batch"`` (the targets of each batch, by ``batch_to_xy`` or the module's
+            ``split_batch``) or ``"input"``: the model's input is its target (an autoencoder);
+            batches may then be ``(x, ...)`` or ``x`` alone.
         calibrate: fit a temperature on ``calibration_loader`` before each sampled validation
             (classification); ``cal/...`` metrics compare before and after on validation.
         calibration_loader: held-out ``(x, y)`` batches, never validation or test data; None
@@ -144,6 +166,10 @@ class MCDropoutUncertainty(pl.Callback):
         plot_every: int | None = None,
         ignore_index: int | None = None,
         plot_format: str = "svg",
+        test_prefix: str | None = None,
+        units: str = "original",
+        target_scaling: TargetScaling | tuple[Any, Any] | None = None,
+        target: str = "batch",
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
@@ -167,7 +193,8 @@ class MCDropoutUncertainty(pl.Callback):
                      batch_to_xy, prefix,
                      calibrate=calibrate, calibration_loader=calibration_loader, ood_loader=ood_loader,
                      background_plots=background_plots, plot_every=plot_every, ignore_index=ignore_index,
-                     plot_format=plot_format)
+                     plot_format=plot_format, test_prefix=test_prefix, units=units, target_scaling=target_scaling,
+                     target=target)
 
     @classmethod
     def from_config(cls, config: UncertaintyConfig, *, task: str = "classification",
@@ -180,8 +207,9 @@ class MCDropoutUncertainty(pl.Callback):
         on the model is: ``task``, and the config's ``score`` against it (a
         :class:`~regfw.errors.ConfigError` naming ``uncertainty.score``). ``options`` are the
         constructor's other keywords (``subset``, ``n_bins``, ``levels``, ``batch_to_xy``,
-        ``dataloader_idx``, ``prefix``, ``calibrate``, ``calibration_loader``, ``ood_loader``,
-        ``background_plots``); ``plot_every``, ``plot_format`` and ``ignore_index`` come from the config.
+        ``dataloader_idx``, ``prefix``, ``test_prefix``, ``target_scaling``, ``calibrate``,
+        ``calibration_loader``, ``ood_loader``, ``background_plots``); ``plot_every``,
+        ``plot_format``, ``ignore_index``, ``units`` and ``target`` come from the config.
         """
         from regfw.errors import ConfigError
 
@@ -205,7 +233,8 @@ class MCDropoutUncertainty(pl.Callback):
                      ood_loader=options.pop("ood_loader", None),
                      background_plots=options.pop("background_plots", True),
                      plot_every=config.plot_every, ignore_index=config.ignore_index,
-                     plot_format=config.plot_format)
+                     plot_format=config.plot_format, test_prefix=options.pop("test_prefix", None),
+                     units=config.units, target_scaling=options.pop("target_scaling", None), target=config.target)
         if options:
             raise TypeError(f"MCDropoutUncertainty.from_config: unexpected keyword(s) {sorted(options)}")
         return self
@@ -217,7 +246,9 @@ class MCDropoutUncertainty(pl.Callback):
                 batch_to_xy: Callable[[Any], tuple[Tensor, Tensor]] | None, prefix: str, *,
                 calibrate: bool = False, calibration_loader: Iterable[Any] | None = None,
                 ood_loader: Iterable[Any] | None = None, background_plots: bool = True,
-                plot_every: int | None = None, ignore_index: int | None = None, plot_format: str = "svg") -> None:
+                plot_every: int | None = None, ignore_index: int | None = None, plot_format: str = "svg",
+                test_prefix: str | None = None, units: str = "original",
+                target_scaling: TargetScaling | tuple[Any, Any] | None = None, target: str = "batch") -> None:
         """Set the (checked) settings and the empty state: the one place both constructors share."""
         self.strategy = strategy
         self.budget_bytes = budget_bytes
@@ -239,6 +270,16 @@ class MCDropoutUncertainty(pl.Callback):
         self._batch_to_xy = batch_to_xy
         self.batch_to_xy = batch_to_xy or _default_xy
         self.prefix = prefix
+        self.test_prefix = "test/" + prefix if test_prefix is None else test_prefix
+        if units not in UNITS:
+            raise ValueError(f"MCDropoutUncertainty: units must be one of {list(UNITS)}, got {units!r}")
+        if target not in TARGETS:
+            raise ValueError(f"MCDropoutUncertainty: target must be one of {list(TARGETS)}, got {target!r}")
+        self.units = units
+        self.target = target
+        self.target_scaling = TargetScaling.of(target_scaling, "MCDropoutUncertainty: target_scaling")
+        #: The scaling the metrics undo (``target_scaling``, else the data module's), set at setup.
+        self._scaling: TargetScaling | None = self.target_scaling
         self.ignore_index = ignore_index
         if calibrate and task != "classification":
             raise ValueError("MCDropoutUncertainty: calibrate=True (temperature scaling) needs task='classification'")
@@ -267,6 +308,9 @@ class MCDropoutUncertainty(pl.Callback):
         self._plot_queue = PlotQueue()
 
         self.last_metrics: dict[str, float] = {}
+        #: The metrics of the last ``Trainer.test`` (``{"test/mc/rmse": ..., ...}``).
+        self.test_metrics: dict[str, float] = {}
+        self._phase = "validate"
         self.last_plots: dict[str, str] = {}
         self.last_epoch: int | None = None  #: the last epoch the callback ran in
         self.runs = 0
@@ -298,6 +342,8 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _batch_limit(self, trainer: pl.Trainer, dataloader_idx: int) -> float:
         limit: float = math.inf
+        if self._phase == "test":  # the test protocol scores every test input
+            return limit
         if self.max_batches is not None:
             limit = self.max_batches
         if self.subset is not None:
@@ -311,15 +357,63 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _split(self, pl_module: Any, batch: Any) -> tuple[Tensor, Tensor]:
         """``(x, y)`` by ``batch_to_xy``, else by the module's own ``split_batch`` (a
-        :class:`~regfw.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``."""
+        :class:`~regfw.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``;
+        with ``target="input"``, ``(x, x)``."""
+        if self.target == "input":
+            if isinstance(batch, Tensor):
+                return batch, batch
+            if self._batch_to_xy is not None:
+                x = self._batch_to_xy(batch)[0]
+            elif isinstance(batch, (list, tuple)) and batch:
+                x = batch[0]
+            elif callable(getattr(pl_module, "split_batch", None)):
+                x = pl_module.split_batch(batch)[0]
+            else:
+                raise TypeError(f"MCDropoutUncertainty: target='input' expects batches x or (x, ...), got "
+                                f"{type(batch).__name__}; pass batch_to_xy=callable returning (x, anything)")
+            return x, x
         if self._batch_to_xy is None and callable(getattr(pl_module, "split_batch", None)):
             return pl_module.split_batch(batch)
         return self.batch_to_xy(batch)
 
+    def _check_target_shape(self, result: Any, y: Tensor) -> None:
+        """Regression targets must have one value per predicted mean: one line naming both shapes
+        and the fix instead of torchmetrics' reshape error (an autoencoder whose batches are
+        ``(x, label)`` gives the labels)."""
+        mean = result.summary.mean
+        if y.numel() != mean.numel():
+            raise TargetShapeError(
+                f"MCDropoutUncertainty: the regression targets have shape {list(y.shape)} but the model predicts "
+                f"shape {list(mean.shape)} per batch; they must match. If the target is the model's input (an "
+                f"autoencoder), set target='input' (uncertainty.target: input); otherwise pass "
+                f"batch_to_xy=callable returning (inputs, targets) of matching shapes.")
+
+    def _regression_target(self, result: Any, y: Tensor) -> Tensor:
+        """``y`` checked against the predictions and, with a known scaling and
+        ``units="original"``, in original units (the predictions are mapped by the transform)."""
+        self._check_target_shape(result, y)
+        scaling = self._units_scaling()
+        if scaling is None:
+            return y
+        return scaling.to_original(y.reshape(result.summary.mean.shape))
+
+    def _units_scaling(self) -> TargetScaling | None:
+        """The scaling the regression metrics undo: None for classification or ``units="standardized"``."""
+        if self.task != "regression" or self.units != "original":
+            return None
+        return self._scaling
+
     # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.target_scaling is None:  # the data module's declaration, read once it is attached
+            self._scaling = declared_scaling(getattr(trainer, "datamodule", None))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         require_stochastic(pl_module)  # fail before training, with the fix in the message
+        self._resolve_calibration_loader(trainer)
+
+    def _resolve_calibration_loader(self, trainer: pl.Trainer) -> None:
         if self.calibrate and self.calibration_loader is None:
             datamodule = getattr(trainer, "datamodule", None)
             own = getattr(datamodule, "calibration_dataloader", None)
@@ -336,9 +430,13 @@ class MCDropoutUncertainty(pl.Callback):
         return classes_last(out)
 
     def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int, deterministic: bool = True) -> Any:
+        tau, transform = self.tau, self.output_transform
+        scaling = self._units_scaling()
+        if scaling is not None:  # means and variances (1 / tau included) in original units
+            tau, transform = None, original_units_transform(scaling, self.output_transform, self.tau)
         return mc_predict(
             pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
-            seed=seed, task=self.task, tau=self.tau, output_transform=self.output_transform,
+            seed=seed, task=self.task, tau=tau, output_transform=transform,
             deterministic=deterministic,
         )
 
@@ -370,7 +468,17 @@ class MCDropoutUncertainty(pl.Callback):
             self.det_temperature = fit_temperature(det_all, y_all)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._active = self.should_run(trainer)
+        self._phase = "validate"
+        self._begin(trainer, pl_module, self.should_run(trainer))
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase = "test"
+        self._resolve_calibration_loader(trainer)
+        self._begin(trainer, pl_module, True)
+
+    def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule, active: bool) -> None:
+        """Reset the metric states for a sampled validation or test epoch."""
+        self._active = active
         self._batches = 0
         if self._active and not stochastic_modules(pl_module) and dropout_family(pl_module):
             # every rate is 0 for now (a rate schedule's early or late phase): nothing to sample
@@ -383,8 +491,8 @@ class MCDropoutUncertainty(pl.Callback):
                 metric = getattr(self, name)
                 metric.reset()
                 setattr(self, name, metric.to(pl_module.device))
-            if self.calibrate:
-                self._fit_temperatures(trainer, pl_module)
+            if self.calibrate and (self._phase == "validate" or self.temperature is None):
+                self._fit_temperatures(trainer, pl_module)  # at test: the temperature fitted in training
 
     def on_validation_batch_end(
         self,
@@ -395,16 +503,34 @@ class MCDropoutUncertainty(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._sample_batch(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._sample_batch(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def _sample_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                      dataloader_idx: int) -> None:
+        """Sample one validation or test batch and add it to the metric states."""
         if not self._active or dataloader_idx != self.dataloader_idx:
             return
         if batch_idx >= self._batch_limit(trainer, dataloader_idx):
             return
         x, y = self._split(pl_module, batch)
+        stream = _TEST_STREAM if self._phase == "test" else trainer.current_epoch  # test masks differ from val's
         result = self._predict(
-            pl_module, x, derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, dataloader_idx, batch_idx)
+            pl_module, x, derive_seed(self.seed, stream, trainer.global_rank, dataloader_idx, batch_idx)
         )
         if self.task == "regression":
             assert isinstance(self._metric, MCRegressionMetrics)
+            y = self._regression_target(result, y)
             self._metric.update(result.summary, y)  # the mixture terms come from the summary's samples
         else:
             self._metric.update(result.summary, y)
@@ -446,15 +572,9 @@ class MCDropoutUncertainty(pl.Callback):
             self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active:
+        metrics = self._finish(trainer, pl_module, self.prefix, "")
+        if metrics is None:
             return
-        self._active = False
-        if self._batches == 0 and trainer.world_size <= 1:
-            return
-        values = self._metric.compute()  # synchronised across processes by torchmetrics
-        metrics = {self.prefix + k: float(v) for k, v in values.items()}
-        metrics.update(self._extra_metrics(trainer, pl_module))
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, add_dataloader_idx=False)
         self.last_metrics = metrics
         self.last_epoch = trainer.current_epoch
         self.runs += 1
@@ -463,6 +583,27 @@ class MCDropoutUncertainty(pl.Callback):
             if trainer.is_global_zero:
                 self._submit_plots(trainer, directory)
         self._metric.reset()
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = self._finish(trainer, pl_module, self.test_prefix, "test/")
+        self._phase = "validate"
+        if metrics is not None:
+            self.test_metrics = metrics
+            self._metric.reset()
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str,
+                extra_prefix: str) -> dict[str, float] | None:
+        """Compute and log the epoch's metrics (None when nothing was sampled)."""
+        if not self._active:
+            return None
+        self._active = False
+        if self._batches == 0 and trainer.world_size <= 1:
+            return None
+        values = self._metric.compute()  # synchronised across processes by torchmetrics
+        metrics = {prefix + k: float(v) for k, v in values.items()}
+        metrics.update({extra_prefix + k: v for k, v in self._extra_metrics(trainer, pl_module).items()})
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, add_dataloader_idx=False)
+        return metrics
 
     def _extra_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Calibration before/after and OOD detection (classification)."""
@@ -569,6 +710,14 @@ class MCDropoutUncertainty(pl.Callback):
         self.runs = int(state_dict.get("runs", 0))
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.last_plots = dict(state_dict.get("last_plots", {}))
+
+
+#: The first seed component of the test masks (in place of the epoch), "TEST" in ASCII.
+_TEST_STREAM = 0x54455354
+
+
+class TargetShapeError(RegfwError, ValueError):
+    """Regression targets whose shape does not match the predictions (see ``target="input"``)."""
 
 
 def _per_input_scores(scores: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
