@@ -78,9 +78,9 @@ test-wheel: wheel-env
 	$(WHEEL_TESTS)
 
 # Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers),
-# bench/uci.py runs for about 20 minutes (make bench-uci), bench/uci_data.py is its data loader.
+# bench/uci*.py are the UCI benchmark (make bench-uci: about 20 minutes) and its helpers.
 bench: $(STAMP)
-	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci.py|bench/uci_data.py) ;; \
+	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci*.py) ;; \
 	  *) $(BIN)/python $$f || exit 1;; esac; done
 
 # Gal & Ghahramani's UCI regression table (yacht, energy, concrete, wine-quality-red) through regfw beside a
