@@ -44,6 +44,19 @@ def test_one_split_prints_regfw_plain_and_the_paper_side_by_side(capsys):
     assert all("p 0.01 " in s and "tau 0.75" in s for s in splits)  # chosen_hyperparameters.txt, split 0
 
 
+def test_grid_search_tries_the_papers_grid_and_retrains_at_each_sides_best(capsys):
+    assert uci.main(["--datasets", "yacht", "--splits", "1", "--epochs", "1", "--samples", "5", "--grid",
+                     "--processes", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for side in ("regfw", "plain"):
+        tried = [line for line in lines if line.startswith(f"yacht split 0 {side}: p ")]
+        grid = [(float(t.split()[5]), float(t.split()[7]), float(t.split()[-1])) for t in tried]
+        assert sorted((p, tau) for p, tau, _ in grid) == [(p, tau) for p in uci.P_GRID for tau in uci.TAU_GRID["yacht"]]
+        best = max(grid, key=lambda g: g[2])
+        final = next(line for line in lines if line.startswith("yacht ") and f" {side} p " in line)
+        assert f"p {best[0]:<6g} tau {best[1]:<6g}" in final
+
+
 def test_paper_ll_with_one_sample_is_the_gaussian_log_density():
     y = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     s = torch.tensor([[0.7, -1.0, 0.5]], dtype=torch.float64)
