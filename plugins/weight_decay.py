@@ -40,7 +40,8 @@ The paper's prior (Gal & Ghahramani, ICML 2016, and the code published with it)
     else the selected ``dropout`` regularizer's ``input``/``hidden`` rate, else the rate of the
     model's dropout layers at the first step), ``N`` the number of training examples
     (``prior.n_examples``, else the data's ``n_train`` or ``RegularizedModule(n_examples=...)``),
-    ``tau`` the noise precision in the units of the targets the model is trained on. The mode is
+    ``tau`` the noise precision as the paper quotes it (original target units; its code uses that
+    value as is, also when the model trains on standardised targets). The mode is
     ``l2`` with ``strength = 2 * reg`` (this mode adds ``strength / 2 * sum(w ** 2)``), so the
     loss is the paper's code's ``mse + reg * sum(w ** 2)`` over the same weights (Keras's
     ``W_regularizer`` leaves biases out, as the decay group does). ``regfw plan`` prints ``reg``
@@ -85,7 +86,7 @@ class PriorConfig:
 
     #: The prior length-scale l (Gal & Ghahramani's UCI experiments: 1e-2).
     length_scale: float = positive(1e-2, doc="prior length-scale l")
-    #: The noise precision tau, in the units of the targets the model is trained on.
+    #: The noise precision tau as the paper quotes it (original units), used as given.
     tau: float | None = positive(None, doc="noise precision tau (required)")
     #: The dropout rate p; null: the selected dropout regularizer's rate, else the model's dropout layers'.
     dropout: float | None = rate(None, doc="dropout rate p (null: the dropout regularizer's rate)")
@@ -95,8 +96,8 @@ class PriorConfig:
     def __post_init__(self) -> None:
         check_finite(self, ("length_scale", "tau"))
         if self.tau is None:
-            raise ValueError("tau: missing; the prior needs the noise precision tau (the paper's grid: 0.025 to "
-                             "3.5, in the units of the training targets), e.g. prior: {length_scale: 1e-2, tau: 0.75}")
+            raise ValueError("tau: missing; the prior needs the noise precision tau (Gal & Ghahramani's UCI grid: "
+                             "0.025 to 3.5), e.g. prior: {length_scale: 1e-2, tau: 0.75}")
 
 
 def prior_reg(length_scale: float, dropout: float, n_examples: int, tau: float) -> float:
