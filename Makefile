@@ -12,7 +12,7 @@ ZOO_STAMP := $(ZOO_VENV)/.installed
 WHEEL_VENV := .venv-wheel
 WHEEL_TESTS := REGFW_WHEEL_VENV=$(CURDIR)/$(WHEEL_VENV) $(BIN)/python -m pytest -q tests/installed
 
-.PHONY: demo test test-zoo test-wheel wheel-env lint setup setup-zoo bench bench-peers clean
+.PHONY: demo test test-zoo test-wheel wheel-env lint setup setup-zoo bench bench-peers bench-uci clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,9 +77,18 @@ test-zoo: $(ZOO_STAMP)
 test-wheel: wheel-env
 	$(WHEEL_TESTS)
 
-# Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers).
+# Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers),
+# bench/uci*.py are the UCI benchmark (make bench-uci: about 20 minutes) and its helpers.
 bench: $(STAMP)
-	for f in bench/*.py; do [ "$$f" = bench/peers.py ] || $(BIN)/python $$f || exit 1; done
+	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci*.py) ;; \
+	  *) $(BIN)/python $$f || exit 1;; esac; done
+
+# Gal & Ghahramani's UCI regression table (yacht, energy, concrete, wine-quality-red) through regfw beside a
+# plain PyTorch loop: 5 splits each, 4000 epochs, T = 10,000, 2 processes. More: make bench-uci UCI_ARGS="--splits 20"
+# (all published splits) or UCI_ARGS="--grid" (the paper's grid search for p and tau).
+UCI_ARGS ?=
+bench-uci: $(STAMP)
+	$(BIN)/python bench/uci.py $(UCI_ARGS)
 
 # regfw beside torch-uncertainty and BaaL, in an environment of its own: they need torchvision,
 # which imports only beside torch 2.14.1 (both on this machine's disk for pip); constraints-peers.txt.
