@@ -196,8 +196,9 @@ class UncertaintyConfig:
     threshold: float | None = None
     refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
     budget_mb: float = positive(256.0)
-    #: Regression with the mse loss: the noise precision τ (aleatoric variance 1/τ). Null leaves
-    #: the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
+    #: Regression with the mse loss: the noise precision τ (aleatoric variance 1/τ), in the units the
+    #: metrics are reported in (`units`: the original targets' by default, as papers state τ). Null
+    #: leaves the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
     tau: float | None = positive(None)
     plots: bool = True
     #: Dense outputs ([B, C, H, W], [B, L, V]): targets equal to this count in no metric.

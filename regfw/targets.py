@@ -6,8 +6,9 @@ A regression model trained on standardised targets, ``z = (y - mean) / std``, pr
 metrics map predictions and targets back before computing anything:
 
 - means and targets: ``y = z * std + mean``;
-- variances (predicted, epistemic, the aleatoric ``1 / tau``): ``v_y = v_z * std^2``, so a
-  precision ``tau`` given in the model's units is ``tau / std^2`` in original units.
+- variances (predicted, epistemic): ``v_y = v_z * std^2``. A fixed noise precision ``tau``
+  (``uncertainty.tau``) is stated in the units the metrics are reported in: in original units it is
+  the paper's tau as published; the same noise in the model's units is ``tau * std^2``.
 
 Every metric is then computed directly in original units, so no metric needs its own rule. The
 consequence for the log-likelihood (derived here once, and checked by
@@ -121,19 +122,16 @@ def declared_scaling(datamodule: Any) -> TargetScaling | None:
     return TargetScaling.of(value, f"{type(inner).__name__}.target_scaling")
 
 
-def original_units_transform(scaling: TargetScaling, inner: Any = None, tau: float | None = None) -> Any:
+def original_units_transform(scaling: TargetScaling, inner: Any = None) -> Any:
     """An ``output_transform`` for :func:`regfw.uncertainty.mc_predict` that returns the model's
     regression outputs in original units: means ``[T, B, ...]`` (after ``inner``, which may split
     ``(means, variances)``) mapped by :meth:`TargetScaling.to_original`, variances by
-    :meth:`TargetScaling.variance_to_original`. A fixed precision ``tau`` (in the model's units)
-    becomes per-sample variances ``std^2 / tau``, i.e. the precision ``tau / std^2`` in original
-    units, so pass ``tau=None`` to ``mc_predict`` with this transform."""
+    :meth:`TargetScaling.variance_to_original`. A fixed precision given to ``mc_predict`` with
+    this transform is then a precision of the original targets."""
 
     def transform(raw: Tensor) -> Any:
         out = raw if inner is None else inner(raw)
         means, variances = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
-        if variances is None and tau is not None:
-            variances = torch.full_like(means, 1.0 / float(tau), dtype=torch.float64)
         mean = scaling.to_original(means)
         return mean if variances is None else (mean, scaling.variance_to_original(variances))
 

@@ -97,7 +97,10 @@ class MCDropoutUncertainty(pl.Callback):
         refer_fraction: fraction referred when ``threshold`` is None.
         n_bins: ECE / reliability bins (15).
         levels: regression interval levels for ``coverage_NN``.
-        tau: regression fixed noise precision (aleatoric variance ``1 / tau``).
+        tau: regression fixed noise precision (aleatoric variance ``1 / tau``), in the units the
+            metrics are reported in (``units``): with a known target scaling and ``units="original"``
+            it is the precision of the original targets, as papers state it (Gal & Ghahramani 2016's
+            UCI tau); with ``"standardized"``, of the model's outputs.
         output_transform: see :func:`regfw.uncertainty.mc_predict`.
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
@@ -110,8 +113,8 @@ class MCDropoutUncertainty(pl.Callback):
         prefix: prefix of the logged names (``"mc/"``).
         test_prefix: prefix of the names logged by ``Trainer.test`` (default ``"test/" + prefix``;
             the ``cal/`` and ``ood/`` metrics get ``"test/"`` too).
-        units: regression, ``"original"`` (the default): predictions, targets, variances and the
-            aleatoric ``1 / tau`` are mapped to the original units of the targets before any
+        units: regression, ``"original"`` (the default): predictions, targets and predicted
+            variances are mapped to the original units of the targets before any
             metric, when a target scaling is known (``target_scaling``, else the data module's
             ``target_scaling`` attribute; see :mod:`regfw.targets`); ``"standardized"``: the
             metrics are in the units the model predicts. ``threshold`` is in the reported units.
@@ -430,13 +433,13 @@ class MCDropoutUncertainty(pl.Callback):
         return classes_last(out)
 
     def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int, deterministic: bool = True) -> Any:
-        tau, transform = self.tau, self.output_transform
+        transform = self.output_transform
         scaling = self._units_scaling()
-        if scaling is not None:  # means and variances (1 / tau included) in original units
-            tau, transform = None, original_units_transform(scaling, self.output_transform, self.tau)
+        if scaling is not None:  # means and predicted variances in original units, where tau is stated
+            transform = original_units_transform(scaling, self.output_transform)
         return mc_predict(
             pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
-            seed=seed, task=self.task, tau=tau, output_transform=transform,
+            seed=seed, task=self.task, tau=self.tau, output_transform=transform,
             deterministic=deterministic,
         )
 

@@ -118,7 +118,7 @@ CONFIG = """\
 data: {name: diabetes, batch_size: 64, init_args: {test_fraction: 0.2}}
 model: {init_args: {hidden: [16]}}
 regularizers: {dropout: {hidden: 0.2}}
-uncertainty: {samples: 10, plots: false, tau: 2.0}
+uncertainty: {samples: 10, plots: false, tau: 0.0003}
 trainer: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false}
 """
 
@@ -148,12 +148,14 @@ def test_regfw_test_writes_the_metrics_beside_the_checkpoint(diabetes_run, capsy
     assert main(["test", cfg, ckpt, "uncertainty.samples=3"]) == 2  # never over it without --force
     assert "test_metrics.json' exists; choose another path or pass --force" in capsys.readouterr().err
     assert written.read_text() == before
-    # the same masks in standardised units: the diabetes scaling separates the two exactly
-    std_path = diabetes_run / "std.json"
-    assert main(["test", cfg, ckpt, "uncertainty.units=standardized", "--out", str(std_path)]) == 0
-    std = json.loads(std_path.read_text())["metrics"]
+    # the same masks and the same noise in standardised units (tau is stated in the reported units: the
+    # config's 0.0003 of the score is 0.0003 * sigma^2 of the model's outputs): the scaling separates the two exactly
     sigma = DiabetesData(test_fraction=0.2).target_scaling.std
     assert sigma > 50
+    std_path = diabetes_run / "std.json"
+    assert main(["test", cfg, ckpt, "uncertainty.units=standardized", f"uncertainty.tau={0.0003 * sigma**2!r}",
+                 "--out", str(std_path)]) == 0
+    std = json.loads(std_path.read_text())["metrics"]
     assert metrics["test/mc/rmse"] / std["test/mc/rmse"] == pytest.approx(sigma, rel=1e-4)
     assert metrics["test/mc/nll_mixture"] - std["test/mc/nll_mixture"] == pytest.approx(math.log(sigma), abs=1e-4)
     assert metrics["test_loss"] == std["test_loss"]  # the module's own loss is in its units

@@ -52,9 +52,9 @@ class ScaledData(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.x, self.z), batch_size=96)
 
 
-def _validate(units: str, **kw) -> dict[str, float]:
+def _validate(units: str, tau: float = TAU, **kw) -> dict[str, float]:
     model, data = Regressor(), ScaledData()
-    cb = MCDropoutUncertainty(samples=T, task="regression", tau=TAU, plots=False, seed=SEED, units=units, **kw)
+    cb = MCDropoutUncertainty(samples=T, task="regression", tau=tau, plots=False, seed=SEED, units=units, **kw)
     pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
                accelerator="cpu").validate(model, datamodule=data, verbose=False)
     return cb.last_metrics
@@ -66,7 +66,7 @@ def test_metrics_equal_those_computed_directly_in_original_units():
     result = mc_predict(model, data.x, samples=T, seed=derive_seed(SEED, 0, 0, 0, 0), task="regression")
     mu = result.outputs.double().squeeze(-1) * STD + MEAN  # [T, B] sampled means, original units
     y = data.z.double().squeeze(-1) * STD + MEAN
-    tau = TAU / STD**2  # the precision in original units
+    tau = TAU  # stated in the units the metrics are reported in: original
     rmse = float(((mu.mean(0) - y) ** 2).mean().sqrt())
     log_dens = -0.5 * tau * (y - mu) ** 2 + 0.5 * math.log(tau) - 0.5 * math.log(2 * math.pi)
     nll_mixture = float(-(torch.logsumexp(log_dens, 0) - math.log(T)).mean())
@@ -76,12 +76,13 @@ def test_metrics_equal_those_computed_directly_in_original_units():
     assert got["mc/rmse"] == pytest.approx(rmse, rel=1e-5)
     assert got["mc/nll_mixture"] == pytest.approx(nll_mixture, rel=1e-5)
     assert got["mc/nll"] == pytest.approx(nll, rel=1e-5)
-    assert got["mc/mean_aleatoric"] == pytest.approx(STD**2 / TAU, rel=1e-5)
+    assert got["mc/mean_aleatoric"] == pytest.approx(1 / TAU, rel=1e-5)
     assert got["mc/mean_variance"] == pytest.approx(float(var.mean()), rel=1e-5)
 
 
 def test_original_and_standardized_differ_by_the_jacobian():
-    orig, std = _validate("original"), _validate("standardized")
+    # the same noise stated in each unit: precision TAU of the original targets is TAU * STD^2 of the model's
+    orig, std = _validate("original"), _validate("standardized", tau=TAU * STD**2)
     assert math.log(STD) > 3  # the shift is far above float32 noise (1e-6 relative)
     assert orig["mc/nll_mixture"] - std["mc/nll_mixture"] == pytest.approx(math.log(STD), abs=1e-4)
     assert orig["mc/nll"] - std["mc/nll"] == pytest.approx(math.log(STD), abs=1e-4)
