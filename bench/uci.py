@@ -16,7 +16,7 @@ Two sides, same splits, same initial weights (Glorot uniform, zero biases, as Ke
     regfw's public API only: ``RegularizedModule`` with ``regularizers: {dropout: {input: p,
     hidden: p}, weight_decay: {prior: {length_scale: 0.01, tau: tau}}}`` trained by a Lightning
     ``Trainer``; ``regfw.uncertainty.mc_predict`` with an ``output_transform`` to the original
-    units; the log-likelihood is ``-MCResult.nll_mixture(targets, tau)`` (:func:`regfw_ll`).
+    units; the log-likelihood is ``MCResult.ll_mixture(targets)`` (:func:`regfw_ll`).
 ``plain``
     a bare PyTorch loop (``nn.Dropout``, the L2 term written out) and the paper's formula
     ``logsumexp_t(-tau/2 (y - yhat_t)^2) - log T - log(2 pi)/2 + log(tau)/2`` computed here.
@@ -83,9 +83,9 @@ def paper_ll(samples: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor
             + 0.5 * math.log(tau))
 
 
-def regfw_ll(result: object, targets: torch.Tensor, tau: float) -> torch.Tensor:
-    """regfw's per-point mixture log-likelihood of ``targets`` (the one place that names it)."""
-    return -result.nll_mixture(targets, tau).reshape(-1)  # type: ignore[attr-defined]
+def regfw_ll(result: object, targets: torch.Tensor) -> torch.Tensor:
+    """regfw's per-point mixture log-likelihood of ``targets``, with the tau the samples were drawn with."""
+    return result.ll_mixture(targets).reshape(-1)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -124,7 +124,7 @@ def fit_regfw(s: Split, p: float, tau: float, epochs: int, samples: int, seed: i
                         output_transform=lambda out: out * s.y_std + s.y_mean, deterministic=False)
     mean = result.mean.reshape(-1)  # type: ignore[attr-defined]
     y = s.y_test.reshape(-1)
-    ll = regfw_ll(result, s.y_test, tau)
+    ll = regfw_ll(result, s.y_test)
     gap = float((ll.double() - paper_ll(result.sample_means.reshape(samples, -1), y, tau))
                 .abs().max())
     return Score(float(((mean - y) ** 2).mean().sqrt()), float(ll.mean()), time.process_time() - start, gap)

@@ -3,6 +3,7 @@ paper's log-likelihood formula, and the data it ships."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -86,20 +87,31 @@ def test_shipped_data_matches_its_readme():
 
 
 def test_the_regression_example_of_the_docs_runs_and_reports_original_units(tmp_path, monkeypatch, capsys):
-    """docs/regression.md: ``regfw fit bench/uci_yacht.yaml`` then ``bench/uci_evaluate.py RUN_DIR``
-    (2 epochs and small T here). The evaluation's RMSE is in original units: yacht's targets spread
-    about 15 units, so an untrained net is off by several units, not by the standardised ~1."""
+    """docs/regression.md: ``regfw fit bench/uci_yacht.yaml`` then ``regfw test CONFIG CKPT`` (2 epochs and
+    small T here). The metrics are in original units: yacht's targets spread about 15 units, so an
+    untrained net is off by several units, not by the standardised ~1, and the log-likelihood is the
+    standardised one minus log sigma_y."""
     from regfw.cli import main
 
-    evaluate = _load("uci_evaluate")
+    monkeypatch.syspath_prepend(str(BENCH))  # PYTHONPATH=bench
     monkeypatch.chdir(tmp_path)
     config = str(BENCH / "uci_yacht.yaml")
     assert main(["fit", config, "--run-dir", "run", "trainer.max_epochs=2", "uncertainty.samples=5",
                  "trainer.check_val_every_n_epoch=1"]) == 0
     out = capsys.readouterr().out
-    assert "mc_rmse:" in out and "mc_nll_mixture:" in out
-    assert evaluate.main(["run", "--samples", "20"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("test RMSE ") and line.endswith("(original units, T = 20)")
-    rmse = float(line.split()[2].rstrip(","))
-    assert 3.0 < rmse < 40.0
+    assert "mc_rmse:" in out and "mc_ll_mixture:" in out
+    ckpt = "run/checkpoints/last.ckpt"
+    assert main(["test", config, ckpt, "--samples", "20"]) == 0
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
+    assert 3.0 < metrics["test/mc/rmse"] < 40.0
+    assert main(["test", config, ckpt, "--samples", "20", "--out", "std.json", "uncertainty.units=standardized",
+                 f"uncertainty.tau={0.75 * _yacht_std() ** 2!r}"]) == 0
+    std = json.loads((tmp_path / "std.json").read_text())["metrics"]
+    assert metrics["test/mc/rmse"] / std["test/mc/rmse"] == pytest.approx(_yacht_std(), rel=1e-4)
+    assert std["test/mc/ll_mixture"] - metrics["test/mc/ll_mixture"] == pytest.approx(math.log(_yacht_std()),
+                                                                                      abs=1e-3)
+
+
+def _yacht_std() -> float:
+    return float(_load("uci_data").load_split("yacht", 0).y_std)
+
