@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-kind, samples = sys.argv[1], int(sys.argv[2])
+kind, samples, val_rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
 torch.manual_seed(0)
-x = torch.randn(308, 6)
+x = torch.randn(278 + val_rows, 6)
 y = x.sum(1, keepdim=True)
 train = DataLoader(TensorDataset(x[:278], y[:278]), batch_size=128, shuffle=True)
-val = DataLoader(TensorDataset(x[278:], y[278:]), batch_size=128)
+val = DataLoader(TensorDataset(x[278:], y[278:]), batch_size=val_rows)
 
 
 class Bare(pl.LightningModule):
@@ -58,8 +58,12 @@ class Bare(pl.LightningModule):
 
 
 class Watch(pl.Callback):
-    """Says when training is under way, and at which step the SIGTERM was first seen."""
+    """Says when training and validation are under way, and at which step the SIGTERM was first seen."""
     seen = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.current_epoch == 1:
+            print("VALIDATING", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 10:
@@ -92,28 +96,31 @@ except BaseException as exc:
     raise
 finally:
     others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    print(f"STATE status={trainer.state.status.value} step={trainer.global_step} seen={callbacks[0].seen} "
-          f"threads={others} raised={raised}", flush=True)
+    mc = callbacks[1].runs if callbacks[1:] else None
+    print(f"STATE status={trainer.state.status.value} step={trainer.global_step} epoch={trainer.current_epoch} "
+          f"seen={callbacks[0].seen} mc_runs={mc} threads={others} raised={raised}", flush=True)
 '''
 
 
-def _stop(tmp_path, kind: str, signum: int, samples: int = 0) -> tuple[float, int, dict, str]:
-    """Start the script, signal it once it trains; seconds from the signal to its exit, its exit
-    status, its last ``STATE`` line as a dict, and its output."""
+def _stop(tmp_path, kind: str, signum: int, samples: int = 0, *, val_rows: int = 30,
+          marker: str = "TRAINING") -> tuple[float, int, dict, str]:
+    """Start the script, signal it once it prints ``marker`` (``TRAINING``: at step 10;
+    ``VALIDATING``: as the second epoch's validation starts); seconds from the signal to its exit,
+    its exit status, its last ``STATE`` line as a dict, and its output."""
     script = tmp_path / "fit_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), kind, str(samples), str(tmp_path / "plots")],
+    proc = subprocess.Popen([sys.executable, str(script), kind, str(samples), str(tmp_path / "plots"), str(val_rows)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("TRAINING"):
+        if line.startswith(marker):
             break
     else:
         proc.wait()
-        pytest.fail(f"the {kind} script ended before training:\n{''.join(lines)[-3000:]}")
+        pytest.fail(f"the {kind} script ended before {marker}:\n{''.join(lines)[-3000:]}")
     start = time.monotonic()
     proc.send_signal(signum)
     try:
@@ -153,4 +160,19 @@ def test_sigint_stops_a_plain_fit_like_a_bare_module(tmp_path):
     assert took < BOUND, f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], rc) == ("interrupted", 1), out[-3000:]
     assert "Detected KeyboardInterrupt" in out and state["raised"] == bare["raised"] == "SystemExit", out[-3000:]
+    assert state["threads"] == "[]", state
+
+
+def test_sigterm_during_a_long_mc_validation_stops_at_once(tmp_path):
+    """The MC callback's T = 50,000 passes over a validation batch of 1024 rows take about 10 s of
+    CPU; Lightning alone would stop only after them (it looks between batches). The module stops
+    the evaluation epoch at the signal, as fast as a bare module stops training."""
+    bare_took, _, bare, bare_out = _stop(tmp_path, "bare", signal.SIGTERM, val_rows=1024, marker="VALIDATING")
+    took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGTERM, 50000, val_rows=1024, marker="VALIDATING")
+    assert bare["status"] == "interrupted" and bare_took < BOUND, bare_out[-3000:]
+    assert took < BOUND, f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert (state["status"], state["raised"], rc) == ("interrupted", "SIGTERMException", 0), out[-3000:]
+    # stopped inside the second epoch's validation: only the first epoch's MC run completed, and no
+    # training step was taken after the signal
+    assert (state["epoch"], state["step"], state["mc_runs"]) == ("1", "6", "1"), state
     assert state["threads"] == "[]", state
