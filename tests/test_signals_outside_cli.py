@@ -176,3 +176,41 @@ def test_sigterm_during_a_long_mc_validation_stops_at_once(tmp_path):
     # training step was taken after the signal
     assert (state["epoch"], state["step"], state["mc_runs"]) == ("1", "6", "1"), state
     assert state["threads"] == "[]", state
+
+
+def test_the_evaluation_handler_is_in_place_only_while_an_evaluation_epoch_runs():
+    """In one process: the SIGTERM handler during training is Lightning's, during a validation epoch
+    the module's wrapper around it, and after the fit the one that was there before."""
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from regfw.module import RegularizedModule
+
+    class Handlers(pl.Callback):
+        def __init__(self):
+            self.train, self.val = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.train.append(signal.getsignal(signal.SIGTERM))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.val.append(signal.getsignal(signal.SIGTERM))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32)
+    module = RegularizedModule(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)), loss="mse",
+                               regularizers={"dropout": {"hidden": 0.1}}, example_input=x[:2])
+    handlers = Handlers()
+    before = signal.getsignal(signal.SIGTERM)
+    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0, callbacks=[handlers]).fit(module, data, data)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert len(handlers.train) == 4 and len(handlers.val) == 4
+    lightning = handlers.train[0]
+    assert type(lightning).__name__ == "_HandlersCompose"  # Lightning's, for the whole fit
+    assert all(h is lightning for h in handlers.train)  # put back after each validation epoch
+    assert all(h is not lightning and callable(h) for h in handlers.val)
+    assert handlers.val[0] is handlers.val[1] and handlers.val[1] is not handlers.val[2]  # one wrapper an epoch
