@@ -427,6 +427,9 @@ class RunCheckpoint(ModelCheckpoint):
     take part in a save).
     """
 
+    #: A SIGTERM during validation waits for the validation's checkpoint (regfw.stopping.EvaluationStop).
+    defers_sigterm = True
+
     def __init__(self, dirpath: PathLike, every_n_steps: int = 0) -> None:
         # no version counter: a resumed (or moved) run rewrites its own last.ckpt, never last-v1.ckpt
         super().__init__(dirpath=str(dirpath), filename="epoch={epoch:03d}", save_last=True,

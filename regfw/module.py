@@ -26,6 +26,7 @@ from regfw.optim import (
 from regfw.plan import Plan, apply_plan, make_plan
 from regfw.regularizer import Regularizer
 from regfw.steps import MixedTargets, regularized_step
+from regfw.stopping import EvaluationStop
 from regfw.structure import own_loss_forward
 from regfw.surgery import is_dropout
 from regfw.tensors import split_mean_variance  # the split MC dropout uses too (run.py passes it)
@@ -242,16 +243,29 @@ class RegularizedModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")  # an epoch cut short (max_steps), or no last-batch signal
 
+    @property
+    def _evaluation_stop(self) -> EvaluationStop:
+        stop = self.__dict__.get("_regfw_evaluation_stop")
+        if stop is None:
+            stop = self.__dict__["_regfw_evaluation_stop"] = EvaluationStop()
+        return stop
+
+    # A SIGTERM during an evaluation epoch stops it at once (the MC callback's T passes over a batch
+    # can take seconds, and Lightning looks at the signal only between batches): regfw.stopping.
     def on_validation_epoch_start(self) -> None:
         self._epoch_means.pop(prefix="val_")
+        self._evaluation_stop.start(self._trainer)
 
     def on_validation_epoch_end(self) -> None:
+        self._evaluation_stop.stop()
         self._log_epoch("val")
 
     def on_test_epoch_start(self) -> None:
         self._epoch_means.pop(prefix="test_")
+        self._evaluation_stop.start(self._trainer)
 
     def on_test_epoch_end(self) -> None:
+        self._evaluation_stop.stop()
         self._log_epoch("test")
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:

@@ -21,6 +21,13 @@ import, puts one handler on both signals:
   short (SIGKILL still ends the process at once).
 
 Exit status: 143 (128 + SIGTERM) and 130 (128 + SIGINT), as a shell reports such a process.
+
+Outside the CLI (a script calling ``Trainer.fit`` on a :class:`~regfw.module.RegularizedModule`) none
+of this is installed and Lightning's handler alone answers SIGTERM, after the current batch, as for
+a bare module. One regfw addition keeps that true when a batch is long: during a validation or test
+epoch the MC dropout callback samples each batch T times (seconds with T = 10,000), and Lightning
+looks at the signal only between batches (never after the last). :class:`EvaluationStop`, which the
+module starts at each evaluation epoch, stops such an epoch at the signal itself.
 """
 from __future__ import annotations
 
@@ -137,6 +144,58 @@ def lightning_interrupts(trainer: Any) -> Iterator[None]:
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
         raise KeyboardInterrupt() from None
+
+
+class EvaluationStop:
+    """While a validation or test epoch runs, a SIGTERM raises Lightning's ``SIGTERMException`` at
+    once instead of after the epoch's current batch.
+
+    Lightning's SIGTERM handler only notes the signal; its loops raise ``SIGTERMException`` between
+    batches, and an evaluation epoch's last batch (with the MC dropout callback's T passes over it,
+    and the epoch's metrics) runs to its end first. Nothing of an evaluation epoch is kept when it
+    is cut short (its metrics are logged at its end), so stopping inside it loses nothing Lightning
+    would have kept, and the process stops within a second as a bare module's does.
+
+    :meth:`start` wraps the SIGTERM handler in place (Lightning's, which calls the one it found
+    after its own) and :meth:`stop` puts it back. Nothing is wrapped off the main thread, with
+    several processes (every rank must leave its collectives together: Lightning's own stop
+    agrees first), or when a callback of the trainer says ``defers_sigterm`` (``regfw fit``'s
+    :class:`~regfw.checkpoints.RunCheckpoint`, which makes a SIGTERM wait for the validation's
+    checkpoint so that no training step is lost).
+    """
+
+    def __init__(self) -> None:
+        self._handler: Callable[[int, FrameType | None], None] | None = None
+        self._previous: Any = None
+
+    def start(self, trainer: Any) -> None:
+        self.stop()
+        if trainer is None or threading.current_thread() is not threading.main_thread():
+            return
+        if getattr(trainer, "world_size", 1) > 1 or any(getattr(cb, "defers_sigterm", False)
+                                                        for cb in getattr(trainer, "callbacks", ())):
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return  # not under Lightning's handler (the default action already ends the process)
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            previous(signum, frame)
+            if getattr(trainer, "received_sigterm", False):
+                from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+                raise SIGTERMException()
+
+        signal.signal(signal.SIGTERM, handler)
+        self._handler, self._previous = handler, previous
+
+    def stop(self) -> None:
+        """Put back the handler :meth:`start` wrapped, unless something replaced the wrapper since
+        (Lightning's teardown after an exception puts back its own first handlers)."""
+        handler, self._handler = self._handler, None
+        if handler is not None and signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, self._previous)
+        self._previous = None
 
 
 def signal_of(exc: BaseException) -> int | None:
