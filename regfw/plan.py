@@ -191,7 +191,15 @@ def check_rows(reg: Regularizer, rows: list[PlanItem]) -> list[PlanItem]:
     """``rows`` when ``reg`` can carry out every one of them; otherwise a :class:`PluginError`
     naming the regularizer's class, the row and the method it needs, before anything is printed
     or changed."""
+    inserted: set[tuple[str | None, str]] = set()
     for row in rows:
+        if row.action in ("before", "after"):
+            spot = (row.anchor, row.action)
+            if spot in inserted:  # the layer carries one module of a regularizer on each side
+                raise PluginError(f"{who(reg)}: plan() returned two {row.action!r} rows on one layer "
+                                  f"({_where(row)}); apply() inserts one module {row.action} a layer, so the second "
+                                  f"would be printed but not carried out. Plan one row there.")
+            inserted.add(spot)
         if row.regularizer != reg.name:
             raise PluginError(f"{who(reg)}: plan() returned a row ({_where(row)}) of regularizer {row.regularizer!r}, "
                               f"not its own name {reg.name!r}; `regfw plan` would show it under another name than "

@@ -181,9 +181,21 @@ class NoMaker(Regularizer):
                 for p in relus(model)]
 
 
+class Twice(InjectingRegularizer):
+    name = "twice"
+
+    def plan(self, model, ctx):  # two dropouts after the first ReLU: only one could be inserted there
+        p = relus(model)[0]
+        return [PlanItem(self.name, p, "hidden", "twice", rate, "twice", action="after", anchor=p)
+                for rate in (0.1, 0.2)]
+
+    def make_module(self, kind, rate, item):
+        return torch.nn.Dropout(rate)
+
+
 @regfw.hookimpl
 def regfw_register_regularizers(register):
-    for cls in (HandWrap, Inserter, HalfApply, NoMaker):
+    for cls in (HandWrap, Inserter, HalfApply, NoMaker, Twice):
         register(cls)
 """
 
@@ -373,6 +385,8 @@ def test_a_plugin_that_overrides_only_plan_gets_exactly_its_rows_inserted(site, 
     ("no_maker: {}", "regularizer 'no_maker' (plugin 'unappliable', regfw_unappliable.NoMaker): plan() returned "
                      "an 'after' row (path 'act', anchor 'act'), which apply() carries out with make_module(), and "
                      "NoMaker does not define make_module()"),
+    ("twice: {}", "regularizer 'twice' (plugin 'unappliable', regfw_unappliable.Twice): plan() returned two "
+                  "'after' rows on one layer (path 'act', anchor 'act'); apply() inserts one module after a layer"),
     ("half_apply: {}", "regularizer 'half_apply' (plugin 'unappliable', regfw_unappliable.HalfApply): "
                        "regfw_unappliable.HalfApply.apply() left 3 of its 3 planned change(s) undone "
                        "(after path 'act', anchor 'act'; after path 'block.1', anchor 'block.1'; after path "
