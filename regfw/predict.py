@@ -205,7 +205,9 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
                        split: str = "val", samples: int | None = None,
                        force: bool = False) -> tuple[Path, list[dict[str, Any]]]:
     """``regfw predict``: MC predictions of a checkpoint on the config's data (the data module's
-    ``predict_dataloader`` when it has one, else the ``split``), written to ``out`` (an existing
+    ``predict_dataloader`` when it has one, else the ``split``; regression predictions in the
+    targets' original units when the data declares its scaling and ``uncertainty.units`` is
+    ``original``, the default), written to ``out`` (an existing
     regular file only with ``force``, see :func:`check_out`). Inputs with NaN or infinite values
     are refused by row (:mod:`regfw.finite_inputs`) before the model runs."""
     from regfw import stopping
@@ -214,6 +216,7 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
     from regfw.finite_inputs import refuse_nonfinite
     from regfw.module import split_mean_variance
     from regfw.rank_command import check_samples, load_module
+    from regfw.targets import declared_scaling, original_units_transform
 
     check_samples(samples)
     check_out(out, force=force, inputs=(config, checkpoint))
@@ -228,9 +231,13 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
     task = getattr(module, "task", None) or ("regression" if getattr(datamodule, "task", "") == "regression"
                                              else "classification")
     gaussian = getattr(getattr(module, "hparams", {}), "get", lambda *_: None)("loss") == "gaussian_nll"
+    transform = split_mean_variance if gaussian else None
+    scaling = declared_scaling(datamodule) if task == "regression" and unc.units == "original" else None
+    if scaling is not None:  # predictions in the targets' own units, as the MC metrics report them
+        transform = original_units_transform(scaling, transform)
     callback = MCDropoutPredict(samples=samples or unc.samples, task=task, score=unc.score, strategy=unc.strategy,
                                 budget_bytes=int(unc.budget_mb * 2**20), seed=unc.seed, tau=unc.tau,
-                                output_transform=split_mean_variance if gaussian else None, batch=cfg.data.batch)
+                                output_transform=transform, batch=cfg.data.batch)
     if split == "predict" or (split == "val" and _has_own(datamodule, "predict_dataloader")):
         datamodule.setup("predict")
         loader, used = datamodule.predict_dataloader(), "predict"

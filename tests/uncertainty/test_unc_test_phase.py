@@ -163,6 +163,29 @@ def test_regfw_test_writes_the_metrics_beside_the_checkpoint(diabetes_run, capsy
     assert json.loads(written.read_text())["metrics"] != metrics
 
 
+def test_regfw_predict_writes_regression_predictions_in_the_units_of_the_metrics(diabetes_run, capsys):
+    import csv
+
+    from regfw.data import DiabetesData
+
+    scaling = DiabetesData(test_fraction=0.2).target_scaling
+    cfg, ckpt = str(diabetes_run / "c.yaml"), str(diabetes_run / "run" / "checkpoints" / "last.ckpt")
+    tables = {}
+    for units in ("original", "standardized"):
+        out = diabetes_run / f"predict-{units}.csv"
+        assert main(["predict", cfg, ckpt, "--out", str(out), "--samples", "4", f"uncertainty.units={units}"]) == 0
+        with out.open() as f:
+            tables[units] = [{k: float(v) for k, v in row.items() if k in ("mean", "variance")}
+                             for row in csv.DictReader(f)]
+    capsys.readouterr()
+    original, standardized = tables["original"], tables["standardized"]
+    assert len(original) == len(standardized) > 50
+    for o, z in zip(original, standardized, strict=True):  # the same masks: the scaling separates them
+        assert o["mean"] == pytest.approx(z["mean"] * scaling.std + scaling.mean, rel=1e-5, abs=1e-3)
+    assert 50 < sum(r["mean"] for r in original) / len(original) < 250  # the diabetes score's own range
+    assert max(abs(r["mean"]) for r in standardized) < 5
+
+
 def test_regfw_test_as_a_real_process(diabetes_run, run_cli):
     ckpt = diabetes_run / "run" / "checkpoints" / "last.ckpt"
     result = run_cli("test", str(diabetes_run / "c.yaml"), str(ckpt), "--out", "m.json", "--samples", "3")
