@@ -56,6 +56,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_overhead import EpochClock  # bench/ is the script directory, on sys.path
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -148,16 +149,6 @@ def regularized() -> pl.LightningModule:
 class BareLogged(Bare):
     log_train_loss = True
 
-
-class EpochClock(pl.Callback):
-    """CPU time from the start of the second epoch to the end of training (setup left out)."""
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == 1:
-            self.start = time.process_time()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.ms = (time.process_time() - self.start) / (trainer.current_epoch - 1) * 1e3
 
 
 def plain(epochs: int) -> float:

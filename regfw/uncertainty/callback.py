@@ -508,16 +508,7 @@ class MCDropoutUncertainty(pl.Callback):
     ) -> None:
         self._sample_batch(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._sample_batch(trainer, pl_module, batch, batch_idx, dataloader_idx)
+    on_test_batch_end = on_validation_batch_end  # the phase (validate or test) was set at the epoch's start
 
     def _sample_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                       dataloader_idx: int) -> None:
