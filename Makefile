@@ -78,7 +78,7 @@ test-wheel: wheel-env
 	$(WHEEL_TESTS)
 
 # Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers),
-# bench/uci*.py are the UCI benchmark (make bench-uci: about 20 minutes) and its helpers.
+# bench/uci*.py are the UCI benchmark (make bench-uci: about 12 minutes on 2 free cores) and its helpers.
 bench: $(STAMP)
 	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci*.py) ;; \
 	  *) $(BIN)/python $$f || exit 1;; esac; done
