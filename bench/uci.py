@@ -26,7 +26,7 @@ Prints, per data set, RMSE and log-likelihood as mean ± standard error over the
 CPU seconds per split (``time.process_time`` of the worker), and the largest difference between
 regfw's mixture log-likelihood and the paper's formula on the same regfw samples.
 
-Usage: ``python bench/uci.py [--splits 5] [--datasets yacht,energy,...] [--epochs 4000]
+Usage: ``python bench/uci.py [--splits 5] [--first 0] [--datasets yacht,energy,...] [--epochs 4000]
 [--samples 10000] [--grid] [--processes 2]``; ``make bench-uci`` runs the defaults (5 splits per
 data set; the cost per split is printed, so a full run can be sized from a short one).
 """
@@ -266,6 +266,8 @@ def per_split(outcomes: list[Outcome]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--splits", type=int, default=5, help="the first N of the 20 published splits (default 5)")
+    ap.add_argument("--first", type=int, default=0,
+                    help="start at this split (a long run in parts: each split's result depends only on its own seed)")
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated (default: all four)")
     ap.add_argument("--epochs", type=int, default=4000, help="training epochs (the paper: 4000)")
     ap.add_argument("--samples", type=int, default=10_000, help="MC samples T (the paper: 10,000)")
@@ -277,15 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     datasets = [d for d in args.datasets.split(",") if d]
     unknown = [d for d in datasets if d not in DATASETS]
-    if unknown or not 1 <= args.splits <= 20:
+    if unknown or not 1 <= args.splits <= 20 or not 0 <= args.first < args.splits:
         ap.error(f"--datasets: unknown {unknown} (expected some of {', '.join(DATASETS)})" if unknown
-                 else f"--splits: got {args.splits}, expected 1 to 20")
+                 else f"--splits: got {args.splits}, expected 1 to 20" if not 1 <= args.splits <= 20
+                 else f"--first: got {args.first}, expected 0 to {args.splits - 1} (below --splits)")
     data_dir = args.data or DATA_DIR
     # the biggest data sets first, so the two workers finish together
     jobs = [Job(d, k, side, args.epochs, args.samples, args.grid, data_dir)
-            for d in reversed(datasets) for k in range(args.splits) for side in SIDES]
+            for d in reversed(datasets) for k in range(args.first, args.splits) for side in SIDES]
     chosen = "by grid search" if args.grid else "as the paper chose"
-    print(f"UCI regression (Gal & Ghahramani 2016): {len(datasets)} data set(s) x {args.splits} split(s), "
+    print(f"UCI regression (Gal & Ghahramani 2016): {len(datasets)} data set(s) x splits "
+          f"{args.first}-{args.splits - 1}, "
           f"{args.epochs} epochs, T = {args.samples}, p and tau {chosen}, {args.processes} process(es)", flush=True)
     wall = time.perf_counter()
     outcomes: list[Outcome] = []
