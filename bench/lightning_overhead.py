@@ -87,7 +87,12 @@ class EpochClock(pl.Callback):
 def plain(epochs: int) -> float:
     train, val = loaders()
     net = make_net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    return plain_loop(net, torch.optim.Adam(net.parameters(), lr=1e-3), train, val, epochs)
+
+
+def plain_loop(net: nn.Module, opt: torch.optim.Optimizer, train: DataLoader, val: DataLoader, epochs: int) -> float:
+    """CPU milliseconds per epoch of a hand-written loop: zero_grad, forward, MSE, backward, step; the
+    validation loss under ``torch.no_grad`` in eval mode."""
     start = time.process_time()
     for _ in range(epochs):
         net.train()

@@ -47,7 +47,6 @@ import argparse
 import logging
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +55,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightning_overhead import EpochClock  # bench/ is the script directory, on sys.path
+from lightning_overhead import EpochClock, plain_loop  # bench/ is the script directory, on sys.path
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -154,19 +153,7 @@ class BareLogged(Bare):
 def plain(epochs: int) -> float:
     train, val = loaders()
     net = plain_net(dropout=True)
-    opt = torch.optim.Adam(net.parameters(), lr=LR, weight_decay=WD)
-    start = time.process_time()
-    for _ in range(epochs):
-        net.train()
-        for x, y in train:
-            opt.zero_grad()
-            F.mse_loss(net(x), y).backward()
-            opt.step()
-        net.eval()
-        with torch.no_grad():
-            for x, y in val:
-                F.mse_loss(net(x), y)
-    return (time.process_time() - start) / epochs * 1e3
+    return plain_loop(net, torch.optim.Adam(net.parameters(), lr=LR, weight_decay=WD), train, val, epochs)
 
 
 def lightning(module: Callable[[], pl.LightningModule], outputs: Path | None = None) -> Callable[[int], float]:
