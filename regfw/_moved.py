@@ -107,6 +107,9 @@ def install() -> None:
 
 def forward(package: str, name: str) -> Any:
     """A name of the old module ``package`` (now a package), from the module it moved to."""
+    if importlib.util.find_spec(f"{package}.{name}") is not None:
+        # ``from regfw.run import stopping``: a submodule of the package, imported as one
+        return importlib.import_module(f"{package}.{name}")
     new = MOVED[package]
     module = importlib.import_module(new)
     try:

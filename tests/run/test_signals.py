@@ -3,7 +3,7 @@
 handler) and after training (the final evaluation, Lightning's teardown). Each ends with exit 143
 (SIGTERM) or 130 (SIGINT) and one line that says what state the run is in; a start that had no
 checkpoint of its own leaves nothing, a finished or resumed run stays as it was, and ``--resume``
-then works. The mid-training kills are the kill matrix's (``tests/test_kill_matrix.py``).
+then works. The mid-training kills are the kill matrix's (``tests/run/test_kill_matrix.py``).
 
 Each moment is reached deterministically by a real data module of the test: at a named hook (its
 ``__init__``, ``setup``, ``teardown``, a batch's collation or transfer) it either writes a marker

@@ -11,7 +11,7 @@ from torch import nn
 from regfw.build.datasets import DigitsDataModule
 from regfw.train.module import RegularizedModule
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _trainer(tmp_path, **kw):

@@ -10,7 +10,7 @@ import pytest
 
 from regfw.cli.new_plugin import render_template
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "plugins.md"
 #: The built-in plugins (import package ``regfw_plugins``): written exactly as a third party would.
 BUILTIN_PLUGINS = sorted((ROOT / "plugins").rglob("*.py"))

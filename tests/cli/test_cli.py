@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fit_two_epochs_writes_a_complete_run_directory_and_rank_reads_it(tmp_path, run_cli):

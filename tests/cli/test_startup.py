@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "sklearn", "matplotlib")
 
 PROBE = """

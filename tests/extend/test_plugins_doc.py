@@ -10,7 +10,7 @@ import pytest
 
 from regfw.extend.regularizer import InjectingRegularizer, Regularizer
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 
 
 def contract_sections() -> dict[str, str]:

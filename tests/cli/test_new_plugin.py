@@ -30,7 +30,7 @@ from regfw.config.schema import validate
 from regfw.errors import RegfwError
 from regfw.registry.discovery import register_plugin, unregister_plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_FILES = {
     ".gitignore",
     "README.md",

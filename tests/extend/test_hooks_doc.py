@@ -12,7 +12,7 @@ import regfw
 from regfw.extend import hookspecs
 from regfw.registry.discovery import _trace, get_plugin_manager
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "hooks.md"
 
 
 def documented() -> dict[str, str]:

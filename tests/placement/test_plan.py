@@ -16,7 +16,7 @@ from regfw.build.models import BUILTIN_MODELS
 from regfw.cli.main import main
 from regfw.train.module import RegularizedModule
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
+SNAPSHOTS = Path(__file__).parents[1] / "snapshots"
 
 CONFIG = """\
 seed: 0
