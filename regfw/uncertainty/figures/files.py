@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from regfw.atomic import atomic_open
+from regfw.run.atomic import atomic_open
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -23,7 +23,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> str:
     """Write ``fig`` to ``path`` as SVG or PNG by the suffix, atomically (a temporary file in the
     target directory, then ``os.replace``: a reader never sees half a file); only a regular file
     is ever replaced (a link, FIFO, device or directory at ``path`` is an
-    :class:`~regfw.errors.OutputError`, see :func:`regfw.atomic.check_target`).
+    :class:`~regfw.errors.OutputError`, see :func:`regfw.run.atomic.check_target`).
 
     The file is the figure as built, whatever the user's matplotlib settings say about saving:
     its own size and resolution (a PNG is ``figsize * dpi`` pixels), a white background, no
