@@ -10,9 +10,9 @@ import tempfile
 
 import torch
 from _timing import cpu_times
-from regfw.uncertainty.figures.jobs import draw_plots
 
 from regfw.uncertainty.accumulators import MCClassificationMetrics
+from regfw.uncertainty.figures.jobs import draw_plots
 from regfw.uncertainty.metrics import retained_curve
 from regfw.uncertainty.ood import OOD_SCORES
 from regfw.uncertainty.selective import risk_coverage
