@@ -105,7 +105,7 @@ class MCDropoutUncertainty(pl.Callback):
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
         plot_format: the figures' file format, ``"svg"`` or ``"png"`` (both drawn by matplotlib,
-            about 0.3 s of CPU per figure, on the background thread; ``bench/plots.py``).
+            about 0.25 s of CPU per figure, on the background thread; ``bench/plots.py``).
         seed: base seed of the MC masks (mixed with epoch, rank and batch index); None draws
             one at construction, kept in the checkpoint state.
         dataloader_idx: the validation dataloader to use.

@@ -1,6 +1,6 @@
 """The MC callback's figures: drawn from CPU copies of its metric states, on a background thread.
 
-Drawing the figures with matplotlib costs more CPU than sampling on small models (about 0.3 s a
+Drawing the figures with matplotlib costs more CPU than sampling on small models (about 0.25 s a
 figure; ``bench/plots.py``), so the callback collects their data on the training thread
 (:func:`plot_data`, CPU tensors) and hands it to :class:`PlotQueue` (one worker thread, one
 epoch's figures at a time, in order); the training loop does not wait. :func:`draw_plots` is what
