@@ -95,7 +95,7 @@ def _words(fig: Figure) -> list[str]:
 
 
 @pytest.mark.parametrize(("name", "n"), CASES)
-def test_every_axes_is_labelled_and_every_figure_titled(name, n):
+def test_every_axes_labelled_and_titled_and_the_legend_covers_nothing(name, n):
     fig = _draw(_figures(n)[name])
     axes = _visible_axes(fig)
     assert axes
@@ -107,17 +107,13 @@ def test_every_axes_is_labelled_and_every_figure_titled(name, n):
         # a title on every axes, or on the axes above it that shares its x axis (reliability's counts)
         assert ax.get_title() or any(o.get_title() for o in shared), (name, "title")
     assert len(fig.legends) == 1 and [t.get_text() for t in fig.legends[0].get_texts()], name
-
-
-@pytest.mark.parametrize(("name", "n"), CASES)
-def test_the_legend_covers_no_data_and_stays_in_the_figure(name, n):
-    fig = _draw(_figures(n)[name])
+    # the legend lies inside the figure and covers no data, label or title of any axes
     renderer = fig.canvas.get_renderer()
     legend = fig.legends[0].get_window_extent(renderer)
     fig_box = fig.bbox
     assert (fig_box.x0 - 0.5 <= legend.x0 and legend.x1 <= fig_box.x1 + 0.5
             and fig_box.y0 - 0.5 <= legend.y0 and legend.y1 <= fig_box.y1 + 0.5), (name, legend, fig_box)
-    for ax in _visible_axes(fig):
+    for ax in axes:
         data = [*ax.lines, *ax.patches, *ax.collections, *ax.texts]
         assert data, name
         for artist in data:
