@@ -14,8 +14,8 @@ for the deterministic one; the metrics before and after are logged as ``cal/...`
 temperature is kept in the callback state and in the checkpoint (``regfw_calibration``), where
 ``regfw rank`` reads it. With ``ood_loader`` the out-of-distribution scores of
 :mod:`regfw.uncertainty.ood` are logged as ``ood/...``. Selective-prediction metrics
-(:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn on a background
-thread (:mod:`regfw.uncertainty.plot_jobs`), so the training loop does not wait for them.
+(:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn with matplotlib on a
+background thread (:mod:`regfw.uncertainty.figures.jobs`), so the training loop does not wait for them.
 
 ``Trainer.test`` runs the same metrics on every test batch (``on_test_batch_end``) and logs them
 under ``test/`` (``test/mc/rmse``, ``test/mc/acc``, ``test/cal/...``); the validation-time
@@ -39,11 +39,11 @@ from regfw.errors import RegfwError
 from regfw.train.targets import UNITS, TargetScaling, declared_scaling, original_units_transform
 from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
 from regfw.uncertainty.calibration import Temperature, fit_temperature
+from regfw.uncertainty.figures.files import FORMATS
+from regfw.uncertainty.figures.jobs import PlotQueue, draw_plots, plot_data
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
 from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
-from regfw.uncertainty.plot_jobs import PlotQueue, draw_plots, plot_data
-from regfw.uncertainty.plots import FORMATS
 from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
@@ -104,8 +104,8 @@ class MCDropoutUncertainty(pl.Callback):
         output_transform: see :func:`regfw.uncertainty.mc_predict`.
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
-        plot_format: ``"svg"`` (written directly, a few milliseconds per figure) or ``"png"``
-            (drawn with matplotlib, about 0.35 s of CPU per figure; ``bench/plots.py``).
+        plot_format: the figures' file format, ``"svg"`` or ``"png"`` (both drawn by matplotlib,
+            about 0.25 s of CPU per figure, on the background thread; ``bench/plots.py``).
         seed: base seed of the MC masks (mixed with epoch, rank and batch index); None draws
             one at construction, kept in the checkpoint state.
         dataloader_idx: the validation dataloader to use.

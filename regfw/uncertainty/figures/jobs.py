@@ -1,10 +1,11 @@
 """The MC callback's figures: drawn from CPU copies of its metric states, on a background thread.
 
-The figures are written as SVG (a few milliseconds each) unless PNG is asked for, and a PNG or a
-logger taking matplotlib figures costs matplotlib's drawing time, more than sampling on small
-models; so the callback hands the data to :class:`PlotQueue` (one worker thread, one epoch's
-figures at a time, in order) and the training loop does not wait; :func:`draw_plots` is what the
-worker runs.
+Drawing the figures with matplotlib costs more CPU than sampling on small models (about 0.25 s a
+figure; ``bench/plots.py``), so the callback collects their data on the training thread
+(:func:`plot_data`, CPU tensors) and hands it to :class:`PlotQueue` (one worker thread, one
+epoch's figures at a time, in order); the training loop does not wait. :func:`draw_plots` is what
+the worker runs. matplotlib is imported there, on first drawing: importing the callback (and so
+``regfw fit``'s start) does not load it.
 """
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.utilities import rank_zero_warn
 
+from regfw.uncertainty.accumulators import MCClassificationMetrics
+from regfw.uncertainty.figures.files import save_figure
+from regfw.uncertainty.metrics import retained_curve
+from regfw.uncertainty.selective import risk_coverage
+
 if TYPE_CHECKING:  # pragma: no cover
-    from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
+    from regfw.uncertainty.accumulators import MCRegressionMetrics, ProbabilityCalibration
     from regfw.uncertainty.ood import OODScoreStore
 
 __all__ = ["PlotQueue", "draw_plots", "plot_data"]
@@ -62,10 +68,6 @@ def plot_data(metric: MCClassificationMetrics | MCRegressionMetrics, score_name:
     """What :func:`draw_plots` draws, from the callback's metric states, as CPU tensors (safe to
     hand to another thread): ``calibrated`` the metrics after temperature scaling, ``ood`` the
     in- and out-of-distribution score stores."""
-    from regfw.uncertainty.accumulators import MCClassificationMetrics
-    from regfw.uncertainty.metrics import retained_curve
-    from regfw.uncertainty.selective import risk_coverage
-
     if not isinstance(metric, MCClassificationMetrics):
         score, sq = metric.score_and_error()
         return {"task": "regression", "score_name": score_name, "coverage": metric.coverage(),
@@ -87,37 +89,36 @@ def plot_data(metric: MCClassificationMetrics | MCRegressionMetrics, score_name:
 
 def draw_plots(data: dict[str, Any], directory: str, loggers: Sequence[Any], step: int,
                prefix: str, fmt: str = "svg") -> dict[str, str]:
-    """Draw the figures of the callback's plot data (``MCDropoutUncertainty._plot_data``), write
-    them as ``fmt`` (``svg`` or ``png``) and send them to loggers whose experiment takes matplotlib
-    figures (``add_figure``); runs on the plot thread."""
-    from regfw.uncertainty import chart_mpl, plots  # chart_mpl imports matplotlib only when called
+    """Draw the figures of the callback's plot data (:func:`plot_data`), write them as ``fmt``
+    (``svg`` or ``png``) and send them to loggers whose experiment takes matplotlib figures
+    (``add_figure``, as TensorBoard's does); runs on the plot thread. Returns ``{name: path}``."""
+    # matplotlib loads here, on the plot thread, the first time figures are drawn
+    from regfw.uncertainty.figures import calibration, histograms, selective
 
-    charts = {}
-    if data["task"] == "classification":
-        charts["reliability"] = plots.reliability_figure(
+    task = data["task"]
+    figures = {}
+    if task == "classification":
+        figures["reliability"] = calibration.reliability_figure(
             data["reliability"], after=data.get("reliability_after"), temperature=data.get("temperature"))
         fr, acc = data["referral"]
-        charts["referral"] = plots.referral_figure(fr, acc, marker=data["referral_marker"])
-        charts["score_hist"] = plots.score_histogram_figure(data["score"], data["correct"],
-                                                            score_name=data["score_name"])
-        charts["risk_coverage"] = plots.risk_coverage_figure(data["risk_coverage"])
+        figures["referral"] = selective.referral_figure(fr, acc, marker=data["referral_marker"])
+        figures["score_hist"] = histograms.score_histogram_figure(data["score"], data["correct"],
+                                                                  score_name=data["score_name"], task=task)
+        figures["risk_coverage"] = selective.risk_coverage_figure(data["risk_coverage"])
         if "ood" in data:
-            charts["ood_hist"] = plots.ood_histogram_figure(*data["ood"])
+            figures["ood_hist"] = histograms.ood_histogram_figure(*data["ood"])
     else:
         cov = data["coverage"]
-        charts["coverage"] = plots.coverage_figure(list(cov), list(cov.values()))
+        figures["coverage"] = calibration.coverage_figure(list(cov), list(cov.values()))
         fr, mse = data["referral"]
-        charts["referral"] = plots.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained",
-                                                   title="Referral curve")
-        charts["score_hist"] = plots.score_histogram_figure(data["score"], None, score_name=data["score_name"])
+        figures["referral"] = selective.referral_figure(fr, mse.clamp_min(0).sqrt(), ylabel="RMSE on retained")
+        figures["score_hist"] = histograms.score_histogram_figure(data["score"], None, score_name=data["score_name"],
+                                                                  task=task)
     takers = [add for add in (getattr(getattr(lg, "experiment", None), "add_figure", None) for lg in loggers)
               if callable(add)]
     written: dict[str, str] = {}
-    for name, chart in charts.items():
-        written[name] = plots.save_chart(chart, os.path.join(directory, f"{name}.{fmt}"))
-        if not takers:
-            continue
-        fig = chart_mpl.to_figure(chart)
+    for name, fig in figures.items():
+        written[name] = save_figure(fig, os.path.join(directory, f"{name}.{fmt}"))
         for add_figure in takers:
             try:
                 add_figure(f"{prefix}{name}", fig, global_step=step, close=False)
