@@ -91,7 +91,7 @@ def test_a_generated_plugin_installs_lists_plans_trains_and_passes_its_own_tests
 
         # the four checks are independent: run them side by side, then look at each
         started.update({
-            "plugins": _regfw("plugins", cwd=tmp_path),
+            "plugins": _regfw("plugins", "--check", cwd=tmp_path),
             "plan": _regfw("plan", str(example), cwd=tmp_path),
             "fit": _regfw("fit", str(example), "trainer.max_epochs=1", "data.train_fraction=0.2",
                           "uncertainty.enabled=false", "trainer.enable_progress_bar=false",
