@@ -181,3 +181,47 @@ def test_plan_for_returns_the_plan_as_printed(capsys):
     assert lines[0].startswith("plan: N=500 training examples") and lines[1].split()[:3] == ["regularizer", "path",
                                                                                               "kind"]
     assert sorted({line.split()[1] for line in lines[2:] if line.startswith("dropout ")}) == ["body.0", "body.2"]
+
+
+class _Listed(torch.utils.data.Dataset):
+    """Examples made on access (as files read from disk are): not tensors held in memory."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        return torch.full((4,), float(i)), i % 2
+
+
+class _FromDisk(_Tiny):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Listed(), batch_size=4)
+
+
+WORKERS = ("The 'train_dataloader' does not have many workers which may be a bottleneck. Consider increasing the "
+           "value of the `num_workers` argument` to `num_workers=15` in the `DataLoader` to improve performance.")
+
+
+def _shown(in_memory: bool, module: str) -> list[str]:
+    """The warnings that reach the caller when ``module`` warns :data:`WORKERS` inside regfw's fit."""
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
+    from regfw.run.console import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning(in_memory=in_memory):
+            warnings.warn_explicit(WORKERS, PossibleUserWarning, "data_connector.py", 436, module=module)
+    return [str(w.message) for w in caught]
+
+
+def test_worker_advice_is_dropped_only_for_data_held_as_tensors():
+    """Lightning advises DataLoader workers on machines with more than two cores: for tensors in memory a
+    worker only copies what the main process holds, so regfw drops that advice there, and only there."""
+    from regfw.run.console import holds_tensors
+
+    assert holds_tensors(_Tiny()) and not holds_tensors(_FromDisk())
+    lightning = "pytorch_lightning.trainer.connectors.data_connector"  # where Lightning's check warns from
+    assert _shown(True, lightning) == []
+    assert _shown(False, lightning) == [WORKERS]  # data read on access: the advice may help, it stays
+    assert _shown(True, "my_project.data") == [WORKERS]  # the same words from the caller's code stay too
