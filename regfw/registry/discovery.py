@@ -21,7 +21,8 @@ resolved the same way by :mod:`regfw.registry.regularizers`.
 A plugin that fails to import, is rejected by pluggy (a misspelled hook) or implements no hook
 is recorded as a :class:`PluginFailure` and reported once, as a :class:`PluginWarning`, when
 plugins are discovered; every other plugin loads. ``regfw plugins --check`` lists the failures and
-exits non-zero (``regfw plugins`` alone lists the entry points, :func:`installed_plugins`, importing none); selecting a regularizer such a plugin would provide is an error naming it.
+exits non-zero (``regfw plugins`` alone lists the entry points, :func:`installed_plugins`, importing
+none); selecting a regularizer such a plugin would provide is an error naming it.
 ``REGFW_TRACE_PLUGINS``
     ``1`` prints every hook call, its implementations and its results to stderr.
 """
