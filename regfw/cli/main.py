@@ -71,6 +71,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _config(args)  # first: the errors found without torch come before it is imported
     from regfw.run.job import build_data, build_plan  # no Lightning: the plan alone answers in about a second
 
+    startup.resume()  # a large model's tracing makes garbage: collect it, skipping the start-up objects
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = build_plan(cfg, build_data(cfg, lightning=False))

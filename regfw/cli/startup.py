@@ -4,10 +4,10 @@ Importing torch, the plugins and (for training) Lightning makes a few hundred th
 that live as long as the process. Every collection that runs while they are being made walks all
 of them again: about 0.3 s of CPU in ``regfw plan``, a fifth of ``import torch``, spent finding
 no garbage. :func:`pause` stops collection when a command starts; :func:`resume` starts it again
-once the command's imports are done. Commands that then work for long (``fit``, ``demo``,
-``predict``, ``test``, ``rank``) call it before their work; in the process's own command line the
-start-up objects are first frozen (:func:`gc.freeze`), so later collections skip them. Short
-commands (``plan``, ``plugins``, ``init``) finish before it. :func:`resume` also runs when
+once the command's imports are done: the commands that go on to build or train (``plan``,
+``fit``, ``demo``, ``predict``, ``test``, ``rank``) call it before that work; in the process's own
+command line the start-up objects are first frozen (:func:`gc.freeze`), so later collections skip
+them. The others (``plugins``, ``init``, ``--help``) finish first. :func:`resume` also runs when
 the command ends, so a caller of :func:`regfw.cli.main.main` gets its collector back as it was.
 """
 from __future__ import annotations
