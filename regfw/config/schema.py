@@ -235,12 +235,13 @@ class RunConfig:
 
 TOP_LEVEL = ("seed", "data", "model", "optimizer", "lr_scheduler", "regularizers", "uncertainty", "trainer", "run")
 
+#: The ``trainer:`` settings regfw fills in. The console ones (``enable_progress_bar``,
+#: ``enable_model_summary``, ``log_every_n_steps``) are decided at run time when left out:
+#: see :mod:`regfw.run.console`.
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 20,
     "accelerator": "cpu",
     "devices": 1,
-    "log_every_n_steps": 10,
-    "enable_progress_bar": True,
 }
 
 

@@ -99,7 +99,7 @@ def test_the_regression_example_of_the_docs_runs_and_reports_original_units(tmp_
     assert main(["fit", config, "--run-dir", "run", "trainer.max_epochs=2", "uncertainty.samples=5",
                  "trainer.check_val_every_n_epoch=1"]) == 0
     out = capsys.readouterr().out
-    assert "mc_rmse:" in out and "mc_ll_mixture:" in out
+    assert "mc/rmse " in out and "mc/ll_mixture " in out
     ckpt = "run/checkpoints/last.ckpt"
     assert main(["test", config, ckpt, "--samples", "20"]) == 0
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]

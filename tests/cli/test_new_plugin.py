@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import regfw
-from regfw.cli.main import main as cli
+import regfw.cli.main as cli
 from regfw.cli.new_plugin import (
     SUFFIX,
     check_name,

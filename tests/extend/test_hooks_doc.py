@@ -92,7 +92,7 @@ def test_trace_prints_arguments_implementations_in_call_order_and_results(capsys
 
 
 def test_trace_env_var_prints_registrations_and_hook_calls_of_the_cli(run_cli):
-    proc = run_cli("plugins", env={"REGFW_TRACE_PLUGINS": "1", "REGFW_LOAD_PLUGINS": ""})
+    proc = run_cli("plugins", "--check", env={"REGFW_TRACE_PLUGINS": "1", "REGFW_LOAD_PLUGINS": ""})
     assert proc.returncode == 0, proc.stderr
     assert "dropout" in proc.stdout and "[regfw trace]" not in proc.stdout
     err = proc.stderr

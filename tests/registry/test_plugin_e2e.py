@@ -91,7 +91,7 @@ def test_a_generated_plugin_installs_lists_plans_trains_and_passes_its_own_tests
 
         # the four checks are independent: run them side by side, then look at each
         started.update({
-            "plugins": _regfw("plugins", cwd=tmp_path),
+            "plugins": _regfw("plugins", "--check", cwd=tmp_path),
             "plan": _regfw("plan", str(example), cwd=tmp_path),
             "fit": _regfw("fit", str(example), "trainer.max_epochs=1", "data.train_fraction=0.2",
                           "uncertainty.enabled=false", "trainer.enable_progress_bar=false",
@@ -119,7 +119,7 @@ def test_a_generated_plugin_installs_lists_plans_trains_and_passes_its_own_tests
         # 3. a short `regfw fit` trains with it; the run's plan holds the same rows
         proc = done["fit"]
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert re.search(r"^val_acc: \d\.\d{4}$", proc.stdout, flags=re.M), proc.stdout
+        assert re.search(r"^  val_acc +\d\.\d{4}$", proc.stdout, flags=re.M), proc.stdout
         run_dir = Path(re.search(r"^run directory: (.+)$", proc.stdout, flags=re.M).group(1))
         plan_rows = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()
                      if line.startswith(name + " ")]

@@ -103,7 +103,7 @@ def test_unknown_load_plugins_name_gets_did_you_mean(plugin_path, monkeypatch):
 @pytest.mark.slow
 def test_cli_lists_the_others_warns_for_unrelated_configs_and_fails_for_selecting_ones(plugin_path, run_cli):
     env = {"PYTHONPATH": str(plugin_path)}
-    listed = run_cli("plugins", env=env)
+    listed = run_cli("plugins", "--check", env=env)
     assert listed.returncode == 1
     assert "good 1.0 (regfw-good; module regfw_good)" in listed.stdout and "dropout" in listed.stdout
     errors = [line for line in listed.stderr.splitlines() if line.startswith("regfw plugins: error:")]

@@ -157,7 +157,7 @@ def test_both_load_without_a_warning_and_plugins_lists_both_and_exits_0(installe
     assert plugin_failures() == []
     keys = {i.name: i for i in plugin_infos()}
     assert keys["regfw-rdrop:rdrop"].distribution == "regfw-rdrop" and keys["regfw:rdrop"].builtin
-    code, out, err = _run(["plugins"], capsys)
+    code, out, err = _run(["plugins", "--check"], capsys)
     assert code == 0, err
     assert "regfw-rdrop:rdrop 1.0 (regfw-rdrop; module regfw_rdrop)" in out
     assert "regfw-concrete-dropout:concrete_dropout 1.0 (regfw-concrete-dropout; module regfw_concrete_dropout)" in out
@@ -275,7 +275,7 @@ def test_a_builtin_added_later_never_takes_over_a_name_a_plugin_uses(tmp_path, m
                 "regfw_gumbel_first.Gumbel)") in str(err.value)
         assert type(build_regularizers({"regfw-gumbel:gumbel_noise": {}})[0]).__module__ == "regfw_gumbel_first"
         assert type(build_regularizers({"regfw:gumbel_noise": {}})[0]).__module__ == "regfw_plugins_later"
-        code, out, _ = _run(["plugins"], capsys)
+        code, out, _ = _run(["plugins", "--check"], capsys)
         assert code == 0 and "shared name 'gumbel_noise'" in out
     finally:
         unregister_plugin("gumbel_builtin")
@@ -405,7 +405,7 @@ def test_a_plugin_refused_at_registration_breaks_only_the_configs_that_select_it
     monkeypatch.chdir(tmp_path)
     reset_plugin_manager()
     try:
-        code, out, err = _run(["plugins"], capsys)  # it lists the failure instead of warning
+        code, out, err = _run(["plugins", "--check"], capsys)  # it lists the failure instead of warning
         assert code == 1 and "dropout" in out
         assert ("regfw plugins: error: plugin 'twice' (entry point 'twice = regfw_twice_plugin' of distribution "
                 "regfw-twice 1.0) was refused: regularizer 'twice' is registered twice by one provider "

@@ -183,7 +183,7 @@ def test_broken_plugin_does_not_break_help(tmp_path, run_cli):
     _broken_distribution(tmp_path)
     result = run_cli("--help", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0 and "fit" in result.stdout
-    result = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
+    result = run_cli("plugins", "--check", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1
     assert "dropout" in result.stdout  # the others are listed
     assert result.stderr.count("plugin 'broken'") == 1

@@ -369,7 +369,7 @@ def test_sigint_while_plugins_are_listed(monkeypatch, capsys):
         return infos
 
     monkeypatch.setattr(plugins, "plugin_infos", interrupted)
-    assert main(["plugins"]) == 130
+    assert main(["plugins", "--check"]) == 130
     _interrupted(capsys, "plugins")
 
 

@@ -140,6 +140,6 @@ def test_regression_with_predicted_variance_gets_full_mc_uncertainty(tmp_path):
     })
     result = fit(cfg, quiet=True)
     m = result.metrics
-    assert m["mc_mean_aleatoric"] > 0 and m["mc_mean_epistemic"] > 0
-    assert abs(m["mc_mean_variance"] - (m["mc_mean_aleatoric"] + m["mc_mean_epistemic"])) < 1e-4 * m["mc_mean_variance"]
-    assert 0 <= m["mc_coverage_90"] <= 1 and m["mc_rmse"] > 0
+    assert m["mc/mean_aleatoric"] > 0 and m["mc/mean_epistemic"] > 0
+    assert abs(m["mc/mean_variance"] - (m["mc/mean_aleatoric"] + m["mc/mean_epistemic"])) < 1e-4 * m["mc/mean_variance"]
+    assert 0 <= m["mc/coverage_90"] <= 1 and m["mc/rmse"] > 0

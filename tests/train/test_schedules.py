@@ -214,7 +214,7 @@ def test_late_dropout_leaves_mc_dropout_off_while_every_rate_is_0(tmp_path):
     finally:
         os.chdir(cwd)
     assert result.module.model.body[1].regfw_dropout.p == pytest.approx(0.4)
-    assert "mc_acc" in result.metrics  # epoch 1 sampled, with the rate on
+    assert "mc/acc" in result.metrics  # epoch 1 sampled, with the rate on
 
 
 def test_scheduled_drop_path_grows_every_blocks_depth_rate_linearly_over_training():
