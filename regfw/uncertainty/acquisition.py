@@ -1,4 +1,4 @@
-"""Active learning with MC dropout (the library; the `regfw rank` command is :mod:`regfw.rank_command`):
+"""Active learning with MC dropout (the library; the `regfw rank` command is :mod:`regfw.cli.rank`):
 which unlabelled inputs are most worth labelling.
 
 Acquisition functions (Gal, Islam & Ghahramani 2017, "Deep Bayesian Active Learning with
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from regfw.batch import batch_size, split_batch
 from regfw.tensors import to_device
+from regfw.train.batch import batch_size, split_batch
 from regfw.uncertainty.calibration import Temperature
 from regfw.uncertainty.modes import require_stochastic
 from regfw.uncertainty.rng import derive_seed
@@ -66,7 +66,7 @@ def _check_in_order(dataloader: Iterable[Any]) -> None:
 
 
 def _default_input(batch: Any) -> Any:
-    """The inputs of ``batch`` by the one batch convention (:func:`regfw.batch.split_batch`): ``x``,
+    """The inputs of ``batch`` by the one batch convention (:func:`regfw.train.batch.split_batch`): ``x``,
     ``(x, ...)``, or a dict of keyword inputs (its label keys left out)."""
     if isinstance(batch, Tensor):
         return batch

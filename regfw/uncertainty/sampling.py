@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regfw import foreign
-from regfw.batch import batch_size, index_batch
 from regfw.model_io import OutputKey, call_model
 from regfw.model_io import model_output as forward_output
+from regfw.placement import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
+from regfw.train.batch import batch_size, index_batch
 from regfw.uncertainty.accepted import check_inputs
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
@@ -124,7 +124,7 @@ def _has_rows(inputs: Any) -> bool:
 
 def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
     """Find the modules of ``model`` that call ``F.dropout`` in their forward (one eval-mode pass
-    of one row, :func:`regfw.foreign.watch_functional_dropout`), unless the model as it is now was
+    of one row, :func:`regfw.placement.foreign.watch_functional_dropout`), unless the model as it is now was
     watched already; the hosts found are then switched on by :func:`mc_mode`."""
     index = model_index(model) if index is None else index
     if foreign.needs_scan(model, len(index.modules) + 1) and _has_rows(inputs):
@@ -203,7 +203,7 @@ def batched_strategy(
     A dict (or tuple) of inputs is repeated tensor by tensor: every tensor whose first dimension is
     the batch size B (ids, attention masks, decoder inputs, pixel values) gets the same rows, other
     values (flags, tensors broadcast over the batch) are passed as they are
-    (:func:`regfw.batch.index_batch`).
+    (:func:`regfw.train.batch.index_batch`).
 
     Each chunk holds at most ``chunk_rows`` rows; by default ``budget_bytes //
     estimate_row_bytes(...)`` (at least 1), so a large ``T x B`` runs in several passes
