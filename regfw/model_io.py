@@ -166,9 +166,10 @@ def select_output(output: Any, output_key: OutputKey = None) -> Tensor:
             names what ``output`` holds and how to choose.
     """
     if isinstance(output, torch.fx.Proxy):  # symbolic tracing (MC dropout's ``auto`` split): stands for a tensor
+        traced: Any = output
         if output_key is None:
-            return output  # type: ignore[return-value]
-        return output_key(output) if callable(output_key) else output[output_key]  # type: ignore[return-value]
+            return traced
+        return output_key(traced) if callable(output_key) else traced[output_key]
     if output_key is None:
         found = _default(output)
         if found is not None:
