@@ -31,8 +31,8 @@ def tiny_bert(seed: int = 0, labels: int = 3) -> nn.Module:
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=3,
-                                     pad_token_id=0, resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.0,
-                                     initializer_range=0.5)
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.2, embd_pdrop=0.2,
+                                     attn_pdrop=0.0, initializer_range=0.5)
     return transformers.GPT2ForSequenceClassification(config).eval()
 
 

@@ -240,6 +240,7 @@ def test_regfw_fit_predict_and_rank_on_dict_batches(tmp_path, monkeypatch, capsy
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     capsys.readouterr()
     assert main(["predict", "cfg.yaml", str(ckpt), "--out", "pred.csv"]) == 0
+    assert capsys.readouterr().out.startswith("wrote pred.csv: 64 predictions")
     with open(tmp_path / "pred.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 64  # one row per validation input
