@@ -85,6 +85,14 @@ class BagOfTokens(nn.Module):
         return {"logits": self.head(torch.relu(self.fc(pooled))), "pooled": pooled}
 
 
+class ScoresOfTokens(BagOfTokens):
+    """Returns two tensors and no ``logits``: the tensor to read is named by ``model.output_key``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(input_ids, attention_mask)
+        return {"scores": out["logits"], "pooled": out["pooled"]}
+
+
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
     """A BERT classifier from a tiny config with random weights (a ``model.class_path`` factory)."""
     torch.manual_seed(seed)
@@ -122,6 +130,26 @@ def test_regularized_module_learns_from_dict_batches_with_a_dict_output():
             total += len(batch["labels"])
     # the model saw its keyword inputs (mask included) and the loss read its "logits": well above chance
     assert correct / total > 0.8, correct / total
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-call", "two-calls"])
+def test_rdrop_repeats_every_tensor_of_a_dict_batch(batched):
+    pl.seed_everything(0, verbose=False)
+    data = TokenData(n_train=64)
+    seen = []
+    model = BagOfTokens()
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append({k: v.shape for k, v in kwargs.items()}),
+                                    with_kwargs=True)
+    module = RegularizedModule(model, regularizers={"dropout": {}, "rdrop": {"batched": batched, "alpha": 1.0}},
+                               n_examples=64, example_input=_inputs(next(iter(data.val_dataloader()))))
+    seen.clear()
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(module, data)
+    penalty = float(trainer.callback_metrics["train_penalty/rdrop"])
+    assert math.isfinite(penalty) and penalty > 0  # two dropout passes of the same examples disagree
+    rows = [32 * 2] if batched else [32, 32]
+    assert [s["input_ids"][0] for s in seen] == rows * 2  # ids and mask repeated together, batch by batch
+    assert all(s["attention_mask"] == s["input_ids"] for s in seen)
 
 
 def test_regularized_module_trains_bert_on_dict_batches_and_its_checkpoint_reloads(tmp_path):
@@ -219,7 +247,7 @@ def test_mc_callback_output_key_from_yaml_and_a_wrong_key_named():
 
 CONFIG = """\
 data: {{class_path: with_lightning.test_dict_batches.TokenData}}
-model: {{class_path: {model}, loss: cross_entropy}}
+model: {{class_path: {model}, loss: cross_entropy{output_key}}}
 regularizers: {{dropout: {{}}}}
 optimizer: {{name: adam, lr: 0.01}}
 trainer: {{max_epochs: 2, enable_progress_bar: false}}
@@ -228,14 +256,16 @@ uncertainty: {{samples: 4, plots: false, strategy: {strategy}}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "strategy"), [("with_lightning.test_dict_batches.BagOfTokens", "batched"),
-                                                 ("with_lightning.test_dict_batches.tiny_bert", "auto")],
+@pytest.mark.parametrize(("model", "strategy"), [("ScoresOfTokens", "batched"), ("tiny_bert", "auto")],
                          ids=["dict-model", "bert"])
 def test_regfw_fit_predict_and_rank_on_dict_batches(tmp_path, monkeypatch, capsys, model, strategy):
     from regfw.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "cfg.yaml").write_text(CONFIG.format(model=model, strategy=strategy))
+    # the dict model's output has no logits: model.output_key names its tensor (kept in the checkpoint)
+    key = ", output_key: scores" if model == "ScoresOfTokens" else ""
+    (tmp_path / "cfg.yaml").write_text(CONFIG.format(model=f"with_lightning.test_dict_batches.{model}",
+                                                     strategy=strategy, output_key=key))
     assert main(["fit", "cfg.yaml", "--run-dir", "run"]) == 0
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     capsys.readouterr()
