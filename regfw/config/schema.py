@@ -92,6 +92,10 @@ class ModelConfig:
     #: ``auto`` picks cross-entropy for classification data, MSE for regression; also a loss
     #: class or function path (``torch.nn.HuberLoss``) or ``{class_path, init_args}``.
     loss: str | dict = "auto"
+    #: Which tensor of the model's output the loss and Monte Carlo dropout read, for a model that
+    #: returns several (a Hugging Face ``ModelOutput``, a dict, a tuple): a key or attribute name.
+    #: Null: the output itself when it is a tensor, else its ``logits``, else its lone tensor.
+    output_key: str | None = None
 
     def __post_init__(self) -> None:
         check_loss_spec(self.loss)

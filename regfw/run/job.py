@@ -193,6 +193,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             example_input=example,
             model_config=model_config,
             on_nan=cfg.run.on_nan,
+            output_key=cfg.model.output_key,
         )
         if notes:
             module.plan.notes["data"] = notes

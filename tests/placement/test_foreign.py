@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.model_io import OutputSelectionError
 from regfw.placement import foreign
 from regfw.placement.dataflow import call_with_example
 from regfw.placement.plan import apply_plan, make_plan
@@ -113,8 +114,11 @@ def test_dict_output_message_names_the_keys():
         def forward(self, x: torch.Tensor) -> dict:
             return {"out": self.fc(self.drop(x)), "aux": x}
 
-    with pytest.raises(TypeError, match=r"got a dict with keys 'out', 'aux'.*forward\(x\) = model\(x\)\['out'\]"):
-        mc_predict(Seg(), torch.randn(2, 4), samples=3, seed=0)
+    with pytest.raises(OutputSelectionError, match=r"got a dict with keys 'out' \(Tensor\[2, 3\]\), 'aux' "
+                                                   r"\(Tensor\[2, 4\]\).*output_key='out'"):
+        mc_predict(Seg(), torch.randn(2, 4), samples=3, seed=0, strategy="batched")
+    assert mc_predict(Seg(), torch.randn(2, 4), samples=3, seed=0, strategy="batched",
+                      output_key="out").outputs.shape == (3, 2, 3)
 
 
 def test_example_input_forms_and_the_message_for_others():

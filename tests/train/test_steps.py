@@ -139,9 +139,15 @@ def test_batch_convention_tuples_dicts_and_bare_tensors():
     assert split_batch({"inputs": x, "targets": y}) == (x, y)
     assert split_batch({"image": x, "label": y}, {"inputs": "image", "targets": "label"}) == (x, y)
     assert split_batch((y, x), BatchFormat(inputs=1, targets=0)) == (x, y)
-    with pytest.raises(ConfigError, match=r"batch: a dict batch without the inputs key 'inputs' \(its keys: 'image', "
+    # a dict without an "inputs" entry: the model's keyword inputs, minus every label key
+    mask = torch.ones(2, 3)
+    assert split_batch({"image": x, "label": y}) == ({"image": x}, y)
+    assert split_batch({"input_ids": x, "attention_mask": mask, "labels": y}) == (
+        {"input_ids": x, "attention_mask": mask}, y)
+    assert split_batch({"input_ids": x}) == ({"input_ids": x}, None)
+    with pytest.raises(ConfigError, match=r"batch: a dict batch without the inputs key 'image' \(its keys: 'pixels', "
                                           r"'label'\); name the key"):
-        split_batch({"image": x, "label": y})
+        split_batch({"pixels": x, "label": y}, {"inputs": "image"})
     with pytest.raises(ConfigError, match=r"batch\.input: unknown key"):
         BatchFormat.coerce({"input": "image"})
 
