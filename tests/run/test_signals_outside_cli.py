@@ -23,6 +23,12 @@ import pytest
 #: milliseconds here); the rest is the interpreter's exit, slower on a loaded machine.
 BOUND = 5.0
 
+
+def bound(bare_took: float) -> float:
+    """How long the regfw process may take to stop: :data:`BOUND`, or on a machine so loaded that
+    the bare module (the same script without regfw) itself takes longer, twice what it took."""
+    return max(BOUND, 2 * bare_took)
+
 SCRIPT = r'''
 import signal, sys, threading, time
 import pytorch_lightning as pl
@@ -164,9 +170,8 @@ def test_sigterm_stops_a_plain_fit_like_a_bare_module(tmp_path, kind, samples):
     took, rc, state, out = _stop(tmp_path, kind, signal.SIGTERM, samples)
     # the bare module: Lightning's own behaviour, the reference (SIGTERMException is SystemExit(None))
     assert bare["status"] == "interrupted" and bare_rc == 0, bare_out[-3000:]
-    assert bare_took < BOUND, bare_out[-3000:]
     # the same for RegularizedModule: stopped by Lightning after the batch where the signal was seen
-    assert took < BOUND, f"{kind} took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert took < bound(bare_took), f"{kind} took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], rc) == ("interrupted", 0), out[-3000:]
     assert (bare["raised"], state["raised"]) == ("SIGTERMException", "SIGTERMException"), out[-3000:]
     # wherever it lands (a training batch, a validation, the end of an epoch), Lightning stops at the
@@ -180,8 +185,8 @@ def test_sigterm_stops_a_plain_fit_like_a_bare_module(tmp_path, kind, samples):
 def test_sigint_stops_a_plain_fit_like_a_bare_module(tmp_path):
     bare_took, bare_rc, bare, bare_out = _stop(tmp_path, "bare", signal.SIGINT)
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGINT, 30)
-    assert (bare["status"], bare_rc) == ("interrupted", 1) and bare_took < BOUND, bare_out[-3000:]
-    assert took < BOUND, f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert (bare["status"], bare_rc) == ("interrupted", 1), bare_out[-3000:]
+    assert took < bound(bare_took), f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], rc) == ("interrupted", 1), out[-3000:]
     assert "Detected KeyboardInterrupt" in out and state["raised"] == bare["raised"] == "SystemExit", out[-3000:]
     assert state["threads"] == "[]", state
@@ -193,8 +198,8 @@ def test_sigterm_during_a_long_mc_validation_stops_at_once(tmp_path):
     the evaluation epoch at the signal, as fast as a bare module stops training."""
     bare_took, _, bare, bare_out = _stop(tmp_path, "bare", signal.SIGTERM, val_rows=1024, marker="VALIDATING")
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGTERM, 50000, val_rows=1024, marker="VALIDATING")
-    assert bare["status"] == "interrupted" and bare_took < BOUND, bare_out[-3000:]
-    assert took < BOUND, f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert bare["status"] == "interrupted", bare_out[-3000:]
+    assert took < bound(bare_took), f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], state["raised"], rc) == ("interrupted", "SIGTERMException", 0), out[-3000:]
     # stopped inside the second epoch's validation: only the first epoch's MC run completed, and no
     # training step was taken after the signal
