@@ -186,7 +186,8 @@ def test_sigint_stops_a_plain_fit_like_a_bare_module(tmp_path):
     bare_took, bare_rc, bare, bare_out = _stop(tmp_path, "bare", signal.SIGINT)
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGINT, 30)
     assert (bare["status"], bare_rc) == ("interrupted", 1), bare_out[-3000:]
-    assert took < bound(bare_took), f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert took < bound(bare_took), \
+        f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], rc) == ("interrupted", 1), out[-3000:]
     assert "Detected KeyboardInterrupt" in out and state["raised"] == bare["raised"] == "SystemExit", out[-3000:]
     assert state["threads"] == "[]", state
@@ -199,7 +200,8 @@ def test_sigterm_during_a_long_mc_validation_stops_at_once(tmp_path):
     bare_took, _, bare, bare_out = _stop(tmp_path, "bare", signal.SIGTERM, val_rows=1024, marker="VALIDATING")
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGTERM, 50000, val_rows=1024, marker="VALIDATING")
     assert bare["status"] == "interrupted", bare_out[-3000:]
-    assert took < bound(bare_took), f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
+    assert took < bound(bare_took), \
+        f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
     assert (state["status"], state["raised"], rc) == ("interrupted", "SIGTERMException", 0), out[-3000:]
     # stopped inside the second epoch's validation: only the first epoch's MC run completed, and no
     # training step was taken after the signal
