@@ -1,0 +1,144 @@
+"""Every code example of the docs and the README works as shown.
+
+A ```python block runs as it is, in a fresh namespace and an empty working directory; a ```yaml
+block is a regfw config and must validate (``load_config``). The line before a block may say
+otherwise, with a reason a reader can see in the page's source:
+
+- ``<!-- not-run: REASON -->``: a fragment or signature, or a block that needs something the test
+  environment lacks (torchvision, a plugin package, a data file);
+- ``<!-- example: NAME -->``: a named example that a test of its own runs (it must name it), such
+  as the README's Python example or the LightningCLI files below.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w[\w-]*)?[^\n]*$")
+MARKER = re.compile(r"^<!-- (not-run|example): ?(.*?) ?-->$")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block of a page, with the marker on the line before it (if any)."""
+
+    page: Path
+    line: int
+    language: str
+    code: str
+    marker: str = ""
+    argument: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of ``page`` in order (a fence's info string is its language)."""
+    found: list[Block] = []
+    lines = page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        marker = MARKER.match(before)
+        found.append(Block(page, i + 1, match.group(1) or "", "\n".join(lines[i + 1:end]) + "\n",
+                           *(marker.groups() if marker else ())))
+        i = end + 1
+    return found
+
+
+ALL = [b for page in PAGES for b in blocks(page)]
+PYTHON = [b for b in ALL if b.language == "python" and not b.marker]
+YAML = [b for b in ALL if b.language == "yaml" and not b.marker]
+
+
+def named(name: str) -> Block:
+    """The block marked ``<!-- example: NAME -->`` (exactly one)."""
+    found = [b for b in ALL if b.marker == "example" and b.argument == name]
+    assert len(found) == 1, f"<!-- example: {name} --> marks {len(found)} blocks"
+    return found[0]
+
+
+def test_the_pages_hold_examples_and_every_marker_says_why():
+    assert len(PYTHON) >= 5 and len(YAML) >= 5
+    for block in ALL:
+        if block.marker == "not-run":
+            assert len(block.argument) > 8, f"{block.id}: say why the block is not run"
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
+    for block in ALL:
+        if block.marker == "example":
+            assert f"example: {block.argument}" in tests or f'"{block.argument}"' in tests, \
+                f"{block.id}: no test runs example {block.argument!r}"
+    for page in PAGES:  # a marker not right before a block would silently mark nothing
+        text = page.read_text()
+        for match in re.finditer(r"^<!-- (?:not-run|example):.*-->\n+(.*)$", text, re.M):
+            assert match.group(1).startswith("```"), f"{page.name}: a marker is not followed by a code block"
+
+
+@pytest.mark.parametrize("block", PYTHON, ids=lambda b: b.id)
+def test_python_example_runs(block: Block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs_example__"}
+    exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the example is the test
+
+
+@pytest.mark.parametrize("block", YAML, ids=lambda b: b.id)
+def test_yaml_example_is_a_valid_config(block: Block, tmp_path):
+    from regfw.config.schema import load_config
+
+    path = tmp_path / "example.yaml"
+    path.write_text(block.code)
+    cfg = load_config(path)
+    assert cfg.source == str(path)
+
+
+@pytest.mark.slow
+def test_the_lightningcli_example_trains_and_its_saved_config_trains_the_same_run(tmp_path):
+    """docs/lightning.md: the script and the YAML file as shown, run as ``python cli.py fit --config``."""
+    (tmp_path / "cli.py").write_text(named("lightningcli-script").code)
+    (tmp_path / "config.yaml").write_text(named("lightningcli-config").code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def fit(config: Path) -> list[str]:
+        proc = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [line for line in proc.stdout.splitlines() if line.startswith("regfw-cli-example:")]
+
+    first = fit(tmp_path / "config.yaml")
+    assert first, "the script printed no summary"
+    saved = sorted(tmp_path.rglob("lightning_logs/version_0/config.yaml"))
+    assert saved, "LightningCLI saved no config"
+    assert fit(saved[0]) == first
+
+
+@pytest.mark.slow
+def test_the_regression_example_reads_the_checkpoint_of_the_documented_fit(tmp_path, monkeypatch):
+    """docs/regression.md: ``PYTHONPATH=bench regfw fit bench/uci_yacht.yaml --run-dir runs/yacht0`` (2 epochs
+    here, not 4000), then its Python block as shown. Untrained, the net is off by several of yacht's target
+    units (they spread about 15), not by a standardised ~1: the block reports original units."""
+    from regfw.cli.main import main
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", str(ROOT / "bench" / "uci_yacht.yaml"), "--run-dir", "runs/yacht0", "trainer.max_epochs=2",
+                 "uncertainty.enabled=false"]) == 0
+    namespace: dict = {"__name__": "__docs_example__"}
+    block = named("regression-python")
+    exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the example is the test
+    assert 3.0 < namespace["rmse"] < 40.0
+    assert -50.0 < namespace["ll"] < 0.0
