@@ -8,7 +8,7 @@ name, description, docstring, layer kinds and settings): neither is ever written
 field added to the code is on the site at the next build.
 
 Where a field's description comes from, first found wins: the ``#:`` comment lines right above it
-in its class, the ``doc`` of its field metadata (``regfw.config.rate(doc=...)``), a
+in its class, the ``doc`` of its field metadata (``regfw.config.schema.rate(doc=...)``), a
 ````field``: text`` paragraph of its class docstring, the docstring of its own dataclass.
 """
 from __future__ import annotations
@@ -217,7 +217,7 @@ def key_table(keys: list[Key]) -> str:
 
 def config_sections() -> list[tuple[str, type | None, str]]:
     """``(section, its dataclass or None, its description)`` in the order of ``TOP_LEVEL``."""
-    from regfw import config
+    from regfw.config import schema as config
 
     classes: dict[str, type] = {"data": config.DataConfig, "model": config.ModelConfig,
                                 "optimizer": config.OptimizerConfig, "lr_scheduler": config.LRSchedulerConfig,
@@ -231,9 +231,9 @@ def config_sections() -> list[tuple[str, type | None, str]]:
 
 def config_reference() -> str:
     """Every key of a config file, section by section, from the schema."""
-    from regfw.config import TRAINER_DEFAULTS
-    from regfw.trainer_args import TRAINER_ARGUMENTS
-    from regfw.trainer_config import OWNED
+    from regfw.config.schema import TRAINER_DEFAULTS
+    from regfw.config.trainer import OWNED
+    from regfw.config.trainer_args import TRAINER_ARGUMENTS
 
     parts: list[str] = []
     for name, cls, description in config_sections():
@@ -271,7 +271,7 @@ def config_reference() -> str:
 
 def builtin_specs() -> list:
     """The registered built-in regularizers (those of the ``regfw`` distribution), by name."""
-    from regfw.registry import get_registry
+    from regfw.registry.regularizers import get_registry
 
     return sorted((s for s in get_registry().all_specs() if s.builtin), key=lambda s: s.name)
 
