@@ -68,9 +68,16 @@ PYTHON = [b for b in ALL if b.language == "python" and not b.marker]
 YAML = [b for b in ALL if b.language == "yaml" and not b.marker]
 
 
-def named(name: str) -> Block:
-    """The block marked ``<!-- example: NAME -->`` (exactly one)."""
+def examples(name: str) -> list[Block]:
+    """The blocks marked ``<!-- example: NAME -->``."""
     found = [b for b in ALL if b.marker == "example" and b.argument == name]
+    assert found, f"no block is marked <!-- example: {name} -->"
+    return found
+
+
+def named(name: str) -> Block:
+    """The one block marked ``<!-- example: NAME -->``."""
+    found = examples(name)
     assert len(found) == 1, f"<!-- example: {name} --> marks {len(found)} blocks"
     return found[0]
 
@@ -155,3 +162,34 @@ def test_the_regression_example_reads_the_checkpoint_of_the_documented_fit(tmp_p
     namespace = run(named("regression-python"), monkeypatch)
     assert 3.0 < namespace["rmse"] < 40.0
     assert math.isfinite(namespace["ll"]) and namespace["ll"] < 0.0
+
+
+def _shown(block: Block) -> tuple[list[str], list[str]]:
+    """The command of a console block (its ``$`` line, split) and the lines it shows after it."""
+    lines = block.code.splitlines()
+    assert lines[0].startswith("$ regfw "), block.id
+    return lines[0][len("$ regfw "):].split(), [line for line in lines[1:] if line.strip()]
+
+
+def test_the_plan_the_command_line_page_shows_is_what_regfw_plan_prints(monkeypatch, capsys):
+    """docs/cli.md: ``regfw plan templates/demo.yaml``, line for line."""
+    from regfw.cli.main import main
+
+    args, shown = _shown(named("plan-demo"))
+    monkeypatch.chdir(ROOT)
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in shown if line not in printed] == []
+
+
+@pytest.mark.parametrize("block", examples("config-error"), ids=lambda b: b.id)
+def test_the_misspelled_key_of_the_pages_gets_the_error_line_they_show(block: Block, tmp_path, monkeypatch, capsys):
+    """README.md and docs/config.md: their config with ``regularizers.dropout.hiden=0.3``, as one line, exit 2."""
+    from regfw.cli.main import main
+
+    config = next(b for b in blocks(block.page) if b.language == "yaml" and b.line < block.line)
+    (tmp_path / "cfg.yaml").write_text(config.code)
+    monkeypatch.chdir(tmp_path)
+    args, shown = _shown(block)
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == shown
