@@ -106,7 +106,13 @@ def install() -> None:
 
 
 def forward(package: str, name: str) -> Any:
-    """A name of the old module ``package`` (now a package), from the module it moved to."""
+    """A name of the old module ``package`` (now a package), from the module it moved to.
+
+    A sub-module of the package is not forwarded: ``from regfw.placement import foreign`` asks the
+    package for ``foreign`` before importing it, and forwarding would import the old module's new
+    home (which may be importing this very sub-module) instead of the sub-module."""
+    if importlib.util.find_spec(f"{package}.{name}") is not None:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     new = MOVED[package]
     module = importlib.import_module(new)
     try:
