@@ -92,3 +92,39 @@ def _anchors(markdown: str) -> set[str]:
 
     headings = re.findall(r"^#{1,6} (.+?)\s*$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), re.M)
     return {slugify(re.sub(r"[`*]", "", h), "-") for h in headings}
+
+
+def test_every_regfw_name_the_pages_write_as_code_resolves_at_its_current_path():
+    """A code span that is a dotted ``regfw.`` path (``regfw.placement.kinds.TRANSFORMER_RANGE``) names a
+    module or an attribute that imports from there without a DeprecationWarning: the pages follow
+    the layout when modules move."""
+    import importlib
+    import warnings
+
+    def resolves(path: str) -> bool:
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for name in parts[cut:]:
+                    obj = getattr(obj, name)
+            except AttributeError:
+                return False
+            return True
+        return False
+
+    stale = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for page in PAGES:
+            for path in set(re.findall(r"`(regfw(?:\.\w+)+)(?:\(.*?\))?`", page.read_text())):
+                try:
+                    ok = resolves(path)
+                except DeprecationWarning as exc:
+                    ok, path = False, f"{path} ({exc})"
+                if not ok:
+                    stale.append(f"{page.name}: {path}")
+    assert not stale, stale
