@@ -330,10 +330,33 @@ def regularizer_list() -> str:
     return "\n".join(rows) + "\n"
 
 
+def extend_api() -> str:
+    """The API reference of ``regfw.extend``, the plugin door: one entry per name of its ``__all__``, in
+    that order, rendered by mkdocstrings from the object's own module; constants in a table."""
+    import regfw.extend as door
+
+    entries: list[str] = []
+    constants: list[str] = []
+    for name in door.__all__:
+        value = getattr(door, name)
+        if inspect.ismodule(value):
+            entries.append(f"### `{name}`\n\nThe module `{value.__name__}`: {first_paragraph(value.__doc__ or '')}\n")
+        elif inspect.isclass(value) or inspect.isfunction(value):
+            entries.append(f"::: {value.__module__}.{value.__qualname__}\n    options:\n      heading_level: 3\n"
+                           f"      show_root_full_path: false\n")
+        elif callable(value):  # a marker object (hookimpl), documented by its type
+            entries.append(f"### `{name}`\n\n{first_paragraph(type(value).__doc__ or '')}\n")
+        else:
+            constants.append(f"| `{name}` | `{_cell(repr(value))}` |")
+    table = "### Constants\n\n| name | value |\n|---|---|\n" + "\n".join(constants) + "\n" if constants else ""
+    return "\n".join(entries) + "\n" + table
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "config": config_reference,
     "regularizers": regularizer_reference,
     "regularizer-list": regularizer_list,
+    "extend-api": extend_api,
 }
 
 

@@ -95,3 +95,11 @@ def test_every_builtin_regularizer_has_a_section_with_its_description_and_settin
 def test_an_unknown_generator_is_an_error_naming_the_known_ones():
     with pytest.raises(ValueError, match=r"<!-- generate: nope -->: no such generator; known: config, "):
         reference.expand("<!-- generate: nope -->\n")
+
+
+def test_the_extend_api_page_has_every_name_of_the_plugin_door():
+    import regfw.extend as door
+
+    page = reference.expand((DOCS / "api" / "extend.md").read_text())
+    for name in door.__all__:
+        assert re.search(rf"(::: [\w.]+\.{name}$|^### `{name}`$|^\| `{name}` \|)", page, re.M), name
