@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
 
 # Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
-# configured in pyproject.toml.
+# configured in pyproject.toml; both also check the docs' generator, docs/_hooks/.
 lint: $(STAMP)
 	$(BIN)/ruff check regfw plugins tests bench templates docs/_hooks setup.py
 	$(BIN)/mypy
