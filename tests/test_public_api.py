@@ -87,7 +87,7 @@ def test_the_public_names_a_plugin_needs_are_listed():
             "kinds"} <= api["regfw"]
     assert {"rate", "nonneg", "positive", "InjectingRegularizer", "model_map", "Step", "hookimpl",
             "kinds", "HIDDEN", "RateRange"} <= api["regfw.extend"]
-    assert 40 <= len(api["regfw.extend"]) <= 60  # one door, not the internals published
+    assert 40 <= len(api["regfw.extend"]) <= 65  # one door, not the internals published
     assert "StochasticModule" in api["regfw.layers"]
     import regfw
     from regfw.layers import StochasticModule
