@@ -103,7 +103,12 @@ def run(block: Block, monkeypatch: pytest.MonkeyPatch) -> dict:
     return its namespace."""
     module = types.ModuleType("docs_example")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(block.code, block.id, "exec"), module.__dict__)  # noqa: S102 - the example is the test
+    try:
+        code = compile(block.code, block.id, "exec")
+    except SyntaxError as exc:
+        raise AssertionError(f"{block.id}: the python block is not a program ({exc.msg}); if it is a signature or a "
+                             f"fragment, put <!-- not-run: REASON --> on the line before it") from exc
+    exec(code, module.__dict__)  # noqa: S102 - the example is the test
     return module.__dict__
 
 
