@@ -291,7 +291,18 @@ def module_text(spec: Any, specs: list) -> str:
         own = [p for p in paragraphs if p.startswith("* ") and re.match(rf"\* ``{spec.name}``", p)]
         doc = "\n".join(own) if own else paragraphs[0]
     doc = re.sub(r"::$", ":", doc, flags=re.M)  # reST's literal-block marker; the indented block stays code
-    return markdown_of(doc)
+    return markdown_of(definition_lists(doc))
+
+
+def definition_lists(doc: str) -> str:
+    """reST definition lists (a term line, its definition indented right below it) as Markdown
+    bullets: ``- **term**: definition``. An indented block after a blank line (a literal block)
+    is left as it is."""
+    def item(match: re.Match[str]) -> str:
+        body = " ".join(line.strip() for line in match.group(2).splitlines())
+        return f"- **{match.group(1).strip()}**: {body}\n"
+
+    return re.sub(r"^(\S[^\n]*)\n((?:    [^\n]*(?:\n|$))+)", item, doc, flags=re.M)
 
 
 def regularizer_reference() -> str:
