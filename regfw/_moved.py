@@ -108,9 +108,9 @@ def install() -> None:
 def forward(package: str, name: str) -> Any:
     """A name of the old module ``package`` (now a package), from the module it moved to.
 
-    A sub-module of the package is not forwarded: ``from regfw.placement import foreign`` asks the
-    package for ``foreign`` before importing it, and forwarding would import the old module's new
-    home (which may be importing this very sub-module) instead of the sub-module."""
+    A submodule of the package is never forwarded: ``from regfw.run import stopping`` asks the
+    package for ``stopping`` before it imports ``regfw.run.stopping``, and answering from the old
+    module would import it (and torch, and Lightning) and warn on a path that is not old."""
     if importlib.util.find_spec(f"{package}.{name}") is not None:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     new = MOVED[package]
