@@ -12,7 +12,7 @@ ZOO_STAMP := $(ZOO_VENV)/.installed
 WHEEL_VENV := .venv-wheel
 WHEEL_TESTS := REGFW_WHEEL_VENV=$(CURDIR)/$(WHEEL_VENV) $(BIN)/python -m pytest -q tests/installed
 
-.PHONY: demo test test-zoo test-wheel wheel-env lint setup setup-zoo bench bench-peers bench-uci clean
+.PHONY: demo test test-zoo test-wheel wheel-env lint docs docs-site setup setup-zoo bench bench-peers bench-uci clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,26 +44,39 @@ demo: $(STAMP)
 	$(BIN)/regfw demo templates/demo.yaml
 
 # Style and types: ruff (pyflakes, pycodestyle, bugbear, import order, pyupgrade) and mypy, as
-# configured in pyproject.toml.
+# configured in pyproject.toml; both also check the docs' generator, docs/_hooks/.
 lint: $(STAMP)
-	$(BIN)/ruff check regfw plugins tests bench templates setup.py
+	$(BIN)/ruff check regfw plugins tests bench templates docs/_hooks setup.py
 	$(BIN)/mypy
 
-# `make test`: ruff and mypy first, then the tests; those that install into the environment run alone,
-# after the parallel run; the zoo runs last, in its own environment. Two jobs run in the background
-# meanwhile: the zoo environment is built (output in .venv/zoo-setup.log, shown if it fails), and
-# `make test-wheel` builds the wheel, installs it into a fresh .venv-wheel and checks it there (output
-# in .venv/test-wheel.log: its summary is shown, the whole log if it fails). Most of their work is
-# unpacking files or waiting on one process, which overlaps well with the tests.
+# The documentation site (mkdocs.yml, docs/): built strictly into site/ (a broken link, anchor or API
+# reference fails), then every code example of the pages and the README is run (tests/docs/).
+# NO_MKDOCS_2_WARNING: mkdocs-material's notice about its successor, printed on every build.
+docs-site: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs: docs-site
+	$(BIN)/python -m pytest -q tests/docs tests/test_readme.py
+
+# `make test`: ruff and mypy first, then the tests (the docs' examples among them: tests/docs); those that
+# install into the environment run alone, after the parallel run; the zoo runs last, in its own environment.
+# Three jobs run in the background meanwhile: the zoo environment is built (output in .venv/zoo-setup.log,
+# shown if it fails), `make test-wheel` builds the wheel, installs it into a fresh .venv-wheel and checks it
+# there (output in .venv/test-wheel.log: its summary is shown, the whole log if it fails), and the docs site
+# is built strictly (`make docs-site`, output in .venv/docs-site.log, shown if it fails). Most of their work
+# is unpacking files or waiting on one process, which overlaps well with the tests.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory $(ZOO_STAMP) > $(VENV)/zoo-setup.log 2>&1 & zoo=$$!; \
 	$(MAKE) --no-print-directory test-wheel > $(VENV)/test-wheel.log 2>&1 & wheel=$$!; \
+	$(MAKE) --no-print-directory docs-site > $(VENV)/docs-site.log 2>&1 & site=$$!; \
 	status=0; \
 	$(MAKE) --no-print-directory lint \
 	&& $(BIN)/python -m pytest -n 2 -q -m "not serial" --ignore=tests/zoo \
 	&& $(BIN)/python -m pytest -q -m serial --ignore=tests/zoo || status=$$?; \
 	if ! wait $$zoo; then cat $(VENV)/zoo-setup.log; echo "make test: building $(ZOO_VENV) failed" >&2; status=1; \
 	elif [ $$status -eq 0 ]; then $(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo || status=$$?; fi; \
+	if ! wait $$site; then cat $(VENV)/docs-site.log; echo "make test: the docs site did not build (make docs-site)" >&2; \
+	[ $$status -ne 0 ] || status=1; fi; \
 	if wait $$wheel; then echo "installed wheel (tests/installed, .venv/test-wheel.log):"; tail -n 1 $(VENV)/test-wheel.log; \
 	else cat $(VENV)/test-wheel.log; echo "make test: the installed wheel failed; log above and in $(VENV)/test-wheel.log" >&2; \
 	[ $$status -ne 0 ] || status=1; fi; \
@@ -106,4 +119,4 @@ bench-peers: $(PEERS_STAMP)
 	$(PEERS)/bin/python bench/peers.py
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(WHEEL_VENV) $(PEERS) runs build dist *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) $(WHEEL_VENV) $(PEERS) runs build dist site *.egg-info

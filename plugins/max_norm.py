@@ -80,6 +80,7 @@ class MaxNormConfig:
     """``regularizers.max_norm``: the bound and the layers it applies to."""
 
     max_value: float = positive(DEFAULT_MAX_VALUE, doc="c: the largest allowed incoming weight norm per unit")
+    #: The layer kinds whose units are bounded: hidden Linear layers, conv layers (per output channel).
     kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: ["hidden", "conv"])
     #: Also constrain the model's output layer (its units are not hidden units).
     output: bool = False

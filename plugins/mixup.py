@@ -28,6 +28,7 @@ class MixupConfig:
     """``regularizers.mixup``."""
 
     alpha: float = positive(0.2, doc="lam ~ Beta(alpha, alpha); mixup's ImageNet setting 0.2, CIFAR 1.0; CutMix 1.0")
+    #: CutMix instead of mixup: paste a box of the partner image (inputs (N, C, H, W)) rather than blend.
     cutmix: bool = False
     prob: float = field(default=1.0, metadata={"doc": "the probability that a batch is mixed, in [0, 1]"})
 

@@ -207,6 +207,7 @@ class NoiseConfig:
     conv_std: float = nonneg(0.0, doc="noise after conv layers (after BatchNorm and activation)")
     recurrent_std: float = nonneg(0.0, doc="noise on recurrent layer outputs")
     weight_std: float = nonneg(0.0, doc="noise on the weights of layers of weight_kinds, per forward pass")
+    #: The layer kinds whose weights get ``weight_std`` noise (put back exactly after each forward pass).
     weight_kinds: list[Literal["hidden", "conv"]] = field(default_factory=lambda: ["hidden", "conv"])
 
     def __post_init__(self) -> None:

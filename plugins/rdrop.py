@@ -41,6 +41,8 @@ class RDropConfig:
     """``regularizers.rdrop``."""
 
     alpha: float = nonneg(1.0, doc="weight of the symmetric KL term (paper: 0.3 to 5 by task)")
+    #: Both passes in one forward call on the batch concatenated with itself; false: a second forward call
+    #: (for models whose batch dimension is not the first, or whose layers mix a batch's examples).
     batched: bool = True
 
 

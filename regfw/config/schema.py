@@ -42,13 +42,21 @@ from regfw.errors import ConfigError, closest_hint, short_repr
 class DataConfig:
     """``data:`` a built-in dataset by ``name`` or a LightningDataModule by ``class_path``."""
 
+    #: A built-in data set: ``digits`` (scikit-learn's 8x8 digits, classification) or ``diabetes``
+    #: (regression); null when ``class_path`` is set.
     name: Literal["digits", "diabetes"] | None = "digits"
+    #: Your own LightningDataModule (``mypkg.data.MyDataModule``) instead of a built-in; the data keys
+    #: set in the config are passed to its constructor.
     class_path: str | None = None
+    #: Keyword arguments of the data module's constructor.
     init_args: dict = field(default_factory=dict)
+    #: Examples per training batch.
     batch_size: int = positive(64)
+    #: Share of the data held out for validation (built-in data sets).
     val_fraction: float = field(default=0.25, metadata={"range": (0.0, 1.0, "(0, 1)", "exclusive")})
     #: Use only this fraction of the training split (smaller data overfits more).
     train_fraction: float = field(default=1.0, metadata={"range": (0.0, 1.0000001, "(0, 1]", "exclusive")})
+    #: DataLoader worker processes (0: load in the training process).
     num_workers: int = nonneg(0)
     #: Where inputs and targets sit in a batch: ``{inputs: 0, targets: 1}`` (tuple batches, the
     #: default) or dict keys, ``{inputs: image, targets: label}``; used by the module, MC
@@ -86,8 +94,11 @@ DATA_KEYS = ("batch_size", "val_fraction", "train_fraction", "num_workers")
 class ModelConfig:
     """``model:`` a built-in model by ``name`` or an ``nn.Module`` by ``class_path``."""
 
+    #: A built-in model: ``mlp``, ``cnn`` or ``lstm``, sized to the data; null when ``class_path`` is set.
     name: Literal["mlp", "cnn", "lstm"] | None = "mlp"
+    #: Your own ``nn.Module`` class, or a function returning one (``mypkg.models.Net``).
     class_path: str | None = None
+    #: Keyword arguments of the model's constructor (the mlp's ``hidden: [256, 128]``, ...).
     init_args: dict = field(default_factory=dict)
     #: ``auto`` picks cross-entropy for classification data, MSE for regression; also a loss
     #: class or function path (``torch.nn.HuberLoss``) or ``{class_path, init_args}``.
@@ -107,11 +118,19 @@ class OptimizerConfig:
     ``class_path`` and ``init_args`` (Lightning's convention; then name, lr, weight_decay and
     momentum are not used: put them in ``init_args``)."""
 
+    #: A ``torch.optim`` optimizer by its short name; null when ``class_path`` is set.
     name: Literal["adam", "adamw", "sgd", "rmsprop"] | None = "adam"
+    #: The learning rate.
     lr: float = positive(1e-3)
+    #: The optimizer's own weight decay, on every parameter; the ``weight_decay`` regularizer leaves
+    #: biases and norms out. Setting both is an error.
     weight_decay: float = nonneg(0.0)
+    #: Momentum of ``sgd`` and ``rmsprop`` (adam's betas play that part).
     momentum: float = nonneg(0.0)
+    #: Any optimizer class (``torch.optim.AdamW``; a bare name is looked up in ``torch.optim``); it gets
+    #: the regularizers' parameter groups.
     class_path: str | None = None
+    #: The optimizer's keyword arguments with ``class_path`` (``lr`` and the others go here then).
     init_args: dict = field(default_factory=dict)
 
 
@@ -121,10 +140,16 @@ class LRSchedulerConfig:
     Lightning's ``interval`` (``epoch`` or ``step``), ``frequency`` and ``monitor`` (the metric
     a ``ReduceLROnPlateau`` watches)."""
 
+    #: A learning-rate scheduler class (``torch.optim.lr_scheduler.CosineAnnealingLR``; a bare name is
+    #: looked up there).
     class_path: str | None = None
+    #: The scheduler's keyword arguments (``T_max: 20``).
     init_args: dict = field(default_factory=dict)
+    #: Step the scheduler every ``epoch`` or every optimizer ``step``.
     interval: Literal["epoch", "step"] = "epoch"
+    #: Step it every N intervals.
     frequency: int = positive(1)
+    #: The metric a ``ReduceLROnPlateau`` scheduler watches.
     monitor: str | None = "val_loss"
 
 
@@ -152,6 +177,7 @@ def _check_open_sections(raw: Mapping[str, Any], optimizer: OptimizerConfig) -> 
 class CalibrationConfig:
     """``uncertainty.calibration:`` post-hoc temperature scaling on held-out training data."""
 
+    #: Fit the temperatures before each sampled validation.
     enabled: bool = False
     #: Share of the training split held out for fitting the temperature (never validation data);
     #: a data module with a ``calibration_dataloader()`` method provides its own split instead.
@@ -165,9 +191,11 @@ class OODConfig:
     #: ``heldout_classes``: train and validate on ``in_classes`` only (default: the first half,
     #: digits 0-4), the validation inputs of the other classes are the OOD set.
     protocol: Literal["heldout_classes"] | None = None
+    #: The classes trained and validated on with ``heldout_classes`` (null: the first half).
     in_classes: list[int] | None = None
     #: Or any LightningDataModule whose ``val_dataloader()`` yields the OOD inputs.
     class_path: str | None = None
+    #: Keyword arguments of the OOD data module (``class_path``).
     init_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -188,21 +216,30 @@ class OODConfig:
 class UncertaintyConfig:
     """``uncertainty:`` Monte Carlo dropout at validation time (and at test time: ``regfw test``)."""
 
+    #: Sample MC dropout at validation; needs a dropout-family regularizer or a model with dropout.
     enabled: bool = True
+    #: Monte Carlo samples T per input (2 to 10,000; 30 is typical).
     samples: int = 30
+    #: Sample at every N-th validation epoch.
     every_n_epochs: int = positive(1)
+    #: How the T samples run: ``loop`` (T passes), ``batched`` (the batch repeated T times) or ``auto``
+    #: (what precedes the first stochastic layer computed once, the rest replayed T times).
     strategy: Literal["auto", "loop", "batched"] = "auto"
+    #: Sample at most this many validation batches (null: all).
     max_batches: int | None = None
     #: None: mutual information for classification, variance for regression.
     score: Literal["mutual_information", "entropy", "variation_ratio", "variance"] | None = None
     #: Refer samples whose score exceeds this to a human; None refers the top ``refer_fraction``.
     threshold: float | None = None
+    #: Without a threshold, the share of inputs referred to a human: the most uncertain ones.
     refer_fraction: float = field(default=0.1, metadata={"range": (0.0, 1.0, "[0, 1)")})
+    #: Memory for one batched pass, in MiB; larger work is done in chunks that fit.
     budget_mb: float = positive(256.0)
     #: Regression with the mse loss: the noise precision τ (aleatoric variance 1/τ), in the units the
     #: metrics are reported in (`units`: the original targets' by default, as papers state τ). Null
     #: leaves the aleatoric term out; `model.loss: gaussian_nll` makes the model predict it instead.
     tau: float | None = positive(None)
+    #: Draw the figures of the sampled validations (see ``plot_every``).
     plots: bool = True
     #: Dense outputs ([B, C, H, W], [B, L, V]): targets equal to this count in no metric.
     ignore_index: int | None = None
@@ -210,6 +247,7 @@ class UncertaintyConfig:
     plot_every: int | None = positive(None)
     #: The figures' file format, ``svg`` or ``png`` (both drawn by matplotlib, about 0.25 s of CPU each).
     plot_format: Literal["svg", "png"] = "svg"
+    #: The seed of MC dropout's own random stream (the training's draws are left untouched).
     seed: int = 1234
     #: Regression: report the MC metrics in the data's ``original`` units (undoing the target
     #: scaling the data module declares as ``target_scaling``; see regfw/train/targets.py) or in the
@@ -227,7 +265,9 @@ class UncertaintyConfig:
 class RunConfig:
     """``run:`` where run directories go, how often to checkpoint, and what a NaN loss does."""
 
+    #: The folder run directories are made in (``runs/<name>-<time>/``).
     dir: str = "runs"
+    #: The run directory's name before its time stamp (null: the config file's name).
     name: str | None = None
     #: Also rewrite ``checkpoints/last.ckpt`` every N training steps (0: only at epoch ends), so
     #: a killed run loses at most N steps. ``last.ckpt`` is always written on SIGTERM too.
