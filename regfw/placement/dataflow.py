@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from regfw.placement import foreign, tracing
-from regfw.tensors import iter_tensors
 from regfw.placement.untouched import untouched
+from regfw.tensors import iter_tensors
 
 #: The name prefix of the modules regfw inserts (every part of regfw reads it from here).
 INJECTED_PREFIX = "regfw_"

@@ -36,8 +36,8 @@ class _Snapshot:
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
         self.attrs = [dict(vars(m)) for m in self.modules]
-        self.containers = [{k: _contents(v) for k, v in vars(m).items() if type(v) in _CONTAINERS or
-                            isinstance(v, _CONTAINERS)} for m in self.modules]
+        self.containers = [{k: _contents(v) for k, v in vars(m).items() if isinstance(v, _CONTAINERS)}
+                           for m in self.modules]
         self.buffers = [{k: b.detach().clone() for k, b in m._buffers.items() if b is not None}
                         for m in self.modules]
 
@@ -105,8 +105,10 @@ def fingerprint(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, Any]:
                                           if not (skip and k.startswith(skip))}
             elif isinstance(value, dict):
                 out[f"{path}:{key}"] = {k: id(v) for k, v in value.items()}
-            elif isinstance(value, (list, set)):
-                out[f"{path}:{key}"] = sorted(id(v) for v in value) if isinstance(value, set) else [id(v) for v in value]
+            elif isinstance(value, set):
+                out[f"{path}:{key}"] = sorted(id(v) for v in value)
+            elif isinstance(value, list):
+                out[f"{path}:{key}"] = [id(v) for v in value]
             elif isinstance(value, (bool, int, float, str, type(None))):
                 out[f"{path}:{key}"] = value
             else:
