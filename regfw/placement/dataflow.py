@@ -5,13 +5,17 @@ Surgery needs two facts a module tree does not tell: which module consumes a lay
 BatchNorm), and where a residual branch joins its shortcut (to put DropPath on the branch).
 
 :class:`Dataflow` records module-to-module links between *units* (leaf modules, and the
-attention and recurrent layers as wholes). It is built from the best source available:
+attention and recurrent layers and norms as wholes). It is built from the best source available:
 
 ``trace``
     one forward pass of an example input in eval mode: a link ``a -> b`` is recorded when the
     tensor ``a`` returned is the very tensor object ``b`` receives, and a torch function mode
-    sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). Works
-    for every model.
+    sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). A unit's
+    output passed through shape functions (:data:`SHAPE_OPS`: ``flatten``, ``permute``, ...) or
+    rectified in place stays that unit's output. When the eval pass leaves units uncalled, a
+    training-mode pass adds the units that run only in training (an auxiliary head) and their
+    outputs. Both passes run inside :func:`regfw.placement.untouched.untouched`, so the model
+    keeps no cache entry, attribute or statistic from them. Works for every model.
 ``fx``
     without an example input, ``torch.fx`` symbolic tracing, when the model can be traced; the
     graph shows the same links and functional consumers.

@@ -6,16 +6,18 @@ This keeps every existing parameter name, so a state dict of the plain model sti
 works for any ``forward`` however it is written. The hooks are small picklable objects that
 look the child up by name, so ``copy.deepcopy`` and pickling keep working.
 
-Placement rules (:func:`after_anchor`), read from the model's dataflow
-(:mod:`regfw.placement.dataflow`):
+Placement rules (:func:`after_anchor`, :func:`plan_insertions`), read from the model's dataflow
+(:mod:`regfw.placement.dataflow`); docs/placement.md states each with the graph pattern it matches:
 
 * a module "after" a hidden, conv or recurrent layer goes after the norm and activation layers
-  that directly follow it, so it never sits between a layer and the BatchNorm that normalises
-  it, and comes after the nonlinearity as in Srivastava et al. 2014;
+  that directly follow it (through reshapes and placeholders), so it never sits between a layer
+  and the norm that normalises it, and comes after the nonlinearity as in Srivastava et al. 2014;
 * a module called more than once per forward pass (a shared ``nn.ReLU``) never carries one:
   the walk stops before it (for a non-negative mask, ``relu(m * x) = m * relu(x)``);
-* where the model already has a dropout module at that place, its rate is set (``existing:
-  override``) or left alone (``existing: keep``), and nothing is inserted;
+* where the model already has a dropout module at that place (even one called at several
+  places), its rate is set (``existing: override``) or left alone (``existing: keep``), and
+  nothing is inserted;
+* nothing goes inside a gate, after an output, or on a module the forward never calls;
 * a module regfw inserted earlier is updated, never inserted a second time.
 """
 from __future__ import annotations
