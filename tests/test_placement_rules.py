@@ -64,9 +64,12 @@ class TokenMlp(nn.Module):
         return self.head(self.act(self.ln1(x)).mean(1))
 
 
-def test_norm_after_a_reshape_still_follows_its_layer():
-    """Linear -> flatten -> BatchNorm1d -> reshape: the dropout goes after the norm and activation."""
-    regs, plan = plan_dropout(TokenMlp().eval(), torch.randn(2, 5, 8))
+@pytest.mark.parametrize("example", [True, False], ids=["traced", "fx"])
+def test_norm_after_a_reshape_still_follows_its_layer(example):
+    """Linear -> flatten -> BatchNorm1d -> reshape: the dropout goes after the norm and activation, read from
+    the traced pass or, without an example input, from the torch.fx graph."""
+    regs, plan = plan_dropout(TokenMlp().eval(), torch.randn(2, 5, 8) if example else None)
+    assert plan.context.model_map.flow.source == ("trace" if example else "fx")
     assert places(plan)["ln1.linear"] == "act"
 
 
@@ -249,6 +252,23 @@ def test_training_only_head_output_and_existing_dropout():
     assert "aux_fc1" not in places(plan) and "aux_fc2" not in places(plan)
     assert set_rows(plan)["aux_fc1"] == "aux_drop"
     assert not model.training and model.aux_drop.p == 0.7
+
+
+class FunctionalRelu(nn.Module):
+    """``self.drop(F.relu(self.fc(x)))``: the model's own dropout after a functional activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.drop(F.relu(self.fc(x))))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["traced", "fx"])
+def test_no_dropout_in_series_before_the_models_own_after_a_functional_activation(example):
+    regs, plan = plan_dropout(FunctionalRelu().eval(), torch.randn(4, 8) if example else None)
+    assert "fc" not in places(plan) and set_rows(plan)["fc"] == "drop"
 
 
 # --------------------------------------------------------------------------- dead modules

@@ -193,17 +193,22 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 return out
             return out
         out = func(*args, **kwargs)
-        in_place = [t for t in inputs if any(o is t for o in iter_tensors(out))]
+        if name in _ELEMENTWISE_NONLINEAR and len(inputs) == 1 and id(inputs[0]) in self.producer \
+                and isinstance(out, torch.Tensor):
+            # ``F.relu(fc(x))``, in place or not: the unit's output, rectified, goes on to whatever reads it
+            # next (a dropout module there is that place's dropout); the function is recorded as a user of
+            # the unit (a nonlinearity no hook can follow), not as a branch
+            src = self.producer[id(inputs[0])]
+            self.flow.function_users.setdefault(src, set()).add(name)
+            self.keep.append(out)
+            self.producer[id(out)] = src
+            if id(inputs[0]) in self.sources:
+                self.sources[id(out)] = self.sources[id(inputs[0])]
+            return out
         for t in inputs:
             src = self.producer.get(id(t))
-            if src is None:
-                continue
-            if name in _ELEMENTWISE_NONLINEAR and in_place and t is in_place[0] and len(inputs) == 1:
-                # ``F.relu(x, inplace=True)`` on a unit's output: the unit's output, rectified in place, goes
-                # on to whatever reads it next; the function is recorded as a user, not as a branch
-                self.flow.function_users.setdefault(src, set()).add(name)
-                continue
-            self.flow.link(src, FUNCTION, name)
+            if src is not None:
+                self.flow.link(src, FUNCTION, name)
         if name in _MUL:
             self._gates(inputs)
         # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
@@ -443,20 +448,46 @@ def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
             flow.order.append(node.target)
         # The node's value, or output[0] of a tuple, and who uses it.
         outputs = [node] + [u for u in node.users if _module_producer(u) is node and u is not node]
-        for out in outputs:
-            for user in out.users:
-                if user.op == "call_module" and user.target in units and user.args and user.args[0] is out:
-                    flow.link(node.target, user.target)
-                elif _module_producer(user) is node or _is_metadata(user):
-                    continue
-                elif user.op == "call_function" and user.target is operator.getitem and out is node:
-                    continue  # output[k], k != 0, of a tuple: not the value hooks change
-                else:
-                    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-                    flow.link(node.target, FUNCTION, name)
-                    if name in _MUL:  # no sizes without an example input: every operand counts as a gate
-                        flow.gates.add(node.target)
+        for out, user in _users_through(outputs, flow, node.target):
+            if user.op == "call_module" and user.target in units and user.args and user.args[0] is out:
+                flow.link(node.target, user.target)
+            elif _module_producer(user) is node or _is_metadata(user):
+                continue
+            elif user.op == "call_function" and user.target is operator.getitem and out is node:
+                continue  # output[k], k != 0, of a tuple: not the value hooks change
+            else:
+                name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                flow.link(node.target, FUNCTION, name)
+                if name in _MUL:  # no sizes without an example input: every operand counts as a gate
+                    flow.gates.add(node.target)
     return flow
+
+
+def _fx_name(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _users_through(values: list[torch.fx.Node], flow: Dataflow, unit: str) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """``(value, user)`` pairs of the nodes using ``values``, looking through shape functions and
+    functional elementwise nonlinearities applied to the value alone (as the traced source does: the
+    value they return is still the unit's output; a nonlinearity is recorded as a user of ``unit``)."""
+    pairs: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        for user in value.users:
+            name = _fx_name(user) if user.op in ("call_method", "call_function") else ""
+            if name in _SHAPE_OF_SECOND and len(user.args) > 1 and user.args[1] is value and user.args[0] is not value:
+                continue  # ``y.reshape_as(value)`` reads the value's shape only
+            rest = (*user.args[1 + (name in _SHAPE_OF_SECOND):], *user.kwargs.values())
+            alone = bool(user.args) and user.args[0] is value and not any(isinstance(a, torch.fx.Node) for a in rest)
+            if alone and name in SHAPE_OPS | _ELEMENTWISE_NONLINEAR:
+                if name in _ELEMENTWISE_NONLINEAR:
+                    flow.function_users.setdefault(unit, set()).add(name)
+                stack.append(user)
+            else:
+                pairs.append((value, user))
+    return pairs
 
 
 def _is_metadata(node: torch.fx.Node) -> bool:
