@@ -11,10 +11,10 @@ attention and recurrent layers and norms as wholes). It is built from the best s
     one forward pass of an example input in eval mode: a link ``a -> b`` is recorded when the
     tensor ``a`` returned is the very tensor object ``b`` receives, and a torch function mode
     sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). A unit's
-    output passed through shape functions (:data:`SHAPE_OPS`: ``flatten``, ``permute``, ...) or
-    rectified in place stays that unit's output. When the eval pass leaves units uncalled, a
-    training-mode pass adds the units that run only in training (an auxiliary head) and their
-    outputs. Both passes run inside :func:`regfw.placement.untouched.untouched`, so the model
+    output passed through shape functions (:data:`SHAPE_OPS`: ``flatten``, ``permute``, ...) or a
+    functional elementwise nonlinearity (``F.relu``) stays that unit's output. When the eval pass
+    leaves units uncalled, a training-mode pass adds the units that run only in training (an
+    auxiliary head) and their outputs. Both passes run inside :func:`regfw.placement.untouched.untouched`, so the model
     keeps no cache entry, attribute or statistic from them. Works for every model.
 ``fx``
     without an example input, ``torch.fx`` symbolic tracing, when the model can be traced; the
@@ -95,9 +95,9 @@ class Dataflow:
     #: Units that run only in training mode (an auxiliary head), seen by a second, training-mode pass
     #: made when the eval pass left units uncalled (trace only).
     training_only: set[str] = field(default_factory=set)
-    #: True when every unit the forward can call was seen (an example-input trace that ran in both
-    #: modes, or an fx graph): a unit absent from ``calls`` is then dead (its weights are used
-    #: functionally, or it is never reached).
+    #: True when every unit the forward can call was seen (an example-input trace whose eval pass called
+    #: every unit, or whose training pass ran too): a unit absent from ``calls`` is then dead (its weights
+    #: are used functionally, or it is never reached). Never set for the fx and sequential sources.
     complete: bool = False
 
     def link(self, a: str, b: str, function: str = "") -> None:
@@ -190,7 +190,6 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 self.producer[id(out)] = self.producer[id(inputs[0])]
                 if id(inputs[0]) in self.sources:
                     self.sources[id(out)] = self.sources[id(inputs[0])]
-                return out
             return out
         out = func(*args, **kwargs)
         if name in _ELEMENTWISE_NONLINEAR and len(inputs) == 1 and id(inputs[0]) in self.producer \
