@@ -5,13 +5,17 @@ Surgery needs two facts a module tree does not tell: which module consumes a lay
 BatchNorm), and where a residual branch joins its shortcut (to put DropPath on the branch).
 
 :class:`Dataflow` records module-to-module links between *units* (leaf modules, and the
-attention and recurrent layers as wholes). It is built from the best source available:
+attention and recurrent layers and norms as wholes). It is built from the best source available:
 
 ``trace``
     one forward pass of an example input in eval mode: a link ``a -> b`` is recorded when the
     tensor ``a`` returned is the very tensor object ``b`` receives, and a torch function mode
-    sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). Works
-    for every model.
+    sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). A unit's
+    output passed through shape functions (:data:`SHAPE_OPS`: ``flatten``, ``permute``, ...) or a
+    functional elementwise nonlinearity (``F.relu``) stays that unit's output. When the eval pass
+    leaves units uncalled, a training-mode pass adds the units that run only in training (an
+    auxiliary head) and their outputs. Both passes run inside :func:`regfw.placement.untouched.untouched`, so the model
+    keeps no cache entry, attribute or statistic from them. Works for every model.
 ``fx``
     without an example input, ``torch.fx`` symbolic tracing, when the model can be traced; the
     graph shows the same links and functional consumers.
@@ -40,7 +44,11 @@ import torch
 from torch import nn
 
 from regfw.placement import foreign, tracing
+from regfw.placement.untouched import untouched
 from regfw.tensors import iter_tensors
+
+#: The name prefix of the modules regfw inserts (every part of regfw reads it from here).
+INJECTED_PREFIX = "regfw_"
 
 #: Activations that commute with multiplying a sample by a non-negative factor
 #: (``f(m * x) = m * f(x)`` for ``m >= 0``): a per-sample or per-element non-negative mask may be
@@ -81,6 +89,16 @@ class Dataflow:
     same_shape: set[str] = field(default_factory=set)
     #: Names of the functions (outside any unit) that consume each unit's output.
     function_users: dict[str, set[str]] = field(default_factory=dict)
+    #: Units whose forward only rearranges its input (a ``Permute`` or ``Flatten`` module): their
+    #: forward calls shape functions only (:data:`SHAPE_OPS`) and keeps the number of elements (trace only).
+    reshapes: set[str] = field(default_factory=set)
+    #: Units that run only in training mode (an auxiliary head), seen by a second, training-mode pass
+    #: made when the eval pass left units uncalled (trace only).
+    training_only: set[str] = field(default_factory=set)
+    #: True when every unit the forward can call was seen (an example-input trace whose eval pass called
+    #: every unit, or whose training pass ran too): a unit absent from ``calls`` is then dead (its weights
+    #: are used functionally, or it is never reached). Never set for the fx and sequential sources.
+    complete: bool = False
 
     def link(self, a: str, b: str, function: str = "") -> None:
         """Record that ``b`` (a unit, or :data:`FUNCTION` named ``function``) consumes the output of
@@ -119,6 +137,15 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
+#: Functions that only rearrange a tensor's elements: a unit's output passed through them (``x.flatten(0, 1)``,
+#: ``x.permute(0, 2, 3, 1)``, ``x.transpose(-1, -2)``) is still that unit's output to whatever consumes it, so a
+#: norm after a reshape still directly follows its layer, and a gate stays a gate after a transpose.
+SHAPE_OPS = frozenset({
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "swapdims", "movedim",
+    "contiguous", "squeeze", "unsqueeze", "t", "view_as", "reshape_as", "mT",
+})
+#: Methods whose second tensor operand gives a shape only (``y.reshape_as(x)`` reads the shape of ``x``).
+_SHAPE_OF_SECOND = frozenset({"view_as", "reshape_as", "expand_as", "type_as"})
 
 
 class _FunctionWatch(torch.overrides.TorchFunctionMode):
@@ -128,17 +155,22 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
     without a unit with parameters in between (``sources``)."""
 
     def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
-                 sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]]) -> None:
+                 sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]],
+                 silent: list[int]) -> None:
         super().__init__()
         self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
         self.sources, self.keep = sources, keep
         #: per running unit call: (ids of its input tensors, ids of those whose values it used)
         self.unit_inputs = unit_inputs
+        #: > 0 while a module regfw inserted runs: its functions are not the host's own
+        self.silent = silent
         self.chain: dict[int, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if self.silent[0] > 0:
+            return func(*args, **kwargs)
         if self.depth[0] > 0:
             if self.current and name not in _METADATA:
                 self.flow.inner_calls.setdefault(self.current[-1], set()).add(name)
@@ -149,13 +181,35 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
         if name in _METADATA:
             return func(*args, **kwargs)
         inputs = [*iter_tensors(args), *iter_tensors(kwargs)]
+        if name in _SHAPE_OF_SECOND and len(inputs) == 2:
+            inputs = inputs[:1]
+        if name in SHAPE_OPS and len(inputs) == 1 and id(inputs[0]) in self.producer:
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):  # a reshaped unit output is that unit's output
+                self.keep.append(out)
+                self.producer[id(out)] = self.producer[id(inputs[0])]
+                if id(inputs[0]) in self.sources:
+                    self.sources[id(out)] = self.sources[id(inputs[0])]
+            return out
+        out = func(*args, **kwargs)
+        if name in _ELEMENTWISE_NONLINEAR and len(inputs) == 1 and id(inputs[0]) in self.producer \
+                and isinstance(out, torch.Tensor):
+            # ``F.relu(fc(x))``, in place or not: the unit's output, rectified, goes on to whatever reads it
+            # next (a dropout module there is that place's dropout); the function is recorded as a user of
+            # the unit (a nonlinearity no hook can follow), not as a branch
+            src = self.producer[id(inputs[0])]
+            self.flow.function_users.setdefault(src, set()).add(name)
+            self.keep.append(out)
+            self.producer[id(out)] = src
+            if id(inputs[0]) in self.sources:
+                self.sources[id(out)] = self.sources[id(inputs[0])]
+            return out
         for t in inputs:
             src = self.producer.get(id(t))
             if src is not None:
                 self.flow.link(src, FUNCTION, name)
         if name in _MUL:
             self._gates(inputs)
-        out = func(*args, **kwargs)
         # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
         # on it counts as a user of that unit
         origin = self.chain.get(id(inputs[0])) if len(inputs) == 1 else None
@@ -175,16 +229,30 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
         return out
 
     def _gates(self, operands: list[torch.Tensor]) -> None:
-        """``a * b`` of two feature tensors: the broadcast (smaller) operand is the gate; of equal
-        sizes (a gated linear unit), both are."""
+        """``a * b`` of two feature tensors from two paths: the broadcast (smaller) operand is the gate;
+        of equal sizes (a gated linear unit), both are. An operand counts as its unit's output through a
+        chain of one-tensor functions (``x * torch.sigmoid(self.fc(s))``, ``softmax`` weights); two
+        operands from one unit (``h * torch.sigmoid(h)``, a swish written out) are an activation, not a gate."""
         if len(operands) != 2 or min(t.numel() for t in operands) <= 1:
             return
         a, b = operands
+        origin = {id(t): self.producer.get(id(t)) or self.chain.get(id(t)) for t in operands}
+        if origin[id(a)] is not None and origin[id(a)] == origin[id(b)]:
+            return
         gates = [a, b] if a.numel() == b.numel() else [min(operands, key=lambda t: t.numel())]
         for t in gates:
-            src = self.producer.get(id(t))
+            src = origin[id(t)]
             if src is not None:
                 self.flow.gates.add(src)
+
+
+#: Elementwise nonlinearities by function name (those of :data:`regfw.placement.structure.NONLINEAR` that may act in
+#: place; kept here so that this module does not import the one that reads it).
+_ELEMENTWISE_NONLINEAR = frozenset({
+    "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "hardsigmoid", "hardswish",
+    "hardswish_", "tanh", "tanh_", "mish", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+    "leaky_relu_", "softplus", "hardtanh", "hardtanh_",
+})
 
 
 def _weighted(module: nn.Module) -> bool:
@@ -196,6 +264,46 @@ def _weighted(module: nn.Module) -> bool:
 
 
 def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) -> Dataflow:
+    """The dataflow of one eval-mode pass; when it leaves units uncalled, a second pass in training mode
+    (BatchNorm statistics, random state and every attribute restored after) adds the units that run only in
+    training (an auxiliary classifier) and the training outputs they reach."""
+    flow = _trace_pass(model, units, example_input, training=False)
+    uncalled = {p: m for p, m in units.items() if p not in flow.calls}
+    if not uncalled:
+        flow.complete = True
+        return flow
+    try:
+        with torch.random.fork_rng(devices=[]):
+            train = _trace_pass(model, units, example_input, training=True)
+    except Exception:  # noqa: BLE001 - a model that cannot run a training pass here (needs targets, batch of 1)
+        return flow
+    _merge_training(flow, train)
+    flow.complete = True
+    return flow
+
+
+def _merge_training(flow: Dataflow, train: Dataflow) -> None:
+    """Add to ``flow`` (an eval pass) what the training pass ``train`` shows of the units the eval pass
+    did not call, and the training outputs."""
+    extra = [p for p in train.order if p not in flow.calls]
+    flow.training_only.update(extra)
+    flow.order.extend(extra)
+    for a, succ in train.successors.items():
+        for b in succ:
+            if a in flow.training_only or b in flow.training_only:
+                flow.link(a, b)
+    for p in extra:
+        flow.calls[p] = train.calls[p]
+        for table in ("out_dims", "inner_calls", "function_users"):
+            if p in getattr(train, table):
+                getattr(flow, table)[p] = getattr(train, table)[p]
+    flow.same_shape |= train.same_shape & flow.training_only
+    flow.reshapes |= train.reshapes & flow.training_only
+    flow.gates |= train.gates & flow.training_only
+    flow.output_sources |= train.output_sources
+
+
+def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: Any, training: bool) -> Dataflow:
     flow = Dataflow("trace")
     producer: dict[int, str] = {}
     keep: list[torch.Tensor] = []  # keeps every recorded tensor alive so that ids stay unique
@@ -209,6 +317,7 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
     unit_inputs: list[tuple[set[int], set[int]]] = []
     in_tensors: dict[str, list[torch.Tensor]] = {}
     handles = []
+    silent = [0]
 
     def pre(path: str):
         def hook(module, args, kwargs):
@@ -247,6 +356,10 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
                 flow.out_dims.setdefault(path, out.dim())
                 if in_shapes.get(path) == tuple(out.shape):
                     flow.same_shape.add(path)
+                calls = flow.inner_calls.get(path, set())
+                if (calls and calls <= SHAPE_OPS and not any(True for _ in module.parameters()) and ts
+                        and ts[0].numel() == out.numel()):
+                    flow.reshapes.add(path)
             carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
             for t in iter_tensors(output):
                 if id(t) in given:
@@ -255,23 +368,32 @@ def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) ->
                 sources[id(t)] = carried
         return hook
 
-    for path, module in units.items():
-        # First before any other pre-hook, last after any other hook: regfw's own hooks (and the
-        # modules they call) count as part of the unit.
-        handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True, prepend=True))
-        handles.append(module.register_forward_hook(post(path)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), foreign.watch_functional_dropout(model), \
-                _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs):
-            output = call_with_example(model, example_input)
-        for t in iter_tensors(output):
-            flow.output_sources |= sources.get(id(t), frozenset())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    def hush(module, args):
+        silent[0] += 1
+
+    def unhush(module, args, output):
+        silent[0] -= 1
+
+    with untouched(model):
+        for path, module in units.items():
+            # First before any other pre-hook, last after any other hook: regfw's own hooks (and the
+            # modules they call) count as part of the unit.
+            handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True, prepend=True))
+            handles.append(module.register_forward_hook(post(path)))
+        for path, module in model.named_modules():  # what regfw inserted is not part of its host's forward
+            if path.rsplit(".", 1)[-1].startswith(INJECTED_PREFIX):
+                handles.append(module.register_forward_pre_hook(hush))
+                handles.append(module.register_forward_hook(unhush, always_call=True))
+        try:
+            model.train(training)
+            with torch.no_grad(), foreign.watch_functional_dropout(model), \
+                    _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs, silent):
+                output = call_with_example(model, example_input)
+            for t in iter_tensors(output):
+                flow.output_sources |= sources.get(id(t), frozenset())
+        finally:
+            for h in handles:
+                h.remove()
     return flow
 
 
@@ -300,7 +422,8 @@ def fx_trace(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> torch.fx.Gra
     calling any hook, so modules that regfw attached earlier are invisible and the graph is that of
     the model as written; ``leaves`` (and torch's own modules) are kept whole.
     """
-    return tracing.trace(model, leaves)
+    with untouched(model):
+        return tracing.trace(model, leaves)
 
 
 def _module_producer(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -324,20 +447,46 @@ def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
             flow.order.append(node.target)
         # The node's value, or output[0] of a tuple, and who uses it.
         outputs = [node] + [u for u in node.users if _module_producer(u) is node and u is not node]
-        for out in outputs:
-            for user in out.users:
-                if user.op == "call_module" and user.target in units and user.args and user.args[0] is out:
-                    flow.link(node.target, user.target)
-                elif _module_producer(user) is node or _is_metadata(user):
-                    continue
-                elif user.op == "call_function" and user.target is operator.getitem and out is node:
-                    continue  # output[k], k != 0, of a tuple: not the value hooks change
-                else:
-                    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-                    flow.link(node.target, FUNCTION, name)
-                    if name in _MUL:  # no sizes without an example input: every operand counts as a gate
-                        flow.gates.add(node.target)
+        for out, user in _users_through(outputs, flow, node.target):
+            if user.op == "call_module" and user.target in units and user.args and user.args[0] is out:
+                flow.link(node.target, user.target)
+            elif _module_producer(user) is node or _is_metadata(user):
+                continue
+            elif user.op == "call_function" and user.target is operator.getitem and out is node:
+                continue  # output[k], k != 0, of a tuple: not the value hooks change
+            else:
+                name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                flow.link(node.target, FUNCTION, name)
+                if name in _MUL:  # no sizes without an example input: every operand counts as a gate
+                    flow.gates.add(node.target)
     return flow
+
+
+def _fx_name(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _users_through(values: list[torch.fx.Node], flow: Dataflow, unit: str) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """``(value, user)`` pairs of the nodes using ``values``, looking through shape functions and
+    functional elementwise nonlinearities applied to the value alone (as the traced source does: the
+    value they return is still the unit's output; a nonlinearity is recorded as a user of ``unit``)."""
+    pairs: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        for user in value.users:
+            name = _fx_name(user) if user.op in ("call_method", "call_function") else ""
+            if name in _SHAPE_OF_SECOND and len(user.args) > 1 and user.args[1] is value and user.args[0] is not value:
+                continue  # ``y.reshape_as(value)`` reads the value's shape only
+            rest = (*user.args[1 + (name in _SHAPE_OF_SECOND):], *user.kwargs.values())
+            alone = bool(user.args) and user.args[0] is value and not any(isinstance(a, torch.fx.Node) for a in rest)
+            if alone and name in SHAPE_OPS | _ELEMENTWISE_NONLINEAR:
+                if name in _ELEMENTWISE_NONLINEAR:
+                    flow.function_users.setdefault(unit, set()).add(name)
+                stack.append(user)
+            else:
+                pairs.append((value, user))
+    return pairs
 
 
 def _is_metadata(node: torch.fx.Node) -> bool:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from regfw.placement.dataflow import Dataflow
+from regfw.placement.dataflow import INJECTED_PREFIX, Dataflow
 
 #: Elementwise nonlinearities, by the torch function name a forward calls.
 NONLINEAR = frozenset({
@@ -52,15 +52,45 @@ QKV_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj",
                        "to_q", "to_k", "to_v", "to_qkv", "in_proj"})
 
 
+#: Functions that normalise over a dimension.
+NORMALISING = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
+                         "local_response_norm"})
+#: A normalisation written out: a statistic over a dimension ...
+_STATISTICS = frozenset({"mean", "var", "std", "var_mean", "std_mean", "norm"})
+#: ... that the input is divided by.
+_SCALING = frozenset({"rsqrt", "div", "__truediv__", "__rtruediv__", "div_"})
+
+
+def _own(module: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """The children and parameters of ``module`` that are its own, not those of modules regfw inserted
+    (a plan applied earlier hangs a dropout on an activation: it stays an activation)."""
+    children = [c for n, c in module.named_children() if not n.startswith(INJECTED_PREFIX)]
+    params = list(module.parameters(recurse=False)) + [p for c in children for p in c.parameters()]
+    return children, params
+
+
 def is_activation(path: str, module: nn.Module, flow: Dataflow) -> bool:
     """True for a parameterless leaf module that the trace shows acting as an elementwise
-    nonlinearity (see the module docstring)."""
-    if any(True for _ in module.parameters()) or any(True for _ in module.children()):
+    nonlinearity (see the module docstring): whatever its class (``class MyGELU(nn.Module)``,
+    transformers' ``GELUActivation``), and still after regfw hung a module on it."""
+    children, params = _own(module)
+    if params or children:
         return False
     calls = flow.inner_calls.get(path)
     if not calls or path not in flow.same_shape:
         return False
     return bool(calls & NONLINEAR) and calls <= (NONLINEAR | _ARITHMETIC)
+
+
+def is_norm(path: str, module: nn.Module, flow: Dataflow) -> bool:
+    """True for a leaf module that the trace shows normalising its input over a dimension, whatever its
+    class: its forward calls a normalising function (``F.layer_norm``, ``F.batch_norm``, ...), or divides
+    by a statistic it computes (an RMSNorm written out: ``x * torch.rsqrt(x.pow(2).mean(-1))``), and its
+    output has its input's shape."""
+    calls = flow.inner_calls.get(path, set())
+    if path not in flow.same_shape or _own(module)[0]:
+        return False
+    return bool(calls & NORMALISING) or (bool(calls & _STATISTICS) and bool(calls & _SCALING))
 
 
 def gate_units(flow: Dataflow) -> set[str]:

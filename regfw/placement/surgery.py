@@ -6,16 +6,18 @@ This keeps every existing parameter name, so a state dict of the plain model sti
 works for any ``forward`` however it is written. The hooks are small picklable objects that
 look the child up by name, so ``copy.deepcopy`` and pickling keep working.
 
-Placement rules (:func:`after_anchor`), read from the model's dataflow
-(:mod:`regfw.placement.dataflow`):
+Placement rules (:func:`after_anchor`, :func:`plan_insertions`), read from the model's dataflow
+(:mod:`regfw.placement.dataflow`); docs/placement.md states each with the graph pattern it matches:
 
 * a module "after" a hidden, conv or recurrent layer goes after the norm and activation layers
-  that directly follow it, so it never sits between a layer and the BatchNorm that normalises
-  it, and comes after the nonlinearity as in Srivastava et al. 2014;
+  that directly follow it (through reshapes and placeholders), so it never sits between a layer
+  and the norm that normalises it, and comes after the nonlinearity as in Srivastava et al. 2014;
 * a module called more than once per forward pass (a shared ``nn.ReLU``) never carries one:
   the walk stops before it (for a non-negative mask, ``relu(m * x) = m * relu(x)``);
-* where the model already has a dropout module at that place, its rate is set (``existing:
-  override``) or left alone (``existing: keep``), and nothing is inserted;
+* where the model already has a dropout module at that place (even one called at several
+  places), its rate is set (``existing: override``) or left alone (``existing: keep``), and
+  nothing is inserted;
+* nothing goes inside a gate, after an output, or on a module the forward never calls;
 * a module regfw inserted earlier is updated, never inserted a second time.
 """
 from __future__ import annotations
@@ -30,13 +32,12 @@ from torch import nn
 from regfw.layers.base import attach_child
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
-from regfw.placement.dataflow import FUNCTION, Dataflow, ResidualAnalysis, build_dataflow
+from regfw.placement.dataflow import FUNCTION, INJECTED_PREFIX, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.placement.plan_items import PlanContext, PlanItem
 
 if TYPE_CHECKING:  # pragma: no cover
     from regfw.extend.regularizer import InjectingRegularizer
 
-INJECTED_PREFIX = "regfw_"
 _LAYER_KINDS = {K.HIDDEN, K.CONV, K.RECURRENT, K.ATTENTION}
 
 
@@ -50,6 +51,9 @@ class LayerInfo:
     order: int
     is_input: bool = False
     is_output: bool = False
+    #: The forward never calls it (its weights are used functionally, or it is unreachable): a hook on
+    #: it would never fire, so nothing is placed there.
+    dead: bool = False
 
 
 @dataclass
@@ -179,8 +183,9 @@ def _classify_all(model: nn.Module) -> tuple[list[LayerInfo], dict[str, nn.Modul
         if is_injected(path) or any(path.startswith(prefix + ".") for prefix in atomic_prefixes):
             continue
         kind = classify(module, path)
-        # A layer (or a skipped module) is one unit, even a container a plugin classified as one.
-        whole = kind in _LAYER_KINDS or kind == K.SKIP
+        # A layer, a norm (with any activation fused into it, timm's BatchNormAct2d) or a skipped module is
+        # one unit, even a container.
+        whole = kind in _LAYER_KINDS or kind in (K.SKIP, K.NORM)
         if path and whole:
             atomic_prefixes.append(path)
         own_children = [n for n in module._modules if not n.startswith(INJECTED_PREFIX)]
@@ -214,9 +219,13 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
             break
         if _has_own_params(info.module) and info.kind not in (K.NORM, K.SKIP):
             break  # e.g. an embedding consumes the input: no input dropout
-    for info in infos:  # activations of any library, by what their forward does
-        if info.kind is None and info.path in units and structure.is_activation(info.path, info.module, flow):
+    for info in infos:  # norms and activations of any library, by what their forward does
+        if info.kind is None and info.path in units and structure.is_norm(info.path, info.module, flow):
+            info.kind = K.NORM
+        elif info.kind is None and info.path in units and structure.is_activation(info.path, info.module, flow):
             info.kind = K.ACTIVATION
+        if flow.complete and info.path in units and info.path and info.path not in flow.calls:
+            info.dead = True
     if flow.output_sources:  # every layer reaching an output with no weight layer in between
         for info in infos:
             if info.kind in _LAYER_KINDS and info.path in flow.output_sources:
@@ -259,18 +268,22 @@ def after_anchor(mm: ModelMap, path: str) -> tuple[str, str | None, list[str]]:
     flow = mm.flow
     anchor = path
     skipped: list[str] = []
-    cursor = path  # walks on through nn.Identity placeholders; the anchor moves only past norms and activations
+    cursor = path  # walks on through placeholders and reshapes; the anchor moves only past norms and activations
     while True:
         nxt = flow.next(cursor)
-        if nxt is None or flow.prev(nxt) != cursor or not flow.called_once(nxt):
+        if nxt is None:
             return anchor, None, skipped
         module = mm.module(nxt)
-        if is_path_drop(module):  # a residual branch's stochastic depth: not this slot
-            return anchor, None, skipped
-        if is_dropout(module):
+        if is_dropout(module) and not is_path_drop(module):
+            # the model's own dropout at this place, even one module called at several places (each call
+            # is a dropout slot): it is reused, never doubled by an insertion before it
             return anchor, nxt, skipped
+        if flow.prev(nxt) != cursor or not flow.called_once(nxt) or is_path_drop(module):
+            # a module fed by more than this path, one called again elsewhere, or a residual branch's
+            # stochastic depth (not this slot): the walk stops before it
+            return anchor, None, skipped
         cursor = nxt
-        if isinstance(module, nn.Identity):
+        if isinstance(module, nn.Identity) or nxt in flow.reshapes:
             continue
         if mm.kind(nxt) not in (K.NORM, K.ACTIVATION):
             return anchor, None, skipped
@@ -323,7 +336,7 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         if K.HIDDEN in reg.kinds and structure.transformer_layer_slots(info.module):
             matched = True
             items.extend(_transformer_layer_rows(reg, mm, info, ctx))
-        if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output:
+        if info.kind not in reg.kinds or info.kind == K.INPUT or info.is_output or info.dead:
             continue
         matched = True
         if info.path in mm.gates or info.path in mm.qkv or info.path in mm.stem:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from regfw.placement import tracing
 from regfw.placement.surgery import ApplyAfter, ApplyBefore
+from regfw.placement.untouched import untouched
 from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 
@@ -94,7 +95,8 @@ def _trace(model: nn.Module, stochastic: dict[int, str], records: dict) -> tuple
     """The traced graph as a fresh :class:`Split`, and the modules its nodes call, by target."""
     leaves = [m for m in model.modules() if id(m) in stochastic]
     try:
-        graph = tracing.trace(tracing.Root(model), leaves, hooks=TRACEABLE_HOOKS, records=records)
+        with untouched(model):  # a forward that caches what it computes keeps no proxy of this trace
+            graph = tracing.trace(tracing.Root(model), leaves, hooks=TRACEABLE_HOOKS, records=records)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: use batched
         raise _Fallback(f"the model could not be traced with torch.fx ({type(exc).__name__}: {exc})") from None
     split = Split(mode="rows")
