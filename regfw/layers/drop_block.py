@@ -25,6 +25,11 @@ holds ``Poisson(lambda)`` seeds independently of the others, so it is "on" with 
 ``O(num_seeds * block area)`` index writes instead of a random number per element and a max-pool.
 Forward plus backward is several times faster than ``F.dropout`` on the same tensor (``bench/dropblock.py``).
 
+Under ``torch.compile`` the seed count would be a data-dependent Python integer (a graph break),
+so a compiled graph draws the Bernoulli field itself: one ``gamma`` draw per seed position, spread to
+blocks by a stride-1 max-pool, which is the distribution above by construction, with static shapes
+(TorchInductor fuses the draw and the pool; :func:`_block_mask_dense`).
+
 Rescaling is per sample: kept activations are multiplied by ``numel / kept`` of that sample's mask,
 with zero kept giving zeros (no division by zero).
 """
@@ -34,6 +39,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
@@ -94,6 +100,14 @@ def _seed_intensity(height: int, width: int, block_h: int, block_w: int, p: floa
     return lam
 
 
+@torch.compiler.assume_constant_result
+def _graph_seed_intensity(height: int, width: int, block_h: int, block_w: int, p: float) -> float:
+    """:func:`_seed_intensity`, which a compiled graph takes as a constant: it depends on the map's
+    shape and the rate only (Python numbers, which the graph's guards fix), and its Newton loop is
+    Python arithmetic that has nothing to trace."""
+    return _seed_intensity(height, width, block_h, block_w, p)
+
+
 def drop_block_gamma(
     height: int, width: int, block_size: int | tuple[int, int], p: float
 ) -> float:
@@ -137,6 +151,21 @@ def _block_mask(
     return mask
 
 
+def _block_mask_dense(
+    shape: tuple[int, int, int, int], block: tuple[int, int], lam: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """:func:`_block_mask` drawn as the Bernoulli seed field: each of the ``(H - bh + 1) x (W - bw + 1)``
+    block corners is a seed with probability ``gamma = 1 - exp(-lam)``; a pixel is dropped when a seed
+    at ``(r, c)`` with ``i - bh < r <= i`` and ``j - bw < c <= j`` covers it, which is a stride-1 max-pool
+    of the seed field padded by ``block - 1`` on each side. Static shapes and no Python loop: what a
+    compiled graph can hold."""
+    n, c, h, w = shape
+    bh, bw = block
+    seeds = torch.empty((n, c, h - bh + 1, w - bw + 1), dtype=dtype, device=device).bernoulli_(-math.expm1(-lam))
+    covered = F.max_pool2d(F.pad(seeds, (bw - 1, bw - 1, bh - 1, bh - 1)), (bh, bw), stride=1)
+    return 1.0 - covered
+
+
 def drop_block_2d(
     x: Tensor,
     p: float = 0.1,
@@ -168,9 +197,10 @@ def drop_block_2d(
         return zeros_like_graph(x)
     n, c, h, w = x.shape
     bh, bw = min(block[0], h), min(block[1], w)
-    lam = _seed_intensity(h, w, bh, bw, p)
+    lam = _graph_seed_intensity(h, w, bh, bw, p)
     mask_c = 1 if shared_channels else c
-    mask = _block_mask((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
+    draw = _block_mask_dense if torch.compiler.is_compiling() else _block_mask
+    mask = draw((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
     kept = mask.sum(dim=(1, 2, 3), dtype=torch.float32)
     scale = (mask_c * h * w) / kept.clamp_min(1.0)  # kept == 0 means the mask is all zeros anyway
     mask.mul_(scale.to(x.dtype).view(n, 1, 1, 1))

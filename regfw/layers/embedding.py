@@ -7,7 +7,8 @@ scaled by ``1 / (1 - p)``). AWD-LSTM (Merity et al., ICLR 2018, ``embedded_dropo
 row mask per batch; here each sequence gets its own mask, as every other regfw layer draws one
 mask per example, so the rows of a batch are independent and Monte Carlo dropout can repeat a
 batch to draw samples. Only the words a batch uses are drawn (``torch.unique`` over (sequence,
-word) pairs), so the cost does not grow with the vocabulary.
+word) pairs), so the cost does not grow with the vocabulary; a graph compiled by ``torch.compile``
+groups the words by sorting instead (static shapes) and draws one entry per position.
 
 :func:`apply_embedding_dropout` hangs an :class:`EmbeddingDropout` on an ``nn.Embedding`` as the
 child ``regfw_embedding_dropout`` with a forward hook that sees the indices and the looked-up
@@ -48,9 +49,26 @@ def embedding_dropout(vectors: Tensor, indices: Tensor, p: float, num_embeddings
         key = seq * num_embeddings + indices
     else:
         key = indices
-    words, where = torch.unique(key, return_inverse=True)
-    keep = keep_scale_mask(vectors, words.shape, p)  # one draw per word (CPU: sliced random words)
+    if torch.compiler.is_compiling():  # torch.unique's size depends on the data: a graph break
+        where, count = _distinct_ranks(key), key.numel()
+    else:
+        words, where = torch.unique(key, return_inverse=True)
+        count = words.numel()
+    keep = keep_scale_mask(vectors, (count,), p)  # one draw per word (CPU: sliced random words)
     return vectors * keep[where].unsqueeze(-1)
+
+
+def _distinct_ranks(key: Tensor) -> Tensor:
+    """For each entry of ``key``, the rank of its value among the distinct values of ``key``
+    (``torch.unique(key, return_inverse=True)[1]``) with static shapes: sort, mark where the value
+    changes, count the marks and put the ranks back in place. The caller draws one mask entry per
+    position and reads entry ``rank``, so each distinct word still gets one independent draw."""
+    flat = key.reshape(-1)
+    ordered, order = flat.sort()
+    changes = torch.ones_like(ordered)
+    changes[1:] = ordered[1:] != ordered[:-1]
+    ranks = changes.cumsum(0) - 1
+    return torch.empty_like(ranks).scatter_(0, order, ranks).view(key.shape)
 
 
 class EmbeddingDropout(StochasticModule):

@@ -23,6 +23,12 @@ tensors: the same draws of the same generator.
 
 On other devices (CUDA...) the layers keep torch's fused kernels (``F.dropout``, ``bernoulli_``);
 :func:`use_words` says which path a tensor takes.
+
+**Under torch.compile** every layer takes torch's kernels too, on every device: the word recipe is
+a remedy for eager CPU kernels (one generator call and one conversion per op), while a compiled
+graph draws its random numbers inside its own fused kernels (TorchInductor generates them in the
+same loop that applies the mask) and needs no scratch memory, which a traced graph could not
+reuse anyway (module-level state read by the trace would be baked in as a constant).
 """
 from __future__ import annotations
 
@@ -45,9 +51,10 @@ _scratch = threading.local()
 
 
 def use_words(x: Tensor) -> bool:
-    """Whether masks for ``x`` are drawn from random words (CPU floating point) rather than by
-    torch's kernels (every other device keeps them: fused and already at the hardware's floor)."""
-    return x.device.type == "cpu" and x.is_floating_point()
+    """Whether masks for ``x`` are drawn from random words (CPU floating point, eager) rather than by
+    torch's kernels (every other device keeps them: fused and already at the hardware's floor; so
+    does a graph being compiled by ``torch.compile``, whose compiler fuses the draws itself)."""
+    return x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling()
 
 
 def _threshold(p: float) -> int:
@@ -56,12 +63,20 @@ def _threshold(p: float) -> int:
     return int(round(p * 65536)) - 32768
 
 
+def _use_scratch(device: torch.device | str, n: int) -> bool:
+    """Whether a draw of ``n`` entries on ``device`` may use the thread's scratch buffers: eager CPU
+    draws up to :data:`SCRATCH_ENTRIES`. Never in a graph being compiled: there the buffer would be
+    module state read by the trace, and the compiled graph allocates (and fuses) its own."""
+    return torch.device(device).type == "cpu" and n <= SCRATCH_ENTRIES and not torch.compiler.is_compiling()
+
+
 def _scratch_buffer(key: str, count: int, dtype: torch.dtype) -> Tensor:
     """The first ``count`` elements of this thread's CPU buffer ``key`` (grown when too small).
 
     Made outside inference mode, so it can be written in place under it (Lightning's validation)
-    and outside it alike."""
-    key = f"{key}_{dtype}"
+    and outside it alike. The attribute name holds the dtype's bare name (``mask_float32``): an
+    identifier, as attribute names should be."""
+    key = f"{key}_{str(dtype).rpartition('.')[2]}"
     buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < count:
         with torch.inference_mode(False):
@@ -74,7 +89,7 @@ def _slices(shape: tuple[int, ...], n: int, device: torch.device | str) -> Tenso
     """``n`` uniform 16-bit slices of 64-bit random words, as an int16 tensor of ``shape`` (on CPU in
     the thread's scratch buffer, valid until the next call: consume them at once)."""
     count = (n + 3) // 4
-    if torch.device(device).type == "cpu" and n <= SCRATCH_ENTRIES:
+    if _use_scratch(device, n):
         words = _scratch_buffer("words", count, torch.int64).random_(_FULL, None)
     else:
         words = torch.empty(count, dtype=torch.int64, device=device).random_(_FULL, None)
@@ -123,7 +138,7 @@ def _keep_scale_mask(like: Tensor, shape: Sequence[int], p: float, scale: float 
     t = _threshold(float(p))
     if t <= -32768 or n == 0:
         return torch.full(shape, value, dtype=like.dtype, device=like.device)
-    if scratch and n <= SCRATCH_ENTRIES:
+    if scratch and _use_scratch(like.device, n):
         mask = _scratch_buffer("mask", n, like.dtype).view(shape)
     else:
         mask = torch.empty(shape, dtype=like.dtype, device=like.device)
