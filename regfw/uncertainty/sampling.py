@@ -25,7 +25,7 @@ so the two form no import cycle); while it is not registered ``"auto"`` means ``
 """
 from __future__ import annotations
 
-import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +80,7 @@ __all__ = [
     "estimate_row_bytes",
     "deterministic_pass",
     "scan_functional_dropout",
+    "uncompiled",
     "derive_seed",
     "split_mean_logvar",
 ]
@@ -103,14 +104,35 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that a ``torch.compile`` wrapper (``OptimizedModule``) runs, or ``model`` itself.
+
+    What regfw observes in Python as a forward runs (the functional-dropout watch, the fx trace of
+    the ``auto`` split) needs the eager module: a compiled forward runs none of that Python. The
+    samples of ``loop`` and ``batched`` still come from the compiled module.
+    """
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if frame is not None and isinstance(model, frame.OptimizedModule):
+        return uncompiled(model._orig_mod)
+    return model
+
+
+def _needs_scan(model: nn.Module, index: ModelIndex) -> nn.Module | None:
+    """The eager module to watch for functional dropout (:func:`uncompiled`), or None when the
+    model as it is now was watched already."""
+    eager = uncompiled(model)
+    return eager if foreign.needs_scan(eager, len(index.modules) + 1 if eager is model else None) else None
+
+
 def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
     """Find the modules of ``model`` that call ``F.dropout`` in their forward (one eval-mode pass
     of one row, :func:`regfw.placement.foreign.watch_functional_dropout`), unless the model as it is now was
     watched already; the hosts found are then switched on by :func:`mc_mode`."""
     index = model_index(model) if index is None else index
-    if foreign.needs_scan(model, len(index.modules) + 1) and isinstance(inputs, Tensor) and inputs.dim() > 0:
-        with eval_mode(model, index=index), foreign.watch_functional_dropout(model):
-            model(inputs[:1])
+    eager = _needs_scan(model, index)
+    if eager is not None and isinstance(inputs, Tensor) and inputs.dim() > 0:
+        with eval_mode(model, index=index), foreign.watch_functional_dropout(eager):
+            eager(inputs[:1])
 
 
 def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> Tensor:
@@ -122,10 +144,12 @@ def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None =
     a ``with_deterministic`` variant, and the ``auto`` strategy when it falls back to ``batched``.
     """
     index = model_index(model) if index is None else index
-    scan = foreign.needs_scan(model, len(index.modules) + 1)
-    with eval_mode(model, index=index), (foreign.watch_functional_dropout(model) if scan
-                                         else contextlib.nullcontext()):
-        return _forward(model, inputs)
+    eager = _needs_scan(model, index)
+    if eager is None:
+        with eval_mode(model, index=index):
+            return _forward(model, inputs)
+    with eval_mode(model, index=index), foreign.watch_functional_dropout(eager):
+        return _forward(eager, inputs)
 
 
 def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None,
