@@ -1,0 +1,192 @@
+"""regfw's regularizers under ``torch.compile(model, fullgraph=True)``: one graph, random masks each step.
+
+Every model here is regularized the way a user's is (a plan from the registry, applied with its
+hooks and children) and compiled with ``fullgraph=True``, so any graph break in regfw's code is an
+error. The backend is ``aot_eager``: Dynamo's capture and AOTAutograd's forward and backward graphs,
+which is where graph breaks and untraceable code show, without TorchInductor's C++ build (seconds
+per model on a small CPU). One test compiles with TorchInductor, whose random numbers are its own:
+what a seed fixes there is measured in :func:`test_inductor_masks_follow_the_seed_and_not_eagers_stream`.
+Each compile counts its frames (:class:`torch._dynamo.testing.CompileCounterWithBackend`): no
+recompilation from step to step (one graph, two where a layer reads its input size on its first
+call), and one more graph for eval mode.
+"""
+from __future__ import annotations
+
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+from torch import nn
+
+from regfw.layers import Dropout as StochasticDropout
+from regfw.layers.drop_block import _block_mask_dense, drop_block_gamma
+from regfw.layers.embedding import _distinct_ranks
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers
+
+import pytest
+
+
+class Residual(nn.Module):
+    """Two residual blocks (``x + f(x)``): where drop_path goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)) for _ in range(2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+class Tokens(nn.Module):
+    """Embedding, GRU and a head: embedding dropout, locked dropout and weight drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.rnn = nn.GRU(16, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(x))
+        return self.head(out[:, -1])
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+VECTORS = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+IMAGES = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(2))
+SEQUENCES = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(3))
+
+#: (regularizers section, model, input): every dropout-family regularizer, noise included.
+CASES = {
+    "dropout": ({"dropout": {}}, mlp, VECTORS),
+    "dropout not inverted": ({"dropout": {"inverted": False}}, mlp, VECTORS),
+    "gaussian_dropout": ({"gaussian_dropout": {}}, mlp, VECTORS),
+    "alpha_dropout": ({"alpha_dropout": {}}, mlp, VECTORS),
+    "concrete_dropout": ({"concrete_dropout": {}}, mlp, VECTORS),
+    "noise": ({"noise": {"input_std": 0.1, "hidden_std": 0.1, "weight_std": 0.05}}, mlp, VECTORS),
+    "spatial_dropout": ({"spatial_dropout": {}}, cnn, IMAGES),
+    "dropblock": ({"dropblock": {}}, cnn, IMAGES),
+    "drop_path": ({"drop_path": {}}, Residual, VECTORS),
+    "embedding, locked dropout, dropconnect": (
+        {"embedding_dropout": {}, "locked_dropout": {}, "dropconnect": {}}, Tokens, IDS),
+    "attention_dropout": ({"attention_dropout": {}}, Encoder, SEQUENCES),
+}
+
+
+def regularized(section: dict, build, x: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = build()
+    regs = build_regularizers(section)
+    plan = make_plan(model, regs, 1000, x)
+    assert [row for row in plan.rows() if row.action != "note"], f"nothing planned for {section}"
+    apply_plan(model, regs, plan)
+    return model
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trains_in_one_graph_with_new_masks_every_step_and_eval_equals_eager(case):
+    section, build, x = CASES[case]
+    model = regularized(section, build, x)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    # nn.GRU is compiled only with allow_rnn (torch's default graph-breaks on RNNs, whatever regfw does)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        model.train()
+        steps = [compiled(x) for _ in range(2)]
+        warm = counter.frame_count  # 2 for concrete dropout, which reads its input size on its first call
+        steps += [compiled(x) for _ in range(2)]
+        assert warm <= 2 and counter.frame_count == warm, f"{counter.frame_count} graphs for 4 training steps"
+        steps[-1].square().mean().backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        # random every step: no mask baked into the graph as a constant
+        assert all(not torch.equal(a, b) for a, b in zip(steps, steps[1:]))
+        model.eval()
+        with torch.no_grad():
+            out = compiled(x)
+            eager = model(x)
+        assert counter.frame_count == warm + 1
+    # eval runs the same operations in the same order: equal to float32 rounding
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [3, (2, 3)])
+def test_compiled_dropblock_field_drops_each_position_as_the_coverage_formula_says(block):
+    # The Bernoulli seed field a compiled graph draws (the same function run eagerly): pixel (i, j)
+    # is dropped with probability 1 - (1 - gamma)^k(i, j). 16384 maps: std <= 0.004 per position, tol 0.02.
+    from regfw.layers.drop_block import _block_pair, _coverage, _seed_intensity
+
+    torch.manual_seed(1)
+    p, h, w = 0.2, 7, 8
+    bh, bw = _block_pair(block)
+    lam = _seed_intensity(h, w, bh, bw, p)
+    dropped = 1.0 - _block_mask_dense((256, 64, h, w), (bh, bw), lam, torch.float32, torch.device("cpu"))
+    gamma = drop_block_gamma(h, w, block, p)
+    k = torch.tensor(_coverage(h, bh), dtype=torch.float64)[:, None] * torch.tensor(_coverage(w, bw))[None, :]
+    theory = 1 - (1 - gamma) ** k
+    assert (dropped.double().mean(dim=(0, 1)) - theory).abs().max().item() < 0.02
+    assert dropped.double().mean().item() == pytest.approx(p, abs=0.005)  # 16384 maps: std <= 0.0015
+
+
+def test_word_ranks_without_unique_are_uniques_inverse():
+    key = torch.randint(0, 9, (5, 11), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_distinct_ranks(key), torch.unique(key, return_inverse=True)[1], rtol=0, atol=0)
+    assert _distinct_ranks(torch.tensor(3)).item() == 0
+
+
+def test_inductor_masks_follow_the_seed_and_not_eagers_stream():
+    """What carries across compile (stated in docs/compile.md): TorchInductor draws its masks from seeds
+    it takes from torch's global generator, so ``torch.manual_seed`` fixes them, and every call takes
+    new ones; they are not the masks eager mode draws for the same seed (another random stream)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), StochasticDropout(0.5), nn.Linear(64, 4)).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # TorchInductor
+
+    def masks(fn) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([fn(VECTORS) for _ in range(2)])
+
+    torch.manual_seed(7)
+    a = masks(compiled)
+    torch.manual_seed(7)
+    b = masks(compiled)
+    torch.manual_seed(7)
+    eager = masks(model)
+    assert torch.equal(a, b)  # one seed, the same compiled masks
+    assert not torch.equal(a[0], a[1])  # new masks every call
+    assert not torch.equal(a[0], eager[0])  # not eager's: TorchInductor's own generator
+    model.eval()
+    with torch.no_grad():  # eval: the same function; TorchInductor may fuse and reorder float sums
+        torch.testing.assert_close(compiled(VECTORS), model(VECTORS), rtol=1e-5, atol=1e-6)
