@@ -100,11 +100,19 @@ def _seed_intensity(height: int, width: int, block_h: int, block_w: int, p: floa
     return lam
 
 
-@torch.compiler.assume_constant_result
 def _graph_seed_intensity(height: int, width: int, block_h: int, block_w: int, p: float) -> float:
     """:func:`_seed_intensity`, which a compiled graph takes as a constant: it depends on the map's
-    shape and the rate only (Python numbers, which the graph's guards fix), and its Newton loop is
-    Python arithmetic that has nothing to trace."""
+    shape and the rate only, and its Newton loop is Python arithmetic that has nothing to trace.
+
+    A rate that has changed between calls reaches a recompiled graph as a symbolic float
+    (Dynamo's automatic dynamic), which a constant cannot be computed from; reading its exact
+    binary value (``float.hex``) makes the graph specialise on it instead, as it does on the rate
+    of every other dropout layer: a new rate, a new graph."""
+    return _constant_intensity(height, width, block_h, block_w, float.fromhex(p.hex()))
+
+
+@torch.compiler.assume_constant_result
+def _constant_intensity(height: int, width: int, block_h: int, block_w: int, p: float) -> float:
     return _seed_intensity(height, width, block_h, block_w, p)
 
 

@@ -17,6 +17,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.layers import DropBlock2d, DropPath
 from regfw.layers import Dropout as StochasticDropout
 from regfw.layers.drop_block import _block_mask_dense, drop_block_gamma
 from regfw.layers.embedding import _distinct_ranks
@@ -190,3 +191,24 @@ def test_inductor_masks_follow_the_seed_and_not_eagers_stream():
     model.eval()
     with torch.no_grad():  # eval: the same function; TorchInductor may fuse and reorder float sums
         torch.testing.assert_close(compiled(VECTORS), model(VECTORS), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [StochasticDropout(0.3), DropPath(0.3), DropBlock2d(0.3, 3), nn.Dropout(0.3)],
+                         ids=lambda m: type(m).__name__)
+def test_a_new_rate_reaches_the_compiled_graph(layer):
+    """A rate schedule assigns ``p``: the compiled model must use the new value (a rate is a constant of
+    its graph, so each new value compiles a new one, as for torch's own ``nn.Dropout``)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        features = model[0](IMAGES)
+        for p in (0.3, 0.0, 1.0, 0.5):
+            layer.p = p
+            out = compiled(IMAGES)
+            if p == 0.0:
+                torch.testing.assert_close(out, features, rtol=0, atol=0)
+            elif p == 1.0:
+                assert not out.any()
+            else:  # some entries dropped, some kept
+                assert 0 < int((out == 0).sum()) < out.numel()
