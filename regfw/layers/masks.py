@@ -24,11 +24,14 @@ tensors: the same draws of the same generator.
 On other devices (CUDA...) the layers keep torch's fused kernels (``F.dropout``, ``bernoulli_``);
 :func:`use_words` says which path a tensor takes.
 
-**Under torch.compile** every layer takes torch's kernels too, on every device: the word recipe is
-a remedy for eager CPU kernels (one generator call and one conversion per op), while a compiled
-graph draws its random numbers inside its own fused kernels (TorchInductor generates them in the
-same loop that applies the mask) and needs no scratch memory, which a traced graph could not
-reuse anyway (module-level state read by the trace would be baked in as a constant).
+**Under torch.compile** the CPU word masks are one operator of the compiled graph,
+``regfw::word_mask`` (a ``torch.library`` custom op that runs the code above): the graph draws
+the same words from the same generator as eager mode, so a seed gives the same masks compiled or
+not, and never touches the scratch buffers, which a traced graph could not hold (module state read
+by a trace is baked in). Measured on one thread (``bench/compile.py``), a compiled training step with
+regfw dropout costs about 1.8x eager when the graph's own random kernels draw the masks
+(TorchInductor's ``rand`` on CPU), and much less with the operator. On other devices a compiled graph
+keeps torch's kernels, which the compiler fuses.
 """
 from __future__ import annotations
 
@@ -51,10 +54,9 @@ _scratch = threading.local()
 
 
 def use_words(x: Tensor) -> bool:
-    """Whether masks for ``x`` are drawn from random words (CPU floating point, eager) rather than by
-    torch's kernels (every other device keeps them: fused and already at the hardware's floor; so
-    does a graph being compiled by ``torch.compile``, whose compiler fuses the draws itself)."""
-    return x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling()
+    """Whether masks for ``x`` are drawn from random words (CPU floating point) rather than by
+    torch's kernels (every other device keeps them: fused and already at the hardware's floor)."""
+    return x.device.type == "cpu" and x.is_floating_point()
 
 
 def _threshold(p: float) -> int:
@@ -126,11 +128,28 @@ def keep_scale_mask(like: Tensor, shape: Sequence[int], p: float, scale: float |
     return _keep_scale_mask(like, shape, p, scale, scratch=False)
 
 
+@torch.library.custom_op("regfw::word_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _word_mask_op(shape: list[int], p: float, scale: float, dtype: torch.dtype) -> Tensor:
+    """The CPU word-path mask as one opaque operator of a compiled graph (a fresh tensor, never
+    scratch). Its inputs are numbers, so no gradient flows into it (a mask is a constant of autograd).
+
+    Tagged ``nondeterministic_seeded``: a random op, which a compiler must neither fold, merge with
+    another call nor recompute in the backward pass (the backward must see the forward's mask)."""
+    return _keep_scale_mask(torch.empty((), dtype=dtype), shape, p, scale, scratch=False)
+
+
+@_word_mask_op.register_fake
+def _(shape: list[int], p: float, scale: float, dtype: torch.dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
 def _keep_scale_mask(like: Tensor, shape: Sequence[int], p: float, scale: float | None, scratch: bool) -> Tensor:
     """:func:`keep_scale_mask`; ``scratch``: the mask may live in the thread's scratch buffer
     (only for a caller that consumes it at once and where autograd does not save it)."""
     value = 1.0 / (1.0 - p) if scale is None else float(scale)
     shape = tuple(int(s) for s in shape)
+    if use_words(like) and torch.compiler.is_compiling():
+        return _word_mask_op(list(shape), float(p), value, like.dtype)
     if not use_words(like):
         mask = like.new_empty(shape).bernoulli_(1.0 - p)
         return mask if value == 1.0 else mask.mul_(value)

@@ -4,8 +4,7 @@ Every model here is regularized the way a user's is (a plan from the registry, a
 hooks and children) and compiled with ``fullgraph=True``, so any graph break in regfw's code is an
 error. The backend is ``aot_eager``: Dynamo's capture and AOTAutograd's forward and backward graphs,
 which is where graph breaks and untraceable code show, without TorchInductor's C++ build (seconds
-per model on a small CPU). One test compiles with TorchInductor, whose random numbers are its own:
-what a seed fixes there is measured in :func:`test_inductor_masks_follow_the_seed_and_not_eagers_stream`.
+per model on a small CPU). Two tests compile with TorchInductor, to measure what a seed fixes there (``docs/compile.md``).
 Each compile counts its frames (:class:`torch._dynamo.testing.CompileCounterWithBackend`): no
 recompilation from step to step (one graph, two where a layer reads its input size on its first
 call), and one more graph for eval mode.
@@ -17,7 +16,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 from torch import nn
 
-from regfw.layers import DropBlock2d, DropPath
+from regfw.layers import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout
 from regfw.layers import Dropout as StochasticDropout
 from regfw.layers.drop_block import _block_mask_dense, drop_block_gamma
 from regfw.layers.embedding import _distinct_ranks
@@ -166,31 +165,53 @@ def test_word_ranks_without_unique_are_uniques_inverse():
     assert _distinct_ranks(torch.tensor(3)).item() == 0
 
 
-def test_inductor_masks_follow_the_seed_and_not_eagers_stream():
-    """What carries across compile (stated in docs/compile.md): TorchInductor draws its masks from seeds
-    it takes from torch's global generator, so ``torch.manual_seed`` fixes them, and every call takes
-    new ones; they are not the masks eager mode draws for the same seed (another random stream)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), StochasticDropout(0.5), nn.Linear(64, 4)).train()
+def _seeded_pairs(fn, x: torch.Tensor) -> torch.Tensor:
+    """Two calls of ``fn`` after ``torch.manual_seed(7)``, stacked."""
+    torch.manual_seed(7)
+    return torch.stack([fn(x) for _ in range(2)])
+
+
+#: (layer, input, whether TorchInductor draws eager mode's numbers for one seed), measured with torch 2.13
+#: on CPU and stated in docs/compile.md: regfw's Bernoulli masks are one operator of the graph
+#: (``regfw::word_mask``) drawing eager's random words; ``normal_`` stays torch's eager kernel; a
+#: ``rand`` TorchInductor generates itself (``nn.Dropout``, ``rand_like``) is its own stream;
+#: compiled DropBlock draws a Bernoulli field where eager mode draws a Poisson count.
+SEED_CASES = {
+    "regfw Dropout": (lambda: StochasticDropout(0.5), VECTORS, True),
+    "GaussianDropout": (lambda: GaussianDropout(0.5), VECTORS, True),
+    "ConcreteDropout": (lambda: ConcreteDropout(0.5), VECTORS, False),
+    "DropBlock2d": (lambda: DropBlock2d(0.3, 3), IMAGES, False),
+    "nn.Dropout": (lambda: nn.Dropout(0.5), VECTORS, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SEED_CASES))
+def test_what_a_seed_fixes_under_torchinductor(case):
+    """``torch.manual_seed`` fixes every compiled mask and each call draws new ones; whether they are
+    eager mode's masks for the same seed depends on who draws them (:data:`SEED_CASES`)."""
+    build, x, same_as_eager = SEED_CASES[case]
+    layer = build().train()
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)  # TorchInductor
-
-    def masks(fn) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([fn(VECTORS) for _ in range(2)])
-
-    torch.manual_seed(7)
-    a = masks(compiled)
-    torch.manual_seed(7)
-    b = masks(compiled)
-    torch.manual_seed(7)
-    eager = masks(model)
+    compiled = torch.compile(layer, fullgraph=True)  # TorchInductor
+    with torch.no_grad():
+        a, b, eager = _seeded_pairs(compiled, x), _seeded_pairs(compiled, x), _seeded_pairs(layer, x)
     assert torch.equal(a, b)  # one seed, the same compiled masks
     assert not torch.equal(a[0], a[1])  # new masks every call
-    assert not torch.equal(a[0], eager[0])  # not eager's: TorchInductor's own generator
-    model.eval()
-    with torch.no_grad():  # eval: the same function; TorchInductor may fuse and reorder float sums
-        torch.testing.assert_close(compiled(VECTORS), model(VECTORS), rtol=1e-5, atol=1e-6)
+    assert torch.equal(a, eager) is same_as_eager
+
+
+def test_the_backward_of_a_compiled_word_mask_uses_the_forwards_mask():
+    """``regfw::word_mask`` is tagged as a seeded random op, so TorchInductor saves the mask for the
+    backward pass instead of recomputing it (which would draw another)."""
+    layer = StochasticDropout(0.5).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = (VECTORS.abs() + 0.5).requires_grad_()
+    out = compiled(x)
+    out.sum().backward()
+    kept = out != 0
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(x.grad != 0, kept) and bool((x.grad[kept] == 2.0).all())
 
 
 @pytest.mark.parametrize("layer", [StochasticDropout(0.3), DropPath(0.3), DropBlock2d(0.3, 3), nn.Dropout(0.3)],
