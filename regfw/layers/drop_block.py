@@ -104,11 +104,18 @@ def _graph_seed_intensity(height: int, width: int, block_h: int, block_w: int, p
     """:func:`_seed_intensity`, which a compiled graph takes as a constant: it depends on the map's
     shape and the rate only, and its Newton loop is Python arithmetic that has nothing to trace.
 
-    A rate that has changed between calls reaches a recompiled graph as a symbolic float
-    (Dynamo's automatic dynamic), which a constant cannot be computed from; reading its exact
-    binary value (``float.hex``) makes the graph specialise on it instead, as it does on the rate
-    of every other dropout layer: a new rate, a new graph."""
-    return _constant_intensity(height, width, block_h, block_w, float.fromhex(p.hex()))
+    A rate or a map size that has changed between calls reaches a recompiled graph as a symbolic
+    number (Dynamo's automatic dynamic), which a constant cannot be computed from; reading its exact
+    binary value (``float.hex``) makes the graph specialise on it instead, as it does on the rate of
+    every other dropout layer: a new rate or map size, a new graph."""
+    h, w, bh, bw = (int(_concrete(v)) for v in (height, width, block_h, block_w))
+    return _constant_intensity(h, w, bh, bw, _concrete(p))
+
+
+def _concrete(value: float) -> float:
+    """``value`` as a plain Python float, also where a trace holds it symbolically (the trace then
+    guards on its value)."""
+    return float.fromhex(float(value).hex())
 
 
 @torch.compiler.assume_constant_result

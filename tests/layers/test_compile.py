@@ -233,3 +233,14 @@ def test_a_new_rate_reaches_the_compiled_graph(layer):
                 assert not out.any()
             else:  # some entries dropped, some kept
                 assert 0 < int((out == 0).sum()) < out.numel()
+
+
+def test_a_new_map_size_reaches_the_compiled_dropblock():
+    """A second image size makes Dynamo recompile with symbolic sizes; DropBlock's seed rate is a
+    constant of the map size, so the graph must specialise on it rather than fail to trace."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), DropBlock2d(0.3, 3)).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for size in (8, 10, 12):
+        out = compiled(torch.randn(4, 3, size, size))
+        assert 0 < int((out == 0).sum()) < out.numel()
