@@ -4,26 +4,26 @@ Every model here is regularized the way a user's is (a plan from the registry, a
 hooks and children) and compiled with ``fullgraph=True``, so any graph break in regfw's code is an
 error. The backend is ``aot_eager``: Dynamo's capture and AOTAutograd's forward and backward graphs,
 which is where graph breaks and untraceable code show, without TorchInductor's C++ build (seconds
-per model on a small CPU). Two tests compile with TorchInductor, to measure what a seed fixes there (``docs/compile.md``).
+per model on a small CPU). The seed tests compile with TorchInductor, to measure what a seed fixes
+there (``docs/compile.md``).
 Each compile counts its frames (:class:`torch._dynamo.testing.CompileCounterWithBackend`): no
 recompilation from step to step (one graph, two where a layer reads its input size on its first
 call), and one more graph for eval mode.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo.testing
-import torch.nn.functional as F
+from regfw_plugins.noise import GaussianNoise
 from torch import nn
 
 from regfw.layers import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout
 from regfw.layers import Dropout as StochasticDropout
-from regfw.layers.drop_block import _block_mask_dense, drop_block_gamma
+from regfw.layers.drop_block import _block_mask_dense, _block_pair, _coverage, _seed_intensity, drop_block_gamma
 from regfw.layers.embedding import _distinct_ranks
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
-
-import pytest
 
 
 class Residual(nn.Module):
@@ -131,7 +131,7 @@ def test_trains_in_one_graph_with_new_masks_every_step_and_eval_equals_eager(cas
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
         # random every step: no mask baked into the graph as a constant
-        assert all(not torch.equal(a, b) for a, b in zip(steps, steps[1:]))
+        assert all(not torch.equal(a, b) for a, b in zip(steps[:-1], steps[1:], strict=True))
         model.eval()
         with torch.no_grad():
             out = compiled(x)
@@ -145,8 +145,6 @@ def test_trains_in_one_graph_with_new_masks_every_step_and_eval_equals_eager(cas
 def test_compiled_dropblock_field_drops_each_position_as_the_coverage_formula_says(block):
     # The Bernoulli seed field a compiled graph draws (the same function run eagerly): pixel (i, j)
     # is dropped with probability 1 - (1 - gamma)^k(i, j). 16384 maps: std <= 0.004 per position, tol 0.02.
-    from regfw.layers.drop_block import _block_pair, _coverage, _seed_intensity
-
     torch.manual_seed(1)
     p, h, w = 0.2, 7, 8
     bh, bw = _block_pair(block)
@@ -173,12 +171,14 @@ def _seeded_pairs(fn, x: torch.Tensor) -> torch.Tensor:
 
 #: (layer, input, whether TorchInductor draws eager mode's numbers for one seed), measured with torch 2.13
 #: on CPU and stated in docs/compile.md: regfw's Bernoulli masks are one operator of the graph
-#: (``regfw::word_mask``) drawing eager's random words; ``normal_`` stays torch's eager kernel; a
-#: ``rand`` TorchInductor generates itself (``nn.Dropout``, ``rand_like``) is its own stream;
+#: (``regfw::word_mask``) drawing eager's random words; ``normal_`` (Gaussian dropout) stays torch's
+#: eager kernel; ``rand_like``/``randn_like`` (concrete dropout, noise) and ``nn.Dropout`` are generated
+#: by TorchInductor itself, its own stream;
 #: compiled DropBlock draws a Bernoulli field where eager mode draws a Poisson count.
 SEED_CASES = {
     "regfw Dropout": (lambda: StochasticDropout(0.5), VECTORS, True),
     "GaussianDropout": (lambda: GaussianDropout(0.5), VECTORS, True),
+    "GaussianNoise": (lambda: GaussianNoise(0.5), VECTORS, False),
     "ConcreteDropout": (lambda: ConcreteDropout(0.5), VECTORS, False),
     "DropBlock2d": (lambda: DropBlock2d(0.3, 3), IMAGES, False),
     "nn.Dropout": (lambda: nn.Dropout(0.5), VECTORS, False),

@@ -79,3 +79,20 @@ def test_auto_on_the_compiled_model_replays_the_wrapped_module(nets):
     model, compiled = nets
     torch.testing.assert_close(mc_predict(compiled, X, samples=50, strategy="auto", seed=3).outputs,
                                mc_predict(model, X, samples=50, strategy="auto", seed=3).outputs, rtol=0, atol=0)
+
+
+def test_a_model_compiled_in_place_samples_with_every_strategy():
+    """``model.compile()`` compiles the module's own call (no wrapper): every strategy runs on it,
+    ``auto`` splits it (no fallback warning) and draws the samples of ``auto`` on an uncompiled copy."""
+    torch.manual_seed(0)
+    model, twin = Net().eval(), Net().eval()
+    twin.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager")
+    for strategy in ("loop", "batched", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = mc_predict(model, X, samples=50, strategy=strategy, seed=4)
+        assert got.strategy == strategy and float(got.outputs.std(0).min()) > 0
+    torch.testing.assert_close(got.outputs, mc_predict(twin, X, samples=50, strategy="auto", seed=4).outputs,
+                               rtol=0, atol=0)
