@@ -2,8 +2,12 @@
 
 Two models, each regularized the way a config does it (a plan from the registry, applied):
 
-1. an MLP 784-512-512-10 with regfw dropout (``dropout``: input 0.2, hidden 0.5), batch 256;
-2. a small CNN (three conv blocks, BatchNorm, 32x32 inputs) with DropBlock (``dropblock``), batch 64.
+1. an MLP 784-512-512-10 with regfw dropout (``dropout``: on the input and after each hidden layer),
+   batch 256;
+2. a small CNN (three conv blocks, BatchNorm, 32x32 inputs) with DropBlock (``dropblock``) after each
+   block's activation, batch 64.
+
+The rates are the plan's for 50,000 training examples (printed).
 
 For each, measured side by side in one run (interleaved repeats, median; CPU time of the process on
 CPU, wall time after a synchronise on CUDA; ``timed`` of ``bench/mc_dropout.py``):
@@ -53,12 +57,17 @@ def cnn() -> nn.Module:
     return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 64), nn.Flatten(), nn.Linear(64 * 16, 10))
 
 
-def regularized(build: Callable[[], nn.Module], section: dict, x: torch.Tensor, device: torch.device) -> nn.Module:
+def regularized(build: Callable[[], nn.Module], section: dict, x: torch.Tensor,
+                device: torch.device) -> tuple[nn.Module, str]:
+    """The model with the plan of ``section`` applied (rates for 50,000 training examples), and the
+    plan's rows in a few words."""
     torch.manual_seed(0)
     model = build()
     regs = build_regularizers(section)
-    apply_plan(model, regs, make_plan(model, regs, 50_000, x))
-    return model.to(device)
+    plan = make_plan(model, regs, 50_000, x)
+    apply_plan(model, regs, plan)
+    rows = ", ".join(f"{r.variant} {r.rate:.2f} {r.action} {r.path}" for r in plan.rows() if r.action != "note")
+    return model.to(device), rows
 
 
 def first_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -138,11 +147,11 @@ def main() -> None:
           + ("CPU time of the process" if device.type == "cpu" else "wall time"))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 784, generator=gen).to(device)
-    part("[1] MLP 784-512-512-10, regfw dropout (input 0.2, hidden 0.5), batch 256",
-         regularized(mlp, {"dropout": {}}, x.cpu(), device), x, device, args.repeats)
+    model, rows = regularized(mlp, {"dropout": {}}, x.cpu(), device)
+    part(f"[1] MLP 784-512-512-10, batch 256; {rows}", model, x, device, args.repeats)
     x = torch.randn(64, 3, 32, 32, generator=gen).to(device)
-    part("[2] CNN, 3 conv blocks with BatchNorm, DropBlock, batch 64",
-         regularized(cnn, {"dropblock": {}}, x.cpu(), device), x, device, args.repeats)
+    model, rows = regularized(cnn, {"dropblock": {}}, x.cpu(), device)
+    part(f"[2] CNN, 3 conv blocks with BatchNorm, batch 64; {rows}", model, x, device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ holds ``Poisson(lambda)`` seeds independently of the others, so it is "on" with 
 ``O(num_seeds * block area)`` index writes instead of a random number per element and a max-pool.
 Forward plus backward is several times faster than ``F.dropout`` on the same tensor (``bench/dropblock.py``).
 
-Under ``torch.compile`` the seed count would be a data-dependent Python integer (a graph break),
-so a compiled graph draws the Bernoulli field itself: one ``gamma`` draw per seed position, spread to
-blocks by a stride-1 max-pool, which is the distribution above by construction, with static shapes
-(TorchInductor fuses the draw and the pool; :func:`_block_mask_dense`).
+Under ``torch.compile`` the sampler (a seed count drawn first, then a Python loop over chunks of
+seeds: data-dependent, a graph break) is one operator of the graph, ``regfw::block_mask``, a
+``torch.library`` custom op that runs the same code: the compiled graph draws eager mode's masks, at
+eager mode's cost.
 
 Rescaling is per sample: kept activations are multiplied by ``numel / kept`` of that sample's mask,
 with zero kept giving zeros (no division by zero).
@@ -39,7 +39,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rate, StochasticModule, check_rate, zeros_like_graph
@@ -166,19 +165,18 @@ def _block_mask(
     return mask
 
 
-def _block_mask_dense(
-    shape: tuple[int, int, int, int], block: tuple[int, int], lam: float, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """:func:`_block_mask` drawn as the Bernoulli seed field: each of the ``(H - bh + 1) x (W - bw + 1)``
-    block corners is a seed with probability ``gamma = 1 - exp(-lam)``; a pixel is dropped when a seed
-    at ``(r, c)`` with ``i - bh < r <= i`` and ``j - bw < c <= j`` covers it, which is a stride-1 max-pool
-    of the seed field padded by ``block - 1`` on each side. Static shapes and no Python loop: what a
-    compiled graph can hold."""
+@torch.library.custom_op("regfw::block_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _block_mask_op(shape: list[int], block: list[int], lam: float, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """:func:`_block_mask` as one opaque operator of a compiled graph. Tagged as a seeded random op:
+    a compiler must neither fold, merge nor recompute it (the backward pass sees the forward's mask)."""
     n, c, h, w = shape
-    bh, bw = block
-    seeds = torch.empty((n, c, h - bh + 1, w - bw + 1), dtype=dtype, device=device).bernoulli_(-math.expm1(-lam))
-    covered = F.max_pool2d(F.pad(seeds, (bw - 1, bw - 1, bh - 1, bh - 1)), (bh, bw), stride=1)
-    return 1.0 - covered
+    return _block_mask((n, c, h, w), (block[0], block[1]), lam, dtype, device)
+
+
+@_block_mask_op.register_fake
+def _(shape: list[int], block: list[int], lam: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def drop_block_2d(
@@ -214,8 +212,10 @@ def drop_block_2d(
     bh, bw = min(block[0], h), min(block[1], w)
     lam = _graph_seed_intensity(h, w, bh, bw, p)
     mask_c = 1 if shared_channels else c
-    draw = _block_mask_dense if torch.compiler.is_compiling() else _block_mask
-    mask = draw((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
+    if torch.compiler.is_compiling():
+        mask = _block_mask_op([n, mask_c, h, w], [bh, bw], lam, x.dtype, x.device)
+    else:
+        mask = _block_mask((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
     kept = mask.sum(dim=(1, 2, 3), dtype=torch.float32)
     scale = (mask_c * h * w) / kept.clamp_min(1.0)  # kept == 0 means the mask is all zeros anyway
     mask.mul_(scale.to(x.dtype).view(n, 1, 1, 1))
