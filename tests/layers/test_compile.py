@@ -18,9 +18,8 @@ import torch._dynamo.testing
 from regfw_plugins.noise import GaussianNoise
 from torch import nn
 
-from regfw.layers import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout
+from regfw.layers import ConcreteDropout, DropBlock2d, DropPath, GaussianDropout, apply_embedding_dropout
 from regfw.layers import Dropout as StochasticDropout
-from regfw.layers.embedding import _distinct_ranks
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
 
@@ -140,12 +139,6 @@ def test_trains_in_one_graph_with_new_masks_every_step_and_eval_equals_eager(cas
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
 
 
-def test_word_ranks_without_unique_are_uniques_inverse():
-    key = torch.randint(0, 9, (5, 11), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(_distinct_ranks(key), torch.unique(key, return_inverse=True)[1], rtol=0, atol=0)
-    assert _distinct_ranks(torch.tensor(3)).item() == 0
-
-
 def _seeded_pairs(fn, x: torch.Tensor) -> torch.Tensor:
     """Two calls of ``fn`` after ``torch.manual_seed(7)``, stacked."""
     torch.manual_seed(7)
@@ -156,13 +149,15 @@ def _seeded_pairs(fn, x: torch.Tensor) -> torch.Tensor:
 #: on CPU and stated in docs/compile.md: regfw's Bernoulli masks are one operator of the graph
 #: (``regfw::word_mask``) drawing eager's random words; ``normal_`` (Gaussian dropout) stays torch's
 #: eager kernel; ``rand_like``/``randn_like`` (concrete dropout, noise) and ``nn.Dropout`` are generated
-#: by TorchInductor itself, its own stream; DropBlock's sampler is one operator (``regfw::block_mask``).
+#: by TorchInductor itself, its own stream; DropBlock's sampler and embedding dropout's per-word draw are
+#: one operator each (``regfw::block_mask``, ``regfw::word_keep``) running eager code.
 SEED_CASES = {
     "regfw Dropout": (lambda: StochasticDropout(0.5), VECTORS, True),
     "GaussianDropout": (lambda: GaussianDropout(0.5), VECTORS, True),
     "GaussianNoise": (lambda: GaussianNoise(0.5), VECTORS, False),
     "ConcreteDropout": (lambda: ConcreteDropout(0.5), VECTORS, False),
     "DropBlock2d": (lambda: DropBlock2d(0.3, 3), IMAGES, True),
+    "embedding dropout": (lambda: apply_embedding_dropout(nn.Embedding(50, 8), 0.5), IDS, True),
     "nn.Dropout": (lambda: nn.Dropout(0.5), VECTORS, False),
 }
 
