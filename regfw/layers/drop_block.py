@@ -27,8 +27,8 @@ Forward plus backward is several times faster than ``F.dropout`` on the same ten
 
 Under ``torch.compile`` the sampler (a seed count drawn first, then a Python loop over chunks of
 seeds: data-dependent, a graph break) is one operator of the graph, ``regfw::block_mask``, a
-``torch.library`` custom op that runs the same code: the compiled graph draws eager mode's masks, at
-eager mode's cost.
+``torch.library`` custom op that runs the same code, the solve for the seed intensity included: the
+compiled graph draws eager mode's masks, at eager mode's cost.
 
 Rescaling is per sample: kept activations are multiplied by ``numel / kept`` of that sample's mask,
 with zero kept giving zeros (no division by zero).
@@ -99,27 +99,11 @@ def _seed_intensity(height: int, width: int, block_h: int, block_w: int, p: floa
     return lam
 
 
-def _graph_seed_intensity(height: int, width: int, block_h: int, block_w: int, p: float) -> float:
-    """:func:`_seed_intensity`, which a compiled graph takes as a constant: it depends on the map's
-    shape and the rate only, and its Newton loop is Python arithmetic that has nothing to trace.
-
-    A rate or a map size that has changed between calls reaches a recompiled graph as a symbolic
-    number (Dynamo's automatic dynamic), which a constant cannot be computed from; reading its exact
-    binary value (``float.hex``) makes the graph specialise on it instead, as it does on the rate of
-    every other dropout layer: a new rate or map size, a new graph."""
-    h, w, bh, bw = (int(_concrete(v)) for v in (height, width, block_h, block_w))
-    return _constant_intensity(h, w, bh, bw, _concrete(p))
-
-
 def _concrete(value: float) -> float:
-    """``value`` as a plain Python float, also where a trace holds it symbolically (the trace then
-    guards on its value)."""
+    """``value`` as a plain Python float, also where a trace holds it symbolically (a rate changed
+    between calls becomes symbolic under Dynamo's automatic dynamic): reading its exact binary value
+    makes the graph specialise on it, as it does on the rate of every other dropout layer."""
     return float.fromhex(float(value).hex())
-
-
-@torch.compiler.assume_constant_result
-def _constant_intensity(height: int, width: int, block_h: int, block_w: int, p: float) -> float:
-    return _seed_intensity(height, width, block_h, block_w, p)
 
 
 def drop_block_gamma(
@@ -166,16 +150,18 @@ def _block_mask(
 
 
 @torch.library.custom_op("regfw::block_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _block_mask_op(shape: list[int], block: list[int], lam: float, dtype: torch.dtype,
+def _block_mask_op(shape: list[int], block: list[int], p: float, dtype: torch.dtype,
                    device: torch.device) -> Tensor:
-    """:func:`_block_mask` as one opaque operator of a compiled graph. Tagged as a seeded random op:
-    a compiler must neither fold, merge nor recompute it (the backward pass sees the forward's mask)."""
+    """:func:`_block_mask` at the exact rate ``p`` as one opaque operator of a compiled graph (the seed
+    intensity is solved here, in Python, at run time). Tagged as a seeded random op: a compiler must
+    neither fold, merge nor recompute it (the backward pass sees the forward's mask)."""
     n, c, h, w = shape
+    lam = _seed_intensity(h, w, block[0], block[1], p)
     return _block_mask((n, c, h, w), (block[0], block[1]), lam, dtype, device)
 
 
 @_block_mask_op.register_fake
-def _(shape: list[int], block: list[int], lam: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _(shape: list[int], block: list[int], p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -210,11 +196,11 @@ def drop_block_2d(
         return zeros_like_graph(x)
     n, c, h, w = x.shape
     bh, bw = min(block[0], h), min(block[1], w)
-    lam = _graph_seed_intensity(h, w, bh, bw, p)
     mask_c = 1 if shared_channels else c
     if torch.compiler.is_compiling():
-        mask = _block_mask_op([n, mask_c, h, w], [bh, bw], lam, x.dtype, x.device)
+        mask = _block_mask_op([n, mask_c, h, w], [bh, bw], _concrete(p), x.dtype, x.device)
     else:
+        lam = _seed_intensity(h, w, bh, bw, p)
         mask = _block_mask((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
     kept = mask.sum(dim=(1, 2, 3), dtype=torch.float32)
     scale = (mask_c * h * w) / kept.clamp_min(1.0)  # kept == 0 means the mask is all zeros anyway

@@ -28,10 +28,10 @@ On other devices (CUDA...) the layers keep torch's fused kernels (``F.dropout``,
 ``regfw::word_mask`` (a ``torch.library`` custom op that runs the code above): the graph draws
 the same words from the same generator as eager mode, so a seed gives the same masks compiled or
 not, and never touches the scratch buffers, which a traced graph could not hold (module state read
-by a trace is baked in). Measured on one thread (``bench/compile.py``), a compiled training step with
-regfw dropout costs about 1.8x eager when the graph's own random kernels draw the masks
-(TorchInductor's ``rand`` on CPU), and much less with the operator. On other devices a compiled graph
-keeps torch's kernels, which the compiler fuses.
+by a trace is baked in). Measured on one thread (``bench/compile.py``'s MLP), a compiled training
+step with regfw dropout took 1.8x the eager step when TorchInductor drew the masks with its own CPU
+``rand``, and takes 1.26x with the operator. On other devices a compiled graph keeps torch's kernels,
+which the compiler fuses.
 """
 from __future__ import annotations
 
