@@ -25,6 +25,11 @@ holds ``Poisson(lambda)`` seeds independently of the others, so it is "on" with 
 ``O(num_seeds * block area)`` index writes instead of a random number per element and a max-pool.
 Forward plus backward is several times faster than ``F.dropout`` on the same tensor (``bench/dropblock.py``).
 
+Under ``torch.compile`` the sampler (a seed count drawn first, then a Python loop over chunks of
+seeds: data-dependent, a graph break) is one operator of the graph, ``regfw::block_mask``, a
+``torch.library`` custom op that runs the same code, the solve for the seed intensity included: the
+compiled graph draws eager mode's masks, at eager mode's cost.
+
 Rescaling is per sample: kept activations are multiplied by ``numel / kept`` of that sample's mask,
 with zero kept giving zeros (no division by zero).
 """
@@ -94,6 +99,13 @@ def _seed_intensity(height: int, width: int, block_h: int, block_w: int, p: floa
     return lam
 
 
+def _concrete(value: float) -> float:
+    """``value`` as a plain Python float, also where a trace holds it symbolically (a rate changed
+    between calls becomes symbolic under Dynamo's automatic dynamic): reading its exact binary value
+    makes the graph specialise on it, as it does on the rate of every other dropout layer."""
+    return float.fromhex(float(value).hex())
+
+
 def drop_block_gamma(
     height: int, width: int, block_size: int | tuple[int, int], p: float
 ) -> float:
@@ -137,6 +149,22 @@ def _block_mask(
     return mask
 
 
+@torch.library.custom_op("regfw::block_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _block_mask_op(shape: list[int], block: list[int], p: float, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """:func:`_block_mask` at the exact rate ``p`` as one opaque operator of a compiled graph (the seed
+    intensity is solved here, in Python, at run time). Tagged as a seeded random op: a compiler must
+    neither fold, merge nor recompute it (the backward pass sees the forward's mask)."""
+    n, c, h, w = shape
+    lam = _seed_intensity(h, w, block[0], block[1], p)
+    return _block_mask((n, c, h, w), (block[0], block[1]), lam, dtype, device)
+
+
+@_block_mask_op.register_fake
+def _(shape: list[int], block: list[int], p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def drop_block_2d(
     x: Tensor,
     p: float = 0.1,
@@ -168,9 +196,12 @@ def drop_block_2d(
         return zeros_like_graph(x)
     n, c, h, w = x.shape
     bh, bw = min(block[0], h), min(block[1], w)
-    lam = _seed_intensity(h, w, bh, bw, p)
     mask_c = 1 if shared_channels else c
-    mask = _block_mask((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
+    if torch.compiler.is_compiling():
+        mask = _block_mask_op([n, mask_c, h, w], [bh, bw], _concrete(p), x.dtype, x.device)
+    else:
+        lam = _seed_intensity(h, w, bh, bw, p)
+        mask = _block_mask((n, mask_c, h, w), (bh, bw), lam, x.dtype, x.device)
     kept = mask.sum(dim=(1, 2, 3), dtype=torch.float32)
     scale = (mask_c * h * w) / kept.clamp_min(1.0)  # kept == 0 means the mask is all zeros anyway
     mask.mul_(scale.to(x.dtype).view(n, 1, 1, 1))

@@ -7,7 +7,8 @@ scaled by ``1 / (1 - p)``). AWD-LSTM (Merity et al., ICLR 2018, ``embedded_dropo
 row mask per batch; here each sequence gets its own mask, as every other regfw layer draws one
 mask per example, so the rows of a batch are independent and Monte Carlo dropout can repeat a
 batch to draw samples. Only the words a batch uses are drawn (``torch.unique`` over (sequence,
-word) pairs), so the cost does not grow with the vocabulary.
+word) pairs), so the cost does not grow with the vocabulary. In a graph compiled by ``torch.compile``
+that draw (whose size depends on the data) is one operator, ``regfw::word_keep``, running the same code.
 
 :func:`apply_embedding_dropout` hangs an :class:`EmbeddingDropout` on an ``nn.Embedding`` as the
 child ``regfw_embedding_dropout`` with a forward hook that sees the indices and the looked-up
@@ -48,9 +49,31 @@ def embedding_dropout(vectors: Tensor, indices: Tensor, p: float, num_embeddings
         key = seq * num_embeddings + indices
     else:
         key = indices
+    if torch.compiler.is_compiling():  # torch.unique's size depends on the data: one opaque operator
+        keep = _word_keep_op(key, p, vectors.dtype)
+    else:
+        keep = _word_keep(key, p, vectors.dtype)
+    return vectors * keep.unsqueeze(-1)
+
+
+def _word_keep(key: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """Per entry of ``key``, the inverted-dropout factor of its word: one draw per distinct value."""
     words, where = torch.unique(key, return_inverse=True)
-    keep = keep_scale_mask(vectors, words.shape, p)  # one draw per word (CPU: sliced random words)
-    return vectors * keep[where].unsqueeze(-1)
+    keep = keep_scale_mask(torch.empty((), dtype=dtype, device=key.device), words.shape, p)  # one draw per word
+    return keep[where]
+
+
+@torch.library.custom_op("regfw::word_keep", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _word_keep_op(key: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """:func:`_word_keep` as one operator of a compiled graph, whose output has the static shape of
+    ``key``: the graph draws eager mode's masks. Tagged as a seeded random op (never folded, merged
+    or recomputed for the backward pass)."""
+    return _word_keep(key, p, dtype)
+
+
+@_word_keep_op.register_fake
+def _(key: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    return torch.empty(key.shape, dtype=dtype, device=key.device)
 
 
 class EmbeddingDropout(StochasticModule):

@@ -33,7 +33,7 @@ so the two form no import cycle); while it is not registered ``"auto"`` means ``
 """
 from __future__ import annotations
 
-import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +92,7 @@ __all__ = [
     "deterministic_pass",
     "forward_output",
     "scan_functional_dropout",
+    "uncompiled",
     "derive_seed",
     "split_mean_logvar",
 ]
@@ -122,14 +123,35 @@ def _has_rows(inputs: Any) -> bool:
         return False
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that a ``torch.compile`` wrapper (``OptimizedModule``) runs, or ``model`` itself.
+
+    What regfw observes in Python as a forward runs (the functional-dropout watch, the fx trace of
+    the ``auto`` split) needs the eager module: a compiled forward runs none of that Python. The
+    samples of ``loop`` and ``batched`` still come from the compiled module.
+    """
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if frame is not None and isinstance(model, frame.OptimizedModule):
+        return uncompiled(model._orig_mod)
+    return model
+
+
+def _needs_scan(model: nn.Module, index: ModelIndex) -> nn.Module | None:
+    """The eager module to watch for functional dropout (:func:`uncompiled`), or None when the
+    model as it is now was watched already."""
+    eager = uncompiled(model)
+    return eager if foreign.needs_scan(eager, len(index.modules) + 1 if eager is model else None) else None
+
+
 def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
     """Find the modules of ``model`` that call ``F.dropout`` in their forward (one eval-mode pass
     of one row, :func:`regfw.placement.foreign.watch_functional_dropout`), unless the model as it is now was
     watched already; the hosts found are then switched on by :func:`mc_mode`."""
     index = model_index(model) if index is None else index
-    if foreign.needs_scan(model, len(index.modules) + 1) and _has_rows(inputs):
-        with eval_mode(model, index=index), foreign.watch_functional_dropout(model):
-            call_model(model, _first_row(inputs))
+    eager = _needs_scan(model, index)
+    if eager is not None and _has_rows(inputs):
+        with eval_mode(model, index=index), foreign.watch_functional_dropout(eager):
+            call_model(eager, _first_row(inputs))
 
 
 def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None = None,
@@ -142,10 +164,12 @@ def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None =
     a ``with_deterministic`` variant, and the ``auto`` strategy when it falls back to ``batched``.
     """
     index = model_index(model) if index is None else index
-    scan = foreign.needs_scan(model, len(index.modules) + 1)
-    with eval_mode(model, index=index), (foreign.watch_functional_dropout(model) if scan
-                                         else contextlib.nullcontext()):
-        return forward_output(model, inputs, output_key)
+    eager = _needs_scan(model, index)
+    if eager is None:
+        with eval_mode(model, index=index):
+            return forward_output(model, inputs, output_key)
+    with eval_mode(model, index=index), foreign.watch_functional_dropout(eager):
+        return forward_output(eager, inputs, output_key)
 
 
 def loop_strategy(model: nn.Module, inputs: Any, samples: int, *, budget_bytes: int | None = None,

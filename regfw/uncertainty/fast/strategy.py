@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from regfw.model_io import OutputKey, select_output
 from regfw.uncertainty import sampling as _sampling
-from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, deterministic_pass
+from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, deterministic_pass, uncompiled
 
 from .cache import split_model
 from .execute import _execute
@@ -86,16 +86,17 @@ def _run(
 ) -> tuple[Tensor, Tensor | None]:
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
-    split = split_model(model, inputs)
+    eager = uncompiled(model)  # a torch.compile wrapper: the split traces and runs the module it wraps
+    split = split_model(eager, inputs)
     if not split.ok:
         return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw}, deterministic)
     with torch.no_grad():
         if split._verified:
-            return _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+            return _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
                              kw.get("output_key"))
         state = torch.random.get_rng_state()
         try:
-            out = _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+            out = _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
                             kw.get("output_key"))
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             torch.random.set_rng_state(state)
