@@ -188,6 +188,10 @@ class UncertaintyConfig:
     samples: int = 30
     every_n_epochs: int = positive(1)
     strategy: Literal["auto", "loop", "batched"] = "auto"
+    #: Which of the model's own stochastic layers (stochastic depth, attention dropout, its own dropout)
+    #: MC dropout samples: ``auto`` those of a kind a selected regularizer places, ``all``, or ``none``
+    #: (regfw/uncertainty/own_layers.py); `regfw plan` and the callback list them.
+    sample_model_stochastic: Literal["auto", "all", "none"] = "auto"
     max_batches: int | None = None
     #: None: mutual information for classification, variance for regression.
     score: Literal["mutual_information", "entropy", "variation_ratio", "variance"] | None = None

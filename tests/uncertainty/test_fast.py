@@ -469,7 +469,7 @@ def test_weight_masks_with_locked_dropout_are_drawn_per_sample_under_auto():
     t = 400
     split = split_model(model, x)
     assert split.mode == "samples" and "batch_shared" in split.mode_reason
-    auto = mc_predict(model, x, t, strategy="auto", seed=0, deterministic=False)
+    auto = mc_predict(model, x, t, strategy="auto", seed=0, deterministic=False, choose=False)
     assert calls[0] == 2 * t  # one weight mask per LSTM and sample
     loop = mc_predict(model, x, t, strategy="loop", seed=1, deterministic=False)
     a, b = auto.probs.double(), loop.probs.double()
@@ -504,9 +504,9 @@ def test_deterministic_output_comes_from_the_prefix_and_leaves_the_samples_alone
     handle = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         split_model(model, x)  # the hook changes the fingerprint: analyse again outside the count
-        mc_predict(model, x, 7, strategy="auto", seed=3)
+        mc_predict(model, x, 7, strategy="auto", seed=3, choose=False)
         calls[0] = 0
-        mc_predict(model, x, 7, strategy="auto", seed=3)
+        mc_predict(model, x, 7, strategy="auto", seed=3, choose=False)
     finally:
         handle.remove()
     assert calls[0] == 1  # the first layer ran once: the deterministic output reused the prefix
