@@ -14,12 +14,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.extend import (
+    ATTENTION,
+    HIDDEN,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanContext,
+    PlanItem,
+    hookimpl,
+    rate,
+    set_rate,
+)
 from regfw.layers import set_attention_dropout
-from regfw.placement.api import set_rate
-from regfw.placement.kinds import ATTENTION, HIDDEN
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -51,7 +57,7 @@ class AttentionDropout(InjectingRegularizer):
     kinds = (ATTENTION,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import model_map
+        from regfw.extend import model_map
 
         mm = model_map(model, ctx)
         rate, reason = self.rate_for(ATTENTION, ctx)
@@ -108,6 +114,6 @@ class AttentionDropout(InjectingRegularizer):
             set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(AttentionDropout)

@@ -28,12 +28,18 @@ from typing import Literal
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, PlanContext, PlanItem
+from regfw.extend import (
+    RESIDUAL,
+    InjectingRegularizer,
+    PlanContext,
+    PlanItem,
+    RateSchedule,
+    choose_rate,
+    hookimpl,
+    rate,
+    transformer_ranges,
+)
 from regfw.layers import DropPath, drop_path_schedule
-from regfw.placement.kinds import RESIDUAL, choose_rate, transformer_ranges
-from regfw.train.schedules import RateSchedule
 
 
 @dataclass
@@ -66,7 +72,7 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import is_path_drop, model_map, reuse_existing
+        from regfw.extend import is_path_drop, model_map, reuse_existing
 
         mm = model_map(model, ctx)
         sites, error = mm.residuals.result
@@ -120,6 +126,6 @@ class DropPathRegularizer(InjectingRegularizer):
         return DropPath(rate, scale_by_keep=self.config.scale_by_keep)
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(DropPathRegularizer)
