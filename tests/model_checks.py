@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import runtime_graph
 import torch
 from noise_floor import batch_noise_floor, far_above_floor
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-import runtime_graph
 from regfw.placement import foreign
 from regfw.placement.kinds import TRANSFORMER_RANGE
 from regfw.uncertainty import mc_predict
@@ -91,7 +91,8 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def check_state_unchanged(before: dict[str, Any], after: dict[str, Any], what: str) -> None:
-    assert before.keys() == after.keys(), f"{what} added or removed modules/buffers: {sorted(before.keys() ^ after.keys())[:5]}"
+    assert before.keys() == after.keys(), \
+        f"{what} added or removed modules/buffers: {sorted(before.keys() ^ after.keys())[:5]}"
     for key, value in before.items():
         now = after[key]
         if isinstance(value, Tensor):
@@ -166,8 +167,9 @@ def has_attention(graph: runtime_graph.Graph) -> bool:
 
 def rate_failures(plan: Any) -> list[str]:
     """Rows with a rate above the Transformer range (for a model with attention)."""
+    high = TRANSFORMER_RANGE.high + 1e-12
     return [f"{i.path} {i.kind} {i.rate:g}" for i in plan.rows()
-            if i.rate is not None and i.action in ("after", "before", "set") and i.rate > TRANSFORMER_RANGE.high + 1e-12]
+            if i.rate is not None and i.action in ("after", "before", "set") and i.rate > high]
 
 
 # --------------------------------------------------------------------------- Monte Carlo

@@ -369,7 +369,8 @@ OutputTransform = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
 #: Per model: ``(index, setting, selected) -> the own stochastic layers not sampled``, recomputed when the
 #: model's index changes (a walk over the model per Monte Carlo call would cost more than the call's bookkeeping).
-_NOT_SAMPLED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[ModelIndex, tuple], list[nn.Module]]] = weakref.WeakKeyDictionary()
+_NOT_SAMPLED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[ModelIndex, tuple], list[nn.Module]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def not_sampled(model: nn.Module, index: ModelIndex, setting: str,

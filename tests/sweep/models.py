@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
 from zoo.models import pixel_logits, prepare, train_like_scales
 
 from .families import BATCH, SELECTION, VIDEO_FRAMES

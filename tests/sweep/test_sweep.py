@@ -32,12 +32,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import model_checks as checks
 import pytest
+import runtime_graph
 import torch
 from torch import nn
 
-import model_checks as checks
-import runtime_graph
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
 

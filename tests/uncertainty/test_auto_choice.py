@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from regfw.placement.surgery import attach
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.fast import split_model, strategy
 
@@ -25,9 +24,7 @@ def head_only(width: int = 32, depth: int = 6) -> nn.Module:
     layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
     for _ in range(depth):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
-    attach(model, str(len(layers) + 2), "regfw_dropout", nn.Dropout(0.5), "before")
-    return model.eval()
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(width, 10)).eval()
 
 
 class FakeClock:

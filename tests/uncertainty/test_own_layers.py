@@ -13,7 +13,8 @@ from regfw.registry.regularizers import build_regularizers
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.callback import MCDropoutUncertainty
 from regfw.uncertainty.fast import split_model
-from regfw.uncertainty.own_layers import listing, own_layers
+from regfw.uncertainty.modes import excluding
+from regfw.uncertainty.own_layers import excluded, listing, own_layers
 
 
 class Block(nn.Module):
@@ -86,21 +87,18 @@ def test_auto_samples_the_own_layers_of_the_selected_kinds_only():
         "blocks.0.drop_path": True, "blocks.1.drop_path": True, "drop": False}
 
 
-def test_excluded_stochastic_depth_joins_the_computed_once_prefix():
-    """Under auto the unsampled blocks are deterministic, so the split computes them once: the blocks
-    run once per call (the MC call and its deterministic output), not once per sample."""
+def test_unsampled_stochastic_depth_is_deterministic_in_the_auto_split():
+    """The split ``auto`` uses under ``sample_model_stochastic: auto``: the model's own stochastic depth
+    is no random source (it is computed like any deterministic layer), its own dropout is; and the
+    stochastic depth never runs in training mode."""
     model = planned({"dropout": {}})
     x = torch.randn(6, 8)
-    calls = [0]
-    handle = model.blocks[1].fc.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        mc_predict(model, x, 10, strategy="auto", seed=0, choose=False)
-        calls[0] = 0
-        mc_predict(model, x, 10, strategy="auto", seed=0, choose=False)
-    finally:
-        handle.remove()
-    assert calls[0] == 1
-    assert "m.blocks.0.drop_path" not in split_model(model, x).source_targets
+    with excluding(excluded(model)):
+        sources = split_model(model, x).source_targets
+    assert "m.drop" in sources and not any("drop_path" in s for s in sources), sources
+    assert any("drop_path" in s for s in split_model(model, x).source_targets)  # without the setting: sampled
+    assert training_flags(model, x, strategy="auto", choose=False) == {
+        "blocks.0.drop_path": False, "blocks.1.drop_path": False, "drop": True}
 
 
 def test_a_model_regfw_did_not_touch_is_sampled_whole_by_default():
@@ -134,6 +132,7 @@ def test_the_callback_lists_them_from_the_plan_it_finds(capsys):
     model = planned({"drop_path": {}}, keep_plan=True)
     callback = MCDropoutUncertainty(samples=4)
     lines = callback.say_what_is_sampled(model)
-    assert lines[0].startswith("MC dropout samples the model's own stochastic layers: 2 drop_path")
+    # the plan sets the stochastic depth rates linearly from 0 (first block: 0, no longer stochastic)
+    assert lines[0] == "MC dropout samples the model's own stochastic layers: 1 drop_path (blocks.1.drop_path)"
     assert lines[1] == "MC dropout does not sample the model's own stochastic layers: 1 dropout (drop)"
     assert capsys.readouterr().out.splitlines()[:2] == lines[:2]

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 from model_checks import (
-    T,
     OutputOf,
+    T,
     bn_state,
     check_auto_matches,
     check_eval_unchanged,

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from regfw.placement import tracing
 from regfw.placement.surgery import ApplyAfter, ApplyBefore
-from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.modes import excluded_ids
+from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 
 from .graph import (
@@ -64,7 +64,8 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
         records, real_counts, ref = _record_real(model, x2, stochastic)
     if not isinstance(ref, Tensor):
         raise _Fallback(f"the model returns {type(ref).__name__}, not one tensor")
-    split, mods = _trace(model, stochastic, records)
+    # unsampled stochastic layers stay leaves of the trace (their forward may branch on tensors), deterministic
+    split, mods = _trace(model, {**stochastic, **dict.fromkeys(off, "")}, records)
     sources = _sources(split, mods, stochastic)
 
     with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)

@@ -4,11 +4,11 @@
 ``T - 1`` repeated passes but pays for gathering boundary values and for running the replay node by
 node, so where the prefix is small the split can be slower than ``batched``. On the first call for a
 model and a call size (batch rows, samples) it therefore runs both on the same random state, timing
-each in CPU time (:data:`clock`, all threads), keeps the split only when it was at least
-:data:`MARGIN` times faster, and returns the result of the one it keeps; later calls of that size run
-only the choice (``Split.choices``, cached with the split: a structural change of the model makes
-a new split and a new decision). The first call costs both strategies once; the samples it returns
-are exactly those a later call with the same seed returns.
+each in CPU time (:data:`clock`, all threads; wall time after synchronising on a GPU), keeps the
+split only when it was at least :data:`MARGIN` times faster, and returns the result of the one it
+keeps; later calls of that size run only the choice (``Split.choices``, cached with the split: a
+structural change of the model makes a new split and a new decision). The first call costs both
+strategies once; the samples it returns are exactly those a later call with the same seed returns.
 """
 from __future__ import annotations
 
@@ -117,22 +117,22 @@ def _run(
         if choice == "auto" and split._verified:
             return _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
         state = _rng_state(inputs)
-        start = clock()
+        start = _now(inputs)
         try:
             out = _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             _set_rng_state(inputs, state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
             return _fall_back(model, split, inputs, samples, budget_bytes, plain, deterministic)
-        auto_seconds = clock() - start
+        auto_seconds = _now(inputs) - start
         split._verified = True
         if choice == "auto":
             return out
         after_auto = _rng_state(inputs)
         _set_rng_state(inputs, state)  # batched draws from the same state: whichever is kept, a later
-        start = clock()                # call with this seed returns exactly these samples
+        start = _now(inputs)           # call with this seed returns exactly these samples
         plain_out = _batched(model, inputs, samples, budget_bytes, plain, deterministic)
-        batched_seconds = clock() - start
+        batched_seconds = _now(inputs) - start
         split.timings[key] = (auto_seconds, batched_seconds)
         if auto_seconds <= MARGIN * batched_seconds:
             split.choices[key] = "auto"
@@ -140,6 +140,15 @@ def _run(
             return out
         split.choices[key] = "batched"
         return plain_out
+
+
+def _now(inputs: Tensor) -> float:
+    """:data:`clock` on the CPU; on an accelerator the wall clock once its queued work is done (the CPU
+    time of a process that only queues kernels says nothing of their cost)."""
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize(inputs.device)
+        return time.perf_counter()
+    return clock()
 
 
 def _batched(model: nn.Module, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
