@@ -56,7 +56,7 @@ def op_name(func: Any) -> str:
 
 @dataclass
 class Node:
-    """One op (``kind="op"``) or one opaque stochastic module (``kind="module"``)."""
+    """One op (``kind="op"``), one opaque stochastic module (``kind="module"``) or the inputs (``"input"``)."""
 
     index: int
     kind: str
@@ -191,6 +191,7 @@ def record(model: nn.Module, inputs: Any, stochastic: Callable[[nn.Module], bool
     modules: dict[str, list[int]] = {}
     calls: dict[str, int] = {}
     run = run or (lambda m, x: m(x))
+    rec.add("input", "input", [], [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)])
     with torch.no_grad(), _module_hooks(model, rec, stochastic, modules, calls), rec:
         out = run(model, inputs)
     outputs = {rec.producer_of(t) for t in tree_flatten(out)[0] if isinstance(t, Tensor)} - {-1}

@@ -80,6 +80,22 @@ def load() -> tuple[list[SweepModel], dict[str, str]]:
 _PROTOTYPE: dict[str, tuple[nn.Module, Any]] = {}
 
 
+@torch.no_grad()
+def train_like_weights(model: nn.Module, seed: int = 4) -> list[str]:
+    """Every weight matrix or kernel that starts all zero (timm zero-initialises the classifier of
+    MLP-Mixer and gMLP) drawn from N(0, 1 / fan_in), as a trained net's are nonzero: a zero head makes
+    every output its bias, so MC dropout would be tested on constant outputs. Returns their paths."""
+    gen = torch.Generator().manual_seed(seed)
+    found = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not weight.any():
+            fan_in = weight[0].numel()
+            weight.copy_(torch.randn(weight.shape, generator=gen) / fan_in ** 0.5)
+            found.append(path)
+    return found
+
+
 def _prototype(entry: SweepModel) -> tuple[nn.Module, Any]:
     if entry.key in _PROTOTYPE:
         return _PROTOTYPE[entry.key]
@@ -87,6 +103,7 @@ def _prototype(entry: SweepModel) -> tuple[nn.Module, Any]:
     torch.manual_seed(0)
     model = entry.construct()
     train_like_scales(model)
+    train_like_weights(model)
     x = entry.example()
     if not entry.detection:
         prepare(model, x)

@@ -129,6 +129,7 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
         reference = copy.deepcopy(model(x))
     own = checks.existing_stochastic(model)
     regs = build_regularizers(VARIANTS[variant])
+    own_doing = checks.volatile(model, lambda m: m(x))
     state = checks.model_state(model)
     plan = None
     with fails.step("plan-error"):
@@ -138,7 +139,7 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
     changes = [i for i in plan.rows() if i.action != "note"]
     info["rows"] = len(changes)
     with fails.step("planning-changes-model"):
-        checks.check_state_unchanged(state, checks.model_state(model), "planning")
+        checks.check_state_unchanged(state, checks.model_state(model), "planning", own_doing)
     if not changes:
         return fails, info
     with fails.step("apply-error"), warnings.catch_warnings():
@@ -171,7 +172,7 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
         with fails.step("mc"):
             checks.check_auto_matches(sampled, x, "batched", entry.transform, name=entry.key, samples=T)
         with fails.step("sampling-changes-model"):
-            checks.check_state_unchanged(before, checks.model_state(model), "MC sampling")
+            checks.check_state_unchanged(before, checks.model_state(model), "MC sampling", own_doing)
     with fails.step("training-step"):
         checks.training_step(model, _train_loss(entry, x))
     return fails, info

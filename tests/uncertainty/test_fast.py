@@ -95,6 +95,10 @@ class DropConnectLinear(StochasticModule):
 
 
 def samples(model: nn.Module, x: torch.Tensor, strategy: str, t: int, seed: int = 0, **kw) -> torch.Tensor:
+    """The raw MC outputs; ``auto`` always through its split (``choose=False``: these tests are about the
+    split, not about whether it beats ``batched`` on a tiny model, tests/uncertainty/test_auto_choice.py)."""
+    if strategy == "auto":
+        kw.setdefault("choose", False)
     return mc_predict(model, x, t, strategy=strategy, seed=seed, deterministic=False, **kw).outputs
 
 
