@@ -38,7 +38,7 @@ def cpu(fn: Any) -> float:
 def compare(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[float, float, str]:
     """``(auto seconds, batched seconds, the strategy auto kept)`` for one call each after the decision."""
     from regfw.uncertainty import mc_predict
-    from regfw.uncertainty.fast import split_model
+    from regfw.uncertainty.fast import cache
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,8 +46,9 @@ def compare(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[float, float,
         mc_predict(model, x, T, strategy="batched", seed=0, **kw)  # warm
         auto = cpu(lambda: mc_predict(model, x, T, strategy="auto", seed=1, **kw))
         batched = cpu(lambda: mc_predict(model, x, T, strategy="batched", seed=1, **kw))
-    split = split_model(model, x)
-    kept = split.choices.get((x.shape[0], T), "batched (fallback)") if split.ok else "batched (fallback)"
+    entry = cache._CACHE.get(model)  # the split of the call (made under the call's sampling setting)
+    kept = next((s.choices[(x.shape[0], T)] for s in (entry.splits.values() if entry else ())
+                 if (x.shape[0], T) in s.choices), "batched (fallback)")
     return auto, batched, kept
 
 

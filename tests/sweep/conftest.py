@@ -29,7 +29,7 @@ _OUTCOMES: dict[str, dict[str, str]] = {}
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if "test_sweep[" not in report.nodeid or (report.when != "call" and report.outcome != "failed"):
         return
-    cid = report.nodeid.split("[", 1)[1].rstrip("]")
+    cid = report.nodeid.split("@", 1)[0].split("[", 1)[1].rstrip("]")  # --dist loadgroup appends @<group>
     key, variant = cid.rsplit("-", 1)
     outcome = "xfail" if hasattr(report, "wasxfail") and report.outcome == "skipped" else report.outcome
     _OUTCOMES.setdefault(key, {})[variant] = outcome
