@@ -18,8 +18,10 @@ Ops are classified by what they compute, never by module or attribute names:
 * an **attention** is ``scaled_dot_product_attention`` (q, k, v are its first three operands) or a
   softmax whose output multiplies another path by a matrix product (q and k feed the softmax, v is the
   other operand);
-* a **gate** is an elementwise multiply of two computed paths with a common ancestor inside the
-  module that multiplies: every op on either path since they forked is on the gate.
+* a **gate** is an elementwise multiply of two computed paths with a common ancestor: every op since
+  they forked, inside the module that multiplies, on the path that ends in a squashing op (sigmoid,
+  hard sigmoid, tanh, softmax) is on the gate; where neither or both do (a gated MLP's ``u * v``),
+  both paths are.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ SHAPE_OPS = frozenset({"view", "_unsafe_view", "reshape", "permute", "transpose"
 SOFTMAX_OPS = frozenset({"_softmax", "softmax", "_safe_softmax", "_log_softmax"})
 SDPA_PREFIX = "_scaled_dot_product"
 MUL_OPS = frozenset({"mul", "mul_"})
+#: Ops that squash a value into a fixed range: the branch ending in one is the gate of a multiply.
+SQUASH_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "tanh", "tanh_", *SOFTMAX_OPS})
 
 
 def op_name(func: Any) -> str:
@@ -292,8 +296,20 @@ def gate_nodes(graph: Graph) -> set[int]:
         common = {i for i in left & right if not graph.nodes[i].param_derived}
         if not common:
             continue
-        on_gate |= {i for i in left ^ right if i >= node.scope}
+        squashed = [_squashed(graph, a), _squashed(graph, b)]
+        sides = [left - right, right - left]
+        if squashed[0] != squashed[1]:
+            sides = [sides[0] if squashed[0] else sides[1]]
+        on_gate |= {i for side in sides for i in side if i >= node.scope}
     return on_gate
+
+
+def _squashed(graph: Graph, index: int) -> bool:
+    """Whether the value comes out of a squashing op, seen through shape ops."""
+    node = graph.nodes[index]
+    while _is_shape(node) and node.inputs:
+        node = graph.nodes[node.inputs[0]]
+    return node.kind == "op" and node.name in SQUASH_OPS
 
 
 def in_series(graph: Graph, node: int, others: set[int], consumers: dict[int, list[int]]) -> int | None:

@@ -74,3 +74,22 @@ def test_each_failure_class_is_found_and_a_good_placement_passes(cls):
     found = failures(bad(), shape)
     assert cls in found, found
     assert failures(good(), shape) == {}, cls
+
+
+class ScaledHead(nn.Module):
+    """LRASPP's head: a main branch multiplied by a sigmoid scale branch of the same input."""
+
+    def __init__(self, drop_in_scale: bool) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5) if not drop_in_scale else nn.Identity())
+        self.scale = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5) if drop_in_scale else nn.Identity(),
+                                   nn.Sigmoid())
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.main(x) * self.scale(x))
+
+
+def test_the_gate_is_the_squashed_branch_of_a_multiply():
+    assert "gate" in failures(ScaledHead(drop_in_scale=True), (6, 4))
+    assert failures(ScaledHead(drop_in_scale=False), (6, 4)) == {}
