@@ -42,7 +42,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from regfw.extend import InjectingRegularizer, PlanContext, PlanItem, check_finite, hookimpl, nonneg
+from regfw.extend import InjectingRegularizer, LayerInfo, PlanContext, PlanItem, check_finite, hookimpl, nonneg
 from regfw.extend import kinds as K
 from regfw.layers import StochasticModule, attach_child
 
@@ -223,8 +223,8 @@ class Noise(InjectingRegularizer):
     kinds = (K.INPUT, K.HIDDEN, K.CONV, K.RECURRENT)
     variant = "gaussian_noise"
 
-    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[float | None, str]:
-        """The std for ``kind`` from ``<kind>_std`` (None when 0: the kind is left out)."""
+    def rate_for(self, kind: str, ctx: PlanContext, layer: LayerInfo | None = None) -> tuple[float | None, str]:
+        """The std for ``kind`` from ``<kind>_std`` (None when 0: the kind is left out), the same for every layer."""
         std = float(getattr(self.config, f"{kind}_std", 0.0) or 0.0)
         return (std or None), f"{kind}_std={std:g}"
 

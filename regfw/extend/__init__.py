@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers: the same names, impor
         INJECTED_PREFIX,
         LayerInfo,
         ModelMap,
+        ResidualSite,
         after_anchor,
         analyse,
         classify,
@@ -48,7 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers: the same names, impor
         is_dropout,
         is_path_drop,
         model_map,
+        plan_residual_rows,
         planned_module,
+        residual_branches,
         reuse_existing,
         set_rate,
     )
@@ -139,6 +142,9 @@ _LAZY: dict[str, str] = {
     "is_dropout": "regfw.placement.api",
     "is_path_drop": "regfw.placement.api",
     "planned_module": "regfw.placement.api",
+    "ResidualSite": "regfw.placement.api",
+    "residual_branches": "regfw.placement.api",
+    "plan_residual_rows": "regfw.placement.api",
     # one training step
     "Step": "regfw.train.steps",
     "MixedTargets": "regfw.train.steps",

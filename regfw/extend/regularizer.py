@@ -48,6 +48,7 @@ from regfw.placement.plan_items import ACTIONS, PlanContext, PlanItem, mark_appl
 from regfw.train.schedules import RateSchedule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from regfw.placement.surgery import LayerInfo
     from regfw.train.steps import LossFn, Step
 
 
@@ -275,10 +276,12 @@ class InjectingRegularizer(Regularizer):
         known); otherwise why not, shown as a note in the plan (e.g. DropBlock needs 4-d maps)."""
         return None
 
-    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[float | None, str]:
+    def rate_for(self, kind: str, ctx: PlanContext, layer: LayerInfo | None = None) -> tuple[float | None, str]:
         """The rate for ``kind`` and why: explicit in the config, policy, or the table default.
 
-        Returns ``(None, reason)`` to leave the kind out.
+        ``layer`` is the layer the module goes after (path, module, kind; None for the model input
+        and residual branches): an override may choose a rate per layer. Returns ``(None, reason)``
+        to leave the kind out, or the layer.
         """
         explicit = getattr(self.config, kind, None)
         if explicit is None and kind not in K.RATE_TABLE and kind not in self.rate_ranges:
@@ -304,9 +307,24 @@ class InjectingRegularizer(Regularizer):
         return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.surgery import plan_insertions  # torch.fx and the dataflow only when planning
+        """The rows of every kind of ``kinds``: after layers of those kinds, on the model input, and
+        for ``residual``, on every residual branch (:func:`regfw.placement.api.plan_residual_rows`,
+        one rate everywhere; override :meth:`residual_profile` for a depth profile)."""
+        # torch.fx and the dataflow only when planning
+        from regfw.placement.api import plan_residual_rows
+        from regfw.placement.surgery import plan_insertions
 
-        return plan_insertions(self, model, ctx)
+        layered = any(kind != K.RESIDUAL for kind in self.kinds)
+        rows = plan_insertions(self, model, ctx) if layered else []
+        if K.RESIDUAL in self.claims():
+            rows += plan_residual_rows(self, model, ctx, self.residual_profile)
+        return rows
+
+    def residual_profile(self, top: float, n_blocks: int) -> tuple[list[float], str]:
+        """The rate of each of ``n_blocks`` residual blocks, in forward order, given the rate
+        ``top`` that :meth:`rate_for` chose for kind ``residual``, and a note for the plan's reason
+        (default: ``top`` everywhere, no note)."""
+        return [top] * n_blocks, ""
 
 
 #: Methods of :class:`Regularizer` no subclass may override, and why (checked when it registers).

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from regfw.model_io import OutputKey, select_output
 from regfw.uncertainty import sampling as _sampling
 from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, deterministic_pass
 
@@ -115,11 +116,13 @@ def _run(
         return _batched(model, inputs, samples, budget_bytes, plain, deterministic)
     with torch.no_grad():
         if choice == "auto" and split._verified:
-            return _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
+            return _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+                             kw.get("output_key"))
         state = _rng_state(inputs)
         start = _now(inputs)
         try:
-            out = _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
+            out = _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+                            kw.get("output_key"))
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             _set_rng_state(inputs, state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
@@ -154,7 +157,7 @@ def _now(inputs: Tensor) -> float:
 def _batched(model: nn.Module, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
              deterministic: bool) -> tuple[Tensor, Tensor | None]:
     """``batched``, and the eval-mode output first when asked (as ``mc_predict``'s own pass would be)."""
-    det = deterministic_pass(model, inputs) if deterministic else None
+    det = deterministic_pass(model, inputs, output_key=kw.get("output_key")) if deterministic else None
     return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
 
 
@@ -169,6 +172,16 @@ def _set_rng_state(inputs: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
     torch.random.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], inputs.device)
+
+
+def _selected(result: tuple[Tensor, Tensor | None], output_key: OutputKey) -> tuple[Tensor, Tensor | None]:
+    """``output_key`` applied to each sample ``[B, ...]`` of a split run (a model whose output is one
+    tensor: the split reproduces it, so each slice is one pass's output) and to the eval output."""
+    if output_key is None:
+        return result
+    out, det = result
+    return (torch.stack([select_output(o, output_key) for o in out]),
+            None if det is None else select_output(det, output_key))
 
 
 _sampling.register_strategy("auto", fast_strategy, with_deterministic=fast_strategy_with_deterministic)
