@@ -12,7 +12,7 @@ ZOO_STAMP := $(ZOO_VENV)/.installed
 WHEEL_VENV := .venv-wheel
 WHEEL_TESTS := REGFW_WHEEL_VENV=$(CURDIR)/$(WHEEL_VENV) $(BIN)/python -m pytest -q tests/installed
 
-.PHONY: demo test test-zoo test-wheel wheel-env lint docs docs-site setup setup-zoo bench bench-peers bench-uci clean
+.PHONY: demo test test-zoo test-sweep bench-auto test-wheel wheel-env lint docs docs-site setup setup-zoo bench bench-peers bench-uci clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -85,15 +85,28 @@ test: $(STAMP)
 test-zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python -m pytest -n 2 -q tests/zoo
 
+# The registry sweep (tests/sweep/): one model of every timm family and every torchvision classification,
+# segmentation, detection and video builder, random weights, small inputs, every regularizer that applies;
+# prints the table of families tried, passed, failing by class and excluded. Cases of one model run on
+# one worker (--dist loadgroup), which builds it once. `python -m tests.sweep.families` (zoo environment)
+# chooses the models again (tests/sweep/selection.json).
+test-sweep: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q tests/sweep
+
+# auto against batched on the zoo's and the sweep's models (CPU time, one call each): bench/auto_vs_batched.py.
+bench-auto: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python bench/auto_vs_batched.py
+
 # The package as a user installs it: a fresh .venv-wheel, then tests/installed/ (`make test` runs this
 # in the background).
 test-wheel: wheel-env
 	$(WHEEL_TESTS)
 
 # Every benchmark of the main environment; bench/peers.py needs the peers' environment (make bench-peers),
+# bench/auto_vs_batched.py the zoo's (make bench-auto),
 # bench/uci*.py are the UCI benchmark (make bench-uci: about 12 minutes on 2 free cores) and its helpers.
 bench: $(STAMP)
-	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci*.py) ;; \
+	for f in bench/*.py; do case "$$f" in bench/peers.py|bench/uci*.py|bench/auto_vs_batched.py) ;; \
 	  *) $(BIN)/python $$f || exit 1;; esac; done
 
 # Gal & Ghahramani's UCI regression table (yacht, energy, concrete, wine-quality-red) through regfw beside a

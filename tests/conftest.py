@@ -40,14 +40,16 @@ def fresh_plugins():
 
 ZOO = ROOT / "tests" / "zoo"
 INSTALLED = ROOT / "tests" / "installed"
+SWEEP = ROOT / "tests" / "sweep"
 #: Folders that need an environment of their own, run by their own `make` stage.
-SEPARATE = (ZOO, INSTALLED)
+SEPARATE = (ZOO, INSTALLED, SWEEP)
 
 
 def pytest_ignore_collect(collection_path, config):
-    """The zoo (tests/zoo/) needs torchvision and timm, which only the zoo environment (.venv-zoo,
-    `make test` builds it) has; tests/installed/ checks the wheel installed into a fresh environment
-    (.venv-wheel, `make test-wheel`). A plain run of the suite leaves both out, and each runs when named
+    """The zoo (tests/zoo/) and the registry sweep (tests/sweep/, `make test-sweep`) need torchvision and
+    timm, which only the zoo environment (.venv-zoo, `make test` builds it) has; tests/installed/ checks
+    the wheel installed into a fresh environment
+    (.venv-wheel, `make test-wheel`). A plain run of the suite leaves all three out, and each runs when named
     (`pytest tests/zoo`), where it fails loudly if its environment is missing."""
     if collection_path not in SEPARATE:
         return None

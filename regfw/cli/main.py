@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from regfw import __version__
 from regfw.cli import startup
@@ -81,7 +81,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if str(w.message) not in shown:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print(plan)  # str(plan) is the table: what Regularize(...).plan_for(module) returns prints the same
+    for line in mc_sampling_lines(cfg, plan):
+        print(line)
     return 0
+
+
+def mc_sampling_lines(cfg: Any, plan: Any) -> list[str]:
+    """What Monte Carlo dropout will sample of the model's own stochastic layers, when the config has
+    uncertainty on (see regfw/uncertainty/own_layers.py)."""
+    unc = getattr(cfg, "uncertainty", None)
+    if unc is None or not getattr(unc, "enabled", False):
+        return []
+    from regfw.uncertainty.own_layers import listing, own_layers, plan_kinds
+
+    model = plan.context.model_map.model if plan.context.model_map is not None else None
+    if model is None:
+        return []
+    setting = unc.sample_model_stochastic
+    return listing(own_layers(model, setting, plan_kinds(plan.rows())), setting)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -225,6 +225,10 @@ class UncertaintyConfig:
     #: How the T samples run: ``loop`` (T passes), ``batched`` (the batch repeated T times) or ``auto``
     #: (what precedes the first stochastic layer computed once, the rest replayed T times).
     strategy: Literal["auto", "loop", "batched"] = "auto"
+    #: Which of the model's own stochastic layers (stochastic depth, attention dropout, its own dropout)
+    #: MC dropout samples: ``auto`` those of a kind a selected regularizer places, ``all``, or ``none``
+    #: (regfw/uncertainty/own_layers.py); `regfw plan` and the callback list them.
+    sample_model_stochastic: Literal["auto", "all", "none"] = "auto"
     #: Sample at most this many validation batches (null: all).
     max_batches: int | None = None
     #: None: mutual information for classification, variance for regression.

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from regfw.errors import RegfwError
 from regfw.model_io import OutputKey, check_output_key
@@ -47,6 +47,7 @@ from regfw.uncertainty.figures.jobs import PlotQueue, draw_plots, plot_data
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
 from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
+from regfw.uncertainty.own_layers import check_setting, listing, own_layers, plan_kinds
 from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
@@ -117,6 +118,11 @@ class MCDropoutUncertainty(pl.Callback):
             position, or a callable; :func:`regfw.model_io.select_output`); None: a tensor, else
             the ``logits`` entry, else the lone tensor. From a LightningCLI YAML:
             ``init_args: {output_key: logits}``.
+        sample_model_stochastic: which of the model's own stochastic layers are sampled (``auto``: those of a
+            kind the plan's regularizers select; ``all``; ``none``), listed at fit start; see
+            :mod:`regfw.uncertainty.own_layers`.
+        selected_kinds: the selected kinds for ``auto`` (default: read off the module's plan, or the layers
+            regfw inserted).
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
         plot_format: the figures' file format, ``"svg"`` or ``"png"`` (both drawn by matplotlib,
@@ -189,9 +195,13 @@ class MCDropoutUncertainty(pl.Callback):
         target_scaling: TargetScaling | tuple[Any, Any] | None = None,
         target: str = "batch",
         output_key: OutputKey = None,
+        sample_model_stochastic: str = "auto",
+        selected_kinds: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
+        self.sample_model_stochastic = check_setting(sample_model_stochastic)
+        self.selected_kinds = None if selected_kinds is None else sorted(selected_kinds)
         if task not in TASKS:
             raise ValueError(f"MCDropoutUncertainty: task must be one of {list(TASKS)}, got {task!r}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -242,6 +252,8 @@ class MCDropoutUncertainty(pl.Callback):
         self = cls.__new__(cls)
         pl.Callback.__init__(self)
         self.samples = config.samples
+        self.sample_model_stochastic = check_setting(config.sample_model_stochastic)
+        self.selected_kinds = None
         self._assign(config.strategy, int(config.budget_mb * 2**20), task, config.every_n_epochs, config.max_batches,
                      options.pop("subset", None), score, config.threshold, config.refer_fraction,
                      options.pop("n_bins", DEFAULT_BINS), options.pop("levels", DEFAULT_LEVELS), config.tau,
@@ -434,6 +446,19 @@ class MCDropoutUncertainty(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         require_stochastic(pl_module)  # fail before training, with the fix in the message
         self._resolve_calibration_loader(trainer)
+        self.say_what_is_sampled(pl_module)
+
+    def say_what_is_sampled(self, pl_module: nn.Module) -> list[str]:
+        """Which of the model's own stochastic layers MC dropout samples (the kinds the plan's regularizers
+        select, under ``sample_model_stochastic: auto``): printed once, on rank zero; returns the lines."""
+        plan = getattr(pl_module, "plan", None) or getattr(pl_module, "regfw_plan", None)
+        if self.selected_kinds is None and plan is not None and hasattr(plan, "rows"):
+            self.selected_kinds = sorted(plan_kinds(plan.rows()))
+        layers = own_layers(pl_module, self.sample_model_stochastic, self.selected_kinds)
+        lines = listing(layers, self.sample_model_stochastic)
+        if lines and getattr(pl_module, "global_rank", 0) == 0:
+            print("\n".join(lines))
+        return lines
 
     def _resolve_calibration_loader(self, trainer: pl.Trainer) -> None:
         if self.calibrate and self.calibration_loader is None:
@@ -459,7 +484,8 @@ class MCDropoutUncertainty(pl.Callback):
         return mc_predict(
             pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
             seed=seed, task=self.task, tau=self.tau, output_transform=transform, output_key=self.output_key,
-            deterministic=deterministic,
+            deterministic=deterministic, sample_model_stochastic=self.sample_model_stochastic,
+            selected=self.selected_kinds,
         )
 
     def _fit_temperatures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "is_stochastic",
     "mc_mode",
     "checked_index",
+    "excluded_ids",
+    "excluding",
     "model_index",
     "require_stochastic",
     "stochastic_modules",
@@ -267,6 +269,27 @@ def require_stochastic(model: nn.Module, index: ModelIndex | None = None) -> lis
     )
 
 
+#: Ids of the modules Monte Carlo dropout leaves in eval mode during this call: the model's own stochastic
+#: layers the ``sample_model_stochastic`` setting does not sample (:mod:`regfw.uncertainty.own_layers`).
+_EXCLUDED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("regfw_mc_excluded", default=frozenset())
+
+
+@contextlib.contextmanager
+def excluding(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, :func:`mc_mode` never switches ``modules`` on (and the ``auto`` strategy's split
+    treats them as deterministic)."""
+    token = _EXCLUDED.set(frozenset(id(m) for m in modules))
+    try:
+        yield
+    finally:
+        _EXCLUDED.reset(token)
+
+
+def excluded_ids() -> frozenset[int]:
+    """The ids :func:`excluding` holds now (empty outside it)."""
+    return _EXCLUDED.get()
+
+
 @contextlib.contextmanager
 def mc_mode(
     model: nn.Module, modules: Iterable[nn.Module] | None = None, *, index: ModelIndex | None = None,
@@ -298,6 +321,8 @@ def mc_mode(
         on = {id(m): m for m in stoch}
         for _, host in ModelIndex.resolve(index.hosts, model):
             on[id(host)] = host
+        for i in _EXCLUDED.get():  # own stochastic layers the call does not sample
+            on.pop(i, None)
         if modules is not None:
             mine = {id(m) for m in everything}
             outside = [(m, m.training) for m in on.values() if id(m) not in mine]

@@ -33,8 +33,10 @@ so the two form no import cycle); while it is not registered ``"auto"`` means ``
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,7 @@ from regfw.uncertainty.modes import (
     ModelIndex,
     checked_index,
     eval_mode,
+    excluding,
     is_stochastic,
     mc_mode,
     model_index,
@@ -417,6 +420,25 @@ def check_spread(model: nn.Module, outputs: Tensor, strategy: str) -> None:
 
 OutputTransform = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
+#: Per model: ``(index, setting, selected) -> the own stochastic layers not sampled``, recomputed when the
+#: model's index changes (a walk over the model per Monte Carlo call would cost more than the call's bookkeeping).
+_NOT_SAMPLED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[ModelIndex, tuple], list[nn.Module]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def not_sampled(model: nn.Module, index: ModelIndex, setting: str,
+                selected: Iterable[str] | None) -> list[nn.Module]:
+    """The model's own stochastic layers ``setting`` leaves in eval mode (:mod:`regfw.uncertainty.own_layers`)."""
+    from regfw.uncertainty.own_layers import excluded
+
+    key = (setting, None if selected is None else frozenset(selected))
+    held = _NOT_SAMPLED.get(model)
+    if held is not None and held[0][0] is index and held[0][1] == key:
+        return held[1]
+    found = excluded(model, setting, selected)
+    _NOT_SAMPLED[model] = ((index, key), found)
+    return found
+
 
 def split_mean_logvar(outputs: Tensor) -> tuple[Tensor, Tensor]:
     """``output_transform`` for heteroscedastic regression: the last dimension holds the means
@@ -488,6 +510,8 @@ def mc_predict(
     output_transform: OutputTransform | None = None,
     output_key: OutputKey = None,
     deterministic: bool = True,
+    sample_model_stochastic: str = "auto",
+    selected: Iterable[str] | None = None,
     **strategy_kwargs: Any,
 ) -> MCResult:
     """Monte Carlo dropout prediction: ``samples`` stochastic passes of ``model`` on ``inputs``.
@@ -516,6 +540,11 @@ def mc_predict(
         deterministic: also compute the eval-mode output (weight scaling) for comparison: one
             more pass for ``loop`` and ``batched``; under ``auto`` only the stochastic suffix, run
             once in eval mode on the cached prefix.
+        sample_model_stochastic: which of the model's own stochastic layers (stochastic depth,
+            attention dropout, its own ``nn.Dropout``) are sampled: ``"auto"`` those of a kind in
+            ``selected``, ``"all"``, or ``"none"`` (only regfw's); see :mod:`regfw.uncertainty.own_layers`.
+        selected: the kinds the user selected regularizers for (``"dropout"``, ``"drop_path"``,
+            ``"attention_dropout"``); by default read off the layers regfw inserted.
         strategy_kwargs: passed to the strategy (e.g. ``chunk_rows`` for ``batched``).
 
     The global RNG state, every module's ``training`` flag and BatchNorm statistics are the
@@ -552,7 +581,15 @@ def mc_predict(
         if index.functional != foreign.functional_generation():  # the scan found functional-dropout hosts
             index = model_index(model, index.types)
         stoch = require_stochastic(model, index)
-        with mc_mode(model, stoch, index=index), checked_index(model, index):
+        off = not_sampled(model, index, sample_model_stochastic, selected)
+        if off:
+            stoch = [m for m in stoch if all(m is not o for o in off)]
+            if not stoch:
+                raise ValueError(
+                    f"Monte Carlo dropout has nothing to sample: sample_model_stochastic={sample_model_stochastic!r} "
+                    f"leaves all {len(off)} of the model's own stochastic layers in eval mode and regfw inserted none; "
+                    "select a dropout regularizer, or pass sample_model_stochastic='all'")
+        with excluding(off), mc_mode(model, stoch, index=index), checked_index(model, index):
             if joint is not None:  # the eval-mode output from the strategy's shared work (one pass less)
                 outputs, det = joint(model, inputs, samples, budget_bytes=budget_bytes, **strategy_kwargs)
             else:

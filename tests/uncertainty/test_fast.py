@@ -95,6 +95,10 @@ class DropConnectLinear(StochasticModule):
 
 
 def samples(model: nn.Module, x: torch.Tensor, strategy: str, t: int, seed: int = 0, **kw) -> torch.Tensor:
+    """The raw MC outputs; ``auto`` always through its split (``choose=False``: these tests are about the
+    split, not about whether it beats ``batched`` on a tiny model, tests/uncertainty/test_auto_choice.py)."""
+    if strategy == "auto":
+        kw.setdefault("choose", False)
     return mc_predict(model, x, t, strategy=strategy, seed=seed, deterministic=False, **kw).outputs
 
 
@@ -421,7 +425,7 @@ def test_random_functions_in_forward_are_stochastic_sources():
         assert split.source_targets == ["rand_like"] and split.mode == "rows"
         assert [n.target for n in split._prefix] == ["m.fc"]
         torch.manual_seed(1)
-        a = STRATEGIES["auto"](model, x, 10)
+        a = STRATEGIES["auto"](model, x, 10, choose=False)
         torch.manual_seed(1)
         b = STRATEGIES["loop"](model, x, 10)
     # the model is random in eval mode too: the floor of its layers without the random function
@@ -469,7 +473,7 @@ def test_weight_masks_with_locked_dropout_are_drawn_per_sample_under_auto():
     t = 400
     split = split_model(model, x)
     assert split.mode == "samples" and "batch_shared" in split.mode_reason
-    auto = mc_predict(model, x, t, strategy="auto", seed=0, deterministic=False)
+    auto = mc_predict(model, x, t, strategy="auto", seed=0, deterministic=False, choose=False)
     assert calls[0] == 2 * t  # one weight mask per LSTM and sample
     loop = mc_predict(model, x, t, strategy="loop", seed=1, deterministic=False)
     a, b = auto.probs.double(), loop.probs.double()
@@ -504,9 +508,9 @@ def test_deterministic_output_comes_from_the_prefix_and_leaves_the_samples_alone
     handle = first.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         split_model(model, x)  # the hook changes the fingerprint: analyse again outside the count
-        mc_predict(model, x, 7, strategy="auto", seed=3)
+        mc_predict(model, x, 7, strategy="auto", seed=3, choose=False)
         calls[0] = 0
-        mc_predict(model, x, 7, strategy="auto", seed=3)
+        mc_predict(model, x, 7, strategy="auto", seed=3, choose=False)
     finally:
         handle.remove()
     assert calls[0] == 1  # the first layer ran once: the deterministic output reused the prefix

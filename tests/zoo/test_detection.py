@@ -21,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+from model_checks import bn_state, injected
 
 from regfw.errors import ConfigError
 from regfw.placement import foreign
@@ -31,7 +32,7 @@ from regfw.uncertainty import mc_predict
 from regfw.uncertainty.sampling import stochastic_types
 
 from .models import DETECTION, detection_targets, detector
-from .test_zoo import OUTPUT_LAYERS, VARIANTS, bn_state, check_places, check_snapshot, injected
+from .test_zoo import OUTPUT_LAYERS, VARIANTS, check_places, check_snapshot
 
 
 def test_detection_model() -> None:

@@ -28,7 +28,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from noise_floor import batch_noise_floor, far_above_floor
+from model_checks import (
+    OutputOf,
+    T,
+    bn_state,
+    check_auto_matches,
+    check_eval_unchanged,
+    classification_loss,
+    injected,
+    is_path_drop,
+)
+from model_checks import training_step as one_step
 from torch import nn
 
 from regfw.placement import foreign
@@ -40,14 +50,9 @@ from regfw.uncertainty.sampling import stochastic_types
 from .models import ZOO, ZooModel, build
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-T = 30
-Z = 4.0
-MAX_SHARE_OVER_Z = 0.01
-#: The share of output entries whose MC standard error must be far above the floating-point noise. Not all:
-#: where every sample is one-hot, the classes no sample picks have zero spread (mobilenet_v3_small under spatial
-#: dropout: half the entries; its BatchNorm statistics were gathered without the 34 inserted dropout layers, so
-#: MC logits reach about 1e4).
-MIN_SHARE_COMPARED = 0.25
+# T, Z, MAX_SHARE_OVER_Z and MIN_SHARE_COMPARED are tests/model_checks.py's: where every sample is one-hot, the
+# classes no sample picks have zero spread (mobilenet_v3_small under spatial dropout: half the entries; its
+# BatchNorm statistics were gathered without the 34 inserted dropout layers, so MC logits reach about 1e4).
 
 VARIANTS = {
     "dropout": {"dropout": {}},
@@ -85,22 +90,6 @@ CASES = [pytest.param(name, variant, id=f"{name}-{variant}")
 AUTO_APART = {("lstm_lm", "locked_dropout+dropconnect")}
 
 
-class OutputOf(nn.Module):
-    """``model(x)[key]``: MC dropout samples one tensor (torchvision segmentation returns a dict)."""
-
-    def __init__(self, model: nn.Module, key: str) -> None:
-        super().__init__()
-        self.model, self.key = model, key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[self.key]
-
-
-def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{p}.{k}": v.clone() for p, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) for k, v in m.named_buffers(recurse=False)}
-
-
 def check_snapshot(name: str, text: str) -> None:
     path = SNAPSHOTS / f"{name}.txt"
     if os.environ.get("REGFW_UPDATE_SNAPSHOTS") == "1":
@@ -108,15 +97,6 @@ def check_snapshot(name: str, text: str) -> None:
         path.write_text(text)
     assert path.exists(), f"no snapshot {path}; run with REGFW_UPDATE_SNAPSHOTS=1 and review it"
     assert text == path.read_text(), f"{path.name} changed; rerun with REGFW_UPDATE_SNAPSHOTS=1 if intended"
-
-
-def injected(model: nn.Module) -> list[str]:
-    """Paths of the modules regfw attached (children named regfw_*)."""
-    return [p for p, _ in model.named_modules() if p.rsplit(".", 1)[-1].startswith("regfw_")]
-
-
-def is_path_drop(module: nn.Module) -> bool:
-    return type(module).__name__ in ("DropPath", "StochasticDepth")
 
 
 def check_places(entry: ZooModel, model: nn.Module, plan, before: dict[str, nn.Module]) -> None:
@@ -150,51 +130,20 @@ def sampled(entry: ZooModel, model: nn.Module) -> nn.Module:
     return OutputOf(model, entry.output_key) if entry.output_key else model
 
 
-def probabilities(entry: ZooModel, outputs: torch.Tensor) -> torch.Tensor:
-    """Stacked raw outputs [T, B, ...] -> the probabilities ``mc_predict`` compares, [T, B', C]."""
-    logits = outputs if entry.output_transform is None else entry.output_transform(outputs)
-    return torch.softmax(logits.float(), dim=-1)
-
-
 def mc(entry: ZooModel, model: nn.Module, x: torch.Tensor, strategy: str):
     return mc_predict(sampled(entry, model), x, samples=T, strategy=strategy, seed=3,
                       output_transform=entry.output_transform)
 
 
 def check_auto_matches_loop(entry: ZooModel, model: nn.Module, x: torch.Tensor) -> None:
-    loop, auto = mc(entry, model, x, "loop"), mc(entry, model, x, "auto")
-    assert loop.outputs.std(0).max() > 0, "MC spread is zero"
-    assert auto.outputs.std(0).max() > 0, "MC spread is zero under auto"
-    a, b = loop.probs.double(), auto.probs.double()
-    se = (a.var(0) / T + b.var(0) / T).sqrt()
-    # loop runs B rows a pass, auto's replay T x B rows
-    floor = batch_noise_floor(sampled(entry, model), x, rows=T * x.shape[0],
-                              quantity=lambda out: probabilities(entry, out))
-    varied = far_above_floor(se, floor, f"{entry.name}: the standard error of the MC mean probabilities",
-                             share=MIN_SHARE_COMPARED)
-    z = (a.mean(0) - b.mean(0)).abs()[varied] / se[varied]
-    over = int((z > Z).sum())
-    allowed = max(1, int(MAX_SHARE_OVER_Z * z.numel()))
-    assert over <= allowed, (f"auto differs from loop: {over} of {z.numel()} entries with z > {Z} (allowed {allowed}; "
-                             f"max z {z.max():.1f}; floating-point noise floor {floor:.1e})")
+    check_auto_matches(sampled(entry, model), x, "loop", entry.output_transform, name=entry.name)
 
 
 def training_step(entry: ZooModel, model: nn.Module, x: torch.Tensor) -> None:
-    model.train()
-    out = model(x)
-    out = out[entry.output_key] if entry.output_key else out
-    logits = out.unsqueeze(0) if entry.output_transform is None else entry.output_transform(out.unsqueeze(0))
-    logits = logits.reshape(-1, logits.shape[-1])
-    target = torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=torch.Generator().manual_seed(0))
-    loss = nn.functional.cross_entropy(logits, target)
-    assert torch.isfinite(loss)
-    params = [p for p in model.parameters() if p.requires_grad]
-    first = params[0].detach().clone()
-    opt = torch.optim.SGD(params, lr=0.1)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    assert not torch.equal(first, params[0].detach()), "the training step changed no weight"
+    def loss(m: nn.Module) -> torch.Tensor:
+        out = m(x)
+        return classification_loss(out[entry.output_key] if entry.output_key else out, entry.output_transform)
+    one_step(model, loss)
 
 
 @pytest.mark.parametrize(("name", "variant"), CASES)
@@ -217,13 +166,7 @@ def test_zoo(name: str, variant: str) -> None:
 
     model.eval()
     with torch.no_grad():
-        after = model(x)
-    if isinstance(reference, dict):
-        assert reference.keys() == after.keys()
-        for key in reference:
-            assert torch.equal(reference[key], after[key]), f"eval output {key!r} changed"
-    else:
-        assert torch.equal(reference, after), "eval output changed"
+        check_eval_unchanged(reference, model(x))
 
     if (name, variant) in AUTO_APART:
         assert mc(entry, model, x, "loop").outputs.std(0).max() > 0, "MC spread is zero"

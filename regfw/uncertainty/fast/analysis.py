@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from regfw.placement import tracing
 from regfw.placement.surgery import ApplyAfter, ApplyBefore
 from regfw.placement.untouched import untouched
+from regfw.uncertainty.modes import excluded_ids
 from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 
@@ -54,7 +55,9 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         raise _Fallback("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
-    stochastic = {id(m): (path or "<model>") for path, m in model.named_modules() if is_stochastic(m, types)}
+    off = excluded_ids()  # own stochastic layers this call does not sample: deterministic here
+    stochastic = {id(m): (path or "<model>") for path, m in model.named_modules()
+                  if is_stochastic(m, types) and id(m) not in off}
     x1, x2, distinct = _probe_inputs(inputs)
     devices = model_devices(model, inputs)
 
@@ -62,7 +65,8 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
         records, real_counts, ref = _record_real(model, x2, stochastic)
     if not isinstance(ref, Tensor):
         raise _Fallback(f"the model returns {type(ref).__name__}, not one tensor")
-    split, mods = _trace(model, stochastic, records)
+    # unsampled stochastic layers stay leaves of the trace (their forward may branch on tensors), deterministic
+    split, mods = _trace(model, {**stochastic, **dict.fromkeys(off, "")}, records)
     sources = _sources(split, mods, stochastic)
 
     with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from regfw.uncertainty.modes import ModelIndex, mc_mode, model_index, stochastic_modules
+from regfw.uncertainty.modes import ModelIndex, excluded_ids, mc_mode, model_index, stochastic_modules
 
 from .analysis import _analyse
 from .probes import _Fallback
@@ -93,11 +93,12 @@ def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) ->
     if entry is None or not _current(entry, model, index):
         entry = _Entry(index, _hooks(model, index), _hook_id())
         _CACHE[model] = entry
-    sig = _signature(inputs)
+    sig = (_signature(inputs), excluded_ids())
     split = entry.splits.get(sig)
     if split is None:
         types = index.types
-        on = [m for _, m in stochastic_modules(model, index)]
+        off = excluded_ids()
+        on = [m for _, m in stochastic_modules(model, index) if id(m) not in off]
         try:
             with torch.no_grad(), mc_mode(model, on, index=index):
                 split = _analyse(model, inputs, types)

@@ -58,6 +58,11 @@ class Split:
     #: on first run; the cache gives a new split whenever the module tree changes
     _mods: dict | None = field(default=None, repr=False)
     _placeholder: Any = field(default=None, repr=False)
+    #: ``(batch rows, samples)`` -> ``"auto"`` or ``"batched"``: which of the two the strategy runs for
+    #: calls of that size, decided by timing both on the first such call (:mod:`.strategy`)
+    choices: dict = field(default_factory=dict)
+    #: ``(batch rows, samples)`` -> ``(auto seconds, batched seconds)``: the CPU times that decided it
+    timings: dict = field(default_factory=dict)
     _verified: bool = field(default=False, repr=False)  #: ran once without error
     _warned: bool = field(default=False, repr=False)  #: the fallback warning was given
 

@@ -1,7 +1,20 @@
-"""The ``auto`` strategy itself, registered with :mod:`regfw.uncertainty.sampling` on import."""
+"""The ``auto`` strategy itself, registered with :mod:`regfw.uncertainty.sampling` on import.
+
+``auto`` never costs more than the plain strategy it stands in for: its split saves the prefix's
+``T - 1`` repeated passes but pays for gathering boundary values and for running the replay node by
+node, so where the prefix is small the split can be slower than ``batched``. On the first call for a
+model and a call size (batch rows, samples) it therefore runs both on the same random state, timing
+each in CPU time (:data:`clock`, all threads; wall time after synchronising on a GPU), keeps the
+split only when it was at least :data:`MARGIN` times faster, and returns the result of the one it
+keeps; later calls of that size run only the choice (``Split.choices``, cached with the split: a
+structural change of the model makes a new split and a new decision). The first call costs both
+strategies once; the samples it returns are exactly those a later call with the same seed returns.
+"""
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +27,11 @@ from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, d
 from .cache import split_model
 from .execute import _execute
 from .split import Split
+
+#: The split is kept only when it ran in at most this share of ``batched``'s CPU time on the first call.
+MARGIN = 0.95
+#: The clock the decision is timed with: CPU time of the process, every thread counted.
+clock: Callable[[], float] = time.process_time
 
 
 def _fall_back(
@@ -28,10 +46,7 @@ def _fall_back(
             RuntimeWarning,
             stacklevel=5,
         )
-    det = None
-    if deterministic:  # before the samples, as mc_predict's own eval pass would be
-        det = deterministic_pass(model, inputs, output_key=kw.get("output_key"))
-    return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
+    return _batched(model, inputs, samples, budget_bytes, kw, deterministic)
 
 
 def fast_strategy(
@@ -41,6 +56,7 @@ def fast_strategy(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
+    choose: bool = True,
     **kw: Any,
 ) -> Tensor:
     """The ``auto`` strategy: deterministic prefix once, stochastic part over ``T x B`` rows.
@@ -50,9 +66,11 @@ def fast_strategy(
     boundary values kept for the replay plus one chunk (the prefix itself is run in row chunks
     when one pass over the batch would exceed it and its rows are independent). ``chunk_rows``
     fixes the replay chunk size instead. Falls back to ``batched`` (one warning per model,
-    naming the reason) when the model cannot be split.
+    naming the reason) when the model cannot be split, and without a warning where the split is
+    not faster (timed on the first call of each size, see the module docstring). ``choose=False``
+    keeps the split without timing it against ``batched`` (to measure or test the split itself).
     """
-    return _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=False)[0]
+    return _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=False, choose=choose)[0]
 
 
 def fast_strategy_with_deterministic(
@@ -62,6 +80,7 @@ def fast_strategy_with_deterministic(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
+    choose: bool = True,
     **kw: Any,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fast_strategy` and the model's eval-mode output ``[B, ...]`` from the same prefix.
@@ -70,7 +89,7 @@ def fast_strategy_with_deterministic(
     one pass of the stochastic suffix in eval mode instead of a second full pass; the samples are
     exactly those of :func:`fast_strategy`. On fallback the eval output is a separate full pass.
     """
-    out, det = _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=True)
+    out, det = _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=True, choose=choose)
     assert det is not None
     return out, det
 
@@ -83,6 +102,7 @@ def _run(
     chunk_rows: int | None,
     kw: dict,
     deterministic: bool,
+    choose: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
@@ -90,21 +110,69 @@ def _run(
     split = split_model(eager, inputs)
     if not split.ok:
         return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw}, deterministic)
+    key = (int(inputs.shape[0]), int(samples))
+    choice = split.choices.get(key) if choose else "auto"
+    plain = {"chunk_rows": chunk_rows, **kw}
+    if choice == "batched":
+        return _batched(model, inputs, samples, budget_bytes, plain, deterministic)
     with torch.no_grad():
-        if split._verified:
+        if choice == "auto" and split._verified:
             return _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
                              kw.get("output_key"))
-        state = torch.random.get_rng_state()
+        state = _rng_state(inputs)
+        start = _now(inputs)
         try:
             out = _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
                             kw.get("output_key"))
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
-            torch.random.set_rng_state(state)
+            _set_rng_state(inputs, state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
-            return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw},
-                              deterministic)
+            return _fall_back(model, split, inputs, samples, budget_bytes, plain, deterministic)
+        auto_seconds = _now(inputs) - start
         split._verified = True
-        return out
+        if choice == "auto":
+            return out
+        after_auto = _rng_state(inputs)
+        _set_rng_state(inputs, state)  # batched draws from the same state: whichever is kept, a later
+        start = _now(inputs)           # call with this seed returns exactly these samples
+        plain_out = _batched(model, inputs, samples, budget_bytes, plain, deterministic)
+        batched_seconds = _now(inputs) - start
+        split.timings[key] = (auto_seconds, batched_seconds)
+        if auto_seconds <= MARGIN * batched_seconds:
+            split.choices[key] = "auto"
+            _set_rng_state(inputs, after_auto)
+            return out
+        split.choices[key] = "batched"
+        return plain_out
+
+
+def _now(inputs: Tensor) -> float:
+    """:data:`clock` on the CPU; on an accelerator the wall clock once its queued work is done (the CPU
+    time of a process that only queues kernels says nothing of their cost)."""
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize(inputs.device)
+        return time.perf_counter()
+    return clock()
+
+
+def _batched(model: nn.Module, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
+             deterministic: bool) -> tuple[Tensor, Tensor | None]:
+    """``batched``, and the eval-mode output first when asked (as ``mc_predict``'s own pass would be)."""
+    det = deterministic_pass(model, inputs, output_key=kw.get("output_key")) if deterministic else None
+    return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
+
+
+def _rng_state(inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The random state the masks are drawn from: the CPU generator's, and the input device's."""
+    device = inputs.device
+    other = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.random.get_rng_state(), other
+
+
+def _set_rng_state(inputs: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], inputs.device)
 
 
 def _selected(result: tuple[Tensor, Tensor | None], output_key: OutputKey) -> tuple[Tensor, Tensor | None]:

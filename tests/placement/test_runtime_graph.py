@@ -1,0 +1,95 @@
+"""The sweep's placement oracle (tests/runtime_graph.py, tests/model_checks.py) finds every failure
+class on small models built to show it, and none on the same models with the dropout placed well."""
+from __future__ import annotations
+
+import pytest
+import runtime_graph
+import torch
+from model_checks import placement_failures, stochastic
+from torch import nn
+
+
+class Gate(nn.Module):
+    """Squeeze-excitation: the pooled branch multiplies the main path."""
+
+    def __init__(self, c: int, drop_in_gate: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, c), nn.Linear(c, c)
+        self.drop = nn.Dropout(0.5) if drop_in_gate else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(self.drop(torch.relu(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: int, drop_on_qkv: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(c, 3 * c)  # a fused projection named neither qkv nor q/k/v
+        self.drop = nn.Dropout(0.5) if drop_on_qkv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.drop(self.proj(x)).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+class Dead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)  # never called: the weights are used functionally
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.fc.weight)
+
+
+CASES = {
+    # (bad model, good model, input, failure class)
+    "weight->norm": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+                     lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)),
+                     (6, 4)),
+    "gate": (lambda: nn.Sequential(Gate(4, True), nn.Linear(4, 2)),
+             lambda: nn.Sequential(Gate(4, False), nn.Dropout(0.5), nn.Linear(4, 2)), (6, 4)),
+    "qkv": (lambda: nn.Sequential(Attention(4, True), nn.Linear(4, 2)),
+            lambda: nn.Sequential(nn.Dropout(0.5), Attention(4, False), nn.Linear(4, 2)), (2, 5, 4)),
+    "output": (lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2), nn.Dropout(0.5)),
+               lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)), (6, 4)),
+    "series": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2)),
+               lambda: nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.3),
+                                     nn.Linear(8, 2)), (6, 4)),
+    "dead": (Dead, lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)), (6, 4)),
+}
+
+
+def failures(model: nn.Module, shape: tuple[int, ...]) -> dict[str, list[str]]:
+    torch.manual_seed(0)
+    model.train()
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    graph = runtime_graph.record(model, torch.randn(*shape), stochastic)
+    return placement_failures(model, graph, paths, {})
+
+
+@pytest.mark.parametrize("cls", list(CASES))
+def test_each_failure_class_is_found_and_a_good_placement_passes(cls):
+    bad, good, shape = CASES[cls]
+    found = failures(bad(), shape)
+    assert cls in found, found
+    assert failures(good(), shape) == {}, cls
+
+
+class ScaledHead(nn.Module):
+    """LRASPP's head: a main branch multiplied by a sigmoid scale branch of the same input."""
+
+    def __init__(self, drop_in_scale: bool) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5) if not drop_in_scale else nn.Identity())
+        self.scale = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5) if drop_in_scale else nn.Identity(),
+                                   nn.Sigmoid())
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.main(x) * self.scale(x))
+
+
+def test_the_gate_is_the_squashed_branch_of_a_multiply():
+    assert "gate" in failures(ScaledHead(drop_in_scale=True), (6, 4))
+    assert failures(ScaledHead(drop_in_scale=False), (6, 4)) == {}

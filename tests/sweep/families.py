@@ -1,0 +1,223 @@
+"""Which models the registry sweep runs: one model per timm family, every torchvision builder.
+
+A timm *family* is a model name up to its first size or variant suffix (:func:`family`): the name is
+split at ``_``; the first token is cut at its first digit (a version ``v2`` stays: ``mobilenetv3``,
+``resnetv2``), and later tokens are kept while they are plain words that are not a size
+(``coat_lite_mini`` -> ``coat_lite``, ``vit_tiny_patch16_224`` -> ``vit``, ``resnet18d`` -> ``resnet``).
+
+From each family the sweep takes the smallest model by its name (:func:`size_rank`: the size word,
+then the numbers in the name) that builds on the CPU with random weights and runs one forward at a
+small input (:data:`SIZES`) within :data:`BUILD_SECONDS`; the next smallest are tried when it does
+not (:data:`CANDIDATES` in all). ``python -m tests.sweep.families`` (zoo environment) writes
+the choice to ``selection.json`` beside this file, with the reason for every family or builder
+that has no such model; the sweep reads it and prints it in its table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SELECTION = Path(os.environ.get("REGFW_SWEEP_SELECTION") or Path(__file__).with_name("selection.json"))
+#: Square image sizes tried, smallest first (``img_size`` is passed where the constructor takes it).
+SIZES = (64, 96, 128)
+#: How long building one model and one forward of batch 2 may take on the CPU.
+BUILD_SECONDS = 5.0
+#: Models tried per family, smallest first.
+CANDIDATES = 3
+#: A model with more parameters (counted on the ``meta`` device, nothing allocated) is not built: at random
+#: initialisation on the CPU it takes longer than :data:`BUILD_SECONDS`.
+MAX_PARAMS = 40_000_000
+NUM_CLASSES = 10
+BATCH = 2
+#: Words that name a size, never a family.
+SIZE_WORDS = frozenset(
+    "tiny small base large huge giant gigantic atto femto pico nano micro mini medium little xxs xs xl xxl "
+    "xlarge xxlarge xtiny xxtiny xx zepto ti wee pwee dwee dpwee dlittle betwixt mediumd giantopt pruned "
+    "distilled".split())
+
+
+def family(name: str) -> str:
+    """The family of a timm model name (see the module docstring)."""
+    tokens = name.split("_")
+    first = re.match(r"([a-z]*?)(v\d+)?(\d|$)", tokens[0])
+    head = (first.group(1) + (first.group(2) or "")) if first and first.group(1) else tokens[0]
+    kept = [head]
+    if head != tokens[0]:
+        return head
+    for token in tokens[1:]:
+        if not token.isalpha() or len(token) == 1 or token in SIZE_WORDS:
+            break
+        kept.append(token)
+    return "_".join(kept)
+
+
+#: Size words, smallest first.
+SIZE_ORDER = ("zepto", "atto", "femto", "pico", "nano", "micro", "xxtiny", "xtiny", "tiny", "xxs", "ti", "mini", "xs",
+              "small", "little", "wee", "pwee", "dwee", "dpwee", "xsmall", "s", "lite", "medium", "mediumd", "m",
+              "betwixt", "base", "b", "large", "l", "xl", "xlarge", "huge", "h", "xxlarge", "giant", "g", "gigantic")
+
+
+def size_rank(name: str) -> tuple:
+    """A sort key putting the smaller models of a family first, read off the name: the smallest size
+    word in it (unknown: in the middle), then its numbers (depth, width, resolution) in order."""
+    tokens = re.split(r"[_.]", name)
+    ranks = [SIZE_ORDER.index(t) for t in tokens if t in SIZE_ORDER]
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return (min(ranks) if ranks else SIZE_ORDER.index("base") - 0.5, numbers, len(name), name)
+
+
+def meta_params(build: Any) -> int | None:
+    """The parameter count of ``build()`` constructed on the meta device; None when it cannot be."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - a model that needs real tensors at init is not counted
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def try_timm(name: str) -> tuple[dict[str, Any] | None, str]:
+    """The build arguments and input size at which ``name`` builds and runs, or None and why not."""
+    import timm
+
+    n = meta_params(lambda: timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES))
+    if n is not None and n > MAX_PARAMS:
+        return None, f"too slow ({n / 1e6:.0f} M parameters)"
+    last = ""
+    for size in SIZES:
+        for with_size in (True, False):
+            kw: dict[str, Any] = {"num_classes": NUM_CLASSES}
+            if with_size:
+                kw["img_size"] = size
+            start = time.process_time()
+            try:
+                torch.manual_seed(0)
+                model = timm.create_model(name, pretrained=False, **kw).eval()
+                with torch.no_grad():
+                    out = model(torch.randn(BATCH, 3, size, size))
+            except Exception as exc:  # noqa: BLE001 - recorded as the reason
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                if "pretrained" in str(exc).lower():
+                    return None, f"needs pretrained weights ({last})"
+                continue
+            took = time.process_time() - start
+            if not isinstance(out, torch.Tensor) or out.shape != (BATCH, NUM_CLASSES):
+                last = f"output {type(out).__name__} {getattr(out, 'shape', '')}, not logits [B, C]"
+                continue
+            if took > BUILD_SECONDS:
+                return None, f"too slow (build and one forward {took:.1f} s CPU at {size}x{size})"
+            return {"kwargs": kw, "size": size}, ""
+    return None, f"does not build at a small input on CPU ({last})"
+
+
+def select_timm() -> dict[str, Any]:
+    """One model per family (see the module docstring)."""
+    import timm
+
+    families: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        families.setdefault(family(name), []).append(name)
+    chosen, excluded = {}, {}
+    for fam, names in sorted(families.items()):
+        reasons = []
+        for name in sorted(names, key=size_rank)[:CANDIDATES]:
+            found, why = try_timm(name)
+            if found is not None:
+                chosen[fam] = {"model": name, **found}
+                break
+            reasons.append(f"{name}: {why}")
+        else:
+            excluded[fam] = "; ".join(reasons)
+        print(fam, chosen.get(fam) or excluded.get(fam), file=sys.stderr, flush=True)
+    return {"chosen": chosen, "excluded": excluded}
+
+
+#: torchvision builder groups: (module of ``torchvision.models``, build keyword arguments, input kind).
+TV_GROUPS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "classification": ("", {"num_classes": NUM_CLASSES}, "image"),
+    "segmentation": ("segmentation", {"num_classes": 3, "weights_backbone": None}, "image"),
+    "detection": ("detection", {"num_classes": 5, "weights_backbone": None, "min_size": 64, "max_size": 64},
+                  "images"),
+    "video": ("video", {"num_classes": NUM_CLASSES}, "video"),
+}
+VIDEO_FRAMES = 4
+
+
+def tv_input(kind: str, size: int) -> Any:
+    gen = torch.Generator().manual_seed(1)
+    if kind == "images":
+        return [torch.rand(3, size, size, generator=gen) for _ in range(BATCH)]
+    if kind == "video":
+        return torch.randn(BATCH, 3, VIDEO_FRAMES, size, size, generator=gen)
+    return torch.randn(BATCH, 3, size, size, generator=gen)
+
+
+def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[str, Any] | None, str]:
+    import torchvision
+
+    last = ""
+    for size in SIZES:
+        for extra in ({"image_size": size}, {}):
+            kw = {**base, **extra}
+            start = time.process_time()
+            try:
+                torch.manual_seed(0)
+                model = torchvision.models.get_model(name, weights=None, **kw).eval()
+                with torch.no_grad():
+                    model(tv_input(kind, size))
+            except Exception as exc:  # noqa: BLE001 - recorded as the reason
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                continue
+            took = time.process_time() - start
+            if took > BUILD_SECONDS:
+                return None, f"too slow (build and one forward {took:.1f} s CPU at {size}x{size})"
+            return {"kwargs": kw, "size": size, "input": kind}, ""
+    return None, f"does not build at a small input on CPU ({last})"
+
+
+def select_torchvision(done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every builder (those in ``done``, a previous result, are kept as they are)."""
+    import torchvision
+
+    chosen, excluded = dict((done or {}).get("chosen", {})), dict((done or {}).get("excluded", {}))
+    for group, (sub, base, kind) in TV_GROUPS.items():
+        module = getattr(torchvision.models, sub) if sub else torchvision.models
+        names = torchvision.models.list_models(module=module)
+        if not sub:  # the top-level listing holds every builder; classification is what no submodule has
+            others = {n for g, (s, _, _) in TV_GROUPS.items() if s
+                      for n in torchvision.models.list_models(module=getattr(torchvision.models, s))}
+            others |= set(torchvision.models.list_models(module=torchvision.models.optical_flow))
+            others |= set(torchvision.models.list_models(module=torchvision.models.quantization))
+            names = [n for n in names if n not in others]
+        for name in sorted(names):
+            key = f"{group}/{name}"
+            if key in chosen or key in excluded:
+                continue
+            found, why = try_torchvision(name, base, kind)
+            if found is not None:
+                chosen[key] = {"model": name, "group": group, **found}
+            else:
+                excluded[key] = why
+            print(key, chosen.get(key) or excluded.get(key), file=sys.stderr, flush=True)
+    return {"chosen": chosen, "excluded": excluded}
+
+
+def main() -> None:
+    """``python -m tests.sweep.families [timm|torchvision]``: select both (default) or one, keeping the other."""
+    parts = sys.argv[1:] or ["torchvision", "timm"]
+    data = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+    for part in parts:
+        data[part] = select_torchvision(data.get(part)) if part == "torchvision" else select_timm()
+        SELECTION.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    SELECTION.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

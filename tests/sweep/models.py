@@ -1,0 +1,120 @@
+"""The sweep's models, read from ``selection.json`` (:mod:`.families`): how to build each with random
+weights, feed it a small input, read its logits and compute its own training loss."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from zoo.models import pixel_logits, prepare, train_like_scales
+
+from .families import BATCH, SELECTION, VIDEO_FRAMES
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """One model the sweep runs."""
+
+    key: str  #: ``timm/<family>`` or ``torchvision/<group>/<builder>``
+    source: str  #: ``timm`` or ``torchvision``
+    name: str
+    kwargs: dict
+    size: int
+    input: str  #: ``image``, ``video`` or ``images`` (a list, detection)
+    group: str  #: ``classification``, ``segmentation``, ``detection``, ``video``
+
+    @property
+    def detection(self) -> bool:
+        return self.input == "images"
+
+    @property
+    def output_key(self) -> str | None:
+        return "out" if self.group == "segmentation" else None
+
+    @property
+    def transform(self) -> Callable[[Tensor], Tensor] | None:
+        return pixel_logits if self.group == "segmentation" else None
+
+    def example(self) -> Any:
+        gen = torch.Generator().manual_seed(1)
+        if self.input == "images":
+            return [torch.rand(3, self.size, self.size, generator=gen) for _ in range(BATCH)]
+        if self.input == "video":
+            return torch.randn(BATCH, 3, VIDEO_FRAMES, self.size, self.size, generator=gen)
+        return torch.randn(BATCH, 3, self.size, self.size, generator=gen)
+
+    def construct(self) -> nn.Module:
+        if self.source == "timm":
+            import timm
+
+            return timm.create_model(self.name, pretrained=False, **self.kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(self.name, weights=None, **self.kwargs)
+
+    def targets(self) -> list[dict[str, Tensor]]:
+        """One box per image, for a detection model's own training loss."""
+        s = self.size
+        return [{"boxes": torch.tensor([[s * 0.1, s * 0.1, s * 0.6, s * 0.7]]), "labels": torch.tensor([1]),
+                 "masks": torch.zeros(1, s, s, dtype=torch.uint8).index_fill_(1, torch.arange(8, 40), 1),
+                 "keypoints": torch.tensor([[[s * 0.2, s * 0.2, 1.0]] * 17])} for _ in range(BATCH)]
+
+
+def load() -> tuple[list[SweepModel], dict[str, str]]:
+    """Every selected model, and every excluded family or builder with the reason."""
+    data = json.loads(SELECTION.read_text())
+    models, excluded = [], {}
+    for source in ("timm", "torchvision"):
+        part = data.get(source, {"chosen": {}, "excluded": {}})
+        for key, entry in sorted(part["chosen"].items()):
+            group = entry.get("group", "classification")
+            models.append(SweepModel(f"{source}/{key}", source, entry["model"], entry["kwargs"], entry["size"],
+                                     entry.get("input", "image"), group))
+        excluded.update({f"{source}/{key}": why for key, why in part["excluded"].items()})
+    return models, excluded
+
+
+_PROTOTYPE: dict[str, tuple[nn.Module, Any]] = {}
+
+
+@torch.no_grad()
+def train_like_weights(model: nn.Module, seed: int = 4) -> list[str]:
+    """Every weight matrix or kernel that starts all zero (timm zero-initialises the classifier of
+    MLP-Mixer and gMLP) drawn from N(0, 1 / fan_in), as a trained net's are nonzero: a zero head makes
+    every output its bias, so MC dropout would be tested on constant outputs. Returns their paths."""
+    gen = torch.Generator().manual_seed(seed)
+    found = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not weight.any():
+            fan_in = weight[0].numel()
+            weight.copy_(torch.randn(weight.shape, generator=gen) / fan_in ** 0.5)
+            found.append(path)
+    return found
+
+
+def _prototype(entry: SweepModel) -> tuple[nn.Module, Any]:
+    if entry.key in _PROTOTYPE:
+        return _PROTOTYPE[entry.key]
+    _PROTOTYPE.clear()  # cases of one model run together (xdist_group): keep one prototype
+    torch.manual_seed(0)
+    model = entry.construct()
+    train_like_scales(model)
+    train_like_weights(model)
+    x = entry.example()
+    if not entry.detection:
+        prepare(model, x)
+    _PROTOTYPE[entry.key] = (model.eval(), x)
+    return _PROTOTYPE[entry.key]
+
+
+def build(entry: SweepModel) -> tuple[nn.Module, Any]:
+    """A fresh copy of the model (random weights, trained-like scales and BatchNorm statistics, eval
+    mode) and its example input; built once per worker and copied per case."""
+    import copy
+
+    model, x = _prototype(entry)
+    return copy.deepcopy(model), x
