@@ -10,7 +10,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
+
+
+class Planner(Protocol):
+    """What placement (:func:`regfw.placement.surgery.plan_insertions`) asks of the regularizer it plans
+    for: an :class:`regfw.extend.regularizer.InjectingRegularizer`, named by what it offers so that
+    placement never imports the base classes that call it."""
+
+    name: str
+    kinds: ClassVar[tuple[str, ...]]
+    config: Any
+
+    def rate_for(self, kind: str, ctx: PlanContext, layer: Any = None) -> tuple[float | None, str]: ...
+
+    def variant_for(self, kind: str) -> str: ...
+
+    def supports(self, kind: str, module: Any, out_dim: int | None) -> str | None: ...
+
+    def apply_row(self, model: Any, item: PlanItem) -> None: ...
+
 
 #: What a plan row does: ``before`` (insert a module on the layer's input), ``after`` (on the
 #: output of ``anchor``), ``set`` (change an existing module's rate), ``wrap`` (modify the layer

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from torch import nn
 
@@ -33,10 +33,7 @@ from regfw.layers.base import attach_child
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
 from regfw.placement.dataflow import FUNCTION, INJECTED_PREFIX, Dataflow, ResidualAnalysis, build_dataflow
-from regfw.placement.plan_items import PlanContext, PlanItem
-
-if TYPE_CHECKING:  # pragma: no cover
-    from regfw.extend.regularizer import InjectingRegularizer
+from regfw.placement.plan_items import PlanContext, PlanItem, Planner
 
 _LAYER_KINDS = {K.HIDDEN, K.CONV, K.RECURRENT, K.ATTENTION}
 
@@ -314,7 +311,7 @@ def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, ra
                      reason + "; existing dropout, rate overridden", action="set", anchor=existing)]
 
 
-def rate_of(reg: InjectingRegularizer, kind: str, ctx: PlanContext,
+def rate_of(reg: Planner, kind: str, ctx: PlanContext,
             layer: LayerInfo | None) -> tuple[float | None, str]:
     """``reg.rate_for(kind, ctx, layer=layer)``; without ``layer`` for an override that does not take it."""
     parameters = inspect.signature(reg.rate_for).parameters
@@ -323,7 +320,7 @@ def rate_of(reg: InjectingRegularizer, kind: str, ctx: PlanContext,
     return reg.rate_for(kind, ctx)
 
 
-def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
+def plan_insertions(reg: Planner, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
     """The rows an :class:`~regfw.extend.regularizer.InjectingRegularizer` would insert."""
     mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
     items: list[PlanItem] = []
@@ -385,7 +382,7 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
     return items
 
 
-def _looked_at(reg: InjectingRegularizer, mm: ModelMap) -> str:
+def _looked_at(reg: Planner, mm: ModelMap) -> str:
     """What :func:`plan_insertions` saw in a model that gave it no layer: for its warning."""
     parts: list[str] = []
     outputs = [i.path for i in mm.layers if i.is_output and i.kind in reg.kinds]
@@ -408,7 +405,7 @@ def _looked_at(reg: InjectingRegularizer, mm: ModelMap) -> str:
     return f"It looked at: {'; '.join(parts)}." if parts else "The model has no classified layer."
 
 
-def _transformer_layer_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo,
+def _transformer_layer_rows(reg: Planner, mm: ModelMap, info: LayerInfo,
                             ctx: PlanContext) -> list[PlanItem]:
     """The hidden rows of a torch Transformer layer: its own sub-layer and feed-forward dropouts
     (:func:`regfw.placement.structure.transformer_layer_slots`), reused (``override`` or ``keep``), never doubled."""
@@ -433,7 +430,7 @@ def _shortcuts(mm: ModelMap) -> set[str]:
             if s.shortcut_module and mm.flow.successors.get(s.shortcut_module) in (None, [FUNCTION])}
 
 
-def _functional_dropout_row(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, anchor: str, rate: float,
+def _functional_dropout_row(reg: Planner, mm: ModelMap, info: LayerInfo, anchor: str, rate: float,
                             reason: str) -> list[PlanItem] | None:
     """Rows for a layer whose output goes straight into a functional dropout (``F.dropout(self.fc(x),
     self.p, self.training)``): that call is the existing dropout of the place, so nothing is
@@ -466,7 +463,7 @@ def _functional_nonlinearity(mm: ModelMap, anchor: str) -> str | None:
     return sorted(names)[0] if names else None
 
 
-def _classifier_rows(reg: InjectingRegularizer, mm: ModelMap, ctx: PlanContext, seen: set[str]) -> list[PlanItem]:
+def _classifier_rows(reg: Planner, mm: ModelMap, ctx: PlanContext, seen: set[str]) -> list[PlanItem]:
     """Existing dropout directly before an output layer (a classifier's ``Dropout -> Linear``) is the
     hidden slot of that head, whatever precedes it, so every model's classifier dropout gets the
     hidden rate (``override``) or is kept (``keep``)."""
@@ -488,7 +485,7 @@ def _classifier_rows(reg: InjectingRegularizer, mm: ModelMap, ctx: PlanContext, 
     return rows
 
 
-def _input_rows(reg: InjectingRegularizer, mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
+def _input_rows(reg: Planner, mm: ModelMap, info: LayerInfo, ctx: PlanContext) -> list[PlanItem]:
     rate, reason = reg.rate_for(K.INPUT, ctx)
     if not rate:
         return []
@@ -538,7 +535,7 @@ def set_rate(model: nn.Module, path: str, rate: float) -> None:
     foreign.set_rate(model.get_submodule(path), rate)
 
 
-def apply_insertions(reg: InjectingRegularizer, model: nn.Module, items: list[PlanItem]) -> None:
+def apply_insertions(reg: Planner, model: nn.Module, items: list[PlanItem]) -> None:
     """Carry out the ``before``, ``after`` and ``set`` rows among ``items`` (those of
     :func:`plan_insertions`), each through the regularizer's :meth:`~regfw.Regularizer.apply_row`."""
     for item in items:

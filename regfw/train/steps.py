@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,10 +28,20 @@ from regfw.extend.contract import check_loss_fn, check_term, check_transformed_b
 from regfw.model_io import call_model
 from regfw.train.batch import batch_size
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from regfw.extend.regularizer import Regularizer
-
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class Regularizer(Protocol):
+    """What a training step asks of a regularizer (:class:`regfw.extend.regularizer.Regularizer` has
+    all of it), named here so that the step never imports the base classes."""
+
+    name: str
+
+    def transform_batch(self, inputs: Any, targets: Any, step: Step) -> tuple[Any, Any]: ...
+
+    def transform_loss(self, loss_fn: LossFn, step: Step) -> LossFn: ...
+
+    def loss_term(self, step: Step) -> torch.Tensor | None: ...
 
 
 @dataclass
