@@ -2,12 +2,12 @@
 
 1. Milliseconds per training step (forward, backward, Adam step) of the ``mlp`` demo model with
    dropout on a batch of 64 digits, without and with the per-step reseeding of
-   :class:`regfw.distributed.StepSeeding` (torch, NumPy and ``random`` seeded from a hash of
+   :class:`regfw.run.distributed.StepSeeding` (torch, NumPy and ``random`` seeded from a hash of
    ``(seed, rank, epoch, batch)``), measured interleaved in one run.
 2. Milliseconds to save a checkpoint of ``--mparams`` million float32 parameters plus Adam state
-   with Lightning's ``TorchCheckpointIO`` and with :class:`regfw.checkpoints.AtomicCheckpointIO`
+   with Lightning's ``TorchCheckpointIO`` and with :class:`regfw.run.checkpoints.AtomicCheckpointIO`
    (SHA-256 digest of every tensor, temporary file, fsync, rename), and to read it back with
-   ``torch.load`` and with :func:`regfw.checkpoints.read_checkpoint` (which checks the digest).
+   ``torch.load`` and with :func:`regfw.run.checkpoints.read_checkpoint` (which checks the digest).
 
 Run: ``python bench/fault_tolerance.py`` (``--threads N``, ``--mparams M``).
 """
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import compare  # noqa: E402
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
 
-from regfw.checkpoints import AtomicCheckpointIO, read_checkpoint  # noqa: E402
-from regfw.distributed import seed_all, step_seed  # noqa: E402
-from regfw.module import RegularizedModule  # noqa: E402
+from regfw.run.checkpoints import AtomicCheckpointIO, read_checkpoint  # noqa: E402
+from regfw.run.distributed import seed_all, step_seed  # noqa: E402
+from regfw.train.module import RegularizedModule  # noqa: E402
 
 
 def step_costs() -> dict[str, float]:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _timing import compare  # noqa: E402
 
-from regfw.plan import apply_plan, make_plan  # noqa: E402
-from regfw.registry import build_regularizers  # noqa: E402
+from regfw.placement.plan import apply_plan, make_plan  # noqa: E402
+from regfw.registry.regularizers import build_regularizers  # noqa: E402
 
 P_INPUT, P_HIDDEN, P_CONV = 0.2, 0.5, 0.1
 

@@ -9,7 +9,7 @@ MLP with dropout, trained for a few epochs with a training and a validation load
   validation loss);
 * ``RegularizedModule``: regfw's module with the same network and no regularizer, which logs
   train/val loss with correct DDP means (synchronised once at epoch end);
-* ``Regularize callback``: the bare module with :class:`regfw.callback.Regularize` (weight
+* ``Regularize callback``: the bare module with :class:`regfw.train.regularize.Regularize` (weight
   decay), the way a Lightning user adds regfw to their own module.
 
 Times are CPU time (``time.process_time``) per epoch after the first (the Trainer's setup left
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw.callback import Regularize  # noqa: I001
-from regfw.module import RegularizedModule
+from regfw.train.module import RegularizedModule
+from regfw.train.regularize import Regularize  # noqa: I001
 
 
 def make_net() -> nn.Module:

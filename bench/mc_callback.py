@@ -22,8 +22,8 @@ import torch
 
 
 def _fit(config: str, overrides: list[str], root: str) -> Callable[[], object]:
-    from regfw.config import load_config
-    from regfw.run import fit
+    from regfw.config.schema import load_config
+    from regfw.run.job import fit
 
     def run() -> object:
         cfg = load_config(config, [*overrides, f"run.dir={root}", "trainer.enable_progress_bar=false",

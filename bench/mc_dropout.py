@@ -192,7 +192,7 @@ def part_cnn(device: torch.device, repeats: int) -> None:
 
 def part_mlp(device: torch.device, repeats: int) -> None:
     from regfw.layers import Dropout
-    from regfw.surgery import attach
+    from regfw.placement.surgery import attach
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -259,9 +259,9 @@ def part_callback(device: torch.device, repeats: int) -> None:
 
     import pytorch_lightning as pl
 
-    from regfw.config import load_config
-    from regfw.factory import build_datamodule
-    from regfw.run import build_module
+    from regfw.build.factory import build_datamodule
+    from regfw.config.schema import load_config
+    from regfw.run.job import build_module
     from regfw.uncertainty import MCDropoutUncertainty
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

@@ -23,7 +23,7 @@ own ``weight_decay``, the gradient ``+ wd * w`` on every parameter), trained by:
   injected by ``regularizers={"dropout": {"input": P_IN, "hidden": P_HIDDEN}}``, the same Adam
   through ``optimizer={"name": "adam", "weight_decay": WD}``; it logs ``train_loss`` and
   ``val_loss`` (epoch means, exact under DDP);
-* ``regfw fit``: :func:`regfw.run.fit` in this process on the same data (a LightningDataModule
+* ``regfw fit``: :func:`regfw.run.job.fit` in this process on the same data (a LightningDataModule
   given by ``data.class_path``) with the config a user writes for it (``model.name: mlp``,
   ``hidden: [50]``, the same dropout and optimizer, ``uncertainty.enabled: false``): everything
   ``regfw fit`` adds is in the time (its CSV metrics log, its epoch checkpoint and ``last.ckpt``
@@ -136,7 +136,7 @@ class Bare(pl.LightningModule):
 
 
 def regularized() -> pl.LightningModule:
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     x, _ = tensors()
     return RegularizedModule(plain_net(dropout=False), loss="mse",
@@ -196,8 +196,8 @@ trainer: {{enable_progress_bar: false, enable_model_summary: false, num_sanity_v
 
 
 def regfw_fit(root: Path, mc: bool = False) -> Callable[[int], float]:
-    from regfw.config import load_config
-    from regfw.run import fit
+    from regfw.config.schema import load_config
+    from regfw.run.job import fit
 
     path = root / ("yacht_like_mc.yaml" if mc else "yacht_like.yaml")
     path.write_text(CONFIG.replace("uncertainty: {enabled: false}", "uncertainty: {enabled: true}") if mc else CONFIG)

@@ -1,7 +1,7 @@
 """Cost of the step regularizers per training step, and of R-Drop's batched second pass.
 
 Milliseconds per training step (batch transforms, forward, loss, terms, backward, optimizer
-step, all through :func:`regfw.steps.regularized_step`) of an MLP with dropout on a batch of 64
+step, all through :func:`regfw.train.steps.regularized_step`) of an MLP with dropout on a batch of 64
 digits, measured interleaved in one run, as a ratio to the same step without regularizer:
 ``mixup``, ``cutmix`` (on the 8x8 images), ``label_smoothing``, ``confidence_penalty`` and
 ``rdrop`` with the second pass batched with the first (``batched: true``, one forward call on
@@ -24,8 +24,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import compare  # noqa: E402
 
-from regfw.registry import build_regularizers  # noqa: E402
-from regfw.steps import regularized_step  # noqa: E402
+from regfw.registry.regularizers import build_regularizers  # noqa: E402
+from regfw.train.steps import regularized_step  # noqa: E402
 
 CASES = {
     "none": {},

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import compare  # noqa: E402
 from regfw_plugins.weight_decay import decoupled_decay_  # noqa: E402
 
-from regfw.models import CNN  # noqa: E402
-from regfw.plan import apply_plan, make_plan  # noqa: E402
-from regfw.registry import build_regularizers  # noqa: E402
+from regfw.build.models import CNN  # noqa: E402
+from regfw.placement.plan import apply_plan, make_plan  # noqa: E402
+from regfw.registry.regularizers import build_regularizers  # noqa: E402
 
 VARIANTS = {
     "none (adam)": ("adam", {}),

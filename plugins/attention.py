@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import ATTENTION, HIDDEN
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import set_attention_dropout
-from regfw.placement import set_rate
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.placement.api import set_rate
+from regfw.placement.kinds import ATTENTION, HIDDEN
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -51,7 +51,7 @@ class AttentionDropout(InjectingRegularizer):
     kinds = (ATTENTION,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement import model_map
+        from regfw.placement.api import model_map
 
         mm = model_map(model, ctx)
         rate, reason = self.rate_for(ATTENTION, ctx)

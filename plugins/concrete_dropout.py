@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 import regfw
-from regfw.config import nonneg, positive, rate
+from regfw.config.schema import nonneg, positive, rate
 from regfw.errors import ConfigError
-from regfw.kinds import HIDDEN, INPUT
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import ConcreteDropout, concrete_regularizer
-from regfw.placement import model_map
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.placement.api import model_map
+from regfw.placement.kinds import HIDDEN, INPUT
 
 
 @dataclass
@@ -146,7 +146,7 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
         return total
 
     def callbacks(self) -> list:
-        from regfw.step_hooks import LearnedRatesCallback
+        from regfw.train.step_hooks import LearnedRatesCallback
 
         return [LearnedRatesCallback(self.name, self.learned_rates)]
 

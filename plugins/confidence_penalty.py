@@ -17,8 +17,8 @@ from torch import nn
 
 import regfw
 from regfw import Regularizer
-from regfw.config import nonneg
-from regfw.steps import Step, require_classification
+from regfw.config.schema import nonneg
+from regfw.train.steps import Step, require_classification
 
 
 @dataclass

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import CONV, CONV_TYPES
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
 from regfw.layers import DropBlock2d, SpatialDropout
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
+from regfw.placement.kinds import CONV, CONV_TYPES
 
 _CONV2D = (nn.Conv2d, nn.ConvTranspose2d)
 

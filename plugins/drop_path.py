@@ -7,7 +7,7 @@ grows linearly with depth, from 0 at the first block to ``p`` at the last
 (:func:`regfw.layers.drop_path_schedule`).
 
 Where the branches are. Residual adds are functional (``out + identity``) and invisible to
-module hooks, so the model is traced with ``torch.fx`` (:func:`regfw.dataflow.find_residuals`):
+module hooks, so the model is traced with ``torch.fx`` (:func:`regfw.placement.dataflow.find_residuals`):
 for each add whose operands share an input, the operand that runs more parameterised modules is
 the branch. :class:`regfw.layers.DropPath` then hangs as a forward hook on the module producing
 the branch operand (for a torchvision-style block, its last BatchNorm), so the model keeps its
@@ -29,11 +29,11 @@ from typing import Literal
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import RESIDUAL, choose_rate, transformer_ranges
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, PlanContext, PlanItem
 from regfw.layers import DropPath, drop_path_schedule
-from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
-from regfw.schedules import RateSchedule
+from regfw.placement.kinds import RESIDUAL, choose_rate, transformer_ranges
+from regfw.train.schedules import RateSchedule
 
 
 @dataclass
@@ -49,7 +49,7 @@ class DropPathConfig:
     #: Where a branch already ends in a DropPath: set its rate, or leave it alone.
     existing: Literal["override", "keep"] = "override"
     #: How the rates grow over training, e.g. ``{kind: linear, epochs: 100}``: scheduled drop
-    #: path (Zoph et al. 2018); see :mod:`regfw.schedules`.
+    #: path (Zoph et al. 2018); see :mod:`regfw.train.schedules`.
     schedule: RateSchedule = field(default_factory=RateSchedule)
 
 
@@ -66,7 +66,7 @@ class DropPathRegularizer(InjectingRegularizer):
         return () if self.config.rate == 0 else (RESIDUAL,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement import is_path_drop, model_map, reuse_existing
+        from regfw.placement.api import is_path_drop, model_map, reuse_existing
 
         mm = model_map(model, ctx)
         sites, error = mm.residuals.result

@@ -13,7 +13,7 @@ config error naming both.
 * ``alpha_dropout``: for SELU networks (Klambauer et al., "Self-Normalizing Neural Networks",
   NeurIPS 2017); its rates come from its own range, 0.05-0.1.
 
-Rates not given in the config come from the rate table and policy in :mod:`regfw.kinds`.
+Rates not given in the config come from the rate table and policy in :mod:`regfw.placement.kinds`.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import CONV, HIDDEN, INPUT, RECURRENT, RateRange
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
 from regfw.layers import AlphaDropout as AlphaDropoutLayer
 from regfw.layers import Dropout as DropoutLayer
 from regfw.layers import GaussianDropout as GaussianDropoutLayer
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
+from regfw.placement.kinds import CONV, HIDDEN, INPUT, RECURRENT, RateRange
 
 
 @dataclass

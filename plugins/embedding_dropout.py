@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import EMBEDDING
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import EMBEDDING_DROPOUT_ATTR, EmbeddingDropout, apply_embedding_dropout
-from regfw.placement import model_map
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.placement.api import model_map
+from regfw.placement.kinds import EMBEDDING
 
 
 @dataclass

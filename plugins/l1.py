@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import regfw
-from regfw.config import check_finite, nonneg
-from regfw.params import DecaySetConfig, DecaySetRegularizer
+from regfw.config.schema import check_finite, nonneg
+from regfw.train.params import DecaySetConfig, DecaySetRegularizer
 
 DEFAULT_STRENGTH = 1e-5
 

@@ -21,8 +21,8 @@ from torch import nn
 
 import regfw
 from regfw import Regularizer
-from regfw.config import rate
-from regfw.steps import Step, require_classification
+from regfw.config.schema import rate
+from regfw.train.steps import Step, require_classification
 
 
 @dataclass

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import regfw
-from regfw.config import check_finite, positive
-from regfw.regularizer import PlanContext, PlanItem, Regularizer
+from regfw.config.schema import check_finite, positive
+from regfw.extend.regularizer import PlanContext, PlanItem, Regularizer
 
 DEFAULT_MAX_VALUE = 3.0
 
@@ -104,7 +104,7 @@ class MaxNorm(Regularizer):
         self.targets: list[nn.Module] = []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement import classify_model
+        from regfw.placement.api import classify_model
 
         c = self.config.max_value
         items = []
@@ -135,7 +135,7 @@ class MaxNorm(Regularizer):
         return optimizer.register_step_post_hook(hook)
 
     def callbacks(self) -> list:
-        from regfw.step_hooks import StepPostHookCallback
+        from regfw.train.step_hooks import StepPostHookCallback
 
         return [StepPostHookCallback(self.constrain)]
 

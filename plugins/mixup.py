@@ -22,10 +22,10 @@ from torch import nn
 
 import regfw
 from regfw import Regularizer
-from regfw.batch import batch_size, index_batch
-from regfw.config import positive
+from regfw.config.schema import positive
 from regfw.errors import ConfigError
-from regfw.steps import MixedTargets, Step
+from regfw.train.batch import batch_size, index_batch
+from regfw.train.steps import MixedTargets, Step
 
 
 @dataclass

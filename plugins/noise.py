@@ -43,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 import regfw
-from regfw import kinds as K
-from regfw.config import check_finite, nonneg
+from regfw.config.schema import check_finite, nonneg
+from regfw.extend.regularizer import InjectingRegularizer, PlanContext, PlanItem
 from regfw.layers import StochasticModule, attach_child
-from regfw.regularizer import InjectingRegularizer, PlanContext, PlanItem
+from regfw.placement import kinds as K
 
 #: The child name a layer's :class:`WeightNoise` is attached under.
 WEIGHT_NOISE_NAME = "regfw_weight_noise"
@@ -234,7 +234,7 @@ class Noise(InjectingRegularizer):
         return GaussianNoise(rate)
 
     def claims(self) -> tuple[str, ...]:
-        """The kinds with a std > 0 (for the family check of :func:`regfw.plan.make_plan`)."""
+        """The kinds with a std > 0 (for the family check of :func:`regfw.placement.plan.make_plan`)."""
         return tuple(k for k in self.kinds if getattr(self.config, f"{k}_std", 0.0))
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
@@ -244,7 +244,7 @@ class Noise(InjectingRegularizer):
         the noise goes after the activation, before that dropout. Noise regfw inserted earlier
         (planning a model twice) gets a ``set`` row that updates its std.
         """
-        from regfw.placement import after_anchor, model_map
+        from regfw.placement.api import after_anchor, model_map
 
         mm = model_map(model, ctx)
         items: list[PlanItem] = []
@@ -275,7 +275,7 @@ class Noise(InjectingRegularizer):
         return items
 
     def _row(self, mm, path: str, kind: str, std: float, reason: str, action: str, anchor: str) -> PlanItem:
-        from regfw.placement import injected_name
+        from regfw.placement.api import injected_name
 
         own = injected_name(self.name, action)
         if own in mm.module(anchor)._modules:

@@ -23,10 +23,10 @@ from torch import nn
 
 import regfw
 from regfw import Regularizer
-from regfw.batch import batch_size, concat_batches, index_batch
-from regfw.config import nonneg
+from regfw.config.schema import nonneg
 from regfw.errors import ConfigError
-from regfw.steps import MixedTargets, Step, compute_loss, require_classification
+from regfw.train.batch import batch_size, concat_batches, index_batch
+from regfw.train.steps import MixedTargets, Step, compute_loss, require_classification
 
 
 @dataclass

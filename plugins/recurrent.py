@@ -22,10 +22,10 @@ from typing import cast
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import RECURRENT, RateRange
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop
-from regfw.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.placement.kinds import RECURRENT, RateRange
 
 
 @dataclass
@@ -73,7 +73,7 @@ class DropConnectRegularizer(InjectingRegularizer):
     rate_ranges = {RECURRENT: RateRange(0.2, 0.5, 0.5)}
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement import model_map
+        from regfw.placement.api import model_map
 
         mm = model_map(model, ctx)
         rows: list[PlanItem] = []

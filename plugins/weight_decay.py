@@ -61,10 +61,10 @@ import torch
 from torch import nn
 
 import regfw
-from regfw.config import check_finite, nonneg, positive, rate
+from regfw.config.schema import check_finite, nonneg, positive, rate
 from regfw.errors import ConfigError
-from regfw.params import DecaySetConfig, DecaySetRegularizer
-from regfw.placement import is_dropout
+from regfw.placement.api import is_dropout
+from regfw.train.params import DecaySetConfig, DecaySetRegularizer
 
 #: The strength of each mode when the config leaves ``strength`` unset.
 DEFAULT_STRENGTH: dict[str, float] = {"decoupled": 1e-2, "l2": 5e-4}
@@ -276,7 +276,7 @@ class WeightDecay(DecaySetRegularizer):
     def callbacks(self) -> list:
         if self.config.resolved_mode != "decoupled":
             return []
-        from regfw.step_hooks import BeforeOptimizerStepCallback
+        from regfw.train.step_hooks import BeforeOptimizerStepCallback
 
         return [BeforeOptimizerStepCallback(decoupled_decay_)]
 

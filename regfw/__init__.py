@@ -13,27 +13,37 @@ from typing import Any
 
 import pluggy
 
+from regfw import _moved
+
 __version__ = "0.1.0"
 
 #: Marker for hook implementations. Plugins write ``@regfw.hookimpl``.
 hookimpl = pluggy.HookimplMarker("regfw")
 
 _LAZY = {
-    "RegularizedModule": "regfw.module",
-    "Regularizer": "regfw.regularizer",
-    "PlanItem": "regfw.regularizer",
-    "PlanContext": "regfw.regularizer",
-    "InjectingRegularizer": "regfw.regularizer",
-    "InjectionConfig": "regfw.regularizer",
+    # what a user trains and samples with
+    "RegularizedModule": "regfw.train.module",
+    "Regularize": "regfw.train.regularize",
+    "load_regularized": "regfw.train.regularize",
+    "MCDropoutUncertainty": "regfw.uncertainty.callback",
+    "mc_predict": "regfw.uncertainty.sampling",
+    "load_config": "regfw.config.schema",
+    # for plugin authors (regfw.extend holds all of them)
+    "Regularizer": "regfw.extend.regularizer",
+    "PlanItem": "regfw.extend.regularizer",
+    "PlanContext": "regfw.extend.regularizer",
+    "InjectingRegularizer": "regfw.extend.regularizer",
+    "InjectionConfig": "regfw.extend.regularizer",
     "StochasticModule": "regfw.layers.base",
-    "load_config": "regfw.config",
-    "build_regularizers": "regfw.registry",
-    "get_registry": "regfw.registry",
-    "get_plugin_manager": "regfw.plugins",
-    "kinds": "regfw.kinds",
+    "build_regularizers": "regfw.registry.regularizers",
+    "get_registry": "regfw.registry.regularizers",
+    "get_plugin_manager": "regfw.registry.discovery",
+    "kinds": "regfw.placement.kinds",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:

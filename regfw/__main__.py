@@ -1,6 +1,6 @@
 """``python -m regfw``: the same as the ``regfw`` command."""
 import sys
 
-from regfw.cli import main
+from regfw.cli.main import main
 
 sys.exit(main())

@@ -31,7 +31,7 @@ def run_cli(tmp_path):
 @pytest.fixture
 def fresh_plugins():
     """Rediscover plugins before and after the test (for tests that change what is installed)."""
-    from regfw.plugins import reset_plugin_manager
+    from regfw.registry.discovery import reset_plugin_manager
 
     reset_plugin_manager()
     yield

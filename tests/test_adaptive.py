@@ -14,12 +14,12 @@ from regfw_plugins.adaptive import AdaptiveDropoutConfig
 from regfw_plugins.adaptive.callback import DOWN, HOLD, UP, diagnose
 from regfw_plugins.adaptive.callback import AdaptiveDropoutCallback as AdaptiveDropout
 
-from regfw.config import validate
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.build.models import MLP
+from regfw.config.schema import validate
 from regfw.errors import ConfigError
-from regfw.models import MLP
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 
 INPUT = "model.body.0.regfw_input_dropout"
 HIDDEN = ("model.body.1.regfw_dropout", "model.body.3.regfw_dropout")

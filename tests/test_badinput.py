@@ -21,8 +21,8 @@ import pytest
 import torch
 from badinput_cases import area_cases
 
-from regfw.cli import main
-from regfw.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig, UncertaintyConfig
+from regfw.cli.main import main
+from regfw.config.schema import DataConfig, ModelConfig, OptimizerConfig, RunConfig, UncertaintyConfig
 
 GOOD = """\
 data: {train_fraction: 0.1, batch_size: 64}
@@ -200,7 +200,7 @@ class _Payload:
 
 
 def _checkpoint_cases(root: Path, tmp: Path) -> list[tuple[list[str], str]]:
-    from regfw.checkpoints import AtomicCheckpointIO, safe_load
+    from regfw.run.checkpoints import AtomicCheckpointIO, safe_load
 
     last = root / "run" / "checkpoints" / "last.ckpt"
     good = safe_load(last)

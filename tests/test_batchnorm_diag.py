@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.layers import Dropout as RegfwDropout
-from regfw.module import RegularizedModule
-from regfw.plan import make_plan
+from regfw.placement.plan import make_plan
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_mode, mc_predict
 
 SHIFT = "variance shift"

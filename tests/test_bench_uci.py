@@ -91,7 +91,7 @@ def test_the_regression_example_of_the_docs_runs_and_reports_original_units(tmp_
     small T here). The metrics are in original units: yacht's targets spread about 15 units, so an
     untrained net is off by several units, not by the standardised ~1, and the log-likelihood is the
     standardised one minus log sigma_y."""
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     monkeypatch.syspath_prepend(str(BENCH))  # PYTHONPATH=bench
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from regfw.cli import main
+from regfw.cli.main import main
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -54,7 +54,7 @@ run: {dir: runs}
 
 @pytest.fixture
 def counted(tmp_path, monkeypatch):
-    from regfw.plugins import register_plugin, unregister_plugin
+    from regfw.registry.discovery import register_plugin, unregister_plugin
 
     (tmp_path / "counted_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -25,11 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from regfw import __version__
-from regfw.callback import LOAD_MARK, Regularize, load_regularized
-from regfw.checkpoint_trust import accepting
-from regfw.checkpoints import INTEGRITY_KEY, AtomicCheckpointIO, content_digest, read_checkpoint, safe_load, seal
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.errors import RunError
+from regfw.run.checkpoint_trust import accepting
+from regfw.run.checkpoints import INTEGRITY_KEY, AtomicCheckpointIO, content_digest, read_checkpoint, safe_load, seal
+from regfw.train.regularize import LOAD_MARK, Regularize, load_regularized
 from regfw.uncertainty import stochastic_modules
 
 CONFIG = """\
@@ -114,7 +114,7 @@ def test_the_digest_survives_the_round_trip_and_covers_every_entry(tmp_path):
 
 def test_a_regularized_module_seals_its_checkpoints_in_any_trainer(tmp_path):
     """A plain Trainer (Lightning's own checkpoint IO): the module's hook writes the digest."""
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
@@ -161,7 +161,7 @@ def test_an_edited_dropout_rate_is_refused_by_rank_and_sampled_only_when_accepte
     assert main(["rank", str(run / "c.yaml"), ckpt, "--k", "3", "--samples", "2", "--accept-unverified"]) == 0
     captured = capsys.readouterr()
     assert len(_notices(captured.err)) == 1 and "loaded unverified, as accepted" in captured.err
-    from regfw.rank_command import load_module
+    from regfw.cli.rank import load_module
 
     with accepting(unverified=True):
         module = load_module(ckpt)

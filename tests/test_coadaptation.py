@@ -17,9 +17,9 @@ from regfw_plugins.coadaptation.monitor import (
 )
 from torch import nn
 
-from regfw.data import DigitsDataModule
-from regfw.models import CNN, MLP
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.build.models import CNN, MLP
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import MCDropoutUncertainty
 
 
@@ -129,9 +129,9 @@ def test_monitor_counts_only_the_validation_pass_not_mc_sampling():
 
 
 def test_plugin_options_and_errors():
-    from regfw.config import validate
+    from regfw.config.schema import validate
     from regfw.errors import ConfigError
-    from regfw.registry import build_regularizers
+    from regfw.registry.regularizers import build_regularizers
 
     (reg,) = build_regularizers({"coadaptation": {"layers": ["body.1"], "every_n_epochs": 5, "max_batches": 2}})
     (cb,) = reg.callbacks()

@@ -7,8 +7,8 @@ import torch
 from regfw_plugins.max_norm import incoming_norms
 from regfw_plugins.noise import GaussianNoise
 
-from regfw.data import DigitsDataModule
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.train.module import RegularizedModule
 
 C = 0.5  # below the typical initial incoming norm of the cnn (about 0.58), so max-norm binds from step 1
 STEPS = 12

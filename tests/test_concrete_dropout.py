@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError
 from regfw.layers import ConcreteDropout, concrete_regularizer
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_predict, stochastic_modules
 
 SIGMA = 0.5  # the known noise of the synthetic regression

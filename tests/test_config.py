@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from regfw.config import load_config, validate
+from regfw.config.schema import load_config, validate
 from regfw.errors import ConfigError
 
 

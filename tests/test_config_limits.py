@@ -11,10 +11,10 @@ import time
 import pytest
 from badinput_cases.config import GOOD, alias_bomb, interpolation_bomb, nested
 
-from regfw.cli import main
-from regfw.config import load_config, load_raw
+from regfw.cli.main import main
+from regfw.config.schema import load_config, load_raw
+from regfw.config.yaml_limits import MAX_BYTES, MAX_DEPTH, MAX_NODES, check_interpolations, check_yaml
 from regfw.errors import ConfigError
-from regfw.yaml_limits import MAX_BYTES, MAX_DEPTH, MAX_NODES, check_interpolations, check_yaml
 
 #: The CPU time a refusal may take (the check itself takes milliseconds).
 REFUSAL_S = 1.0

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from regfw import distributed as D
+from regfw.run import distributed as D
 
 ZOO = '''
 import os
@@ -141,7 +141,7 @@ def ddp_run(tmp_path_factory):
 
 
 def test_ddp_fit_trains_every_builtin_regularizer_in_one_run_directory(ddp_run):
-    from regfw.registry import get_registry
+    from regfw.registry.regularizers import get_registry
 
     root, result = ddp_run
     assert result.returncode == 0, result.stderr[-4000:]
@@ -174,7 +174,7 @@ def test_ddp_fit_trains_the_remaining_dropout_variants(tmp_path):
 
 
 def load_cfg(root):
-    from regfw.config import load_config
+    from regfw.config.schema import load_config
 
     return load_config(root / "cfg.yaml")
 
@@ -192,9 +192,9 @@ def test_ddp_mc_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp_
     what the synchronised, logged metrics say (sums over examples, global bins and ranking)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from regfw.factory import build_datamodule
-    from regfw.module import RegularizedModule
-    from regfw.run import evaluate, uncertainty_callback
+    from regfw.build.factory import build_datamodule
+    from regfw.run.job import evaluate, uncertainty_callback
+    from regfw.train.module import RegularizedModule
     from regfw.uncertainty.sampling import derive_seed, mc_predict
 
     root, result = ddp_run
@@ -251,7 +251,7 @@ def test_ddp_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_p
 
     from test_resume import STALL_DATA
 
-    from regfw.checkpoints import read_checkpoint
+    from regfw.run.checkpoints import read_checkpoint
 
     (tmp_path / "stall_data.py").write_text(STALL_DATA)
     (tmp_path / "cfg.yaml").write_text(RESUME_CONFIG)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from models_zoo import SmallResNet, SmallTransformer
 
+from regfw.build.models import BUILTIN_MODELS
 from regfw.errors import ConfigError
-from regfw.models import BUILTIN_MODELS
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers, get_registry
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers, get_registry
 
 FAMILY = {"dropout", "gaussian_dropout", "alpha_dropout", "spatial_dropout", "dropblock", "drop_path",
           "locked_dropout", "dropconnect", "attention_dropout"}
@@ -76,7 +76,7 @@ def sigma(p, n):
 
 
 def test_every_variant_is_a_plugin_selectable_by_name():
-    from regfw.plugins import plugin_infos
+    from regfw.registry.discovery import plugin_infos
 
     registry = get_registry()
     assert FAMILY <= set(registry.names())

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw import kinds as K
 from regfw.layers import EmbeddingDropout, apply_embedding_dropout, embedding_dropout
-from regfw.module import RegularizedModule
+from regfw.placement import kinds as K
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_predict, stochastic_modules
 
 VOCAB = 40

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from regfw.checkpoints import INTEGRITY_KEY, AtomicCheckpointIO, read_checkpoint, save_atomic
-from regfw.cli import main
-from regfw.config import load_config
+from regfw.cli.main import main
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError, RunError
-from regfw.run import fit, load_resume_config
+from regfw.run.checkpoints import INTEGRITY_KEY, AtomicCheckpointIO, read_checkpoint, save_atomic
+from regfw.run.job import fit, load_resume_config
 
 CONFIG = """
 seed: 0
@@ -147,7 +147,7 @@ PLUGIN = '''
 from dataclasses import dataclass
 import torch
 import regfw
-from regfw.regularizer import Regularizer
+from regfw.extend.regularizer import Regularizer
 
 @dataclass
 class Cfg:
@@ -167,7 +167,7 @@ def regfw_register_regularizers(register):
 
 
 def test_a_checkpoint_whose_plugin_is_gone_names_the_plugin_and_its_distribution(tmp_path, monkeypatch, capsys):
-    from regfw.plugins import register_plugin, unregister_plugin
+    from regfw.registry.discovery import register_plugin, unregister_plugin
 
     (tmp_path / "shrink_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))

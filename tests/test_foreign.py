@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regfw import foreign
-from regfw.dataflow import call_with_example
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers
+from regfw.placement import foreign
+from regfw.placement.dataflow import call_with_example
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers
 from regfw.uncertainty import mc_predict
 
 
@@ -137,7 +137,7 @@ def test_example_input_forms_and_the_message_for_others():
 
 
 def test_a_list_example_input_to_the_lightning_module_says_what_is_accepted():
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     with pytest.raises(TypeError, match=r"example_input: got list, expected one input batch as a tensor.*"
                                         r"make_plan\(model, regularizers, example_input=\.\.\.\), which accepts a "

@@ -9,8 +9,8 @@ import pluggy
 import pytest
 
 import regfw
-from regfw import hookspecs
-from regfw.plugins import _trace, get_plugin_manager
+from regfw.extend import hookspecs
+from regfw.registry.discovery import _trace, get_plugin_manager
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
 

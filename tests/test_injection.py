@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regfw import kinds as K
-from regfw.data import DigitsDataModule
-from regfw.models import BUILTIN_MODELS
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.build.models import BUILTIN_MODELS
+from regfw.placement import kinds as K
+from regfw.train.module import RegularizedModule
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from regfw.checkpoints import read_checkpoint
-from regfw.cli import main
+from regfw.cli.main import main
+from regfw.run.checkpoints import read_checkpoint
 
 STALL = '''
 import os, time
 from pathlib import Path
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
 
 CALLS = {"train": 0, "val": 0}
 
@@ -60,7 +60,7 @@ class Stalling(DigitsDataModule):
 SLOW_WRITE = '''
 import os, sys, time
 from pathlib import Path
-import regfw.atomic as A
+import regfw.run.atomic as A
 
 _open = A._open_temporary
 
@@ -91,7 +91,7 @@ def _slow(path, mode, **kw):
     return f
 
 A._open_temporary = _slow
-from regfw.cli import main
+from regfw.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -113,7 +113,7 @@ def _replace_then_stall(src, dst, *args, **kwargs):
             time.sleep(120)
 
 os.replace = _replace_then_stall
-from regfw.cli import main
+from regfw.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -1,4 +1,4 @@
-"""The rate table and the rate policy of ``regfw.kinds``: the seed's numbers, monotonicity, bounds."""
+"""The rate table and the rate policy of ``regfw.placement.kinds``: the seed's numbers, monotonicity, bounds."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from regfw import kinds as K
-from regfw.registry import get_registry
+from regfw.placement import kinds as K
+from regfw.registry.regularizers import get_registry
 
 #: The built-in regularizers that declare their own ranges (alpha_dropout, dropconnect).
 OWN = {name: spec.cls.rate_ranges for name, spec in get_registry().specs.items() if spec.cls.rate_ranges}

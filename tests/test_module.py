@@ -8,8 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from regfw.data import DigitsDataModule
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.train.module import RegularizedModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -69,7 +69,7 @@ def test_injected_dropout_is_identity_in_eval_and_random_in_training():
 def test_penalties_param_groups_and_callbacks_of_regularizers_are_used(tmp_path):
     from dataclasses import dataclass
 
-    from regfw.regularizer import Regularizer
+    from regfw.extend.regularizer import Regularizer
 
     @dataclass
     class Cfg:
@@ -127,8 +127,8 @@ def test_regression_with_predicted_variance_gets_full_mc_uncertainty(tmp_path):
     """Diabetes with `gaussian_nll`: the model predicts a mean and a variance; MC dropout reads
     both through the same split as the loss, so the predictive variance is aleatoric (predicted)
     plus epistemic (the spread of the sampled means)."""
-    from regfw.config import validate
-    from regfw.run import fit
+    from regfw.config.schema import validate
+    from regfw.run.job import fit
 
     cfg = validate({
         "data": {"name": "diabetes"},

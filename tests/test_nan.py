@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from regfw.checkpoints import read_checkpoint
-from regfw.cli import main
-from regfw.config import load_config
+from regfw.cli.main import main
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError, RunError
-from regfw.run import fit
+from regfw.run.checkpoints import read_checkpoint
+from regfw.run.job import fit
 
 NAN_MODEL = '''
 import torch
@@ -95,8 +95,8 @@ def test_a_module_loaded_from_a_checkpoint_keeps_on_nan(cfg_path):
     (it used to fall back to "ignore" and train on them)."""
     import pytorch_lightning as pl
 
-    from regfw.data import DigitsDataModule
-    from regfw.module import RegularizedModule
+    from regfw.build.datasets import DigitsDataModule
+    from regfw.train.module import RegularizedModule
 
     result = fit(load_config(cfg_path, ["model.init_args.at=[3,6]", "run.on_nan=skip"]), run_dir="run", quiet=True)
     restored = RegularizedModule.load_from_checkpoint(result.checkpoint)
@@ -112,7 +112,7 @@ def test_a_module_loaded_from_a_checkpoint_keeps_on_nan(cfg_path):
 def test_on_nan_is_checked_by_the_module():
     from torch import nn
 
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     with pytest.raises(ConfigError, match=r"run.on_nan: got 'skipp', expected one of stop, skip, ignore"):
         RegularizedModule(nn.Linear(2, 2), on_nan="skipp")

@@ -18,8 +18,8 @@ from regfw_plugins.noise import (
 from torch import nn
 
 from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_mode, mc_predict, stochastic_modules
 
 # -- activation / input noise -----------------------------------------------------------------------

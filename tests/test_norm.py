@@ -8,10 +8,10 @@ from regfw_plugins.l1 import L1, L1Config
 from regfw_plugins.max_norm import MaxNorm, MaxNormConfig, incoming_norms, max_norm_
 from torch import nn
 
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
 from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 
 # -- l1 -----------------------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ def test_max_norm_attach_runs_after_every_plain_torch_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     reg = MaxNorm(MaxNormConfig(max_value=0.3, output=True))
-    from regfw.plan import apply_plan, make_plan
+    from regfw.placement.plan import apply_plan, make_plan
 
     apply_plan(model, [reg], make_plan(model, [reg]))
     assert [t for t in reg.targets] == [model[0], model[2]]

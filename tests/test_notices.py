@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from regfw.cli import main
+from regfw.cli.main import main
 
 CONFIG = """
 data: {train_fraction: 0.1, batch_size: 64}

@@ -1,14 +1,14 @@
 """What regfw writes at a path a user gives, what it predicts for rows it cannot score, and SIGINT in
 every command.
 
-* Only a regular file is ever replaced (``regfw.atomic``): a FIFO, a socket, a directory, a
+* Only a regular file is ever replaced (``regfw.run.atomic``): a FIFO, a socket, a directory, a
   symbolic link (dangling too) and a character device are refused, also with ``--force``, and
   stay exactly what they were. The targets are made in the test's directory; the device node
   with ``os.mknod`` (root only; the real system nodes are never a target).
 * An existing regular file is replaced only with ``--force``, also when it appears while
   regfw writes.
 * A full disk while ``predict --out`` writes is one line and leaves nothing (simulated at the
-  write layer, ``regfw.atomic._open_temporary``, as the other full-disk tests do).
+  write layer, ``regfw.run.atomic._open_temporary``, as the other full-disk tests do).
 * A row whose inputs are finite but whose model output is not is referred for review with its
   reason (``predict``) or listed as referred instead of ranked (``rank``).
 * SIGINT mid-work exits 130 with one line and nothing half-written: real ``regfw`` processes for
@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import regfw.atomic as A
-from regfw.cli import main
+import regfw.run.atomic as A
+from regfw.cli.main import main
+from regfw.cli.predict import NONFINITE_OUTPUT, prediction_rows
 from regfw.errors import OutputError
-from regfw.predict import NONFINITE_OUTPUT, prediction_rows
 
 CONFIG = """\
 seed: 0
@@ -51,7 +51,7 @@ import os, time
 from pathlib import Path
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
-from regfw.data import BUILTIN_DATA
+from regfw.build.datasets import BUILTIN_DATA
 
 CALLS = {"val": 0}
 
@@ -341,7 +341,7 @@ def test_sigint_while_init_writes_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_sigint_while_new_plugin_writes_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import regfw.scaffold as scaffold
+    import regfw.cli.new_plugin as scaffold
 
     real = scaffold.render_template
 
@@ -359,7 +359,7 @@ def test_sigint_while_new_plugin_writes_leaves_nothing(tmp_path, monkeypatch, ca
 
 
 def test_sigint_while_plugins_are_listed(monkeypatch, capsys):
-    import regfw.plugins as plugins
+    import regfw.registry.discovery as plugins
 
     real = plugins.plugin_infos
 
@@ -379,7 +379,7 @@ def test_sigint_while_plugins_are_listed(monkeypatch, capsys):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories; the refusal needs a user")
 def test_a_read_only_place_is_one_line_for_a_run_directory_init_and_predict(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.yaml").write_text(CONFIG.replace("out_data.Digits", "regfw.data.DigitsDataModule"))
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("out_data.Digits", "regfw.build.datasets.DigitsDataModule"))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from regfw.cli import main
-from regfw.models import BUILTIN_MODELS
-from regfw.module import RegularizedModule
+from regfw.build.models import BUILTIN_MODELS
+from regfw.cli.main import main
+from regfw.train.module import RegularizedModule
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 

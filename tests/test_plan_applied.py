@@ -23,12 +23,12 @@ import pytest
 from plugin_dists import distribution
 
 import regfw
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.errors import PluginError
-from regfw.placement import injected_name
-from regfw.plugins import PluginWarning, register_plugin, reset_plugin_manager, unregister_plugin
-from regfw.registry import get_registry
-from regfw.regularizer import Regularizer
+from regfw.extend.regularizer import Regularizer
+from regfw.placement.api import injected_name
+from regfw.registry.discovery import PluginWarning, register_plugin, reset_plugin_manager, unregister_plugin
+from regfw.registry.regularizers import get_registry
 
 PROBE = """
 import json
@@ -246,7 +246,7 @@ trainer: {{max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, enable_p
 @pytest.fixture
 def site(tmp_path, monkeypatch, fresh_plugins):
     """The probe, the test plugins, the template's generated plugin and the test model, importable."""
-    from regfw.scaffold import new_plugin
+    from regfw.cli.new_plugin import new_plugin
 
     for name in OURS:  # imported by an earlier test from its own folder
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -273,7 +273,7 @@ OURS = ("regfw_probe", "regfw_relu_drop", "regfw_unappliable", "planmodels", "re
 
 
 def parse_plan(out: str) -> tuple[int, list[dict]]:
-    """The change count and the rows of a printed plan (``regfw.plan.Plan.format``)."""
+    """The change count and the rows of a printed plan (``regfw.placement.plan.Plan.format``)."""
     count = int(re.search(r"(\d+) change\(s\)", out).group(1))
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("regularizer  "))
@@ -437,8 +437,8 @@ def test_rows_under_another_name_and_two_regularizers_of_one_name_are_refused_be
     from torch import nn
 
     from regfw.errors import ConfigError
-    from regfw.plan import make_plan
-    from regfw.regularizer import PlanItem
+    from regfw.extend.regularizer import PlanItem
+    from regfw.placement.plan import make_plan
 
     class Renamed(Regularizer):
         name = "renamed"

@@ -4,7 +4,7 @@ checkpoint or leaves nothing.
 
 The plugins are real distributions (a ``*.dist-info`` with ``entry_points.txt`` on a temporary
 ``sys.path`` entry), discovered through ``importlib.metadata`` and registered by pluggy, as in
-``test_plugin_failures.py``; the commands run in-process through ``regfw.cli.main``.
+``test_plugin_failures.py``; the commands run in-process through ``regfw.cli.main.main``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from plugin_dists import distribution
 
-from regfw.cli import main
-from regfw.plugins import reset_plugin_manager
+from regfw.cli.main import main
+from regfw.registry.discovery import reset_plugin_manager
 
 FRAGILE = '''
 from dataclasses import dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from regfw.scaffold import distribution_name, new_plugin, package_name
+from regfw.cli.new_plugin import distribution_name, new_plugin, package_name
 
 PREFIX = "e2e_"
 #: Leftovers of a run that was killed before its uninstall are removed after this long.

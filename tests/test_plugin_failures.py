@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from plugin_dists import distribution
 
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError, PluginError
-from regfw.plugins import PluginWarning, get_plugin_manager, plugin_failures, reset_plugin_manager
-from regfw.registry import get_registry
+from regfw.registry.discovery import PluginWarning, get_plugin_manager, plugin_failures, reset_plugin_manager
+from regfw.registry.regularizers import get_registry
 
 PLAIN = """
 import regfw

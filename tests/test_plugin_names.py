@@ -16,9 +16,9 @@ import pytest
 import torch
 from plugin_dists import distribution
 
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.errors import ConfigError
-from regfw.plugins import (
+from regfw.registry.discovery import (
     PluginWarning,
     get_plugin_manager,
     plugin_failures,
@@ -27,7 +27,7 @@ from regfw.plugins import (
     reset_plugin_manager,
     unregister_plugin,
 )
-from regfw.registry import build_regularizers, get_registry, section_key
+from regfw.registry.regularizers import build_regularizers, get_registry, section_key
 
 RDROP = """
 from dataclasses import dataclass
@@ -63,7 +63,7 @@ import torch
 
 import regfw
 from regfw import InjectingRegularizer, InjectionConfig
-from regfw.kinds import HIDDEN
+from regfw.placement.kinds import HIDDEN
 
 
 @dataclass
@@ -201,7 +201,7 @@ def test_each_is_selected_by_its_qualified_name(installed, capsys):
 
 
 def test_a_fit_keeps_the_qualified_name_in_its_config_and_checkpoint(installed, capsys):
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     cfg = _config(installed, "regfw-rdrop:rdrop: {alpha: 1.0}")
     code, out, err = _run(["fit", cfg, "regularizers.regfw-rdrop:rdrop.alpha=2", "--run-dir", "run"], capsys)
@@ -341,8 +341,8 @@ def test_qualified_names_that_select_nothing_say_what_to_write(twins):
 
 LIGHTNING_CLI = """
 from pytorch_lightning.cli import LightningCLI
-from regfw.data import DigitsDataModule
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.train.module import RegularizedModule
 
 cli = LightningCLI(RegularizedModule, DigitsDataModule, run=False, save_config_kwargs={"overwrite": True})
 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -420,7 +420,7 @@ def test_a_plugin_refused_at_registration_breaks_only_the_configs_that_select_it
 
 
 def test_no_failure_message_tells_a_user_to_uninstall_regfw():
-    from regfw.plugins import PluginFailure
+    from regfw.registry.discovery import PluginFailure
 
     builtin = PluginFailure("dropout", "import", "failed to import: ImportError: x", "dropout = regfw_plugins.dropout",
                             "regfw", "0.1.0")

@@ -10,7 +10,8 @@ import pytest
 
 import regfw
 from regfw.errors import ConfigError, PluginError
-from regfw.plugins import (
+from regfw.extend.regularizer import Regularizer
+from regfw.registry.discovery import (
     PluginWarning,
     get_plugin_manager,
     plugin_infos,
@@ -18,8 +19,7 @@ from regfw.plugins import (
     reset_plugin_manager,
     unregister_plugin,
 )
-from regfw.registry import get_registry
-from regfw.regularizer import Regularizer
+from regfw.registry.regularizers import get_registry
 
 
 def _plugin_module(name: str, body: str, monkeypatch) -> types.ModuleType:
@@ -170,7 +170,7 @@ def test_load_plugins_variable_selects_third_party_plugins(tmp_path, monkeypatch
     reset_plugin_manager()
     names = {i.name for i in plugin_infos()}
     assert "dropout" in names and "broken" not in names  # built-ins only
-    from regfw.plugins import plugin_failures
+    from regfw.registry.discovery import plugin_failures
 
     assert plugin_failures() == []
     monkeypatch.setenv("REGFW_LOAD_PLUGINS", "broken")
@@ -193,11 +193,11 @@ def test_broken_plugin_does_not_break_help(tmp_path, run_cli):
 
 def test_plugin_discovery_imports_no_lightning():
     """Every built-in loads at discovery (``regfw plugins``, config validation) without Lightning:
-    the per-step callbacks (regfw.step_hooks, the adaptive and coadaptation callbacks) are imported
+    the per-step callbacks (regfw.train.step_hooks, the adaptive and coadaptation callbacks) are imported
     only when a fit asks a regularizer for them."""
     import subprocess
 
-    code = ("import sys; from regfw.registry import get_registry; names = get_registry().names(); "
+    code = ("import sys; from regfw.registry.regularizers import get_registry; names = get_registry().names(); "
             "print(sorted(names)); print('pytorch_lightning' in sys.modules, 'lightning' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     names, lightning = out.stdout.strip().splitlines()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regfw.regularizer import InjectingRegularizer, Regularizer
+from regfw.extend.regularizer import InjectingRegularizer, Regularizer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 

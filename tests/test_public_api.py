@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regfw.scaffold import render_template
+from regfw.cli.new_plugin import render_template
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "plugins.md"
@@ -76,7 +76,8 @@ def violations(source: str, own_package: str, api: dict[str, set[str]], own_leve
 
 def test_every_name_listed_as_public_exists():
     api = public_api()
-    assert {"regfw", "regfw.config", "regfw.kinds", "regfw.layers", "regfw.regularizer"} <= set(api)
+    assert {"regfw", "regfw.config.schema", "regfw.placement.kinds", "regfw.layers",
+            "regfw.extend.regularizer"} <= set(api)
     missing = [f"{m}.{n}" for m, names in api.items() for n in sorted(names) if not hasattr(import_module(m), n)]
     assert not missing, f"docs/plugins.md lists names that do not exist: {missing}"
 
@@ -85,8 +86,8 @@ def test_the_public_names_a_plugin_needs_are_listed():
     api = public_api()
     assert {"hookimpl", "Regularizer", "InjectingRegularizer", "PlanItem", "PlanContext", "StochasticModule",
             "kinds"} <= api["regfw"]
-    assert {"rate", "nonneg", "positive"} <= api["regfw.config"]
-    assert {"KINDS", "RATE_TABLE", "policy_rate"} <= api["regfw.kinds"]
+    assert {"rate", "nonneg", "positive"} <= api["regfw.config.schema"]
+    assert {"KINDS", "RATE_TABLE", "policy_rate"} <= api["regfw.placement.kinds"]
     assert "StochasticModule" in api["regfw.layers"]
     import regfw
     from regfw.layers import StochasticModule
@@ -119,20 +120,21 @@ def test_the_builtin_plugins_are_all_checked():
     names = {str(p.relative_to(ROOT / "plugins").with_suffix("")) for p in BUILTIN_PLUGINS}
     assert {"dropout", "noise", "weight_decay", "l1", "max_norm", "drop_path", "adaptive/__init__",
             "adaptive/callback", "coadaptation/__init__", "coadaptation/monitor"} <= names
-    assert "_callbacks" not in names  # shared helpers live in the public API (regfw.step_hooks)
+    assert "_callbacks" not in names  # shared helpers live in the public API (regfw.train.step_hooks)
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from regfw.surgery import attach", "from regfw.surgery import ...: not a public module"),
+    ("from regfw.placement.surgery import attach", "from regfw.placement.surgery import ...: not a public module"),
     ("from regfw.layers.base import StochasticModule", "from regfw.layers.base import ...: not a public module"),
-    ("from regfw.kinds import _TYPE_TABLE", "from regfw.kinds import _TYPE_TABLE: not public"),
+    ("from regfw.placement.kinds import _TYPE_TABLE", "from regfw.placement.kinds import _TYPE_TABLE: not public"),
     ("import regfw\nregfw._LAZY", "regfw._LAZY: not public in regfw"),
-    ("import regfw.plan", "import regfw.plan: not a public module"),
-    ("import regfw.kinds as K\nK.builtin_kind", "K.builtin_kind: not public in regfw.kinds"),
+    ("import regfw.placement.plan", "import regfw.placement.plan: not a public module"),
+    ("import regfw.placement.kinds as K\nK.builtin_kind", "K.builtin_kind: not public in regfw.placement.kinds"),
     ("from regfw_plugins.dropout import Dropout", "from regfw_plugins.dropout import ...: another regfw package"),
     ("from .weight_decay import check_finite",
      "from .weight_decay import ...: a relative import of another module of the plugin package"),
-    ("def f():\n    from regfw.surgery import analyse", "from regfw.surgery import ...: not a public module"),
+    ("def f():\n    from regfw.placement.surgery import analyse",
+     "from regfw.placement.surgery import ...: not a public module"),
 ])
 def test_the_checker_reports_private_uses(source, expected):
     assert violations(source, "regfw_mine", public_api()) == [expected]

@@ -9,13 +9,13 @@ import pytest
 from torch import nn
 
 import regfw
-from regfw.config import rate
-from regfw.kinds import HIDDEN
+from regfw.config.schema import rate
+from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig
 from regfw.layers import Dropout
-from regfw.plan import make_plan
-from regfw.plugins import register_plugin, unregister_plugin
-from regfw.registry import build_regularizers
-from regfw.regularizer import InjectingRegularizer, InjectionConfig
+from regfw.placement.kinds import HIDDEN
+from regfw.placement.plan import make_plan
+from regfw.registry.discovery import register_plugin, unregister_plugin
+from regfw.registry.regularizers import build_regularizers
 
 
 @dataclass
@@ -57,7 +57,7 @@ def mlp() -> nn.Module:
 
 @pytest.mark.usefixtures("narrow_plugin")
 # A 450-parameter MLP scores 1 on model size; 100 examples score 1 on data size, 1e7 score 0: the
-# policy puts the rate at the top of the range, then half way (see regfw.kinds.policy_rate).
+# policy puts the rate at the top of the range, then half way (see regfw.placement.kinds.policy_rate).
 @pytest.mark.parametrize("n_examples, expected", [(100, 0.15), (10**7, 0.10)])
 def test_a_third_party_range_feeds_the_plan(n_examples, expected):
     regs = build_regularizers({"narrow_dropout": {}, "dropout": {"input": 0}})

@@ -21,18 +21,18 @@ import pytest
 import torch
 from test_kill_matrix import KILL_AFTER
 
-from regfw import distributed as D
-from regfw.checkpoints import read_checkpoint
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import RunError
-from regfw.run import fit
+from regfw.run import distributed as D
+from regfw.run.checkpoints import read_checkpoint
+from regfw.run.job import fit
 
 STALL_DATA = '''
 import os, time
 from pathlib import Path
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
 
 CALLS = 0
 
@@ -134,7 +134,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(workdir, 
     # its directory
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     assert main(["fit", "cfg.yaml", "--resume", "trainer.enable_progress_bar=false"]) == 0
     assert f"resumed from:  runs/{run.name}/checkpoints/last.ckpt" in capsys.readouterr().out
@@ -284,7 +284,7 @@ def test_without_the_resumable_order_and_step_seeds_a_resume_diverges(workdir, m
 
 
 def test_metrics_csv_is_continued_and_rows_after_the_checkpoint_are_dropped(tmp_path):
-    from regfw.checkpoints import RunCSVLogger
+    from regfw.run.checkpoints import RunCSVLogger
 
     (tmp_path / "metrics.csv").write_text("epoch,step,train_loss\n0,1,0.9\n0,3,0.7\n0,5,0.5\n0,6,0.")  # cut short
     # the checkpoint was at global step 4: rows logged at steps 0-3 (batches 1-4) stay, those of steps 4-6 are redone
@@ -342,7 +342,7 @@ def test_sigkill_the_moment_the_epoch_checkpoint_appears_keeps_metrics_csv_ident
 
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     assert main(["fit", "cfg.yaml", "--run-dir", "epoch-visible", "--resume"]) == 0
     final = read_checkpoint(run / "checkpoints" / "last.ckpt")

@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from regfw import distributed as D
-from regfw.cli import main
-from regfw.config import load_config
+from regfw.cli.main import main
+from regfw.config.schema import load_config
 from regfw.errors import RunError
-from regfw.run import fit, new_run_dir
+from regfw.run import distributed as D
+from regfw.run.job import fit, new_run_dir
 
 
 def test_new_runs_get_new_directories_even_within_one_second(tmp_path):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from regfw.checkpoints import read_checkpoint
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.errors import RunError
-from regfw.rundir import LOCK, MARKER, claim_existing, claim_new
+from regfw.run.checkpoints import read_checkpoint
+from regfw.run.rundir import LOCK, MARKER, claim_existing, claim_new
 
 CONFIG = """
 data: {train_fraction: 0.1, batch_size: 64}
@@ -187,12 +187,12 @@ def test_a_failed_start_leaves_nothing_and_resume_picks_the_newest_resumable_run
 
 
 def test_a_full_disk_is_named_and_the_older_checkpoint_stays_intact(cfg, tmp_path, monkeypatch, capsys):
-    """ENOSPC is injected at the write layer of regfw.atomic (a real full file system needs a mount, which
+    """ENOSPC is injected at the write layer of regfw.run.atomic (a real full file system needs a mount, which
     tests cannot portably make): the second write of last.ckpt fails half-way, as on a full disk."""
     import errno
     import io
 
-    import regfw.atomic as A
+    import regfw.run.atomic as A
 
     real_open = A._open_temporary
     writes = {"last": 0}
@@ -224,7 +224,7 @@ def _full_at(monkeypatch, name: str) -> None:
     import errno
     import io
 
-    import regfw.atomic as A
+    import regfw.run.atomic as A
 
     real_open = A._open_temporary
 

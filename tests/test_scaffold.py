@@ -15,11 +15,8 @@ import pytest
 import yaml
 
 import regfw
-from regfw import cli
-from regfw.config import validate
-from regfw.errors import RegfwError
-from regfw.plugins import register_plugin, unregister_plugin
-from regfw.scaffold import (
+from regfw.cli.main import main as cli
+from regfw.cli.new_plugin import (
     SUFFIX,
     check_name,
     class_name,
@@ -29,6 +26,9 @@ from regfw.scaffold import (
     render_template,
     template_files,
 )
+from regfw.config.schema import validate
+from regfw.errors import RegfwError
+from regfw.registry.discovery import register_plugin, unregister_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = {
@@ -191,4 +191,4 @@ def test_a_non_editable_wheel_ships_the_plugin_template(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"regfw_templates/plugin/{rel}" for rel, _ in template_files()}
     assert expected <= names, sorted(expected - names)
-    assert "regfw/scaffold.py" in names
+    assert "regfw/cli/new_plugin.py" in names

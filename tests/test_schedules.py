@@ -10,11 +10,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError
-from regfw.registry import build_regularizers
-from regfw.run import fit
-from regfw.schedules import RateSchedule
+from regfw.registry.regularizers import build_regularizers
+from regfw.run.job import fit
+from regfw.train.schedules import RateSchedule
 
 
 def test_linear_warm_up_reaches_each_layers_planned_rate_and_stays():
@@ -80,7 +80,7 @@ def test_a_schedule_with_adaptive_dropout_on_the_same_layers_is_one_clear_config
 
 
 def test_regfw_plan_shows_the_schedule(tmp_path, monkeypatch, capsys):
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.yaml").write_text(
@@ -147,8 +147,8 @@ def test_a_fit_sets_the_rate_of_every_step_from_the_schedule_and_logs_it_per_epo
 
 
 def test_the_rates_seen_by_the_forward_pass_follow_the_schedule_exactly(reference):
-    from regfw.module import RegularizedModule
-    from regfw.schedule_callback import RateScheduler
+    from regfw.train.module import RegularizedModule
+    from regfw.train.schedule_callback import RateScheduler
 
     module = RegularizedModule(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
                                regularizers={"dropout": {"hidden": 0.3, "input": 0,
@@ -181,8 +181,8 @@ class Preempt(pl.Callback):
 
 
 def test_a_run_killed_mid_schedule_resumes_bitwise_where_the_uninterrupted_run_ends(reference):
-    from regfw.checkpoints import read_checkpoint
     from regfw.errors import RunInterrupted
+    from regfw.run.checkpoints import read_checkpoint
 
     root, result, _ = reference
     cwd = os.getcwd()
@@ -222,7 +222,7 @@ def test_scheduled_drop_path_grows_every_blocks_depth_rate_linearly_over_trainin
     reaches rate * k / (n - 1) at the end of the ramp, every block at the same fraction of its rate."""
     from models_zoo import SmallResNet
 
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     module = RegularizedModule(SmallResNet(), regularizers={"drop_path": {"rate": 0.2, "schedule": {
         "kind": "linear", "epochs": 10, "every": "epoch"}}}, example_input=torch.zeros(2, 3, 16, 16))
@@ -241,7 +241,7 @@ def test_scheduled_drop_path_grows_every_blocks_depth_rate_linearly_over_trainin
 def test_dropblock_warm_up_and_attention_dropout_schedules_set_the_layers_they_planned():
     from models_zoo import SmallTransformer
 
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     cnn = RegularizedModule(model_config={"name": "cnn"}, regularizers={"dropblock": {
         "conv": 0.1, "block_size": 3, "schedule": {"kind": "linear", "steps": 100}}},

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from regfw.checkpoints import read_checkpoint
-from regfw.cli import main
+from regfw.cli.main import main
+from regfw.run.checkpoints import read_checkpoint
 
 DATA = '''
 import os, signal, time
 from pathlib import Path
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
 
 CALLS = {"train": 0, "val": 0, "transfer": 0}
 

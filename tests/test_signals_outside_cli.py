@@ -84,7 +84,7 @@ callbacks = [Watch()]
 if kind == "bare":
     module = Bare()
 else:
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     net = nn.Sequential(nn.Linear(6, 50), nn.ReLU(), nn.Linear(50, 1))
     module = RegularizedModule(net, loss="mse", regularizers={"dropout": {"input": 0.05, "hidden": 0.05}},
@@ -210,7 +210,7 @@ def test_the_evaluation_handler_is_in_place_only_while_an_evaluation_epoch_runs(
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from regfw.module import RegularizedModule
+    from regfw.train.module import RegularizedModule
 
     class Handlers(pl.Callback):
         def __init__(self):

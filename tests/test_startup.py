@@ -19,7 +19,7 @@ HEAVY = ("pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "
 
 PROBE = """
 import json, sys
-from regfw.cli import main
+from regfw.cli.main import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
@@ -62,7 +62,7 @@ def test_trainer_argument_list_matches_lightning():
     """The names the config checks the trainer section against are Lightning's own."""
     from pytorch_lightning import Trainer
 
-    from regfw.trainer_args import TRAINER_ARGUMENTS
+    from regfw.config.trainer_args import TRAINER_ARGUMENTS
 
     assert list(TRAINER_ARGUMENTS) == [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
 

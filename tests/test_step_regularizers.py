@@ -1,6 +1,6 @@
 """The built-in step regularizers act: measured effects on trained digits classifiers (fixed seeds).
 
-Each model trains through :func:`regfw.steps.regularized_step` with the regularizer built by the
+Each model trains through :func:`regfw.train.steps.regularized_step` with the regularizer built by the
 registry from its config section, exactly as ``RegularizedModule`` does, and is compared with the
 same model, seed and data trained without it.
 """
@@ -17,8 +17,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from regfw.errors import ConfigError
-from regfw.registry import build_regularizers
-from regfw.steps import MixedTargets, Step, regularized_step
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.steps import MixedTargets, Step, regularized_step
 
 N_TRAIN = 1000
 

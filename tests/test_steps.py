@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from regfw import Regularizer
-from regfw.batch import BatchFormat, split_batch
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError, PluginError
-from regfw.module import RegularizedModule
-from regfw.steps import add_terms, regularized_step
+from regfw.train.batch import BatchFormat, split_batch
+from regfw.train.module import RegularizedModule
+from regfw.train.steps import add_terms, regularized_step
 
 CALLS: list[str] = []
 
@@ -124,7 +124,7 @@ def test_a_wrong_return_type_names_the_plugin_and_the_method(method, value, expe
 
 
 def test_describe_returning_a_string_is_an_error_naming_the_method():
-    from regfw.plan import make_plan
+    from regfw.placement.plan import make_plan
 
     with pytest.raises(PluginError, match=r"regularizer 'bad' .*: describe\(\) returned str 'one line', expected a "
                                           r"list of strings"):
@@ -165,7 +165,7 @@ def test_module_trains_on_dict_batches_and_logs_each_term_by_name(tmp_path):
 
 
 def test_module_accepts_built_regularizer_objects_and_uses_them_as_they_are():
-    from regfw.registry import build_regularizers
+    from regfw.registry.regularizers import build_regularizers
 
     regs = build_regularizers({"mixup": {"alpha": 0.5}, "confidence_penalty": {}})
     module = RegularizedModule(nn.Linear(4, 3), regularizers=regs, example_input=torch.zeros(2, 4))

@@ -17,12 +17,12 @@ from models_zoo import DropoutBeforeBN, MLPWithDropout, PreNormTransformer, Smal
 from torch import nn
 
 import regfw
+from regfw.build.models import BUILTIN_MODELS
 from regfw.errors import ConfigError
-from regfw.models import BUILTIN_MODELS
-from regfw.module import RegularizedModule
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers
-from regfw.surgery import analyse, attach, is_batchnorm
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.placement.surgery import analyse, attach, is_batchnorm
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 
 X_FLAT = torch.randn(8, 64)
 X_IMG = torch.randn(4, 3, 16, 16)
@@ -308,7 +308,7 @@ def net_with_gated():
 
 
 def test_a_plugin_classifies_its_own_module_type(fresh_plugins):
-    from regfw.plugins import register_plugin, unregister_plugin
+    from regfw.registry.discovery import register_plugin, unregister_plugin
 
     x = torch.randn(4, 8)
     _, plan = plan_for(net_with_gated(), x, {"dropout": {"input": 0}})

@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from regfw.kinds import TRANSFORMER_RANGE
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers
+from regfw.placement.kinds import TRANSFORMER_RANGE
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers
 
 VOCAB = 30
 TOKENS = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(0))
@@ -145,7 +145,7 @@ def test_when_nothing_applies_the_warning_names_what_it_looked_at():
 
 
 def test_the_decoder_layers_slots_follow_its_three_sub_layers():
-    from regfw.structure import transformer_layer_slots
+    from regfw.placement.structure import transformer_layer_slots
 
     assert transformer_layer_slots(nn.TransformerDecoderLayer(8, 2, 16)) == [
         ("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"), ("linear2", "dropout3")]

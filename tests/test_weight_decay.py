@@ -14,12 +14,12 @@ from regfw_plugins.weight_decay import (
 )
 from torch import nn
 
-from regfw.config import validate
-from regfw.data import DigitsDataModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.config.schema import validate
 from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.params import split_parameters
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
+from regfw.train.params import split_parameters
 
 
 class Net(nn.Module):
@@ -227,7 +227,7 @@ def test_decoupled_decay_with_plain_sgd_equals_the_l2_penalty(digits):
 
 
 def test_plan_prints_the_groups(tmp_path, capsys):
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     config = tmp_path / "c.yaml"
     config.write_text("model: {name: cnn}\nregularizers:\n  weight_decay: {strength: 0.05}\n")

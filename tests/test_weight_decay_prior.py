@@ -15,11 +15,11 @@ import torch
 from regfw_plugins.weight_decay import WeightDecay, WeightDecayConfig, prior_reg
 from torch import nn
 
-from regfw.cli import main
-from regfw.config import validate
+from regfw.cli.main import main
+from regfw.config.schema import validate
 from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 
 PRIOR = {"length_scale": 1e-2, "tau": 0.5}
 NOTE = "regularizers.weight_decay: mode decoupled shrinks the weights each step and adds no loss term"

@@ -26,10 +26,10 @@ from typing import Any, Literal
 from torch import nn
 
 import regfw
-from regfw.config import nonneg, positive, rate
+from regfw.config.schema import nonneg, positive, rate
 from regfw.errors import ConfigError
-from regfw.kinds import RATE_KINDS
-from regfw.regularizer import Regularizer
+from regfw.extend.regularizer import Regularizer
+from regfw.placement.kinds import RATE_KINDS
 
 
 @dataclass
@@ -37,7 +37,7 @@ class AdaptiveDropoutConfig:
     """Settings of the rate schedule (see :class:`~regfw_plugins.adaptive.callback.AdaptiveDropoutCallback`).
 
     The one validation of these settings: the config section and the callback's keyword
-    constructor both go through :func:`regfw.config.validate_dataclass` with this class.
+    constructor both go through :func:`regfw.config.schema.validate_dataclass` with this class.
     """
 
     #: How much one move changes each rate (absolute).
@@ -91,8 +91,8 @@ class AdaptiveDropout(Regularizer):
 
     def check(self, config: Any) -> None:
         """A schedule needs layers to move: some selected regularizer must insert modules."""
-        from regfw.registry import get_registry
-        from regfw.regularizer import InjectingRegularizer
+        from regfw.extend.regularizer import InjectingRegularizer
+        from regfw.registry.regularizers import get_registry
 
         registry = get_registry()
         injecting = [name for name in config.regularizers if name in registry.specs
@@ -103,7 +103,7 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
-        from regfw.schedules import is_active
+        from regfw.train.schedules import is_active
 
         for name in injecting:
             cls = registry.specs[name].cls

@@ -23,11 +23,11 @@ and diagnoses (:func:`diagnose`), in this order:
 
 A move happens only after the same diagnosis ``patience`` validations in a row, then the count
 restarts (and ``cooldown`` validations are skipped). Each layer stays inside the range of its
-layer kind in :data:`regfw.kinds.RATE_TABLE`, or its regularizer's own range for the kind
+layer kind in :data:`regfw.placement.kinds.RATE_TABLE`, or its regularizer's own range for the kind
 (``rate_ranges``: alpha dropout's 0.05-0.1), or ``min_rate``/``max_rate`` when given, and a
 rate already outside that range is never moved further out. The layers moved are the dropout
 modules regfw inserted or re-rated (found through the plan of a
-:class:`~regfw.module.RegularizedModule`, whose rows give each layer's kind, or by their
+:class:`~regfw.train.module.RegularizedModule`, whose rows give each layer's kind, or by their
 ``regfw_`` names in any other module).
 
 Every decision is kept in :attr:`AdaptiveDropoutCallback.history`; every change is logged with its reason
@@ -51,9 +51,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from regfw import kinds as K
-from regfw.config import validate_dataclass
-from regfw.placement import INJECTED_PREFIX, is_dropout, planned_module
+from regfw.config.schema import validate_dataclass
+from regfw.placement import kinds as K
+from regfw.placement.api import INJECTED_PREFIX, is_dropout, planned_module
 
 from . import AdaptiveDropoutConfig
 
@@ -151,7 +151,7 @@ def rate_targets(model: nn.Module, rows: Iterable[Any] = (), kinds: Sequence[str
                  own_ranges: Mapping[str, K.OwnRanges] | None = None) -> list[RateTarget]:
     """The dropout modules regfw inserted in ``model`` or re-rated, with their kinds and ranges.
 
-    ``rows`` are the plan rows (:meth:`regfw.plan.Plan.rows`) that give each module its kind;
+    ``rows`` are the plan rows (:meth:`regfw.placement.plan.Plan.rows`) that give each module its kind;
     injected modules no row accounts for (their child name starts with ``regfw_``) are added with
     kind ``input`` for ``regfw_input_*`` children and unknown otherwise (range
     :data:`UNKNOWN_RANGE`). A row's range is its regularizer's own (``own_ranges``: regularizer name
@@ -191,7 +191,7 @@ class AdaptiveDropoutCallback(pl.Callback):
 
     See the module docstring for the rule. Use it through the ``adaptive_dropout`` regularizer
     (``regularizers: {dropout: {}, adaptive_dropout: {step: 0.05}}``) or pass it to a Trainer
-    with a :class:`~regfw.module.RegularizedModule` (or any LightningModule with regfw-injected
+    with a :class:`~regfw.train.module.RegularizedModule` (or any LightningModule with regfw-injected
     dropout).
 
     Args:

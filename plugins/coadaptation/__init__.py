@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from torch import nn
 
 import regfw
-from regfw.config import positive
-from regfw.regularizer import Regularizer
+from regfw.config.schema import positive
+from regfw.extend.regularizer import Regularizer
 
 
 @dataclass

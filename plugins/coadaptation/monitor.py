@@ -13,7 +13,7 @@ pairs ``i != j`` of live units on some data, with the model in eval mode; :class
 logs it every validation epoch from the model's own validation forward passes (no extra pass).
 
 Which activations: by default, for every hidden (``nn.Linear``) and conv layer except the output
-layer, the output of the module a dropout would be inserted after (:func:`regfw.placement.after_anchor`:
+layer, the output of the module a dropout would be inserted after (:func:`regfw.placement.api.after_anchor`:
 past the norm and activation layers that consume the layer's output), i.e. the post-activation
 units.
 Conv maps count channels as units and every position as an observation. Units that never vary
@@ -30,9 +30,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from regfw import kinds as K
-from regfw.config import validate_dataclass
-from regfw.placement import after_anchor, analyse, classify
+from regfw.config.schema import validate_dataclass
+from regfw.placement import kinds as K
+from regfw.placement.api import after_anchor, analyse, classify
 
 from . import CoadaptationConfig
 
@@ -115,7 +115,7 @@ def unit_layers(model: nn.Module, example_input: Any = None, layers: Any = None)
     """The modules whose outputs are measured, as ``{path: unit_dim}``.
 
     ``layers`` None: the default described in the module docstring (read with
-    :func:`regfw.placement.analyse`; ``example_input`` lets a traced forward pass decide which
+    :func:`regfw.placement.api.analyse`; ``example_input`` lets a traced forward pass decide which
     layer is the output layer and what follows each layer). Otherwise a list of module paths (units on the last
     dimension, or dimension 1 for conv layers) or a mapping ``{path: unit_dim}``.
     """

@@ -1,4 +1,4 @@
-"""Active learning with MC dropout (the library; the `regfw rank` command is :mod:`regfw.rank_command`):
+"""Active learning with MC dropout (the library; the `regfw rank` command is :mod:`regfw.cli.rank`):
 which unlabelled inputs are most worth labelling.
 
 Acquisition functions (Gal, Islam & Ghahramani 2017, "Deep Bayesian Active Learning with

@@ -21,7 +21,7 @@ thread (:mod:`regfw.uncertainty.plot_jobs`), so the training loop does not wait 
 under ``test/`` (``test/mc/rmse``, ``test/mc/acc``, ``test/cal/...``); the validation-time
 economies ``every_n_epochs``, ``max_batches`` and ``subset`` do not apply there, and no plots are
 drawn. Regression metrics are reported in the original units of the targets when the data module
-declares its target scaling (:mod:`regfw.targets`, ``units="original"``, the default).
+declares its target scaling (:mod:`regfw.train.targets`, ``units="original"``, the default).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from regfw.errors import RegfwError
-from regfw.targets import UNITS, TargetScaling, declared_scaling, original_units_transform
+from regfw.train.targets import UNITS, TargetScaling, declared_scaling, original_units_transform
 from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
 from regfw.uncertainty.calibration import Temperature, fit_temperature
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
@@ -55,7 +55,7 @@ from regfw.uncertainty.sampling import (
 from regfw.uncertainty.summaries import SCORES, class_softmax, classes_last, classification_summary
 
 if TYPE_CHECKING:  # pragma: no cover
-    from regfw.config import UncertaintyConfig
+    from regfw.config.schema import UncertaintyConfig
 
 __all__ = ["MCDropoutUncertainty", "CLASSIFICATION_SCORES", "REGRESSION_SCORES"]
 
@@ -116,9 +116,9 @@ class MCDropoutUncertainty(pl.Callback):
         units: regression, ``"original"`` (the default): predictions, targets and predicted
             variances are mapped to the original units of the targets before any
             metric, when a target scaling is known (``target_scaling``, else the data module's
-            ``target_scaling`` attribute; see :mod:`regfw.targets`); ``"standardized"``: the
+            ``target_scaling`` attribute; see :mod:`regfw.train.targets`); ``"standardized"``: the
             metrics are in the units the model predicts. ``threshold`` is in the reported units.
-        target_scaling: how the targets were standardised, a :class:`regfw.targets.TargetScaling`
+        target_scaling: how the targets were standardised, a :class:`regfw.train.targets.TargetScaling`
             or ``(mean, std)``; None reads ``trainer.datamodule.target_scaling``.
         target: ``"batch"`` (the targets of each batch, by ``batch_to_xy`` or the module's
             ``split_batch``) or ``"input"``: the model's input is its target (an autoencoder);
@@ -205,7 +205,7 @@ class MCDropoutUncertainty(pl.Callback):
                     **options: Any) -> MCDropoutUncertainty:
         """The callback for a validated ``uncertainty:`` section, passed as one object.
 
-        ``config`` is a :class:`regfw.config.UncertaintyConfig` (from :func:`regfw.config.load_config`),
+        ``config`` is a :class:`regfw.config.schema.UncertaintyConfig` (from :func:`regfw.config.schema.load_config`),
         whose fields were checked when it was loaded and are not checked again; only what depends
         on the model is: ``task``, and the config's ``score`` against it (a
         :class:`~regfw.errors.ConfigError` naming ``uncertainty.score``). ``options`` are the
@@ -360,7 +360,7 @@ class MCDropoutUncertainty(pl.Callback):
 
     def _split(self, pl_module: Any, batch: Any) -> tuple[Tensor, Tensor]:
         """``(x, y)`` by ``batch_to_xy``, else by the module's own ``split_batch`` (a
-        :class:`~regfw.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``;
+        :class:`~regfw.train.module.RegularizedModule`'s batch format), else ``batch[0], batch[1]``;
         with ``target="input"``, ``(x, x)``."""
         if self.target == "input":
             if isinstance(batch, Tensor):

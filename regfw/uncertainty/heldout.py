@@ -25,7 +25,7 @@ class Heldout:
 
 
 def _ood_from_class_path(ood: Any, seed: int) -> Iterable[Any]:
-    from regfw.factory import import_class
+    from regfw.build.factory import import_class
 
     cls = import_class(ood.class_path, "uncertainty.ood.class_path")
     try:
@@ -46,7 +46,7 @@ def _ood_from_class_path(ood: Any, seed: int) -> Iterable[Any]:
 
 
 def prepare_heldout(datamodule: Any, unc: Any, seed: int) -> Heldout:
-    """Apply ``unc.ood`` and ``unc.calibration`` (an :class:`~regfw.config.UncertaintyConfig`) to
+    """Apply ``unc.ood`` and ``unc.calibration`` (an :class:`~regfw.config.schema.UncertaintyConfig`) to
     ``datamodule``; errors are :class:`~regfw.errors.ConfigError` naming the key."""
     from regfw.uncertainty.calibration import carve_calibration_split
     from regfw.uncertainty.ood import heldout_classes

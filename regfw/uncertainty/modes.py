@@ -3,7 +3,7 @@
 :func:`stochastic_modules` finds every dropout-family module with a rate > 0 (torch's, regfw's,
 torchvision's and timm's without importing them, and the types plugins declare through the
 ``regfw_stochastic_types`` hook); :func:`mc_mode` switches on exactly those (and the modules that
-are random only through their own flag, :func:`regfw.foreign.mc_train_modules`), every other
+are random only through their own flag, :func:`regfw.placement.foreign.mc_train_modules`), every other
 module staying in eval mode; :func:`eval_mode` is the deterministic counterpart. Both restore
 every module's ``training`` flag on exit.
 """
@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from regfw import foreign
 from regfw.layers.base import StochasticModule
 from regfw.layers.torch_dropout import ROUTED_TYPES, word_forward
+from regfw.placement import foreign
 
 __all__ = [
     "TORCH_STOCHASTIC_TYPES",
@@ -56,7 +56,7 @@ _warned: set[str] = set()
 def _plugin_stochastic_types() -> tuple[type, ...]:
     """The module types plugins declare through the ``regfw_stochastic_types`` hook."""
     try:
-        from regfw.plugins import get_plugin_manager
+        from regfw.registry.discovery import get_plugin_manager
     except ImportError:
         return ()
     try:
@@ -113,7 +113,7 @@ def is_stochastic(module: nn.Module, types: tuple[type, ...] | None = None) -> b
 
     ``types`` defaults to :func:`stochastic_types` (pass it when testing many modules, to ask
     the plugins once). Matching is by type (``isinstance``), and for the stochastic layers of
-    torchvision and timm (which are not imported) by class and package (:mod:`regfw.foreign`).
+    torchvision and timm (which are not imported) by class and package (:mod:`regfw.placement.foreign`).
     """
     types = stochastic_types() if types is None else types
     return (isinstance(module, types) or foreign.is_foreign_stochastic(module)) and not _rate_is_zero(module)
@@ -275,7 +275,7 @@ def mc_mode(
 
     BatchNorm and every other non-stochastic module stay in eval mode (running statistics
     used, never updated). Modules that are random only through their own flag
-    (:func:`regfw.foreign.mc_train_modules`: ``nn.TransformerEncoderLayer``'s fused fast path,
+    (:func:`regfw.placement.foreign.mc_train_modules`: ``nn.TransformerEncoderLayer``'s fused fast path,
     timm's fused attention, functional-dropout hosts) are put in training mode as well, whatever
     ``modules`` says, so every strategy samples them. torch's own dropout modules draw their
     masks from regfw's random words while on CPU (:mod:`regfw.layers.torch_dropout`; other

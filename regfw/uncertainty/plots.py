@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from regfw.atomic import atomic_open
+from regfw.run.atomic import atomic_open
 from regfw.uncertainty.chart import Bars, Chart, Hist, Line, Panel, Text, VLine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +40,7 @@ FORMATS = ("svg", "png")
 def save_chart(chart: Chart, path: str | os.PathLike) -> str:
     """Write ``chart`` to ``path`` atomically (temporary file + ``os.replace``), as SVG or PNG by
     the suffix; only a regular file is ever replaced (a link, FIFO, device or directory at
-    ``path`` is an :class:`~regfw.errors.OutputError`, see :func:`regfw.atomic.check_target`)."""
+    ``path`` is an :class:`~regfw.errors.OutputError`, see :func:`regfw.run.atomic.check_target`)."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower().lstrip(".")
     if suffix not in FORMATS:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regfw import foreign
+from regfw.placement import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
 from regfw.uncertainty.accepted import check_inputs, output_error
 from regfw.uncertainty.modes import (
@@ -105,7 +105,7 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
 
 def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
     """Find the modules of ``model`` that call ``F.dropout`` in their forward (one eval-mode pass
-    of one row, :func:`regfw.foreign.watch_functional_dropout`), unless the model as it is now was
+    of one row, :func:`regfw.placement.foreign.watch_functional_dropout`), unless the model as it is now was
     watched already; the hosts found are then switched on by :func:`mc_mode`."""
     index = model_index(model) if index is None else index
     if foreign.needs_scan(model, len(index.modules) + 1) and isinstance(inputs, Tensor) and inputs.dim() > 0:

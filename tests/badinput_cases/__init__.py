@@ -1,7 +1,7 @@
 """Bad-input cases by area, collected by ``tests/test_badinput.py``.
 
 Each module here defines ``cases(root, tmp) -> list[tuple[list[str], str]]``: command lines for
-``regfw.cli.main`` and the text the one error line must contain. ``root`` is a directory holding a
+``regfw.cli.main.main`` and the text the one error line must contain. ``root`` is a directory holding a
 finished one-epoch run (``root/c.yaml``, ``root/run/checkpoints/last.ckpt``); ``tmp`` is the working
 directory of the test (``tmp/c.yaml`` holds the good config), where a module makes the files it
 needs. Every case must exit 2 with one line naming the key, file or plugin, write nothing and

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from regfw.checkpoints import INTEGRITY_KEY, safe_load, seal
+from regfw.run.checkpoints import INTEGRITY_KEY, safe_load, seal
 
 Case = tuple[list[str], str]
 

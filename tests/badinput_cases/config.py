@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from regfw.yaml_limits import MAX_BYTES
+from regfw.config.yaml_limits import MAX_BYTES
 
 GOOD = "data: {train_fraction: 0.1}\nmodel: {init_args: {hidden: [8]}}\nregularizers: {dropout: {hidden: 0.2}}\n"
 

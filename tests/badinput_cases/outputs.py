@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 NAN_DATA = '''
-from regfw.data import BUILTIN_DATA
+from regfw.build.datasets import BUILTIN_DATA
 
 class NanDigits(BUILTIN_DATA["digits"]):
     """Digits with a NaN in validation row 3 and an infinity in row 17."""

@@ -184,7 +184,7 @@ def test_the_wheel_built_from_the_sdist_is_what_is_installed(fresh: Fresh, work:
 def test_every_module_of_every_import_package_imports_from_site_packages(fresh: Fresh,
                                                                          started: dict[str, Future]) -> None:
     result = json.loads(ok(started["walk"].result()).stdout)
-    # A module may need an optional package (regfw.unified: the unified `lightning`). pip installed every
+    # A module may need an optional package (regfw.train.unified: the unified `lightning`). pip installed every
     # required one, so a package that is missing is optional: the import fails for it alone and says how
     # to install it.
     optional = {name: e for name, e in result["errors"].items()

@@ -14,7 +14,7 @@ from torch import nn
 
 from regfw.layers.base import StochasticModule
 from regfw.layers.drop_path import DropPath
-from regfw.surgery import attach
+from regfw.placement.surgery import attach
 from regfw.uncertainty import STRATEGIES, eval_mode, fast, mc_mode, mc_predict, resolve_strategy
 from regfw.uncertainty.fast import split_model
 

@@ -140,7 +140,7 @@ def test_digits_nll_after_not_worse_on_held_out_validation(digits):
 
 
 def test_carve_takes_training_data_only():
-    from regfw.data import DigitsDataModule
+    from regfw.build.datasets import DigitsDataModule
 
     dm = DigitsDataModule(seed=0)
     x_train, x_val, n = dm.x_train.clone(), dm.x_val.clone(), dm.n_train

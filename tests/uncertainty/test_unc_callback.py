@@ -199,7 +199,7 @@ def test_state_dict_round_trip_and_argument_checks():
 
 
 def test_from_config_takes_the_uncertainty_section_as_one_object():
-    from regfw.config import UncertaintyConfig, validate
+    from regfw.config.schema import UncertaintyConfig, validate
     from regfw.errors import ConfigError
 
     unc = validate({"uncertainty": {"samples": 12, "strategy": "loop", "budget_mb": 2.0, "every_n_epochs": 3,

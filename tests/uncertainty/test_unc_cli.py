@@ -33,9 +33,9 @@ def test_fit_calibrates_saves_the_temperature_and_rank_uses_it(tmp_path, run_cli
     assert temperature == pytest.approx(float(last["cal/temperature"]))
 
     # rank reads the temperature: its scores are those of the calibrated predictive
-    from regfw.config import load_config
-    from regfw.factory import build_datamodule
-    from regfw.rank_command import load_module, rank_checkpoint
+    from regfw.build.factory import build_datamodule
+    from regfw.cli.rank import load_module, rank_checkpoint
+    from regfw.config.schema import load_config
     from regfw.uncertainty import rank
     from regfw.uncertainty.heldout import prepare_heldout
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from regfw.config import load_config
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "templates" / "demo.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regfw.registry import build_regularizers
+from regfw.registry.regularizers import build_regularizers
 
 
 def test_l2_mode_with_twice_the_strength_is_reg_times_sum_of_squared_weights():

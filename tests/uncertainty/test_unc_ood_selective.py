@@ -57,7 +57,7 @@ def test_ood_needs_both_sides():
 
 
 def test_heldout_classes_protocol_on_digits():
-    from regfw.data import DigitsDataModule
+    from regfw.build.datasets import DigitsDataModule
 
     dm = DigitsDataModule(seed=0)
     n_val_out = int((dm.y_val >= 5).sum())

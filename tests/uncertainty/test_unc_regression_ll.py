@@ -292,7 +292,7 @@ def test_float32_stays_float32_and_half_precision_is_summarised_in_float32():
 def test_regfw_fit_writes_the_mixture_log_likelihood_to_metrics_csv(tmp_path, loss, tau):
     import csv
 
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"data: {{name: diabetes}}\nmodel: {{name: mlp, loss: {loss}}}\n"

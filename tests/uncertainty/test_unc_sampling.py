@@ -72,7 +72,7 @@ def test_finds_regularizer_layers_attached_as_children_and_called_from_hooks():
 
 
 def test_plugin_declared_types_via_hook(monkeypatch):
-    import regfw.hookspecs as hookspecs
+    import regfw.extend.hookspecs as hookspecs
 
     class Plugin:
         @regfw.hookimpl
@@ -82,7 +82,7 @@ def test_plugin_declared_types_via_hook(monkeypatch):
     pm = pluggy.PluginManager("regfw")
     pm.add_hookspecs(hookspecs)
     pm.register(Plugin())
-    plugins = pytest.importorskip("regfw.plugins")
+    plugins = pytest.importorskip("regfw.registry.discovery")
     monkeypatch.setattr(plugins, "get_plugin_manager", lambda: pm)
     model = nn.Sequential(nn.Linear(3, 3), PluginNoise())
     assert [n for n, _ in stochastic_modules(model)] == ["1"]
@@ -374,9 +374,9 @@ def test_training_and_mc_dropout_share_one_mean_variance_split():
     function (regfw.tensors.split_mean_variance): softplus for the loss, exp for log-variance heads."""
     import torch.nn.functional as F
 
-    from regfw.module import gaussian_nll
-    from regfw.module import split_mean_variance as training_split
     from regfw.tensors import split_mean_variance
+    from regfw.train.module import gaussian_nll
+    from regfw.train.module import split_mean_variance as training_split
 
     out = torch.tensor([[0.5, -1.0, 2.0, -3.0]])
     mean, var = split_mean_variance(out)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw.cli import main
+from regfw.cli.main import main
 from regfw.uncertainty import MCDropoutUncertainty, mc_predict
 from regfw.uncertainty.callback import _TEST_STREAM, TargetShapeError
 from regfw.uncertainty.rng import derive_seed
@@ -132,7 +132,7 @@ def diabetes_run(tmp_path_factory):
 
 
 def test_regfw_test_writes_the_metrics_beside_the_checkpoint(diabetes_run, capsys):
-    from regfw.data import DiabetesData
+    from regfw.build.datasets import DiabetesData
 
     cfg, ckpt = str(diabetes_run / "c.yaml"), str(diabetes_run / "run" / "checkpoints" / "last.ckpt")
     written = diabetes_run / "run" / "test_metrics.json"
@@ -166,7 +166,7 @@ def test_regfw_test_writes_the_metrics_beside_the_checkpoint(diabetes_run, capsy
 def test_regfw_predict_writes_regression_predictions_in_the_units_of_the_metrics(diabetes_run, capsys):
     import csv
 
-    from regfw.data import DiabetesData
+    from regfw.build.datasets import DiabetesData
 
     scaling = DiabetesData(test_fraction=0.2).target_scaling
     cfg, ckpt = str(diabetes_run / "c.yaml"), str(diabetes_run / "run" / "checkpoints" / "last.ckpt")
@@ -194,7 +194,7 @@ def test_regfw_test_as_a_real_process(diabetes_run, run_cli):
 
 
 def test_regfw_test_on_a_classifier_uses_the_temperature_of_the_fit(tmp_path, capsys):
-    from regfw.checkpoints import read_checkpoint
+    from regfw.run.checkpoints import read_checkpoint
 
     (tmp_path / "c.yaml").write_text(
         "data: {batch_size: 32, init_args: {test_fraction: 0.2}}\n"
@@ -212,7 +212,7 @@ def test_regfw_test_on_a_classifier_uses_the_temperature_of_the_fit(tmp_path, ca
 
 
 def test_units_and_target_come_from_the_yaml_section():
-    from regfw.config import validate
+    from regfw.config.schema import validate
 
     unc = validate({"uncertainty": {"units": "standardized", "target": "input"}}).uncertainty
     cb = MCDropoutUncertainty.from_config(unc, task="regression")

@@ -1,5 +1,5 @@
 """MC regression metrics in original units: the target scaling a data module declares is undone
-once (regfw/targets.py), for predictions and targets alike, and the results equal the metrics
+once (regfw/train/targets.py), for predictions and targets alike, and the results equal the metrics
 computed by hand directly in original units."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from regfw.errors import ConfigError
-from regfw.targets import TargetScaling, declared_scaling
+from regfw.train.targets import TargetScaling, declared_scaling
 from regfw.uncertainty import MCDropoutUncertainty, mc_predict
 from regfw.uncertainty.rng import derive_seed
 
@@ -100,7 +100,7 @@ def test_explicit_scaling_wins_over_the_data_modules():
 
 def test_predicted_variances_are_mapped_too():
     """A heteroscedastic output (mean, variance): the variances scale by std^2."""
-    from regfw.module import split_mean_variance
+    from regfw.train.module import split_mean_variance
 
     class Hetero(Regressor):
         def __init__(self) -> None:
@@ -142,7 +142,7 @@ def test_target_scaling_values_checked_by_name():
 def test_diabetes_declares_its_target_scaling(standardize):
     from sklearn.datasets import load_diabetes
 
-    from regfw.data import DiabetesData
+    from regfw.build.datasets import DiabetesData
 
     data = DiabetesData(seed=3, standardize_targets=standardize, test_fraction=0.2)
     raw = load_diabetes().target
@@ -165,7 +165,7 @@ def test_diabetes_declares_its_target_scaling(standardize):
 
 
 def test_test_fraction_keeps_the_validation_split():
-    from regfw.data import DigitsData
+    from regfw.build.datasets import DigitsData
 
     plain, held = DigitsData(seed=0), DigitsData(seed=0, test_fraction=0.2)
     assert torch.equal(plain.x_val, held.x_val)

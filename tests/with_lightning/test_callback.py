@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from regfw.callback import Regularize, load_regularized
-from regfw.distributed import StepSeeding
 from regfw.errors import ConfigError
+from regfw.run.distributed import StepSeeding
+from regfw.train.regularize import Regularize, load_regularized
 from regfw.uncertainty import mc_predict, stochastic_modules
 
 from .doc_modules import LitAutoEncoder, LitClassifier, classification_data, dict_data
@@ -122,7 +122,7 @@ def test_checkpoint_reloads_the_same_structure_and_resume_continues_exactly(tmp_
     assert load_regularized(None, last).__class__ is LitClassifier  # the class from the checkpoint
 
     # `regfw rank` ranks the config's data with it
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("data: {class_path: with_lightning.doc_modules.LitDataModule}\n")

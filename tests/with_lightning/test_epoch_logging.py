@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw.epoch_metrics import EpochMeans
-from regfw.module import RegularizedModule
+from regfw.train.epoch_metrics import EpochMeans
+from regfw.train.module import RegularizedModule
 
 
 def _data(n: int = 100, batch: int = 32) -> tuple[DataLoader, DataLoader]:

@@ -28,8 +28,8 @@ def _require(module: str, package: str):
 
 def test_regfw_fit_trains_a_lightning_pytorch_data_module(tmp_path):
     _require("lightning.pytorch", "lightning")
-    from regfw.config import load_config
-    from regfw.run import fit
+    from regfw.config.schema import load_config
+    from regfw.run.job import fit
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(textwrap.dedent("""
@@ -49,7 +49,7 @@ def test_unified_callbacks_and_module_train_with_a_lightning_pytorch_trainer():
     import torch
     from torch import nn
 
-    from regfw.unified import MCDropoutUncertainty, Regularize, RegularizedModule
+    from regfw.train.unified import MCDropoutUncertainty, Regularize, RegularizedModule
 
     from .unified_modules import UnifiedClassifier, UnifiedDataModule
 
@@ -73,8 +73,8 @@ def test_unified_callbacks_and_module_train_with_a_lightning_pytorch_trainer():
 
 CLI = """
 from pytorch_lightning.cli import LightningCLI
-from regfw.data import DigitsDataModule
-from regfw.module import RegularizedModule
+from regfw.build.datasets import DigitsDataModule
+from regfw.train.module import RegularizedModule
 
 cli = LightningCLI(RegularizedModule, DigitsDataModule, run=False, save_config_kwargs={"overwrite": True})
 cli.trainer.fit(cli.model, datamodule=cli.datamodule)

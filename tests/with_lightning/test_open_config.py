@@ -6,11 +6,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from regfw.config import load_config
+from regfw.build.factory import build_datamodule
+from regfw.config.schema import load_config
 from regfw.errors import ConfigError
-from regfw.factory import build_datamodule
-from regfw.module import RegularizedModule
-from regfw.run import build_module, fit
+from regfw.run.job import build_module, fit
+from regfw.train.module import RegularizedModule
 
 from .doc_modules import dict_data
 

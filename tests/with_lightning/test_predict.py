@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from regfw.module import RegularizedModule
-from regfw.predict import MCDropoutPredict, prediction_rows, write_table
+from regfw.cli.predict import MCDropoutPredict, prediction_rows, write_table
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_predict
 
 
@@ -58,7 +58,7 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_regfw_predict_writes_one_row_per_input_with_the_review_decision(tmp_path, monkeypatch, capsys):
-    from regfw.cli import main
+    from regfw.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.yaml").write_text("data: {name: digits}\nregularizers: {dropout: {}}\n"

@@ -22,11 +22,11 @@ import warnings
 import pytest
 import torch
 
-from regfw import foreign
 from regfw.errors import ConfigError
-from regfw.module import RegularizedModule
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers
+from regfw.placement import foreign
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers
+from regfw.train.module import RegularizedModule
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.sampling import stochastic_types
 

@@ -31,9 +31,9 @@ import torch
 from noise_floor import batch_noise_floor, far_above_floor
 from torch import nn
 
-from regfw import foreign
-from regfw.plan import apply_plan, make_plan
-from regfw.registry import build_regularizers
+from regfw.placement import foreign
+from regfw.placement.plan import apply_plan, make_plan
+from regfw.registry.regularizers import build_regularizers
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.sampling import stochastic_types
 
@@ -258,8 +258,8 @@ def test_planning_a_torch_model_imports_neither_timm_nor_torchvision() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, torch; from torch import nn; from regfw.plan import make_plan; "
-            "from regfw.registry import build_regularizers; from regfw.uncertainty import mc_predict; "
+    code = ("import sys, torch; from torch import nn; from regfw.placement.plan import make_plan; "
+            "from regfw.registry.regularizers import build_regularizers; from regfw.uncertainty import mc_predict; "
             "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)); "
             "regs = build_regularizers({'dropout': {}, 'drop_path': {}}); x = torch.randn(3, 4); "
             "make_plan(m, regs, example_input=x); m.append(nn.Dropout(0.2)); mc_predict(m, x, samples=2, seed=0); "

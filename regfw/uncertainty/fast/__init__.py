@@ -6,8 +6,8 @@ repeated T times). Everything upstream of the first stochastic layer is identica
 The ``"auto"`` strategy registered here computes it once:
 
 1. **Trace** the model with :mod:`torch.fx`. regfw inserts dropout as a child ``regfw_<name>`` of
-   an anchor module, called from a forward hook (:class:`regfw.surgery.ApplyAfter` /
-   :class:`~regfw.surgery.ApplyBefore`); fx would treat the anchor (``nn.Linear``, ``nn.ReLU``...)
+   an anchor module, called from a forward hook (:class:`regfw.placement.surgery.ApplyAfter` /
+   :class:`~regfw.placement.surgery.ApplyBefore`); fx would treat the anchor (``nn.Linear``, ``nn.ReLU``...)
    as an opaque leaf and never see the hook, so the tracer here runs those hooks itself and the
    injected module becomes a node of its own. Stochastic modules are leaves.
 2. **Split** by dependency: a node is *stochastic* when it is a stochastic module, a random op
@@ -47,7 +47,7 @@ The package, by concern: :mod:`.graph` (node evaluation, random / view / in-plac
 :mod:`.layout` (where the batch is in each value, row gathering), :mod:`.probes` (the checks
 above), :mod:`.analysis` (trace, partition, memory plan), :mod:`.execute` (prefix and chunked
 replay), :mod:`.cache` (one split per model and input signature) and :mod:`.strategy` (the
-registered function). The tracer is :mod:`regfw.tracing`, shared with placement.
+registered function). The tracer is :mod:`regfw.placement.tracing`, shared with placement.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
-from regfw import tracing
-from regfw.surgery import ApplyAfter, ApplyBefore
+from regfw.placement import tracing
+from regfw.placement.surgery import ApplyAfter, ApplyBefore
 from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from regfw.tracing import FORWARD_ONLY as _FORWARD_ONLY
+from regfw.placement.tracing import FORWARD_ONLY as _FORWARD_ONLY
 from regfw.uncertainty.sampling import is_stochastic
 
 

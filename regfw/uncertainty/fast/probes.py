@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from regfw import tracing
+from regfw.placement import tracing
 from regfw.uncertainty.sampling import is_stochastic
 
 from .graph import _describe_target, _eval, _inputs

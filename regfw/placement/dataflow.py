@@ -1,0 +1,547 @@
+"""What feeds what inside a model: the module-to-module dataflow and the residual adds.
+
+Surgery needs two facts a module tree does not tell: which module consumes a layer's output
+(to place dropout after the activation that follows a layer, never between a layer and its
+BatchNorm), and where a residual branch joins its shortcut (to put DropPath on the branch).
+
+:class:`Dataflow` records module-to-module links between *units* (leaf modules, and the
+attention and recurrent layers as wholes). It is built from the best source available:
+
+``trace``
+    one forward pass of an example input in eval mode: a link ``a -> b`` is recorded when the
+    tensor ``a`` returned is the very tensor object ``b`` receives, and a torch function mode
+    sees every function that consumes ``a`` outside any unit (``x + a``, ``F.relu(a)``). Works
+    for every model.
+``fx``
+    without an example input, ``torch.fx`` symbolic tracing, when the model can be traced; the
+    graph shows the same links and functional consumers.
+``sequential``
+    otherwise only the order of the children of each ``nn.Sequential``.
+
+A unit whose output also goes to a function (the residual stream ``x`` of ``x + f(norm(x))``)
+has no single successor, so nothing is placed past it: dropout after ``norm`` would drop only the
+branch, not ``x``. Reading a tensor's shape, size or dtype does not count as consuming it.
+
+Residual adds come from ``torch.fx`` only (:func:`find_residuals`): an add is invisible to
+module hooks. The add ``a + b`` is residual when one operand is computed from the other or both
+from a common tensor, and one of them (the *branch*) runs more parameterised modules than the
+other (the *shortcut*). DropPath then hangs, as a forward hook, on the module that produces the
+branch operand, so the model object, its class and its parameter names stay as they are.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from regfw.placement import foreign, tracing
+from regfw.tensors import iter_tensors
+
+#: Activations that commute with multiplying a sample by a non-negative factor
+#: (``f(m * x) = m * f(x)`` for ``m >= 0``): a per-sample or per-element non-negative mask may be
+#: applied before them instead of after, with the same result.
+POSITIVELY_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+#: The successor recorded for a unit whose output a function (not a unit) consumes.
+FUNCTION = "<function>"
+#: Tensor methods and attributes that read metadata only: not a use of the values.
+_METADATA = {"size", "dim", "numel", "__len__", "stride", "is_contiguous", "element_size", "shape",
+             "dtype", "device", "ndim", "is_cuda", "requires_grad", "__get__", "data_ptr", "nelement",
+             "get_device", "__format__", "__repr__"}
+
+
+@dataclass
+class Dataflow:
+    """Module-to-module links between the units of a model (paths as in ``named_modules``)."""
+
+    source: str
+    successors: dict[str, list[str]] = field(default_factory=dict)
+    predecessors: dict[str, list[str]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    #: Rank of each unit's (first) output tensor, when traced with an example input.
+    out_dims: dict[str, int] = field(default_factory=dict)
+    #: Units in the order a forward pass first calls them (trace and fx only).
+    order: list[str] = field(default_factory=list)
+    #: Units whose output is the *gate* operand of an elementwise product (``scale * x`` of a
+    #: squeeze-excitation block, both operands of a gated linear unit ``a * sigmoid(b)``).
+    gates: set[str] = field(default_factory=set)
+    #: Units whose output reaches a model output with no unit with parameters in between (trace only;
+    #: parameterless units and norms pass their sources on).
+    output_sources: set[str] = field(default_factory=set)
+    #: Names of the torch functions each unit's own forward called (trace only).
+    inner_calls: dict[str, set[str]] = field(default_factory=dict)
+    #: Units whose output has the shape of their input (trace only).
+    same_shape: set[str] = field(default_factory=set)
+    #: Names of the functions (outside any unit) that consume each unit's output.
+    function_users: dict[str, set[str]] = field(default_factory=dict)
+
+    def link(self, a: str, b: str, function: str = "") -> None:
+        """Record that ``b`` (a unit, or :data:`FUNCTION` named ``function``) consumes the output of
+        unit ``a``."""
+        if b == FUNCTION and function:
+            self.function_users.setdefault(a, set()).add(function)
+        if b not in self.successors.setdefault(a, []):
+            self.successors[a].append(b)
+        if b != FUNCTION and a not in self.predecessors.setdefault(b, []):
+            self.predecessors[b].append(a)
+
+    def next(self, path: str) -> str | None:
+        """The one unit that consumes ``path``'s output, or None (none, several, a function, or
+        unknown)."""
+        succ = self.successors.get(path, [])
+        return succ[0] if len(succ) == 1 and succ[0] != FUNCTION else None
+
+    def prev(self, path: str) -> str | None:
+        """The one unit whose output ``path`` consumes, or None."""
+        pred = self.predecessors.get(path, [])
+        return pred[0] if len(pred) == 1 else None
+
+    def called_once(self, path: str) -> bool:
+        """True unless the unit is known to run more than once per forward pass (a shared
+        module, such as the one ``nn.ReLU`` a torchvision ResNet block calls twice): a hook on
+        such a module would act at every call."""
+        return self.calls.get(path, 1) == 1
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+_MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
+
+
+class _FunctionWatch(torch.overrides.TorchFunctionMode):
+    """Sees every torch function called outside a unit and marks the units whose outputs it
+    consumes (``x + a``, ``F.relu(a)``, ``a.flatten(1)``); records the functions a unit calls
+    itself, the gate operands of elementwise products, and which units each tensor comes from
+    without a unit with parameters in between (``sources``)."""
+
+    def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
+                 sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]]) -> None:
+        super().__init__()
+        self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
+        self.sources, self.keep = sources, keep
+        #: per running unit call: (ids of its input tensors, ids of those whose values it used)
+        self.unit_inputs = unit_inputs
+        self.chain: dict[int, str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.depth[0] > 0:
+            if self.current and name not in _METADATA:
+                self.flow.inner_calls.setdefault(self.current[-1], set()).add(name)
+                if self.unit_inputs:
+                    given, used = self.unit_inputs[-1]
+                    used.update(i for i in map(id, (*iter_tensors(args), *iter_tensors(kwargs))) if i in given)
+            return func(*args, **kwargs)
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        inputs = [*iter_tensors(args), *iter_tensors(kwargs)]
+        for t in inputs:
+            src = self.producer.get(id(t))
+            if src is not None:
+                self.flow.link(src, FUNCTION, name)
+        if name in _MUL:
+            self._gates(inputs)
+        out = func(*args, **kwargs)
+        # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
+        # on it counts as a user of that unit
+        origin = self.chain.get(id(inputs[0])) if len(inputs) == 1 else None
+        if origin is not None:
+            self.flow.function_users.setdefault(origin, set()).add(name)
+        elif len(inputs) == 1:
+            origin = self.producer.get(id(inputs[0]))
+        if origin is not None:
+            for t in iter_tensors(out):
+                self.keep.append(t)
+                self.chain[id(t)] = origin
+        carried = frozenset().union(*(self.sources.get(id(t), frozenset()) for t in inputs))
+        if carried:
+            for t in iter_tensors(out):
+                self.keep.append(t)
+                self.sources[id(t)] = self.sources.get(id(t), frozenset()) | carried
+        return out
+
+    def _gates(self, operands: list[torch.Tensor]) -> None:
+        """``a * b`` of two feature tensors: the broadcast (smaller) operand is the gate; of equal
+        sizes (a gated linear unit), both are."""
+        if len(operands) != 2 or min(t.numel() for t in operands) <= 1:
+            return
+        a, b = operands
+        gates = [a, b] if a.numel() == b.numel() else [min(operands, key=lambda t: t.numel())]
+        for t in gates:
+            src = self.producer.get(id(t))
+            if src is not None:
+                self.flow.gates.add(src)
+
+
+def _weighted(module: nn.Module) -> bool:
+    """A unit with parameters of its own that is not a norm: where a path to an output stops."""
+    from regfw.placement import kinds as K
+
+    norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+    return not norm and K.builtin_kind(module) != K.ACTIVATION and any(True for _ in module.parameters())
+
+
+def _trace(model: nn.Module, units: dict[str, nn.Module], example_input: Any) -> Dataflow:
+    flow = Dataflow("trace")
+    producer: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # keeps every recorded tensor alive so that ids stay unique
+    depth = [0]  # > 0 while a unit runs: its internal functions are not consumers
+    current: list[str] = []
+    sources: dict[int, frozenset] = {}
+    in_sources: dict[str, frozenset] = {}
+    in_shapes: dict[str, tuple] = {}
+    # a parameterless unit passes on the sources of the inputs whose values it uses, not of those it
+    # reads the shape of only (torchvision's AnchorGenerator reads the feature maps' sizes)
+    unit_inputs: list[tuple[set[int], set[int]]] = []
+    in_tensors: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def pre(path: str):
+        def hook(module, args, kwargs):
+            depth[0] += 1
+            current.append(path)
+            ts = [*iter_tensors(args), *iter_tensors(kwargs)]
+            in_tensors[path] = ts
+            unit_inputs.append(({id(t) for t in ts}, set()))
+            if ts:
+                in_shapes[path] = tuple(ts[0].shape)
+            flow.calls[path] = flow.calls.get(path, 0) + 1
+            if path not in flow.order:
+                flow.order.append(path)
+            first = _first_tensor(args) if args else None
+            if first is None:
+                first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if first is not None and id(first) in producer:
+                flow.link(producer[id(first)], path)
+        return hook
+
+    def post(path: str):
+        def hook(module, args, output):
+            depth[0] -= 1
+            if current:
+                current.pop()
+            given, used = unit_inputs.pop() if unit_inputs else (set(), set())
+            ts = in_tensors.pop(path, [])
+            # a unit whose forward showed no function at all (an op no torch function mode sees): every
+            # input counts as used
+            read = [t for t in ts if id(t) in used] if flow.inner_calls.get(path) else ts
+            in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in read))
+            out = _first_tensor(output)
+            if out is not None:
+                keep.append(out)
+                producer[id(out)] = path
+                flow.out_dims.setdefault(path, out.dim())
+                if in_shapes.get(path) == tuple(out.shape):
+                    flow.same_shape.add(path)
+            carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
+            for t in iter_tensors(output):
+                if id(t) in given:
+                    continue  # an input passed through unchanged (FPN's extra block returns the list it got)
+                keep.append(t)
+                sources[id(t)] = carried
+        return hook
+
+    for path, module in units.items():
+        # First before any other pre-hook, last after any other hook: regfw's own hooks (and the
+        # modules they call) count as part of the unit.
+        handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True, prepend=True))
+        handles.append(module.register_forward_hook(post(path)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), foreign.watch_functional_dropout(model), \
+                _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs):
+            output = call_with_example(model, example_input)
+        for t in iter_tensors(output):
+            flow.output_sources |= sources.get(id(t), frozenset())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return flow
+
+
+def call_with_example(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input: a tensor is one batch (``model(x)``), a tuple is the
+    positional arguments (``model(*x)``), a dict the keyword arguments (``model(**x)``), and a list
+    one argument (``model([img1, img2])``, as torchvision detection models take); anything else is a
+    ``TypeError`` saying what is accepted."""
+    if isinstance(example_input, torch.Tensor) or isinstance(example_input, list):
+        return model(example_input)
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    raise TypeError(
+        f"example_input: got {type(example_input).__name__}, expected a tensor (one input batch), a tuple of "
+        f"positional arguments, a dict of keyword arguments or a list (one argument, e.g. a detection "
+        f"model's list of images)"
+    )
+
+
+def fx_trace(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> torch.fx.Graph:
+    """The ``torch.fx`` graph of ``model`` (raises what ``torch.fx`` raises when it cannot trace).
+
+    Tracing (:mod:`regfw.placement.tracing`, the tracer MC dropout shares) runs ``forward`` on proxies without
+    calling any hook, so modules that regfw attached earlier are invisible and the graph is that of
+    the model as written; ``leaves`` (and torch's own modules) are kept whole.
+    """
+    return tracing.trace(model, leaves)
+
+
+def _module_producer(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The ``call_module`` node whose output (or output[0]) ``node`` is, if any."""
+    if node.op == "call_module":
+        return node
+    if (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+            and node.args[1] == 0 and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].op == "call_module"):
+        return node.args[0]
+    return None
+
+
+def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
+    flow = Dataflow("fx")
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in units:
+            continue
+        flow.calls[node.target] = flow.calls.get(node.target, 0) + 1
+        if node.target not in flow.order:
+            flow.order.append(node.target)
+        # The node's value, or output[0] of a tuple, and who uses it.
+        outputs = [node] + [u for u in node.users if _module_producer(u) is node and u is not node]
+        for out in outputs:
+            for user in out.users:
+                if user.op == "call_module" and user.target in units and user.args and user.args[0] is out:
+                    flow.link(node.target, user.target)
+                elif _module_producer(user) is node or _is_metadata(user):
+                    continue
+                elif user.op == "call_function" and user.target is operator.getitem and out is node:
+                    continue  # output[k], k != 0, of a tuple: not the value hooks change
+                else:
+                    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                    flow.link(node.target, FUNCTION, name)
+                    if name in _MUL:  # no sizes without an example input: every operand counts as a gate
+                        flow.gates.add(node.target)
+    return flow
+
+
+def _is_metadata(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _METADATA
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA
+    return False
+
+
+def _from_sequential(model: nn.Module, units: dict[str, nn.Module]) -> Dataflow:
+    flow = Dataflow("sequential")
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        prefix = f"{path}." if path else ""
+        keys = [prefix + k for k in module._modules]
+        for a, b in zip(keys, keys[1:], strict=False):
+            if a in units and b in units:
+                flow.link(a, b)
+    return flow
+
+
+def build_dataflow(model: nn.Module, units: dict[str, nn.Module],
+                   example_input: Any = None) -> tuple[Dataflow, str | None]:
+    """The dataflow between ``units`` (path -> module) and, when a weaker source had to be used,
+    a message saying why."""
+    if example_input is not None:
+        return _trace(model, units, example_input), None
+    try:
+        graph = fx_trace(model, units.values())
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the next source
+        return _from_sequential(model, units), (
+            f"no example input was given and torch.fx cannot trace {type(model).__name__} "
+            f"({type(exc).__name__}: {_first_line(exc)}); only nn.Sequential order is known, so a layer "
+            f"followed by BatchNorm outside an nn.Sequential may get dropout before the BatchNorm. "
+            f"Pass example_input (one input batch) to plan with a traced forward pass"
+        )
+    return _from_fx(graph, units), None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- residual adds
+
+
+@dataclass
+class ResidualSite:
+    """One residual add ``branch + shortcut`` found by ``torch.fx``.
+
+    ``anchor`` is the module producing the branch operand, where DropPath hangs (None when no
+    module can carry it; ``problem`` says why). ``block`` is the innermost module whose
+    ``forward`` contains the add: adds in the same block share one depth-schedule rate.
+    """
+
+    node: str
+    block: str
+    branch: str
+    shortcut: str
+    anchor: str | None
+    problem: str | None = None
+    #: The module producing the shortcut operand (a projection's BatchNorm), if any: the residual
+    #: stream itself, which never gets dropout.
+    shortcut_module: str | None = None
+
+
+def _ancestors(node: torch.fx.Node, cache: dict) -> frozenset:
+    if node in cache:
+        return cache[node]
+    out: set = set()
+    stack = [a for a in node.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        if n in cache:
+            out |= cache[n]
+            continue
+        stack.extend(n.all_input_nodes)
+    cache[node] = frozenset(out)
+    return cache[node]
+
+
+def _param_modules(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> int:
+    count = 0
+    for n in nodes:
+        if n.op == "call_module":
+            m = modules.get(str(n.target))
+            if m is not None and any(True for _ in m.parameters()):
+                count += 1
+    return count
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return len(node.args) >= 2 and all(isinstance(a, torch.fx.Node) for a in node.args[:2])
+    if node.op == "call_method" and node.target in _ADD_METHODS:
+        return len(node.args) >= 2 and all(isinstance(a, torch.fx.Node) for a in node.args[:2])
+    return False
+
+
+def _block_of(node: torch.fx.Node) -> str:
+    """The innermost module whose forward contains ``node``; an add in the model's own forward
+    is a block of its own."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"<{node.name}>"
+    return list(stack.values())[-1][0]
+
+
+def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[ResidualSite]:
+    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it.
+
+    The model is traced in eval mode (flags restored after), as the example-input trace runs, so a
+    forward that counts or changes state only while training is not touched by planning."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        graph = fx_trace(model, leaves)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    modules = dict(model.named_modules())
+    module_calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            module_calls[node.target] = module_calls.get(node.target, 0) + 1
+    cache: dict = {}
+    sites: list[ResidualSite] = []
+    for node in graph.nodes:
+        if not _is_add(node):
+            continue
+        a, b = node.args[0], node.args[1]
+        anc_a, anc_b = _ancestors(a, cache) | {a}, _ancestors(b, cache) | {b}
+        common = anc_a & anc_b
+        if not common:
+            continue  # e.g. x + a learned positional embedding: not a residual connection
+        # The modules each operand runs since their last common tensor.
+        own_a = _param_modules(anc_a - common, modules)
+        own_b = _param_modules(anc_b - common, modules)
+        if own_a == own_b:
+            continue  # no branch to tell from the shortcut (e.g. two parallel branches)
+        branch, shortcut = (a, b) if own_a > own_b else (b, a)
+        anchor, problem = _branch_anchor(branch, modules, module_calls)
+        short = _module_producer(shortcut)
+        sites.append(ResidualSite(node.name, _block_of(node), branch.name, shortcut.name, anchor, problem,
+                                  str(short.target) if short is not None else None))
+    return sites
+
+
+def _branch_anchor(branch: torch.fx.Node, modules: dict[str, nn.Module],
+                   module_calls: dict[str, int]) -> tuple[str | None, str | None]:
+    """The module whose output is the branch operand and may carry a hook, or why none can.
+
+    A module called more than once (a shared activation) would drop at every call; when it is
+    positively homogeneous (ReLU), DropPath's non-negative per-sample factor may act on its input
+    instead, so the search moves to the module before it.
+    """
+    node = branch
+    while True:
+        producer = _module_producer(node)
+        if producer is None:
+            what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
+            return None, (f"the branch ends in {what!r}, not in a module, so no hook can reach it; "
+                          f"end the branch with a module (e.g. nn.Identity) to allow DropPath")
+        path = str(producer.target)  # a call_module node's target is the module's path
+        # The hook changes the module's output (output[0] of a tuple): nothing but the add may see it.
+        users_ok = len(node.users) == 1 and (producer is node or all(
+            u is node or (u.op == "call_function" and u.target is operator.getitem and u.args[1] != 0)
+            for u in producer.users
+        ))
+        if not users_ok:
+            return None, (f"the output of module {path!r} on the branch is also used elsewhere, so DropPath "
+                          f"cannot hang on it")
+        if module_calls.get(path, 0) == 1:
+            return path, None
+        before = producer.args[0] if producer.args else None
+        if (isinstance(modules.get(path), POSITIVELY_HOMOGENEOUS) and producer is node
+                and isinstance(before, torch.fx.Node) and len(before.users) == 1):
+            node = before
+            continue
+        return None, (f"module {path!r} producing the branch is called more than once, so a hook on it would act "
+                      f"at every call")
+
+
+@dataclass
+class ResidualAnalysis:
+    """Residual adds of a model, or why they could not be found (computed lazily, once)."""
+
+    model: nn.Module
+    leaves: tuple = ()
+
+    @cached_property
+    def result(self) -> tuple[list[ResidualSite], str | None]:
+        try:
+            return find_residuals(self.model, self.leaves), None
+        except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note
+            return [], (
+                f"torch.fx cannot trace {type(self.model).__name__} ({type(exc).__name__}: {_first_line(exc)}), "
+                f"so its residual adds are unknown and DropPath was not inserted. Make forward traceable "
+                f"(no Python control flow on tensor values) or put regfw.layers.DropPath on the residual "
+                f"branches by hand"
+            )

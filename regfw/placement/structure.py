@@ -1,0 +1,171 @@
+"""What a model's parts *do*, read from its traced forward pass rather than from torch types.
+
+Placement rules need facts that a module's type does not tell for models written outside torch
+(timm, torchvision, hand-written blocks):
+
+* **activations by behaviour** (:func:`is_activation`): a parameterless leaf module whose output
+  has its input's shape and whose forward calls only elementwise functions, at least one of them
+  a nonlinearity (timm's ``GELU`` calls ``F.gelu``; it is not an ``nn.GELU``). The score softmax
+  of attention is not elementwise and never counts.
+* **gating paths** (:func:`gate_units`): the branch whose output multiplies the main feature map
+  -- the squeeze-excitation ``scale * x`` (Hu et al., CVPR 2018), gated linear units ``a * s(b)``
+  (Dauphin et al., ICML 2017). Dropout there would let gates exceed 1, so no unit of the branch
+  gets dropout after it.
+* **attention internals** (:func:`attention_like`, :func:`qkv_projections`): the q/k/v
+  projections of an attention block never get hidden-layer dropout; the attention-probability
+  dropout (timm's ``attn_drop``, ``nn.MultiheadAttention.dropout``) is the one slot there.
+* **Transformer family**: a model with attention blocks takes its hidden, residual and
+  existing-dropout rates from the Transformer range of :data:`regfw.placement.kinds.TRANSFORMER_RANGE`
+  (0-0.1, Vaswani et al. 2017; timm and DeiT use <= 0.1), and the plan says why.
+* **token dropout** (:func:`token_dropout_slot`): in a Transformer the input dropout acts on the
+  token embeddings, after the position embedding is added (Vaswani et al. 2017, section 5.4; timm's
+  ``pos_drop``), not on the pixels or ids; the model's own dropout there is that slot, and the stem
+  before it (a ViT's ``patch_embed.proj``) gets no dropout of its own.
+* **Transformer layers' own dropout** (:func:`transformer_layer_slots`): ``nn.TransformerEncoderLayer``
+  drops each sub-layer's output (``dropout1`` after self-attention, ``dropout2`` after the
+  feed-forward block) and the feed-forward hidden units (``dropout``); those are the layer's hidden
+  dropout slots, as timm's ``proj_drop``, ``drop1`` and ``drop2`` are.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from regfw.placement.dataflow import Dataflow
+
+#: Elementwise nonlinearities, by the torch function name a forward calls.
+NONLINEAR = frozenset({
+    "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "hardsigmoid", "hardswish",
+    "tanh", "tanh_", "mish", "elu", "selu", "celu", "leaky_relu", "softplus", "hardtanh", "erf", "logsigmoid",
+    "softsign", "tanhshrink", "prelu", "threshold",
+})
+#: Elementwise arithmetic an activation may also use (``x * sigmoid(x)``, ``0.5 * x * (1 + erf(..))``).
+_ARITHMETIC = frozenset({
+    "mul", "mul_", "__mul__", "__rmul__", "add", "add_", "__add__", "__radd__", "div", "div_", "__truediv__",
+    "__rtruediv__", "sub", "__sub__", "__rsub__", "pow", "__pow__", "sqrt", "clamp", "clamp_", "clamp_min",
+    "neg", "__neg__", "exp", "abs",
+})
+
+#: Child names of q/k/v projections in attention blocks (timm, torchvision, common code).
+QKV_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "query", "key", "value",
+                       "to_q", "to_k", "to_v", "to_qkv", "in_proj"})
+
+
+def is_activation(path: str, module: nn.Module, flow: Dataflow) -> bool:
+    """True for a parameterless leaf module that the trace shows acting as an elementwise
+    nonlinearity (see the module docstring)."""
+    if any(True for _ in module.parameters()) or any(True for _ in module.children()):
+        return False
+    calls = flow.inner_calls.get(path)
+    if not calls or path not in flow.same_shape:
+        return False
+    return bool(calls & NONLINEAR) and calls <= (NONLINEAR | _ARITHMETIC)
+
+
+def gate_units(flow: Dataflow) -> set[str]:
+    """Every unit on a gating path: a gate operand's producer and the chain of units feeding it
+    back to where the branch leaves the main path (a unit with a single consumer each)."""
+    found: set[str] = set()
+    for gate in flow.gates:
+        found.add(gate)
+        cur = gate
+        while True:
+            before = flow.prev(cur)
+            if before is None or flow.successors.get(before) != [cur] or before in found:
+                break
+            found.add(before)
+            cur = before
+    return found
+
+
+def attention_like(module: nn.Module) -> bool:
+    """An attention block by its structure: ``nn.MultiheadAttention``, or a module with q/k/v
+    projection children or an ``attn_drop`` dropout (timm's ``Attention`` and its relatives)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    names = set(module._modules)
+    if "attn_drop" in names or "qkv" in names or {"q", "k", "v"} <= names or {"q_proj", "k_proj", "v_proj"} <= names:
+        return True
+    return {"query", "key", "value"} <= names
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every attention block (:func:`attention_like`) and torch Transformer layer."""
+    return [(p, m) for p, m in model.named_modules()
+            if attention_like(m) or isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
+
+
+def qkv_projections(model: nn.Module) -> set[str]:
+    """Paths of the q/k/v projections inside attention blocks."""
+    out: set[str] = set()
+    for path, module in model.named_modules():
+        if not attention_like(module):
+            continue
+        for name in module._modules:
+            if name in QKV_NAMES:
+                out.add(f"{path}.{name}" if path else name)
+    return out
+
+
+#: The dropout children of torch's Transformer layers and the sub-layer each follows, in forward order.
+Slots = tuple[tuple[str, str], ...]
+_ENCODER_SLOTS: Slots = (("self_attn", "dropout1"), ("linear1", "dropout"), ("linear2", "dropout2"))
+_DECODER_SLOTS: Slots = (("self_attn", "dropout1"), ("multihead_attn", "dropout2"), ("linear1", "dropout"),
+                         ("linear2", "dropout3"))
+
+
+def transformer_layer_slots(module: nn.Module) -> list[tuple[str, str]]:
+    """``(sub-layer, dropout child)`` names of an ``nn.TransformerEncoderLayer`` / ``DecoderLayer``
+    whose dropout child is an ``nn.Dropout`` (see the module docstring); ``[]`` for other modules."""
+    if isinstance(module, nn.TransformerDecoderLayer):
+        slots = _DECODER_SLOTS
+    elif isinstance(module, nn.TransformerEncoderLayer):
+        slots = _ENCODER_SLOTS
+    else:
+        return []
+    return [(sub, drop) for sub, drop in slots if isinstance(module._modules.get(drop), nn.Dropout)]
+
+
+def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callable[[str], bool],
+                       is_layer: Callable[[str], bool]) -> str | None:
+    """The input dropout slot of a Transformer-family model: the dropout unit (``is_dropout(path)``)
+    that the forward pass runs last before the first attention block with no layer
+    (``is_layer(path)``: a weight layer, not a norm) in between (timm's ``pos_drop``), or None. A
+    dropout inside a convolutional stem of a hybrid model is followed by more layers, so it is not."""
+    if not attention or not flow.order:
+        return None
+    found = None
+    for path in flow.order:
+        if any(path == a or path.startswith(a + ".") for a in attention):
+            return found
+        if is_dropout(path):
+            found = path
+        elif is_layer(path):
+            found = None
+    return None
+
+
+def named_like_attention(model: nn.Module) -> list[str]:
+    """Class names of modules that are called attention but are not recognised as attention
+    blocks, for a message saying what was seen."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if ("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
+                   and not attention_like(m)})
+
+
+#: Parameter names of a ``forward`` that takes the targets and computes its own losses in training.
+_TARGET_PARAMS = ("targets", "target")
+
+
+def own_loss_forward(model: nn.Module) -> str | None:
+    """The name of the ``targets`` parameter when ``model.forward(inputs, targets)`` computes its own
+    losses in training (torchvision's detection models: ``FasterRCNN``, ``RetinaNet``, ``SSD``,
+    ``FCOS``, ...), else None. Such a model cannot be trained as ``loss(model(inputs), targets)``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in params[1:] if p in _TARGET_PARAMS), None)

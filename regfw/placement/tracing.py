@@ -1,0 +1,164 @@
+"""The one ``torch.fx`` tracer of regfw, shared by placement (:mod:`regfw.placement.dataflow`) and the fast
+Monte Carlo strategy (:mod:`regfw.uncertainty.fast`).
+
+Both need the graph of a model's ``forward`` with some modules kept whole (leaves) and tensor
+constants kept in the graph rather than set as attributes on the user's model (``torch.fx``'s own
+tracer adds ``_tensor_constant0`` attributes to the module it traces). They differ in one switch:
+
+* placement traces the model *as written*: hooks are never run (``hooks=None``), so modules regfw
+  attached earlier are invisible;
+* Monte Carlo sampling traces the model *as it runs*: the hook types listed in ``hooks`` (regfw's
+  own ``ApplyAfter`` / ``ApplyBefore``, which only call a child module) are run on proxies around
+  the module's forward, so the injected module becomes a node of its own; a module with any other
+  hook is a leaf, called whole with all its hooks (:func:`hook_kinds`).
+
+This module imports nothing from regfw, so every other module may import it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+__all__ = ["FORWARD_ONLY", "Const", "Root", "Tracer", "hook_kinds", "structure", "trace"]
+
+#: Node meta key: the leaf node calls ``module.forward`` only, its (traceable) hooks are in the graph.
+FORWARD_ONLY = "regfw_forward_only"
+
+
+class Const:
+    """A tensor constant met while tracing, kept in the graph instead of set on the model."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def __call__(self) -> Tensor:
+        return self.value
+
+
+class Root(nn.Module):
+    """Traced in place of a model, so the model's own hooks are seen like any module's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: Any) -> Any:
+        return self.m(x)
+
+
+def hook_kinds(m: nn.Module, traceable: tuple[type, ...]) -> str:
+    """``"none"``, ``"traceable"`` (only hooks of the ``traceable`` types) or ``"foreign"``."""
+    pre, post = m._forward_pre_hooks, m._forward_hooks
+    if not pre and not post and not m._backward_hooks and not getattr(m, "_backward_pre_hooks", None):
+        return "none"
+    if m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+        return "foreign"
+    if (m._forward_pre_hooks_with_kwargs or m._forward_hooks_with_kwargs
+            or getattr(m, "_forward_hooks_always_called", None)):
+        return "foreign"
+    if traceable and all(isinstance(h, traceable) for h in (*pre.values(), *post.values())):
+        return "traceable"
+    return "foreign"
+
+
+def structure(v: Any) -> Any:
+    """The tuple / list nesting of a value (``None`` for a leaf), to shape a leaf's proxy like it."""
+    if type(v) in (tuple, list):
+        return (type(v), tuple(structure(x) for x in v))
+    return None
+
+
+def _structured(proxy: Any, shape: Any) -> Any:
+    if shape is None:
+        return proxy
+    kind, items = shape
+    return kind(_structured(proxy[i], s) for i, s in enumerate(items))
+
+
+class Tracer(fx.Tracer):
+    """``torch.fx`` tracer with explicit leaves, optional hook tracing and in-graph constants.
+
+    * modules in ``leaves`` (and torch's own modules, as in ``torch.fx``) are leaves;
+    * ``hooks=None``: hooks are ignored (the model as written). ``hooks=(types...)``: a module whose
+      only hooks are of those types has them run here, on proxies, around its forward (a leaf node
+      that calls ``forward`` only, or traced through); a module with any other hook is a leaf;
+    * ``records`` (``id(module) -> [(raw, final), ...]``, one entry per call, from a real pass)
+      shapes a leaf's result like the tuple / list the model returned for it, so
+      ``out, _ = self.lstm(x)`` and hooks on tuple outputs trace right;
+    * tensor constants are kept in the graph (:class:`Const`), never set as attributes on the model.
+    """
+
+    def __init__(
+        self,
+        leaves: Iterable[nn.Module] = (),
+        *,
+        hooks: tuple[type, ...] | None = None,
+        records: dict[int, list] | None = None,
+    ) -> None:
+        super().__init__(param_shapes_constant=False)
+        self._leaves = {id(m) for m in leaves}
+        self._hooks = hooks
+        self._records = records or {}
+        self._calls: dict[int, int] = {}
+
+    def _hook_kind(self, m: nn.Module) -> str:
+        return "none" if self._hooks is None else hook_kinds(m, self._hooks)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self._leaves or self._hook_kind(m) == "foreign":
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        k = self._calls.get(id(m), 0)
+        self._calls[id(m)] = k + 1
+        recorded = self._records.get(id(m), [])
+        raw, final = recorded[k] if k < len(recorded) else (None, None)
+        path = self.path_of_module(m)
+        if id(m) not in self._leaves and self._hook_kind(m) == "traceable":
+            for hook in m._forward_pre_hooks.values():
+                result = hook(m, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+            if super().is_leaf_module(m, path):
+                out = self._leaf(path, args, kwargs, raw, forward_only=True)
+            else:
+                out = super().call_module(m, lambda *a, **kw: m.forward(*a, **kw), args, kwargs)
+            for hook in m._forward_hooks.values():
+                result = hook(m, args, out)
+                if result is not None:
+                    out = result
+            return out
+        if self.is_leaf_module(m, path):
+            return self._leaf(path, args, kwargs, final, forward_only=False)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _leaf(self, path: str, args: tuple, kwargs: dict, shape: Any, forward_only: bool) -> Any:
+        proxy = self.create_proxy("call_module", path, args, kwargs)
+        proxy.node.meta[FORWARD_ONLY] = forward_only
+        return _structured(proxy, shape)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+            for name, buf in self.root.named_buffers():
+                if a is buf:
+                    return self.create_node("get_attr", name, (), {})
+            return self.create_node("call_function", Const(a), (), {}, name="regfw_constant")
+        return super().create_arg(a)
+
+
+def trace(
+    model: nn.Module,
+    leaves: Iterable[nn.Module] = (),
+    *,
+    hooks: tuple[type, ...] | None = None,
+    records: dict[int, list] | None = None,
+) -> fx.Graph:
+    """The ``torch.fx`` graph of ``model`` with :class:`Tracer` (raises what ``torch.fx`` raises
+    when it cannot trace)."""
+    return Tracer(leaves, hooks=hooks, records=records).trace(model)
