@@ -1,5 +1,11 @@
 """The ``attention_dropout`` regularizer: the dropout rates of attention and Transformer layers.
 
+Attention is found by what a forward computes (:mod:`regfw.placement.attention`), so every block
+counts whatever its class: torch's layers, timm's ``Attention`` (its ``attn_drop`` module) and Hugging
+Face attention, which passes ``dropout=0.0 if not self.training else rate`` to its attention function
+and keeps the rate in a float attribute, an unused ``nn.Dropout``'s ``p`` or its config
+(:func:`regfw.placement.foreign.rate_sources`): those attributes are set.
+
 Vaswani et al., "Attention Is All You Need", NeurIPS 2017: ``P_drop = 0.1`` on the attention
 weights and on every sub-layer output before its residual add. torch builds those dropouts into
 ``nn.MultiheadAttention`` (its ``dropout`` float) and ``nn.TransformerEncoderLayer`` /
@@ -18,8 +24,11 @@ import regfw
 from regfw.config.schema import rate
 from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import set_attention_dropout
+from regfw.placement import foreign
 from regfw.placement.api import set_rate
+from regfw.placement.attention import AttentionSite
 from regfw.placement.kinds import ATTENTION, HIDDEN
+from regfw.placement.structure import named_like_attention
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -46,7 +55,7 @@ class AttentionDropout(InjectingRegularizer):
 
     name = "attention_dropout"
     family = "dropout"
-    description = "sets the attention dropout of nn.MultiheadAttention / nn.Transformer*Layer / timm Attention (0.1)"
+    description = "sets the attention-probability dropout of every attention block (0.1)"
     Config = AttentionDropoutConfig
     kinds = (ATTENTION,)
 
@@ -58,16 +67,7 @@ class AttentionDropout(InjectingRegularizer):
         if not rate:
             return []
         rows: list[PlanItem] = []
-        for path in mm.attention:  # attention blocks written outside torch (timm's Attention): their attn_drop
-            module = mm.module(path)
-            slot = module._modules.get("attn_drop")
-            if isinstance(module, (nn.MultiheadAttention, *_TRANSFORMER_LAYERS)) or not isinstance(slot, nn.Dropout):
-                continue
-            if slot.p > 0 and self.config.existing == "keep":
-                continue
-            rows.append(PlanItem(self.name, path, ATTENTION, self.name, rate,
-                                 f"{reason}; attention weights (attn_drop, was {slot.p:g})", action="set",
-                                 anchor=f"{path}.attn_drop"))
+        done: list[str] = []  # torch's attention layers, set as wholes
         for info in mm.layers:
             if info.kind != ATTENTION:
                 continue
@@ -77,6 +77,7 @@ class AttentionDropout(InjectingRegularizer):
                                      f"not set: {type(info.module).__name__} contains no nn.MultiheadAttention",
                                      action="note"))
                 continue
+            done.append(info.path)
             if was > 0 and self.config.existing == "keep":
                 continue
             hidden = getattr(ctx, "claimed", {}).get(HIDDEN)  # e.g. `dropout`: it sets the sub-layer dropouts
@@ -89,21 +90,46 @@ class AttentionDropout(InjectingRegularizer):
             rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
                                  f"{reason}; {what} (was {was:g})", action="set", anchor=info.path,
                                  options={"attention_only": weights_only}))
+        for site in mm.attention_sites:  # every other attention, found by what it computes
+            if any(site.host == d or site.host.startswith(d + ".") for d in done):
+                continue
+            done.append(site.host)
+            rows.extend(self._site_row(mm, site, rate, reason))
         if not rows:
-            seen = sorted({type(m).__name__ for m in model.modules()
-                           if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()})
-            what = (f"; attention-like modules seen: {', '.join(seen)} (none is an nn.MultiheadAttention, an "
-                    f"nn.Transformer*Layer or a block with an attn_drop dropout)") if seen else ""
+            seen = named_like_attention(model)
+            what = (f"; attention-like modules seen: {', '.join(seen)} (none computes softmax(q·kᵀ)·v or "
+                    f"scaled_dot_product_attention in the traced forward)") if seen else ""
             warnings.warn(f"regularizer {self.name!r} found no attention layer in {type(model).__name__}; "
                           f"nothing was changed{what}", stacklevel=2)
         return rows
 
+    def _site_row(self, mm, site: AttentionSite, rate: float, reason: str) -> list[PlanItem]:
+        """The row of one attention site: its probability dropout module, or the attributes its host
+        reads its dropout rate from (Hugging Face attention), or a note that the rate is fixed."""
+        host = mm.module(site.host)
+        if site.dropout is not None:  # a dropout module on the probabilities (timm's attn_drop)
+            was = foreign.get_rate(mm.module(site.dropout)) or 0.0
+            where, anchor = f"{site.dropout.rsplit('.', 1)[-1]}", site.dropout
+        elif foreign.rate_sources(host):  # the host chooses its dropout by its training flag
+            was = foreign.get_rate(host) or 0.0
+            where, anchor = ", ".join(foreign.rate_sources(host)), site.host
+        else:
+            return [PlanItem(self.name, site.host, ATTENTION, self.name, None,
+                             f"not set: {type(host).__name__} ({site.how}) has no attention dropout regfw can set "
+                             f"(no dropout on its probabilities, or a rate fixed in its forward)", action="note")]
+        if was > 0 and self.config.existing == "keep":
+            return []
+        return [PlanItem(self.name, site.host, ATTENTION, self.name, rate,
+                         f"{reason}; attention probabilities ({where}, was {was:g})", action="set", anchor=anchor)]
+
     def set_existing(self, model: nn.Module, item: PlanItem) -> None:
         """A set row: the attention dropout of the layer at ``item.anchor`` (or a timm block's attn_drop)."""
         assert item.anchor is not None and item.rate is not None  # plan() fills both on a set row
-        target = model.get_submodule(item.anchor)
-        if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
+        target = model.get_submodule(item.anchor) if item.anchor else model
+        if isinstance(target, nn.Dropout) or foreign.foreign_layer(target) is not None:  # timm's attn_drop
             set_rate(model, item.anchor, item.rate)
+        elif foreign.rate_sources(target):  # attention choosing its dropout by its training flag
+            foreign.set_rate(target, item.rate)
         else:
             set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 

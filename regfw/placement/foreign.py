@@ -345,6 +345,33 @@ def _may_host(module: nn.Module) -> bool:
     return not isinstance(module, nn.modules.dropout._DropoutNd) and foreign_layer(module) is None
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _alone(module: nn.Module, stack: list[nn.Module]) -> Iterator[None]:
+    """Within the block, ``module`` and its submodules run without the hooks they have (whoever
+    watches the pass around the probe does not see it) and with only a hook keeping ``stack``."""
+    saved = [(m, name, getattr(m, name)) for m in module.modules() for name in _HOOK_DICTS if hasattr(m, name)]
+    try:
+        for m, name, value in saved:
+            setattr(m, name, type(value)())
+        def enter(m: nn.Module, _args: Any) -> None:
+            stack.append(m)
+
+        def leave(_m: nn.Module, _args: Any, _out: Any) -> None:
+            stack.pop()
+
+        for m in module.modules():
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave, always_call=True)
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
 def _train_calls(module: nn.Module, args: tuple, kwargs: dict, watch: _FunctionalWatch,
                  own: dict[int, list]) -> list:
     """The own calls of one training-mode call of ``module`` alone (its children keep their flags),
@@ -354,7 +381,7 @@ def _train_calls(module: nn.Module, args: tuple, kwargs: dict, watch: _Functiona
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         module.training = True
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), watch:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _alone(module, watch.stack), watch:
             module(*args, **kwargs)
         return own[id(module)]
     finally:

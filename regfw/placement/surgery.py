@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import nn
 
 from regfw.layers.base import attach_child
-from regfw.placement import attention as attention_graph
+import regfw.placement.attention as attention_graph
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
 from regfw.placement.attention import AttentionSite
