@@ -123,8 +123,8 @@ class _Propagator:
             else:
                 result = _Mark(layers, scores=(a.layers, b.layers, host))
         elif name in _SOFTMAX and marks and marks[0].scores is not None:
-            q, k, where = marks[0].scores
-            site = AttentionSite(where, "softmax(q·kᵀ)", q, k)
+            query, key, where = marks[0].scores
+            site = AttentionSite(where, "softmax(q·kᵀ)", query, key)
             self.sites.append(site)
             result = _Mark(layers, probs=site)
         else:  # reshapes, scaling, masks, dtype casts, dropout: scores and probabilities stay what they are

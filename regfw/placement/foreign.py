@@ -310,10 +310,10 @@ def watch_functional_dropout(model: nn.Module) -> Iterator[dict[nn.Module, tuple
         for module, (args, kwargs, calls) in candidates.items():
             if module in found:
                 continue
-            host = _training_host(module, args, kwargs, calls, watch, own)
-            if host is not None:
-                found[module] = host[0]
-                _RATE_SOURCES[module] = host[1]
+            proven = _training_host(module, args, kwargs, calls, watch, own)
+            if proven is not None:
+                found[module] = proven[0]
+                _RATE_SOURCES[module] = proven[1]
     finally:
         for h in handles:
             h.remove()

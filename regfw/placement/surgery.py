@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
-from regfw.layers.base import attach_child
 import regfw.placement.attention as attention_graph
+from regfw.layers.base import attach_child
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
 from regfw.placement.attention import AttentionSite
@@ -220,7 +220,8 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
     for info in infos:  # activations of any library, by what their forward does
         if info.kind is None and info.path in units and structure.is_activation(info.path, info.module, flow):
             info.kind = K.ACTIVATION
-        elif info.kind is None and info.path in units and K.linear_by_behaviour(info.module, flow.inner_calls.get(info.path)):
+        elif (info.kind is None and info.path in units
+              and K.linear_by_behaviour(info.module, flow.inner_calls.get(info.path))):
             info.kind = K.HIDDEN  # a weight matrix multiplied with the input (GPT-2's Conv1D)
     if flow.output_sources:  # every layer reaching an output with no weight layer in between
         for info in infos:
