@@ -24,11 +24,8 @@ import regfw
 from regfw.config.schema import rate
 from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
 from regfw.layers import set_attention_dropout
-from regfw.placement import foreign
-from regfw.placement.api import set_rate
-from regfw.placement.attention import AttentionSite
+from regfw.placement.api import AttentionSite, model_map, rate_slot, set_rate, unrecognised_attention
 from regfw.placement.kinds import ATTENTION, HIDDEN
-from regfw.placement.structure import named_like_attention
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -60,8 +57,6 @@ class AttentionDropout(InjectingRegularizer):
     kinds = (ATTENTION,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import model_map
-
         mm = model_map(model, ctx)
         rate, reason = self.rate_for(ATTENTION, ctx)
         if not rate:
@@ -94,29 +89,25 @@ class AttentionDropout(InjectingRegularizer):
             if any(site.host == d or site.host.startswith(d + ".") for d in done):
                 continue
             done.append(site.host)
-            rows.extend(self._site_row(mm, site, rate, reason))
+            rows.extend(self._site_row(model, mm, site, rate, reason))
         if not rows:
-            seen = named_like_attention(model)
+            seen = unrecognised_attention(model, mm.attention_sites)
             what = (f"; attention-like modules seen: {', '.join(seen)} (none computes softmax(q·kᵀ)·v or "
                     f"scaled_dot_product_attention in the traced forward)") if seen else ""
             warnings.warn(f"regularizer {self.name!r} found no attention layer in {type(model).__name__}; "
                           f"nothing was changed{what}", stacklevel=2)
         return rows
 
-    def _site_row(self, mm, site: AttentionSite, rate: float, reason: str) -> list[PlanItem]:
+    def _site_row(self, model: nn.Module, mm, site: AttentionSite, rate: float, reason: str) -> list[PlanItem]:
         """The row of one attention site: its probability dropout module, or the attributes its host
         reads its dropout rate from (Hugging Face attention), or a note that the rate is fixed."""
-        host = mm.module(site.host)
-        if site.dropout is not None:  # a dropout module on the probabilities (timm's attn_drop)
-            was = foreign.get_rate(mm.module(site.dropout)) or 0.0
-            where, anchor = f"{site.dropout.rsplit('.', 1)[-1]}", site.dropout
-        elif foreign.rate_sources(host):  # the host chooses its dropout by its training flag
-            was = foreign.get_rate(host) or 0.0
-            where, anchor = ", ".join(foreign.rate_sources(host)), site.host
-        else:
+        slot = rate_slot(model, site)
+        if slot is None:
             return [PlanItem(self.name, site.host, ATTENTION, self.name, None,
-                             f"not set: {type(host).__name__} ({site.how}) has no attention dropout regfw can set "
-                             f"(no dropout on its probabilities, or a rate fixed in its forward)", action="note")]
+                             f"not set: {type(mm.module(site.host)).__name__} ({site.how}) has no attention dropout "
+                             f"regfw can set (no dropout on its probabilities, or a rate fixed in its forward)",
+                             action="note")]
+        anchor, was, where = slot.anchor, slot.rate, slot.where
         if was > 0 and self.config.existing == "keep":
             return []
         return [PlanItem(self.name, site.host, ATTENTION, self.name, rate,
@@ -126,10 +117,8 @@ class AttentionDropout(InjectingRegularizer):
         """A set row: the attention dropout of the layer at ``item.anchor`` (or a timm block's attn_drop)."""
         assert item.anchor is not None and item.rate is not None  # plan() fills both on a set row
         target = model.get_submodule(item.anchor) if item.anchor else model
-        if isinstance(target, nn.Dropout) or foreign.foreign_layer(target) is not None:  # timm's attn_drop
-            set_rate(model, item.anchor, item.rate)
-        elif foreign.rate_sources(target):  # attention choosing its dropout by its training flag
-            foreign.set_rate(target, item.rate)
+        if not isinstance(target, (nn.MultiheadAttention, *_TRANSFORMER_LAYERS)):
+            set_rate(model, item.anchor, item.rate)  # a probability dropout module, or a host's rate attributes
         else:
             set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 

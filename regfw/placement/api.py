@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from regfw.placement.attention import AttentionSite, RateSlot, rate_slot, unrecognised_attention
 from regfw.placement.plan_items import PlanContext, PlanItem
 from regfw.placement.surgery import (
     INJECTED_PREFIX,
@@ -57,6 +58,7 @@ from regfw.placement.surgery import (
 )
 
 __all__ = [
+    "AttentionSite",
     "INJECTED_PREFIX",
     "LayerInfo",
     "ModelMap",
@@ -72,8 +74,11 @@ __all__ = [
     "is_path_drop",
     "model_map",
     "planned_module",
+    "RateSlot",
+    "rate_slot",
     "reuse_existing",
     "set_rate",
+    "unrecognised_attention",
 ]
 
 

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AttentionSite", "detect", "detect_fx", "weight_layer"]
+__all__ = ["AttentionSite", "RateSlot", "detect", "detect_fx", "find", "hosts", "rate_slot", "unrecognised_attention",
+           "weight_layer"]
 
 #: One call computes the whole attention (query, key, value are its first three tensor arguments).
 FUSED_ATTENTION = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward",
@@ -59,6 +60,15 @@ class AttentionSite:
     def projections(self) -> frozenset[str]:
         """The weight layers that feed the query, key and value."""
         return self.query | self.key | self.value
+
+
+def _is_dropout(module: nn.Module) -> bool:
+    """A dropout-family module (torch's, regfw's, torchvision's or timm's)."""
+    from regfw.layers.base import StochasticModule
+    from regfw.placement import foreign
+
+    return (isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
+            or foreign.foreign_layer(module) is not None)
 
 
 def weight_layer(module: nn.Module) -> bool:
@@ -92,9 +102,7 @@ class _Propagator:
 
     def module_input(self, path: str, module: nn.Module, keys: list[Any]) -> None:
         """A module is called on ``keys``: a dropout module on attention probabilities is their dropout."""
-        from regfw.placement.surgery import is_dropout
-
-        if keys and is_dropout(module):
+        if keys and _is_dropout(module):
             site = self.mark(keys[0]).probs
             if site is not None and site.dropout is None:
                 site.dropout = path
@@ -283,3 +291,38 @@ def hosts(sites: Iterable[AttentionSite], typed: Iterable[str] = ()) -> list[str
     """The attention blocks: the modules of kind ``attention`` by type (``typed``) and the host of
     every site, each once, in order."""
     return list(dict.fromkeys([*typed, *(s.host for s in sites)]))
+
+
+@dataclass(frozen=True)
+class RateSlot:
+    """Where an attention site's probability dropout rate is set."""
+
+    anchor: str  #: the module to pass to :func:`regfw.placement.api.set_rate`
+    rate: float  #: its rate now
+    where: str  #: how a plan names it: ``attn_drop``, ``dropout.p``, ``config.attention_dropout``
+
+
+def rate_slot(model: nn.Module, site: AttentionSite) -> RateSlot | None:
+    """The probability dropout of ``site``: the dropout module applied to the probabilities (timm's
+    ``attn_drop``), or the attributes the host reads its rate from when it chooses its dropout by its
+    training flag (Hugging Face attention, :func:`regfw.placement.foreign.rate_sources`); None when its
+    rate cannot be set (no dropout there, or a rate fixed in its forward)."""
+    from regfw.placement import foreign
+
+    host = model.get_submodule(site.host) if site.host else model
+    if site.dropout is not None:
+        return RateSlot(site.dropout, foreign.get_rate(model.get_submodule(site.dropout)) or 0.0,
+                        site.dropout.rsplit(".", 1)[-1])
+    sources = foreign.rate_sources(host)
+    if sources:
+        return RateSlot(site.host, foreign.get_rate(host) or 0.0, ", ".join(sources))
+    return None
+
+
+def unrecognised_attention(model: nn.Module, sites: Iterable[AttentionSite]) -> list[str]:
+    """Class names of modules called attention that compute no attention site, for a message saying
+    what was seen."""
+    found = {s.host for s in sites}
+    return sorted({type(m).__name__ for p, m in model.named_modules()
+                   if ("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
+                   and p not in found})

@@ -150,19 +150,25 @@ _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
 
 #: Functions that multiply their input by a weight matrix.
 MATMUL_FUNCTIONS = frozenset({"linear", "addmm", "matmul", "mm", "bmm", "__matmul__", "einsum", "baddbmm"})
+#: What else a linear layer's forward may do: reshape around the product and add its bias.
+_LINEAR_HELPERS = frozenset({"view", "reshape", "flatten", "unflatten", "t", "transpose", "permute", "contiguous",
+                             "add", "__add__", "__radd__", "add_", "to", "type_as", "__getitem__"})
 
 
 def linear_by_behaviour(module: nn.Module, calls: Iterable[str] | None) -> bool:
     """A linear layer by what it does, whatever its class: its own parameters are one weight matrix
     (two dimensions) and at most a bias (one), and its forward (``calls``: the torch functions it
-    called, from a traced pass) multiplies by it. GPT-2's ``transformers.pytorch_utils.Conv1D``
-    (``torch.addmm(bias, x, weight)``) is one; a convolution or an embedding lookup is not."""
+    called, from a traced pass) multiplies by it and does nothing else but reshape and add a bias (a
+    layer that also gates or activates, ``F.glu(F.linear(x, w))``, is not). GPT-2's
+    ``transformers.pytorch_utils.Conv1D`` (``torch.addmm(bias, x, weight)``) is one; a convolution or
+    an embedding lookup is not."""
     if calls is None or any(True for _ in module.children()):
         return False
     params = list(module.parameters(recurse=False))
     if not params or sorted(p.dim() for p in params) not in ([2], [1, 2]):
         return False
-    return bool(set(calls) & MATMUL_FUNCTIONS)
+    calls = set(calls)
+    return bool(calls & MATMUL_FUNCTIONS) and calls <= MATMUL_FUNCTIONS | _LINEAR_HELPERS
 
 
 def builtin_kind(module: nn.Module) -> str | None:

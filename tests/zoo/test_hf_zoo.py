@@ -33,7 +33,7 @@ from regfw.uncertainty.modes import mc_mode
 from .hf_models import HF_ZOO, HFModel, inputs
 
 #: Monte Carlo passes per mode in the variance check.
-T = 64
+T = 32
 Z = 5.0
 #: Leaf names of the q/k/v projections, read off the model definitions (independent of regfw).
 QKV = {"query", "key", "value", "q_lin", "k_lin", "v_lin", "c_attn", "q", "k", "v", "q_proj", "k_proj", "v_proj"}
