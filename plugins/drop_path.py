@@ -7,11 +7,12 @@ grows linearly with depth, from 0 at the first block to ``p`` at the last
 (:func:`regfw.layers.drop_path_schedule`).
 
 Where the branches are. Residual adds are functional (``out + identity``) and invisible to
-module hooks, so the model is traced with ``torch.fx`` (:func:`regfw.placement.dataflow.find_residuals`):
+module hooks, so the model is traced with ``torch.fx``, or captured with ``torch.export`` of the example
+input where ``torch.fx`` cannot trace it (:func:`regfw.placement.dataflow.find_residuals`; the plan then says so):
 for each add whose operands share an input, the operand that runs more parameterised modules is
 the branch. :class:`regfw.layers.DropPath` then hangs as a forward hook on the module producing
 the branch operand (for a torchvision-style block, its last BatchNorm), so the model keeps its
-class, forward and parameter names. A model ``torch.fx`` cannot trace gets no DropPath and a
+class, forward and parameter names. A model neither can capture gets no DropPath and a
 warning saying why; a branch that ends in a function rather than a module gets a plan note.
 
 The rate at the last block comes from the ``residual`` row of the rate table (0.1, timm's and
@@ -58,18 +59,26 @@ class DropPathRegularizer(InjectingRegularizer):
 
     name = "drop_path"
     family = "dropout"
-    description = "stochastic depth (DropPath) on residual branches, linear depth schedule; needs torch.fx"
+    description = "stochastic depth (DropPath) on residual branches, linear depth schedule; torch.fx or torch.export"
     Config = DropPathConfig
     kinds = (RESIDUAL,)
 
     def claims(self) -> tuple[str, ...]:
         return () if self.config.rate == 0 else (RESIDUAL,)
 
+    _capture: str | None = None
+
+    def describe(self, model: nn.Module) -> list[str]:
+        """The schedule line, and how the residual adds were found where ``torch.fx`` could not trace."""
+        return [*super().describe(model), *([self._capture] if self._capture else [])]
+
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
         from regfw.placement.api import is_path_drop, model_map, reuse_existing
 
         mm = model_map(model, ctx)
         sites, error = mm.residuals.result
+        capture = getattr(mm.residuals, "capture", None)
+        self._capture = capture if capture and "torch.export" in capture else None
         if error:
             warnings.warn(f"drop_path: {error}", stacklevel=2)
             return []

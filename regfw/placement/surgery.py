@@ -248,7 +248,8 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
         end = flow.order.index(token_drop)
         start = max((i for i in range(end) if drop_unit(flow.order[i])), default=-1)
         stem = {p for p in flow.order[start + 1:end] if kinds.get(p) in _LAYER_KINDS}
-    return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes, gates=structure.gate_units(flow),
+    residuals = ResidualAnalysis(model, leaves, example_input)
+    return ModelMap(model, infos, flow, residuals, notes, gates=structure.gate_units(flow),
                     qkv={p for s in sites for p in s.projections}, attention=attention, token_drop=token_drop,
                     stem=stem, attention_sites=sites)
 

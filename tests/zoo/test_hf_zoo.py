@@ -6,7 +6,9 @@ For every architecture:
 * planning leaves the model exactly as it was (parameters, buffers, flags, hooks, attributes);
 * the attention blocks are found by what they compute, and ``dropout`` and ``attention_dropout``
   agree on them: both plan, ``dropout`` in the Transformer range, never after a q/k/v projection or an
-  output layer, never a second dropout where the model has one;
+  output layer, never a second dropout where the model has one; ``drop_path`` finds the residual
+  branches in the graph ``torch.export`` captures (``torch.fx`` cannot trace these models) and the
+  plan says so;
 * the eval output is exactly unchanged by the surgery;
 * a training step with the model's own loss (``labels`` in the batch) runs and changes the weights;
 * MC dropout is honest: with hidden dropout alone (the model's own, rates set by ``dropout``),
@@ -46,6 +48,8 @@ VARIANTS = {
     "attention": {"attention_dropout": {}},
     "both": {"dropout": {}, "attention_dropout": {}},
 }
+#: The placement check plans every dropout-family regularizer that applies to a Transformer.
+ALL = {"dropout": {}, "attention_dropout": {}, "drop_path": {}}
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -124,7 +128,7 @@ def test_hf_zoo(name: str) -> None:
         reference = logits(model, batch)
     before = snapshot(model)
     existing = {p: m for p, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
-    regs = build_regularizers(VARIANTS["both"])
+    regs = build_regularizers(ALL)
     plan = make_plan(model, regs, n_examples=10_000, example_input=inputs(batch))
     after = snapshot(model)
     for key in before:
@@ -141,6 +145,10 @@ def test_hf_zoo(name: str) -> None:
     assert hidden, f"dropout planned nothing on {name}:\n{plan.format()}"
     assert all(r.rate <= 0.1 for r in hidden), "a Transformer gets the Transformer range (<= 0.1)"
     assert all("Transformer range" in r.reason for r in hidden), "dropout did not see the attention blocks"
+    # torch.fx cannot trace a transformers model: its residual adds come from torch.export
+    assert "drop_path: graph: torch.export (torch.fx cannot trace it" in plan.format(), plan.format()
+    if name not in SHARED_DROPOUT:  # there every branch ends in the shared dropout, called twice: no hook
+        assert any(r.regularizer == "drop_path" and r.action == "after" for r in rows), plan.format()
 
     apply_plan(model, regs, plan)
     modules = dict(model.named_modules())
