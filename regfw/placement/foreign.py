@@ -479,11 +479,14 @@ def _size(model: nn.Module) -> int:
 
 
 def functional_hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, float]]:
-    """``(path, module, function name, rate)`` for every recorded functional-dropout host of ``model``."""
+    """``(path, module, function name, rate)`` for every recorded functional-dropout host of ``model``
+    (a module calling ``F.dropout`` and its relatives on a tensor; a host whose dropout is fused attention's
+    ``dropout_p`` drops attention probabilities, not a layer's output, and is not listed)."""
     for path, m in model.named_modules():
         if m in _FUNCTIONAL_HOSTS:
             name, p = _FUNCTIONAL_HOSTS[m]
-            yield path, m, name, p
+            if name in FUNCTIONAL_NAMES:
+                yield path, m, name, p
 
 
 # --------------------------------------------------------------------------- MC training mode
