@@ -552,10 +552,9 @@ class ResidualAnalysis:
             self.capture = captured[0].describe()
             return sites, None
         except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note
-            export = " or torch.export" if self.example_input is not None else ""
+            why = str(exc) if isinstance(exc, tracing.CaptureError) else f"{type(exc).__name__}: {_first_line(exc)}"
             return [], (
-                f"torch.fx{export} cannot trace {type(self.model).__name__} ({type(exc).__name__}: "
-                f"{_first_line(exc)}), so its residual adds are unknown and DropPath was not inserted. Make forward "
-                f"traceable (no Python control flow on tensor values), pass example_input, or put "
+                f"torch.fx cannot trace {type(self.model).__name__} ({why}), so its residual adds are unknown and "
+                f"DropPath was not inserted. Make forward traceable (no Python control flow on tensor values) or put "
                 f"regfw.layers.DropPath on the residual branches by hand"
             )

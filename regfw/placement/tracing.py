@@ -25,7 +25,8 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
-__all__ = ["FORWARD_ONLY", "Const", "Root", "Tracer", "hook_kinds", "structure", "trace"]
+__all__ = ["FORWARD_ONLY", "Capture", "CaptureError", "Const", "Root", "Tracer", "capture", "hook_kinds",
+           "module_graph", "structure", "trace"]
 
 #: Node meta key: the leaf node calls ``module.forward`` only, its (traceable) hooks are in the graph.
 FORWARD_ONLY = "regfw_forward_only"
@@ -170,6 +171,10 @@ def trace(
 # --------------------------------------------------------------------------- torch.export
 
 
+class CaptureError(RuntimeError):
+    """Neither ``torch.fx`` nor ``torch.export`` gave a graph; the message says why for each."""
+
+
 class Capture:
     """A module-level graph of a model and how it was captured: ``torch.fx`` symbolic tracing, or
     ``torch.export`` (Dynamo) where ``torch.fx`` cannot trace (``why`` says what stopped it)."""
@@ -213,6 +218,9 @@ def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: A
         model.eval()
         with torch.no_grad():
             program = torch.export.export(_Tensors(model), args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - both captures failed: say why for each
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CaptureError(f"{why}; torch.export cannot capture it either ({type(exc).__name__}: {first})") from exc
     finally:
         for m, flag in flags:
             m.training = flag
