@@ -1,5 +1,7 @@
 """Command-line start-up: CPU time of ``regfw plan``, ``regfw plugins``, ``regfw init`` and config
-errors, next to ``import torch`` and ``regfw --help``, measured side by side in one run.
+errors, next to ``import torch`` and ``regfw --help``, measured side by side in one run; ends with
+the ratio ``regfw plan`` / ``import torch`` (target: at most 1.15) and whether ``regfw plugins`` and
+``regfw --help`` stay within 0.3 s.
 
 Each command runs in a fresh interpreter; the CPU time (user + system of the child) is the median
 of interleaved repeats, so a busy machine affects all alike. A first probe run of each command
@@ -88,6 +90,14 @@ def main() -> None:
         flag = "" if info is None else ("yes" if uses_torch else "no") + (
             ", Lightning" if info.get("pytorch_lightning") else "")
         print(f"    {name:<44} {cpu[name]:6.2f} {above:>19} {wall[name]:7.2f}  {flag}")
+    plan = "regfw plan templates/demo.yaml"
+    ratios = sorted(p / t for p, t in zip((c for c, _ in times[plan]),
+                                          (c for c, _ in times["python -c 'import torch'"]), strict=True))
+    ratio = cpu[plan] / torch_cpu
+    print(f"regfw plan / import torch, CPU: {ratio:.3f}x (target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}; "
+          f"the {len(ratios)} side-by-side pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
+    for name in ("regfw plugins", "regfw --help"):
+        print(f"{name}, CPU: {cpu[name]:.3f} s (target <= 0.3 s: {'met' if cpu[name] <= 0.3 else 'NOT met'})")
 
 
 if __name__ == "__main__":

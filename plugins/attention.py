@@ -20,12 +20,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.extend import (
+    ATTENTION,
+    HIDDEN,
+    AttentionSite,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanContext,
+    PlanItem,
+    hookimpl,
+    model_map,
+    rate,
+    rate_slot,
+    set_rate,
+    unrecognised_attention,
+)
 from regfw.layers import set_attention_dropout
-from regfw.placement.api import AttentionSite, model_map, rate_slot, set_rate, unrecognised_attention
-from regfw.placement.kinds import ATTENTION, HIDDEN
 
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -123,6 +133,6 @@ class AttentionDropout(InjectingRegularizer):
             set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(AttentionDropout)

@@ -28,13 +28,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import regfw
-from regfw.config.schema import nonneg, positive, rate
-from regfw.errors import ConfigError
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.extend import (
+    HIDDEN,
+    INPUT,
+    ConfigError,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanContext,
+    PlanItem,
+    hookimpl,
+    model_map,
+    nonneg,
+    positive,
+    rate,
+)
 from regfw.layers import ConcreteDropout, concrete_regularizer
-from regfw.placement.api import model_map
-from regfw.placement.kinds import HIDDEN, INPUT
 
 
 @dataclass
@@ -146,7 +154,7 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
         return total
 
     def callbacks(self) -> list:
-        from regfw.train.step_hooks import LearnedRatesCallback
+        from regfw.extend import LearnedRatesCallback
 
         return [LearnedRatesCallback(self.name, self.learned_rates)]
 
@@ -162,6 +170,6 @@ class ConcreteDropoutRegularizer(InjectingRegularizer):
                               f"1 / noise variance) or use model.loss: gaussian_nll")
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(ConcreteDropoutRegularizer)

@@ -15,10 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import regfw
-from regfw import Regularizer
-from regfw.config.schema import nonneg
-from regfw.train.steps import Step, require_classification
+from regfw.extend import Regularizer, Step, hookimpl, nonneg, require_classification
 
 
 @dataclass
@@ -54,6 +51,6 @@ class ConfidencePenalty(Regularizer):
         return [f"training loss -= {self.config.strength:g} * entropy of softmax(outputs), per example, averaged"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(ConfidencePenalty)

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
+from regfw.extend import CONV, CONV_TYPES, InjectingRegularizer, InjectionConfig, PlanItem, hookimpl, rate
 from regfw.layers import DropBlock2d, SpatialDropout
-from regfw.placement.kinds import CONV, CONV_TYPES
 
 _CONV2D = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -96,7 +93,7 @@ class DropBlockRegularizer(InjectingRegularizer):
                            shared_channels=self.config.shared_channels)
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(SpatialDropoutRegularizer)
     register(DropBlockRegularizer)

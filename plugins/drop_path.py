@@ -23,18 +23,20 @@ rates over training time as well (scheduled drop path, Zoph et al. 2018:
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, PlanContext, PlanItem
+from regfw.extend import (
+    RESIDUAL,
+    InjectingRegularizer,
+    PlanItem,
+    RateSchedule,
+    hookimpl,
+    rate,
+)
 from regfw.layers import DropPath, drop_path_schedule
-from regfw.placement.kinds import RESIDUAL, choose_rate, transformer_ranges
-from regfw.train.schedules import RateSchedule
 
 
 @dataclass
@@ -47,6 +49,11 @@ class DropPathConfig:
     depth: Literal["linear", "uniform"] = "linear"
     #: Scale kept branches by 1 / (1 - p) (as timm does); false keeps them as they are.
     scale_by_keep: bool = True
+    @property
+    def residual(self) -> float | None:
+        """The rate of kind ``residual``, which ``InjectingRegularizer.rate_for`` reads: ``rate``."""
+        return self.rate
+
     #: Where a branch already ends in a DropPath: set its rate, or leave it alone.
     existing: Literal["override", "keep"] = "override"
     #: How the rates grow over training, e.g. ``{kind: linear, epochs: 100}``: scheduled drop
@@ -55,7 +62,7 @@ class DropPathConfig:
 
 
 class DropPathRegularizer(InjectingRegularizer):
-    """DropPath on the branch operand of every residual add ``torch.fx`` finds."""
+    """DropPath on the branch operand of every residual add ``torch.fx`` (or ``torch.export``) finds."""
 
     name = "drop_path"
     family = "dropout"
@@ -63,72 +70,15 @@ class DropPathRegularizer(InjectingRegularizer):
     Config = DropPathConfig
     kinds = (RESIDUAL,)
 
-    def claims(self) -> tuple[str, ...]:
-        return () if self.config.rate == 0 else (RESIDUAL,)
-
-    _capture: str | None = None
-
-    def describe(self, model: nn.Module) -> list[str]:
-        """The schedule line, and how the residual adds were found where ``torch.fx`` could not trace."""
-        return [*super().describe(model), *([self._capture] if self._capture else [])]
-
-    def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import is_path_drop, model_map, reuse_existing
-
-        mm = model_map(model, ctx)
-        sites, error = mm.residuals.result
-        capture = getattr(mm.residuals, "capture", None)
-        self._capture = capture if capture and "torch.export" in capture else None
-        if error:
-            warnings.warn(f"drop_path: {error}", stacklevel=2)
-            return []
-        if not sites:
-            hidden = [type(m).__name__ for m in model.modules()
-                      if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
-            hint = (f"; the residual adds of {hidden[0]} happen inside that torch module, which DropPath "
-                    f"cannot reach (set its dropout instead, e.g. with attention_dropout)") if hidden else ""
-            warnings.warn(f"drop_path: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
-                          stacklevel=2)
-            return []
-        family = transformer_ranges(mm)  # a model with attention blocks: the Transformer range
-        top, why = choose_rate(RESIDUAL, self.config.rate, "auto", ctx.n_examples, ctx.n_params,
-                               {**family, **self.rate_ranges})
-        if family and self.config.rate is None:
-            why += f"; Transformer range: attention blocks ({mm.attention_summary()})"
-        if not top:
-            return []
-        blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
-        if self.config.depth == "linear":
-            rates = drop_path_schedule(top, len(blocks))
-        else:
-            rates = [top] * len(blocks)
-        rows: list[PlanItem] = []
-        for site in sites:
-            where = f"residual add {site.node!r}"
-            if site.anchor is None:
-                rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, None,
-                                     f"not inserted at {where}: {site.problem}", action="note"))
-                continue
-            index = blocks.index(site.block)
-            p = rates[index]
-            reason = f"{why}; {self.config.depth} depth schedule, block {index + 1} of {len(blocks)}; {where}"
-            existing = site.anchor if is_path_drop(mm.module(site.anchor)) else None  # regfw's, timm's, torchvision's
-            if p == 0 and existing is None:
-                rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, 0.0,
-                                     reason + "; rate 0, nothing inserted", action="note"))
-                continue
-            reused = reuse_existing(self, mm, RESIDUAL, site.anchor, "after", p, reason, existing, site.block)
-            if reused is not None:
-                rows.extend(reused)
-                continue
-            rows.append(PlanItem(self.name, site.block, RESIDUAL, self.name, p, reason, action="after",
-                                 anchor=site.anchor))
-        return rows
+    def residual_profile(self, top: float, n_blocks: int) -> tuple[list[float], str]:
+        """``linear``: 0 at the first block up to ``top`` at the last; ``uniform``: ``top`` everywhere."""
+        rates = drop_path_schedule(top, n_blocks) if self.config.depth == "linear" else [top] * n_blocks
+        return rates, f"{self.config.depth} depth schedule"
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         return DropPath(rate, scale_by_keep=self.config.scale_by_keep)
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(DropPathRegularizer)

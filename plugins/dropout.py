@@ -21,23 +21,27 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanItem
+from regfw.extend import (
+    CONV,
+    HIDDEN,
+    INPUT,
+    RECURRENT,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanItem,
+    RateRange,
+    hookimpl,
+)
 from regfw.layers import AlphaDropout as AlphaDropoutLayer
 from regfw.layers import Dropout as DropoutLayer
 from regfw.layers import GaussianDropout as GaussianDropoutLayer
-from regfw.placement.kinds import CONV, HIDDEN, INPUT, RECURRENT, RateRange
 
 
 @dataclass
 class DropoutConfig(InjectionConfig):
-    """Rates per layer kind; null takes the rate policy (or the table default), 0 switches a kind off."""
+    """The scheme; one rate field per kind of ``Dropout.kinds`` is added by ``InjectingRegularizer``
+    (null takes the rate policy or the table default, 0 switches a kind off)."""
 
-    input: float | None = rate(doc="dropout on the model input (table: 0.1-0.2)")
-    hidden: float | None = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
-    conv: float | None = rate(doc="after conv layers (table: 0.1-0.3)")
-    recurrent: float | None = rate(doc="on recurrent layer outputs (table: 0.2-0.3)")
     #: ``true``: scale kept units by 1 / (1 - p) in training (torch's scheme); ``false``: the
     #: paper's classic scheme, scaling by (1 - p) at inference instead.
     inverted: bool = True
@@ -56,34 +60,17 @@ class Dropout(InjectingRegularizer):
         return DropoutLayer(rate, inverted=self.config.inverted)
 
 
-@dataclass
-class GaussianDropoutConfig(InjectionConfig):
-    """Rates per layer kind, in Bernoulli-dropout terms: noise variance is p / (1 - p)."""
-
-    input: float | None = rate(doc="noise on the model input (table: 0.1-0.2)")
-    hidden: float | None = rate(doc="after hidden Linear layers (table: 0.3-0.5)")
-    conv: float | None = rate(doc="after conv layers (table: 0.1-0.3)")
-
-
 class GaussianDropout(InjectingRegularizer):
-    """Multiplicative Gaussian noise with the moments of dropout at the planned rate."""
+    """Multiplicative Gaussian noise with the moments of dropout at the planned rate (rates in
+    Bernoulli-dropout terms: the noise variance is p / (1 - p))."""
 
     name = "gaussian_dropout"
     family = "dropout"
     description = "multiplicative N(1, p/(1-p)) noise per layer kind (input, hidden, conv)"
-    Config = GaussianDropoutConfig
     kinds = (INPUT, HIDDEN, CONV)
 
     def make_module(self, kind: str, rate: float, item: PlanItem) -> nn.Module:
         return GaussianDropoutLayer(rate)
-
-
-@dataclass
-class AlphaDropoutConfig(InjectionConfig):
-    """Rates for SELU networks; null takes the alpha-dropout range 0.05-0.1."""
-
-    input: float | None = rate(doc="on the model input (alpha-dropout range: 0.05-0.1)")
-    hidden: float | None = rate(doc="after hidden layers and their SELU (alpha-dropout range: 0.05-0.1)")
 
 
 class AlphaDropout(InjectingRegularizer):
@@ -92,7 +79,6 @@ class AlphaDropout(InjectingRegularizer):
     name = "alpha_dropout"
     family = "dropout"
     description = "alpha dropout for SELU networks (input, hidden; rates 0.05-0.1)"
-    Config = AlphaDropoutConfig
     kinds = (INPUT, HIDDEN)
     # Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017: alpha dropout at 0.05
     # or 0.1; the per-element hidden range 0.3-0.5 would break the self-normalizing property.
@@ -102,7 +88,7 @@ class AlphaDropout(InjectingRegularizer):
         return AlphaDropoutLayer(rate)
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(Dropout)
     register(GaussianDropout)

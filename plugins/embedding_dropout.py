@@ -22,12 +22,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.extend import (
+    EMBEDDING,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanContext,
+    PlanItem,
+    hookimpl,
+    model_map,
+    rate,
+)
 from regfw.layers import EMBEDDING_DROPOUT_ATTR, EmbeddingDropout, apply_embedding_dropout
-from regfw.placement.api import model_map
-from regfw.placement.kinds import EMBEDDING
 
 
 @dataclass
@@ -80,6 +85,6 @@ class EmbeddingDropoutRegularizer(InjectingRegularizer):
         apply_embedding_dropout(embedding, item.rate, item.options.get("batch_dim", 0))
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(EmbeddingDropoutRegularizer)

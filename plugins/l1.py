@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import regfw
-from regfw.config.schema import check_finite, nonneg
-from regfw.train.params import DecaySetConfig, DecaySetRegularizer
+from regfw.extend import DecaySetConfig, DecaySetRegularizer, check_finite, hookimpl, nonneg
 
 DEFAULT_STRENGTH = 1e-5
 
@@ -56,6 +54,6 @@ class L1(DecaySetRegularizer):
                 f"{sum(p.numel() for p in params):,} values (the weight_decay decay group)"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(L1)

@@ -19,10 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import regfw
-from regfw import Regularizer
-from regfw.config.schema import rate
-from regfw.train.steps import Step, require_classification
+from regfw.extend import Regularizer, Step, hookimpl, rate, require_classification
 
 
 @dataclass
@@ -60,6 +57,6 @@ class LabelSmoothing(Regularizer):
                 f"(targets {1 - eps:g} one-hot + {eps:g} / K)"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(LabelSmoothing)

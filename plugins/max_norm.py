@@ -25,9 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-import regfw
-from regfw.config.schema import check_finite, positive
-from regfw.extend.regularizer import PlanContext, PlanItem, Regularizer
+from regfw.extend import PlanContext, PlanItem, Regularizer, check_finite, hookimpl, positive
 
 DEFAULT_MAX_VALUE = 3.0
 
@@ -104,7 +102,7 @@ class MaxNorm(Regularizer):
         self.targets: list[nn.Module] = []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import classify_model
+        from regfw.extend import classify_model
 
         c = self.config.max_value
         items = []
@@ -135,11 +133,11 @@ class MaxNorm(Regularizer):
         return optimizer.register_step_post_hook(hook)
 
     def callbacks(self) -> list:
-        from regfw.train.step_hooks import StepPostHookCallback
+        from regfw.extend import StepPostHookCallback
 
         return [StepPostHookCallback(self.constrain)]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(MaxNorm)

@@ -20,12 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import regfw
-from regfw import Regularizer
-from regfw.config.schema import positive
-from regfw.errors import ConfigError
-from regfw.train.batch import batch_size, index_batch
-from regfw.train.steps import MixedTargets, Step
+from regfw.extend import ConfigError, MixedTargets, Regularizer, Step, batch_size, hookimpl, index_batch, positive
 
 
 @dataclass
@@ -93,6 +88,6 @@ class Mixup(Regularizer):
         return [f"{every}: {how}, lam ~ Beta({a:g}, {a:g}); loss = lam * loss(y_i) + (1 - lam) * loss(y_j)"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(Mixup)

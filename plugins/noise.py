@@ -42,11 +42,9 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-import regfw
-from regfw.config.schema import check_finite, nonneg
-from regfw.extend.regularizer import InjectingRegularizer, PlanContext, PlanItem
+from regfw.extend import InjectingRegularizer, LayerInfo, PlanContext, PlanItem, check_finite, hookimpl, nonneg
+from regfw.extend import kinds as K
 from regfw.layers import StochasticModule, attach_child
-from regfw.placement import kinds as K
 
 #: The child name a layer's :class:`WeightNoise` is attached under.
 WEIGHT_NOISE_NAME = "regfw_weight_noise"
@@ -225,8 +223,8 @@ class Noise(InjectingRegularizer):
     kinds = (K.INPUT, K.HIDDEN, K.CONV, K.RECURRENT)
     variant = "gaussian_noise"
 
-    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[float | None, str]:
-        """The std for ``kind`` from ``<kind>_std`` (None when 0: the kind is left out)."""
+    def rate_for(self, kind: str, ctx: PlanContext, layer: LayerInfo | None = None) -> tuple[float | None, str]:
+        """The std for ``kind`` from ``<kind>_std`` (None when 0: the kind is left out), the same for every layer."""
         std = float(getattr(self.config, f"{kind}_std", 0.0) or 0.0)
         return (std or None), f"{kind}_std={std:g}"
 
@@ -244,7 +242,7 @@ class Noise(InjectingRegularizer):
         the noise goes after the activation, before that dropout. Noise regfw inserted earlier
         (planning a model twice) gets a ``set`` row that updates its std.
         """
-        from regfw.placement.api import after_anchor, model_map
+        from regfw.extend import after_anchor, model_map
 
         mm = model_map(model, ctx)
         items: list[PlanItem] = []
@@ -275,7 +273,7 @@ class Noise(InjectingRegularizer):
         return items
 
     def _row(self, mm, path: str, kind: str, std: float, reason: str, action: str, anchor: str) -> PlanItem:
-        from regfw.placement.api import injected_name
+        from regfw.extend import injected_name
 
         own = injected_name(self.name, action)
         if own in mm.module(anchor)._modules:
@@ -296,6 +294,6 @@ class Noise(InjectingRegularizer):
         add_weight_noise(host, item.rate, item.options.get("names", ["weight"]))
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(Noise)

@@ -21,12 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import regfw
-from regfw import Regularizer
-from regfw.config.schema import nonneg
-from regfw.errors import ConfigError
-from regfw.train.batch import batch_size, concat_batches, index_batch
-from regfw.train.steps import MixedTargets, Step, compute_loss, require_classification
+from regfw.extend import (
+    ConfigError,
+    MixedTargets,
+    Regularizer,
+    Step,
+    batch_size,
+    compute_loss,
+    concat_batches,
+    hookimpl,
+    index_batch,
+    nonneg,
+    require_classification,
+)
 
 
 @dataclass
@@ -95,6 +102,6 @@ class RDrop(Regularizer):
         return [f"two passes per example {how}; loss += {self.config.alpha:g} / 2 * symmetric KL(P1, P2)"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(RDrop)

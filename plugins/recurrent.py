@@ -21,11 +21,17 @@ from typing import cast
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import rate
-from regfw.extend.regularizer import InjectingRegularizer, InjectionConfig, PlanContext, PlanItem
+from regfw.extend import (
+    RECURRENT,
+    InjectingRegularizer,
+    InjectionConfig,
+    PlanContext,
+    PlanItem,
+    RateRange,
+    hookimpl,
+    rate,
+)
 from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop
-from regfw.placement.kinds import RECURRENT, RateRange
 
 
 @dataclass
@@ -73,7 +79,7 @@ class DropConnectRegularizer(InjectingRegularizer):
     rate_ranges = {RECURRENT: RateRange(0.2, 0.5, 0.5)}
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.api import model_map
+        from regfw.extend import model_map
 
         mm = model_map(model, ctx)
         rows: list[PlanItem] = []
@@ -107,7 +113,7 @@ class DropConnectRegularizer(InjectingRegularizer):
         apply_weight_drop(cast(nn.RNNBase, model.get_submodule(item.anchor)), item.rate)
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(LockedDropoutRegularizer)
     register(DropConnectRegularizer)

@@ -60,11 +60,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-import regfw
-from regfw.config.schema import check_finite, nonneg, positive, rate
-from regfw.errors import ConfigError
-from regfw.placement.api import is_dropout
-from regfw.train.params import DecaySetConfig, DecaySetRegularizer
+from regfw.extend import (
+    ConfigError,
+    DecaySetConfig,
+    DecaySetRegularizer,
+    check_finite,
+    hookimpl,
+    is_dropout,
+    nonneg,
+    positive,
+    rate,
+)
 
 #: The strength of each mode when the config leaves ``strength`` unset.
 DEFAULT_STRENGTH: dict[str, float] = {"decoupled": 1e-2, "l2": 5e-4}
@@ -276,7 +282,7 @@ class WeightDecay(DecaySetRegularizer):
     def callbacks(self) -> list:
         if self.config.resolved_mode != "decoupled":
             return []
-        from regfw.train.step_hooks import BeforeOptimizerStepCallback
+        from regfw.extend import BeforeOptimizerStepCallback
 
         return [BeforeOptimizerStepCallback(decoupled_decay_)]
 
@@ -371,6 +377,6 @@ def l2_penalty(params: list[nn.Parameter], strength: float) -> torch.Tensor | No
     return (0.5 * strength) * torch.stack([p.pow(2).sum() for p in params]).sum()
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(WeightDecay)

@@ -106,7 +106,13 @@ def install() -> None:
 
 
 def forward(package: str, name: str) -> Any:
-    """A name of the old module ``package`` (now a package), from the module it moved to."""
+    """A name of the old module ``package`` (now a package), from the module it moved to.
+
+    A submodule of the package is never forwarded: ``from regfw.run import stopping`` asks the
+    package for ``stopping`` before it imports ``regfw.run.stopping``, and answering from the old
+    module would import it (and torch, and Lightning) and warn on a path that is not old."""
+    if importlib.util.find_spec(f"{package}.{name}") is not None:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     new = MOVED[package]
     module = importlib.import_module(new)
     try:

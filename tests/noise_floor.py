@@ -17,9 +17,14 @@ and only then compares.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
+from regfw.model_io import model_output
+from regfw.tensors import iter_tensors
+from regfw.train.batch import batch_size, index_batch
 
 #: How far above the floor a compared spread must be: at 100x, floating-point noise moves a z
 #: statistic by at most 0.01 and a ratio of spreads by at most 1%.
@@ -28,7 +33,7 @@ FACTOR = 100.0
 Quantity = Callable[[torch.Tensor], torch.Tensor]
 
 
-def batch_noise_floor(model: nn.Module, inputs: torch.Tensor, rows: int | Iterable[int],
+def batch_noise_floor(model: nn.Module, inputs: Any, rows: int | Iterable[int],
                       quantity: Quantity | None = None) -> float:
     """The largest ``|difference|`` of ``quantity`` between running ``inputs`` (B rows) as one batch
     and inside a batch of ``rows`` rows (each size given; row i of it is input row ``i mod B``),
@@ -38,25 +43,30 @@ def batch_noise_floor(model: nn.Module, inputs: torch.Tensor, rows: int | Iterab
     ``quantity`` maps a stack of outputs ``[S, B', ...]`` to what the test compares (e.g. softmax
     probabilities after the entry's output transform); the identity by default.
 
+    ``inputs`` may also be a dict of keyword arguments or a tuple of positional arguments (every
+    tensor with B rows is repeated, as the ``batched`` strategy does) and the model may return a
+    ``ModelOutput`` (its ``logits`` are compared: :func:`regfw.model_io.select_output`).
+
     The floor is at least one unit in the last place of the largest compared value (the float
     epsilon of the model's output dtype times it): kernels that agree bitwise on this CPU may not on
     the next, and a spread that is only far above an exact zero holds nowhere else.
     """
     sizes = [rows] if isinstance(rows, int) else list(rows)
     measure = quantity if quantity is not None else (lambda out: out)
-    batch = inputs.shape[0]
+    batch = batch_size(inputs)
+    device = next(iter_tensors(inputs)).device
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            alone = model(inputs)
-            assert torch.equal(model(inputs), alone), (
+            alone = model_output(model, inputs)
+            assert torch.equal(model_output(model, inputs), alone), (
                 "the model gives another output on a second eval-mode pass: the noise floor between batch sizes "
                 "needs a deterministic model (measure it on the same layers without the random function)")
             worst = 0.0
             for n in sizes:
-                index = torch.arange(n, device=inputs.device) % batch
-                among = model(inputs[index])
+                index = torch.arange(n, device=device) % batch
+                among = model_output(model, index_batch(inputs, index, batch))
                 diff = measure(among.unsqueeze(0)).double() - measure(alone[index].unsqueeze(0)).double()
                 worst = max(worst, float(diff.abs().max()))
             largest = float(measure(alone.unsqueeze(0)).double().abs().max())

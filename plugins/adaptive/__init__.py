@@ -25,11 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import nonneg, positive, rate
-from regfw.errors import ConfigError
-from regfw.extend.regularizer import Regularizer
-from regfw.placement.kinds import RATE_KINDS
+from regfw.extend import RATE_KINDS, ConfigError, Regularizer, hookimpl, nonneg, positive, rate
 
 
 @dataclass
@@ -91,8 +87,7 @@ class AdaptiveDropout(Regularizer):
 
     def check(self, config: Any) -> None:
         """A schedule needs layers to move: some selected regularizer must insert modules."""
-        from regfw.extend.regularizer import InjectingRegularizer
-        from regfw.registry.regularizers import get_registry
+        from regfw.extend import InjectingRegularizer, get_registry
 
         registry = get_registry()
         injecting = [name for name in config.regularizers if name in registry.specs
@@ -103,7 +98,7 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
-        from regfw.train.schedules import is_active
+        from regfw.extend import is_active
 
         for name in injecting:
             cls = registry.specs[name].cls
@@ -137,6 +132,6 @@ class AdaptiveDropout(Regularizer):
                 f"{c.gap_threshold:g}{lower}; after {c.patience} validation(s) in a row, within {bounds}"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(AdaptiveDropout)

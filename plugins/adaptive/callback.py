@@ -51,9 +51,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from regfw.config.schema import validate_dataclass
-from regfw.placement import kinds as K
-from regfw.placement.api import INJECTED_PREFIX, is_dropout, planned_module
+from regfw.extend import INJECTED_PREFIX, is_dropout, planned_module, validate_dataclass
+from regfw.extend import kinds as K
 
 from . import AdaptiveDropoutConfig
 

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import regfw
-from regfw.config.schema import positive
-from regfw.extend.regularizer import Regularizer
+from regfw.extend import Regularizer, hookimpl, positive
 
 
 @dataclass
@@ -62,6 +60,6 @@ class Coadaptation(Regularizer):
         return [f"logs coadaptation/<layer> for {', '.join(layers) or '(no layer)'}"]
 
 
-@regfw.hookimpl
+@hookimpl
 def regfw_register_regularizers(register):
     register(Coadaptation)

@@ -30,9 +30,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from regfw.config.schema import validate_dataclass
-from regfw.placement import kinds as K
-from regfw.placement.api import after_anchor, analyse, classify
+from regfw.extend import after_anchor, analyse, classify, validate_dataclass
+from regfw.extend import kinds as K
 
 from . import CoadaptationConfig
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from regfw.errors import ConfigError
-from regfw.train.batch import BatchFormat, split_batch
+from regfw.tensors import iter_tensors
+from regfw.train.batch import BatchFormat, batch_size, split_batch
 
 #: How many row positions a message lists before counting the rest.
 SHOWN_ROWS = 10
@@ -29,12 +30,16 @@ def nonfinite_rows(loader: Iterable[Any], batch_format: BatchFormat | None = Non
     start = 0
     for batch in loader:
         inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch, batch_format)[0]
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-            return bad, start  # not a tensor batch: the model decides what it accepts
-        n = int(inputs.shape[0])
-        if inputs.is_floating_point() or inputs.is_complex():
-            finite = torch.isfinite(inputs.reshape(n, -1)).all(dim=1)
-            bad += (torch.nonzero(~finite).flatten() + start).tolist()
+        batch_like = isinstance(inputs, (torch.Tensor, dict, tuple))
+        tensors = [t for t in iter_tensors(inputs) if t.dim() > 0] if batch_like else []
+        if not tensors:
+            return bad, start  # not a batch of tensors (a list of images): the model decides what it accepts
+        n = batch_size(inputs)  # a dict of keyword inputs: a row is bad when any of its float tensors is
+        finite = torch.ones(n, dtype=torch.bool)
+        for t in tensors:
+            if t.shape[0] == n and (t.is_floating_point() or t.is_complex()):
+                finite &= torch.isfinite(t.reshape(n, -1)).all(dim=1).cpu()
+        bad += (torch.nonzero(~finite).flatten() + start).tolist()
         start += n
     return bad, start
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from regfw import __version__
+from regfw.cli import startup
 from regfw.errors import RegfwError, RunInterrupted, Terminated
 from regfw.run import stopping
+from regfw.run.console import quiet_lightning
 
 
 def _config(args: argparse.Namespace):
@@ -41,20 +43,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from regfw.run.job import load_resume_config
 
         cfg = load_resume_config(args.config, args.overrides, resume or None, args.run_dir)
+    import pytorch_lightning  # noqa: F401 - it too, before the collector resumes
+
     from regfw.run.job import fit  # after the config: its errors come before torch and Lightning are imported
+
+    startup.resume()
 
     result = fit(cfg, run_dir=args.run_dir, resume=(resume or True) if resume is not None else None,
                  force=args.force)
     if result.rank != 0:
         return 0
     try:
-        if result.resumed_from is not None:
-            print(f"\nresumed from:  {result.resumed_from}")
-        print(f"\nrun directory: {result.run_dir}")
-        print(f"config:        {result.config_path}")
-        print(f"checkpoint:    {result.checkpoint}")
-        for name, value in result.metrics.items():
-            print(f"{name}: {value:.4f}")
+        from regfw.cli.summary import format_files, format_metrics
+
+        metrics = format_metrics(result.metrics, cfg.uncertainty.samples)
+        print(("\n" + metrics if metrics else "") + "\n\n" + format_files(result))
     except (Terminated, KeyboardInterrupt) as exc:  # the run is complete: only the report was cut short
         signum = stopping.signal_of(exc) or signal.SIGTERM
         state = stopping.RunState(signum, cfg.source, run_dir=result.run_dir, checkpoint=result.checkpoint,
@@ -68,6 +71,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _config(args)  # first: the errors found without torch come before it is imported
     from regfw.run.job import build_data, build_plan  # no Lightning: the plan alone answers in about a second
 
+    startup.resume()  # a large model's tracing makes garbage: collect it, skipping the start-up objects
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = build_plan(cfg, build_data(cfg, lightning=False))
@@ -75,11 +80,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for w in caught:
         if str(w.message) not in shown:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    print(plan.format())
+    print(plan)  # str(plan) is the table: what Regularize(...).plan_for(module) returns prints the same
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    if args.check:
+        return _check_plugins()
+    from regfw.registry.discovery import installed_plugins
+
+    installed, unknown = installed_plugins()  # entry-point metadata: nothing is imported
+    for item in installed:
+        origin = "built-in" if item.builtin else item.distribution
+        skipped = "" if item.selected else "; not loaded: REGFW_LOAD_PLUGINS leaves it out"
+        print(f"{item.key} {item.version or ''} ({origin}; module {item.module}{skipped})".replace("  ", " "))
+    builtin = sum(1 for item in installed if item.builtin)
+    print(f"{len(installed)} plugins ({builtin} built-in, {len(installed) - builtin} third-party), from their "
+          f"entry points; `regfw plugins --check` imports them and lists the regularizers each provides")
+    for failure in unknown:
+        print(f"regfw plugins: error: {failure.message()}", file=sys.stderr)
+    return 1 if unknown else 0
+
+
+def _check_plugins() -> int:
+    """``regfw plugins --check``: import every plugin, list its hooks and regularizers, and the
+    plugins that fail (exit 1)."""
     from regfw.registry.discovery import PluginWarning, plugin_failures, plugin_infos
     from regfw.registry.regularizers import get_registry
 
@@ -124,12 +149,14 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     print(f"wrote {made.path}/ (regularizer {made.name!r}):")
     for rel in made.files:
         print(f"  {rel}")
-    print(f"next: cd {made.path} && pip install -e . && regfw plugins && python -m pytest tests")
+    print(f"next: cd {made.path} && pip install -e . && regfw plugins --check && python -m pytest tests")
     return 0
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from regfw.cli.rank import rank_checkpoint
+
+    startup.resume()
 
     ranked = rank_checkpoint(args.config, args.checkpoint, args.overrides, k=args.k,
                              acquisition=args.acquisition, split=args.split, samples=args.samples)
@@ -147,16 +174,22 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from regfw.cli.predict import predict_checkpoint
 
+    startup.resume()
+
     path, rows = predict_checkpoint(args.config, args.checkpoint, args.overrides, out=args.out, split=args.split,
                                     samples=args.samples, force=args.force)
     referred = sum(1 for r in rows if r["refer"])
     rule = rows[0]["rule"] if rows else "-"
-    print(f"wrote {path}: {len(rows)} predictions, {referred} referred for human review ({rule})")
+    columns = list(rows[0]) if rows else []
+    print(f"wrote {path}: {len(rows)} predictions, {referred} referred for human review ({rule}); one row per "
+          f"input, {len(columns)} columns: {', '.join(columns)}")
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from regfw.cli.testing import test_checkpoint
+
+    startup.resume()
 
     result = test_checkpoint(args.config, args.checkpoint, args.overrides, out=args.out, samples=args.samples,
                              force=args.force)
@@ -167,7 +200,12 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import pytorch_lightning  # noqa: F401 - it too, before the collector resumes
+
     from regfw.cli.demo import run_demo
+    from regfw.run import job  # noqa: F401 - imported before the collector resumes (regfw.cli.startup)
+
+    startup.resume()
 
     return run_demo(args.config, args.overrides)
 
@@ -175,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "fit": (cmd_fit, "train a config in a new run directory, or continue a run with --resume"),
     "plan": (cmd_plan, "print what the regularizers would insert, and why, without training"),
-    "plugins": (cmd_plugins, "list the installed plugins and the regularizers they provide"),
+    "plugins": (cmd_plugins, "list the installed plugins (--check: import them, list their regularizers)"),
     "init": (cmd_init, "write a commented starter config"),
     "demo": (cmd_demo, "train with and without the regularizers and compare"),
     "rank": (cmd_rank, "rank samples for labelling by MC dropout uncertainty (active learning)"),
@@ -199,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None,
                        help="YAML config file" + (" (default: the packaged demo config)" if name == "demo" else ""))
         p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. trainer.max_epochs=3")
+    parsers["plugins"].add_argument(
+        "--check", action="store_true",
+        help="import every plugin (and torch): list the hooks and regularizers each provides, and the plugins "
+             "that fail to load (exit 1)")
     parsers["fit"].add_argument("--run-dir", help="use this (new or empty) directory instead of a generated one")
     parsers["fit"].add_argument(
         "--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -285,9 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     process) the previous handlers are put back.
     """
     restore = stopping.install()
+    startup.pause(own_process=argv is None)
     try:
         return _main(argv)
     finally:
+        startup.resume()
         stopping.hold()
         if argv is not None:
             restore()
@@ -315,7 +359,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         from regfw.run.checkpoint_trust import accepting
 
-        with accepting(getattr(args, "accept_unverified", False), getattr(args, "accept_version", False)):
+        with accepting(getattr(args, "accept_unverified", False), getattr(args, "accept_version", False)), \
+                quiet_lightning():  # a command's own report (or its one error line) is its output
             code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         stopping.hold()

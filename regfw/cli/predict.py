@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from regfw.errors import ConfigError, RegfwError
+from regfw.model_io import OutputKey, check_output_key, describe_output
 from regfw.train.batch import BatchFormat, split_batch
 
 __all__ = ["MCDropoutPredict", "prediction_rows", "write_table"]
@@ -46,15 +47,18 @@ class MCDropoutPredict(pl.Callback):
         task: ``"classification"`` or ``"regression"``.
         score: the referral score (default: mutual information / variance), see
             :class:`~regfw.uncertainty.MCDropoutUncertainty`.
-        strategy, budget_bytes, tau, output_transform: as for :func:`regfw.uncertainty.mc_predict`.
+        strategy, budget_bytes, tau, output_transform, output_key: as for
+            :func:`regfw.uncertainty.mc_predict`.
         seed: base seed of the masks (mixed with the rank, dataloader and batch index).
         batch: where the inputs sit in a batch (a :class:`~regfw.train.batch.BatchFormat`); batches
-            may carry targets, which are ignored.
+            may carry targets, which are ignored; a dict batch gives the model its keyword inputs
+            (the dict minus its label keys, :mod:`regfw.train.batch`).
     """
 
     def __init__(self, samples: int = 30, task: str = "classification", score: str | None = None,
                  strategy: str = "auto", budget_bytes: int | None = None, seed: int = 0, tau: float | None = None,
-                 output_transform: Any = None, batch: BatchFormat | Mapping[str, Any] | None = None) -> None:
+                 output_transform: Any = None, batch: BatchFormat | Mapping[str, Any] | None = None,
+                 output_key: OutputKey = None) -> None:
         super().__init__()
         from regfw.uncertainty.callback import CLASSIFICATION_SCORES, REGRESSION_SCORES
 
@@ -66,6 +70,7 @@ class MCDropoutPredict(pl.Callback):
         self.samples, self.task, self.strategy, self.seed, self.tau = samples, task, strategy, int(seed), tau
         self.budget_bytes, self.output_transform = budget_bytes, output_transform
         self.batch_format = BatchFormat.coerce(batch)
+        self.output_key = check_output_key(output_key)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback = self
@@ -88,7 +93,8 @@ class MCDropoutPredict(pl.Callback):
         result = mc_predict(model, inputs, samples=self.samples, strategy=self.strategy,
                             budget_bytes=self.budget_bytes,
                             seed=derive_seed(self.seed, rank, dataloader_idx, batch_idx),
-                            task=self.task, tau=self.tau, output_transform=self.output_transform)
+                            task=self.task, tau=self.tau, output_transform=self.output_transform,
+                            output_key=self.output_key)
         s: Any = result.summary
         if self.task == "classification":
             out = {"prediction": s.prediction, "mean_probs": s.mean_probs, "entropy": s.predictive_entropy,
@@ -283,7 +289,8 @@ def _mismatch(exc: Exception, checkpoint: str, data: str, split: str, loader: An
     with contextlib.suppress(Exception):
         batch = next(iter(loader))
         inputs = batch if isinstance(batch, Tensor) else split_batch(batch, fmt)[0]
-        shape = f" (inputs of shape {list(inputs.shape[1:])} per row)"
+        shape = (f" (inputs of shape {list(inputs.shape[1:])} per row)" if isinstance(inputs, Tensor)
+                 else f" (inputs: {describe_output(inputs)})")
     text = " ".join(str(exc).split())
     return (f"the model of checkpoint {checkpoint!r} cannot predict the {split} inputs of data {data!r}{shape}: "
             f"{type(exc).__name__}: {text[:200]}. Predict with the data the checkpoint was trained on (its run's "

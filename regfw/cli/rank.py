@@ -78,12 +78,14 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
 
     Inputs with NaN or infinite values are refused by row before the model runs
     (:mod:`regfw.cli.finite_inputs`); inputs whose model output is not finite are not ranked but
-    returned as ``referred``.
+    returned as ``referred``. The inputs of each batch are found by the config's ``data.batch``
+    (:func:`regfw.train.batch.split_batch`: a dict batch gives the model its keyword inputs).
     """
     from regfw.build.factory import build_datamodule
     from regfw.cli.finite_inputs import refuse_nonfinite
     from regfw.config.schema import load_config
     from regfw.run.checkpoints import read_checkpoint
+    from regfw.train.batch import BatchFormat, split_batch
     from regfw.uncertainty.acquisition import acquisition_scores
     from regfw.uncertainty.heldout import prepare_heldout
 
@@ -102,10 +104,12 @@ def rank_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
     else:
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
-    refuse_nonfinite(loader, what=split, data=str(cfg.data.name or cfg.data.class_path))
+    batch_format = BatchFormat.coerce(cfg.data.batch, "data.batch")
+    refuse_nonfinite(loader, what=split, data=str(cfg.data.name or cfg.data.class_path), batch_format=batch_format)
     try:
         scores = acquisition_scores(module, loader, acquisition=acquisition, samples=samples,
-                                    seed=cfg.uncertainty.seed, temperature=temperature)
+                                    seed=cfg.uncertainty.seed, temperature=temperature,
+                                    batch_to_input=lambda batch: split_batch(batch, batch_format)[0])
     except ValueError as exc:
         raise RunError(str(exc)) from None
     finite = torch.isfinite(scores)

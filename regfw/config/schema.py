@@ -92,6 +92,10 @@ class ModelConfig:
     #: ``auto`` picks cross-entropy for classification data, MSE for regression; also a loss
     #: class or function path (``torch.nn.HuberLoss``) or ``{class_path, init_args}``.
     loss: str | dict = "auto"
+    #: Which tensor of the model's output the loss and Monte Carlo dropout read, for a model that
+    #: returns several (a Hugging Face ``ModelOutput``, a dict, a tuple): a key or attribute name.
+    #: Null: the output itself when it is a tensor, else its ``logits``, else its lone tensor.
+    output_key: str | None = None
 
     def __post_init__(self) -> None:
         check_loss_spec(self.loss)
@@ -204,7 +208,7 @@ class UncertaintyConfig:
     ignore_index: int | None = None
     #: Draw the plots of every N-th sampled validation; null: only of the last one (cheaper).
     plot_every: int | None = positive(None)
-    #: ``svg`` (written directly, milliseconds) or ``png`` (drawn with matplotlib, ~0.35 s each).
+    #: The figures' file format, ``svg`` or ``png`` (both drawn by matplotlib, about 0.25 s of CPU each).
     plot_format: Literal["svg", "png"] = "svg"
     seed: int = 1234
     #: Regression: report the MC metrics in the data's ``original`` units (undoing the target
@@ -235,12 +239,13 @@ class RunConfig:
 
 TOP_LEVEL = ("seed", "data", "model", "optimizer", "lr_scheduler", "regularizers", "uncertainty", "trainer", "run")
 
+#: The ``trainer:`` settings regfw fills in. The console ones (``enable_progress_bar``,
+#: ``enable_model_summary``, ``log_every_n_steps``) are decided at run time when left out:
+#: see :mod:`regfw.run.console`.
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 20,
     "accelerator": "cpu",
     "devices": 1,
-    "log_every_n_steps": 10,
-    "enable_progress_bar": True,
 }
 
 

@@ -2,7 +2,7 @@
 
 Validating the ``trainer:`` section of a config (``regfw plan``, every config error) must not pay
 Lightning's import (seconds): the names are listed here, for the pinned Lightning version, and
-``tests/test_startup.py`` checks them against ``inspect.signature(Trainer.__init__)``.
+``tests/cli/test_startup.py`` checks them against ``inspect.signature(Trainer.__init__)``.
 """
 from __future__ import annotations
 

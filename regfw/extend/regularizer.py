@@ -33,18 +33,22 @@ Every training step (called by :func:`regfw.train.steps.regularized_step`, never
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from regfw.config.validation import rate
 from regfw.errors import PluginError
 from regfw.placement import kinds as K
 from regfw.placement.plan_items import ACTIONS, PlanContext, PlanItem, mark_applied
 from regfw.train.schedules import RateSchedule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from regfw.placement.surgery import LayerInfo
     from regfw.train.steps import LossFn, Step
 
 
@@ -190,8 +194,59 @@ class Regularizer:
         return f"{type(self).__name__}({self.config!r})"
 
 
+#: Where each kind's module goes, as the generated rate fields describe it.
+KIND_PLACES = {
+    K.INPUT: "on the model input",
+    K.HIDDEN: "after hidden Linear layers",
+    K.CONV: "after conv layers",
+    K.RECURRENT: "on recurrent layer outputs",
+    K.ATTENTION: "on the attention weights",
+    K.RESIDUAL: "on residual branches (at the deepest block)",
+    K.EMBEDDING: "on embedding rows",
+}
+
+
+def add_rate_fields(cls: type[InjectingRegularizer]) -> None:
+    """Give ``cls.Config`` one rate field per kind of ``cls.kinds`` that it does not declare itself.
+
+    A kind's rate is declared once, in ``kinds``; the field (null: the rate table and policy; 0
+    switches the kind off) and its documentation come from the kind and the range that applies
+    (the regularizer's ``rate_ranges``, else the rate table). A ``Config`` declared for this class
+    gets the fields in place; an inherited one (``InjectionConfig`` itself, or a parent
+    regularizer's) is never changed: the class gets a subclass of it, ``<Class>Config``.
+    """
+    config = InjectionConfig if cls.Config is NoConfig else cls.Config
+    if not (isinstance(config, type) and issubclass(config, InjectionConfig)):
+        return
+    declared = {f.name for f in dataclasses.fields(config)}
+    missing = [kind for kind in cls.kinds if kind not in declared and kind in KIND_PLACES]
+    if not missing:
+        return
+    own = "Config" in vars(cls) and config.__module__ == cls.__module__ and config is not InjectionConfig
+    if not own:
+        config = type(f"{cls.__name__}Config", (config,), {"__module__": cls.__module__,
+                                                          "__qualname__": f"{cls.__qualname__}Config",
+                                                          "__doc__": f"The config of ``{cls.name}``."})
+    else:  # the methods dataclass() wrote for the declared fields are written again for all of them
+        for method in ("__init__", "__repr__", "__eq__", "__match_args__"):
+            if method in vars(config):
+                delattr(config, method)
+    for kind in missing:
+        span = K.rate_range(kind, cls.rate_ranges)
+        table = f"{span.low:g}" if span.low == span.high else f"{span.low:g}-{span.high:g}"
+        config.__annotations__ = {**config.__dict__.get("__annotations__", {}), kind: "float | None"}
+        setattr(config, kind, rate(doc=f"{KIND_PLACES[kind]} (range: {table}); null: the rate table and policy, "
+                                       "0: off"))
+    cls.Config = dataclass(config)
+    if not own:  # picklable by name, like a class written in the module
+        vars(sys.modules[cls.__module__]).setdefault(config.__name__, config)
+
+
 class InjectingRegularizer(Regularizer):
     """A regularizer that inserts one module per layer of chosen kinds.
+
+    Its config gets one rate field per kind of ``kinds`` (:func:`add_rate_fields`): declare the
+    kinds once, and only the settings that are not rates in ``Config``.
 
     Subclasses implement :meth:`rate_for` (or rely on its default reading ``config.<kind>``
     and falling back to the rate policy of :mod:`regfw.placement.kinds`) and :meth:`make_module`.
@@ -205,6 +260,10 @@ class InjectingRegularizer(Regularizer):
     #: The variant name shown in plans (defaults to ``name``).
     variant: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        add_rate_fields(cls)
+
     def variant_for(self, kind: str) -> str:
         return self.variant or self.name
 
@@ -217,10 +276,12 @@ class InjectingRegularizer(Regularizer):
         known); otherwise why not, shown as a note in the plan (e.g. DropBlock needs 4-d maps)."""
         return None
 
-    def rate_for(self, kind: str, ctx: PlanContext) -> tuple[float | None, str]:
+    def rate_for(self, kind: str, ctx: PlanContext, layer: LayerInfo | None = None) -> tuple[float | None, str]:
         """The rate for ``kind`` and why: explicit in the config, policy, or the table default.
 
-        Returns ``(None, reason)`` to leave the kind out.
+        ``layer`` is the layer the module goes after (path, module, kind; None for the model input
+        and residual branches): an override may choose a rate per layer. Returns ``(None, reason)``
+        to leave the kind out, or the layer.
         """
         explicit = getattr(self.config, kind, None)
         if explicit is None and kind not in K.RATE_TABLE and kind not in self.rate_ranges:
@@ -246,9 +307,24 @@ class InjectingRegularizer(Regularizer):
         return [schedule.describe()] if isinstance(schedule, RateSchedule) and schedule.active else []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.placement.surgery import plan_insertions  # torch.fx and the dataflow only when planning
+        """The rows of every kind of ``kinds``: after layers of those kinds, on the model input, and
+        for ``residual``, on every residual branch (:func:`regfw.placement.api.plan_residual_rows`,
+        one rate everywhere; override :meth:`residual_profile` for a depth profile)."""
+        # torch.fx and the dataflow only when planning
+        from regfw.placement.api import plan_residual_rows
+        from regfw.placement.surgery import plan_insertions
 
-        return plan_insertions(self, model, ctx)
+        layered = any(kind != K.RESIDUAL for kind in self.kinds)
+        rows = plan_insertions(self, model, ctx) if layered else []
+        if K.RESIDUAL in self.claims():
+            rows += plan_residual_rows(self, model, ctx, self.residual_profile)
+        return rows
+
+    def residual_profile(self, top: float, n_blocks: int) -> tuple[list[float], str]:
+        """The rate of each of ``n_blocks`` residual blocks, in forward order, given the rate
+        ``top`` that :meth:`rate_for` chose for kind ``residual``, and a note for the plan's reason
+        (default: ``top`` everywhere, no note)."""
+        return [top] * n_blocks, ""
 
 
 #: Methods of :class:`Regularizer` no subclass may override, and why (checked when it registers).

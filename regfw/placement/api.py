@@ -30,14 +30,26 @@ Choosing the place and changing the model:
   (``before``); parameter names and state dicts are unchanged. :func:`set_rate` -- a ``set`` row.
 * :func:`apply_insertions` -- carry out ``before`` / ``after`` / ``set`` rows with the
   regularizer's ``make_module`` (what :class:`regfw.InjectingRegularizer` does by default).
+
+Residual branches (kind ``residual``):
+
+* :func:`residual_branches` -- every residual add's branch (:class:`ResidualSite`: the module that
+  produces the branch operand, its block, why none can carry a module) and the blocks in order.
+* :func:`plan_residual_rows` -- the rows that put a regularizer's module on every residual branch,
+  one rate per block from a depth profile; what an :class:`regfw.InjectingRegularizer` with
+  ``residual`` in its ``kinds`` plans by default, and what ``drop_path`` plans with a linear profile.
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from regfw.placement import kinds as K
 from regfw.placement.attention import AttentionSite, RateSlot, rate_slot, unrecognised_attention
+from regfw.placement.dataflow import ResidualSite
 from regfw.placement.plan_items import PlanContext, PlanItem
 from regfw.placement.surgery import (
     INJECTED_PREFIX,
@@ -62,6 +74,7 @@ __all__ = [
     "INJECTED_PREFIX",
     "LayerInfo",
     "ModelMap",
+    "ResidualSite",
     "after_anchor",
     "analyse",
     "apply_insertions",
@@ -73,9 +86,11 @@ __all__ = [
     "is_injected",
     "is_path_drop",
     "model_map",
+    "plan_residual_rows",
     "planned_module",
     "RateSlot",
     "rate_slot",
+    "residual_branches",
     "reuse_existing",
     "set_rate",
     "unrecognised_attention",
@@ -113,3 +128,69 @@ def planned_module(model: nn.Module, row: PlanItem | Any) -> tuple[str, nn.Modul
         if module is not None:
             return (f"{row.anchor}.{name}" if row.anchor else name), module
     return None
+
+
+def residual_branches(model: nn.Module, ctx: PlanContext | Any) -> tuple[list[ResidualSite], list[str], str | None]:
+    """``(sites, blocks, error)``: every residual add of ``model`` (a :class:`ResidualSite` each), the
+    blocks holding a branch that can carry a module, in forward order (adds in one block share a
+    rate), and why the adds could not be found (the model cannot be traced), else None."""
+    sites, error = model_map(model, ctx).residuals.result
+    blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
+    return sites, blocks, error
+
+
+def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
+                       profile: Callable[[float, int], tuple[list[float], str]] | None = None) -> list[PlanItem]:
+    """The rows that hang ``reg``'s module (its ``make_module``) after every residual branch.
+
+    The rate of the deepest block comes from ``reg.rate_for("residual", ctx)`` (explicit, the
+    Transformer range where the model has attention, or the rate table); ``profile(top, n_blocks)``
+    gives each block's rate and a note for the plan (default: ``top`` everywhere). A branch that
+    already ends in stochastic depth is reused (``existing: override``/``keep``); a branch no module
+    can carry gets a note; a model that cannot be traced, or has no residual add, gets no row and a
+    warning saying why.
+    """
+    mm = model_map(model, ctx)
+    sites, blocks, error = residual_branches(model, ctx)
+    if error:
+        warnings.warn(f"{reg.name}: {error}", stacklevel=3)
+        return []
+    if not sites:
+        hidden = [type(m).__name__ for m in model.modules()
+                  if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
+        hint = (f"; the residual adds of {hidden[0]} happen inside that torch module, which no module "
+                f"can reach (set its dropout instead, e.g. with attention_dropout)") if hidden else ""
+        warnings.warn(f"{reg.name}: found no residual add in {type(model).__name__}; nothing was inserted{hint}",
+                      stacklevel=3)
+        return []
+    top, why = reg.rate_for(K.RESIDUAL, ctx)
+    if not top:
+        return []
+    rates, note = profile(top, len(blocks)) if profile is not None else ([top] * len(blocks), "")
+    if note:
+        why += f"; {note}"
+    rows: list[PlanItem] = []
+    capture = getattr(mm.residuals, "capture", None)
+    if capture and "torch.export" in capture:  # say how the residual adds were found where torch.fx could not
+        rows.append(PlanItem(reg.name, "", K.RESIDUAL, reg.variant_for(K.RESIDUAL), None, capture, action="note"))
+    for site in sites:
+        where = f"residual add {site.node!r}"
+        if site.anchor is None:
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
+                                 f"not inserted at {where}: {site.problem}", action="note"))
+            continue
+        index = blocks.index(site.block)
+        rate = rates[index]
+        reason = f"{why}{',' if note else ';'} block {index + 1} of {len(blocks)}; {where}"
+        existing = site.anchor if is_path_drop(mm.module(site.anchor)) else None
+        if rate == 0 and existing is None:
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), 0.0,
+                                 reason + "; rate 0, nothing inserted", action="note"))
+            continue
+        reused = reuse_existing(reg, mm, K.RESIDUAL, site.anchor, "after", rate, reason, existing, site.block)
+        if reused is not None:
+            rows.extend(reused)
+            continue
+        rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), rate, reason,
+                             action="after", anchor=site.anchor))
+    return rows

@@ -24,15 +24,25 @@ from regfw.placement.plan_items import tracking_applied
 from regfw.placement.surgery import LayerInfo, ModelMap, analyse, is_batchnorm, is_dropout, is_injected
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
-    """Per regularizer: its rows and any extra description lines; plus warnings."""
+    """Per regularizer: its rows and any extra description lines; plus warnings.
+
+    ``str(plan)`` and ``repr(plan)`` are :meth:`format`, the table ``regfw plan`` prints, so
+    ``print(Regularize(...).plan_for(module))`` (or the plan as a notebook cell's value) shows
+    exactly what would be done.
+    """
 
     items: dict[str, list[PlanItem]]
     notes: dict[str, list[str]]
     layers: list[LayerInfo]
     context: PlanContext
     warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    __repr__ = __str__
 
     def rows(self) -> list[PlanItem]:
         return [item for items in self.items.values() for item in items]

@@ -20,6 +20,7 @@ Placement rules (:func:`after_anchor`), read from the model's dataflow
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -313,6 +314,15 @@ def reuse_existing(reg: Any, mm: ModelMap, kind: str, host: str, action: str, ra
                      reason + "; existing dropout, rate overridden", action="set", anchor=existing)]
 
 
+def rate_of(reg: InjectingRegularizer, kind: str, ctx: PlanContext,
+            layer: LayerInfo | None) -> tuple[float | None, str]:
+    """``reg.rate_for(kind, ctx, layer=layer)``; without ``layer`` for an override that does not take it."""
+    parameters = inspect.signature(reg.rate_for).parameters
+    if "layer" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return reg.rate_for(kind, ctx, layer=layer)
+    return reg.rate_for(kind, ctx)
+
+
 def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
     """The rows an :class:`~regfw.extend.regularizer.InjectingRegularizer` would insert."""
     mm: ModelMap = ctx.model_map or analyse(model, ctx.example_input)
@@ -331,7 +341,7 @@ def plan_insertions(reg: InjectingRegularizer, model: nn.Module, ctx: PlanContex
         matched = True
         if info.path in mm.gates or info.path in mm.qkv or info.path in mm.stem:
             continue  # a gating path (SE, GLU), an attention q/k/v projection, a Transformer's stem: never dropout
-        rate, reason = reg.rate_for(info.kind, ctx)
+        rate, reason = rate_of(reg, info.kind, ctx, info)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
         anchor, existing, skipped = after_anchor(mm, info.path)

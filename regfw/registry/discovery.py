@@ -20,8 +20,9 @@ resolved the same way by :mod:`regfw.registry.regularizers`.
 
 A plugin that fails to import, is rejected by pluggy (a misspelled hook) or implements no hook
 is recorded as a :class:`PluginFailure` and reported once, as a :class:`PluginWarning`, when
-plugins are discovered; every other plugin loads. ``regfw plugins`` lists the failures and
-exits non-zero; selecting a regularizer such a plugin would provide is an error naming it.
+plugins are discovered; every other plugin loads. ``regfw plugins --check`` lists the failures and
+exits non-zero (``regfw plugins`` alone lists the entry points, :func:`installed_plugins`, importing
+none); selecting a regularizer such a plugin would provide is an error naming it.
 ``REGFW_TRACE_PLUGINS``
     ``1`` prints every hook call, its implementations and its results to stderr.
 """
@@ -220,14 +221,39 @@ def _plugin_keys(eps: list[metadata.EntryPoint], names: dict[int, tuple[str | No
                      if len(dists[ep.name]) > 1 else ep.name) for ep in eps}
 
 
-def _load(pm: pluggy.PluginManager) -> None:
-    """Register every entry point; a plugin that fails is recorded in ``_failures``, never fatal."""
+@dataclass(frozen=True)
+class Installed:
+    """One ``regfw`` entry point as its distribution's metadata declares it, before any import."""
+
+    #: The name it is registered under: the entry-point name, or ``DIST:NAME`` when several
+    #: distributions declare that name.
+    key: str
+    ep: metadata.EntryPoint
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    #: False for a third-party plugin that ``REGFW_LOAD_PLUGINS`` leaves out.
+    selected: bool
+
+    @property
+    def entry_point(self) -> str:
+        return f"{self.ep.name} = {self.ep.value}"
+
+    @property
+    def module(self) -> str:
+        return self.ep.value.partition(":")[0].strip()
+
+
+def installed_plugins() -> tuple[list[Installed], list[PluginFailure]]:
+    """Every installed plugin, from entry-point metadata alone (nothing is imported, so this
+    answers in milliseconds), and the ``REGFW_LOAD_PLUGINS`` names no installed plugin declares
+    (``"unknown"`` failures). Built-ins first, then by name; one entry per key."""
     selected = _selected_names()
     names: dict[int, tuple[str | None, str | None]] = {}
     eps = _entry_points()
     keys = _plugin_keys(eps, names)
     matched: set[str] = set()
-    loaded: set[str] = set()
+    found: dict[str, Installed] = {}
     third_party: list[str] = []
     for ep in eps:
         dist, version = _dist_name_version(ep, names)
@@ -238,31 +264,40 @@ def _load(pm: pluggy.PluginManager) -> None:
             third_party.append(key)
         if selected is not None:
             matched |= aliases & selected
-            if not builtin and not aliases & selected:
-                if _tracing():
-                    _trace_line(f"skip plugin {key!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
-                continue
-        if key in loaded:
-            continue  # the same distribution seen twice on sys.path
-        loaded.add(key)
-        entry = f"{ep.name} = {ep.value}"
+        if key not in found:  # else the same distribution seen twice on sys.path
+            found[key] = Installed(key, ep, dist, version, builtin,
+                                   selected is None or builtin or bool(aliases & selected))
+    unknown = [PluginFailure(name, "unknown", f"Installed third-party plugins: "
+                             f"{', '.join(dict.fromkeys(third_party)) or 'none'}.{closest_hint(name, third_party)}")
+               for name in sorted((selected or set()) - matched)]
+    return list(found.values()), unknown
+
+
+def _load(pm: pluggy.PluginManager) -> None:
+    """Register every selected entry point; a plugin that fails is recorded in ``_failures``, never fatal."""
+    installed, unknown = installed_plugins()
+    for item in installed:
+        key, dist, version, entry = item.key, item.distribution, item.version, item.entry_point
+        if not item.selected:
+            if _tracing():
+                _trace_line(f"skip plugin {key!r} ({dist} {version}): not in REGFW_LOAD_PLUGINS")
+            continue
         try:
-            plugin = ep.load()
+            plugin = item.ep.load()
         except Exception as exc:  # noqa: BLE001 - reported with its origin, the others still load
             _failures[key] = PluginFailure(key, "import", f"failed to import: {type(exc).__name__}: {exc}",
                                            entry, dist, version)
             continue
         try:
-            register_plugin(plugin, key, distribution=dist, version=version, builtin=builtin, pm=pm, entry_point=entry)
+            register_plugin(plugin, key, distribution=dist, version=version, builtin=item.builtin, pm=pm,
+                            entry_point=entry)
         except PluginError as exc:
             _failures[key] = PluginFailure(key, "invalid", f"was rejected: {exc}", entry, dist, version)
             continue
         if not pm.get_hookcallers(plugin):
             _failures[key] = PluginFailure(key, "no hooks", _unmarked_hooks(plugin), entry, dist, version)
-    for name in sorted((selected or set()) - matched):
-        installed = ", ".join(dict.fromkeys(third_party)) or "none"
-        _failures[name] = PluginFailure(name, "unknown", f"Installed third-party plugins: {installed}."
-                                        f"{closest_hint(name, list(third_party))}")
+    for failure in unknown:
+        _failures[failure.name] = failure
 
 
 def refuse_plugin(name: str, detail: str) -> PluginFailure:

@@ -33,6 +33,7 @@ import torch
 
 from regfw.config.schema import Config
 from regfw.errors import ConfigError, RegfwError, RunError
+from regfw.run import console
 from regfw.run.atomic import write_atomic
 
 #: The longest file name (bytes) of common file systems: a generated run directory's name must fit.
@@ -86,6 +87,8 @@ class FitResult:
     run_dir: Path
     config_path: Path
     checkpoint: Path | None
+    #: The final evaluation (``train_loss``, ``val_acc``, ...) and the last MC dropout metrics
+    #: (``mc/acc``, ``cal/temperature``, ``ood/auroc_msp``, ...), each under its name in metrics.csv.
     metrics: dict[str, float] = field(default_factory=dict)
     plots: dict[str, str] = field(default_factory=dict)
     module: Any = None
@@ -190,6 +193,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
             example_input=example,
             model_config=model_config,
             on_nan=cfg.run.on_nan,
+            output_key=cfg.model.output_key,
         )
         if notes:
             module.plan.notes["data"] = notes
@@ -481,7 +485,8 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
                          else claim_run_dir(cfg, explicit, force=force))
                 path = claim.path
         assert path is not None
-        return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank, heldout)
+        with console.quiet_lightning(in_memory=console.holds_tensors(datamodule)):
+            return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank, heldout)
     except BaseException as exc:
         with stopping.deferred(drop=True):  # a signal must not cut the clean-up short
             if claim is not None and not claim.keep:
@@ -537,7 +542,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
             claim.written.append(_resume_note(path, ckpt_path, ckpt, cfg))
 
     ckpt_cb = C.RunCheckpoint(path / "checkpoints", every_n_steps=cfg.run.checkpoint_every_n_steps)
-    trainer_args = dict(cfg.trainer)
+    trainer_args = {**console.trainer_defaults(cfg.trainer, datamodule, _processes(cfg.trainer)), **cfg.trainer}
     if quiet:
         trainer_args.update(enable_progress_bar=False, enable_model_summary=False)
     plugins = _trainer_plugins(trainer_args)
@@ -619,9 +624,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
             for name, value in evaluate(module, loader).items():
                 metrics[f"{split}_{name}"] = value
         if mc is not None:
-            metrics.update({f"mc_{k.replace('mc/', '')}": v for k, v in mc.last_metrics.items()
-                            if k.startswith("mc/")})
-            metrics.update({k.replace("/", "_"): v for k, v in mc.last_metrics.items() if not k.startswith("mc/")})
+            metrics.update(mc.last_metrics)  # under their names in metrics.csv: mc/acc, cal/temperature, ...
             plots = dict(mc.flush_plots())
     except (Terminated, KeyboardInterrupt) as exc:
         raise stopped(stopping.signal_of(exc) or signal.SIGTERM, "during the final evaluation") from None

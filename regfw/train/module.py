@@ -13,6 +13,7 @@ from torch import nn
 from regfw.errors import ConfigError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer
+from regfw.model_io import OutputKey, call_model, check_output_key, example_from_spec, example_spec, select_output
 from regfw.placement.plan import Plan, apply_plan, make_plan
 from regfw.placement.structure import own_loss_forward
 from regfw.placement.surgery import is_dropout
@@ -91,12 +92,20 @@ class RegularizedModule(pl.LightningModule):
             and NLL losses, regression otherwise.
         n_examples: training-set size, for the rate policy.
         example_input: one input batch; the forward call order decides which layer is the input
-            and which the output layer. Only its shape and dtype are kept.
+            and which the output layer. A tensor, a dict of keyword arguments or a tuple of
+            positional arguments (:func:`regfw.model_io.call_model`); only the shapes and dtypes
+            are kept (``input_shape``/``input_dtype``: dicts of them for a dict).
         model_config: ``{"name"|"class_path": ..., "init_args": {...}}`` to rebuild the model.
         on_nan: what a NaN or infinite training loss does (``run.on_nan``; see :attr:`on_nonfinite`).
             Kept in ``hparams``, so a module loaded from a checkpoint keeps it.
         batch: where inputs and targets sit in a batch, a :class:`~regfw.train.batch.BatchFormat` or
-            ``{"inputs": KEY_OR_INDEX, "targets": KEY_OR_INDEX}`` (default ``(inputs, targets)``).
+            ``{"inputs": KEY_OR_INDEX, "targets": KEY_OR_INDEX}`` (default ``(inputs, targets)``;
+            a dict batch such as Hugging Face's: the dict minus its label keys as the model's
+            keyword arguments, ``labels`` as the targets; see :mod:`regfw.train.batch`).
+        output_key: which tensor of the model's output the loss and the metrics read
+            (:func:`regfw.model_io.select_output`): None (a tensor; else a Hugging Face
+            ``ModelOutput``'s or a dict's ``logits``; else the lone tensor), a key, a position,
+            or a callable (not kept in ``hparams``: pass it again when loading).
 
     Each training step runs :func:`regfw.train.steps.regularized_step`: the regularizers' batch
     transforms, the forward pass, the (transformed) loss, their loss terms. Logged per epoch:
@@ -112,29 +121,31 @@ class RegularizedModule(pl.LightningModule):
         regularizers: Mapping[str, Any] | Sequence[Regularizer] | None = None,
         optimizer: Mapping[str, Any] | Callable | None = None,
         n_examples: int | None = None,
-        example_input: torch.Tensor | None = None,
+        example_input: Any = None,
         model_config: Mapping[str, Any] | None = None,
-        input_shape: Sequence[int] | None = None,
-        input_dtype: str | None = None,
+        input_shape: Sequence[int] | Mapping[str, Any] | None = None,
+        input_dtype: str | Mapping[str, Any] | None = None,
         on_nan: str = "ignore",
         batch: BatchFormat | Mapping[str, Any] | None = None,
         lr_scheduler: Mapping[str, Any] | None = None,
         task: str | None = None,
+        output_key: OutputKey = None,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
             raise ConfigError(f"run.on_nan: got {on_nan!r}, expected one of {', '.join(ON_NAN)}.")
         self.batch_format = BatchFormat.coerce(batch)
-        if example_input is not None and not isinstance(example_input, torch.Tensor):
+        if example_input is not None and not isinstance(example_input, (torch.Tensor, Mapping, tuple)):
             raise TypeError(
-                f"example_input: got {type(example_input).__name__}, expected one input batch as a tensor (its shape "
-                f"and dtype are kept for the checkpoint). For a model taking a list (detection) or several "
-                f"arguments, plan it with regfw.placement.plan.make_plan(model, regularizers, example_input=...), "
-                f"which "
-                f"accepts a tensor, a tuple of positional arguments, a dict of keyword arguments or a list"
+                f"example_input: got {type(example_input).__name__}, expected one input batch as a tensor, a dict of "
+                f"keyword arguments or a tuple of positional arguments (its shapes and dtypes are kept for the "
+                f"checkpoint). For a model taking a list (detection), plan it with "
+                f"regfw.placement.plan.make_plan(model, regularizers, example_input=...), which accepts a tensor, a "
+                f"tuple of positional arguments, a dict of keyword arguments or a list"
             )
+        self.output_key = check_output_key(output_key)
         if example_input is not None:
-            input_shape, input_dtype = list(example_input.shape), str(example_input.dtype).replace("torch.", "")
+            input_shape, input_dtype = example_spec(example_input)
         section = _regularizer_section(regularizers)
         hparams = {
             "loss": loss_hparam(loss),
@@ -149,7 +160,9 @@ class RegularizedModule(pl.LightningModule):
             "batch": self.batch_format.as_dict(),
         }
         # recorded only when set, so checkpoints written before these settings existed still match
-        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task)):
+        recorded_key = output_key if isinstance(output_key, (str, int)) else None
+        for key, value in (("lr_scheduler", dict(lr_scheduler) if lr_scheduler else None), ("task", task),
+                           ("output_key", recorded_key)):
             if value is not None:
                 hparams[key] = value
         self.save_hyperparameters(hparams)
@@ -181,7 +194,7 @@ class RegularizedModule(pl.LightningModule):
         known = task is not None or loss in LOSSES or loss_task(self.loss_fn) == "classification"
         self.step_task: str | None = self.task if known else None
         if input_shape is not None:
-            self.example_input_array = torch.zeros(input_shape, dtype=getattr(torch, input_dtype or "float32"))
+            self.example_input_array = example_from_spec(input_shape, input_dtype)
         from regfw.registry.regularizers import build_regularizers
 
         # objects given: used as they are (built once by the caller); a mapping: built here, once
@@ -194,8 +207,16 @@ class RegularizedModule(pl.LightningModule):
         apply_plan(model, self.regularizers, self.plan)
 
     # -- forward and steps -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The model's output tensor (selected by ``output_key``). ``module(inputs)`` with one batch's
+        inputs calls the model as :func:`regfw.model_io.call_model` does (a dict as keyword
+        arguments, a tuple as positional ones); ``module(**kwargs)`` and ``module(a, b)`` pass
+        them on as they are (what Lightning does with a dict or tuple ``example_input_array``)."""
+        if len(args) == 1 and not kwargs:
+            out = call_model(self.model, args[0])
+        else:
+            out = self.model(*args, **kwargs)
+        return select_output(out, self.output_key)
 
     def _log_step(self, stage: str, out: torch.Tensor, y: Any, loss: torch.Tensor) -> None:
         # accumulated on the device, logged once per epoch (see _log_epoch): a per-step

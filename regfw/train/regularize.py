@@ -43,6 +43,7 @@ the marker before loading. The checkpoint is sealed with regfw's digest
 """
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from torch import nn
 from regfw.errors import ConfigError, RunError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer
+from regfw.model_io import OutputKey, check_output_key, example_from_spec, example_spec, model_output, select_output
 from regfw.placement.plan import Plan, apply_plan, make_plan
 from regfw.placement.surgery import is_dropout
 from regfw.train.batch import BatchFormat, split_batch
@@ -99,12 +101,16 @@ class Regularize(pl.Callback):
         example_input: one input batch to trace; None: ``module.example_input_array``, the data
             module's ``example_input()`` or its first training batch.
         batch: where inputs and targets sit in a batch, for the loss terms (a
-            :class:`~regfw.train.batch.BatchFormat` or ``{"inputs": ..., "targets": ...}``).
+            :class:`~regfw.train.batch.BatchFormat` or ``{"inputs": ..., "targets": ...}``; a dict batch
+            such as Hugging Face's: the dict minus its label keys, see :mod:`regfw.train.batch`).
+        output_key: which tensor of the network's output the loss terms read (R-Drop, the
+            confidence penalty): :func:`regfw.model_io.select_output`; None: a tensor, else the
+            ``logits`` of a ``ModelOutput`` or dict, else the lone tensor.
     """
 
     def __init__(self, regularizers: Mapping[str, Any] | Sequence[Regularizer], target: str | None = None,
-                 n_examples: int | None = None, example_input: torch.Tensor | None = None,
-                 batch: BatchFormat | Mapping[str, Any] | None = None) -> None:
+                 n_examples: int | None = None, example_input: Any = None,
+                 batch: BatchFormat | Mapping[str, Any] | None = None, output_key: OutputKey = None) -> None:
         super().__init__()
         self.section = _section(regularizers)
         if isinstance(regularizers, Mapping):
@@ -123,10 +129,11 @@ class Regularize(pl.Callback):
         self.n_examples = n_examples
         self.example_input = example_input
         self.batch_format = BatchFormat.coerce(batch)
+        self.output_key = check_output_key(output_key)
         self.plan: Plan | None = None
         self._applied_to: nn.Module | None = None
-        self._input_shape: list[int] | None = None
-        self._input_dtype: str | None = None
+        self._input_shape: Any = None  #: :func:`regfw.model_io.example_spec` of the example
+        self._input_dtype: Any = None
         self._means = EpochMeans()
         self._last_output: Any = None
         self._hook: Any = None
@@ -156,7 +163,7 @@ class Regularize(pl.Callback):
         n, example = self.n_examples, self.example_input
         notes: list[str] = []
         if example is None and self._input_shape is not None:
-            example = torch.zeros(self._input_shape, dtype=getattr(torch, self._input_dtype or "float32"))
+            example = example_from_spec(self._input_shape, self._input_dtype)
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
         if datamodule is not None and (n is None or example is None):
@@ -190,8 +197,8 @@ class Regularize(pl.Callback):
         """Plan and apply the regularizers to ``pl_module``'s network (once)."""
         plan = self.plan_for(pl_module, datamodule)
         example = plan.context.example_input
-        if isinstance(example, torch.Tensor):
-            self._input_shape, self._input_dtype = list(example.shape), str(example.dtype).replace("torch.", "")
+        if isinstance(example, (torch.Tensor, Mapping, tuple)):
+            self._input_shape, self._input_dtype = example_spec(example)
         apply_plan(self.network(pl_module), self.regularizers, plan)
         self.plan, self._applied_to = plan, pl_module
         return plan
@@ -259,8 +266,12 @@ class Regularize(pl.Callback):
             return out  # None: the user skips this batch
         inputs, targets = split_batch(batch, self.batch_format)
         network = self.network(pl_module)
-        total, terms = add_terms(self.regularizers, network, inputs, targets, self._last_output, loss,
-                                 batch_idx=batch_idx, module=pl_module, forward=network)
+        outputs = self._last_output
+        if outputs is not None:
+            outputs = select_output(outputs, self.output_key)
+        total, terms = add_terms(self.regularizers, network, inputs, targets, outputs, loss,
+                                 batch_idx=batch_idx, module=pl_module,
+                                 forward=functools.partial(model_output, network, output_key=self.output_key))
         if terms:
             from regfw.train.batch import batch_size
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from regfw.extend.contract import check_loss_fn, check_term, check_transformed_batch
+from regfw.model_io import call_model
 from regfw.train.batch import batch_size
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -79,8 +80,11 @@ class Step:
     state: dict = field(default_factory=dict)
 
     def run_forward(self, inputs: Any) -> Any:
-        """``forward(inputs)``, or ``model(inputs)`` when no ``forward`` was given."""
-        return (self.forward or self.model)(inputs)
+        """``forward(inputs)``, or the model called on ``inputs`` when no ``forward`` was given (a dict
+        as keyword arguments, a tuple as positional ones: :func:`regfw.model_io.call_model`)."""
+        if self.forward is not None:
+            return self.forward(inputs)
+        return call_model(self.model, inputs)
 
 
 @dataclass
@@ -167,7 +171,8 @@ def regularized_step(regularizers: Sequence[Regularizer], model: nn.Module, inpu
     """The whole regularized training step on one batch; returns the loss to backpropagate.
 
     1. the batch transforms, in order (:func:`transform_batch`);
-    2. the forward pass, ``forward(inputs)`` (default ``model(inputs)``);
+    2. the forward pass, ``forward(inputs)`` (default: the model called on the inputs, see
+       :meth:`Step.run_forward`);
     3. the data loss with the transformed loss function (:func:`transform_loss`, :func:`compute_loss`);
     4. the loss terms, in order (:func:`add_terms`); ``total = data_loss + sum(terms)``.
     """

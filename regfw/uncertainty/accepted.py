@@ -1,60 +1,48 @@
-"""What Monte Carlo sampling accepts, and the one-line refusals for what it does not.
+"""What Monte Carlo sampling accepts as inputs, and the one-line refusal for what it does not.
 
-:func:`regfw.uncertainty.mc_predict` stacks the T outputs of one input batch into ``[T, B, ...]``
-and averages them position by position, so it needs one tensor in (the batch, first dimension B)
-and one tensor out of fixed shape. Detection models fail both: torchvision's take a list of
-images and return a list of per-image dicts (``boxes``, ``labels``, ``scores``) whose number of
-boxes changes from one sample to the next, so there is nothing to stack. Those are refused with a
-message saying what is accepted, never with an ``AttributeError`` from deep inside a strategy.
+:func:`regfw.uncertainty.mc_predict` repeats one input batch T times and stacks the T outputs into
+``[T, B, ...]``. Its inputs are a tensor (first dimension B), a dict of keyword arguments or a
+tuple of positional arguments whose tensors have B rows (:mod:`regfw.model_io`: Hugging Face's
+``input_ids``, ``attention_mask``...); the ``batched`` and ``auto`` strategies repeat every one of
+those tensors. A list is one argument of the model -- a detection model's list of images, one
+image per element -- which cannot be repeated row by row; ``loop`` passes it as it is. What each
+pass returns is read by :func:`regfw.model_io.select_output`, which refuses an output holding no
+tensor to sample (a detection model's per-image dicts of boxes) naming what it holds.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
+
+from regfw.model_io import describe_output
+from regfw.tensors import iter_tensors
 
 ACCEPTED = ("one tensor of logits [B, C], [B, L, V] or [B, C, H, W], or of regression means [B, ...] "
             "(mean and log-variance concatenated with output_transform=regfw.uncertainty.split_mean_logvar)")
 
 
-def _kind(value: Any) -> str:
-    """``a list of 2 dicts with keys 'boxes', 'labels'`` and the like, for messages."""
-    if isinstance(value, (list, tuple)):
-        name = type(value).__name__
-        if value and all(isinstance(v, dict) for v in value):
-            keys = ", ".join(repr(k) for k in value[0])
-            return f"a {name} of {len(value)} dicts with keys {keys}"
-        inner = sorted({type(v).__name__ for v in value})
-        return f"a {name} of {len(value)} ({', '.join(inner) or 'empty'})"
-    return f"a {type(value).__name__}"
+def _batch_like(inputs: Any) -> bool:
+    """A tensor with a batch dimension, or a dict / tuple holding at least one."""
+    if isinstance(inputs, Tensor):
+        return inputs.dim() > 0
+    if isinstance(inputs, (Mapping, tuple)):
+        return any(t.dim() > 0 for t in iter_tensors(inputs))
+    return False
 
 
 def check_inputs(inputs: Any, strategy: str) -> None:
-    """A ``TypeError`` unless ``inputs`` is one batch tensor (what ``batched`` and ``auto`` repeat and
-    slice); ``loop`` hands any input to the model as it is."""
-    if isinstance(inputs, Tensor) or strategy == "loop":
+    """A ``TypeError`` unless ``inputs`` is a batch that ``batched`` and ``auto`` can repeat (a tensor,
+    or a dict or tuple of tensors with a batch dimension); ``loop`` hands any input to the model as
+    it is."""
+    if strategy == "loop" or _batch_like(inputs):
         return
-    detection = isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(v, Tensor) for v in inputs)
+    detection = isinstance(inputs, list) and bool(inputs) and all(isinstance(v, Tensor) for v in inputs)
     hint = (" A detection model's list of images gives per-image dicts of boxes whose number changes from sample "
             "to sample, which cannot be stacked: sample a tensor of fixed shape instead (wrap the model so that "
             "forward(batch) returns, e.g., the box head's class logits for fixed proposals).") if detection else ""
-    raise TypeError(f"mc_predict: inputs: got {_kind(inputs)}, expected one input batch as a tensor [B, ...] for "
-                    f"strategy {strategy!r} (strategy='loop' passes any input to the model as it is), for a model "
-                    f"returning {ACCEPTED}.{hint}")
-
-
-def output_error(out: Any) -> TypeError:
-    """The refusal of a forward that returned something other than one tensor."""
-    if isinstance(out, dict):
-        keys = ", ".join(repr(k) for k in out)
-        return TypeError(
-            f"Monte Carlo sampling needs a model whose forward returns one tensor, got a dict with keys {keys} "
-            f"(as torchvision segmentation models return). Wrap the model so that forward returns the tensor "
-            f"to sample, e.g. forward(x) = model(x)[{next(iter(out), 'out')!r}]."
-        )
-    per_image = isinstance(out, (list, tuple)) and bool(out) and all(isinstance(v, dict) for v in out)
-    why = (" (a detection model's per-image results: their number of boxes changes from sample to sample, so T "
-           "samples cannot be stacked and averaged position by position)") if per_image else ""
-    return TypeError(f"Monte Carlo sampling needs a model whose forward returns {ACCEPTED}; got {_kind(out)}{why}. "
-                     f"Wrap the model so that forward returns one such tensor (for a dict, forward(x) = "
-                     f"model(x)[key]).")
+    raise TypeError(f"mc_predict: inputs: got {describe_output(inputs)}, expected one input batch for strategy "
+                    f"{strategy!r}: a tensor [B, ...], a dict of keyword arguments or a tuple of positional arguments "
+                    f"whose tensors have B rows (strategy='loop' passes any input to the model as it is), for a "
+                    f"model returning {ACCEPTED}.{hint}")

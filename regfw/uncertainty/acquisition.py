@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from regfw.tensors import to_device
+from regfw.train.batch import batch_size, split_batch
 from regfw.uncertainty.calibration import Temperature
 from regfw.uncertainty.modes import require_stochastic
 from regfw.uncertainty.rng import derive_seed
@@ -63,14 +65,16 @@ def _check_in_order(dataloader: Iterable[Any]) -> None:
             )
 
 
-def _default_input(batch: Any) -> Tensor:
+def _default_input(batch: Any) -> Any:
+    """The inputs of ``batch`` by the one batch convention (:func:`regfw.train.batch.split_batch`): ``x``,
+    ``(x, ...)``, or a dict of keyword inputs (its label keys left out)."""
     if isinstance(batch, Tensor):
         return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
+    if isinstance(batch, (list, tuple, dict)) and batch:
+        return split_batch(batch)[0]
     raise TypeError(
-        f"cannot find the input in a batch of type {type(batch).__name__}; batches must be a tensor "
-        "or an (x, ...) tuple, or pass batch_to_input=callable"
+        f"cannot find the input in a batch of type {type(batch).__name__}; batches must be a tensor, "
+        "an (x, ...) tuple or a dict of keyword inputs, or pass batch_to_input=callable"
     )
 
 
@@ -118,7 +122,7 @@ def acquisition_scores(
                 n = None
         if n is None:
             get = batch_to_input or _default_input
-            n = sum(int(get(b).shape[0]) for b in dataloader)
+            n = sum(batch_size(get(b)) for b in dataloader)
         gen = torch.Generator().manual_seed(derive_seed(base, 0x52414E44))
         return torch.rand(n, generator=gen, dtype=torch.float64)
     _check_samples(samples)
@@ -129,7 +133,7 @@ def acquisition_scores(
     for i, batch in enumerate(dataloader):
         x = get(batch)
         if device is not None:
-            x = x.to(device)
+            x = to_device(x, device)
         result = mc_predict(
             model, x, samples=samples, strategy=strategy, budget_bytes=budget_bytes,
             seed=derive_seed(base, i), task="classification", deterministic=False,

@@ -14,8 +14,8 @@ for the deterministic one; the metrics before and after are logged as ``cal/...`
 temperature is kept in the callback state and in the checkpoint (``regfw_calibration``), where
 ``regfw rank`` reads it. With ``ood_loader`` the out-of-distribution scores of
 :mod:`regfw.uncertainty.ood` are logged as ``ood/...``. Selective-prediction metrics
-(:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn on a background
-thread (:mod:`regfw.uncertainty.plot_jobs`), so the training loop does not wait for them.
+(:mod:`regfw.uncertainty.selective`) join the ``mc/...`` ones. Plots are drawn with matplotlib on a
+background thread (:mod:`regfw.uncertainty.figures.jobs`), so the training loop does not wait for them.
 
 ``Trainer.test`` runs the same metrics on every test batch (``on_test_batch_end``) and logs them
 under ``test/`` (``test/mc/rmse``, ``test/mc/acc``, ``test/cal/...``); the validation-time
@@ -36,14 +36,17 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from regfw.errors import RegfwError
+from regfw.model_io import OutputKey, check_output_key
+from regfw.tensors import to_device
+from regfw.train.batch import batch_size, split_batch
 from regfw.train.targets import UNITS, TargetScaling, declared_scaling, original_units_transform
 from regfw.uncertainty.accumulators import MCClassificationMetrics, MCRegressionMetrics, ProbabilityCalibration
 from regfw.uncertainty.calibration import Temperature, fit_temperature
+from regfw.uncertainty.figures.files import FORMATS
+from regfw.uncertainty.figures.jobs import PlotQueue, draw_plots, plot_data
 from regfw.uncertainty.metrics import DEFAULT_BINS, DEFAULT_LEVELS
 from regfw.uncertainty.modes import dropout_family, require_stochastic, stochastic_modules
 from regfw.uncertainty.ood import OODScoreStore, ood_metrics, ood_scores
-from regfw.uncertainty.plot_jobs import PlotQueue, draw_plots, plot_data
-from regfw.uncertainty.plots import FORMATS
 from regfw.uncertainty.rng import derive_seed
 from regfw.uncertainty.sampling import (
     DEFAULT_BUDGET_BYTES,
@@ -65,20 +68,28 @@ REGRESSION_SCORES: tuple[str, ...] = ("variance", "entropy")
 TARGETS: tuple[str, ...] = ("batch", "input")
 
 
-def _default_xy(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
+def _default_xy(batch: Any) -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` by the one batch convention (:func:`regfw.train.batch.split_batch`): ``(x, y)``
+    tuples, dicts of keyword inputs with ``labels`` (Hugging Face), ``{"inputs", "targets"}``."""
+    if not isinstance(batch, Tensor):
+        x, y = split_batch(batch)
+        if y is not None:
+            return x, y
+    keys = f" with keys {', '.join(map(repr, batch))}" if isinstance(batch, dict) else ""
     raise TypeError(
-        f"MCDropoutUncertainty expects (x, y) batches, got {type(batch).__name__}; "
-        "pass batch_to_xy=callable returning (x, y)"
+        f"MCDropoutUncertainty expects (x, y) batches or dicts with a 'labels' or 'targets' key, got "
+        f"{type(batch).__name__}{keys}; pass batch_to_xy=callable returning (x, y)"
     )
 
 
 class MCDropoutUncertainty(pl.Callback):
     """Monte Carlo dropout uncertainty metrics and plots every ``every_n_epochs`` validations.
 
-    Works with any LightningModule whose ``forward(x)`` returns logits (classification) or
-    means (regression) and whose validation batches are ``(x, y)``.
+    Works with any LightningModule whose output (selected by ``output_key``) is logits
+    (classification) or means (regression) and whose validation batches are ``(x, y)`` or dicts:
+    a Hugging Face batch ``{"input_ids", "attention_mask", ..., "labels"}`` gives the module its
+    keyword inputs and ``labels`` as the targets (:mod:`regfw.train.batch`), and a ``ModelOutput``'s
+    ``logits`` are sampled (:mod:`regfw.model_io`), with no wrapper.
 
     Args:
         samples: MC samples T per input (>= 2).
@@ -101,11 +112,15 @@ class MCDropoutUncertainty(pl.Callback):
             metrics are reported in (``units``): with a known target scaling and ``units="original"``
             it is the precision of the original targets, as papers state it (Gal & Ghahramani 2016's
             UCI tau); with ``"standardized"``, of the model's outputs.
-        output_transform: see :func:`regfw.uncertainty.mc_predict`.
+        output_transform: see :func:`regfw.uncertainty.mc_predict`; applied after ``output_key``.
+        output_key: which tensor of the module's output is sampled (a key such as ``"logits"``, a
+            position, or a callable; :func:`regfw.model_io.select_output`); None: a tensor, else
+            the ``logits`` entry, else the lone tensor. From a LightningCLI YAML:
+            ``init_args: {output_key: logits}``.
         plots: write (and send to an image-capable logger) the plots each run.
         plot_dir: where ``epoch=NNN/*.svg`` go; default ``<trainer.log_dir>/plots``.
-        plot_format: ``"svg"`` (written directly, a few milliseconds per figure) or ``"png"``
-            (drawn with matplotlib, about 0.35 s of CPU per figure; ``bench/plots.py``).
+        plot_format: the figures' file format, ``"svg"`` or ``"png"`` (both drawn by matplotlib,
+            about 0.25 s of CPU per figure, on the background thread; ``bench/plots.py``).
         seed: base seed of the MC masks (mixed with epoch, rank and batch index); None draws
             one at construction, kept in the checkpoint state.
         dataloader_idx: the validation dataloader to use.
@@ -173,6 +188,7 @@ class MCDropoutUncertainty(pl.Callback):
         units: str = "original",
         target_scaling: TargetScaling | tuple[Any, Any] | None = None,
         target: str = "batch",
+        output_key: OutputKey = None,
     ) -> None:
         super().__init__()
         self.samples = _check_samples(samples)
@@ -197,7 +213,7 @@ class MCDropoutUncertainty(pl.Callback):
                      calibrate=calibrate, calibration_loader=calibration_loader, ood_loader=ood_loader,
                      background_plots=background_plots, plot_every=plot_every, ignore_index=ignore_index,
                      plot_format=plot_format, test_prefix=test_prefix, units=units, target_scaling=target_scaling,
-                     target=target)
+                     target=target, output_key=output_key)
 
     @classmethod
     def from_config(cls, config: UncertaintyConfig, *, task: str = "classification",
@@ -237,7 +253,8 @@ class MCDropoutUncertainty(pl.Callback):
                      background_plots=options.pop("background_plots", True),
                      plot_every=config.plot_every, ignore_index=config.ignore_index,
                      plot_format=config.plot_format, test_prefix=options.pop("test_prefix", None),
-                     units=config.units, target_scaling=options.pop("target_scaling", None), target=config.target)
+                     units=config.units, target_scaling=options.pop("target_scaling", None), target=config.target,
+                     output_key=options.pop("output_key", None))
         if options:
             raise TypeError(f"MCDropoutUncertainty.from_config: unexpected keyword(s) {sorted(options)}")
         return self
@@ -251,7 +268,8 @@ class MCDropoutUncertainty(pl.Callback):
                 ood_loader: Iterable[Any] | None = None, background_plots: bool = True,
                 plot_every: int | None = None, ignore_index: int | None = None, plot_format: str = "svg",
                 test_prefix: str | None = None, units: str = "original",
-                target_scaling: TargetScaling | tuple[Any, Any] | None = None, target: str = "batch") -> None:
+                target_scaling: TargetScaling | tuple[Any, Any] | None = None, target: str = "batch",
+                output_key: OutputKey = None) -> None:
         """Set the (checked) settings and the empty state: the one place both constructors share."""
         self.strategy = strategy
         self.budget_bytes = budget_bytes
@@ -266,6 +284,7 @@ class MCDropoutUncertainty(pl.Callback):
         self.levels = tuple(levels)
         self.tau = tau
         self.output_transform = output_transform
+        self.output_key = check_output_key(output_key, "MCDropoutUncertainty: output_key")
         self.plots = plots
         self.plot_dir = plot_dir
         self.seed = int(seed) if seed is not None else int(torch.Generator().seed() % 2**62)
@@ -432,14 +451,14 @@ class MCDropoutUncertainty(pl.Callback):
         assert isinstance(out, Tensor)
         return classes_last(out)
 
-    def _predict(self, pl_module: pl.LightningModule, x: Tensor, seed: int, deterministic: bool = True) -> Any:
+    def _predict(self, pl_module: pl.LightningModule, x: Any, seed: int, deterministic: bool = True) -> Any:
         transform = self.output_transform
         scaling = self._units_scaling()
         if scaling is not None:  # means and predicted variances in original units, where tau is stated
             transform = original_units_transform(scaling, self.output_transform)
         return mc_predict(
             pl_module, x, samples=self.samples, strategy=self.strategy, budget_bytes=self.budget_bytes,
-            seed=seed, task=self.task, tau=self.tau, output_transform=transform,
+            seed=seed, task=self.task, tau=self.tau, output_transform=transform, output_key=self.output_key,
             deterministic=deterministic,
         )
 
@@ -449,7 +468,7 @@ class MCDropoutUncertainty(pl.Callback):
         mc_logits, det_logits, targets = [], [], []
         for i, batch in enumerate(self.calibration_loader):
             x, y = self._split(pl_module, batch)
-            result = self._predict(pl_module, x.to(pl_module.device),
+            result = self._predict(pl_module, to_device(x, pl_module.device),
                                    derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x43414C, i))
             mc_logits.append(self._transform(result.outputs))
             if result.deterministic is not None:
@@ -557,13 +576,13 @@ class MCDropoutUncertainty(pl.Callback):
         for i, batch in enumerate(self.ood_loader):
             if i >= limit:
                 break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            result = self._predict(pl_module, x.to(pl_module.device),
+            x = batch if isinstance(batch, Tensor) else split_batch(batch)[0]
+            result = self._predict(pl_module, to_device(x, pl_module.device),
                                    derive_seed(self.seed, trainer.current_epoch, trainer.global_rank, 0x4F4F44, i),
                                    deterministic=False)  # OOD scores use the MC predictive only
             logits = Temperature(t)(self._transform(result.outputs))
             summary = classification_summary(class_softmax(logits.float()))
-            self._ood_out.update(_per_input_scores(ood_scores(summary, logits), x.shape[0]))
+            self._ood_out.update(_per_input_scores(ood_scores(summary, logits), batch_size(x)))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self._finish(trainer, pl_module, self.prefix, "")

@@ -13,12 +13,20 @@ predictive. :func:`mc_predict` does exactly that, and nothing else changes:
   if sampling had never happened (:func:`isolated_rng`);
 * everything runs under :func:`torch.no_grad`.
 
+Inputs and outputs follow :mod:`regfw.model_io`: ``inputs`` is a tensor, a dict of keyword
+arguments (``input_ids``, ``attention_mask``...) or a tuple of positional arguments, each pass is
+``call_model(model, inputs)``, and the tensor sampled from each pass's output is
+``select_output(output, output_key)`` (default: the output itself when it is a tensor, else its
+``logits``, else its lone tensor), so a Hugging Face model is sampled as it is, with no wrapper.
+
 How the T passes are computed is a *strategy*, a function in :data:`STRATEGIES`::
 
     fn(model, inputs, samples, *, budget_bytes, **kw) -> Tensor[T, B, ...]
 
-called inside :func:`mc_mode` and :func:`isolated_rng`. Built in: ``"loop"`` (T full passes)
-and ``"batched"`` (the batch repeated T times, run in chunks that fit ``budget_bytes``).
+called inside :func:`mc_mode` and :func:`isolated_rng`; ``kw`` holds ``output_key`` when one is
+set, and a strategy runs each pass as :func:`forward_output` (:func:`regfw.model_io.model_output`)
+does. Built in: ``"loop"`` (T full passes) and ``"batched"`` (the batch repeated T times, run in
+chunks that fit ``budget_bytes``).
 ``"auto"`` is the dependency-aware strategy of :mod:`regfw.uncertainty.fast`, which registers
 itself on import (the package :mod:`regfw.uncertainty` imports it; this module never imports it,
 so the two form no import cycle); while it is not registered ``"auto"`` means ``"batched"``.
@@ -33,9 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from regfw.model_io import OutputKey, call_model
+from regfw.model_io import model_output as forward_output
 from regfw.placement import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
-from regfw.uncertainty.accepted import check_inputs, output_error
+from regfw.train.batch import batch_size, index_batch
+from regfw.uncertainty.accepted import check_inputs
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
     ModelIndex,
@@ -79,6 +90,7 @@ __all__ = [
     "batched_strategy",
     "estimate_row_bytes",
     "deterministic_pass",
+    "forward_output",
     "scan_functional_dropout",
     "derive_seed",
     "split_mean_logvar",
@@ -96,11 +108,18 @@ Strategy = Callable[..., Tensor]
 # --------------------------------------------------------------------------- strategies
 
 
-def _forward(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    if not isinstance(out, Tensor):
-        raise output_error(out)
-    return out
+def _first_row(inputs: Any) -> Any:
+    """The first example of ``inputs`` (every tensor with the batch dimension sliced to one row)."""
+    return inputs[:1] if isinstance(inputs, Tensor) else index_batch(inputs, slice(0, 1))
+
+
+def _has_rows(inputs: Any) -> bool:
+    if isinstance(inputs, Tensor):
+        return inputs.dim() > 0
+    try:
+        return batch_size(inputs) > 0
+    except TypeError:
+        return False
 
 
 def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> None:
@@ -108,12 +127,13 @@ def scan_functional_dropout(model: nn.Module, inputs: Any, index: ModelIndex | N
     of one row, :func:`regfw.placement.foreign.watch_functional_dropout`), unless the model as it is now was
     watched already; the hosts found are then switched on by :func:`mc_mode`."""
     index = model_index(model) if index is None else index
-    if foreign.needs_scan(model, len(index.modules) + 1) and isinstance(inputs, Tensor) and inputs.dim() > 0:
+    if foreign.needs_scan(model, len(index.modules) + 1) and _has_rows(inputs):
         with eval_mode(model, index=index), foreign.watch_functional_dropout(model):
-            model(inputs[:1])
+            call_model(model, _first_row(inputs))
 
 
-def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None = None) -> Tensor:
+def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None = None,
+                       output_key: OutputKey = None) -> Tensor:
     """The eval-mode output of ``model`` (weight scaling, the comparison of
     ``mc_predict(deterministic=True)``), every flag restored after. The pass also serves as the
     functional-dropout scan when the model needs one (:func:`scan_functional_dropout`).
@@ -125,16 +145,16 @@ def deterministic_pass(model: nn.Module, inputs: Any, index: ModelIndex | None =
     scan = foreign.needs_scan(model, len(index.modules) + 1)
     with eval_mode(model, index=index), (foreign.watch_functional_dropout(model) if scan
                                          else contextlib.nullcontext()):
-        return _forward(model, inputs)
+        return forward_output(model, inputs, output_key)
 
 
-def loop_strategy(model: nn.Module, inputs: Tensor, samples: int, *, budget_bytes: int | None = None,
-                  **kw: Any) -> Tensor:
+def loop_strategy(model: nn.Module, inputs: Any, samples: int, *, budget_bytes: int | None = None,
+                  output_key: OutputKey = None, **kw: Any) -> Tensor:
     """T full forward passes of the batch, stacked: ``[T, B, ...]``. Memory of one pass."""
-    return torch.stack([_forward(model, inputs) for _ in range(samples)])
+    return torch.stack([forward_output(model, inputs, output_key) for _ in range(samples)])
 
 
-def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
+def estimate_row_bytes(model: nn.Module, row: Any, output_key: OutputKey = None) -> int:
     """Estimate the activation memory of one input row in one forward pass, in bytes.
 
     One probe pass of the single row ``row`` (batch size 1) is run with forward hooks on every
@@ -159,7 +179,7 @@ def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
     leaves = [m for m in model.modules() if next(m.children(), None) is None and m is not model]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        out = _forward(model, row)
+        out = forward_output(model, row, output_key)
     finally:
         for h in handles:
             h.remove()
@@ -170,14 +190,20 @@ def estimate_row_bytes(model: nn.Module, row: Tensor) -> int:
 
 def batched_strategy(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     samples: int,
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
+    output_key: OutputKey = None,
     **kw: Any,
 ) -> Tensor:
     """The batch repeated T times (sample-major rows ``t * B + b``), run in chunks.
+
+    A dict (or tuple) of inputs is repeated tensor by tensor: every tensor whose first dimension is
+    the batch size B (ids, attention masks, decoder inputs, pixel values) gets the same rows, other
+    values (flags, tensors broadcast over the batch) are passed as they are
+    (:func:`regfw.train.batch.index_batch`).
 
     Each chunk holds at most ``chunk_rows`` rows; by default ``budget_bytes //
     estimate_row_bytes(...)`` (at least 1), so a large ``T x B`` runs in several passes
@@ -189,8 +215,8 @@ def batched_strategy(
     the same mask, giving T copies of one sample.
     """
     if any(getattr(m, "batch_shared", False) or foreign.is_batch_shared(m) for _, m in stochastic_modules(model)):
-        return loop_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw)
-    b = inputs.shape[0]
+        return loop_strategy(model, inputs, samples, budget_bytes=budget_bytes, output_key=output_key, **kw)
+    b = batch_size(inputs)
     total = samples * b
     if chunk_rows is None:
         if budget_bytes is None:
@@ -198,19 +224,21 @@ def batched_strategy(
         else:
             if budget_bytes <= 0:
                 raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
-            chunk_rows = max(1, int(budget_bytes) // estimate_row_bytes(model, inputs[:1]))
+            chunk_rows = max(1, int(budget_bytes) // estimate_row_bytes(model, _first_row(inputs), output_key))
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     chunk_rows = min(int(chunk_rows), total)
     out: Tensor | None = None
     for start in range(0, total, chunk_rows):
         stop = min(start + chunk_rows, total)
-        if start == 0 and stop == total and samples > 1:
+        if isinstance(inputs, Tensor) and start == 0 and stop == total and samples > 1:
             rows = inputs.repeat(samples, *([1] * (inputs.dim() - 1)))
+        elif isinstance(inputs, Tensor):
+            rows = inputs.index_select(0, torch.arange(start, stop, device=inputs.device) % b)
         else:
-            idx = torch.arange(start, stop, device=inputs.device) % b
-            rows = inputs.index_select(0, idx)
-        y = _forward(model, rows)
+            device = next(iter_tensors(inputs)).device
+            rows = index_batch(inputs, torch.arange(start, stop, device=device) % b, b)
+        y = forward_output(model, rows, output_key)
         if out is None:
             out = y.new_empty((total, *y.shape[1:]))
         out[start:stop] = y
@@ -424,7 +452,7 @@ def _summarise(
 
 def mc_predict(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     samples: int = DEFAULT_SAMPLES,
     strategy: str = "auto",
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
@@ -434,15 +462,19 @@ def mc_predict(
     generator: torch.Generator | None = None,
     tau: float | None = None,
     output_transform: OutputTransform | None = None,
+    output_key: OutputKey = None,
     deterministic: bool = True,
     **strategy_kwargs: Any,
 ) -> MCResult:
     """Monte Carlo dropout prediction: ``samples`` stochastic passes of ``model`` on ``inputs``.
 
     Args:
-        model: any module whose ``forward(inputs)`` returns logits ``[B, C]`` (classification)
-            or means ``[B, ...]`` (regression), with at least one stochastic module.
-        inputs: a batch, first dimension B, on the model's device.
+        model: any module whose output (selected by ``output_key``) is logits ``[B, C]``
+            (classification) or means ``[B, ...]`` (regression), with at least one stochastic
+            module; a Hugging Face model as it is.
+        inputs: a batch on the model's device: a tensor (first dimension B), a dict of keyword
+            arguments or a tuple of positional arguments whose tensors have B rows
+            (:func:`regfw.model_io.call_model`); every strategy repeats all of them.
         samples: T >= 2.
         strategy: a name in :data:`STRATEGIES`, or ``"auto"`` (the fastest available).
         budget_bytes: activation memory allowed per chunk (``batched``); None = unlimited.
@@ -453,7 +485,10 @@ def mc_predict(
             of the output; kept as ``result.tau`` for :meth:`MCResult.ll_mixture`.
         output_transform: maps the stacked raw outputs ``[T, B, ...]`` to logits
             (classification) or to means / ``(means, variances)`` (regression), e.g.
-            :func:`split_mean_logvar`.
+            :func:`split_mean_logvar`; applied after ``output_key``'s selection.
+        output_key: which tensor of each pass's output is sampled
+            (:func:`regfw.model_io.select_output`): None (a tensor; else the ``logits`` entry;
+            else the lone tensor), a key, a position or a callable ``output -> Tensor``.
         deterministic: also compute the eval-mode output (weight scaling) for comparison: one
             more pass for ``loop`` and ``batched``; under ``auto`` only the stochastic suffix, run
             once in eval mode on the cached prefix.
@@ -465,6 +500,8 @@ def mc_predict(
     Raises:
         ValueError: ``samples < 2``; no stochastic module with a rate > 0 in ``model``;
             unknown ``task`` or ``strategy``.
+        regfw.model_io.OutputSelectionError: ``output_key`` finds no tensor in the model's output
+            (the message names what the output holds).
         RuntimeError: all T samples identical although some module has a rate > 0 (the
             message names those modules).
     """
@@ -476,6 +513,8 @@ def mc_predict(
     name = resolve_strategy(strategy)
     check_inputs(inputs, name)
     fn = STRATEGIES[name]
+    if output_key is not None:
+        strategy_kwargs = {**strategy_kwargs, "output_key": output_key}
     used_seed = resolve_seed(seed, generator)
     index = model_index(model)
     with torch.no_grad(), isolated_rng(used_seed, rng_devices(model, inputs, [model, *index.modules])):
@@ -483,7 +522,7 @@ def mc_predict(
         joint = WITH_DETERMINISTIC.get(name) if deterministic else None
         # inside the fork too, in case a module is random even in eval mode
         if deterministic and joint is None:
-            det = deterministic_pass(model, inputs, index)
+            det = deterministic_pass(model, inputs, index, output_key)
         else:
             scan_functional_dropout(model, inputs, index)
         if index.functional != foreign.functional_generation():  # the scan found functional-dropout hosts

@@ -1,4 +1,4 @@
-"""Bad-input cases by area, collected by ``tests/test_badinput.py``.
+"""Bad-input cases by area, collected by ``tests/cli/test_badinput.py``.
 
 Each module here defines ``cases(root, tmp) -> list[tuple[list[str], str]]``: command lines for
 ``regfw.cli.main.main`` and the text the one error line must contain. ``root`` is a directory holding a

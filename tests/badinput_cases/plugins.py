@@ -1,7 +1,7 @@
 """Bad-input cases of plugin and regularizer selection: qualified names ``DIST:NAME`` that select
 nothing, their empty or extra parts, one regularizer selected twice under two names, and settings
 under a qualified key. Only the installed plugins (the built-ins) are here; the cases that need
-extra plugins (a shared name, a later built-in) are in ``tests/test_plugin_names.py``."""
+extra plugins (a shared name, a later built-in) are in ``tests/registry/test_plugin_names.py``."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -241,7 +241,7 @@ def test_plan_fit_with_mc_dropout_and_predict_from_the_installed_package(work: P
     run_dir = work / re.search(r"^run directory: +(.+)$", fit.stdout, flags=re.M).group(1)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert [r[:4] for r in plan_rows((run_dir / "plan.txt").read_text())] == [r[:4] for r in rows]
-    mi = float(re.search(r"^mc_mean_mi: ([0-9.]+)$", fit.stdout, flags=re.M).group(1))
+    mi = float(re.search(r"^  mc/mean_mi +([0-9.]+)", fit.stdout, flags=re.M).group(1))
     assert mi > 0, fit.stdout  # dropout active in MC mode: the samples differ
     with open(run_dir / "metrics.csv", newline="") as f:
         mc = [row for row in csv.DictReader(f) if row.get("mc/acc")]
@@ -284,7 +284,7 @@ def test_new_plugin_writes_the_template_with_its_dotfiles(work: Path, started: d
 def test_the_generated_plugin_installs_is_listed_and_passes_its_own_tests(fresh: Fresh, work: Path,
                                                                            plugin_installed: Path) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
-        listing = pool.submit(fresh.run, "regfw", "plugins", cwd=work)
+        listing = pool.submit(fresh.run, "regfw", "plugins", "--check", cwd=work)
         own = pool.submit(fresh.run, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
                           cwd=plugin_installed)
         listing_proc, tests_proc = listing.result(), own.result()

@@ -41,7 +41,7 @@ def test_regfw_fit_trains_a_lightning_pytorch_data_module(tmp_path):
     """))
     result = fit(load_config(cfg_path), run_dir=str(tmp_path / "run"), quiet=True)
     assert result.module.trainer.global_step == 120 // 16 + 1  # data.batch_size reached it
-    assert result.metrics["val_acc"] > 0 and "mc_acc" in result.metrics
+    assert result.metrics["val_acc"] > 0 and "mc/acc" in result.metrics
 
 
 def test_unified_callbacks_and_module_train_with_a_lightning_pytorch_trainer():

@@ -66,8 +66,12 @@ def test_detection_model() -> None:
     for key, value in bn_state(model).items():
         assert torch.equal(value, stats[key]), f"BatchNorm statistics {key} changed"
 
-    for strategy in ("loop", "auto"):
-        with pytest.raises(TypeError, match=r"one tensor of logits \[B, C\].*cannot be stacked"):
+    # auto refuses the list of images, loop the per-image dicts of boxes the model returns
+    for strategy, what in (("loop", r"got a list of 2 dicts with keys 'boxes', 'labels', 'scores'; expected one "
+                                    r"tensor"),
+                           ("auto", r"got a list of 2 \(Tensor\[3, \d+, \d+\], Tensor\[3, \d+, \d+\]\), "
+                                    r"expected one input batch.*one tensor of logits \[B, C\]")):
+        with pytest.raises(TypeError, match=what + r".*cannot be stacked"):
             mc_predict(model, images, samples=4, strategy=strategy, seed=0)
     with pytest.raises(TypeError, match=r"got a list of 2 dicts with keys 'boxes', 'labels', 'scores'.*cannot be "
                                         r"stacked"):

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from regfw.model_io import OutputKey, select_output
 from regfw.uncertainty import sampling as _sampling
 from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, deterministic_pass
 
@@ -29,7 +30,7 @@ def _fall_back(
         )
     det = None
     if deterministic:  # before the samples, as mc_predict's own eval pass would be
-        det = deterministic_pass(model, inputs)
+        det = deterministic_pass(model, inputs, output_key=kw.get("output_key"))
     return batched_strategy(model, inputs, samples, budget_bytes=budget_bytes, **kw), det
 
 
@@ -90,10 +91,12 @@ def _run(
         return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw}, deterministic)
     with torch.no_grad():
         if split._verified:
-            return _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
+            return _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+                             kw.get("output_key"))
         state = torch.random.get_rng_state()
         try:
-            out = _execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic)
+            out = _selected(_execute(split, model, inputs, samples, budget_bytes, chunk_rows, deterministic),
+                            kw.get("output_key"))
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             torch.random.set_rng_state(state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
@@ -101,6 +104,16 @@ def _run(
                               deterministic)
         split._verified = True
         return out
+
+
+def _selected(result: tuple[Tensor, Tensor | None], output_key: OutputKey) -> tuple[Tensor, Tensor | None]:
+    """``output_key`` applied to each sample ``[B, ...]`` of a split run (a model whose output is one
+    tensor: the split reproduces it, so each slice is one pass's output) and to the eval output."""
+    if output_key is None:
+        return result
+    out, det = result
+    return (torch.stack([select_output(o, output_key) for o in out]),
+            None if det is None else select_output(det, output_key))
 
 
 _sampling.register_strategy("auto", fast_strategy, with_deterministic=fast_strategy_with_deterministic)
