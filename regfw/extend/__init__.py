@@ -39,9 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers: the same names, impor
     from regfw.placement.api import (  # noqa: F401
         INJECTED_PREFIX,
         AttentionSite,
-        RateSlot,
         LayerInfo,
         ModelMap,
+        RateSlot,
         ResidualSite,
         after_anchor,
         analyse,
