@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from regfw.extend import (
     ATTENTION,
     HIDDEN,
-    AttentionSite,
     InjectingRegularizer,
     InjectionConfig,
     PlanContext,
@@ -108,7 +108,7 @@ class AttentionDropout(InjectingRegularizer):
                           f"nothing was changed{what}", stacklevel=2)
         return rows
 
-    def _site_row(self, model: nn.Module, mm, site: AttentionSite, rate: float, reason: str) -> list[PlanItem]:
+    def _site_row(self, model: nn.Module, mm: Any, site: Any, rate: float, reason: str) -> list[PlanItem]:
         """The row of one attention site: its probability dropout module, or the attributes its host
         reads its dropout rate from (Hugging Face attention), or a note that the rate is fixed."""
         slot = rate_slot(model, site)

@@ -38,10 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers: the same names, impor
     from regfw.placement import kinds  # noqa: F401
     from regfw.placement.api import (  # noqa: F401
         INJECTED_PREFIX,
-        AttentionSite,
         LayerInfo,
         ModelMap,
-        RateSlot,
         ResidualSite,
         after_anchor,
         analyse,
@@ -150,8 +148,6 @@ _LAZY: dict[str, str] = {
     "residual_branches": "regfw.placement.api",
     "plan_residual_rows": "regfw.placement.api",
     # attention blocks, found by what they compute, and where their probability dropout is set
-    "AttentionSite": "regfw.placement.api",
-    "RateSlot": "regfw.placement.api",
     "rate_slot": "regfw.placement.api",
     "unrecognised_attention": "regfw.placement.api",
     # one training step
