@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # does import are compiled on first use.
 $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 	$(PYTHON) -m venv $(ZOO_VENV)
-	$(ZOO_VENV)/bin/pip install -q --no-compile -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm
+	$(ZOO_VENV)/bin/pip install -q --no-compile -c constraints-zoo.txt -e . pytest pytest-xdist torchvision timm transformers
 	touch $(ZOO_STAMP)
 
 # `python -m build` makes the sdist, then the wheel from the unpacked sdist (so a file missing from the

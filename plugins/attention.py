@@ -1,5 +1,11 @@
 """The ``attention_dropout`` regularizer: the dropout rates of attention and Transformer layers.
 
+Attention is found by what a forward computes (:mod:`regfw.placement.attention`), so every block
+counts whatever its class: torch's layers, timm's ``Attention`` (its ``attn_drop`` module) and Hugging
+Face attention, which passes ``dropout=0.0 if not self.training else rate`` to its attention function
+and keeps the rate in a float attribute, an unused ``nn.Dropout``'s ``p`` or its config
+(:func:`regfw.placement.foreign.rate_sources`): those attributes are set.
+
 Vaswani et al., "Attention Is All You Need", NeurIPS 2017: ``P_drop = 0.1`` on the attention
 weights and on every sub-layer output before its residual add. torch builds those dropouts into
 ``nn.MultiheadAttention`` (its ``dropout`` float) and ``nn.TransformerEncoderLayer`` /
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -22,8 +29,11 @@ from regfw.extend import (
     PlanContext,
     PlanItem,
     hookimpl,
+    model_map,
     rate,
+    rate_slot,
     set_rate,
+    unrecognised_attention,
 )
 from regfw.layers import set_attention_dropout
 
@@ -52,28 +62,17 @@ class AttentionDropout(InjectingRegularizer):
 
     name = "attention_dropout"
     family = "dropout"
-    description = "sets the attention dropout of nn.MultiheadAttention / nn.Transformer*Layer / timm Attention (0.1)"
+    description = "sets the attention-probability dropout of every attention block (0.1)"
     Config = AttentionDropoutConfig
     kinds = (ATTENTION,)
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.extend import model_map
-
         mm = model_map(model, ctx)
         rate, reason = self.rate_for(ATTENTION, ctx)
         if not rate:
             return []
         rows: list[PlanItem] = []
-        for path in mm.attention:  # attention blocks written outside torch (timm's Attention): their attn_drop
-            module = mm.module(path)
-            slot = module._modules.get("attn_drop")
-            if isinstance(module, (nn.MultiheadAttention, *_TRANSFORMER_LAYERS)) or not isinstance(slot, nn.Dropout):
-                continue
-            if slot.p > 0 and self.config.existing == "keep":
-                continue
-            rows.append(PlanItem(self.name, path, ATTENTION, self.name, rate,
-                                 f"{reason}; attention weights (attn_drop, was {slot.p:g})", action="set",
-                                 anchor=f"{path}.attn_drop"))
+        done: list[str] = []  # torch's attention layers, set as wholes
         for info in mm.layers:
             if info.kind != ATTENTION:
                 continue
@@ -83,6 +82,7 @@ class AttentionDropout(InjectingRegularizer):
                                      f"not set: {type(info.module).__name__} contains no nn.MultiheadAttention",
                                      action="note"))
                 continue
+            done.append(info.path)
             if was > 0 and self.config.existing == "keep":
                 continue
             hidden = getattr(ctx, "claimed", {}).get(HIDDEN)  # e.g. `dropout`: it sets the sub-layer dropouts
@@ -95,21 +95,40 @@ class AttentionDropout(InjectingRegularizer):
             rows.append(PlanItem(self.name, info.path, ATTENTION, self.name, rate,
                                  f"{reason}; {what} (was {was:g})", action="set", anchor=info.path,
                                  options={"attention_only": weights_only}))
+        for site in mm.attention_sites:  # every other attention, found by what it computes
+            if any(site.host == d or site.host.startswith(d + ".") for d in done):
+                continue
+            done.append(site.host)
+            rows.extend(self._site_row(model, mm, site, rate, reason))
         if not rows:
-            seen = sorted({type(m).__name__ for m in model.modules()
-                           if "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()})
-            what = (f"; attention-like modules seen: {', '.join(seen)} (none is an nn.MultiheadAttention, an "
-                    f"nn.Transformer*Layer or a block with an attn_drop dropout)") if seen else ""
+            seen = unrecognised_attention(model, mm.attention_sites)
+            what = (f"; attention-like modules seen: {', '.join(seen)} (none computes softmax(q·kᵀ)·v or "
+                    f"scaled_dot_product_attention in the traced forward)") if seen else ""
             warnings.warn(f"regularizer {self.name!r} found no attention layer in {type(model).__name__}; "
                           f"nothing was changed{what}", stacklevel=2)
         return rows
 
+    def _site_row(self, model: nn.Module, mm: Any, site: Any, rate: float, reason: str) -> list[PlanItem]:
+        """The row of one attention site: its probability dropout module, or the attributes its host
+        reads its dropout rate from (Hugging Face attention), or a note that the rate is fixed."""
+        slot = rate_slot(model, site)
+        if slot is None:
+            return [PlanItem(self.name, site.host, ATTENTION, self.name, None,
+                             f"not set: {type(mm.module(site.host)).__name__} ({site.how}) has no attention dropout "
+                             f"regfw can set (no dropout on its probabilities, or a rate fixed in its forward)",
+                             action="note")]
+        anchor, was, where = slot.anchor, slot.rate, slot.where
+        if was > 0 and self.config.existing == "keep":
+            return []
+        return [PlanItem(self.name, site.host, ATTENTION, self.name, rate,
+                         f"{reason}; attention probabilities ({where}, was {was:g})", action="set", anchor=anchor)]
+
     def set_existing(self, model: nn.Module, item: PlanItem) -> None:
         """A set row: the attention dropout of the layer at ``item.anchor`` (or a timm block's attn_drop)."""
         assert item.anchor is not None and item.rate is not None  # plan() fills both on a set row
-        target = model.get_submodule(item.anchor)
-        if isinstance(target, nn.Dropout):  # a timm attention block's attn_drop
-            set_rate(model, item.anchor, item.rate)
+        target = model.get_submodule(item.anchor) if item.anchor else model
+        if not isinstance(target, (nn.MultiheadAttention, *_TRANSFORMER_LAYERS)):
+            set_rate(model, item.anchor, item.rate)  # a probability dropout module, or a host's rate attributes
         else:
             set_attention_dropout(target, item.rate, item.options.get("attention_only", self.config.attention_only))
 

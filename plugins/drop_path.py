@@ -7,11 +7,12 @@ grows linearly with depth, from 0 at the first block to ``p`` at the last
 (:func:`regfw.layers.drop_path_schedule`).
 
 Where the branches are. Residual adds are functional (``out + identity``) and invisible to
-module hooks, so the model is traced with ``torch.fx`` (:func:`regfw.placement.dataflow.find_residuals`):
+module hooks, so the model is traced with ``torch.fx``, or captured with ``torch.export`` of the example
+input where ``torch.fx`` cannot trace it (:func:`regfw.placement.dataflow.find_residuals`; the plan then says so):
 for each add whose operands share an input, the operand that runs more parameterised modules is
 the branch. :class:`regfw.layers.DropPath` then hangs as a forward hook on the module producing
 the branch operand (for a torchvision-style block, its last BatchNorm), so the model keeps its
-class, forward and parameter names. A model ``torch.fx`` cannot trace gets no DropPath and a
+class, forward and parameter names. A model neither can capture gets no DropPath and a
 warning saying why; a branch that ends in a function rather than a module gets a plan note.
 
 The rate at the last block comes from the ``residual`` row of the rate table (0.1, timm's and
@@ -61,11 +62,11 @@ class DropPathConfig:
 
 
 class DropPathRegularizer(InjectingRegularizer):
-    """DropPath on the branch operand of every residual add ``torch.fx`` finds."""
+    """DropPath on the branch operand of every residual add ``torch.fx`` (or ``torch.export``) finds."""
 
     name = "drop_path"
     family = "dropout"
-    description = "stochastic depth (DropPath) on residual branches, linear depth schedule; needs torch.fx"
+    description = "stochastic depth (DropPath) on residual branches, linear depth schedule; torch.fx or torch.export"
     Config = DropPathConfig
     kinds = (RESIDUAL,)
 

@@ -51,9 +51,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers: the same names, impor
         model_map,
         plan_residual_rows,
         planned_module,
+        rate_slot,
         residual_branches,
         reuse_existing,
         set_rate,
+        unrecognised_attention,
     )
     from regfw.placement.kinds import (  # noqa: F401
         ATTENTION,
@@ -145,6 +147,9 @@ _LAZY: dict[str, str] = {
     "ResidualSite": "regfw.placement.api",
     "residual_branches": "regfw.placement.api",
     "plan_residual_rows": "regfw.placement.api",
+    # attention blocks, found by what they compute, and where their probability dropout is set
+    "rate_slot": "regfw.placement.api",
+    "unrecognised_attention": "regfw.placement.api",
     # one training step
     "Step": "regfw.train.steps",
     "MixedTargets": "regfw.train.steps",

@@ -48,6 +48,7 @@ from typing import Any
 from torch import nn
 
 from regfw.placement import kinds as K
+from regfw.placement.attention import AttentionSite, RateSlot, rate_slot, unrecognised_attention
 from regfw.placement.dataflow import ResidualSite
 from regfw.placement.plan_items import PlanContext, PlanItem
 from regfw.placement.surgery import (
@@ -69,6 +70,7 @@ from regfw.placement.surgery import (
 )
 
 __all__ = [
+    "AttentionSite",
     "INJECTED_PREFIX",
     "LayerInfo",
     "ModelMap",
@@ -86,9 +88,12 @@ __all__ = [
     "model_map",
     "plan_residual_rows",
     "planned_module",
+    "RateSlot",
+    "rate_slot",
     "residual_branches",
     "reuse_existing",
     "set_rate",
+    "unrecognised_attention",
 ]
 
 
@@ -165,6 +170,9 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
     if note:
         why += f"; {note}"
     rows: list[PlanItem] = []
+    capture = getattr(mm.residuals, "capture", None)
+    if capture and "torch.export" in capture:  # say how the residual adds were found where torch.fx could not
+        rows.append(PlanItem(reg.name, "", K.RESIDUAL, reg.variant_for(K.RESIDUAL), None, capture, action="note"))
     for site in sites:
         where = f"residual add {site.node!r}"
         if site.anchor is None:

@@ -55,7 +55,7 @@ INJECTED_PREFIX = "regfw_"
 #: applied before them instead of after, with the same result.
 POSITIVELY_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _ADD_METHODS = {"add", "add_"}
 #: The successor recorded for a unit whose output a function (not a unit) consumes.
 FUNCTION = "<function>"
@@ -601,18 +601,24 @@ def _block_of(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0]
 
 
-def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = ()) -> list[ResidualSite]:
-    """Every residual add of ``model``, in forward order; raises when ``torch.fx`` cannot trace it.
+def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: Any = None,
+                   captured: list | None = None) -> list[ResidualSite]:
+    """Every residual add of ``model``, in forward order; raises when no graph can be captured
+    (:func:`regfw.placement.tracing.capture`: ``torch.fx``, else ``torch.export`` of ``example_input``).
+    ``captured``, when given, gets the :class:`~regfw.placement.tracing.Capture` used.
 
     The model is traced in eval mode (flags restored after), as the example-input trace runs, so a
     forward that counts or changes state only while training is not touched by planning."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        graph = fx_trace(model, leaves)
+        found = tracing.capture(model, leaves, example_input)
     finally:
         for m, flag in flags:
             m.training = flag
+    if captured is not None:
+        captured.append(found)
+    graph = found.graph
     modules = dict(model.named_modules())
     module_calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -682,15 +688,22 @@ class ResidualAnalysis:
 
     model: nn.Module
     leaves: tuple = ()
+    #: One input batch: where ``torch.fx`` cannot trace the model, ``torch.export`` captures it with this.
+    example_input: Any = None
+    #: How the graph was captured (``graph: torch.fx`` / ``graph: torch.export (...)``), once computed.
+    capture: str | None = None
 
     @cached_property
     def result(self) -> tuple[list[ResidualSite], str | None]:
+        captured: list = []
         try:
-            return find_residuals(self.model, self.leaves), None
+            sites = find_residuals(self.model, self.leaves, self.example_input, captured)
+            self.capture = captured[0].describe()
+            return sites, None
         except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note
+            why = str(exc) if isinstance(exc, tracing.CaptureError) else f"{type(exc).__name__}: {_first_line(exc)}"
             return [], (
-                f"torch.fx cannot trace {type(self.model).__name__} ({type(exc).__name__}: {_first_line(exc)}), "
-                f"so its residual adds are unknown and DropPath was not inserted. Make forward traceable "
-                f"(no Python control flow on tensor values) or put regfw.layers.DropPath on the residual "
-                f"branches by hand"
+                f"torch.fx cannot trace {type(self.model).__name__} ({why}), so its residual adds are unknown and "
+                f"DropPath was not inserted. Make forward traceable (no Python control flow on tensor values) or put "
+                f"regfw.layers.DropPath on the residual branches by hand"
             )

@@ -7,7 +7,8 @@ Regularizers ask for modules by kind, and rates come from :data:`RATE_TABLE`:
 kind      range   notes
 ========= ======= ====================================================================
 input     0.1-0.2 the first layer to consume the model input (dropout on its input)
-hidden    0.3-0.5 ``nn.Linear``
+hidden    0.3-0.5 ``nn.Linear``, and any layer multiplying its input by one weight matrix
+                  (:func:`linear_by_behaviour`: GPT-2's ``Conv1D``)
 conv      0.1-0.3 convolutions; spatial dropout / DropBlock fit conv maps better
 recurrent 0.2-0.3 RNN/LSTM/GRU; locked (variational) masks over time
 attention 0.1     the Transformer convention
@@ -28,7 +29,7 @@ differs. This module knows no regularizer by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -145,6 +146,29 @@ _TYPE_TABLE: tuple[tuple[tuple[type, ...], str], ...] = (
       nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
       nn.Softsign, nn.Tanhshrink, nn.GLU, nn.LogSigmoid), ACTIVATION),
 )
+
+
+#: Functions that multiply their input by a weight matrix.
+MATMUL_FUNCTIONS = frozenset({"linear", "addmm", "matmul", "mm", "bmm", "__matmul__", "einsum", "baddbmm"})
+#: What else a linear layer's forward may do: reshape around the product and add its bias.
+_LINEAR_HELPERS = frozenset({"view", "reshape", "flatten", "unflatten", "t", "transpose", "permute", "contiguous",
+                             "add", "__add__", "__radd__", "add_", "to", "type_as", "__getitem__"})
+
+
+def linear_by_behaviour(module: nn.Module, calls: Iterable[str] | None) -> bool:
+    """A linear layer by what it does, whatever its class: its own parameters are one weight matrix
+    (two dimensions) and at most a bias (one), and its forward (``calls``: the torch functions it
+    called, from a traced pass) multiplies by it and does nothing else but reshape and add a bias (a
+    layer that also gates or activates, ``F.glu(F.linear(x, w))``, is not). GPT-2's
+    ``transformers.pytorch_utils.Conv1D`` (``torch.addmm(bias, x, weight)``) is one; a convolution or
+    an embedding lookup is not."""
+    if calls is None or any(True for _ in module.children()):
+        return False
+    params = list(module.parameters(recurse=False))
+    if not params or sorted(p.dim() for p in params) not in ([2], [1, 2]):
+        return False
+    calls = set(calls)
+    return bool(calls & MATMUL_FUNCTIONS) and calls <= MATMUL_FUNCTIONS | _LINEAR_HELPERS
 
 
 def builtin_kind(module: nn.Module) -> str | None:

@@ -29,9 +29,11 @@ from typing import Any, cast
 
 from torch import nn
 
+import regfw.placement.attention as attention_graph
 from regfw.layers.base import attach_child
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
+from regfw.placement.attention import AttentionSite
 from regfw.placement.dataflow import FUNCTION, INJECTED_PREFIX, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.placement.plan_items import PlanContext, PlanItem, Planner
 
@@ -75,6 +77,8 @@ class ModelMap:
     #: The layers that make the tokens, called after any earlier dropout and before ``token_drop`` (a
     #: ViT's patch embedding): they get no dropout of their own.
     stem: set[str] = field(default_factory=set)
+    #: What each attention block computes (:mod:`regfw.placement.attention`): host, q/k/v, probability dropout.
+    attention_sites: list[AttentionSite] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.by_path = {i.path: i for i in self.layers}
@@ -221,6 +225,9 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
             info.kind = K.NORM
         elif info.kind is None and info.path in units and structure.is_activation(info.path, info.module, flow):
             info.kind = K.ACTIVATION
+        elif (info.kind is None and info.path in units
+              and K.linear_by_behaviour(info.module, flow.inner_calls.get(info.path))):
+            info.kind = K.HIDDEN  # a weight matrix multiplied with the input (GPT-2's Conv1D)
         if flow.complete and info.path in units and info.path and info.path not in flow.calls:
             info.dead = True
     if flow.output_sources:  # every layer reaching an output with no weight layer in between
@@ -232,7 +239,11 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
         if last:
             last[-1].is_output = True
     leaves = tuple(m for p, m in units.items() if p)
-    attention = [p for p, _ in structure.attention_modules(model) if not is_injected(p)]
+    sites, attention_note = attention_graph.find(model, example_input)
+    if attention_note:
+        notes.append(attention_note)
+    attention = [p for p in attention_graph.hosts(sites, [i.path for i in infos if i.kind == K.ATTENTION])
+                 if not is_injected(p)]
     kinds = {i.path: i.kind for i in infos}
 
     def drop_unit(p: str) -> bool:
@@ -244,8 +255,10 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
         end = flow.order.index(token_drop)
         start = max((i for i in range(end) if drop_unit(flow.order[i])), default=-1)
         stem = {p for p in flow.order[start + 1:end] if kinds.get(p) in _LAYER_KINDS}
-    return ModelMap(model, infos, flow, ResidualAnalysis(model, leaves), notes, gates=structure.gate_units(flow),
-                    qkv=structure.qkv_projections(model), attention=attention, token_drop=token_drop, stem=stem)
+    residuals = ResidualAnalysis(model, leaves, example_input)
+    return ModelMap(model, infos, flow, residuals, notes, gates=structure.gate_units(flow),
+                    qkv={p for s in sites for p in s.projections}, attention=attention, token_drop=token_drop,
+                    stem=stem, attention_sites=sites)
 
 
 def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:

@@ -12,6 +12,9 @@ tracer adds ``_tensor_constant0`` attributes to the module it traces). They diff
   the module's forward, so the injected module becomes a node of its own; a module with any other
   hook is a leaf, called whole with all its hooks (:func:`hook_kinds`).
 
+Where ``torch.fx`` cannot trace a model (every Hugging Face model), :func:`capture` takes its graph from
+``torch.export`` (Dynamo) of an example input and turns it into the same shape (:func:`module_graph`).
+
 This module imports nothing from regfw, so every other module may import it.
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
-__all__ = ["FORWARD_ONLY", "Const", "Root", "Tracer", "hook_kinds", "structure", "trace"]
+__all__ = ["FORWARD_ONLY", "Capture", "CaptureError", "Const", "Root", "Tracer", "capture", "hook_kinds",
+           "module_graph", "structure", "trace"]
 
 #: Node meta key: the leaf node calls ``module.forward`` only, its (traceable) hooks are in the graph.
 FORWARD_ONLY = "regfw_forward_only"
@@ -162,3 +166,161 @@ def trace(
     """The ``torch.fx`` graph of ``model`` with :class:`Tracer` (raises what ``torch.fx`` raises
     when it cannot trace)."""
     return Tracer(leaves, hooks=hooks, records=records).trace(model)
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+class CaptureError(RuntimeError):
+    """Neither ``torch.fx`` nor ``torch.export`` gave a graph; the message says why for each."""
+
+
+class Capture:
+    """A module-level graph of a model and how it was captured: ``torch.fx`` symbolic tracing, or
+    ``torch.export`` (Dynamo) where ``torch.fx`` cannot trace (``why`` says what stopped it)."""
+
+    __slots__ = ("graph", "how", "why")
+
+    def __init__(self, graph: fx.Graph, how: str, why: str | None = None) -> None:
+        self.graph, self.how, self.why = graph, how, why
+
+    def describe(self) -> str:
+        """How a plan names the capture, e.g. ``graph: torch.export (torch.fx: TraceError ...)``."""
+        return f"graph: {self.how}" + (f" (torch.fx cannot trace it: {self.why})" if self.why else "")
+
+
+def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: Any = None) -> Capture:
+    """The graph of ``model`` with ``leaves`` (and torch's own modules) as ``call_module`` nodes: from
+    ``torch.fx`` when it can trace the model, else from ``torch.export`` of ``example_input`` (a
+    tensor, a tuple of positional arguments or a dict of keyword arguments), turned into the same
+    shape of graph (:func:`module_graph`). Raises what ``torch.fx`` raised when there is no example
+    input, and what ``torch.export`` raises when it fails too. The model is captured in eval mode;
+    its flags are restored after."""
+    leaves = tuple(leaves)
+    try:
+        return Capture(trace(model, leaves), "torch.fx")
+    except Exception as exc:  # noqa: BLE001 - any failure of torch.fx: try torch.export
+        if example_input is None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = f"{type(exc).__name__}: {first}"
+    import torch
+
+    args: tuple
+    if isinstance(example_input, dict):
+        args, kwargs = (), dict(example_input)
+    elif isinstance(example_input, tuple):
+        args, kwargs = example_input, {}
+    else:
+        args, kwargs = (example_input,), {}
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            program = torch.export.export(_Tensors(model), args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - both captures failed: say why for each
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CaptureError(f"{why}; torch.export cannot capture it either ({type(exc).__name__}: {first})") from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    names = {id(m): p for p, m in model.named_modules()}
+    leaf_paths = {names[id(m)] for m in leaves if id(m) in names}
+    leaf_paths |= {p for p, m in model.named_modules() if p and _torch_module(m)}
+    return Capture(module_graph(program, leaf_paths, prefix="m."), "torch.export", why)
+
+
+class _Tensors(nn.Module):
+    """Exported in place of a model: its output's tensors only, as a flat tuple (a Hugging Face
+    output also holds a key/value cache object, which ``torch.export`` cannot return)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple:
+        return tuple(_flat_tensors(self.m(*args, **kwargs)))
+
+
+def _flat_tensors(value: Any) -> Iterable[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _flat_tensors(v)
+    elif isinstance(value, dict):  # a ModelOutput is a dict
+        for v in value.values():
+            yield from _flat_tensors(v)
+
+
+def _torch_module(m: nn.Module) -> bool:
+    """A module of torch's own (``torch.nn``), a leaf as in ``torch.fx``."""
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList,
+                                                                            nn.ModuleDict))
+
+
+def module_graph(program: Any, leaf_paths: set[str], prefix: str = "") -> fx.Graph:
+    """The graph of an exported program with every call of a leaf module collapsed into one
+    ``call_module`` node (target: its path; arguments: the values its operations read from outside;
+    every value it hands out stands for its output), parameters and buffers as ``get_attr`` nodes,
+    and every other operation kept: the shape :func:`trace` gives, so one analysis reads both.
+    ``prefix``: the path of the model inside the exported module (removed from every path)."""
+    def own(path: str) -> str:
+        return path[len(prefix):] if prefix and path.startswith(prefix) else ("" if path + "." == prefix else path)
+
+    owners = {spec.arg.name: own(spec.target) for spec in program.graph_signature.input_specs
+              if getattr(spec, "target", None) is not None}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    group: dict[str, Any] = {}  # the leaf call being collected: key, path, nodes, stack
+
+    def leaf_of(node: fx.Node) -> tuple[str, str, dict] | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        outer: dict = {}
+        for key, (path, kind) in stack.items():
+            path = own(path)
+            if path in leaf_paths:
+                return key, path, outer
+            outer[key] = (path, kind)
+        return None
+
+    def close() -> None:
+        if not group:
+            return
+        inside = set(group["nodes"])
+        inputs: list[fx.Node] = []
+        for n in group["nodes"]:
+            for a in n.all_input_nodes:
+                if a not in inside and a not in inputs and not (a.op == "get_attr" or a.name in owners):
+                    inputs.append(a)
+        node = graph.create_node("call_module", group["path"], tuple(env[a] for a in inputs), {})
+        node.meta["nn_module_stack"] = group["stack"]
+        for n in group["nodes"]:
+            env[n] = node
+        group.clear()
+
+    for n in program.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in owners:
+                env[n] = graph.get_attr(owners[n.name])
+            else:
+                env[n] = graph.placeholder(n.name)
+            env[n].meta = dict(n.meta)
+            continue
+        found = leaf_of(n) if n.op == "call_function" else None
+        if found is not None:
+            key, path, outer = found
+            if group.get("key") != key:
+                close()
+                group.update(key=key, path=path, nodes=[], stack=outer)
+            group["nodes"].append(n)
+            continue
+        close()
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            env[n].meta["nn_module_stack"] = {k: (own(p), kind) for k, (p, kind) in stack.items()}
+    close()
+    return graph
