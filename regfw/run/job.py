@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
     _check_model_target(cfg, datamodule)
     n_train, example, notes = describe_data(datamodule, cfg.data.batch)
     model_config = model_config_for(cfg.model, datamodule)
-    try:
+    with _building(model_config, example):
         module = RegularizedModule(
             model=None,
             loss=resolve_loss(cfg.model, datamodule),
@@ -198,13 +198,6 @@ def build_module(cfg: Config, datamodule: Any) -> Any:
         if notes:
             module.plan.notes["data"] = notes
         return module
-    except RegfwError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
-        error = _building_error(exc, model_config, example)
-        if error is exc:
-            raise
-        raise error from exc
 
 
 def build_plan(cfg: Config, data: Any) -> Any:
@@ -222,7 +215,7 @@ def build_plan(cfg: Config, data: Any) -> Any:
     _check_model_target(cfg, data)
     example = data.example_input() if hasattr(data, "example_input") else None
     model_config = model_config_for(cfg.model, data)
-    try:
+    with _building(model_config, example):
         resolve_loss(cfg.model, data)
         model = build_model(model_config)
         regularizers = cfg.take_regularizers()
@@ -230,6 +223,14 @@ def build_plan(cfg: Config, data: Any) -> Any:
         plan = make_plan(model, regularizers, getattr(data, "n_train", None), zeros)
         apply_plan(model, regularizers, plan)
         return plan
+
+
+@contextlib.contextmanager
+def _building(model_config: dict, example: Any) -> Iterator[None]:
+    """Building the model and its plan: an exception that is not a :class:`RegfwError` is reported as
+    :func:`_building_error` names it (the plugin that raised, or the model not fitting the data)."""
+    try:
+        yield
     except RegfwError:
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
