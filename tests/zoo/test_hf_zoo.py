@@ -111,15 +111,13 @@ def z_of(a: tuple[float, float], b: tuple[float, float]) -> float:
     return abs(a[0] - b[0]) / max((a[1] ** 2 + b[1] ** 2) ** 0.5, 1e-300)
 
 
-#: One ``nn.Dropout`` called at two places (ELECTRA's head before and after its dense layer; ViT, DeiT and
-#: Swin call their layer's dropout after attention and after the MLP): the placement rules do not reuse a
-#: dropout module called more than once yet, so a second dropout goes in beside it.
+#: ELECTRA's head calls one ``nn.Dropout`` before and after its dense layer; ViT, DeiT and Swin call their
+#: layer's dropout after attention and after the MLP: the placement rules reuse it at each call, and no
+#: DropPath goes where a branch ends in it.
 SHARED_DROPOUT = {"electra", "vit", "deit", "swin"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="a dropout module called at several places is not reused yet")) if n in SHARED_DROPOUT
-    else n for n in HF_ZOO])
+@pytest.mark.parametrize("name", list(HF_ZOO))
 def test_hf_zoo(name: str) -> None:
     entry = HF_ZOO[name]
     batch = entry.batch()
