@@ -22,6 +22,7 @@ from regfw.extend.contract import check_claims, check_items, check_lines, who
 from regfw.extend.regularizer import PlanContext, PlanItem, Regularizer, missing_method, row_problem
 from regfw.placement.plan_items import tracking_applied
 from regfw.placement.surgery import LayerInfo, ModelMap, analyse, is_batchnorm, is_dropout, is_injected
+from regfw.placement.untouched import untouched
 
 
 @dataclass(repr=False)
@@ -84,6 +85,12 @@ def make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples:
     """
     check_names(regularizers)
     check_families(regularizers)
+    with untouched(model):  # every pass of planning (graph captures, probes) leaves the model as it was
+        return _make_plan(model, regularizers, n_examples, example_input)
+
+
+def _make_plan(model: nn.Module, regularizers: Sequence[Regularizer], n_examples: int | None,
+               example_input: Any) -> Plan:
     n_params = sum(p.numel() for p in model.parameters())
     mm = analyse(model, example_input)
     ctx = PlanContext(n_examples=n_examples, n_params=n_params, example_input=example_input,

@@ -36,6 +36,7 @@ from regfw.placement import kinds as K
 from regfw.placement.attention import AttentionSite
 from regfw.placement.dataflow import FUNCTION, INJECTED_PREFIX, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.placement.plan_items import PlanContext, PlanItem, Planner
+from regfw.placement.untouched import untouched
 
 _LAYER_KINDS = {K.HIDDEN, K.CONV, K.RECURRENT, K.ATTENTION}
 
@@ -202,8 +203,15 @@ def analyse(model: nn.Module, example_input: Any = None) -> ModelMap:
 
     The first layer called (when no unclassified module with parameters, such as an
     embedding, runs before it) is marked ``is_input``; the last hidden or conv layer called is
-    the output layer (``is_output``) and gets nothing inserted after it.
+    the output layer (``is_output``) and gets nothing inserted after it. Every pass it makes over the
+    model (the example pass, the training pass, the attention probes) leaves the model as it was
+    (:func:`regfw.placement.untouched.untouched`).
     """
+    with untouched(model):
+        return _analyse(model, example_input)
+
+
+def _analyse(model: nn.Module, example_input: Any) -> ModelMap:
     infos, units = _classify_all(model)
     if not units and infos:  # the model is a single leaf module
         units = {"": model}
