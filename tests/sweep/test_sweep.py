@@ -16,9 +16,10 @@ of a recorded forward pass, :mod:`runtime_graph`), never by module names:
 * a training step with the model's own loss runs and changes the weights.
 
 A case collects every failure by class. The classes known to fail on a case are in
-``known_failures.json``: such a case is a strict ``xfail`` (raising :class:`KnownFailure` only when
-exactly those classes fail), so a rule that gets fixed shows as an XPASS failure until its entry is
-removed, and a new failure class fails the run. ``REGFW_SWEEP_RECORD=<dir>`` writes each case's
+``known_failures.json``: such a case is an ``xfail`` (raising :class:`KnownFailure` when only those
+classes fail); a class that no longer fails shows as XPASS and a warning naming the entry to remove
+(rules get fixed between records, and a statistical check may pass by chance), and a new failure class
+fails the run. ``REGFW_SWEEP_RECORD=<dir>`` writes each case's
 failures there (``python -m tests.sweep.known`` merges them into ``known_failures.json``).
 The terminal summary prints the table: families and builders tried, passed, failing by class, excluded
 with the reason.
@@ -71,7 +72,7 @@ def _params() -> list[Any]:
             cid = case_id(entry, variant)
             marks = [pytest.mark.xdist_group(entry.key)]
             if cid in KNOWN_FAILURES:
-                marks.append(pytest.mark.xfail(strict=True, raises=KnownFailure,
+                marks.append(pytest.mark.xfail(strict=False, raises=KnownFailure,
                                                reason="known failure classes: " + ", ".join(KNOWN_FAILURES[cid])))
             out.append(pytest.param(entry, variant, id=cid, marks=marks))
     return out
@@ -192,7 +193,11 @@ def test_sweep(entry: SweepModel, variant: str) -> None:
     found = sorted(fails.by_class)
     known = sorted(KNOWN_FAILURES.get(cid, []))
     text = "; ".join(f"[{c}] " + " | ".join(fails.by_class[c][:3]) for c in found)
-    if found and found == known:
+    new = [c for c in found if c not in known]
+    assert not new, f"new failure classes {new} (known: {known}): {text}"
+    fixed = [c for c in known if c not in found]
+    if fixed:  # a rule fixed since the record: reported (XPASS, and in the table), never a failure
+        warnings.warn(f"{cid}: known failure classes {fixed} no longer fail: remove them from {KNOWN.name}",
+                      stacklevel=1)
+    if found:
         raise KnownFailure(text)
-    assert not found, f"failure classes {found} (known: {known}): {text}"
-    assert not known, f"known failure classes {known} no longer fail: remove them from {KNOWN.name}"
