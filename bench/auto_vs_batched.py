@@ -42,9 +42,9 @@ def compare(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[float, float,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mc_predict(model, x, T, strategy="auto", seed=0, **kw)  # decides
+        mc_predict(model, x, T, strategy="auto", seed=0, choose=True, **kw)  # decides
         mc_predict(model, x, T, strategy="batched", seed=0, **kw)  # warm
-        auto = cpu(lambda: mc_predict(model, x, T, strategy="auto", seed=1, **kw))
+        auto = cpu(lambda: mc_predict(model, x, T, strategy="auto", seed=1, choose=True, **kw))
         batched = cpu(lambda: mc_predict(model, x, T, strategy="batched", seed=1, **kw))
     entry = cache._CACHE.get(model)  # the split of the call (made under the call's sampling setting)
     kept = next((s.choices[(x.shape[0], T)] for s in (entry.splits.values() if entry else ())

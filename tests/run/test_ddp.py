@@ -207,12 +207,14 @@ def test_ddp_mc_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp_
     assert len(val.dataset) == 180
     cb = uncertainty_callback(cfg, module, root / "plots")
     metric = cb._make_metric()
+    cb.say_what_is_sampled(module)  # what the callback samples, read off the module's plan as in the fit
     for rank in (0, 1):
         shard = DataLoader(val.dataset, batch_size=val.batch_size,
                            sampler=DistributedSampler(val.dataset, num_replicas=2, rank=rank, shuffle=False))
         for batch_idx, (x, y) in enumerate(shard):
             out = mc_predict(module, x, samples=cb.samples, strategy=cb.strategy, budget_bytes=cb.budget_bytes,
-                             seed=derive_seed(cb.seed, 0, rank, 0, batch_idx), task=cb.task, tau=cb.tau)
+                             seed=derive_seed(cb.seed, 0, rank, 0, batch_idx), task=cb.task, tau=cb.tau,
+                             sample_model_stochastic=cb.sample_model_stochastic, selected=cb.selected_kinds)
             metric.update(out.summary, y)
     single = {f"mc/{k}": float(v) for k, v in metric.compute().items()}
     with open(run / "metrics.csv", newline="") as f:

@@ -50,12 +50,12 @@ def test_the_first_call_keeps_the_faster_and_later_calls_reproduce_its_samples(m
     model, x = head_only(), inputs()
     clock = FakeClock(auto_s, batched_s)
     monkeypatch.setattr(strategy, "clock", clock)
-    first = mc_predict(model, x, 8, strategy="auto", seed=5)
+    first = mc_predict(model, x, 8, strategy="auto", seed=5, choose=True)
     split = split_model(model, x)
     assert split.choices == {(4, 8): kept}
     assert split.timings[(4, 8)] == (auto_s, batched_s)
     assert clock.reads == 4  # both strategies timed once
-    again = mc_predict(model, x, 8, strategy="auto", seed=5)
+    again = mc_predict(model, x, 8, strategy="auto", seed=5, choose=True)
     assert clock.reads == 4  # decided: not timed again
     assert torch.equal(first.outputs, again.outputs) and torch.equal(first.deterministic, again.deterministic)
     plain = mc_predict(model, x, 8, strategy=kept if kept == "batched" else "auto", seed=5,
@@ -66,15 +66,15 @@ def test_the_first_call_keeps_the_faster_and_later_calls_reproduce_its_samples(m
 def test_a_new_call_size_is_decided_again(monkeypatch):
     model = head_only()
     monkeypatch.setattr(strategy, "clock", FakeClock(1.0, 2.0, 3.0, 1.0))
-    mc_predict(model, inputs(), 8, strategy="auto", seed=0)
-    mc_predict(model, inputs(), 6, strategy="auto", seed=0)
+    mc_predict(model, inputs(), 8, strategy="auto", seed=0, choose=True)
+    mc_predict(model, inputs(), 6, strategy="auto", seed=0, choose=True)
     assert split_model(model, inputs()).choices == {(4, 8): "auto", (4, 6): "batched"}
 
 
 def test_head_only_dropout_keeps_the_split_at_least_twice_as_fast_as_batched():
     """Real CPU time: the trunk is nearly all of the work and runs once instead of T times."""
     model, x = head_only(width=48, depth=8), inputs()
-    mc_predict(model, x, 30, strategy="auto", seed=0)
+    mc_predict(model, x, 30, strategy="auto", seed=0, choose=True)
     split = split_model(model, x)
     auto_s, batched_s = split.timings[(4, 30)]
     assert split.choices[(4, 30)] == "auto"

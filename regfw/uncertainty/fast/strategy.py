@@ -1,14 +1,17 @@
 """The ``auto`` strategy itself, registered with :mod:`regfw.uncertainty.sampling` on import.
 
-``auto`` never costs more than the plain strategy it stands in for: its split saves the prefix's
-``T - 1`` repeated passes but pays for gathering boundary values and for running the replay node by
-node, so where the prefix is small the split can be slower than ``batched``. On the first call for a
-model and a call size (batch rows, samples) it therefore runs both on the same random state, timing
+With ``choose=True``, ``auto`` never costs more than the plain strategy it stands in for: its split
+saves the prefix's ``T - 1`` repeated passes but pays for gathering boundary values and for running
+the replay node by node, so where the prefix is small the split can be slower than ``batched``. On
+the first call for a model and a call size (batch rows, samples) it then runs both on the same random
+state, timing
 each in CPU time (:data:`clock`, all threads; wall time after synchronising on a GPU), keeps the
 split only when it was at least :data:`MARGIN` times faster, and returns the result of the one it
 keeps; later calls of that size run only the choice (``Split.choices``, cached with the split: a
 structural change of the model makes a new split and a new decision). The first call costs both
-strategies once; the samples it returns are exactly those a later call with the same seed returns.
+strategies once; the samples it returns are exactly those a later call with the same seed returns
+in the same process. It is off by default: a choice made by timing can differ between two runs on
+one machine, and the samples of a seed (a resumed run's metrics, a DDP evaluation) must not.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def fast_strategy(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
-    choose: bool = True,
+    choose: bool = False,
     **kw: Any,
 ) -> Tensor:
     """The ``auto`` strategy: deterministic prefix once, stochastic part over ``T x B`` rows.
@@ -66,9 +69,10 @@ def fast_strategy(
     boundary values kept for the replay plus one chunk (the prefix itself is run in row chunks
     when one pass over the batch would exceed it and its rows are independent). ``chunk_rows``
     fixes the replay chunk size instead. Falls back to ``batched`` (one warning per model,
-    naming the reason) when the model cannot be split, and without a warning where the split is
-    not faster (timed on the first call of each size, see the module docstring). ``choose=False``
-    keeps the split without timing it against ``batched`` (to measure or test the split itself).
+    naming the reason) when the model cannot be split. ``choose=True`` also drops the split where it
+    is not faster (timed against ``batched`` on the first call of each size, see the module
+    docstring); it is off by default because a choice made by timing makes the samples of a seed
+    depend on the machine's speed, and a run must reproduce exactly from its seed.
     """
     return _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=False, choose=choose)[0]
 
@@ -80,7 +84,7 @@ def fast_strategy_with_deterministic(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
-    choose: bool = True,
+    choose: bool = False,
     **kw: Any,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fast_strategy` and the model's eval-mode output ``[B, ...]`` from the same prefix.
@@ -102,7 +106,7 @@ def _run(
     chunk_rows: int | None,
     kw: dict,
     deterministic: bool,
-    choose: bool = True,
+    choose: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
