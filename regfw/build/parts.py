@@ -9,6 +9,7 @@ plan shown and a plan trained are made by one function.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +96,9 @@ def build_parts(cfg: Config, data: Any, *, trainable: bool = False) -> Parts:
         model = build_model(model_config)
         if trainable:
             check_model_loss(model)
-        regularizers = build_regularizers(dict(cfg.regularizers or {}))
+        with warnings.catch_warnings():  # the same checks warned when the config was validated
+            warnings.simplefilter("ignore")
+            regularizers = build_regularizers(dict(cfg.regularizers or {}), config=cfg)
         zeros = None if example is None else example_from_spec(*example_spec(example))
         plan = make_plan(model, regularizers, n_train, zeros)
         apply_plan(model, regularizers, plan)

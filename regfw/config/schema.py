@@ -530,13 +530,11 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     )
     cfg.lr_scheduler = _check_open_sections(raw, cfg.optimizer)
     check_values(cfg)
-    if check_plugins:
-        from regfw.registry.regularizers import build_regularizers, section_key
+    if check_plugins:  # the plugins' settings classes import torch: after every torch-free check above
+        from regfw.registry.regularizers import build_regularizers, resolve_section
 
-        built = build_regularizers(regs)
-        cfg.regularizers = {section_key(r): dataclasses.asdict(r.config) for r in built}
-        for reg in built:
-            reg.check(cfg)  # the objects only check here; regfw.build.fit builds the ones a run uses
+        cfg.regularizers = resolve_section(regs)
+        build_regularizers(cfg.regularizers, config=cfg)  # each one's check(config); the objects are not kept
     else:
         cfg.regularizers = dict(regs)
     return cfg

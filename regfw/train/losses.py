@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from regfw.build.factory import import_class
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError, closest_hint
 
 #: The loss shorthands of ``model.loss`` and the task each trains.

@@ -1,8 +1,9 @@
 """Build once: a config is plain data, and one function turns it into the objects a run uses.
 
-`regfw fit` and `regfw plan` build the regularizers a run plans and trains with once, in
-regfw.build.parts.build_parts (which both use); validating the config checks each selected
-regularizer with an object of its own that nothing keeps (the config carries no runtime object)."""
+`regfw fit` and `regfw plan` build the regularizer objects the plan and the training use once, in
+regfw.build.parts.build_parts (which both use), and each sees the whole config (`check`). Loading
+the config validates and completes each regularizer's settings as plain data and runs its checks on
+an object that nothing keeps: the config carries no runtime object."""
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,7 @@ def counted(tmp_path, monkeypatch):
 
 def test_fit_builds_each_regularizer_once_and_trains_with_that_object(counted, capsys):
     assert main(["fit", "c.yaml"]) == 0
-    # one object checked the config, one was built for the run: the run trained with that one only
+    # validation's object checked the config; the run built its own once and trained with it only
     assert len(counted.BUILT) == 2
     assert counted.USED == [counted.BUILT[1]]
     assert counted.BUILT[1].config.strength == 0.001  # its config came from the file
@@ -91,8 +92,8 @@ def test_the_config_carries_no_runtime_object(counted):
     from regfw.config.schema import load_config
 
     cfg = load_config("c.yaml")
-    checked = len(counted.BUILT)
-    assert checked == 1  # validation's own object
+    assert len(counted.BUILT) == 1  # validation's, which nothing keeps
+    assert cfg.regularizers["counted"] == {"strength": 0.001}
     plain = (str, int, float, bool, type(None))
 
     def only_plain(value):
@@ -106,7 +107,7 @@ def test_the_config_carries_no_runtime_object(counted):
 
     assert only_plain(cfg)
     built = build_fit(cfg)
-    assert len(counted.BUILT) == checked + 1
+    assert len(counted.BUILT) == 2
     (obj,) = [r for r in built.module.regularizers if r.name == "counted"]
     assert obj is counted.BUILT[-1]
     assert all(a is b for a, b in zip(built.parts.regularizers, built.module.regularizers, strict=True))
