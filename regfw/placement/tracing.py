@@ -13,7 +13,9 @@ tracer adds ``_tensor_constant0`` attributes to the module it traces). They diff
   hook is a leaf, called whole with all its hooks (:func:`hook_kinds`).
 
 Where ``torch.fx`` cannot trace a model (every Hugging Face model), :func:`capture` takes its graph from
-``torch.export`` (Dynamo) of an example input and turns it into the same shape (:func:`module_graph`).
+``torch.export`` (Dynamo) of an example input and turns it into the same shape (:func:`module_graph`), for
+placement; for Monte Carlo sampling, :func:`export` of :class:`Call` and :func:`executable` give the captured
+operators as a graph that runs node by node on the model.
 
 This module imports nothing from regfw, so every other module may import it.
 """

@@ -116,8 +116,8 @@ def _execute(
         values = {}
         chunks = _even_chunks(b, prefix_rows)
         for start, stop in chunks:
-            rows = torch.arange(start, stop, device=device)
-            part = _run_prefix(split, model, mods, _gather(inputs, split.input_layout, rows, False))
+            part = _run_prefix(split, model, mods,
+                               _gather(inputs, split.input_layout, torch.arange(start, stop, device=device), False))
             for node, v in part.items():
                 layout = split.boundary[node]
                 if node not in values:

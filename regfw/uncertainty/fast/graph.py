@@ -32,7 +32,7 @@ def _eval(node: fx.Node, env: dict, mods: dict, model: nn.Module, stand_ins: boo
     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
     op, target = node.op, node.target  # a str or, for call_function, the callable
     if stand_ins and op == "call_function" and _is_operator(target) and _random_operator(node):
-        return stand_in(node, args, kwargs)  # type: ignore[arg-type]
+        return stand_in(node, args, kwargs)
     if op == "call_module":
         mod = mods[target]
         if node.meta.get(_FORWARD_ONLY):
