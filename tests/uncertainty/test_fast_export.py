@@ -15,7 +15,7 @@ from torch import nn
 from regfw.layers.base import StochasticModule
 from regfw.layers.drop_path import DropPath
 from regfw.uncertainty import mc_predict
-from regfw.uncertainty.fast import split_model
+from regfw.uncertainty.fast import analysis, split_model
 
 T = 400
 FALLBACK = "Monte Carlo strategy 'auto' uses 'batched'"
@@ -146,3 +146,16 @@ def test_randomness_the_capture_cannot_see_is_not_split_and_the_reason_is_named(
     split = split_model(model, batch())
     assert not split.ok
     assert split.fallback == "stochastic module 'drop' draws nothing random in the graph torch.export captured"
+
+
+def test_a_model_whose_input_shapes_keep_changing_is_captured_a_bounded_number_of_times(monkeypatch):
+    """Each new sequence length needs a capture of its own (about a second each): past MAX_CAPTURES
+    per model, a new length is sampled with batched, and the warning says why and what to do."""
+    monkeypatch.setattr(analysis, "MAX_CAPTURES", 2)
+    model, x = tokens(), batch()
+    for length in (6, 5):
+        assert split_model(model, {k: v[:, :length] for k, v in x.items()}).capture == "torch.export"
+    with pytest.warns(RuntimeWarning, match=r"uses 'batched' for this Tokens: the model returns dict, not one tensor, "
+                                            r"and its graph was captured with torch.export for 2 input shapes already"):
+        mc_predict(model, {k: v[:, :4] for k, v in x.items()}, 4, strategy="auto", seed=0)
+    assert split_model(model, {k: v[:, :6] for k, v in x.items()}).ok  # the captured lengths still split

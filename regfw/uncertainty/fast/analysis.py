@@ -49,13 +49,19 @@ from .split import Split
 #: other hook is an opaque leaf, called as a whole with all its hooks.
 TRACEABLE_HOOKS: tuple[type, ...] = (ApplyAfter, ApplyBefore)
 _FORWARD_ONLY = tracing.FORWARD_ONLY
+#: ``torch.export`` captures per model (one per input signature): each costs about a second of CPU time,
+#: and a model whose input shapes keep changing (sequence lengths under dynamic padding) would pay it on
+#: most calls; past this number, new signatures are sampled with ``batched``
+MAX_CAPTURES = 8
 
 
-def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey = None) -> Split:
+def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey = None,
+             may_capture: bool = True) -> Split:
     """Trace, probe and split ``model`` for inputs like ``inputs``; raises :class:`_Fallback`.
 
     The graph comes from ``torch.fx`` where it traces the model (stochastic modules as calls), else
-    from ``torch.export`` (:func:`_capture`: the random operators themselves, captured in MC mode)."""
+    from ``torch.export`` (:func:`_capture`: the random operators themselves, captured in MC mode),
+    unless ``may_capture`` is False (the model had its share of captures)."""
     try:
         packed = pack(inputs)
     except TypeError as exc:
@@ -82,6 +88,11 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
             ref = select_output(raw, output_key)
         except OutputSelectionError as exc:
             raise _Fallback(str(exc)) from None
+        if not may_capture:
+            raise _Fallback(f"{why}, and its graph was captured with torch.export for {MAX_CAPTURES} input shapes "
+                            "already (each capture costs about a second): inputs whose shapes change from call to "
+                            "call, such as sequence lengths under dynamic padding, are sampled with 'batched'; pad "
+                            "the batches to a few fixed lengths to let auto split")
         split = _capture(model, x2, output_key, why)
         sources = [n for n in _work(split) if _random_op(n)]
         split.sources = sources

@@ -14,6 +14,7 @@ from regfw.model_io import OutputKey
 from regfw.placement import foreign
 from regfw.uncertainty.modes import ModelIndex, excluded_ids, mc_mode, model_index, stochastic_modules
 
+from . import analysis
 from .analysis import _analyse
 from .inputs import pack
 from .probes import _Fallback
@@ -28,6 +29,7 @@ class _Entry:
     hooks: tuple  #: :func:`_hooks` then
     hook_id: int  #: ``RemovableHandle.next_id`` when ``hooks`` was last checked in full
     splits: dict = field(default_factory=dict)
+    captures: int = 0  #: ``torch.export`` captures made for these splits
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -121,8 +123,9 @@ def split_model(model: nn.Module, inputs: Any, types: tuple | None = None, outpu
         on = [m for _, m in stochastic_modules(model, index) if id(m) not in off]
         try:
             with torch.no_grad(), mc_mode(model, on, index=index):
-                split = _analyse(model, inputs, types, output_key)
+                split = _analyse(model, inputs, types, output_key, may_capture=entry.captures < analysis.MAX_CAPTURES)
             split.rates = _rates(model, index)
+            entry.captures += split.capture == "torch.export"
         except _Fallback as exc:
             split = Split(fallback=str(exc))
         except Exception as exc:  # noqa: BLE001 - e.g. the model fails on the probe rows
