@@ -159,3 +159,25 @@ def test_a_model_whose_input_shapes_keep_changing_is_captured_a_bounded_number_o
                                             r"and its graph was captured with torch.export for 2 input shapes already"):
         mc_predict(model, {k: v[:, :4] for k, v in x.items()}, 4, strategy="auto", seed=0)
     assert split_model(model, {k: v[:, :6] for k, v in x.items()}).ok  # the captured lengths still split
+
+
+class TokensTensor(Tokens):
+    """The same model returning its logits tensor: ``torch.fx`` traces it, keyword inputs and all."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(input_ids, attention_mask)["logits"]
+
+
+def test_keyword_inputs_of_a_model_fx_traces_are_split_on_the_fx_graph():
+    torch.manual_seed(0)
+    model, x = TokensTensor().eval(), batch()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=FALLBACK)
+        auto = sample(model, x, "auto")
+    split = split_model(model, x)
+    assert split.ok and split.capture == "torch.fx" and split.capture_note is None, split.describe()
+    assert split.source_targets == ["m.drop_path", "m.drop"]
+    loop = sample(model, x, "loop")
+    se = ((loop.var(0) + auto.var(0)) / T).sqrt()
+    far_above_floor(se, batch_noise_floor(model, x, rows=T * 5), "the standard error of the MC means")
+    assert ((loop.mean(0) - auto.mean(0)) / se).abs().max().item() < 4.5
