@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from regfw.placement import foreign
 from regfw.placement.kinds import TRANSFORMER_RANGE
+from regfw.train.batch import batch_size
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.sampling import is_stochastic, stochastic_types
 
@@ -211,11 +212,11 @@ def probabilities(outputs: Tensor, transform: Transform) -> Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
-def mc(model: nn.Module, x: Tensor, strategy: str, transform: Transform = None, samples: int = T, **kw: Any):
+def mc(model: nn.Module, x: Any, strategy: str, transform: Transform = None, samples: int = T, **kw: Any):
     return mc_predict(model, x, samples=samples, strategy=strategy, seed=3, output_transform=transform, **kw)
 
 
-def check_auto_matches(model: nn.Module, x: Tensor, reference: str = "loop", transform: Transform = None,
+def check_auto_matches(model: nn.Module, x: Any, reference: str = "loop", transform: Transform = None,
                        name: str = "model", **kw: Any) -> None:
     """MC spread far above the float-noise floor, and ``auto`` statistically equal to ``reference``:
     per output entry, the two-sample z statistic of the mean probability over T samples each exceeds
@@ -225,7 +226,7 @@ def check_auto_matches(model: nn.Module, x: Tensor, reference: str = "loop", tra
     assert auto.outputs.std(0).max() > 0, "MC spread is zero under auto"
     a, b = ref.probs.double(), auto.probs.double()
     se = (a.var(0) / T + b.var(0) / T).sqrt()
-    floor = batch_noise_floor(model, x, rows=T * x.shape[0], quantity=lambda out: probabilities(out, transform))
+    floor = batch_noise_floor(model, x, rows=T * batch_size(x), quantity=lambda out: probabilities(out, transform))
     varied = far_above_floor(se, floor, f"{name}: the standard error of the MC mean probabilities",
                              share=MIN_SHARE_COMPARED)
     z = (a.mean(0) - b.mean(0)).abs()[varied] / se[varied]

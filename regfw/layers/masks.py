@@ -147,9 +147,9 @@ def _keep_scale_mask(like: Tensor, shape: Sequence[int], p: float, scale: float 
     """:func:`keep_scale_mask`; ``scratch``: the mask may live in the thread's scratch buffer
     (only for a caller that consumes it at once and where autograd does not save it)."""
     value = 1.0 / (1.0 - p) if scale is None else float(scale)
-    shape = tuple(int(s) for s in shape)
-    if use_words(like) and torch.compiler.is_compiling():
+    if use_words(like) and torch.compiler.is_compiling():  # sizes stay symbolic: a graph for every batch size
         return _word_mask_op(list(shape), float(p), value, like.dtype)
+    shape = tuple(int(s) for s in shape)
     if not use_words(like):
         mask = like.new_empty(shape).bernoulli_(1.0 - p)
         return mask if value == 1.0 else mask.mul_(value)

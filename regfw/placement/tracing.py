@@ -13,20 +13,23 @@ tracer adds ``_tensor_constant0`` attributes to the module it traces). They diff
   hook is a leaf, called whole with all its hooks (:func:`hook_kinds`).
 
 Where ``torch.fx`` cannot trace a model (every Hugging Face model), :func:`capture` takes its graph from
-``torch.export`` (Dynamo) of an example input and turns it into the same shape (:func:`module_graph`).
+``torch.export`` (Dynamo) of an example input and turns it into the same shape (:func:`module_graph`), for
+placement; for Monte Carlo sampling, :func:`export` of :class:`Call` and :func:`executable` give the captured
+operators as a graph that runs node by node on the model.
 
 This module imports nothing from regfw, so every other module may import it.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.fx as fx
 from torch import Tensor, nn
 
-__all__ = ["FORWARD_ONLY", "Capture", "CaptureError", "Const", "Root", "Tracer", "capture", "hook_kinds",
-           "module_graph", "structure", "trace"]
+__all__ = ["FORWARD_ONLY", "Call", "Capture", "CaptureError", "Const", "Root", "Tracer", "capture", "executable",
+           "export", "hook_kinds", "module_graph", "own_path", "structure", "trace"]
 
 #: Node meta key: the leaf node calls ``module.forward`` only, its (traceable) hooks are in the graph.
 FORWARD_ONLY = "regfw_forward_only"
@@ -45,14 +48,21 @@ class Const:
 
 
 class Root(nn.Module):
-    """Traced in place of a model, so the model's own hooks are seen like any module's."""
+    """Traced in place of a model, so the model's own hooks are seen like any module's.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``unpack`` turns the one graph input into the model's ``(args, kwargs)`` (a dict of keyword
+    arguments travels as one flat tuple of tensors); without it the input is the one argument."""
+
+    def __init__(self, model: nn.Module, unpack: Callable[[Any], tuple[tuple, dict]] | None = None) -> None:
         super().__init__()
         self.m = model
+        self._unpack = unpack
 
     def forward(self, x: Any) -> Any:
-        return self.m(x)
+        if self._unpack is None:
+            return self.m(x)
+        args, kwargs = self._unpack(x)
+        return self.m(*args, **kwargs)
 
 
 def hook_kinds(m: nn.Module, traceable: tuple[type, ...]) -> str:
@@ -204,7 +214,6 @@ def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: A
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         why = f"{type(exc).__name__}: {first}"
-    import torch
 
     args: tuple
     if isinstance(example_input, dict):
@@ -216,8 +225,7 @@ def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: A
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
-            program = torch.export.export(_Tensors(model), args, kwargs, strict=False)
+        program = export(_Tensors(model), args, kwargs)
     except Exception as exc:  # noqa: BLE001 - both captures failed: say why for each
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CaptureError(f"{why}; torch.export cannot capture it either ({type(exc).__name__}: {first})") from exc
@@ -228,6 +236,77 @@ def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: A
     leaf_paths = {names[id(m)] for m in leaves if id(m) in names}
     leaf_paths |= {p for p, m in model.named_modules() if p and _torch_module(m)}
     return Capture(module_graph(program, leaf_paths, prefix="m."), "torch.export", why)
+
+
+def export(module: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Any:
+    """``torch.export`` (non-strict: the Python of the forward runs, as in eager mode) of ``module``
+    in the modes its modules are in, without gradients: the one place regfw calls it."""
+    import torch
+
+    with torch.no_grad():
+        return torch.export.export(module, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+class Call(nn.Module):
+    """Exported in place of a model for sampling: the graph input is one flat tuple of tensors
+    (``unpack`` gives the model's ``(args, kwargs)``, like :class:`Root`), the output is the one
+    tensor ``select`` picks from the model's output. Paths inside it start with ``m.``
+    (:func:`own_path`)."""
+
+    def __init__(self, model: nn.Module, unpack: Callable[[Any], tuple[tuple, dict]],
+                 select: Callable[[Any], Tensor]) -> None:
+        super().__init__()
+        self.m = model
+        self._unpack, self._select = unpack, select
+
+    def forward(self, *flat: Tensor) -> Tensor:
+        args, kwargs = self._unpack(flat)
+        return self._select(self.m(*args, **kwargs))
+
+
+def own_path(path: str) -> str | None:
+    """The path in the model of a module path inside :class:`Root` or :class:`Call` (``m.a.b`` ->
+    ``a.b``, ``m`` -> ``""``, the model itself), or None for the wrapper."""
+    if path == "m":
+        return ""
+    return path[2:] if path.startswith("m.") else None
+
+
+def executable(program: Any) -> fx.Graph:
+    """An exported program as a graph that runs node by node on the model it was exported from:
+    one placeholder (the tuple of the program's inputs, in order), parameters and buffers as
+    ``get_attr`` nodes of their path, lifted constants kept in the graph (:class:`Const`), every
+    operation as captured, and the one output. Raises ``ValueError`` when the program writes to a
+    buffer or an input, or returns anything but one tensor."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    sig = program.graph_signature
+    if any(spec.kind != OutputKind.USER_OUTPUT for spec in sig.output_specs):
+        raise ValueError("the captured program writes to a buffer or an input")
+    if len(sig.output_specs) != 1:
+        raise ValueError(f"the captured program returns {len(sig.output_specs)} values, not one tensor")
+    kinds = {spec.arg.name: spec for spec in sig.input_specs}
+    user = [spec.arg.name for spec in sig.input_specs if spec.kind == InputKind.USER_INPUT]
+    graph = fx.Graph()
+    inputs = graph.placeholder("inputs")
+    env: dict[fx.Node, Any] = {}
+    for n in program.graph.nodes:
+        if n.op == "placeholder":
+            spec = kinds[n.name]
+            if spec.kind == InputKind.USER_INPUT:
+                env[n] = graph.call_function(operator.getitem, (inputs, user.index(n.name)))
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                env[n] = graph.get_attr(spec.target)
+            else:  # a lifted tensor constant
+                env[n] = graph.create_node("call_function", Const(program.constants[spec.target]), (), {},
+                                           name="regfw_constant")
+            env[n].meta = dict(n.meta)
+        elif n.op == "output":
+            (out,) = n.args[0]
+            graph.output(env[out])
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return graph
 
 
 class _Tensors(nn.Module):

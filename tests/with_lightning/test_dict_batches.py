@@ -212,19 +212,20 @@ def test_regularize_callback_reads_the_logits_of_the_model_output_for_its_loss_t
 
 def test_mc_callback_samples_dict_batches_through_a_model_output():
     found = {}
-    for strategy in ("batched", "auto"):
+    for run, strategy in enumerate(("batched", "auto", "auto")):
         pl.seed_everything(0, verbose=False)
         module = OwnHFModule()
         mc = MCDropoutUncertainty(samples=6, strategy=strategy, plots=False, seed=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # auto: falls back to batched for keyword inputs
+        with warnings.catch_warnings():  # auto splits the model (graph from torch.export): no fallback warning
+            warnings.filterwarnings("error", message="Monte Carlo strategy 'auto' uses 'batched'")
             _trainer(max_epochs=1, callbacks=[mc]).fit(module, TokenData(n_train=64))
-        found[strategy] = mc.last_metrics
-    metrics = found["batched"]
-    assert 0.0 <= metrics["mc/acc"] <= 1.0
-    assert math.isfinite(metrics["mc/nll"]) and metrics["mc/nll"] > 0
-    assert metrics["mc/mean_mi"] > 0  # the hidden dropout sampled the logits
-    assert found["auto"] == metrics  # the same masks, the same statistics
+        found[strategy, run] = mc.last_metrics
+    for metrics in found.values():
+        assert 0.0 <= metrics["mc/acc"] <= 1.0
+        assert math.isfinite(metrics["mc/nll"]) and metrics["mc/nll"] > 0
+        assert metrics["mc/mean_mi"] > 0  # the hidden dropout sampled the logits
+    assert found["auto", 1] == found["auto", 2]  # the same seed, the same masks, the same statistics
+    assert found["auto", 1] != found["batched", 0]  # auto drew its own samples: it did not fall back
 
 
 def test_mc_callback_output_key_from_yaml_and_a_wrong_key_named():

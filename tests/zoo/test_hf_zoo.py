@@ -11,6 +11,9 @@ For every architecture:
   plan says so;
 * the eval output is exactly unchanged by the surgery;
 * a training step with the model's own loss (``labels`` in the batch) runs and changes the weights;
+* ``auto`` splits every model (no fallback to ``batched``): the graph ``torch.export`` captured runs
+  its deterministic prefix once and the rest for every sample, and its samples agree with ``loop``
+  (the statistical comparison of the timm / torchvision zoo, ``model_checks.check_auto_matches``);
 * MC dropout is honest: with hidden dropout alone (the model's own, rates set by ``dropout``),
   attention dropout alone (set by ``attention_dropout``) and both, the variance of the logits over T
   Monte Carlo passes equals the model's own train-mode variance within 5 standard errors. The check
@@ -25,12 +28,16 @@ import warnings
 
 import pytest
 import torch
+from model_checks import T as AUTO_SAMPLES
+from model_checks import check_auto_matches
 from torch import nn
 
 import regfw.placement.plan  # noqa: F401 - the placement package is imported through its plan
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
-from regfw.uncertainty.modes import mc_mode
+from regfw.uncertainty.fast import split_model
+from regfw.uncertainty.modes import excluding, mc_mode, model_index
+from regfw.uncertainty.sampling import not_sampled
 
 from .hf_models import HF_ZOO, HFModel, inputs
 
@@ -197,3 +204,29 @@ def test_hf_mc_variance_is_train_variance(name: str, variant: str) -> None:
         assert z_of(train, modules_only) > Z, (
             f"{name}/{variant}: the dropout modules alone already give the train-mode variance "
             f"({modules_only[0]:.4g} vs {train[0]:.4g}); the check shows nothing")
+
+
+def positions_as_rows(outputs: torch.Tensor) -> torch.Tensor:
+    """``[T, B, L, V]`` language-model logits as ``[T, B * L, V]``: each position is one row of the
+    comparison (a classifier's ``[T, B, C]`` is left as it is)."""
+    return outputs.reshape(outputs.shape[0], -1, outputs.shape[-1])
+
+
+@pytest.mark.parametrize("name", list(HF_ZOO))
+def test_hf_auto_splits_and_matches_loop(name: str) -> None:
+    entry = HF_ZOO[name]
+    model, _ = planned(entry, "both")
+    model.eval()
+    x = inputs(entry.batch())
+    with warnings.catch_warnings():  # a fallback to batched says so in a RuntimeWarning: here a failure
+        warnings.filterwarnings("error", message="Monte Carlo strategy 'auto' uses 'batched'", category=RuntimeWarning)
+        check_auto_matches(model, x, transform=positions_as_rows, name=name)
+    # the split auto ran (the same cached one: same inputs, same layers left out of the sampling)
+    with excluding(not_sampled(model, model_index(model), "auto", None)):
+        split = split_model(model, x)
+    assert split.ok, split.fallback
+    assert split.capture == "torch.export", split.describe()
+    run = split.last_run
+    assert (run.samples, run.batch, run.prefix_chunks) == (AUTO_SAMPLES, 4, 1), run
+    assert split.deterministic_names and split.replay_names, split.describe()
+    assert split.source_targets, split.describe()

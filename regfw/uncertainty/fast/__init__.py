@@ -10,6 +10,13 @@ The ``"auto"`` strategy registered here computes it once:
    :class:`~regfw.placement.surgery.ApplyBefore`); fx would treat the anchor (``nn.Linear``, ``nn.ReLU``...)
    as an opaque leaf and never see the hook, so the tracer here runs those hooks itself and the
    injected module becomes a node of its own. Stochastic modules are leaves.
+   Where fx cannot trace the model (Hugging Face models; a model returning a ``ModelOutput`` or a
+   dict), the graph is **captured** with ``torch.export`` in MC mode, every dimension carrying the
+   batch symbolic, its output the tensor ``output_key`` selects: it holds the random operators
+   themselves (tagged ``nondeterministic_seeded``: dropout masks, attention with ``dropout_p``),
+   which are then the stochastic sources, and the rates as numbers (a rate change makes a new
+   capture). The inputs may be a dict or tuple of arguments: the graph takes their tensors as one
+   flat tuple, and each tensor with the batch's rows (ids, attention masks) follows the rows.
 2. **Split** by dependency: a node is *stochastic* when it is a stochastic module, a random op
    (``torch.rand``, ``F.dropout(training=True)``, ``bernoulli_``...), or has a stochastic input.
    Every other node is computed once on the batch (the *prefix*); the stochastic nodes are
@@ -29,21 +36,25 @@ forked random stream, so the masks of the real call are drawn exactly as without
 
 * the traced graph reproduces the model's output, and calls every stochastic module as often as the
   model does, each from a node the split knows to be stochastic (a stochastic module called from an
-  opaque place -- a foreign hook, inside a leaf module -- would otherwise be computed once);
+  opaque place -- a foreign hook, inside a leaf module -- would otherwise be computed once); a
+  captured graph, run with each random operator replaced by its deterministic stand-in
+  (:mod:`.stand_in`), reproduces the model's eval output, and every stochastic module the model calls
+  draws in one of its random operators (randomness the capture fixed to a number would not be sampled);
 * every tensor of the replay keeps one batch dimension and its rows stay independent (no
   ``x.mean(0)`` across rows), and every stochastic node draws its randomness per row (64 copies of
   one row give different outputs). When either fails -- e.g. weight drop, which draws one mask for
   the whole batch -- the replay runs as T passes over B rows (``mode="samples"``): still no prefix
   recomputation, and exactly the semantics of ``loop``.
 
-When the model cannot be traced or a check fails, the strategy falls back to ``batched`` and says
-why, once per model, in a :class:`RuntimeWarning`. The split is computed once per model and input
+When neither capture gives a graph or a check fails, the strategy falls back to ``batched`` and says
+why (for both captures), once per model, in a :class:`RuntimeWarning`. The split is computed once per model and input
 signature and cached in a :class:`weakref.WeakKeyDictionary`; a structural change (modules added,
 replaced or removed, hooks added or removed, a rate switched to or from 0) invalidates it. Python
 attributes read by a traced ``forward`` (not by a leaf module) are fixed at trace time, as with
 :func:`torch.fx.symbolic_trace`; call :func:`invalidate` after changing one.
 
-The package, by concern: :mod:`.graph` (node evaluation, random / view / in-place ops, closures),
+The package, by concern: :mod:`.inputs` (a dict or tuple of arguments as the graph's one input),
+:mod:`.graph` (node evaluation, random / view / in-place ops, closures), :mod:`.stand_in`,
 :mod:`.layout` (where the batch is in each value, row gathering), :mod:`.probes` (the checks
 above), :mod:`.analysis` (trace, partition, memory plan), :mod:`.execute` (prefix and chunked
 replay), :mod:`.cache` (one split per model and input signature) and :mod:`.strategy` (the

@@ -7,6 +7,7 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
+from regfw.model_io import OutputKey, OutputSelectionError, select_output
 from regfw.placement import tracing
 from regfw.placement.surgery import ApplyAfter, ApplyBefore
 from regfw.placement.untouched import untouched
@@ -27,9 +28,12 @@ from .graph import (
     _random_op,
     _resolve,
 )
-from .layout import _Batch, _batched, _has_tensor, _layout, _nbytes
+from .inputs import Packed, pack
+from .layout import _batched, _has_tensor, _layout, _nbytes
 from .probes import (
     _PROBE_ROWS,
+    _check_covered,
+    _check_output,
     _check_probe,
     _declared_shared,
     _Fallback,
@@ -45,12 +49,23 @@ from .split import Split
 #: other hook is an opaque leaf, called as a whole with all its hooks.
 TRACEABLE_HOOKS: tuple[type, ...] = (ApplyAfter, ApplyBefore)
 _FORWARD_ONLY = tracing.FORWARD_ONLY
+#: ``torch.export`` captures per model (one per input signature): each costs about a second of CPU time,
+#: and a model whose input shapes keep changing (sequence lengths under dynamic padding) would pay it on
+#: most calls; past this number, new signatures are sampled with ``batched``
+MAX_CAPTURES = 8
 
 
-def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
-    """Trace, probe and split ``model`` for inputs like ``inputs``; raises :class:`_Fallback`."""
-    if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise _Fallback("the inputs are not a batch tensor")
+def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey = None,
+             may_capture: bool = True) -> Split:
+    """Trace, probe and split ``model`` for inputs like ``inputs``; raises :class:`_Fallback`.
+
+    The graph comes from ``torch.fx`` where it traces the model (stochastic modules as calls), else
+    from ``torch.export`` (:func:`_capture`: the random operators themselves, captured in MC mode),
+    unless ``may_capture`` is False (the model had its share of captures)."""
+    try:
+        packed = pack(inputs)
+    except TypeError as exc:
+        raise _Fallback(str(exc)) from None
     from torch.nn.modules import module as module_globals
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
@@ -58,28 +73,48 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
     off = excluded_ids()  # own stochastic layers this call does not sample: deterministic here
     stochastic = {id(m): (path or "<model>") for path, m in model.named_modules()
                   if is_stochastic(m, types) and id(m) not in off}
-    x1, x2, distinct = _probe_inputs(inputs)
-    devices = model_devices(model, inputs)
+    x1, x2, distinct = _probe_inputs(packed)
+    devices = model_devices(model, packed.tensors[0])
 
     with isolated_rng(0, devices), eval_mode(model):
-        records, real_counts, ref = _record_real(model, x2, stochastic)
-    if not isinstance(ref, Tensor):
-        raise _Fallback(f"the model returns {type(ref).__name__}, not one tensor")
-    # unsampled stochastic layers stay leaves of the trace (their forward may branch on tensors), deterministic
-    split, mods = _trace(model, {**stochastic, **dict.fromkeys(off, "")}, records)
-    sources = _sources(split, mods, stochastic)
-
-    with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)
-        with isolated_rng(0, devices):
-            env1, _ = _run_probe(split, model, x1, stochastic, mods)
-        with isolated_rng(0, devices):
-            env2, calls = _run_probe(split, model, x2, stochastic, mods)
-    _check_probe(split, env2[split.output], ref, calls, real_counts, set(sources))
+        records, real_counts, raw = _record_real(model, x2, stochastic)
+    if isinstance(raw, Tensor):
+        # unsampled stochastic layers stay leaves of the trace (their forward may branch on tensors), deterministic
+        split, mods, why = _trace(model, x2, {**stochastic, **dict.fromkeys(off, "")}, records)
+    else:
+        split, mods, why = None, {}, f"the model returns {type(raw).__name__}, not one tensor"
+    if split is None:
+        try:
+            ref = select_output(raw, output_key)
+        except OutputSelectionError as exc:
+            raise _Fallback(str(exc)) from None
+        if not may_capture:
+            raise _Fallback(f"{why}, and its graph was captured with torch.export for {MAX_CAPTURES} input shapes "
+                            "already (each capture costs about a second): inputs whose shapes change from call to "
+                            "call, such as sequence lengths under dynamic padding, are sampled with 'batched'; pad "
+                            "the batches to a few fixed lengths to let auto split")
+        split = _capture(model, x2, output_key, why)
+        sources = [n for n in _work(split) if _random_op(n)]
+        split.sources = sources
+        _check_covered(split, real_counts)
+        with isolated_rng(0, devices):  # random operators give their stand-ins: no draw, eval values
+            env1, _ = _run_probe(split, model, split.graph_input(x1), {}, mods, stand_ins=True)
+            env2, _ = _run_probe(split, model, split.graph_input(x2), {}, mods, stand_ins=True)
+        _check_output(env2[split.output], ref)
+    else:
+        ref = raw
+        sources = _sources(split, mods, stochastic)
+        with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)
+            with isolated_rng(0, devices):
+                env1, _ = _run_probe(split, model, x1.value, stochastic, mods)
+            with isolated_rng(0, devices):
+                env2, calls = _run_probe(split, model, x2.value, stochastic, mods)
+        _check_probe(split, env2[split.output], ref, calls, real_counts, set(sources))
 
     _partition(split, sources, env2, mods, types)
     n1, n2 = _PROBE_ROWS
     layouts = {n: _layout(env1[n], env2[n], n1, n2) for n in split.nodes if n in env1 and n in env2}
-    layouts[split._placeholder] = _Batch(0, 1)
+    split.input_layout = layouts[split._placeholder]
     split.boundary = {n: layouts.get(n) for n in split.boundary}
     reason = _rows_mode_obstacle(split, env2, layouts, distinct)
     if reason is None:
@@ -95,14 +130,16 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple) -> Split:
     return split
 
 
-def _trace(model: nn.Module, stochastic: dict[int, str], records: dict) -> tuple[Split, dict]:
-    """The traced graph as a fresh :class:`Split`, and the modules its nodes call, by target."""
+def _trace(model: nn.Module, x: Packed, stochastic: dict[int, str], records: dict) -> tuple[Split | None, dict, str]:
+    """The ``torch.fx`` graph as a fresh :class:`Split` and the modules its nodes call, by target; or
+    ``(None, {}, why)`` when ``torch.fx`` cannot trace the model."""
     leaves = [m for m in model.modules() if id(m) in stochastic]
+    unpack = None if x.template is None else x.unpack
     try:
         with untouched(model):  # a forward that caches what it computes keeps no proxy of this trace
-            graph = tracing.trace(tracing.Root(model), leaves, hooks=TRACEABLE_HOOKS, records=records)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use batched
-        raise _Fallback(f"the model could not be traced with torch.fx ({type(exc).__name__}: {exc})") from None
+            graph = tracing.trace(tracing.Root(model, unpack), leaves, hooks=TRACEABLE_HOOKS, records=records)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: capture with torch.export
+        return None, {}, f"torch.fx cannot trace it: {_first_line(exc)}"
     split = Split(mode="rows")
     split.nodes = list(graph.nodes)
     split._placeholder = next(n for n in split.nodes if n.op == "placeholder")
@@ -115,7 +152,38 @@ def _trace(model: nn.Module, stochastic: dict[int, str], records: dict) -> tuple
         mods = {t: _resolve(model, t) for t in split._targets}
     except AttributeError as exc:
         raise _Fallback(f"a traced module could not be found again ({exc})") from None
-    return split, mods
+    return split, mods, ""
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
+
+
+def _capture(model: nn.Module, x: Packed, output_key: OutputKey, why: str) -> Split:
+    """The graph ``torch.export`` captures of the model in MC mode (the modes it is in), every
+    dimension that carries the batch symbolic, as a fresh :class:`Split` whose output is the tensor
+    ``output_key`` selects; ``why``: what stopped ``torch.fx``."""
+    import torch
+
+    flat = x.tensors
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if b else None for b in x.batched)
+
+    def unpack(values: Any) -> tuple[tuple, dict]:
+        return x.unpack(values[0] if x.template is None else tuple(values))
+
+    try:
+        with untouched(model):
+            program = tracing.export(tracing.Call(model, unpack, lambda out: select_output(out, output_key)),
+                                     flat, dynamic_shapes=(dynamic,))  # one entry: the *flat arguments
+        graph = tracing.executable(program)
+    except Exception as exc:  # noqa: BLE001 - both captures failed: say why for each
+        raise _Fallback(f"{why}; torch.export cannot capture it either ({_first_line(exc)})") from None
+    split = Split(mode="rows", capture="torch.export", capture_note=why, selects=True)
+    split.nodes = list(graph.nodes)
+    split._placeholder = next(n for n in split.nodes if n.op == "placeholder")
+    split.output = next(n for n in split.nodes if n.op == "output").args[0]
+    return split
 
 
 def _work(split: Split) -> list:

@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from regfw.model_io import OutputKey
+from regfw.placement import foreign
 from regfw.uncertainty.modes import ModelIndex, excluded_ids, mc_mode, model_index, stochastic_modules
 
+from . import analysis
 from .analysis import _analyse
+from .inputs import pack
 from .probes import _Fallback
 from .split import Split
 
@@ -25,6 +29,7 @@ class _Entry:
     hooks: tuple  #: :func:`_hooks` then
     hook_id: int  #: ``RemovableHandle.next_id`` when ``hooks`` was last checked in full
     splits: dict = field(default_factory=dict)
+    captures: int = 0  #: ``torch.export`` captures made for these splits
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
@@ -69,10 +74,24 @@ def _current(entry: _Entry, model: nn.Module, index: ModelIndex) -> bool:
     return True
 
 
-def _signature(inputs: Any) -> tuple:
-    if isinstance(inputs, Tensor):
-        return (tuple(inputs.shape[1:]), inputs.dtype, inputs.device, inputs.shape[0] >= 3)
-    return (type(inputs),)
+def _signature(inputs: Any, output_key: Any) -> tuple:
+    """What a split depends on besides the model: the inputs' structure, shapes past the batch
+    dimension, dtypes and devices, whether the batch has 3 rows to probe, and the output selector."""
+    try:
+        packed = pack(inputs)
+    except TypeError:
+        return (type(inputs),)
+    try:
+        hash(output_key)
+    except TypeError:
+        output_key = id(output_key)
+    return (packed.signature(), packed.rows >= 3, output_key)
+
+
+def _rates(model: nn.Module, index: ModelIndex) -> tuple:
+    """The rates of the sampled stochastic modules (a captured graph holds them as numbers)."""
+    off = excluded_ids()
+    return tuple(foreign.get_rate(m) for _, m in stochastic_modules(model, index) if id(m) not in off)
 
 
 def invalidate(model: nn.Module) -> None:
@@ -81,8 +100,9 @@ def invalidate(model: nn.Module) -> None:
     _CACHE.pop(model, None)
 
 
-def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) -> Split:
-    """The (cached) split of ``model`` for inputs like ``inputs``; computes it on first use.
+def split_model(model: nn.Module, inputs: Any, types: tuple | None = None, output_key: OutputKey = None) -> Split:
+    """The (cached) split of ``model`` for inputs like ``inputs`` (a tensor, or a dict / tuple of
+    arguments) and the output ``output_key`` selects; computes it on first use.
 
     The analysis runs in :func:`~regfw.uncertainty.mc_mode` (the modes sampling runs in; the
     trace follows the ``training`` flags of traced-through modules) and restores every flag.
@@ -93,20 +113,24 @@ def split_model(model: nn.Module, inputs: Tensor, types: tuple | None = None) ->
     if entry is None or not _current(entry, model, index):
         entry = _Entry(index, _hooks(model, index), _hook_id())
         _CACHE[model] = entry
-    sig = (_signature(inputs), excluded_ids())
+    sig = (_signature(inputs, output_key), excluded_ids())
     split = entry.splits.get(sig)
+    if split is not None and split.capture == "torch.export" and split.rates != _rates(model, index):
+        split = None  # a rate changed since the capture
     if split is None:
         types = index.types
         off = excluded_ids()
         on = [m for _, m in stochastic_modules(model, index) if id(m) not in off]
         try:
             with torch.no_grad(), mc_mode(model, on, index=index):
-                split = _analyse(model, inputs, types)
+                split = _analyse(model, inputs, types, output_key, may_capture=entry.captures < analysis.MAX_CAPTURES)
+            split.rates = _rates(model, index)
+            entry.captures += split.capture == "torch.export"
         except _Fallback as exc:
             split = Split(fallback=str(exc))
         except Exception as exc:  # noqa: BLE001 - e.g. the model fails on the probe rows
             split = Split(fallback=f"the analysis of the model failed ({type(exc).__name__}: {exc})")
-        if len(entry.splits) >= _MAX_SIGNATURES:
+        if len(entry.splits) >= _MAX_SIGNATURES and sig not in entry.splits:
             entry.splits.pop(next(iter(entry.splits)))
         entry.splits[sig] = split
     return split

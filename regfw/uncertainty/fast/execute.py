@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import _eval, _resolve
+from .inputs import Packed
 from .layout import _alloc, _gather, _nbytes, _write
 from .split import RunStats, Split
 
@@ -87,16 +88,19 @@ def _suffix_once(split: Split, model: nn.Module, mods: dict, values: dict) -> Te
 def _execute(
     split: Split,
     model: nn.Module,
-    inputs: Tensor,
+    packed: Packed,
     samples: int,
     budget: int | None,
     chunk_rows: int | None,
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``([T, B, ...] samples, [B, ...] eval-mode output or None)``; the eval output, when asked for,
-    is computed after the prefix and before any sample, so the masks are those of a run without it."""
+    is computed after the prefix and before any sample, so the masks are those of a run without it
+    (a ``torch.fx`` split only: a captured graph holds its random operators, not modules to switch off)."""
     mods = _modules(split, model)
-    b = inputs.shape[0]
+    inputs = split.graph_input(packed)
+    device = packed.tensors[0].device
+    b = packed.rows
     stats = RunStats(samples=samples, batch=b, budget_bytes=budget)
     c_p, r_p = split.prefix_cost
     c_b, r_b = split.boundary_cost
@@ -112,7 +116,8 @@ def _execute(
         values = {}
         chunks = _even_chunks(b, prefix_rows)
         for start, stop in chunks:
-            part = _run_prefix(split, model, mods, inputs[start:stop])
+            part = _run_prefix(split, model, mods,
+                               _gather(inputs, split.input_layout, torch.arange(start, stop, device=device), False))
             for node, v in part.items():
                 layout = split.boundary[node]
                 if node not in values:
@@ -138,7 +143,7 @@ def _execute(
     else:
         if chunk_rows is None:
             chunk_rows = total if budget is None or r_r == 0 else max(2, (budget - kept - c_r) // r_r)
-            if inputs.device.type == "cpu" and r_r > 0:  # cache-sized chunks run faster on CPU
+            if device.type == "cpu" and r_r > 0:  # cache-sized chunks run faster on CPU
                 chunk_rows = min(chunk_rows, max(_CPU_MIN_ROWS, _CPU_CHUNK_BYTES // r_r))
         elif chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
@@ -151,7 +156,7 @@ def _execute(
     free = split._replay_free
     mutated = split.mutated
     for start, stop in chunks:
-        rows = None if split.mode == "samples" else torch.arange(start, stop, device=inputs.device) % b
+        rows = None if split.mode == "samples" else torch.arange(start, stop, device=device) % b
         env = {n: _gather(v, split.boundary[n], rows, n in mutated) for n, v in values.items()}
         for i, node in enumerate(split.replay):
             env[node] = _eval(node, env, mods, model)

@@ -14,6 +14,8 @@ from torch import nn
 from regfw.placement.tracing import FORWARD_ONLY as _FORWARD_ONLY
 from regfw.uncertainty.sampling import is_stochastic
 
+from .stand_in import stand_in
+
 
 def _resolve(model: nn.Module, target: str) -> Any:
     """``m.a.b`` (a path under the tracing wrapper) to the object in ``model``."""
@@ -23,10 +25,14 @@ def _resolve(model: nn.Module, target: str) -> Any:
     return obj
 
 
-def _eval(node: fx.Node, env: dict, mods: dict, model: nn.Module) -> Any:
+def _eval(node: fx.Node, env: dict, mods: dict, model: nn.Module, stand_ins: bool = False) -> Any:
+    """The value of ``node`` from the values in ``env``; ``stand_ins``: a random operator of a
+    captured graph gives its deterministic stand-in (:mod:`.stand_in`)."""
     args = fx.node.map_arg(node.args, env.__getitem__)
     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
     op, target = node.op, node.target  # a str or, for call_function, the callable
+    if stand_ins and op == "call_function" and _is_operator(target) and _random_operator(node):
+        return stand_in(node, args, kwargs)
     if op == "call_module":
         mod = mods[target]
         if node.meta.get(_FORWARD_ONLY):
@@ -79,12 +85,49 @@ _RANDOM_METHODS = {
 }
 
 
+def _op_args(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a call of a torch operator (``torch.export``'s nodes), by schema name."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def _is_operator(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverload)
+
+
+#: Schema arguments that switch a random operator off: a training flag set to False, a rate of 0.
+_OFF_FLAGS = ("train", "training")
+_RATES = ("p", "dropout_p")
+
+
+def _random_operator(node: fx.Node) -> bool:
+    """A torch operator tagged ``nondeterministic_seeded`` (it draws from the random generator: every
+    sampling op, dropout, attention with ``dropout_p``, custom ops such as regfw's masks), unless its
+    arguments switch the randomness off (``train=False``, ``p=0``, ``dropout_p=0``)."""
+    if torch.Tag.nondeterministic_seeded not in node.target.tags:  # type: ignore[union-attr]
+        return False
+    args = _op_args(node)
+    if any(args.get(flag) is False for flag in _OFF_FLAGS):
+        return False
+    return not any(isinstance(args.get(r), (int, float)) and args.get(r) == 0 for r in _RATES)
+
+
 def _random_op(node: fx.Node) -> bool:
     """True for a call of a random function or method (a stochastic source outside modules)."""
     if node.op == "call_method":
         return node.target in _RANDOM_METHODS
     if node.op != "call_function":
         return False
+    if _is_operator(node.target):
+        return _random_operator(node)
     if node.target in _RANDOM_FUNCTIONS:
         return True
     spec = _DROPOUT_FUNCTIONS.get(node.target)  # type: ignore[arg-type]
@@ -127,6 +170,9 @@ def _aliases_input(node: fx.Node, mods: dict, types: tuple) -> bool:
     """The node's output may share memory with its first input (a view or pass-through)."""
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
+    if node.op == "call_function" and _is_operator(node.target):  # the schema says it: ``Tensor(a)``
+        returns = node.target._schema.returns  # type: ignore[union-attr]
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
     if node.op == "call_function":
         return node.target in _VIEW_FUNCTIONS
     if node.op == "call_module":
@@ -142,6 +188,9 @@ def _mutates_input(node: fx.Node, mods: dict) -> bool:
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function" and _is_operator(node.target):  # the schema says it: ``Tensor(a!)``
+        arguments = node.target._schema.arguments  # type: ignore[union-attr]
+        return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
     if node.op == "call_function":
         if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
             return True

@@ -14,6 +14,7 @@ from regfw.placement import tracing
 from regfw.uncertainty.sampling import is_stochastic
 
 from .graph import _describe_target, _eval, _inputs
+from .inputs import Packed, with_value
 from .layout import (
     _Batch,
     _batched,
@@ -38,34 +39,38 @@ class _Fallback(Exception):
     """The split cannot be used; the message is the reason."""
 
 
-def _probe_inputs(inputs: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """``(x1, x2, distinct)``: 2 and 3 rows of ``inputs``, x2 extending x1.
+def _probe_inputs(packed: Packed) -> tuple[Packed, Packed, bool]:
+    """``(x1, x2, distinct)``: 2 and 3 rows of the inputs, x2 extending x1 (every tensor with the
+    batch dimension takes the same rows; the others are kept whole).
 
     Distinct rows are chosen when the batch has them (rows that mix would go unnoticed on
-    identical rows); a floating-point batch with fewer distinct rows gets slightly shifted copies.
+    identical rows); one floating-point tensor with fewer distinct rows gets slightly shifted copies.
     """
     n1, n2 = _PROBE_ROWS
-    b = inputs.shape[0]
+    rows = [t for t, b in zip(packed.tensors, packed.batched, strict=True) if b]
+    device = rows[0].device
     chosen = [0]
-    for i in range(1, min(b, 64)):
-        if all(not torch.equal(inputs[i], inputs[j]) for j in chosen):
+    for i in range(1, min(packed.rows, 64)):
+        if all(any(not torch.equal(t[i], t[j]) for t in rows) for j in chosen):
             chosen.append(i)
             if len(chosen) == n2:
                 break
     distinct = len(chosen) == n2
-    if distinct:
-        x2 = inputs.index_select(0, torch.tensor(chosen, device=inputs.device))
-    else:
-        idx = torch.tensor([chosen[i % len(chosen)] for i in range(n2)], device=inputs.device)
-        x2 = inputs.index_select(0, idx)
-        if inputs.is_floating_point():
-            step = torch.arange(n2, device=inputs.device, dtype=inputs.dtype).view(-1, *([1] * (inputs.dim() - 1)))
-            x2 = x2 * (1.0 + 0.05 * step) + 0.01 * step  # distinct even for rows of zeros
-            distinct = True
-    return x2[:n1], x2, distinct
+    idx = torch.tensor([chosen[i % len(chosen)] for i in range(n2)], device=device)
+    pairs = list(zip(packed.tensors, packed.batched, strict=True))
+    taken = [t.index_select(0, idx.to(t.device)) if b else t for t, b in pairs]
+    if packed.template is None and not distinct and taken[0].is_floating_point():
+        x = taken[0]
+        step = torch.arange(n2, device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        taken[0] = x * (1.0 + 0.05 * step) + 0.01 * step  # distinct even for rows of zeros
+        distinct = True
+    first = [t[:n1] if b else t for t, b in zip(taken, packed.batched, strict=True)]
+    if packed.template is None:
+        return with_value(packed, first[0]), with_value(packed, taken[0]), distinct
+    return with_value(packed, tuple(first)), with_value(packed, tuple(taken)), distinct
 
 
-def _record_real(model: nn.Module, x: Tensor, stochastic: dict[int, str]) -> tuple[dict, dict, Any]:
+def _record_real(model: nn.Module, x: Packed, stochastic: dict[int, str]) -> tuple[dict, dict, Any]:
     """One real eval pass: output structure of every module call, stochastic call counts, output."""
     records: dict[int, list] = {}
     raws: dict[int, list] = {}
@@ -88,15 +93,18 @@ def _record_real(model: nn.Module, x: Tensor, stochastic: dict[int, str]) -> tup
             handles.append(m.register_forward_hook(final_hook))
             if id(m) in stochastic:
                 handles.append(m.register_forward_pre_hook(count_hook))
-        out = model(x)
+        args, kwargs = x.unpack(x.value)
+        out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
     return records, counts, out
 
 
-def _run_probe(split: Split, model: nn.Module, x: Tensor, stochastic: dict[int, str], mods: dict) -> tuple[dict, dict]:
-    """Run the whole graph on ``x`` keeping every value; also which node called which stochastic module."""
+def _run_probe(split: Split, model: nn.Module, x: Any, stochastic: dict[int, str], mods: dict,
+               stand_ins: bool = False) -> tuple[dict, dict]:
+    """Run the whole graph on ``x`` keeping every value; also which node called which stochastic
+    module. ``stand_ins``: random operators give their deterministic stand-ins (a captured graph)."""
     current: list = [None]
     calls: dict[str, list] = {path: [] for path in stochastic.values()}
     handles = []
@@ -113,20 +121,36 @@ def _run_probe(split: Split, model: nn.Module, x: Tensor, stochastic: dict[int, 
             if node.op in ("placeholder", "output"):
                 continue
             current[0] = node
-            env[node] = _eval(node, env, mods, model)
+            env[node] = _eval(node, env, mods, model, stand_ins)
     finally:
         for h in handles:
             h.remove()
     return env, calls
 
 
-def _check_probe(split: Split, got: Any, ref: Tensor, calls: dict, real_counts: dict, sources: set) -> None:
-    """The graph gives the model's output and calls every stochastic module where the split sees it."""
+def _check_output(got: Any, ref: Tensor) -> None:
+    """The graph gives the model's output."""
     if not isinstance(got, Tensor) or not _same(got, ref):
         diff: Any = "shape"
         if isinstance(got, Tensor) and got.shape == ref.shape:
             diff = (got.float() - ref.float()).abs().max().item()
         raise _Fallback(f"the traced graph does not reproduce the model's output (difference: {diff})")
+
+
+def _check_covered(split: Split, real_counts: dict) -> None:
+    """Every stochastic module the model calls draws in a random operator of a captured graph (a
+    module whose randomness the capture fixed to a constant, e.g. drawn by Python's ``random``,
+    would be the same in every sample)."""
+    covered = {tracing.own_path(path) for node in split.sources
+               for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+    for path, count in real_counts.items():
+        if count and (path if path != "<model>" else "") not in covered:
+            raise _Fallback(f"stochastic module {path!r} draws nothing random in the graph torch.export captured")
+
+
+def _check_probe(split: Split, got: Any, ref: Tensor, calls: dict, real_counts: dict, sources: set) -> None:
+    """The graph gives the model's output and calls every stochastic module where the split sees it."""
+    _check_output(got, ref)
     for path, seen in calls.items():
         if len(seen) != real_counts.get(path, 0):
             raise _Fallback(

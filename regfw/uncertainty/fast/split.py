@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 
 from .graph import _describe_target, _eval, _resolve
+from .inputs import Packed, pack
 
 __all__ = ["RunStats", "Split"]
 
@@ -39,6 +40,15 @@ class Split:
     fallback: str | None = None
     mode: str = "fallback"
     mode_reason: str | None = None
+    #: how the graph was captured: ``"torch.fx"`` (stochastic modules called as modules) or
+    #: ``"torch.export"`` (the random operators themselves, captured in MC mode; ``capture_note``
+    #: says what stopped ``torch.fx``)
+    capture: str = "torch.fx"
+    capture_note: str | None = None
+    selects: bool = False  #: the graph's output is already the tensor ``output_key`` selects
+    #: the stochastic modules' rates the graph was captured with (a captured graph holds them as numbers)
+    rates: tuple = ()
+    input_layout: Any = field(default=None, repr=False)  #: where the batch is in the graph's input
     nodes: list = field(default_factory=list, repr=False)
     replay: list = field(default_factory=list, repr=False)  #: replayed nodes, in graph order
     sources: list = field(default_factory=list, repr=False)  #: stochastic source nodes
@@ -99,6 +109,7 @@ class Split:
         replay = set(self.replay)
         once = sum(1 for n in work if n not in replay)
         lines = [
+            f"graph: {self.capture}" + (f" ({self.capture_note})" if self.capture_note else ""),
             f"mode {self.mode}" + (f" ({self.mode_reason})" if self.mode_reason else ""),
             f"{once} of {len(work)} ops computed once; {len(work) - once} replayed per sample",
             "stochastic sources: " + ", ".join(self.source_targets),
@@ -106,10 +117,15 @@ class Split:
         ]
         return "\n".join(lines)
 
-    def graph_forward(self, model: nn.Module, inputs: Tensor) -> Any:
+    def graph_input(self, packed: Packed) -> Any:
+        """The graph's one input for these inputs: the tensor itself or the flat tuple of tensors
+        (a captured graph always takes the tuple)."""
+        return packed.tensors if self.capture == "torch.export" else packed.value
+
+    def graph_forward(self, model: nn.Module, inputs: Any) -> Any:
         """Run the whole traced graph on ``inputs`` (in the model's current modes)."""
         mods = {t: _resolve(model, t) for t in self._targets}
-        env: dict = {self._placeholder: inputs}
+        env: dict = {self._placeholder: self.graph_input(pack(inputs))}
         for node in self.nodes:
             if node.op == "placeholder":
                 continue

@@ -29,6 +29,7 @@ from regfw.uncertainty.sampling import DEFAULT_BUDGET_BYTES, batched_strategy, d
 
 from .cache import split_model
 from .execute import _execute
+from .inputs import pack
 from .split import Split
 
 #: The split is kept only when it ran in at most this share of ``batched``'s CPU time on the first call.
@@ -38,7 +39,7 @@ clock: Callable[[], float] = time.process_time
 
 
 def _fall_back(
-    model: nn.Module, split: Split, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
+    model: nn.Module, split: Split, inputs: Any, samples: int, budget_bytes: int | None, kw: dict,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor | None]:
     if not split._warned:
@@ -54,7 +55,7 @@ def _fall_back(
 
 def fast_strategy(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     samples: int,
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
@@ -79,7 +80,7 @@ def fast_strategy(
 
 def fast_strategy_with_deterministic(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     samples: int,
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
@@ -100,7 +101,7 @@ def fast_strategy_with_deterministic(
 
 def _run(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     samples: int,
     budget_bytes: int | None,
     chunk_rows: int | None,
@@ -111,40 +112,52 @@ def _run(
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
     eager = uncompiled(model)  # a torch.compile wrapper: the split traces and runs the module it wraps
-    split = split_model(eager, inputs)
+    output_key = kw.get("output_key")
+    split = split_model(eager, inputs, output_key=output_key)
     if not split.ok:
         return _fall_back(model, split, inputs, samples, budget_bytes, {"chunk_rows": chunk_rows, **kw}, deterministic)
-    key = (int(inputs.shape[0]), int(samples))
+    packed = pack(inputs)
+    first = packed.tensors[0]
+    key = (packed.rows, int(samples))
     choice = split.choices.get(key) if choose else "auto"
     plain = {"chunk_rows": chunk_rows, **kw}
     if choice == "batched":
         return _batched(model, inputs, samples, budget_bytes, plain, deterministic)
+    # a captured graph holds its random operators: the eval output is a pass of its own, made first
+    # (as mc_predict's own pass would be); a torch.fx split runs its suffix once in eval mode instead
+    separate = deterministic and split.capture != "torch.fx"
+    det = deterministic_pass(model, inputs, output_key=output_key) if separate else None
+    joint = deterministic and not separate
+    key_out = None if split.selects else output_key
+
+    def run() -> tuple[Tensor, Tensor | None]:
+        out, det_out = _selected(_execute(split, eager, packed, samples, budget_bytes, chunk_rows, joint), key_out)
+        return out, (det if separate else det_out)
+
     with torch.no_grad():
         if choice == "auto" and split._verified:
-            return _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
-                             kw.get("output_key"))
-        state = _rng_state(inputs)
-        start = _now(inputs)
+            return run()
+        state = _rng_state(first)
+        start = _now(first)
         try:
-            out = _selected(_execute(split, eager, inputs, samples, budget_bytes, chunk_rows, deterministic),
-                            kw.get("output_key"))
+            out = run()
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
-            _set_rng_state(inputs, state)
+            _set_rng_state(first, state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
             return _fall_back(model, split, inputs, samples, budget_bytes, plain, deterministic)
-        auto_seconds = _now(inputs) - start
+        auto_seconds = _now(first) - start
         split._verified = True
         if choice == "auto":
             return out
-        after_auto = _rng_state(inputs)
-        _set_rng_state(inputs, state)  # batched draws from the same state: whichever is kept, a later
-        start = _now(inputs)           # call with this seed returns exactly these samples
+        after_auto = _rng_state(first)
+        _set_rng_state(first, state)  # batched draws from the same state: whichever is kept, a later
+        start = _now(first)           # call with this seed returns exactly these samples
         plain_out = _batched(model, inputs, samples, budget_bytes, plain, deterministic)
-        batched_seconds = _now(inputs) - start
+        batched_seconds = _now(first) - start
         split.timings[key] = (auto_seconds, batched_seconds)
         if auto_seconds <= MARGIN * batched_seconds:
             split.choices[key] = "auto"
-            _set_rng_state(inputs, after_auto)
+            _set_rng_state(first, after_auto)
             return out
         split.choices[key] = "batched"
         return plain_out
@@ -159,7 +172,7 @@ def _now(inputs: Tensor) -> float:
     return clock()
 
 
-def _batched(model: nn.Module, inputs: Tensor, samples: int, budget_bytes: int | None, kw: dict,
+def _batched(model: nn.Module, inputs: Any, samples: int, budget_bytes: int | None, kw: dict,
              deterministic: bool) -> tuple[Tensor, Tensor | None]:
     """``batched``, and the eval-mode output first when asked (as ``mc_predict``'s own pass would be)."""
     det = deterministic_pass(model, inputs, output_key=kw.get("output_key")) if deterministic else None
