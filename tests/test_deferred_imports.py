@@ -164,7 +164,7 @@ def test_every_allowed_import_says_why():
     ("def f():\n    if True:\n        from .callback import X\n    import json\n",
      [("f", 3, "regfw_plugins.pkg.callback")]),
     ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from regfw.train.steps import Step\n", []),
-])
+], ids=["top-level", "function", "method", "nested-function", "nested-block", "type-checking"])
 def test_the_scan_finds_imports_in_functions_methods_and_nested_blocks(tmp_path, source, expected):
     path = tmp_path / "__init__.py"  # stands for plugins/pkg/__init__.py: relative imports resolve against it
     path.write_text(source)
