@@ -259,9 +259,8 @@ def part_callback(device: torch.device, repeats: int) -> None:
 
     import pytorch_lightning as pl
 
-    from regfw.build.factory import build_datamodule
+    from regfw.build.fit import build_fit
     from regfw.config.schema import load_config
-    from regfw.run.job import build_module
     from regfw.uncertainty import MCDropoutUncertainty
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -301,8 +300,8 @@ def part_callback(device: torch.device, repeats: int) -> None:
     for title, overrides in (("the demo config", []),
                              ("the demo config, regularizers.dropout.input=0", ["regularizers.dropout.input=0"])):
         cfg = load_config(str(DEMO_CONFIG), overrides)
-        datamodule = build_datamodule(cfg.data, seed=cfg.seed)
-        module = build_module(cfg, datamodule).to(device)
+        built = build_fit(cfg)
+        datamodule, module = built.datamodule, built.module.to(device)
         unc = cfg.uncertainty
         runs: dict[str, pl.Callback | None] = {"without the callback": None}
         for strategy in ("auto", "batched", "loop"):

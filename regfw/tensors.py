@@ -43,7 +43,7 @@ VARIANCE_LINKS = ("softplus", "exp")
 def split_mean_variance(output: Tensor, link: str = "softplus") -> tuple[Tensor, Tensor]:
     """``(mean, variance)`` of a Gaussian head whose last dimension holds ``[mean, raw]`` halves.
 
-    The one split shared by training (the ``gaussian_nll`` loss of :mod:`regfw.train.module`) and Monte
+    The one split shared by training (the ``gaussian_nll`` loss of :mod:`regfw.train.losses`) and Monte
     Carlo dropout (its ``output_transform``; :func:`regfw.uncertainty.split_mean_logvar` is the
     ``exp`` link), so the variance MC dropout reports is the one the loss trained. ``link``:
     ``softplus`` (Lakshminarayanan et al. 2017, "Simple and Scalable Predictive Uncertainty

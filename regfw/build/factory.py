@@ -1,27 +1,11 @@
 """Build models and data modules from config sections: built-ins by name, others by class path."""
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError
-
-
-def import_class(class_path: str, key: str) -> type:
-    """The object at ``pkg.module.Class``, or a :class:`ConfigError` naming ``key``."""
-    module_name, _, attr = class_path.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"{key}: got {class_path!r}, expected a dotted path like 'mypkg.models.Net'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{key}: cannot import module {module_name!r} of {class_path!r}: {exc}. "
-                          f"Is the package installed in this environment?") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}.") from None
 
 
 def _instantiate(cls: type, init_args: Mapping[str, Any], key: str) -> Any:
@@ -50,25 +34,8 @@ def build_datamodule(data_cfg: Any, seed: int = 0, *, lightning: bool = True) ->
                **dict(data_cfg.init_args))
 
 
-def model_config_for(model_cfg: Any, datamodule: Any | None) -> dict:
-    """The serialisable ``{name|class_path, init_args}`` that rebuilds the model.
-
-    Built-in models get ``in_features`` and ``num_outputs`` from the data module unless set.
-    """
-    if model_cfg.class_path:
-        return {"class_path": model_cfg.class_path, "init_args": dict(model_cfg.init_args)}
-    args = dict(model_cfg.init_args)
-    if datamodule is not None:
-        args.setdefault("in_features", getattr(datamodule, "input_dim", 64))
-        outputs = getattr(datamodule, "num_outputs", 10)
-        if model_cfg.loss == "gaussian_nll":
-            outputs *= 2
-        args.setdefault("num_outputs", outputs)
-    return {"name": model_cfg.name, "init_args": args}
-
-
 def build_model(model_config: Mapping[str, Any]) -> Any:
-    """An ``nn.Module`` from the output of :func:`model_config_for`."""
+    """An ``nn.Module`` from ``{name|class_path, init_args}`` (:func:`regfw.build.parts.model_config_for`)."""
     from regfw.build.models import BUILTIN_MODELS
 
     if model_config.get("class_path"):
@@ -79,10 +46,3 @@ def build_model(model_config: Mapping[str, Any]) -> Any:
             raise ConfigError(f"model.name: got {name!r}, expected one of {', '.join(BUILTIN_MODELS)}.")
         cls = BUILTIN_MODELS[name]
     return _instantiate(cls, model_config.get("init_args") or {}, "model")
-
-
-def resolve_loss(model_cfg: Any, datamodule: Any) -> str:
-    """``model.loss``, with ``auto`` decided by the data module's ``task``."""
-    if model_cfg.loss != "auto":
-        return model_cfg.loss
-    return "mse" if getattr(datamodule, "task", "classification") == "regression" else "cross_entropy"

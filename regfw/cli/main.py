@@ -69,13 +69,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _config(args)  # first: the errors found without torch come before it is imported
-    from regfw.run.job import build_data, build_plan  # no Lightning: the plan alone answers in about a second
+    from regfw.build.parts import build_plan  # no Lightning: the plan alone answers in about a second
 
     startup.resume()  # a large model's tracing makes garbage: collect it, skipping the start-up objects
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = build_plan(cfg, build_data(cfg, lightning=False))
+        plan = build_plan(cfg)
     shown = set(plan.warnings)  # printed as "warning:" lines of the plan below
     for w in caught:
         if str(w.message) not in shown:

@@ -221,7 +221,7 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
     from regfw.cli.rank import check_samples, load_module
     from regfw.config.schema import load_config
     from regfw.run import stopping
-    from regfw.train.module import split_mean_variance
+    from regfw.train.losses import mc_output_transform
     from regfw.train.targets import declared_scaling, original_units_transform
 
     check_samples(samples)
@@ -236,8 +236,7 @@ def predict_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = 
     module = load_module(checkpoint)
     task = getattr(module, "task", None) or ("regression" if getattr(datamodule, "task", "") == "regression"
                                              else "classification")
-    gaussian = getattr(getattr(module, "hparams", {}), "get", lambda *_: None)("loss") == "gaussian_nll"
-    transform = split_mean_variance if gaussian else None
+    transform = mc_output_transform(getattr(getattr(module, "hparams", {}), "get", lambda *_: None)("loss"))
     scaling = declared_scaling(datamodule) if task == "regression" and unc.units == "original" else None
     if scaling is not None:  # predictions in the targets' own units, as the MC metrics report them
         transform = original_units_transform(scaling, transform)

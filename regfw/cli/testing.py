@@ -118,7 +118,7 @@ def test_checkpoint(config: str, checkpoint: str, overrides: Sequence[str] = (),
 def _mc_callback(cfg: Any, module: Any, datamodule: Any, heldout: Any, checkpoint: str) -> list[Any]:
     """The MC dropout callback for the test (in a list; empty, with a warning, when the model has
     no active dropout), with the temperatures the fit kept in the checkpoint."""
-    from regfw.train.module import split_mean_variance
+    from regfw.train.losses import mc_output_transform
     from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
 
     if not stochastic_modules(module):
@@ -128,9 +128,9 @@ def _mc_callback(cfg: Any, module: Any, datamodule: Any, heldout: Any, checkpoin
     task = getattr(module, "task", None) or ("regression" if getattr(datamodule, "task", "") == "regression"
                                              else "classification")
     hparams = getattr(module, "hparams", {})
-    gaussian = hparams.get("loss") == "gaussian_nll" if hasattr(hparams, "get") else False
     callback = MCDropoutUncertainty.from_config(
-        cfg.uncertainty, task=task, output_transform=split_mean_variance if gaussian else None,
+        cfg.uncertainty, task=task, output_transform=mc_output_transform(hparams.get("loss") if hasattr(hparams, "get")
+                                                                         else None),
         calibrate=heldout.calibration is not None, calibration_loader=heldout.calibration, ood_loader=heldout.ood)
     callback.plots = False  # the test phase draws none
     temperatures = _temperatures(checkpoint)

@@ -34,6 +34,7 @@ from regfw.config.yaml_limits import (
     too_large,
 )
 from regfw.errors import ConfigError, closest_hint, short_repr
+from regfw.train.losses import check_loss_spec
 
 # -- the top-level schema -------------------------------------------------------------------------
 
@@ -68,22 +69,6 @@ class DataConfig:
             from regfw.train.batch import BatchFormat
 
             self.batch = BatchFormat.coerce(self.batch, "data.batch").as_dict()
-
-
-#: The loss shorthands of ``model.loss``.
-LOSS_NAMES = ("cross_entropy", "mse", "gaussian_nll")
-
-
-def check_loss_spec(spec: Any, key: str = "model.loss") -> None:
-    """A :class:`ConfigError` for a ``model.loss`` that is neither a shorthand, ``auto``, a dotted
-    path nor ``{class_path, init_args}``."""
-    if isinstance(spec, Mapping):
-        if not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
-            raise ConfigError(f"{key}: got {dict(spec)!r}, expected {{class_path: ..., init_args: {{...}}}}.")
-        return
-    if not isinstance(spec, str) or (spec not in (*LOSS_NAMES, "auto") and "." not in spec):
-        raise ConfigError(f"{key}: got {spec!r}, expected auto, one of {', '.join(LOSS_NAMES)}, or a class path "
-                          f"such as torch.nn.HuberLoss.{closest_hint(str(spec), list(LOSS_NAMES))}")
 
 
 #: The ``data:`` keys that are data-module constructor arguments (see :mod:`regfw.build.datasets`).
@@ -307,21 +292,6 @@ class Config:
     run: RunConfig
     source: str | None = None
     lr_scheduler: LRSchedulerConfig | None = None
-    #: The regularizer objects :func:`load_config` built while validating ``regularizers``, for
-    #: the run to use once (:meth:`take_regularizers`); not part of the config's contents.
-    regularizer_objects: list = field(default_factory=list, repr=False, compare=False)
-
-    def take_regularizers(self) -> list:
-        """The regularizer objects of this config, built once: those :func:`load_config` built
-        (handed over once, since a plan attaches them to one model), else built now from
-        ``regularizers``."""
-        built, self.regularizer_objects = self.regularizer_objects, []
-        if built:
-            return built
-        from regfw.registry.regularizers import build_regularizers
-
-        return build_regularizers(dict(self.regularizers or {}))
-
     def to_dict(self) -> dict:
         out = {name: _as_plain(getattr(self, name)) for name in TOP_LEVEL}
         return out
@@ -560,14 +530,11 @@ def validate(raw: Mapping[str, Any], source: str | None = None, *, check_plugins
     )
     cfg.lr_scheduler = _check_open_sections(raw, cfg.optimizer)
     check_values(cfg)
-    if check_plugins:
-        from regfw.registry.regularizers import build_regularizers, section_key
+    if check_plugins:  # the plugins' settings classes import torch: after every torch-free check above
+        from regfw.registry.regularizers import build_regularizers, resolve_section
 
-        built = build_regularizers(regs)
-        cfg.regularizers = {section_key(r): dataclasses.asdict(r.config) for r in built}
-        for reg in built:
-            reg.check(cfg)
-        cfg.regularizer_objects = built
+        cfg.regularizers = resolve_section(regs)
+        build_regularizers(cfg.regularizers, config=cfg)  # each one's check(config); the objects are not kept
     else:
         cfg.regularizers = dict(regs)
     return cfg

@@ -261,19 +261,8 @@ def get_registry() -> Registry:
     return registry
 
 
-def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | None = None) -> list[Regularizer]:
-    """Regularizer objects for a ``regularizers:`` config section (validated on the way), in its order.
-
-    ``section`` maps names (bare, or qualified ``DIST:NAME``) to their settings (a mapping, or
-    None/``{}`` for all defaults). A name mapped to ``false`` is left out, so an override can switch
-    one off. Build them once per run and pass the objects on (``RegularizedModule(regularizers=objects)``
-    uses them as they are); the order is the order their step methods run in (see :mod:`regfw.train.steps`).
-    Each object's ``name`` is the registered (bare) name, which names its inserted modules, plan rows
-    and logged terms; ``selected_as`` is the section's key. Two keys selecting regularizers of one
-    bare name (``regfw:rdrop`` and ``regfw-rdrop:rdrop``) are an error: those names would clash.
-    """
-    registry = registry or get_registry()
-    out: list[Regularizer] = []
+def _selected(section: Mapping[str, Any] | None, registry: Registry) -> Iterator[tuple[str, Any, Any]]:
+    """``(key, spec, validated settings)`` of each regularizer a ``regularizers:`` section selects."""
     seen: dict[str, str] = {}
     for name, settings in (section or {}).items():
         if settings is False:
@@ -286,9 +275,37 @@ def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | N
                 f"logged terms are named by it); remove one of them."
             )
         seen[spec.name] = str(name)
-        cfg = validate_dataclass(spec.cls.Config, settings or {}, f"regularizers.{name}")
-        reg = spec.cls(cfg)
+        yield str(name), spec, validate_dataclass(spec.cls.Config, settings or {}, f"regularizers.{name}")
+
+
+def resolve_section(section: Mapping[str, Any] | None, registry: Registry | None = None) -> dict[str, dict]:
+    """A ``regularizers:`` section validated and completed, as plain data: each selected key with
+    every setting of its regularizer (defaults filled in). No regularizer object is made: that is
+    :func:`build_regularizers`' job, once per run."""
+    return {key: dataclasses.asdict(settings) for key, _, settings in _selected(section, registry or get_registry())}
+
+
+def build_regularizers(section: Mapping[str, Any] | None, registry: Registry | None = None, *,
+                       config: Any = None) -> list[Regularizer]:
+    """Regularizer objects for a ``regularizers:`` config section (validated on the way), in its order.
+
+    ``section`` maps names (bare, or qualified ``DIST:NAME``) to their settings (a mapping, or
+    None/``{}`` for all defaults). A name mapped to ``false`` is left out, so an override can switch
+    one off. Build them once per run and pass the objects on (``RegularizedModule(regularizers=objects)``
+    uses them as they are); the order is the order their step methods run in (see :mod:`regfw.train.steps`).
+    Each object's ``name`` is the registered (bare) name, which names its inserted modules, plan rows
+    and logged terms; ``selected_as`` is the section's key. Two keys selecting regularizers of one
+    bare name (``regfw:rdrop`` and ``regfw-rdrop:rdrop``) are an error: those names would clash.
+    ``config``: the whole resolved config, which each object's :meth:`~regfw.Regularizer.check` then
+    sees (what :func:`regfw.build.parts.build_parts` passes).
+    """
+    out: list[Regularizer] = []
+    for key, spec, settings in _selected(section, registry or get_registry()):
+        reg = spec.cls(settings)
         reg.name = spec.name
-        reg.selected_as = str(name)
+        reg.selected_as = key
         out.append(reg)
+    if config is not None:
+        for reg in out:
+            reg.check(config)
     return out

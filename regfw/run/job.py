@@ -18,19 +18,20 @@ file is written, so a failed start never leaves a partial run directory, nor tou
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
+from regfw.build.fit import FitParts, build_fit
 from regfw.config.schema import Config
 from regfw.errors import ConfigError, RegfwError, RunError
 from regfw.run import console
@@ -118,177 +119,6 @@ def evaluate(module: Any, dataloader: Any) -> dict[str, float]:
     if module.task == "classification":
         result["acc"] = correct / max(total, 1)
     return result
-
-
-def build_data(cfg: Config, **options: Any) -> Any:
-    """The data module of ``cfg.data``; anything that goes wrong is a :class:`ConfigError` naming
-    ``data`` (a wrong ``init_args`` key, a ``class_path`` that is not a LightningDataModule)."""
-    from regfw.build.factory import build_datamodule, import_class
-
-    what = cfg.data.class_path or cfg.data.name
-    if cfg.data.class_path:
-        target = import_class(cfg.data.class_path, "data.class_path")
-        if not (isinstance(target, type) and hasattr(target, "train_dataloader")):
-            raise ConfigError(f"data.class_path: {cfg.data.class_path!r} is {_kind_of(target)}, not a "
-                              f"LightningDataModule class (one with train_dataloader()).", key="data.class_path")
-    try:
-        datamodule = build_datamodule(cfg.data, seed=cfg.seed, **options)
-    except RegfwError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a user's data module may fail in any way
-        raise ConfigError(f"data: building {what!r} with init_args {dict(cfg.data.init_args)} failed: "
-                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}. Check data.init_args against "
-                          f"its __init__ arguments.", key="data.init_args") from None
-    return datamodule
-
-
-def _kind_of(obj: Any) -> str:
-    if isinstance(obj, type):
-        return f"the class {obj.__module__}.{obj.__qualname__}"
-    if callable(obj):
-        return f"the function {getattr(obj, '__qualname__', obj)!s}"
-    return f"{type(obj).__name__} {obj!r}"[:80]
-
-
-def _check_model_target(cfg: Config, datamodule: Any) -> None:
-    """``model.class_path`` names an ``nn.Module`` class or factory; the loss fits the data's task."""
-    from regfw.build.factory import import_class
-
-    if cfg.model.class_path:
-        target = import_class(cfg.model.class_path, "model.class_path")
-        if not callable(target) or (isinstance(target, type) and not issubclass(target, torch.nn.Module)):
-            raise ConfigError(f"model.class_path: {cfg.model.class_path!r} is {_kind_of(target)}, not a "
-                              f"torch.nn.Module class.", key="model.class_path")
-    task = getattr(datamodule, "task", None)
-    loss = cfg.model.loss
-    if task == "classification" and loss in ("mse", "gaussian_nll"):
-        raise ConfigError(f"model.loss: got {loss!r}, a regression loss, but data "
-                          f"{cfg.data.name or cfg.data.class_path!r} "
-                          f"is a classification task; use cross_entropy (or auto).", key="model.loss")
-    if task == "regression" and loss == "cross_entropy":
-        raise ConfigError(f"model.loss: got 'cross_entropy', a classification loss, but data "
-                          f"{cfg.data.name or cfg.data.class_path!r} is a regression task; use mse, gaussian_nll "
-                          f"(or auto).", key="model.loss")
-
-
-def build_module(cfg: Config, datamodule: Any) -> Any:
-    """The :class:`~regfw.train.module.RegularizedModule` for ``cfg`` and its data."""
-    from regfw.build.datasets import describe_data
-    from regfw.build.factory import model_config_for, resolve_loss
-    from regfw.train.module import RegularizedModule
-    from regfw.train.optim import optimizer_spec
-
-    _check_model_target(cfg, datamodule)
-    n_train, example, notes = describe_data(datamodule, cfg.data.batch)
-    model_config = model_config_for(cfg.model, datamodule)
-    with _building(model_config, example):
-        module = RegularizedModule(
-            model=None,
-            loss=resolve_loss(cfg.model, datamodule),
-            regularizers=cfg.take_regularizers(),
-            optimizer=optimizer_spec(cfg.optimizer),
-            lr_scheduler=dataclasses.asdict(cfg.lr_scheduler) if cfg.lr_scheduler else None,
-            batch=cfg.data.batch,
-            n_examples=n_train,
-            example_input=example,
-            model_config=model_config,
-            on_nan=cfg.run.on_nan,
-            output_key=cfg.model.output_key,
-        )
-        if notes:
-            module.plan.notes["data"] = notes
-        return module
-
-
-def build_plan(cfg: Config, data: Any) -> Any:
-    """The :class:`~regfw.placement.plan.Plan` that :func:`build_module` would apply, without Lightning.
-
-    For ``regfw plan``: the same steps as :class:`~regfw.train.module.RegularizedModule` (model from the
-    config, regularizer objects, the plan made on a zero batch shaped like the data's example
-    input, then applied, so apply-time warnings show), and the same errors, but neither the
-    LightningModule nor a LightningDataModule is built (``data`` may be a plain data object:
-    ``factory.build_datamodule(..., lightning=False)``).
-    """
-    from regfw.build.factory import build_model, model_config_for, resolve_loss
-    from regfw.placement.plan import apply_plan, make_plan
-
-    _check_model_target(cfg, data)
-    example = data.example_input() if hasattr(data, "example_input") else None
-    model_config = model_config_for(cfg.model, data)
-    with _building(model_config, example):
-        resolve_loss(cfg.model, data)
-        model = build_model(model_config)
-        regularizers = cfg.take_regularizers()
-        zeros = None if example is None else torch.zeros(list(example.shape), dtype=example.dtype)
-        plan = make_plan(model, regularizers, getattr(data, "n_train", None), zeros)
-        apply_plan(model, regularizers, plan)
-        return plan
-
-
-@contextlib.contextmanager
-def _building(model_config: dict, example: Any) -> Iterator[None]:
-    """Building the model and its plan: an exception that is not a :class:`RegfwError` is reported as
-    :func:`_building_error` names it (the plugin that raised, or the model not fitting the data)."""
-    try:
-        yield
-    except RegfwError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a plugin's code may raise anything; it is named, not the model
-        error = _building_error(exc, model_config, example)
-        if error is exc:
-            raise
-        raise error from exc
-
-
-def _building_error(exc: Exception, model_config: dict, example: Any) -> Exception:
-    """What building the model and its plan failing is reported as: the plugin whose code raised
-    (:mod:`regfw.registry.blame`), else the model not fitting the data, else ``exc`` itself."""
-    from regfw.registry.blame import plugin_error
-
-    blamed = plugin_error(exc, "while building the model and its plan")
-    if blamed is not None:
-        return blamed
-    if isinstance(exc, (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError)):
-        return _model_error(exc, model_config, example)
-    return exc
-
-
-def _model_error(exc: Exception, model_config: dict, example: Any) -> ConfigError:
-    """Most often the model does not fit the data: its forward pass on one batch is what fails."""
-    name = model_config.get("name") or model_config.get("class_path")
-    batch = (f" on the data's example batch (shape {list(example.shape)}, {str(example.dtype).replace('torch.', '')})"
-             if example is not None else "")
-    return ConfigError(f"model: building {name!r} with init_args {model_config.get('init_args') or {}}{batch} "
-                       f"failed: {type(exc).__name__}: {exc}. If the shapes disagree, set model.init_args "
-                       f"(e.g. in_features, num_outputs) to match the data.")
-
-
-def uncertainty_callback(cfg: Config, module: Any, plot_dir: Path, heldout: Any = None) -> Any | None:
-    """The MC dropout callback for ``cfg.uncertainty``, or None when it is off.
-
-    It is off when ``uncertainty.enabled`` is false or the model has no stochastic module (for
-    example a run without a dropout regularizer); it is never an error to leave it on.
-    """
-    from regfw.train.module import split_mean_variance
-    from regfw.uncertainty import MCDropoutUncertainty, stochastic_modules
-
-    unc = cfg.uncertainty
-    if not unc.enabled:
-        return None
-    if not stochastic_modules(module):
-        import warnings
-
-        warnings.warn("regfw: uncertainty.enabled is true, but the model has no active dropout (no dropout "
-                      "regularizer, or all its rates are 0): MC dropout uncertainty is off for this run. Select a "
-                      "dropout regularizer, or set uncertainty.enabled: false.", stacklevel=2)
-        return None
-    return MCDropoutUncertainty.from_config(
-        unc, task=module.task, plot_dir=str(plot_dir),
-        output_transform=split_mean_variance if module.hparams.loss == "gaussian_nll" else None,
-        calibrate=heldout is not None and heldout.calibration is not None,
-        calibration_loader=heldout.calibration if heldout is not None else None,
-        ood_loader=heldout.ood if heldout is not None else None,
-    )
 
 
 def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoint: str | None = None,
@@ -427,8 +257,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     Under DDP every process runs this; Lightning's launcher passes rank 0's run directory and
     checkpoint on to the others, and only rank 0 writes files and evaluates.
     """
-    import pytorch_lightning as pl
-
     from regfw.run import checkpoints as C
     from regfw.run import distributed as D
     from regfw.run.checkpoint_compat import check_compatible
@@ -454,12 +282,8 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
 
     # Build and check everything before writing anything.
     _check_settings(cfg, _processes(cfg.trainer))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = D.make_resumable(build_data(cfg), cfg.seed)
-    from regfw.uncertainty.heldout import prepare_heldout
-
-    heldout = prepare_heldout(datamodule, cfg.uncertainty, cfg.seed)  # calibration split, OOD set
-    module = build_module(cfg, datamodule)
+    built = build_fit(cfg)
+    module, datamodule = built.module, built.datamodule
     ckpt: dict = {}
     if ckpt_path is not None:
         ckpt = C.read_checkpoint(ckpt_path)
@@ -487,7 +311,7 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
                 path = claim.path
         assert path is not None
         with console.quiet_lightning(in_memory=console.holds_tensors(datamodule)):
-            return _train(cfg, path, claim, module, datamodule, ckpt_path, ckpt, callbacks, quiet, rank, heldout)
+            return _train(cfg, path, claim, built, ckpt_path, ckpt, callbacks, quiet, rank)
     except BaseException as exc:
         with stopping.deferred(drop=True):  # a signal must not cut the clean-up short
             if claim is not None and not claim.keep:
@@ -522,10 +346,9 @@ def _no_space(exc: OSError, cfg: Config, path: Path | None, claim: Any, ckpt_pat
             f"space and continue with `regfw fit {src} --resume {newest}`.")
 
 
-def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ckpt_path: Path | None, ckpt: dict,
-           callbacks: Sequence[Any], quiet: bool, rank: int, heldout: Any = None) -> FitResult:
+def _train(cfg: Config, path: Path, claim: Any, built: FitParts, ckpt_path: Path | None, ckpt: dict,
+           callbacks: Sequence[Any], quiet: bool, rank: int) -> FitResult:
     """The part of :func:`fit` that runs in the claimed run directory ``path``."""
-    import pytorch_lightning as pl
     from pytorch_lightning.trainer.states import TrainerStatus
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -534,6 +357,9 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
     from regfw.run import distributed as D
     from regfw.run import stopping
 
+    module, datamodule, mc = built.module, built.datamodule, built.uncertainty
+    if mc is not None:
+        mc.plot_dir = str(path / "plots")  # the run directory is known once claimed, after the build
     config_path = path / "config.yaml"
     if claim is not None:
         if ckpt_path is None or not config_path.exists():
@@ -554,13 +380,12 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         from pytorch_lightning.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(path), name="tensorboard", version="")
-    mc = uncertainty_callback(cfg, module, path / "plots", heldout)
     trainer = pl.Trainer(
         **trainer_args,
         plugins=plugins,
         default_root_dir=str(path),
         logger=logger,
-        callbacks=[D.StepSeeding(cfg.seed), ckpt_cb, *([mc] if mc else []), *callbacks],
+        callbacks=[D.StepSeeding(cfg.seed), ckpt_cb, *built.callbacks, *callbacks],
     )
     _check_distributed(cfg, trainer, datamodule)
     announce = (D.announce_to_child_processes(str(path), str(ckpt_path) if ckpt_path else None)
@@ -606,7 +431,7 @@ def _train(cfg: Config, path: Path, claim: Any, module: Any, datamodule: Any, ck
         # the first training step failed: the model, its loss or the data do not fit together
         name = cfg.model.name or cfg.model.class_path
         text = " ".join(str(exc).split())
-        raise ConfigError(f"model: the first training step of {name!r} with {module.hparams.loss} loss on "
+        raise ConfigError(f"model: the first training step of {name!r} with {built.parts.loss} loss on "
                           f"{cfg.data.name or cfg.data.class_path!r} failed: {type(exc).__name__}: {text[:300]}. "
                           f"Check that the model's forward returns one tensor of the shape the loss expects "
                           f"(model.loss, model.init_args).", key="model") from None

@@ -7,50 +7,30 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from regfw.build.factory import build_model
 from regfw.errors import ConfigError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer
 from regfw.model_io import OutputKey, call_model, check_output_key, example_from_spec, example_spec, select_output
 from regfw.placement.plan import Plan, apply_plan, make_plan
-from regfw.placement.structure import own_loss_forward
 from regfw.placement.surgery import is_dropout
+from regfw.registry.regularizers import build_regularizers, section_key
 from regfw.run.stopping import EvaluationStop
-from regfw.tensors import split_mean_variance  # the split MC dropout uses too (run.py passes it)
 from regfw.train.batch import BatchFormat, split_batch
 from regfw.train.epoch_metrics import EpochMeans
+from regfw.train.losses import check_model_loss, loss_function, loss_hparam, loss_task, task_is_known
 from regfw.train.optim import (
-    build_loss,
     build_optimizer,
-    loss_hparam,
-    loss_task,
     optimizers_and_schedulers,
     scheduler_config,
     split_groups,
 )
 from regfw.train.steps import MixedTargets, regularized_step
 
-LOSSES = ("cross_entropy", "mse", "gaussian_nll")
 #: The values of ``run.on_nan`` (the ``on_nan`` argument).
 ON_NAN = ("stop", "skip", "ignore")
-
-
-def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Gaussian NLL for a model whose last dimension holds ``[mean, raw variance]`` halves."""
-    mean, variance = split_mean_variance(output)
-    return F.gaussian_nll_loss(mean, target, variance)
-
-
-def _loss_fn(loss: str | Mapping | Callable) -> Callable:
-    table: dict[str, Callable] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "gaussian_nll": gaussian_nll}
-    if isinstance(loss, str) and "." not in loss:
-        if loss not in table:
-            raise ConfigError(f"model.loss: got {loss!r}, expected one of {', '.join(LOSSES)}, a class path such as "
-                              f"torch.nn.HuberLoss, or a callable.")
-        return table[loss]
-    return build_loss(loss)
 
 
 def _regularizer_section(regularizers: Any) -> dict:
@@ -58,8 +38,6 @@ def _regularizer_section(regularizers: Any) -> dict:
         return {}
     if isinstance(regularizers, Mapping):
         return dict(regularizers)
-    from regfw.registry.regularizers import section_key
-
     section = {}
     for reg in regularizers:
         if not isinstance(reg, Regularizer):
@@ -106,6 +84,9 @@ class RegularizedModule(pl.LightningModule):
             (:func:`regfw.model_io.select_output`): None (a tensor; else a Hugging Face
             ``ModelOutput``'s or a dict's ``logits``; else the lone tensor), a key, a position,
             or a callable (not kept in ``hparams``: pass it again when loading).
+        plan: the plan of ``regularizers`` already applied to ``model`` (what
+            :func:`regfw.build.fit.build_fit` passes, having built everything once); None: the
+            module makes the plan on ``example_input`` and applies it.
 
     Each training step runs :func:`regfw.train.steps.regularized_step`: the regularizers' batch
     transforms, the forward pass, the (transformed) loss, their loss terms. Logged per epoch:
@@ -130,6 +111,7 @@ class RegularizedModule(pl.LightningModule):
         lr_scheduler: Mapping[str, Any] | None = None,
         task: str | None = None,
         output_key: OutputKey = None,
+        plan: Plan | None = None,
     ) -> None:
         super().__init__()
         if on_nan not in ON_NAN:
@@ -171,40 +153,29 @@ class RegularizedModule(pl.LightningModule):
         if model is None:
             if not model_config:
                 raise ConfigError("RegularizedModule: pass `model=` (an nn.Module) or `model_config=`.")
-            from regfw.build.factory import build_model
-
             model = build_model(model_config)
-        own_loss = own_loss_forward(model)
-        if own_loss is not None:
-            raise ConfigError(
-                f"model: {type(model).__name__}.forward takes {own_loss!r} and computes its own losses in training "
-                f"(a detection model), which RegularizedModule's step loss(model(inputs), targets) cannot train. "
-                f"Regularize it with regfw.placement.plan.make_plan(model, regularizers, "
-                f"example_input=[image, ...]) and "
-                f"apply_plan, then train it in your own loop or LightningModule: "
-                f"loss = sum(model(images, targets).values())")
+        check_model_loss(model)
         self.model = model
-        self.loss_fn = _loss_fn(loss)
+        self.loss_fn = loss_function(loss)
         if task not in (None, "classification", "regression"):
             raise ConfigError(f"task: got {task!r}, expected 'classification' or 'regression' (or None to infer it "
                               f"from the loss).")
         self.task = task or loss_task(self.loss_fn)
         #: What the step methods are told (``Step.task``): unknown for a custom loss function, unless
         #: ``task`` says it or the loss is one whose task is known (cross-entropy, NLL, the shorthands).
-        known = task is not None or loss in LOSSES or loss_task(self.loss_fn) == "classification"
-        self.step_task: str | None = self.task if known else None
+        self.step_task: str | None = self.task if task is not None or task_is_known(loss, self.loss_fn) else None
         if input_shape is not None:
             self.example_input_array = example_from_spec(input_shape, input_dtype)
-        from regfw.registry.regularizers import build_regularizers
-
         # objects given: used as they are (built once by the caller); a mapping: built here, once
         self.regularizers: list[Regularizer]
         if regularizers is None or isinstance(regularizers, Mapping):
             self.regularizers = build_regularizers(section)
         else:
             self.regularizers = list(regularizers)
-        self.plan: Plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
-        apply_plan(model, self.regularizers, self.plan)
+        if plan is None:
+            plan = make_plan(model, self.regularizers, n_examples, self.example_input_array)
+            apply_plan(model, self.regularizers, plan)
+        self.plan: Plan = plan
 
     # -- forward and steps -----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:

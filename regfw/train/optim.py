@@ -1,11 +1,10 @@
-"""Optimizers, learning-rate schedulers and losses from config specs, in Lightning's conventions.
+"""Optimizers and learning-rate schedulers from config specs, in Lightning's conventions.
 
 The ``optimizer:`` and ``lr_scheduler:`` sections take ``class_path`` and ``init_args`` exactly
 as a LightningCLI config does (a bare class name is looked up in ``torch.optim`` and
 ``torch.optim.lr_scheduler``, as LightningCLI does); the scheduler adds Lightning's
-``interval``, ``frequency`` and ``monitor``. The short names (``optimizer.name: adam``,
-``model.loss: mse``) stay as shorthands. ``model.loss`` also takes a class path (an
-``nn.Module`` loss such as ``torch.nn.HuberLoss``, with ``init_args``) or a function path.
+``interval``, ``frequency`` and ``monitor``. The short names (``optimizer.name: adam``) stay as
+shorthands. Losses: :mod:`regfw.train.losses`.
 
 The optimizer always receives the parameter groups of the selected regularizers (for example
 weight decay's decay / no-decay groups), whichever class it is.
@@ -13,22 +12,17 @@ weight decay's decay / no-decay groups), whichever class it is.
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from regfw.config.schema import check_loss_spec
 from regfw.errors import ConfigError
 
 #: The optimizer shorthands of ``optimizer.name``.
 OPTIMIZERS: dict[str, type] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
                                "rmsprop": torch.optim.RMSprop}
-#: Losses that make the task classification (the MC callback then reports accuracy, calibration).
-_CLASSIFICATION_LOSSES: tuple[Any, ...] = (F.cross_entropy, F.nll_loss, nn.CrossEntropyLoss, nn.NLLLoss)
 
 
 def _import(path: str, key: str, search: tuple[str, ...] = ()) -> Any:
@@ -120,50 +114,6 @@ def scheduler_config(spec: Mapping[str, Any] | None, optimizer: torch.optim.Opti
     if cfg.get("monitor"):
         out["monitor"] = cfg["monitor"]
     return out
-
-
-def build_loss(spec: str | Mapping[str, Any] | Callable) -> Callable:
-    """The loss function ``loss(output, target)`` of a ``model.loss`` class or function path
-    (``{class_path, init_args}`` or a dotted string) or callable; the shorthands are
-    resolved by :mod:`regfw.train.module`."""
-    if callable(spec) and not isinstance(spec, Mapping):
-        return spec
-    check_loss_spec(spec)
-    if isinstance(spec, str) and "." not in spec:
-        raise ConfigError(f"model.loss: {spec!r} is a shorthand; regfw.train.module resolves it.")
-    path, init_args = (spec["class_path"], spec.get("init_args") or {}) if isinstance(spec, Mapping) else (spec, {})
-    obj = _import(path, "model.loss")
-    if inspect.isclass(obj):
-        try:
-            loss: Callable = typing.cast(Callable, obj(**dict(init_args)))
-            return loss
-        except TypeError as exc:
-            raise ConfigError(f"model.loss.init_args: {obj.__name__}({', '.join(map(str, init_args))}) failed: "
-                              f"{exc}") from None
-    if init_args or not callable(obj):
-        raise ConfigError(f"model.loss: {path!r} is not a class; init_args need a loss class such as "
-                          f"torch.nn.CrossEntropyLoss.")
-    return obj
-
-
-def loss_task(loss_fn: Callable) -> str:
-    """``classification`` for cross-entropy and NLL losses (functions or modules), else ``regression``."""
-    if loss_fn in (F.cross_entropy, F.nll_loss) or isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return "classification"
-    return "regression"
-
-
-def loss_hparam(spec: str | Mapping[str, Any] | Callable) -> Any:
-    """What ``hparams.loss`` records: the spec itself, or a callable's import path (so a reloaded
-    module finds it again), or ``"custom"`` for one that cannot be imported by name."""
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, Mapping):
-        return {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
-    module, name = getattr(spec, "__module__", None), getattr(spec, "__qualname__", "")
-    if module and name and "<" not in name:
-        return f"{module}.{name}"
-    return getattr(spec, "__name__", "custom")
 
 
 def optimizers_and_schedulers(configured: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:

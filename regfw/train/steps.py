@@ -28,6 +28,7 @@ from regfw.errors import ConfigError
 from regfw.extend.contract import check_loss_fn, check_term, check_transformed_batch
 from regfw.model_io import call_model
 from regfw.train.batch import batch_size
+from regfw.train.losses import REGRESSION_LOSSES
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -197,8 +198,6 @@ def regularized_step(regularizers: Sequence[Regularizer], model: nn.Module, inpu
                              step=step)
     return StepResult(total, data_loss, terms, outputs, step.inputs, step.targets)
 
-
-REGRESSION_LOSSES = ("mse", "gaussian_nll")
 
 
 def require_classification(name: str, *, step: Step | None = None, config: Any = None) -> None:

@@ -193,7 +193,8 @@ def test_ddp_mc_metrics_equal_a_single_process_evaluation_of_the_checkpoint(ddp_
     from torch.utils.data import DataLoader, DistributedSampler
 
     from regfw.build.factory import build_datamodule
-    from regfw.run.job import evaluate, uncertainty_callback
+    from regfw.build.fit import uncertainty_callback
+    from regfw.run.job import evaluate
     from regfw.train.module import RegularizedModule
     from regfw.uncertainty.sampling import derive_seed, mc_predict
 

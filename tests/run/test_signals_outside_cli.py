@@ -196,16 +196,16 @@ def test_sigint_stops_a_plain_fit_like_a_bare_module(tmp_path):
 def test_sigterm_during_a_long_mc_validation_stops_at_once(tmp_path):
     """The MC callback's T = 50,000 passes over a validation batch of 1024 rows take about 10 s of
     CPU; Lightning alone would stop only after them (it looks between batches). The module stops
-    the evaluation epoch at the signal, as fast as a bare module stops training."""
+    the evaluation epoch at the signal: the second epoch's MC run never completes. (By what ran, not
+    by seconds: on a loaded machine a clock says little; the seconds are in the message.)"""
     bare_took, _, bare, bare_out = _stop(tmp_path, "bare", signal.SIGTERM, val_rows=1024, marker="VALIDATING")
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGTERM, 50000, val_rows=1024, marker="VALIDATING")
     assert bare["status"] == "interrupted", bare_out[-3000:]
-    assert took < bound(bare_took), \
-        f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)\n{out[-3000:]}"
-    assert (state["status"], state["raised"], rc) == ("interrupted", "SIGTERMException", 0), out[-3000:]
-    # stopped inside the second epoch's validation: only the first epoch's MC run completed, and no
-    # training step was taken after the signal
-    assert (state["epoch"], state["step"], state["mc_runs"]) == ("1", "6", "1"), state
+    timing = f"RegularizedModule took {took:.2f} s to stop (bare module: {bare_took:.2f} s)"
+    assert (state["status"], state["raised"], rc) == ("interrupted", "SIGTERMException", 0), f"{timing}\n{out[-3000:]}"
+    # stopped inside the second epoch's validation: only the first epoch's MC run completed (the
+    # counter goes up when a run's T samples are all taken), and no training step after the signal
+    assert (state["epoch"], state["step"], state["mc_runs"]) == ("1", "6", "1"), f"{timing}: {state}"
     assert state["threads"] == "[]", state
 
 

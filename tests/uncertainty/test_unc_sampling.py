@@ -374,14 +374,14 @@ def test_training_and_mc_dropout_share_one_mean_variance_split():
     import torch.nn.functional as F
 
     from regfw.tensors import split_mean_variance
-    from regfw.train.module import gaussian_nll
-    from regfw.train.module import split_mean_variance as training_split
+    from regfw.train.losses import gaussian_nll, mc_output_transform
 
     out = torch.tensor([[0.5, -1.0, 2.0, -3.0]])
     mean, var = split_mean_variance(out)
     assert torch.equal(mean, out[:, :2])
     assert torch.allclose(var, F.softplus(out[:, 2:]) + 1e-6)
-    assert training_split is split_mean_variance  # what run.py hands MC dropout for gaussian_nll
+    assert mc_output_transform("gaussian_nll") is split_mean_variance  # what a fit hands MC dropout
+    assert mc_output_transform("mse") is None
     target = torch.tensor([[0.0, 0.0]])
     assert torch.allclose(gaussian_nll(out, target), F.gaussian_nll_loss(mean, target, var))
     log_mean, log_var = split_mean_logvar(out)

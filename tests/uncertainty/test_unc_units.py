@@ -100,7 +100,7 @@ def test_explicit_scaling_wins_over_the_data_modules():
 
 def test_predicted_variances_are_mapped_too():
     """A heteroscedastic output (mean, variance): the variances scale by std^2."""
-    from regfw.train.module import split_mean_variance
+    from regfw.tensors import split_mean_variance
 
     class Hetero(Regressor):
         def __init__(self) -> None:

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from regfw.build.factory import build_datamodule
+from regfw.build.fit import build_fit
 from regfw.config.schema import load_config
 from regfw.errors import ConfigError
-from regfw.run.job import build_module, fit
+from regfw.run.job import fit
 from regfw.train.module import RegularizedModule
 
 from .doc_modules import dict_data
@@ -27,7 +28,7 @@ optimizer: {class_path: AdamW, init_args: {lr: 0.01, betas: [0.8, 0.9]}}
 lr_scheduler: {class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 1, gamma: 0.5}, interval: step}
 regularizers: {weight_decay: {strength: 0.02}}
 """))
-    module = build_module(cfg, build_datamodule(cfg.data, seed=0))
+    module = build_fit(cfg).module
     configured = module.configure_optimizers()
     opt, sched = configured["optimizer"], configured["lr_scheduler"]
     assert isinstance(opt, torch.optim.AdamW) and tuple(opt.defaults["betas"]) == (0.8, 0.9)
@@ -66,7 +67,7 @@ uncertainty: {enabled: false}
 def test_bad_open_settings_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         cfg = load_config(_write(tmp_path, text))
-        build_module(cfg, build_datamodule(cfg.data, seed=0)).configure_optimizers()
+        build_fit(cfg).module.configure_optimizers()
     assert message in str(err.value)
 
 
@@ -111,7 +112,7 @@ data: {class_path: with_lightning.doc_modules.LitDataModule}
 model: {name: mlp, init_args: {in_features: 20, num_outputs: 3}}
 regularizers: {dropout: {}}
 """))
-    plan = build_module(cfg, build_datamodule(cfg.data)).plan.format()
+    plan = build_fit(cfg).module.plan.format()
     assert "plan: N=120 training examples" in plan
     assert "data: LitDataModule has no n_train; N=120 is the length of its training dataset" in plan
     assert "data: LitDataModule has no example_input(); the model was traced on the input of its first training " \
