@@ -55,7 +55,7 @@ from torch import nn
 
 from regfw import __version__
 from regfw.build.datasets import describe_data
-from regfw.build.factory import import_class
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError, RunError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer

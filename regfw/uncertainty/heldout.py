@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from regfw.build.factory import import_class
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError
 from regfw.uncertainty.calibration import carve_calibration_split
 from regfw.uncertainty.ood import heldout_classes
