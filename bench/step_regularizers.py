@@ -6,7 +6,7 @@ digits, measured interleaved in one run, as a ratio to the same step without reg
 ``mixup``, ``cutmix`` (on the 8x8 images), ``label_smoothing``, ``confidence_penalty`` and
 ``rdrop`` with the second pass batched with the first (``batched: true``, one forward call on
 the doubled batch) or in a second forward call (``batched: false``). Both R-Drop modes compute
-the same loss (``tests/builtin_plugins/test_step_regularizers.py::test_rdrop_batched_equals_two_separate_passes``).
+the same loss (``tests/builtin_plugins/test_rdrop.py::test_rdrop_batched_equals_two_separate_passes``).
 
 Run: ``python bench/step_regularizers.py`` (``--threads N``).
 """

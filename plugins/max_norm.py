@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from regfw.extend import PlanContext, PlanItem, Regularizer, check_finite, hookimpl, positive
+from regfw.extend import PlanContext, PlanItem, Regularizer, check_finite, classify_model, hookimpl, positive
 
 DEFAULT_MAX_VALUE = 3.0
 
@@ -103,8 +103,6 @@ class MaxNorm(Regularizer):
         self.targets: list[nn.Module] = []
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.extend import classify_model
-
         c = self.config.max_value
         items = []
         for info in ctx.layers or classify_model(model, ctx.example_input):

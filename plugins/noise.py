@@ -42,7 +42,18 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from regfw.extend import InjectingRegularizer, LayerInfo, PlanContext, PlanItem, check_finite, hookimpl, nonneg
+from regfw.extend import (
+    InjectingRegularizer,
+    LayerInfo,
+    PlanContext,
+    PlanItem,
+    after_anchor,
+    check_finite,
+    hookimpl,
+    injected_name,
+    model_map,
+    nonneg,
+)
 from regfw.extend import kinds as K
 from regfw.layers import StochasticModule, attach_child
 
@@ -243,8 +254,6 @@ class Noise(InjectingRegularizer):
         the noise goes after the activation, before that dropout. Noise regfw inserted earlier
         (planning a model twice) gets a ``set`` row that updates its std.
         """
-        from regfw.extend import after_anchor, model_map
-
         mm = model_map(model, ctx)
         items: list[PlanItem] = []
         for info in mm.layers:
@@ -274,8 +283,6 @@ class Noise(InjectingRegularizer):
         return items
 
     def _row(self, mm, path: str, kind: str, std: float, reason: str, action: str, anchor: str) -> PlanItem:
-        from regfw.extend import injected_name
-
         own = injected_name(self.name, action)
         if own in mm.module(anchor)._modules:
             target = f"{anchor}.{own}" if anchor else own

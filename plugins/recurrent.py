@@ -29,6 +29,7 @@ from regfw.extend import (
     PlanItem,
     RateRange,
     hookimpl,
+    model_map,
     rate,
 )
 from regfw.layers import LockedDropout, WeightDrop, apply_weight_drop
@@ -79,8 +80,6 @@ class DropConnectRegularizer(InjectingRegularizer):
     rate_ranges = {RECURRENT: RateRange(0.2, 0.5, 0.5)}
 
     def plan(self, model: nn.Module, ctx: PlanContext) -> list[PlanItem]:
-        from regfw.extend import model_map
-
         mm = model_map(model, ctx)
         rows: list[PlanItem] = []
         rate, reason = self.rate_for(RECURRENT, ctx)

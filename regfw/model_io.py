@@ -37,7 +37,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from regfw.errors import RegfwError
+from regfw.errors import ConfigError, RegfwError
 
 __all__ = ["OutputKey", "OutputSelectionError", "DEFAULT_OUTPUT_ENTRY", "call_model", "select_output", "model_output",
            "describe_output", "check_output_key", "example_spec", "example_from_spec"]
@@ -137,7 +137,6 @@ def check_output_key(output_key: Any, where: str = "output_key") -> OutputKey:
         return output_key
     if isinstance(output_key, int) and not isinstance(output_key, bool):
         return output_key
-    from regfw.errors import ConfigError
 
     raise ConfigError(f"{where}: got {output_key!r}, expected the key (e.g. 'logits'), the position (e.g. 0) or a "
                       f"callable output -> Tensor that picks the tensor to read from the model's output.", key=where)

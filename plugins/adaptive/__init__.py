@@ -25,7 +25,18 @@ from typing import Any, Literal
 
 from torch import nn
 
-from regfw.extend import RATE_KINDS, ConfigError, Regularizer, hookimpl, nonneg, positive, rate
+from regfw.extend import (
+    RATE_KINDS,
+    ConfigError,
+    InjectingRegularizer,
+    Regularizer,
+    get_registry,
+    hookimpl,
+    is_active,
+    nonneg,
+    positive,
+    rate,
+)
 
 
 @dataclass
@@ -87,8 +98,6 @@ class AdaptiveDropout(Regularizer):
 
     def check(self, config: Any) -> None:
         """A schedule needs layers to move: some selected regularizer must insert modules."""
-        from regfw.extend import InjectingRegularizer, get_registry
-
         registry = get_registry()
         injecting = [name for name in config.regularizers if name in registry.specs
                      and issubclass(registry.specs[name].cls, InjectingRegularizer)]
@@ -98,7 +107,6 @@ class AdaptiveDropout(Regularizer):
                 f"inserts, but none of the selected ones ({', '.join(config.regularizers)}) inserts any. "
                 "Add one, e.g. `regularizers: {dropout: {}, adaptive_dropout: {}}`."
             )
-        from regfw.extend import is_active
 
         for name in injecting:
             cls = registry.specs[name].cls

@@ -12,8 +12,9 @@ selected by name like everything else::
       coadaptation: {}            # or {layers: [body.1], every_n_epochs: 5}
 
 One feature, one plugin package: the settings (validated once, here) and the regularizer in this
-module, the measure and its Lightning callback in :mod:`regfw_plugins.coadaptation.monitor`
-(imported when a fit or a plan asks for them, never at plugin discovery).
+module, the layers it measures in :mod:`regfw_plugins.coadaptation.layers` (what a plan prints),
+the measure and its Lightning callback in :mod:`regfw_plugins.coadaptation.monitor` (imported when
+a fit asks for the callback, never at plugin discovery or for a plan).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from regfw.extend import Regularizer, hookimpl, positive
+
+from .layers import unit_layers
 
 
 @dataclass
@@ -51,8 +54,6 @@ class Coadaptation(Regularizer):
         return [CoadaptationMonitor(self.config)]
 
     def describe(self, model: nn.Module) -> list[str]:
-        from .monitor import unit_layers
-
         try:
             layers = unit_layers(model, None, self.config.layers)
         except ValueError as exc:

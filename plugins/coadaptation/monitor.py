@@ -12,10 +12,8 @@ are. :func:`coadaptation` computes, per chosen layer, the mean of ``|corr(h_i, h
 pairs ``i != j`` of live units on some data, with the model in eval mode; :class:`CoadaptationMonitor`
 logs it every validation epoch from the model's own validation forward passes (no extra pass).
 
-Which activations: by default, for every hidden (``nn.Linear``) and conv layer except the output
-layer, the output of the module a dropout would be inserted after (:func:`regfw.placement.api.after_anchor`:
-past the norm and activation layers that consume the layer's output), i.e. the post-activation
-units.
+Which activations: those of :func:`regfw_plugins.coadaptation.layers.unit_layers` (by default the
+post-activation units of every hidden and conv layer except the output layer).
 Conv maps count channels as units and every position as an observation. Units that never vary
 on the data (dead ReLUs) have no correlation and are left out and counted.
 """
@@ -30,15 +28,14 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from regfw.extend import after_anchor, analyse, classify, validate_dataclass
-from regfw.extend import kinds as K
+from regfw.extend import validate_dataclass
 
 from . import CoadaptationConfig
+from .layers import unit_layers
 
 __all__ = [
     "CorrelationStats",
     "LayerCoadaptation",
-    "unit_layers",
     "coadaptation",
     "mean_coadaptation",
     "CoadaptationMonitor",
@@ -108,39 +105,6 @@ class CorrelationStats:
         _, live = self.correlation()
         return LayerCoadaptation(path, self.mean_abs_correlation(), self.units,
                                  int(self.units - live.sum()) if self.n >= 2 else self.units, self.n)
-
-
-def unit_layers(model: nn.Module, example_input: Any = None, layers: Any = None) -> dict[str, int]:
-    """The modules whose outputs are measured, as ``{path: unit_dim}``.
-
-    ``layers`` None: the default described in the module docstring (read with
-    :func:`regfw.placement.api.analyse`; ``example_input`` lets a traced forward pass decide which
-    layer is the output layer and what follows each layer). Otherwise a list of module paths (units on the last
-    dimension, or dimension 1 for conv layers) or a mapping ``{path: unit_dim}``.
-    """
-    names = dict(model.named_modules())
-    if layers is not None:
-        chosen = dict(layers) if isinstance(layers, Mapping) else {str(p): None for p in layers}
-        out: dict[str, int] = {}
-        for path, dim in chosen.items():
-            if path not in names:
-                known = [n for n in names if n][:8]
-                raise ValueError(
-                    f"co-adaptation layer {path!r} is not a module path of {type(model).__name__}; "
-                    f"module paths look like {', '.join(map(repr, known))}"
-                )
-            if dim is None:
-                dim = 1 if classify(names[path], path) == K.CONV else -1
-            out[path] = int(dim)
-        return out
-    mm = analyse(model, example_input)
-    out = {}
-    for info in mm.layers:
-        if info.kind not in (K.HIDDEN, K.CONV) or info.is_output:
-            continue
-        anchor, _, _ = after_anchor(mm, info.path)
-        out[anchor] = 1 if info.kind == K.CONV else -1
-    return out
 
 
 def _rows(output: Any, unit_dim: int) -> Tensor:

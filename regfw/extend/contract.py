@@ -14,6 +14,7 @@ import torch
 
 from regfw.errors import PluginError, short_repr
 from regfw.placement.plan_items import PlanItem
+from regfw.registry.discovery import origin_of
 
 
 class Regularizer(Protocol):
@@ -24,8 +25,6 @@ class Regularizer(Protocol):
 
 def who(reg: Regularizer) -> str:
     """``regularizer 'x' (plugin 'p', module.Class)``: how errors name a regularizer."""
-    from regfw.registry.discovery import origin_of
-
     cls = type(reg)
     info = origin_of(cls.__module__)
     plugin = f"plugin {info.name!r}, " if info is not None else ""

@@ -44,11 +44,12 @@ from torch import nn
 from regfw.config.validation import rate
 from regfw.errors import PluginError
 from regfw.placement import kinds as K
+from regfw.placement.api import plan_residual_rows
 from regfw.placement.plan_items import ACTIONS, PlanContext, PlanItem, mark_applied
+from regfw.placement.surgery import LayerInfo, attach, injected_name, plan_insertions, set_rate
 from regfw.train.schedules import RateSchedule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from regfw.placement.surgery import LayerInfo
     from regfw.train.steps import LossFn, Step
 
 
@@ -120,8 +121,6 @@ class Regularizer:
             raise PluginError(f"regularizer {self.name!r} ({type(self).__module__}.{type(self).__qualname__}): "
                               f"cannot carry out the plan row {item!r}: {row_problem(item)}")
         if item.action in ("before", "after"):
-            from regfw.placement.surgery import attach, injected_name
-
             assert item.rate is not None  # checked above
             attach(model, item.anchor, injected_name(self.name, item.action),
                    self.make_module(item.kind, item.rate, item), item.action)
@@ -138,8 +137,6 @@ class Regularizer:
     def set_existing(self, model: nn.Module, item: PlanItem) -> None:
         """Carry out a ``set`` row: give the module at ``item.anchor`` the rate ``item.rate``
         (default: its ``p``, or timm's ``drop_prob``; :func:`regfw.placement.api.set_rate`)."""
-        from regfw.placement.surgery import set_rate
-
         assert item.anchor is not None and item.rate is not None  # apply_row checked both
         set_rate(model, item.anchor, item.rate)
 
@@ -310,10 +307,6 @@ class InjectingRegularizer(Regularizer):
         """The rows of every kind of ``kinds``: after layers of those kinds, on the model input, and
         for ``residual``, on every residual branch (:func:`regfw.placement.api.plan_residual_rows`,
         one rate everywhere; override :meth:`residual_profile` for a depth profile)."""
-        # torch.fx and the dataflow only when planning
-        from regfw.placement.api import plan_residual_rows
-        from regfw.placement.surgery import plan_insertions
-
         layered = any(kind != K.RESIDUAL for kind in self.kinds)
         rows = plan_insertions(self, model, ctx) if layered else []
         if K.RESIDUAL in self.claims():

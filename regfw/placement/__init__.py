@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from regfw._moved import forward
+
 
 def __getattr__(name: str) -> Any:
-    from regfw._moved import forward
-
     return forward(__name__, name)

@@ -32,6 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from regfw.layers.base import StochasticModule
+from regfw.placement import foreign, tracing
+from regfw.placement.dataflow import call_with_example
+
 __all__ = ["AttentionSite", "RateSlot", "detect", "detect_fx", "find", "hosts", "rate_slot", "unrecognised_attention",
            "weight_layer"]
 
@@ -64,9 +68,6 @@ class AttentionSite:
 
 def _is_dropout(module: nn.Module) -> bool:
     """A dropout-family module (torch's, regfw's, torchvision's or timm's)."""
-    from regfw.layers.base import StochasticModule
-    from regfw.placement import foreign
-
     return (isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
             or foreign.foreign_layer(module) is not None)
 
@@ -186,8 +187,6 @@ def detect(model: nn.Module, example_input: Any) -> list[AttentionSite]:
     """The attention sites of ``model`` seen in one eval-mode, no-grad pass of ``example_input``
     (a tensor, a tuple of positional arguments, a dict of keyword arguments or a list, as
     :func:`regfw.placement.dataflow.call_with_example` takes). Every flag and hook is as before afterwards."""
-    from regfw.placement.dataflow import call_with_example
-
     core = _Propagator(weights=_weights(model, id))
     stack: list[str] = []
     keep: list = []
@@ -270,7 +269,6 @@ def find(model: nn.Module, example_input: Any = None) -> tuple[list[AttentionSit
     still known by their type, :mod:`regfw.placement.kinds`)."""
     if example_input is not None:
         return detect(model, example_input), None
-    from regfw.placement import tracing
 
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -307,8 +305,6 @@ def rate_slot(model: nn.Module, site: AttentionSite) -> RateSlot | None:
     ``attn_drop``), or the attributes the host reads its rate from when it chooses its dropout by its
     training flag (Hugging Face attention, :func:`regfw.placement.foreign.rate_sources`); None when its
     rate cannot be set (no dropout there, or a rate fixed in its forward)."""
-    from regfw.placement import foreign
-
     host = model.get_submodule(site.host) if site.host else model
     if site.dropout is not None:
         return RateSlot(site.dropout, foreign.get_rate(model.get_submodule(site.dropout)) or 0.0,

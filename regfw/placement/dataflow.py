@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from regfw.placement import foreign, tracing
+from regfw.placement import kinds as K
 from regfw.placement.untouched import untouched
 from regfw.tensors import iter_tensors
 
@@ -257,8 +258,6 @@ _ELEMENTWISE_NONLINEAR = frozenset({
 
 def _weighted(module: nn.Module) -> bool:
     """A unit with parameters of its own that is not a norm: where a path to an output stops."""
-    from regfw.placement import kinds as K
-
     norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
     return not norm and K.builtin_kind(module) != K.ACTIVATION and any(True for _ in module.parameters())
 

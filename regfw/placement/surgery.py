@@ -30,13 +30,15 @@ from typing import Any, cast
 from torch import nn
 
 import regfw.placement.attention as attention_graph
-from regfw.layers.base import attach_child
+from regfw.layers.base import StochasticModule, attach_child
+from regfw.layers.drop_path import DropPath
 from regfw.placement import foreign, structure
 from regfw.placement import kinds as K
 from regfw.placement.attention import AttentionSite
 from regfw.placement.dataflow import FUNCTION, INJECTED_PREFIX, Dataflow, ResidualAnalysis, build_dataflow
 from regfw.placement.plan_items import PlanContext, PlanItem, Planner
 from regfw.placement.untouched import untouched
+from regfw.registry.discovery import get_plugin_manager
 
 _LAYER_KINDS = {K.HIDDEN, K.CONV, K.RECURRENT, K.ATTENTION}
 
@@ -136,8 +138,6 @@ def is_injected(path: str) -> bool:
 def is_dropout(module: nn.Module) -> bool:
     """A dropout-family module: torch's dropout layers, every regfw stochastic layer and the
     stochastic layers of torchvision and timm (:mod:`regfw.placement.foreign`)."""
-    from regfw.layers.base import StochasticModule
-
     return (isinstance(module, (nn.modules.dropout._DropoutNd, StochasticModule))
             or foreign.foreign_layer(module) is not None)
 
@@ -145,8 +145,6 @@ def is_dropout(module: nn.Module) -> bool:
 def is_path_drop(module: nn.Module) -> bool:
     """Stochastic depth (regfw's ``DropPath``, torchvision's ``StochasticDepth``, timm's ``DropPath``):
     it drops a residual branch for whole samples, a place of its own, not an activation dropout slot."""
-    from regfw.layers import DropPath
-
     entry = foreign.foreign_layer(module)
     return isinstance(module, DropPath) or (entry is not None and entry.what == "path")
 
@@ -157,8 +155,6 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 def classify(module: nn.Module, path: str) -> str | None:
     """The kind of one module: a plugin's answer first, then the built-in type table."""
-    from regfw.registry.discovery import get_plugin_manager
-
     answer = get_plugin_manager().hook.regfw_classify_module(module=module, path=path)
     if answer is not None:
         if answer not in K.KINDS:

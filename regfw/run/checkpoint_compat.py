@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from regfw.errors import RegfwError, RunError, short_repr
+from regfw.registry.regularizers import get_registry
 
 __all__ = ["ABSENT", "check_compatible", "hparam_differences", "missing_plugins", "state_differences"]
 
@@ -93,8 +94,6 @@ def check_compatible(ckpt: Mapping[str, Any], module: Any, path: PathLike, confi
     the regularizers and model class in the ``regfw`` metadata, and the parameter names and
     shapes. The ``trainer``, ``run`` and ``uncertainty`` sections may change on resume.
     """
-    from regfw.registry.regularizers import get_registry
-
     where = f"config {config!r}" if config else "the config"
     problems = []
     registry = get_registry()

@@ -38,8 +38,10 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from regfw import __version__
 from regfw.errors import RunError, short_repr
 from regfw.run.atomic import atomic_open
+from regfw.run.checkpoint_trust import current, how_to_accept, notice
 
 PathLike = str | Path
 
@@ -259,9 +261,6 @@ def verify_checkpoint(ckpt: Mapping[str, Any], path: PathLike, *, accept_unverif
     with one notice line each on stderr. A checkpoint without regfw's metadata is not regfw's and
     is left to the caller.
     """
-    from regfw import __version__
-    from regfw.run.checkpoint_trust import current, how_to_accept, notice
-
     if not is_regfw_checkpoint(ckpt):
         return
     accepted = current()

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from regfw import __version__
 from regfw.errors import RunError
+from regfw.run.atomic import kind_of, os_error_line, write_atomic
 
 try:  # POSIX
     import fcntl
@@ -148,17 +150,12 @@ class Claim:
 
     def mark(self) -> None:
         """Write :data:`MARKER` (a new run directory)."""
-        from regfw import __version__
-        from regfw.run.atomic import write_atomic
-
         write_atomic(self.path / MARKER, json.dumps({"regfw": __version__, "created": time.strftime(
             "%Y-%m-%d %H:%M:%S")}) + "\n")
         self.written.append(MARKER)
 
     def write(self, name: str, text: str) -> Path:
         """Write ``name`` in the run directory atomically, remembered for :meth:`abandon`."""
-        from regfw.run.atomic import write_atomic
-
         write_atomic(self.path / name, text)
         self.written.append(name)
         return self.path / name
@@ -286,8 +283,6 @@ def claim_new(path: Path, *, explicit: bool, force: bool = False) -> Claim:
     exist when empty, or with ``force`` when it holds an earlier regfw run. The emptiness check
     is made again once the lock is held, so two processes never share one directory.
     """
-    from regfw.run.atomic import kind_of, os_error_line
-
     kind = kind_of(path)
     if kind == "symbolic link" and not path.exists():
         raise RunError(f"run directory {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
@@ -348,8 +343,6 @@ def _check_reusable(path: Path, force: bool) -> None:
 
 def claim_existing(path: Path) -> Claim:
     """Lock the run directory ``path`` to continue it (``--resume``), removing stale temporaries."""
-    from regfw.run.atomic import os_error_line
-
     claim = Claim(path)
     try:
         claim._lock()

@@ -53,14 +53,20 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from regfw import __version__
+from regfw.build.datasets import describe_data
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError, RunError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer
 from regfw.model_io import OutputKey, check_output_key, example_from_spec, example_spec, model_output, select_output
 from regfw.placement.plan import Plan, apply_plan, make_plan
 from regfw.placement.surgery import is_dropout
-from regfw.train.batch import BatchFormat, split_batch
+from regfw.registry.regularizers import build_regularizers
+from regfw.run.checkpoints import safe_load, seal_in_hook, unreadable, verify_checkpoint
+from regfw.train.batch import BatchFormat, batch_size, split_batch
 from regfw.train.epoch_metrics import EpochMeans
+from regfw.train.module import _regularizer_section
 from regfw.train.optim import optimizers_and_schedulers, split_groups
 from regfw.train.steps import add_terms
 
@@ -71,12 +77,6 @@ STATE_MARK = "regfw_regularize"
 #: The ``state_dict`` entry that makes a plain ``load_from_checkpoint`` (strict) of a checkpoint
 #: written with :class:`Regularize` fail, naming the function that restores the regularizers.
 LOAD_MARK = "__regfw__: trained with regfw.Regularize; load with regfw.load_regularized(cls, path)"
-
-
-def _section(regularizers: Any) -> dict:
-    from regfw.train.module import _regularizer_section
-
-    return _regularizer_section(regularizers)
 
 
 def callback_needs_module(reg: Regularizer) -> str | None:
@@ -112,10 +112,8 @@ class Regularize(pl.Callback):
                  n_examples: int | None = None, example_input: Any = None,
                  batch: BatchFormat | Mapping[str, Any] | None = None, output_key: OutputKey = None) -> None:
         super().__init__()
-        self.section = _section(regularizers)
+        self.section = _regularizer_section(regularizers)
         if isinstance(regularizers, Mapping):
-            from regfw.registry.regularizers import build_regularizers
-
             self.regularizers: list[Regularizer] = build_regularizers(self.section)
         else:
             self.regularizers = list(regularizers)
@@ -167,8 +165,6 @@ class Regularize(pl.Callback):
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
         if datamodule is not None and (n is None or example is None):
-            from regfw.build.datasets import describe_data
-
             dn, dex, notes = describe_data(datamodule, self.batch_format)
             n = n if n is not None else dn
             example = example if example is not None else dex
@@ -273,8 +269,6 @@ class Regularize(pl.Callback):
                                  batch_idx=batch_idx, module=pl_module,
                                  forward=functools.partial(model_output, network, output_key=self.output_key))
         if terms:
-            from regfw.train.batch import batch_size
-
             n = batch_size(inputs)
             self._means.add("train_penalty", total.detach() - loss.detach(), n)
             for name, term in terms.items():
@@ -317,8 +311,6 @@ class Regularize(pl.Callback):
                            f"this callback has {self.section!r}; resume with the same regularizers.")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        from regfw import __version__
-
         network = self.network(pl_module)
         checkpoint["regfw"] = {
             "version": __version__, "callback": True, "regularizers": sorted(self.section),
@@ -330,7 +322,6 @@ class Regularize(pl.Callback):
         checkpoint.setdefault("hyper_parameters", dict(pl_module.hparams))
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"][LOAD_MARK] = torch.zeros(0)
-        from regfw.run.checkpoints import seal_in_hook
 
         seal_in_hook(checkpoint, trainer)  # over what it holds now, unless AtomicCheckpointIO seals the file
 
@@ -361,8 +352,6 @@ def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Pat
     or from another regfw version is a :class:`~regfw.errors.RunError` unless
     ``accept_unverified`` / ``accept_version`` is True (None: as the command's flags say).
     """
-    from regfw.run.checkpoints import safe_load, unreadable, verify_checkpoint
-
     path = Path(checkpoint)
     if not path.is_file():
         raise RunError(f"checkpoint {str(path)!r} does not exist or is not a file; pass the .ckpt file itself.")
@@ -377,8 +366,6 @@ def load_regularized(cls: type[pl.LightningModule] | None, checkpoint: str | Pat
                        f"state); load it with its module's load_from_checkpoint.")
     verify_checkpoint(ckpt, path, accept_unverified=accept_unverified, accept_version=accept_version)
     if cls is None:
-        from regfw.build.factory import import_class
-
         cls = import_class(meta["module_class"], "checkpoint module_class")
     kwargs.setdefault("map_location", "cpu")
     module = cls.load_from_checkpoint(path, strict=False, **kwargs)

@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from regfw.placement.api import planned_module
+from regfw.placement.surgery import is_dropout
 from regfw.train.schedules import RateSchedule
 
 __all__ = ["RateScheduler", "ScheduledLayer"]
@@ -52,8 +53,6 @@ class ScheduledLayer:
 
 
 def _has_rate(module: nn.Module) -> bool:
-    from regfw.placement.surgery import is_dropout
-
     p = getattr(module, "p", None)
     return is_dropout(module) and isinstance(p, (int, float)) and not isinstance(p, bool)
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from regfw.errors import ConfigError
 from regfw.extend.contract import check_loss_fn, check_term, check_transformed_batch
 from regfw.model_io import call_model
 from regfw.train.batch import batch_size
@@ -206,8 +207,6 @@ def require_classification(name: str, *, step: Step | None = None, config: Any =
     R-Drop): called from ``check(config)`` with the resolved config (``model.loss``), and from a
     step method with the :class:`Step` (``step.task``); an unknown task passes.
     """
-    from regfw.errors import ConfigError
-
     loss = getattr(getattr(config, "model", None), "loss", None)
     if loss in REGRESSION_LOSSES or (step is not None and step.task == "regression"):
         what = f"model.loss is {loss!r}" if loss in REGRESSION_LOSSES else "the model is trained for regression"

@@ -29,7 +29,8 @@ from regfw.uncertainty.metrics import (
     top_label,
     z_scores,
 )
-from regfw.uncertainty.summaries import ClassificationSummary, RegressionSummary
+from regfw.uncertainty.selective import COVERAGES, selective_metrics
+from regfw.uncertainty.summaries import ClassificationSummary, RegressionSummary, per_input
 
 __all__ = ["MCClassificationMetrics", "MCRegressionMetrics", "ProbabilityCalibration", "explained"]
 
@@ -154,8 +155,6 @@ class MCClassificationMetrics(Metric):
         self.bin_correct += corr_sum
         score = summary.score(self.score_name).detach().double()
         if probs.dim() > 2:  # one score and one accuracy per image / sequence
-            from regfw.uncertainty.summaries import per_input
-
             position_correct = torch.zeros(valid.numel(), dtype=torch.float64, device=probs.device)
             position_correct[flat_valid] = correct
             self.scores.append(per_input(score, valid))
@@ -202,7 +201,6 @@ class MCClassificationMetrics(Metric):
             "mean_variation_ratio": mean(self.vr_sum),
             "mean_score": float(score.mean()) if n else nan,
         }
-        from regfw.uncertainty.selective import COVERAGES, selective_metrics  # it builds on retained_curve
 
         if n:
             out.update(selective_metrics(score, correct))

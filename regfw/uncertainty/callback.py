@@ -35,7 +35,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from regfw.errors import RegfwError
+from regfw.errors import ConfigError, RegfwError
 from regfw.model_io import OutputKey, check_output_key
 from regfw.tensors import to_device
 from regfw.train.batch import batch_size, split_batch
@@ -240,8 +240,6 @@ class MCDropoutUncertainty(pl.Callback):
         ``calibration_loader``, ``ood_loader``, ``background_plots``); ``plot_every``,
         ``plot_format``, ``ignore_index``, ``units`` and ``target`` come from the config.
         """
-        from regfw.errors import ConfigError
-
         if task not in TASKS:
             raise ValueError(f"MCDropoutUncertainty: task must be one of {list(TASKS)}, got {task!r}")
         allowed = CLASSIFICATION_SCORES if task == "classification" else REGRESSION_SCORES

@@ -11,7 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError
+from regfw.uncertainty.calibration import carve_calibration_split
+from regfw.uncertainty.ood import heldout_classes
 
 __all__ = ["Heldout", "prepare_heldout"]
 
@@ -25,8 +28,6 @@ class Heldout:
 
 
 def _ood_from_class_path(ood: Any, seed: int) -> Iterable[Any]:
-    from regfw.build.factory import import_class
-
     cls = import_class(ood.class_path, "uncertainty.ood.class_path")
     try:
         dm = cls(**dict(ood.init_args))
@@ -48,9 +49,6 @@ def _ood_from_class_path(ood: Any, seed: int) -> Iterable[Any]:
 def prepare_heldout(datamodule: Any, unc: Any, seed: int) -> Heldout:
     """Apply ``unc.ood`` and ``unc.calibration`` (an :class:`~regfw.config.schema.UncertaintyConfig`) to
     ``datamodule``; errors are :class:`~regfw.errors.ConfigError` naming the key."""
-    from regfw.uncertainty.calibration import carve_calibration_split
-    from regfw.uncertainty.ood import heldout_classes
-
     out = Heldout()
     ood = getattr(unc, "ood", None)
     if ood is not None and ood.enabled:

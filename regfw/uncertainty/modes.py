@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from regfw.layers.base import StochasticModule
 from regfw.layers.torch_dropout import ROUTED_TYPES, word_forward
 from regfw.placement import foreign
+from regfw.registry.discovery import get_plugin_manager
 
 __all__ = [
     "TORCH_STOCHASTIC_TYPES",
@@ -57,10 +58,6 @@ _warned: set[str] = set()
 
 def _plugin_stochastic_types() -> tuple[type, ...]:
     """The module types plugins declare through the ``regfw_stochastic_types`` hook."""
-    try:
-        from regfw.registry.discovery import get_plugin_manager
-    except ImportError:
-        return ()
     try:
         answers = get_plugin_manager().hook.regfw_stochastic_types()
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop MC dropout

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from regfw.layers.drop_path import DropPath
 from regfw.placement import foreign
+from regfw.placement.structure import attention_modules
+from regfw.uncertainty.modes import dropout_family, stochastic_modules
 
 SETTINGS: tuple[str, ...] = ("auto", "all", "none")
 #: The kinds of own stochastic layers, named after the regularizer that places that kind.
@@ -56,7 +59,6 @@ def _path_drop(module: nn.Module) -> bool:
     layer = foreign.foreign_layer(module)
     if layer is not None:
         return layer.what == "path"
-    from regfw.layers.drop_path import DropPath
 
     return isinstance(module, DropPath)
 
@@ -71,16 +73,12 @@ def _kind(path: str, module: nn.Module, attention: list[str]) -> str:
 
 
 def _attention_blocks(model: nn.Module) -> list[str]:
-    from regfw.placement.structure import attention_modules
-
     return [p for p, _ in attention_modules(model)]
 
 
 def own_stochastic(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(path, module, kind)`` of every stochastic layer with a rate > 0 that regfw did not insert,
     and of every module random only through its own flag (fused attention, functional dropout)."""
-    from regfw.uncertainty.modes import stochastic_modules
-
     attention = _attention_blocks(model)
     found = {id(m): (p, m) for p, m in stochastic_modules(model) if not _injected(p)}
     for p, m in foreign.mc_train_modules(model):
@@ -91,8 +89,6 @@ def own_stochastic(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def inserted_kinds(model: nn.Module) -> set[str]:
     """The kinds of the layers regfw inserted into ``model`` (what the user selected, read off the model)."""
-    from regfw.uncertainty.modes import dropout_family
-
     attention = _attention_blocks(model)
     return {_kind(p, m, attention) for p, m in dropout_family(model) if _injected(p)}
 

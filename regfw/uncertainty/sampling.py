@@ -61,13 +61,17 @@ from regfw.uncertainty.modes import (
     stochastic_modules,
     stochastic_types,
 )
+from regfw.uncertainty.own_layers import excluded
 from regfw.uncertainty.rng import derive_seed, isolated_rng, resolve_seed, rng_devices
 from regfw.uncertainty.summaries import (
     ClassificationSummary,
     RegressionSummary,
     accumulation_dtype,
     class_softmax,
+    classes_last,
     classification_summary,
+    dense_classification_summary,
+    mixture_ll_elements,
     regression_summary,
 )
 
@@ -369,8 +373,6 @@ class MCResult:
         Uses the predicted variances when the model has them, otherwise the ``tau`` given to
         :func:`mc_predict` (stored in :attr:`tau`). ``tau`` here is only needed when none was
         stored; a different value from the stored one raises ``ValueError`` naming both."""
-        from regfw.uncertainty.summaries import mixture_ll_elements
-
         tau = self._mixture_tau(tau)
         summary = self.summary
         assert isinstance(summary, RegressionSummary)
@@ -428,8 +430,6 @@ _NOT_SAMPLED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[ModelIndex, tuple
 def not_sampled(model: nn.Module, index: ModelIndex, setting: str,
                 selected: Iterable[str] | None) -> list[nn.Module]:
     """The model's own stochastic layers ``setting`` leaves in eval mode (:mod:`regfw.uncertainty.own_layers`)."""
-    from regfw.uncertainty.own_layers import excluded
-
     key = (setting, None if selected is None else frozenset(selected))
     held = _NOT_SAMPLED.get(model)
     if held is not None and held[0][0] is index and held[0][1] == key:
@@ -474,7 +474,6 @@ def _summarise(
                     f"classification needs logits of shape [B, C], [B, L, V] or [B, C, H, W] per pass "
                     f"([T, B, ...] stacked), got {tuple(logits.shape)}; use task='regression' for other outputs"
                 )
-            from regfw.uncertainty.summaries import classes_last, dense_classification_summary
 
             d = None if det is None else classes_last(apply(det.unsqueeze(0)))[0]
             return dense_classification_summary(classes_last(logits), d, DEFAULT_BUDGET_BYTES), None, None

@@ -3,17 +3,19 @@ the seed's claim that dropout lowers it on the ``mlp`` demo."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from regfw_plugins.coadaptation.layers import unit_layers
 from regfw_plugins.coadaptation.monitor import (
     CoadaptationMonitor,
     CorrelationStats,
     coadaptation,
     mean_coadaptation,
-    unit_layers,
 )
 from torch import nn
 
@@ -65,6 +67,18 @@ def test_default_layers_are_the_post_activation_hidden_units():
     assert unit_layers(MLP(), None, ["body.0"]) == {"body.0": -1}
     with pytest.raises(ValueError, match="co-adaptation layer 'body.9' is not a module path of MLP"):
         unit_layers(MLP(), None, ["body.9"])
+
+
+def test_a_plan_names_the_measured_layers_without_importing_lightning():
+    """``describe`` (what ``regfw plan`` prints) reads the layers off the model; Lightning, which only
+    the monitor callback needs, stays unimported (checked in a fresh interpreter)."""
+    code = ("import sys; from torch import nn; from regfw.registry.regularizers import build_regularizers; "
+            "(reg,) = build_regularizers({'coadaptation': {}}); "
+            "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)); "
+            "print(reg.describe(model)); "
+            "print('pytorch_lightning' in sys.modules, 'lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines() == ["['logs coadaptation/<layer> for 1, 3']", "False False"], out.stderr
 
 
 def test_coadaptation_function_runs_in_eval_mode_and_restores_flags():

@@ -1,45 +1,17 @@
-"""The l1 penalty and the max_norm constraint."""
+"""The ``max_norm`` plugin: a bound on the norm of each hidden unit's incoming weights, kept after every step."""
 from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from regfw_plugins.l1 import L1, L1Config
 from regfw_plugins.max_norm import MaxNorm, MaxNormConfig, incoming_norms, max_norm_
 from torch import nn
 
 from regfw.build.datasets import DigitsDataModule
 from regfw.errors import ConfigError
+from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
 from regfw.train.module import RegularizedModule
-
-# -- l1 -----------------------------------------------------------------------------------------
-
-
-def test_l1_penalty_and_its_gradient_on_the_decay_set_only():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
-    with torch.no_grad():
-        model[0].weight[0, 0] = 0.0  # the subgradient at 0 is 0
-    reg = L1(L1Config(strength=0.02, exclude=["2.weight"]))
-    penalty = reg.penalty(model)
-    assert torch.allclose(penalty, 0.02 * model[0].weight.detach().abs().sum(), rtol=1e-6, atol=0)
-    penalty.backward()
-    assert torch.equal(model[0].weight.grad, 0.02 * torch.sign(model[0].weight.detach()))
-    assert model[0].weight.grad[0, 0] == 0.0
-    assert all(p.grad is None for p in (model[0].bias, model[1].weight, model[2].weight, model[2].bias))
-    assert L1(L1Config(strength=0.0)).penalty(model) is None
-    assert reg.describe(model) == ["loss += 0.02 * sum(|w|) over 1 tensor(s), 20 values (the weight_decay decay group)"]
-
-
-def test_l1_composes_with_weight_decay_and_its_config_is_checked():
-    regs = build_regularizers({"l1": {"strength": 1e-4}, "weight_decay": {"mode": "l2"}})
-    assert [r.name for r in regs] == ["l1", "weight_decay"]
-    with pytest.raises(ConfigError, match=r"regularizers\.l1\.strength: got -1"):
-        build_regularizers({"l1": {"strength": -1}})
-    with pytest.raises(ConfigError, match=r"regularizers\.l1\.exclude\[0\]: pattern 'nothing' matches no parameter"):
-        L1(build_regularizers({"l1": {"exclude": ["nothing"]}})[0].config).penalty(nn.Linear(2, 2))
-
 
 # -- max_norm: the constraint itself ----------------------------------------------------------------
 
@@ -130,8 +102,6 @@ def test_max_norm_attach_runs_after_every_plain_torch_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     reg = MaxNorm(MaxNormConfig(max_value=0.3, output=True))
-    from regfw.placement.plan import apply_plan, make_plan
-
     apply_plan(model, [reg], make_plan(model, [reg]))
     assert [t for t in reg.targets] == [model[0], model[2]]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)

@@ -203,3 +203,17 @@ def test_plugin_discovery_imports_no_lightning():
     names, lightning = out.stdout.strip().splitlines()
     assert "'adaptive_dropout'" in names and "'coadaptation'" in names and "'max_norm'" in names
     assert lightning == "False False"
+
+
+DROPOUT_FAMILY = {"dropout", "gaussian_dropout", "alpha_dropout", "spatial_dropout", "dropblock", "drop_path",
+                  "locked_dropout", "dropconnect", "attention_dropout"}
+
+
+def test_every_dropout_variant_is_a_plugin_selectable_by_name():
+    registry = get_registry()
+    assert DROPOUT_FAMILY <= set(registry.names())
+    builtin_plugins = {i.name for i in plugin_infos() if i.builtin}
+    assert {"dropout", "conv_dropout", "drop_path", "recurrent_dropout", "attention_dropout"} <= builtin_plugins
+    for name in DROPOUT_FAMILY:
+        spec = registry.get(name)
+        assert spec.cls.family in ("dropout", "dropconnect") and spec.cls.description

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import math
 
-import pluggy
 import pytest
 import torch
 from noise_floor import batch_noise_floor, far_above_floor
@@ -13,6 +12,7 @@ from unc_helpers import make_mlp, train_plain
 
 import regfw
 from regfw.layers.base import StochasticModule
+from regfw.registry.discovery import register_plugin, unregister_plugin
 from regfw.uncertainty import (
     STRATEGIES,
     estimate_row_bytes,
@@ -71,22 +71,21 @@ def test_finds_regularizer_layers_attached_as_children_and_called_from_hooks():
     assert res.outputs.std(0).min() > 0  # the hooked dropout was on
 
 
-def test_plugin_declared_types_via_hook(monkeypatch):
-    import regfw.extend.hookspecs as hookspecs
-
+def test_plugin_declared_types_via_hook():
     class Plugin:
         @regfw.hookimpl
         def regfw_stochastic_types(self):
             return [PluginNoise]
 
-    pm = pluggy.PluginManager("regfw")
-    pm.add_hookspecs(hookspecs)
-    pm.register(Plugin())
-    plugins = pytest.importorskip("regfw.registry.discovery")
-    monkeypatch.setattr(plugins, "get_plugin_manager", lambda: pm)
     model = nn.Sequential(nn.Linear(3, 3), PluginNoise())
-    assert [n for n, _ in stochastic_modules(model)] == ["1"]
-    assert PluginNoise in sampling.stochastic_types()
+    assert PluginNoise not in sampling.stochastic_types()
+    register_plugin(Plugin(), "stochastic-types")  # into the process-wide plugin manager, as a plugin is
+    try:
+        assert [n for n, _ in stochastic_modules(model)] == ["1"]
+        assert PluginNoise in sampling.stochastic_types()
+    finally:
+        unregister_plugin("stochastic-types")
+    assert PluginNoise not in sampling.stochastic_types()
 
 
 def test_mc_mode_keeps_batchnorm_in_eval_and_statistics_unchanged():

@@ -12,6 +12,6 @@
 * :mod:`~regfw.uncertainty.figures.jobs`: the MC callback's figures, collected on the training
   thread and drawn on a background one.
 
-Only the figure modules import matplotlib; ``files``, ``labels`` and ``jobs`` do not, so the
-callback and the command line start without it.
+The figure modules (and ``jobs``, which draws with them) import matplotlib; ``files`` and
+``labels`` do not. Nothing here is imported by ``import regfw`` or the command line's start.
 """
