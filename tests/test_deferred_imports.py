@@ -4,7 +4,7 @@ Everywhere else (``regfw/`` and the built-in plugins, ``plugins/``) a module imp
 its top, so its dependencies are read in one place and an import cycle cannot hide in a function
 (tests/test_import_cycles.py counts those too). An import that must stay inside a function is listed
 in :data:`ALLOWED` with its reason: Lightning or torch kept out of a start-up path that does not
-use them (plugin discovery, ``regfw plan``, ``regfw plugins``), or code being restructured.
+use them (plugin discovery, config validation, ``regfw plan``, ``regfw plugins``).
 The imports are read with ``ast``, by the function that holds them.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ PACKAGES = {"regfw": "regfw", "plugins": "regfw_plugins"}
 #: the command-line boundary: its commands import what they run when they run it
 BOUNDARY = "regfw/cli/"
 
-BUILD_ONCE = "build-once restructuring"
 TORCH_FREE = ("torch: config validation imports this module before torch is imported (a config error answers "
               "at once); these functions run on built objects")
+PLAIN_DATA = "Lightning only when a Lightning data module is asked for (regfw plan builds the plain data)"
+BEFORE_TORCH = "config validation runs before torch and Lightning are imported (a config error answers at once)"
 LIGHTNING = ("Lightning: a callback, imported when a fit asks the regularizer for its callbacks; plugin "
              "discovery and `regfw plan` import no Lightning")
 
@@ -40,35 +41,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("plugins/concrete_dropout.py", "ConcreteDropoutRegularizer.callbacks", "regfw.extend"): LIGHTNING,
     ("plugins/max_norm.py", "MaxNorm.callbacks", "regfw.extend"): LIGHTNING,
     ("plugins/weight_decay.py", "WeightDecay.callbacks", "regfw.extend"): LIGHTNING,
-    # regfw/build/, config/schema.py, run/job.py, train/module.py and train/optim.py are being
-    # restructured (one function builds everything a fit needs); their imports move with that work.
-    ("regfw/build/datasets.py", "DiabetesData._fit_scaling", "regfw.train.targets"): BUILD_ONCE,
-    ("regfw/build/datasets.py", "describe_data", "regfw.train.batch"): BUILD_ONCE,
-    ("regfw/build/factory.py", "build_datamodule", "regfw.build"): BUILD_ONCE,
-    ("regfw/build/factory.py", "build_datamodule", "regfw.build.lightning_data"): BUILD_ONCE,
-    ("regfw/build/factory.py", "build_model", "regfw.build.models"): BUILD_ONCE,
-    ("regfw/config/schema.py", "DataConfig.__post_init__", "regfw.train.batch"): BUILD_ONCE,
-    ("regfw/config/schema.py", "_check_trainer", "regfw.config.trainer"): BUILD_ONCE,
-    ("regfw/config/schema.py", "_check_trainer", "regfw.config.trainer_args"): BUILD_ONCE,
-    ("regfw/config/schema.py", "validate", "regfw.registry.regularizers"): BUILD_ONCE,
-    ("regfw/run/job.py", "_plugin_failure", "regfw.registry.blame"): BUILD_ONCE,
-    ("regfw/run/job.py", "_train", "regfw.errors"): BUILD_ONCE,
-    ("regfw/run/job.py", "_train", "regfw.run"): BUILD_ONCE,
-    ("regfw/run/job.py", "_trainer_plugins", "regfw.run.checkpoints"): BUILD_ONCE,
-    ("regfw/run/job.py", "claim_run_dir", "regfw.run.rundir"): BUILD_ONCE,
-    ("regfw/run/job.py", "fit", "regfw.run"): BUILD_ONCE,
-    ("regfw/run/job.py", "fit", "regfw.run.checkpoint_compat"): BUILD_ONCE,
-    ("regfw/run/job.py", "fit", "regfw.run.rundir"): BUILD_ONCE,
-    ("regfw/run/job.py", "load_resume_config", "regfw.config.schema"): BUILD_ONCE,
-    ("regfw/run/job.py", "load_resume_config", "regfw.registry.regularizers"): BUILD_ONCE,
-    ("regfw/run/job.py", "load_resume_config", "regfw.run.checkpoint_compat"): BUILD_ONCE,
-    ("regfw/run/job.py", "load_resume_config", "regfw.run.checkpoints"): BUILD_ONCE,
-    ("regfw/train/module.py", "RegularizedModule._nonfinite_loss", "regfw.errors"): BUILD_ONCE,
-    ("regfw/train/module.py", "RegularizedModule.on_save_checkpoint", "regfw"): BUILD_ONCE,
-    ("regfw/train/module.py", "RegularizedModule.on_save_checkpoint", "regfw.run.checkpoints"): BUILD_ONCE,
-    ("regfw/train/module.py", "_plugin_origins", "regfw.registry.discovery"): BUILD_ONCE,
-    ("regfw/train/module.py", "_plugin_origins", "regfw.registry.regularizers"): BUILD_ONCE,
-    ("regfw/train/optim.py", "_import", "regfw.build.factory"): BUILD_ONCE,
+    ("regfw/build/factory.py", "build_datamodule", "regfw.build.lightning_data"): PLAIN_DATA,
+    ("regfw/config/schema.py", "DataConfig.__post_init__", "regfw.train.batch"): BEFORE_TORCH,
+    ("regfw/config/schema.py", "validate", "regfw.registry.regularizers"): BEFORE_TORCH,
 }
 
 

@@ -47,6 +47,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from regfw.config.schema import DATA_KEYS
 from regfw.errors import ConfigError
+from regfw.train.batch import split_batch
+from regfw.train.targets import TargetScaling
 
 # SklearnDataModule, DigitsDataModule, DiabetesDataModule and BUILTIN_DATA come from __getattr__.
 __all__ = ["SklearnData", "DigitsData", "DiabetesData", "BUILTIN_PLAIN_DATA", "data_module_args", "describe_data"]
@@ -198,7 +200,6 @@ class DiabetesData(SklearnData):
 
     def _fit_scaling(self, x, y, train_idx):
         if self.standardize_targets:
-            from regfw.train.targets import TargetScaling
 
             self.target_scaling = TargetScaling(float(y[train_idx].mean()), float(y[train_idx].std() + 1e-8))
 
@@ -284,7 +285,6 @@ def data_module_args(cls: type, init_args: Mapping[str, Any], data_cfg: Any) -> 
 def describe_data(datamodule: Any, batch: Any = None) -> tuple[int | None, Any, list[str]]:
     """``(n_train, example_input, notes)`` of a data module, from its optional members or what
     could be assumed instead; the notes (shown by ``regfw plan``) say what was assumed."""
-    from regfw.train.batch import split_batch
 
     name = type(getattr(datamodule, "inner", datamodule)).__name__
     notes = []

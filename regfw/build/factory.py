@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from regfw.build import datasets as data
+from regfw.build.models import BUILTIN_MODELS
 from regfw.config.imports import import_class
 from regfw.errors import ConfigError
 
@@ -18,7 +20,6 @@ def _instantiate(cls: type, init_args: Mapping[str, Any], key: str) -> Any:
 def build_datamodule(data_cfg: Any, seed: int = 0, *, lightning: bool = True) -> Any:
     """A LightningDataModule from ``data:``; with ``lightning=False`` a built-in dataset is the plain
     data class (the same data and shapes, without importing Lightning: for ``regfw plan``)."""
-    from regfw.build import datasets as data
 
     if data_cfg.class_path:
         cls = import_class(data_cfg.class_path, "data.class_path")
@@ -36,7 +37,6 @@ def build_datamodule(data_cfg: Any, seed: int = 0, *, lightning: bool = True) ->
 
 def build_model(model_config: Mapping[str, Any]) -> Any:
     """An ``nn.Module`` from ``{name|class_path, init_args}`` (:func:`regfw.build.parts.model_config_for`)."""
-    from regfw.build.models import BUILTIN_MODELS
 
     if model_config.get("class_path"):
         cls = import_class(model_config["class_path"], "model.class_path")

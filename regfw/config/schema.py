@@ -19,6 +19,8 @@ from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 
 # The field helpers and section validation live in regfw.config.validation (regfw.registry.regularizers uses them
 # too); regfw.config.schema is their public home, so they are re-exported here.
+from regfw.config.trainer import check_trainer_values
+from regfw.config.trainer_args import TRAINER_ARGUMENTS  # Lightning's Trainer arguments, without importing it
 from regfw.config.validation import _to_plain, validate_dataclass
 from regfw.config.validation import check_finite as check_finite
 from regfw.config.validation import nonneg as nonneg
@@ -309,8 +311,6 @@ def _as_plain(value: Any) -> Any:
 
 
 def _check_trainer(section: Mapping[str, Any]) -> dict:
-    from regfw.config.trainer_args import TRAINER_ARGUMENTS  # Lightning's Trainer arguments, without importing it
-
     known = list(TRAINER_ARGUMENTS)
     for name in section:
         if name not in known:
@@ -318,8 +318,6 @@ def _check_trainer(section: Mapping[str, Any]) -> dict:
                 f"trainer.{name}: unknown key; the trainer section takes the arguments of "
                 f"pytorch_lightning.Trainer.{closest_hint(str(name), known)}"
             )
-    from regfw.config.trainer import check_trainer_values
-
     merged = {**TRAINER_DEFAULTS, **section}
     check_trainer_values(merged)
     return merged

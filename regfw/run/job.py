@@ -32,10 +32,17 @@ import pytorch_lightning as pl
 import torch
 
 from regfw.build.fit import FitParts, build_fit
-from regfw.config.schema import Config
-from regfw.errors import ConfigError, RegfwError, RunError
-from regfw.run import console
+from regfw.config.schema import Config, load_raw, validate
+from regfw.errors import ConfigError, NonFiniteLossError, RegfwError, RunError, Terminated
+from regfw.registry.blame import plugin_error
+from regfw.registry.regularizers import get_registry
+from regfw.run import checkpoints as C
+from regfw.run import console, stopping
+from regfw.run import distributed as D
 from regfw.run.atomic import write_atomic
+from regfw.run.checkpoint_compat import check_compatible, missing_plugins
+from regfw.run.checkpoints import AtomicCheckpointIO, read_checkpoint, resume_target
+from regfw.run.rundir import claim_existing, claim_new
 
 #: The longest file name (bytes) of common file systems: a generated run directory's name must fit.
 NAME_MAX = 255
@@ -50,7 +57,6 @@ def claim_run_dir(cfg: Config, explicit: str | None = None, *, force: bool = Fal
     is ``<run.dir>/<run.name or config stem>-<timestamp>``, with ``-2``, ``-3`` ... appended when
     that name is taken (created with ``mkdir``, which fails rather than reuse).
     """
-    from regfw.run.rundir import claim_new
 
     if explicit is not None and not str(explicit).strip():
         raise RunError("--run-dir: got an empty path; pass a directory, or leave --run-dir out for a generated one.")
@@ -125,9 +131,6 @@ def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoi
                        run_dir: str | None = None) -> Config:
     """:func:`~regfw.config.schema.load_config` for ``--resume``: a regularizer whose plugin is gone is
     reported as such, naming the checkpoint and the plugin (and distribution) it came from."""
-    from regfw.config.schema import load_raw, validate
-    from regfw.run.checkpoint_compat import missing_plugins
-    from regfw.run.checkpoints import read_checkpoint, resume_target
 
     raw = load_raw(path, overrides)
     source = str(path) if path else None
@@ -139,7 +142,6 @@ def load_resume_config(path: str | None, overrides: Sequence[str] = (), checkpoi
             ckpt = read_checkpoint(ckpt_path, verify=False)
         except RegfwError:
             raise exc from None
-        from regfw.registry.regularizers import get_registry
 
         gone = missing_plugins(ckpt, get_registry())
         if not gone:
@@ -154,7 +156,6 @@ def _trainer_plugins(trainer_args: dict) -> list:
     unless the config brings a checkpoint IO of its own."""
     from lightning_fabric.plugins import CheckpointIO
 
-    from regfw.run.checkpoints import AtomicCheckpointIO
 
     plugins = trainer_args.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -224,7 +225,6 @@ def _plugin_failure(exc: Exception, trainer: Any, ckpt_cb: Any, cfg: Config, ran
     """A plugin's code raising during training: the :class:`~regfw.errors.PluginError` naming it,
     the step, and the checkpoint the run keeps to continue from (or that nothing was kept), or
     None when no plugin raised it (:mod:`regfw.registry.blame`)."""
-    from regfw.registry.blame import plugin_error
 
     last = ckpt_cb.last_model_path
     if last and Path(last).is_file():
@@ -257,9 +257,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     Under DDP every process runs this; Lightning's launcher passes rank 0's run directory and
     checkpoint on to the others, and only rank 0 writes files and evaluates.
     """
-    from regfw.run import checkpoints as C
-    from regfw.run import distributed as D
-    from regfw.run.checkpoint_compat import check_compatible
 
     rank = D.env_rank()
     if run_dir is not None and not str(run_dir).strip():
@@ -292,7 +289,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
     if ckpt_path is not None:
         C.check_loop_state(ckpt, ckpt_path, cfg.trainer)
 
-    from regfw.run import stopping
 
     claim = None
     path: Path | None = None
@@ -303,7 +299,6 @@ def fit(cfg: Config, *, run_dir: str | None = None, callbacks: Sequence[Any] = (
         path = Path(explicit)  # rank 0 made it and writes into it
     try:
         if rank == 0:
-            from regfw.run.rundir import claim_existing
 
             with stopping.deferred():  # a signal waits until the claim is whole (and is then undone below)
                 claim = (claim_existing(resume_dir) if resume_dir is not None
@@ -352,10 +347,6 @@ def _train(cfg: Config, path: Path, claim: Any, built: FitParts, ckpt_path: Path
     from pytorch_lightning.trainer.states import TrainerStatus
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from regfw.errors import NonFiniteLossError, Terminated
-    from regfw.run import checkpoints as C
-    from regfw.run import distributed as D
-    from regfw.run import stopping
 
     module, datamodule, mc = built.module, built.datamodule, built.uncertainty
     if mc is not None:

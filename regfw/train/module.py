@@ -9,14 +9,17 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from regfw import __version__
 from regfw.build.factory import build_model
-from regfw.errors import ConfigError
+from regfw.errors import ConfigError, NonFiniteLossError
 from regfw.extend.contract import check_callbacks, check_groups
 from regfw.extend.regularizer import Regularizer
 from regfw.model_io import OutputKey, call_model, check_output_key, example_from_spec, example_spec, select_output
 from regfw.placement.plan import Plan, apply_plan, make_plan
 from regfw.placement.surgery import is_dropout
+from regfw.registry.discovery import origin_of
 from regfw.registry.regularizers import build_regularizers, section_key
+from regfw.run.checkpoints import seal_in_hook
 from regfw.run.stopping import EvaluationStop
 from regfw.train.batch import BatchFormat, split_batch
 from regfw.train.epoch_metrics import EpochMeans
@@ -311,7 +314,6 @@ class RegularizedModule(pl.LightningModule):
         return finite
 
     def _nonfinite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
-        from regfw.errors import NonFiniteLossError
 
         step, epoch = (self.trainer.global_step, self.current_epoch) if self._trainer is not None else (-1, -1)
         where = f"step {step} (epoch {epoch}, batch {batch_idx})"
@@ -383,7 +385,6 @@ class RegularizedModule(pl.LightningModule):
         return [cb for reg in self.regularizers for cb in check_callbacks(reg, reg.callbacks())]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from regfw import __version__
 
         checkpoint["regfw"] = {
             "version": __version__,
@@ -395,7 +396,6 @@ class RegularizedModule(pl.LightningModule):
                       if is_dropout(m) and isinstance(getattr(m, "p", None), (int, float))},
         }
         checkpoint["regfw_epoch_means"] = self._epoch_means.state_dict()  # a mid-epoch checkpoint's sums
-        from regfw.run.checkpoints import seal_in_hook
 
         seal_in_hook(checkpoint, self._trainer)  # a Trainer without regfw's AtomicCheckpointIO keeps it too
 
@@ -410,8 +410,6 @@ class RegularizedModule(pl.LightningModule):
 
 def _plugin_origins(regularizers: Sequence[Regularizer]) -> dict:
     """Which plugin (and distribution, version) provided each regularizer, for checkpoint metadata."""
-    from regfw.registry.discovery import origin_of
-    from regfw.registry.regularizers import section_key
 
     out = {}
     for reg in regularizers:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regfw.config.imports import import_class
 from regfw.errors import ConfigError
 
 #: The optimizer shorthands of ``optimizer.name``.
@@ -26,7 +27,6 @@ OPTIMIZERS: dict[str, type] = {"adam": torch.optim.Adam, "adamw": torch.optim.Ad
 
 
 def _import(path: str, key: str, search: tuple[str, ...] = ()) -> Any:
-    from regfw.build.factory import import_class
 
     if "." not in path:
         for module in search:
