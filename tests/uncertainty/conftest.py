@@ -26,3 +26,13 @@ def trained_mlp(digits):
     torch.manual_seed(0)
     model = make_mlp(p=0.5, hidden=64)
     return train_plain(model, xtr, ytr, epochs=10, seed=0, lr=3e-3)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread runs them several times faster on a busy machine (a test
+    module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

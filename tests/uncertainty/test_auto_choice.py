@@ -9,13 +9,7 @@ from torch import nn
 from regfw.uncertainty import mc_predict
 from regfw.uncertainty.fast import split_model, strategy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def head_only(width: int = 32, depth: int = 6) -> nn.Module:

@@ -18,14 +18,7 @@ from regfw.placement.surgery import attach
 from regfw.uncertainty import STRATEGIES, eval_mode, fast, mc_mode, mc_predict, resolve_strategy
 from regfw.uncertainty.fast import split_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread runs them several times faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- models

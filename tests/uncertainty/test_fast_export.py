@@ -21,12 +21,7 @@ T = 400
 FALLBACK = "Monte Carlo strategy 'auto' uses 'batched'"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens(nn.Module):
