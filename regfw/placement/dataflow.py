@@ -404,7 +404,8 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
                 if (calls and calls <= SHAPE_OPS and not any(True for _ in module.parameters()) and ts
                         and ts[0].numel() == out.numel()):
                     flow.reshapes.add(path)
-                elif (calls and any(is_pool_op(c) for c in calls) and all(c in SHAPE_OPS or is_pool_op(c) for c in calls)
+                elif (calls and any(is_pool_op(c) for c in calls)
+                      and all(c in SHAPE_OPS or is_pool_op(c) for c in calls)
                       and not any(True for _ in module.parameters())):
                     flow.pools.add(path)
             carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
