@@ -176,7 +176,8 @@ def silencing_scales(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The per-channel scales ``model`` starts with that silence what they multiply, found by what they
     are, never by name: a parameter with one value per channel (one dimension, or one non-singleton one)
     holding a single non-zero constant of magnitude at most :data:`TINY_SCALE` (layer scale; biases start
-    at zero or at random values, never at one tiny non-zero constant), or a normalisation layer's weight (its per-channel scale) that is all zero (zero-init-last)."""
+    at zero or at random values, never at one tiny non-zero constant), or a normalisation layer's weight
+    (its per-channel scale) that is all zero (zero-init-last)."""
     found = []
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
