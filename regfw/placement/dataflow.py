@@ -163,6 +163,8 @@ def is_pool_op(name: str) -> bool:
     """A torch function that pools over positions: every ``*pool*`` function (max, average, adaptive, Lp)
     and the reductions ``mean`` / ``amax`` a global pool is written with."""
     return "pool" in name or name in ("mean", "amax")
+
+
 #: Functions that only rearrange a tensor's elements: a unit's output passed through them (``x.flatten(0, 1)``,
 #: ``x.permute(0, 2, 3, 1)``, ``x.transpose(-1, -2)``) is still that unit's output to whatever consumes it, so a
 #: norm after a reshape still directly follows its layer, and a gate stays a gate after a transpose.
