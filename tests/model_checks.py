@@ -219,14 +219,16 @@ def mc(model: nn.Module, x: Any, strategy: str, transform: Transform = None, sam
 def check_auto_matches(model: nn.Module, x: Any, reference: str = "loop", transform: Transform = None,
                        name: str = "model", **kw: Any) -> None:
     """MC spread far above the float-noise floor, and ``auto`` statistically equal to ``reference``:
-    per output entry, the two-sample z statistic of the mean probability over T samples each exceeds
-    :data:`Z` for at most :data:`MAX_SHARE_OVER_Z` of the entries (at least one always allowed)."""
+    per output entry, the two-sample z statistic of the mean probability over the samples drawn (T, or
+    ``samples``) exceeds :data:`Z` for at most :data:`MAX_SHARE_OVER_Z` of the entries (at least one
+    always allowed)."""
     ref, auto = mc(model, x, reference, transform, **kw), mc(model, x, "auto", transform, **kw)
     assert ref.outputs.std(0).max() > 0, "MC spread is zero"
     assert auto.outputs.std(0).max() > 0, "MC spread is zero under auto"
     a, b = ref.probs.double(), auto.probs.double()
-    se = (a.var(0) / T + b.var(0) / T).sqrt()
-    floor = batch_noise_floor(model, x, rows=T * batch_size(x), quantity=lambda out: probabilities(out, transform))
+    n = a.shape[0]  # the samples drawn (``samples`` in ``kw``, T by default)
+    se = (a.var(0) / n + b.var(0) / b.shape[0]).sqrt()
+    floor = batch_noise_floor(model, x, rows=n * batch_size(x), quantity=lambda out: probabilities(out, transform))
     varied = far_above_floor(se, floor, f"{name}: the standard error of the MC mean probabilities",
                              share=MIN_SHARE_COMPARED)
     z = (a.mean(0) - b.mean(0)).abs()[varied] / se[varied]

@@ -96,6 +96,13 @@ class Dataflow:
     #: Units that run only in training mode (an auxiliary head), seen by a second, training-mode pass
     #: made when the eval pass left units uncalled (trace only).
     training_only: set[str] = field(default_factory=set)
+    #: Units whose forward only pools its input (:func:`is_pool_op` functions, and shape functions), with no
+    #: parameters: a ``MaxPool2d``, an ``AdaptiveAvgPool2d``, a global pool of any library (trace only).
+    pools: set[str] = field(default_factory=set)
+    #: ``a -> [b, ...]``: unit ``b`` receives ``a``'s output through a pooling function (``F.adaptive_avg_pool2d``,
+    #: ``x.mean((2, 3))``, then shape functions); such a link is kept apart from :attr:`successors`, where the
+    #: pooling function is a :data:`FUNCTION` user of ``a`` (trace only).
+    pooled: dict[str, list[str]] = field(default_factory=dict)
     #: True when every unit the forward can call was seen (an example-input trace whose eval pass called
     #: every unit, or whose training pass ran too): a unit absent from ``calls`` is then dead (its weights
     #: are used functionally, or it is never reached). Never set for the fx and sequential sources.
@@ -116,6 +123,19 @@ class Dataflow:
         unknown)."""
         succ = self.successors.get(path, [])
         return succ[0] if len(succ) == 1 and succ[0] != FUNCTION else None
+
+    def next_through_pool(self, path: str) -> str | None:
+        """The one unit that receives ``path``'s output through pooling functions only (``x.mean((2, 3))``
+        then ``flatten``), and nothing else from anywhere; None otherwise."""
+        users = self.function_users.get(path, set())
+        if self.successors.get(path) != [FUNCTION] or not users or not all(
+                n in SHAPE_OPS or is_pool_op(n) for n in users):
+            return None
+        succ = self.pooled.get(path, [])
+        if len(succ) != 1 or self.predecessors.get(succ[0]):
+            return None
+        feeders = [a for a, bs in self.pooled.items() if succ[0] in bs]
+        return succ[0] if feeders == [path] else None
 
     def prev(self, path: str) -> str | None:
         """The one unit whose output ``path`` consumes, or None."""
@@ -138,6 +158,14 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
+
+
+def is_pool_op(name: str) -> bool:
+    """A torch function that pools over positions: every ``*pool*`` function (max, average, adaptive, Lp)
+    and the reductions ``mean`` / ``amax`` a global pool is written with."""
+    return "pool" in name or name in ("mean", "amax")
+
+
 #: Functions that only rearrange a tensor's elements: a unit's output passed through them (``x.flatten(0, 1)``,
 #: ``x.permute(0, 2, 3, 1)``, ``x.transpose(-1, -2)``) is still that unit's output to whatever consumes it, so a
 #: norm after a reshape still directly follows its layer, and a gate stays a gate after a transpose.
@@ -157,8 +185,10 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
 
     def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
                  sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]],
-                 silent: list[int]) -> None:
+                 silent: list[int], pooled: dict[int, str]) -> None:
         super().__init__()
+        #: tensor id -> the unit whose output it is, pooled (then reshaped): see :attr:`Dataflow.pooled`
+        self.pooled = pooled
         self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
         self.sources, self.keep = sources, keep
         #: per running unit call: (ids of its input tensors, ids of those whose values it used)
@@ -209,6 +239,14 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
             src = self.producer.get(id(t))
             if src is not None:
                 self.flow.link(src, FUNCTION, name)
+        if len(inputs) == 1 and isinstance(out, torch.Tensor):
+            # ``x.mean((2, 3))``, ``F.adaptive_avg_pool2d(x, 1).flatten(1)``: the unit the pooled value reaches
+            via = self.producer.get(id(inputs[0])) if is_pool_op(name) else None
+            if via is None and (name in SHAPE_OPS or is_pool_op(name)):
+                via = self.pooled.get(id(inputs[0]))
+            if via is not None:
+                self.keep.append(out)
+                self.pooled[id(out)] = via
         if name in _MUL:
             self._gates(inputs)
         # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
@@ -298,6 +336,11 @@ def _merge_training(flow: Dataflow, train: Dataflow) -> None:
                 getattr(flow, table)[p] = getattr(train, table)[p]
     flow.same_shape |= train.same_shape & flow.training_only
     flow.reshapes |= train.reshapes & flow.training_only
+    flow.pools |= train.pools & flow.training_only
+    for a, pooled in train.pooled.items():
+        for b in pooled:
+            if (a in flow.training_only or b in flow.training_only) and b not in flow.pooled.get(a, []):
+                flow.pooled.setdefault(a, []).append(b)
     flow.gates |= train.gates & flow.training_only
     flow.output_sources |= train.output_sources
 
@@ -317,6 +360,7 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
     in_tensors: dict[str, list[torch.Tensor]] = {}
     handles = []
     silent = [0]
+    pooled: dict[int, str] = {}
 
     def pre(path: str):
         def hook(module, args, kwargs):
@@ -335,6 +379,8 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
                 first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             if first is not None and id(first) in producer:
                 flow.link(producer[id(first)], path)
+            elif first is not None and id(first) in pooled and path not in flow.pooled.get(pooled[id(first)], []):
+                flow.pooled.setdefault(pooled[id(first)], []).append(path)
         return hook
 
     def post(path: str):
@@ -359,6 +405,10 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
                 if (calls and calls <= SHAPE_OPS and not any(True for _ in module.parameters()) and ts
                         and ts[0].numel() == out.numel()):
                     flow.reshapes.add(path)
+                elif (calls and any(is_pool_op(c) for c in calls)
+                      and all(c in SHAPE_OPS or is_pool_op(c) for c in calls)
+                      and not any(True for _ in module.parameters())):
+                    flow.pools.add(path)
             carried = frozenset({path}) if _weighted(module) else in_sources.get(path, frozenset()) | {path}
             for t in iter_tensors(output):
                 if id(t) in given:
@@ -386,7 +436,7 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
         try:
             model.train(training)
             with torch.no_grad(), foreign.watch_functional_dropout(model), \
-                    _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs, silent):
+                    _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs, silent, pooled):
                 output = call_with_example(model, example_input)
             for t in iter_tensors(output):
                 flow.output_sources |= sources.get(id(t), frozenset())

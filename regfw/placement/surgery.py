@@ -276,31 +276,52 @@ def after_anchor(mm: ModelMap, path: str) -> tuple[str, str | None, list[str]]:
 
     Returns ``(anchor_path, existing_dropout_path, skipped)``: the anchor moves past the norm
     and activation layers that consume the layer's output one after the other, each called
-    once per forward pass; an existing dropout found on the way is returned so that it can be
-    reused instead of inserting a second one.
+    once per forward pass; an existing dropout found on the way (also past a pool) is returned so
+    that it can be reused instead of inserting a second one in series with it.
+    """
+    anchor, existing, skipped, _pooled = _walk_after(mm, path)
+    return anchor, existing, skipped
+
+
+def _walk_after(mm: ModelMap, path: str) -> tuple[str, str | None, list[str], bool]:
+    """:func:`after_anchor`, and whether the existing dropout was reached through a pool.
+
+    A pool (a parameterless unit whose forward only pools, or a pooling function such as
+    ``x.mean((2, 3))``) is read through when looking for the place's dropout: a dropout mask before
+    the pool and the model's own dropout after it act on the same features with no weight between
+    (in series). The anchor never moves past a pool: a norm or activation after it ends the walk.
     """
     flow = mm.flow
     anchor = path
     skipped: list[str] = []
-    cursor = path  # walks on through placeholders and reshapes; the anchor moves only past norms and activations
+    pooled = False
+    cursor = path  # walks on through placeholders, reshapes and pools; the anchor moves only past norms and activations
     while True:
         nxt = flow.next(cursor)
+        through_pool = False
         if nxt is None:
-            return anchor, None, skipped
+            nxt = flow.next_through_pool(cursor)
+            through_pool = nxt is not None
+        if nxt is None:
+            return anchor, None, skipped, False
         module = mm.module(nxt)
+        pooled = pooled or through_pool
         if is_dropout(module) and not is_path_drop(module):
             # the model's own dropout at this place, even one module called at several places (each call
             # is a dropout slot): it is reused, never doubled by an insertion before it
-            return anchor, nxt, skipped
-        if flow.prev(nxt) != cursor or not flow.called_once(nxt) or is_path_drop(module):
+            return anchor, nxt, skipped, pooled
+        if (not through_pool and flow.prev(nxt) != cursor) or not flow.called_once(nxt) or is_path_drop(module):
             # a module fed by more than this path, one called again elsewhere, or a residual branch's
             # stochastic depth (not this slot): the walk stops before it
-            return anchor, None, skipped
+            return anchor, None, skipped, False
         cursor = nxt
         if isinstance(module, nn.Identity) or nxt in flow.reshapes:
             continue
-        if mm.kind(nxt) not in (K.NORM, K.ACTIVATION):
-            return anchor, None, skipped
+        if nxt in flow.pools:
+            pooled = True
+            continue
+        if pooled or mm.kind(nxt) not in (K.NORM, K.ACTIVATION):
+            return anchor, None, skipped, False
         anchor = nxt
         skipped.append(nxt)
 
@@ -358,9 +379,18 @@ def plan_insertions(reg: Planner, model: nn.Module, ctx: PlanContext) -> list[Pl
         rate, reason = rate_of(reg, info.kind, ctx, info)
         if not rate:  # None (no rate) or an explicit 0 switch the kind off
             continue
-        anchor, existing, skipped = after_anchor(mm, info.path)
+        anchor, existing, skipped, pooled = _walk_after(mm, info.path)
         if anchor in mm.gates or anchor in _shortcuts(mm):
             continue  # a gate, or the projection shortcut of a residual block (the residual stream)
+        if pooled and existing is not None:
+            reason += f"; pooled into the model's own {existing} (never a second dropout in series)"
+            if K.HIDDEN in reg.kinds and _head_slot(mm, existing):
+                # the dropout before an output layer is the head's hidden slot: its row sets the hidden rate
+                items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), None,
+                                      f"not inserted: the output is pooled into {existing}, the model's own "
+                                      f"dropout before its output layer (its hidden slot); never a second "
+                                      f"dropout in series", action="note"))
+                continue
         if existing is None:
             functional = _functional_dropout_row(reg, mm, info, anchor, rate, reason)
             if functional is not None:
@@ -478,6 +508,12 @@ def _functional_nonlinearity(mm: ModelMap, anchor: str) -> str | None:
     names = mm.flow.function_users.get(anchor, set()) & structure.NONLINEAR
     names -= {"relu", "relu_", "leaky_relu", "threshold"}
     return sorted(names)[0] if names else None
+
+
+def _head_slot(mm: ModelMap, dropout: str) -> bool:
+    """Whether the dropout directly feeds an output layer (a classifier's ``Dropout -> Linear``)."""
+    nxt = mm.flow.next(dropout)
+    return nxt is not None and any(i.path == nxt and i.is_output for i in mm.layers)
 
 
 def _classifier_rows(reg: Planner, mm: ModelMap, ctx: PlanContext, seen: set[str]) -> list[PlanItem]:

@@ -271,6 +271,64 @@ def test_no_dropout_in_series_before_the_models_own_after_a_functional_activatio
     assert "fc" not in places(plan) and set_rows(plan)["fc"] == "drop"
 
 
+class GlobalMean(nn.Module):
+    """A global pool written as a library writes it (timm's ``SelectAdaptivePool2d`` pattern)."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class PooledHead(nn.Module):
+    """``conv -> BN -> ReLU -> pool -> [Dropout] -> Linear``: the pool a module (``MaxPool2d`` then a global
+    mean of its own class) or a function (``F.adaptive_avg_pool2d(x, 1).flatten(1)``, torchvision's
+    MobileNetV2)."""
+
+    def __init__(self, functional: bool, head_dropout: bool = True) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv0, self.bn0, self.act0 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        self.maxpool, self.pool = nn.MaxPool2d(2), GlobalMean()
+        self.drop = nn.Dropout(0.2) if head_dropout else nn.Identity()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(self.act0(self.bn0(self.conv0(x))))))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1) if self.functional else self.pool(self.maxpool(x))
+        return self.fc(self.drop(x))
+
+
+POOL_X = torch.randn(4, 3, 12, 12)
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["pool-function", "pool-modules"])
+def test_no_dropout_in_series_through_a_pool_before_the_models_own(functional):
+    model = PooledHead(functional).eval()
+    regs, plan = plan_dropout(model, POOL_X)
+    rows = {r.path: r for r in plan.rows()}
+    assert "conv" not in places(plan) and places(plan)["conv0"] == "act0"
+    assert rows["conv"].action == "note" and "pooled into drop" in rows["conv"].reason
+    assert set_rows(plan)["fc"] == "drop" and rows["fc"].kind == "hidden"  # the head's slot keeps the hidden rate
+    apply_plan(model, regs, plan)
+    assert not [p for p in inserted(model) if p.startswith(("conv.", "bn.", "act.", "maxpool.", "pool."))]
+    assert model.drop.p == rows["fc"].rate
+
+    model = PooledHead(functional).eval()
+    regs = build_regularizers({"spatial_dropout": {}})
+    plan = make_plan(model, regs, n_examples=1000, example_input=POOL_X)
+    assert "conv" not in places(plan) and set_rows(plan)["conv"] == "drop"
+
+    regs = build_regularizers({"spatial_dropout": {"existing": "keep"}})
+    plan = make_plan(model, regs, n_examples=1000, example_input=POOL_X)
+    assert "conv" not in places(plan) and "conv" not in set_rows(plan)
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["pool-function", "pool-modules"])
+def test_a_pool_without_dropout_after_it_keeps_the_insertion_before_it(functional):
+    regs, plan = plan_dropout(PooledHead(functional, head_dropout=False).eval(), POOL_X)
+    assert places(plan)["conv"] == "act" and not set_rows(plan)
+
+
 # --------------------------------------------------------------------------- dead modules
 
 

@@ -12,7 +12,8 @@ of a recorded forward pass, :mod:`runtime_graph`), never by module names:
   mode), in series with another stochastic layer of the same sort, or never called;
 * Transformer-family rates wherever the model has attention;
 * the eval output is bitwise unchanged by the surgery;
-* MC dropout spreads far above the floating-point noise and ``auto`` agrees with ``batched``;
+* MC dropout, on BatchNorm statistics estimated again with the inserted layers active (as training
+  leaves them), spreads far above the floating-point noise and ``auto`` agrees with ``batched``;
 * a training step with the model's own loss runs and changes the weights.
 
 A case collects every failure by class. The classes known to fail on a case are in
@@ -42,7 +43,7 @@ from torch import nn
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
 
-from .models import SweepModel, build, load
+from .models import SweepModel, build, load, statistics_with_dropout
 
 KNOWN = Path(__file__).with_name("known_failures.json")
 #: Monte Carlo samples per strategy in the sweep.
@@ -168,6 +169,7 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
         checks.check_eval_unchanged(reference, model(x))
 
     if not entry.detection:
+        statistics_with_dropout(model, x)
         sampled = _sampled(entry, model)
         before = checks.model_state(model)
         with fails.step("mc"):

@@ -174,15 +174,17 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 def silencing_scales(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The per-channel scales ``model`` starts with that silence what they multiply, found by what they
-    are, never by name: a one-dimensional parameter holding a single non-zero constant of magnitude at most
-    :data:`TINY_SCALE` (layer scale; biases start at zero or at random values, never at one tiny non-zero
-    constant), or a normalisation layer's weight (its per-channel scale) that is all zero (zero-init-last)."""
+    are, never by name: a parameter with one value per channel (one dimension, or one non-singleton one)
+    holding a single non-zero constant of magnitude at most :data:`TINY_SCALE` (layer scale; biases start
+    at zero or at random values, never at one tiny non-zero constant), or a normalisation layer's weight
+    (its per-channel scale) that is all zero (zero-init-last)."""
     found = []
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            if param.dim() != 1 or not param.is_floating_point() or param.numel() == 0:
+            # one value per channel, in any broadcast shape: (C,), or (C, 1, 1) as torchvision's ConvNeXt holds it
+            if max(param.shape, default=0) != param.numel() or not param.is_floating_point() or param.numel() == 0:
                 continue
-            values = param.detach()
+            values = param.detach().reshape(-1)
             value = float(values[0])
             constant = bool((values == value).all())
             tiny = constant and 0 < abs(value) <= TINY_SCALE
