@@ -1,10 +1,33 @@
 """Shared timing helpers for the benchmarks: interleaved runs, median wall time (:func:`compare`) or
-CPU time (:func:`cpu_times`)."""
+CPU time (:func:`cpu_times`), and the ``--device``/``--threads`` options (:func:`add_device_options`,
+:func:`device_from`)."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` and ``--threads N`` (default: 1 on CPU, so CPU time is one thread's)."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on CPU, so CPU time is one thread's)")
+
+
+def device_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The device the options chose, with torch's thread count set, and a line naming it."""
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return device, f"torch {torch.__version__}, {name}"
 
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3) -> dict[str, float]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import add_device_options, device_from  # noqa: E402
 from mc_dropout import timed  # noqa: E402
 
 from regfw.placement.plan import apply_plan, make_plan  # noqa: E402
@@ -131,19 +132,11 @@ def part(title: str, model: nn.Module, x: torch.Tensor, device: torch.device, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_options(parser)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: 1 on CPU, so CPU time is one thread's)")
     args = parser.parse_args()
-    threads = args.threads or (1 if args.device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}, T = {SAMPLES}; times: "
+    device, name = device_from(parser, args)
+    print(f"{name}, T = {SAMPLES}; times: "
           + ("CPU time of the process" if device.type == "cpu" else "wall time"))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 784, generator=gen).to(device)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import add_device_options, device_from
 from torch import nn
 
 from regfw.layers import DropPath
@@ -333,21 +334,13 @@ def part_callback(device: torch.device, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_options(parser)
     parser.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (1-5)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resnet-batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: 1 on CPU, so CPU time is one thread's)")
     args = parser.parse_args()
-    threads = args.threads or (1 if args.device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}")
+    device, name = device_from(parser, args)
+    print(name)
     parts = {p.strip() for p in args.parts.split(",")}
     if "1" in parts:
         part_cnn(device, args.repeats)
