@@ -304,6 +304,10 @@ def executable(program: Any) -> fx.Graph:
         elif n.op == "output":
             (out,) = n.args[0]
             graph.output(env[out])
+        elif n.op == "get_attr":  # the program's own attribute: a higher-order operator's subgraph
+            env[n] = graph.create_node("call_function", Const(getattr(program.graph_module, n.target)), (), {},
+                                       name="regfw_constant")
+            env[n].meta = dict(n.meta)
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])
     return graph

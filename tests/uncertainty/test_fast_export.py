@@ -176,3 +176,36 @@ def test_keyword_inputs_of_a_model_fx_traces_are_split_on_the_fx_graph():
     se = ((loop.var(0) + auto.var(0)) / T).sqrt()
     far_above_floor(se, batch_noise_floor(model, x, rows=T * 5), "the standard error of the MC means")
     assert ((loop.mean(0) - auto.mean(0)) / se).abs().max().item() < 4.5
+
+
+class AutocastBlock(nn.Module):
+    """A forward with an autocast region whose device comes from the input (as timm's EfficientViT
+    attention has): ``torch.fx`` cannot trace it, and ``torch.export`` captures the region as a
+    higher-order operator calling a subgraph of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = torch.relu(self.inner(x))
+        return self.head(self.drop(h))
+
+
+def test_a_captured_graph_with_a_subgraph_of_its_own_is_split_and_agrees_with_loop():
+    torch.manual_seed(0)
+    model, x = AutocastBlock().eval(), torch.randn(5, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=FALLBACK)
+        auto = sample(model, x, "auto")
+    split = split_model(model, x)
+    assert split.ok and split.capture == "torch.export", split.describe()
+    assert "torch.fx cannot trace it" in split.capture_note
+    loop = sample(model, x, "loop")
+    floor = batch_noise_floor(model, x, rows=T * 5)
+    se = ((loop.var(0) + auto.var(0)) / T).sqrt()
+    far_above_floor(se, floor, "the standard error of the MC means")
+    assert ((loop.mean(0) - auto.mean(0)) / se).abs().max().item() < 4.5
