@@ -9,7 +9,7 @@ callbacks. The config itself stays plain data; :func:`regfw.run.job.fit` only ru
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -37,7 +37,11 @@ class FitParts:
     module: RegularizedModule
     #: The MC dropout callback when ``uncertainty`` is on and the model has a stochastic layer, else None.
     uncertainty: MCDropoutUncertainty | None
-    callbacks: list[pl.Callback] = field(default_factory=list)
+
+    @property
+    def callbacks(self) -> list[pl.Callback]:
+        """The callbacks a ``Trainer`` of this fit takes (the MC dropout callback when it is on)."""
+        return [self.uncertainty] if self.uncertainty is not None else []
 
 
 def build_fit(cfg: Config) -> FitParts:
@@ -67,7 +71,7 @@ def build_fit(cfg: Config) -> FitParts:
             output_key=cfg.model.output_key,
         )
     mc = uncertainty_callback(cfg, module, heldout=heldout)
-    return FitParts(datamodule, heldout, parts, module, mc, [mc] if mc is not None else [])
+    return FitParts(datamodule, heldout, parts, module, mc)
 
 
 def uncertainty_callback(cfg: Config, module: Any, plot_dir: Any = None,
