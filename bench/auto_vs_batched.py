@@ -1,11 +1,14 @@
 """``auto`` against ``batched`` on the zoo's and the registry sweep's models: CPU time of one MC call each.
 
-``auto`` decides on its first call of a size whether its split beats ``batched`` (timing both) and runs
-the faster from then on; this bench makes that first call, then times one more call of each strategy
-(CPU time of the process, all threads; T = 30) and prints ``auto / batched`` per model and
-regularizer. Targets: at most 1.05 everywhere, and at most 0.5 where only a model's head is stochastic
-(the ``head`` rows: timm's classifier dropout ``drop_rate``, torchvision's own classifier dropout with
-its stochastic depth not sampled).
+``auto`` decides for each call size whether its split beats ``batched``, by a prediction from the work
+of the graph's nodes (``regfw.uncertainty.fast.work``), and runs the faster. Per model and regularizer
+this bench times, after one warm-up call each (CPU time of the process, all threads; T = 30; the least
+of three interleaved rounds): the split itself (``choose=False``), ``batched``, and ``auto`` as a user
+gets it; it prints the predicted and
+the measured split / batched ratios and what ``auto`` ran. Targets: ``auto / batched`` at most 1.05
+everywhere, and at most 0.5 where only a model's head is stochastic (the ``head`` rows: timm's
+classifier dropout ``drop_rate``, torchvision's own classifier dropout with its stochastic depth not
+sampled).
 
 Needs the zoo environment (torchvision, timm): ``make bench-auto`` or
 ``.venv-zoo/bin/python bench/auto_vs_batched.py [--sweep N] [--threads 1]`` (``--sweep N``: the first
@@ -35,21 +38,29 @@ def cpu(fn: Any) -> float:
     return time.process_time() - start
 
 
-def compare(model: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[float, float, str]:
-    """``(auto seconds, batched seconds, the strategy auto kept)`` for one call each after the decision."""
+def compare(model: nn.Module, x: torch.Tensor, repeats: int = 3, **kw: Any) -> dict[str, Any]:
+    """CPU seconds of one call each (after a warm-up call; the least of ``repeats`` rounds, the three
+    interleaved in each) of the split, ``batched`` and ``auto``; the split's predicted ratio and what
+    ``auto`` ran."""
     from regfw.uncertainty import mc_predict
     from regfw.uncertainty.fast import cache
 
+    def call(strategy: str, seed: int, **more: Any) -> None:
+        mc_predict(model, x, T, strategy=strategy, seed=seed, **kw, **more)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mc_predict(model, x, T, strategy="auto", seed=0, choose=True, **kw)  # decides
-        mc_predict(model, x, T, strategy="batched", seed=0, **kw)  # warm
-        auto = cpu(lambda: mc_predict(model, x, T, strategy="auto", seed=1, choose=True, **kw))
-        batched = cpu(lambda: mc_predict(model, x, T, strategy="batched", seed=1, **kw))
-    entry = cache._CACHE.get(model)  # the split of the call (made under the call's sampling setting)
-    kept = next((s.choices[(x.shape[0], T)] for s in (entry.splits.values() if entry else ())
-                 if (x.shape[0], T) in s.choices), "batched (fallback)")
-    return auto, batched, kept
+        call("auto", 0, choose=False)
+        call("batched", 0)
+        rounds = [(cpu(lambda: call("auto", 1, choose=False)), cpu(lambda: call("batched", 1)),
+                   cpu(lambda: call("auto", 1))) for _ in range(repeats)]
+        split_s, batched_s, auto_s = (min(r[i] for r in rounds) for i in range(3))
+    entry = cache._CACHE.get(model)
+    split = next((s for s in (entry.splits.values() if entry else ()) if s.ok), None)
+    rows = x.shape[0]
+    return {"split": split_s, "batched": batched_s, "auto": auto_s,
+            "predicted": split.predicted_ratio(rows, T) if split else None,
+            "ran": ("split" if split.pays(rows, T) else "batched") if split else "batched (fallback)"}
 
 
 def regularized(model: nn.Module, x: Any, regs: dict) -> nn.Module:
@@ -119,20 +130,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per model; the least time of each is kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     worst = 0.0
-    print(f"{'model':58} {'auto s':>8} {'batched s':>9} {'ratio':>6}  kept")
+    print(f"{'model':52} {'split/b':>7} {'pred.':>6} {'auto/b':>6}  auto ran")
     for name, make in cases(args.sweep):
         try:
             model, x, kw = make()
-            auto, batched, kept = compare(model, x, **kw)
+            r = compare(model, x, repeats=args.repeats, **kw)
         except Exception as exc:  # noqa: BLE001 - a model MC dropout refuses is reported, not fatal
-            print(f"{name:58} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            print(f"{name:52} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             continue
-        ratio = auto / max(batched, 1e-9)
+        ratio = r["auto"] / max(r["batched"], 1e-9)
         worst = max(worst, ratio)
-        print(f"{name:58} {auto:8.3f} {batched:9.3f} {ratio:6.2f}  {kept}", flush=True)
+        predicted = "-" if r["predicted"] is None else f"{r['predicted']:.2f}"
+        print(f"{name:52} {r['split'] / max(r['batched'], 1e-9):7.2f} {predicted:>6} {ratio:6.2f}  {r['ran']}",
+              flush=True)
     print(f"worst auto / batched: {worst:.2f} (target <= 1.05)")
 
 

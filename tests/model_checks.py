@@ -213,6 +213,10 @@ def probabilities(outputs: Tensor, transform: Transform) -> Tensor:
 
 
 def mc(model: nn.Module, x: Any, strategy: str, transform: Transform = None, samples: int = T, **kw: Any):
+    """``mc_predict`` on one strategy; ``auto`` always through its split (``choose=False``), which is what
+    the comparisons check (by default ``auto`` may predict that ``batched`` is faster and run that)."""
+    if strategy == "auto":
+        kw.setdefault("choose", False)
     return mc_predict(model, x, samples=samples, strategy=strategy, seed=3, output_transform=transform, **kw)
 
 

@@ -1,5 +1,6 @@
-"""``auto`` never loses to ``batched``: on the first call of a size it times both on the same random
-state and keeps the faster (regfw/uncertainty/fast/strategy.py)."""
+"""``auto`` never loses to ``batched``: by default it predicts from the work of the graph's nodes whether its split
+beats ``batched`` (regfw/uncertainty/fast/work.py); with ``choose=True`` it times both on the first call of a size
+and keeps the faster (regfw/uncertainty/fast/strategy.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from regfw.uncertainty import mc_predict
-from regfw.uncertainty.fast import split_model, strategy
+from regfw.uncertainty.fast import split_model, strategy, work
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,3 +74,57 @@ def test_head_only_dropout_keeps_the_split_at_least_twice_as_fast_as_batched():
     auto_s, batched_s = split.timings[(4, 30)]
     assert split.choices[(4, 30)] == "auto"
     assert batched_s >= 2 * auto_s, f"auto {auto_s:.3f} s CPU vs batched {batched_s:.3f} s"
+
+
+# --------------------------------------------------------------------------- the default: predicted from the graph
+
+
+def input_dropout() -> nn.Module:
+    """The same trunk with dropout on its input: nothing before the first stochastic layer to reuse."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Dropout(0.2), head_only()).eval()
+
+
+def test_the_work_meter_counts_a_linear_layers_flops_and_the_bytes_it_writes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5), nn.Linear(32, 10)).eval()
+    split = split_model(model, torch.randn(5, 64))
+    # prefix: the first Linear, 2 x 64 x 32 flops and 32 float32 outputs per row
+    assert split.prefix_work == pytest.approx((0.0, 2 * 64 * 32 + work.BYTE_COST * 32 * 4))
+    # replay per row: the dropout writes its output (and its mask), the last Linear 2 x 32 x 10 flops
+    assert split.replay_work[1] >= 2 * 32 * 10 + work.BYTE_COST * 10 * 4
+
+
+def test_by_default_auto_runs_the_split_where_the_prediction_says_it_pays(monkeypatch):
+    model, x = head_only(width=48, depth=8), inputs()
+    monkeypatch.setattr(strategy, "clock", lambda: pytest.fail("the default choice must not read a clock"))
+    got = mc_predict(model, x, 30, strategy="auto", seed=3)
+    split = split_model(model, x)
+    assert split.predicted_ratio(4, 30) < 0.2  # the trunk is nearly all of the work: computed once, not 30 times
+    assert split.pays(4, 30) and split.last_run.chunks > 0
+    forced = mc_predict(model, x, 30, strategy="auto", seed=3, choose=False)
+    assert torch.equal(got.outputs, forced.outputs)
+
+
+def test_by_default_auto_runs_batched_where_nothing_is_reused(monkeypatch):
+    model, x = input_dropout(), inputs()
+    monkeypatch.setattr(strategy, "clock", lambda: pytest.fail("the default choice must not read a clock"))
+    got = mc_predict(model, x, 30, strategy="auto", seed=3)
+    split = split_model(model, x)
+    assert split.ok and not split.pays(4, 30)
+    assert split.predicted_ratio(4, 30) > work.MARGIN
+    plain = mc_predict(model, x, 30, strategy="batched", seed=3)
+    assert torch.equal(got.outputs, plain.outputs) and torch.equal(got.deterministic, plain.deterministic)
+
+
+def test_the_prediction_is_the_same_for_two_builds_of_one_model():
+    """A seed's samples may not depend on the machine: the choice is a function of the graph and the sizes."""
+    ratios = {split_model(head_only(), inputs()).predicted_ratio(4, 30) for _ in range(2)}
+    assert len(ratios) == 1
+    ratios = {split_model(input_dropout(), inputs()).predicted_ratio(4, 30) for _ in range(2)}
+    assert len(ratios) == 1
+
+
+def test_an_unknown_choose_value_is_refused():
+    with pytest.raises(ValueError, match=r"choose must be 'predict', True or False, got 'fastest'"):
+        mc_predict(head_only(), inputs(), 4, strategy="auto", choose="fastest")

@@ -56,7 +56,7 @@ def _quiet_auto(**kw):
     """``mc_predict`` with strategy ``auto``, returning the result and the fallback warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = mc_predict(strategy="auto", **kw)
+        result = mc_predict(strategy="auto", **{"choose": False, **kw})  # the split itself
     return result, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 

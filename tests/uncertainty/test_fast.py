@@ -492,8 +492,8 @@ def test_deterministic_output_comes_from_the_prefix_and_leaves_the_samples_alone
     x = torch.randn(6, 8) if make is injected_mlp else torch.randn(6, 3, 8, 8)
     with torch.no_grad(), eval_mode(model):
         expected = model(x)
-    with_det = mc_predict(model, x, 7, strategy="auto", seed=3)
-    without = mc_predict(model, x, 7, strategy="auto", seed=3, deterministic=False)
+    with_det = mc_predict(model, x, 7, strategy="auto", seed=3, choose=False)
+    without = mc_predict(model, x, 7, strategy="auto", seed=3, deterministic=False, choose=False)
     assert torch.allclose(with_det.deterministic, expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(with_det.outputs, without.outputs)
     if make is injected_mlp:

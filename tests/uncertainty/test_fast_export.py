@@ -60,6 +60,8 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def sample(model: nn.Module, x: dict, strategy: str, **kw) -> torch.Tensor:
+    if strategy == "auto":
+        kw.setdefault("choose", False)  # the split itself, never the predicted choice of batched
     return mc_predict(model, x, T, strategy=strategy, seed=0, deterministic=False, **kw).outputs.double()
 
 

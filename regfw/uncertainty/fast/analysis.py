@@ -15,6 +15,7 @@ from regfw.uncertainty.modes import excluded_ids
 from regfw.uncertainty.rng import model_devices
 from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 
+from . import work
 from .graph import (
     _aliases_input,
     _closure,
@@ -98,17 +99,17 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
         split.sources = sources
         _check_covered(split, real_counts)
         with isolated_rng(0, devices):  # random operators give their stand-ins: no draw, eval values
-            env1, _ = _run_probe(split, model, split.graph_input(x1), {}, mods, stand_ins=True)
-            env2, _ = _run_probe(split, model, split.graph_input(x2), {}, mods, stand_ins=True)
+            env1, _, work1 = _run_probe(split, model, split.graph_input(x1), {}, mods, stand_ins=True)
+            env2, _, work2 = _run_probe(split, model, split.graph_input(x2), {}, mods, stand_ins=True)
         _check_output(env2[split.output], ref)
     else:
         ref = raw
         sources = _sources(split, mods, stochastic)
         with eval_mode(model):  # each run on the stream of the real run (random ops in eval agree)
             with isolated_rng(0, devices):
-                env1, _ = _run_probe(split, model, x1.value, stochastic, mods)
+                env1, _, work1 = _run_probe(split, model, x1.value, stochastic, mods)
             with isolated_rng(0, devices):
-                env2, calls = _run_probe(split, model, x2.value, stochastic, mods)
+                env2, calls, work2 = _run_probe(split, model, x2.value, stochastic, mods)
         _check_probe(split, env2[split.output], ref, calls, real_counts, set(sources))
 
     _partition(split, sources, env2, mods, types)
@@ -127,6 +128,9 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
                       "mask for the whole batch, or no randomness at all in MC mode)")
     split.mode, split.mode_reason = ("rows", None) if reason is None else ("samples", reason)
     _plan_memory(split, env1, env2, layouts, distinct)
+    linear = work.per_row(work1, work2, _PROBE_ROWS)
+    split.prefix_work = work.total(linear, split._prefix)
+    split.replay_work = work.total(linear, split.replay)
     return split
 
 

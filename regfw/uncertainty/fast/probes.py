@@ -28,6 +28,7 @@ from .layout import (
     _Seq,
 )
 from .split import Split
+from .work import WorkMeter
 
 _PROBE_ROWS = (2, 3)  # the two probe batch sizes (not 1: squeeze() would hide the batch dim)
 _INDEPENDENCE_COPIES = 64  # copies of one row for the per-row randomness check
@@ -102,9 +103,10 @@ def _record_real(model: nn.Module, x: Packed, stochastic: dict[int, str]) -> tup
 
 
 def _run_probe(split: Split, model: nn.Module, x: Any, stochastic: dict[int, str], mods: dict,
-               stand_ins: bool = False) -> tuple[dict, dict]:
+               stand_ins: bool = False) -> tuple[dict, dict, dict]:
     """Run the whole graph on ``x`` keeping every value; also which node called which stochastic
-    module. ``stand_ins``: random operators give their deterministic stand-ins (a captured graph)."""
+    module, and the work of each node (:class:`.work.WorkMeter`). ``stand_ins``: random operators give
+    their deterministic stand-ins (a captured graph)."""
     current: list = [None]
     calls: dict[str, list] = {path: [] for path in stochastic.values()}
     handles = []
@@ -117,15 +119,16 @@ def _run_probe(split: Split, model: nn.Module, x: Any, stochastic: dict[int, str
             if id(m) in stochastic:
                 handles.append(m.register_forward_pre_hook(count_hook))
         env: dict = {split._placeholder: x}
-        for node in split.nodes:
-            if node.op in ("placeholder", "output"):
-                continue
-            current[0] = node
-            env[node] = _eval(node, env, mods, model, stand_ins)
+        with WorkMeter() as meter:
+            for node in split.nodes:
+                if node.op in ("placeholder", "output"):
+                    continue
+                current[0] = meter.node = node
+                env[node] = _eval(node, env, mods, model, stand_ins)
     finally:
         for h in handles:
             h.remove()
-    return env, calls
+    return env, calls, meter.work
 
 
 def _check_output(got: Any, ref: Tensor) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from . import work
 from .graph import _describe_target, _eval, _resolve
 from .inputs import Packed, pack
 
@@ -59,6 +60,10 @@ class Split:
     prefix_cost: tuple = (0, 0)  #: (constant, per-row) bytes of the prefix at its peak
     replay_cost: tuple = (0, 0)  #: (constant, per-row) bytes of one replay chunk at its peak
     boundary_cost: tuple = (0, 0)  #: (constant, per-row) bytes of the kept boundary values
+    #: (constant, per-row) work of the prefix and of one replay pass (:mod:`.work`): what ``auto``'s
+    #: choice between the split and ``batched`` is predicted from
+    prefix_work: tuple = (0.0, 0.0)
+    replay_work: tuple = (0.0, 0.0)
     last_run: RunStats = field(default_factory=RunStats)
     _prefix: list = field(default_factory=list, repr=False)
     _prefix_free: dict = field(default_factory=dict, repr=False)
@@ -69,7 +74,7 @@ class Split:
     _mods: dict | None = field(default=None, repr=False)
     _placeholder: Any = field(default=None, repr=False)
     #: ``(batch rows, samples)`` -> ``"auto"`` or ``"batched"``: which of the two the strategy runs for
-    #: calls of that size, decided by timing both on the first such call (:mod:`.strategy`)
+    #: calls of that size, timed on the first such call with ``choose=True`` (:mod:`.strategy`)
     choices: dict = field(default_factory=dict)
     #: ``(batch rows, samples)`` -> ``(auto seconds, batched seconds)``: the CPU times that decided it
     timings: dict = field(default_factory=dict)
@@ -80,6 +85,14 @@ class Split:
     def ok(self) -> bool:
         """True when the split is used (no fallback)."""
         return self.fallback is None
+
+    def predicted_ratio(self, rows: int, samples: int) -> float:
+        """The split's predicted cost over ``batched``'s for a call of this size (:func:`.work.predicted_ratio`)."""
+        return work.predicted_ratio(self.prefix_work, self.replay_work, self.boundary_cost, rows, samples)
+
+    def pays(self, rows: int, samples: int) -> bool:
+        """Whether the split is predicted to beat ``batched`` by :data:`.work.MARGIN` for a call of this size."""
+        return self.predicted_ratio(rows, samples) <= work.MARGIN
 
     @property
     def deterministic_names(self) -> list[str]:

@@ -1,17 +1,21 @@
 """The ``auto`` strategy itself, registered with :mod:`regfw.uncertainty.sampling` on import.
 
-With ``choose=True``, ``auto`` never costs more than the plain strategy it stands in for: its split
-saves the prefix's ``T - 1`` repeated passes but pays for gathering boundary values and for running
-the replay node by node, so where the prefix is small the split can be slower than ``batched``. On
-the first call for a model and a call size (batch rows, samples) it then runs both on the same random
-state, timing
-each in CPU time (:data:`clock`, all threads; wall time after synchronising on a GPU), keeps the
-split only when it was at least :data:`MARGIN` times faster, and returns the result of the one it
-keeps; later calls of that size run only the choice (``Split.choices``, cached with the split: a
-structural change of the model makes a new split and a new decision). The first call costs both
-strategies once; the samples it returns are exactly those a later call with the same seed returns
-in the same process. It is off by default: a choice made by timing can differ between two runs on
-one machine, and the samples of a seed (a resumed run's metrics, a DDP evaluation) must not.
+``auto`` never runs its split where ``batched`` would be faster. The split saves the prefix's
+``T - 1`` repeated passes but pays for gathering boundary values and for running the replay node by
+node, so where the prefix is small it can cost more than ``batched``. How it decides, by ``choose``:
+
+* ``"predict"`` (the default): from the work of each node counted while the split was checked
+  (:mod:`.work`), the split's cost for this call's size (batch rows, samples) is predicted; it runs
+  where that is at most :data:`.work.MARGIN` of ``batched``'s, and ``batched`` runs otherwise. The
+  prediction depends on the graph and the sizes only, so a seed gives the same samples on every run
+  and every machine.
+* ``True`` (timed): on the first call for a model and a call size it runs both on the same random
+  state, timing each in CPU time (:data:`clock`, all threads; wall time after synchronising on a
+  GPU), keeps the split only when it was at least :data:`MARGIN` times faster, and returns the result
+  of the one it keeps; later calls of that size run only the choice (``Split.choices``, cached with the
+  split: a structural change of the model makes a new split and a new decision). A choice made by
+  timing can differ between two runs on one machine, so the samples of a seed may too.
+* ``False``: the split whenever the model can be split (tests and benchmarks of the split itself).
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def fast_strategy(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
-    choose: bool = False,
+    choose: bool | str = "predict",
     **kw: Any,
 ) -> Tensor:
     """The ``auto`` strategy: deterministic prefix once, stochastic part over ``T x B`` rows.
@@ -70,10 +74,9 @@ def fast_strategy(
     boundary values kept for the replay plus one chunk (the prefix itself is run in row chunks
     when one pass over the batch would exceed it and its rows are independent). ``chunk_rows``
     fixes the replay chunk size instead. Falls back to ``batched`` (one warning per model,
-    naming the reason) when the model cannot be split. ``choose=True`` also drops the split where it
-    is not faster (timed against ``batched`` on the first call of each size, see the module
-    docstring); it is off by default because a choice made by timing makes the samples of a seed
-    depend on the machine's speed, and a run must reproduce exactly from its seed.
+    naming the reason) when the model cannot be split. ``choose`` says how the split is weighed
+    against ``batched`` (see the module docstring): ``"predict"`` from the graph's work, ``True`` by
+    timing both on the first call of each size, ``False`` not at all (the split whenever possible).
     """
     return _run(model, inputs, samples, budget_bytes, chunk_rows, kw, deterministic=False, choose=choose)[0]
 
@@ -85,7 +88,7 @@ def fast_strategy_with_deterministic(
     *,
     budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     chunk_rows: int | None = None,
-    choose: bool = False,
+    choose: bool | str = "predict",
     **kw: Any,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fast_strategy` and the model's eval-mode output ``[B, ...]`` from the same prefix.
@@ -107,7 +110,7 @@ def _run(
     chunk_rows: int | None,
     kw: dict,
     deterministic: bool,
-    choose: bool = False,
+    choose: bool | str = "predict",
 ) -> tuple[Tensor, Tensor | None]:
     if budget_bytes is not None and budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
@@ -119,7 +122,14 @@ def _run(
     packed = pack(inputs)
     first = packed.tensors[0]
     key = (packed.rows, int(samples))
-    choice = split.choices.get(key) if choose else "auto"
+    if choose == "predict":
+        choice: str | None = "auto" if split.pays(packed.rows, int(samples)) else "batched"
+    elif choose is True:
+        choice = split.choices.get(key)
+    elif choose is False:
+        choice = "auto"
+    else:
+        raise ValueError(f"choose must be 'predict', True or False, got {choose!r}")
     plain = {"chunk_rows": chunk_rows, **kw}
     if choice == "batched":
         return _batched(model, inputs, samples, budget_bytes, plain, deterministic)
@@ -138,17 +148,18 @@ def _run(
         if choice == "auto" and split._verified:
             return run()
         state = _rng_state(first)
-        start = _now(first)
+        timed = choice is None  # choose=True, and this size is not decided yet
+        start = _now(first) if timed else 0.0
         try:
             out = run()
         except Exception as exc:  # noqa: BLE001 - a first run that breaks means the split is wrong
             _set_rng_state(first, state)
             split.fallback = f"the split failed on its first run ({type(exc).__name__}: {exc})"
             return _fall_back(model, split, inputs, samples, budget_bytes, plain, deterministic)
-        auto_seconds = _now(first) - start
         split._verified = True
-        if choice == "auto":
+        if not timed:
             return out
+        auto_seconds = _now(first) - start
         after_auto = _rng_state(first)
         _set_rng_state(first, state)  # batched draws from the same state: whichever is kept, a later
         start = _now(first)           # call with this seed returns exactly these samples

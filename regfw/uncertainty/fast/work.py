@@ -1,0 +1,107 @@
+"""Whether a split is worth it: the work of each node, measured on the probes, and the prediction
+``auto`` decides by.
+
+A split saves the prefix's ``T - 1`` repeated passes but pays for gathering the boundary values
+into ``T x B`` rows; where the prefix is small (the first stochastic layer near the input) it can
+cost more than ``batched``. The decision must not depend on how busy the machine is (the samples of
+a seed must be the same on every run), so it is a prediction from the graph, not a timing:
+
+* each node's **work** is counted while the probes run it (:class:`WorkMeter`): the floating-point
+  operations of its matrix products, convolutions and attention (torch's own formulas,
+  :data:`torch.utils.flop_counter.flop_registry`) plus :data:`BYTE_COST` per byte of every value it
+  writes (elementwise ops, norms and copies are bound by memory, not arithmetic);
+* measured at the two probe sizes, the work of each node is ``constant + per_row x rows``, so it is
+  known for any batch;
+* for ``B`` rows and ``T`` samples, ``batched`` costs ``T x (prefix + replay)`` and the split costs
+  ``prefix + T x (replay + gather)``, the gather being :data:`BYTE_COST` per byte of the boundary
+  values copied into each sample's rows. The split is used when its predicted cost is at most
+  :data:`MARGIN` of ``batched``'s: :func:`predicted_ratio`.
+
+``bench/auto_vs_batched.py`` prints the predicted and the measured ratio side by side.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+#: Work units (floating-point operations) charged per byte written: on a CPU an elementwise op moves
+#: about one byte in the time a matrix product does several multiply-adds.
+BYTE_COST = 4.0
+#: The split is used where its predicted cost is at most this share of ``batched``'s (the rest
+#: covers what the prediction leaves out: running the replay node by node, chunk bookkeeping).
+MARGIN = 0.8
+
+
+def _attention_flops(args: tuple) -> int:
+    """``softmax(q k^T) v`` of a fused attention call torch has no formula for (the CPU kernels):
+    two products of ``[..., L, E] x [..., E, S]`` and ``[..., L, S] x [..., S, Ev]``."""
+    q, k, v = (a for a in args[:3])
+    if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.dim() < 2:
+        return 0
+    lead = q.numel() // (q.shape[-2] * q.shape[-1])
+    return 2 * lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+class WorkMeter(TorchDispatchMode):
+    """Counts the work of every torch op while it is active, added to the node in :attr:`node`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node: Any = None
+        self.work: dict[Any, float] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.node is None:
+            return out
+        packet = getattr(func, "_overloadpacket", None)
+        flops = 0.0
+        formula = flop_registry.get(packet)
+        try:
+            if formula is not None:
+                flops = float(formula(*args, **kwargs, out_val=out))
+            elif "scaled_dot_product" in str(packet):
+                flops = float(_attention_flops(args))
+        except Exception:  # noqa: BLE001 - a formula that does not fit these arguments: bytes only
+            flops = 0.0
+        written = 0 if getattr(func, "is_view", False) else sum(
+            t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, Tensor))
+        self.work[self.node] = self.work.get(self.node, 0.0) + flops + BYTE_COST * written
+        return out
+
+
+def per_row(work1: dict, work2: dict, rows: tuple[int, int]) -> dict[Any, tuple[float, float]]:
+    """``node -> (constant, per-row)`` work from the works measured at the two probe sizes."""
+    n1, n2 = rows
+    out = {}
+    for node in work1.keys() | work2.keys():
+        w1, w2 = work1.get(node, 0.0), work2.get(node, 0.0)
+        r = max(0.0, (w2 - w1) / (n2 - n1))
+        out[node] = (max(0.0, w1 - n1 * r), r)
+    return out
+
+
+def total(linear: dict[Any, tuple[float, float]], nodes: Iterable[Any]) -> tuple[float, float]:
+    """The summed ``(constant, per-row)`` work of ``nodes``."""
+    c = r = 0.0
+    for node in nodes:
+        nc, nr = linear.get(node, (0.0, 0.0))
+        c, r = c + nc, r + nr
+    return c, r
+
+
+def predicted_ratio(prefix: tuple[float, float], replay: tuple[float, float], gather_bytes: tuple[float, float],
+                    rows: int, samples: int) -> float:
+    """The split's predicted cost over ``batched``'s for ``rows`` rows and ``samples`` samples (see the
+    module docstring); 1.0 when there is no work to compare."""
+    p = prefix[0] + prefix[1] * rows
+    r = replay[0] + replay[1] * rows
+    g = BYTE_COST * (gather_bytes[0] + gather_bytes[1] * rows)
+    plain = samples * (p + r)
+    return (p + samples * (r + g)) / plain if plain > 0 else 1.0
