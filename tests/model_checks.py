@@ -28,8 +28,7 @@ from regfw.uncertainty.sampling import is_stochastic, stochastic_types
 T = 30
 Z = 4.0
 MAX_SHARE_OVER_Z = 0.01
-#: The share of output entries whose MC standard error must be far above the floating-point noise (where
-#: every sample is one-hot, the classes no sample picks have zero spread).
+#: The share of output entries whose MC standard error must be far above the floating-point noise.
 MIN_SHARE_COMPARED = 0.25
 
 Transform = Callable[[Tensor], Tensor] | None
@@ -206,10 +205,9 @@ def rate_failures(plan: Any) -> list[str]:
 # --------------------------------------------------------------------------- Monte Carlo
 
 
-def probabilities(outputs: Tensor, transform: Transform) -> Tensor:
-    """Stacked raw outputs [T, B, ...] -> the probabilities ``mc_predict`` compares, [T, B', C]."""
-    logits = outputs if transform is None else transform(outputs)
-    return torch.softmax(logits.float(), dim=-1)
+def logits(outputs: Tensor, transform: Transform) -> Tensor:
+    """Stacked raw outputs [T, B, ...] -> the logits the strategies are compared on, [T, B', C]."""
+    return (outputs if transform is None else transform(outputs)).float()
 
 
 def mc(model: nn.Module, x: Any, strategy: str, transform: Transform = None, samples: int = T, **kw: Any):
@@ -223,17 +221,23 @@ def mc(model: nn.Module, x: Any, strategy: str, transform: Transform = None, sam
 def check_auto_matches(model: nn.Module, x: Any, reference: str = "loop", transform: Transform = None,
                        name: str = "model", **kw: Any) -> None:
     """MC spread far above the float-noise floor, and ``auto`` statistically equal to ``reference``:
-    per output entry, the two-sample z statistic of the mean probability over the samples drawn (T, or
+    per output entry, the two-sample z statistic of the mean logit over the samples drawn (T, or
     ``samples``) exceeds :data:`Z` for at most :data:`MAX_SHARE_OVER_Z` of the entries (at least one
-    always allowed)."""
+    always allowed).
+
+    Compared on the logits, not the probabilities: with random weights a softmax often saturates
+    (every sample one-hot on one class, or a segmentation map's confident pixels), and the
+    probabilities' spread then lies under the floating-point floor, where a comparison would measure
+    the CPU's kernels; the logits keep a spread far above it. Two strategies that draw the same
+    distribution of logits give the same distribution of anything computed from them."""
     ref, auto = mc(model, x, reference, transform, **kw), mc(model, x, "auto", transform, **kw)
     assert ref.outputs.std(0).max() > 0, "MC spread is zero"
     assert auto.outputs.std(0).max() > 0, "MC spread is zero under auto"
-    a, b = ref.probs.double(), auto.probs.double()
+    a, b = logits(ref.outputs, transform).double(), logits(auto.outputs, transform).double()
     n = a.shape[0]  # the samples drawn (``samples`` in ``kw``, T by default)
     se = (a.var(0) / n + b.var(0) / b.shape[0]).sqrt()
-    floor = batch_noise_floor(model, x, rows=n * batch_size(x), quantity=lambda out: probabilities(out, transform))
-    varied = far_above_floor(se, floor, f"{name}: the standard error of the MC mean probabilities",
+    floor = batch_noise_floor(model, x, rows=n * batch_size(x), quantity=lambda out: logits(out, transform))
+    varied = far_above_floor(se, floor, f"{name}: the standard error of the MC mean logits",
                              share=MIN_SHARE_COMPARED)
     z = (a.mean(0) - b.mean(0)).abs()[varied] / se[varied]
     over = int((z > Z).sum())

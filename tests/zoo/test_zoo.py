@@ -8,11 +8,11 @@ For every model and every variant that applies to it (``models.ZOO``), one test 
   projection, or after an output layer; existing stochastic layers are reused, never doubled;
 * the eval output is exactly unchanged by the surgery;
 * Monte Carlo dropout has spread > 0, and ``auto`` agrees with ``loop``: per output entry, the
-  two-sample z statistic of the mean probability over T = 30 samples each exceeds 4 for at most
+  two-sample z statistic of the mean logit over T = 30 samples each exceeds 4 for at most
   1% of the entries, and at least one entry is always allowed (under the null about 1e-4 of
   the entries, t tails at 58 degrees of freedom; masks reused across samples push many entries
   far past it: 4.3% over z = 3 in the issue that asked for this test). Before comparing, the test
-  measures the floating-point noise of the probabilities between batch B (``loop``) and T x B
+  measures the floating-point noise of the logits between batch B (``loop``) and T x B
   (``auto``'s replay) on the same model in eval mode, and compares only entries whose standard
   error is at least 100x above it, asserting they are at least a quarter of the entries
   (tests/noise_floor.py): below that the z statistic measures the CPU's kernels;
@@ -50,9 +50,8 @@ from regfw.uncertainty.sampling import stochastic_types
 from .models import ZOO, ZooModel, build
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-# T, Z, MAX_SHARE_OVER_Z and MIN_SHARE_COMPARED are tests/model_checks.py's: where every sample is one-hot, the
-# classes no sample picks have zero spread (mobilenet_v3_small under spatial dropout: half the entries; its
-# BatchNorm statistics were gathered without the 34 inserted dropout layers, so MC logits reach about 1e4).
+# T, Z, MAX_SHARE_OVER_Z and MIN_SHARE_COMPARED are tests/model_checks.py's (compared on the logits: where every
+# sample's softmax is one-hot, the probabilities of the classes no sample picks have zero spread).
 
 VARIANTS = {
     "dropout": {"dropout": {}},
