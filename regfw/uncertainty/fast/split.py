@@ -88,11 +88,14 @@ class Split:
 
     def predicted_ratio(self, rows: int, samples: int) -> float:
         """The split's predicted cost over ``batched``'s for a call of this size (:func:`.work.predicted_ratio`)."""
-        return work.predicted_ratio(self.prefix_work, self.replay_work, self.boundary_cost, rows, samples)
+        passes = samples if self.mode == "samples" else 1
+        return work.predicted_ratio(self.prefix_work, self.replay_work, self.boundary_cost, rows, samples,
+                                    (len(self._prefix), len(self.replay)), passes)
 
     def pays(self, rows: int, samples: int) -> bool:
-        """Whether the split is predicted to beat ``batched`` by :data:`.work.MARGIN` for a call of this size."""
-        return self.predicted_ratio(rows, samples) <= work.MARGIN
+        """Whether the split is predicted to cost less than :data:`.work.MARGIN` times ``batched`` for a call
+        of this size."""
+        return self.predicted_ratio(rows, samples) < work.MARGIN
 
     @property
     def deterministic_names(self) -> list[str]:

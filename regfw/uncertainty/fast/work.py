@@ -2,8 +2,10 @@
 ``auto`` decides by.
 
 A split saves the prefix's ``T - 1`` repeated passes but pays for gathering the boundary values
-into ``T x B`` rows; where the prefix is small (the first stochastic layer near the input) it can
-cost more than ``batched``. The decision must not depend on how busy the machine is (the samples of
+into ``T x B`` rows and for running its nodes one by one from Python; where the prefix is small
+(the first stochastic layer near the input) and the replay runs one sample at a time (``samples``
+mode: T passes over B rows, each paying every node's call again) it can cost far more than
+``batched``. The decision must not depend on how busy the machine is (the samples of
 a seed must be the same on every run), so it is a prediction from the graph, not a timing:
 
 * each node's **work** is counted while the probes run it (:class:`WorkMeter`): the floating-point
@@ -12,10 +14,13 @@ a seed must be the same on every run), so it is a prediction from the graph, not
   writes (elementwise ops, norms and copies are bound by memory, not arithmetic);
 * measured at the two probe sizes, the work of each node is ``constant + per_row x rows``, so it is
   known for any batch;
-* for ``B`` rows and ``T`` samples, ``batched`` costs ``T x (prefix + replay)`` and the split costs
-  ``prefix + T x (replay + gather)``, the gather being :data:`BYTE_COST` per byte of the boundary
-  values copied into each sample's rows. The split is used when its predicted cost is at most
-  :data:`MARGIN` of ``batched``'s: :func:`predicted_ratio`.
+* every call of a node costs :data:`NODE_COST` besides its work (Python, dispatch, allocation);
+* for ``B`` rows and ``T`` samples, ``batched`` costs ``T x (prefix + replay)`` plus one call of every
+  node, and the split costs ``prefix + T x (replay + gather)`` plus one call of every prefix node and
+  one (``rows`` mode) or T (``samples`` mode) calls of every replayed node, the gather being
+  :data:`BYTE_COST` per byte of the boundary values copied into each sample's rows. The split is
+  used when its predicted cost is at most :data:`MARGIN` times ``batched``'s (a tie goes to
+  ``batched``): :func:`predicted_ratio`.
 
 ``bench/auto_vs_batched.py`` prints the predicted and the measured ratio side by side.
 """
@@ -32,9 +37,11 @@ from torch.utils.flop_counter import flop_registry
 #: Work units (floating-point operations) charged per byte written: on a CPU an elementwise op moves
 #: about one byte in the time a matrix product does several multiply-adds.
 BYTE_COST = 4.0
-#: The split is used where its predicted cost is at most this share of ``batched``'s (the rest
-#: covers what the prediction leaves out: running the replay node by node, chunk bookkeeping).
-MARGIN = 0.8
+#: Work units charged per call of a node (about 50 us of Python and dispatch on a CPU that does 2e10 work
+#: units a second): what makes a replay of T passes over a few rows slower than one pass over T x B rows.
+NODE_COST = 1e6
+#: The split is used where its predicted cost is below this multiple of ``batched``'s.
+MARGIN = 1.0
 
 
 def _attention_flops(args: tuple) -> int:
@@ -97,11 +104,13 @@ def total(linear: dict[Any, tuple[float, float]], nodes: Iterable[Any]) -> tuple
 
 
 def predicted_ratio(prefix: tuple[float, float], replay: tuple[float, float], gather_bytes: tuple[float, float],
-                    rows: int, samples: int) -> float:
+                    rows: int, samples: int, nodes: tuple[int, int], replay_passes: int) -> float:
     """The split's predicted cost over ``batched``'s for ``rows`` rows and ``samples`` samples (see the
-    module docstring); 1.0 when there is no work to compare."""
+    module docstring); ``nodes``: how many prefix and replayed nodes; ``replay_passes``: 1 (``rows``
+    mode) or T (``samples`` mode)."""
     p = prefix[0] + prefix[1] * rows
     r = replay[0] + replay[1] * rows
     g = BYTE_COST * (gather_bytes[0] + gather_bytes[1] * rows)
-    plain = samples * (p + r)
-    return (p + samples * (r + g)) / plain if plain > 0 else 1.0
+    n_prefix, n_replay = nodes
+    plain = samples * (p + r) + NODE_COST * (n_prefix + n_replay)
+    return (p + samples * (r + g) + NODE_COST * (n_prefix + replay_passes * n_replay)) / plain
