@@ -25,8 +25,9 @@ a softmax of one computed operand whose product with a value then meets a query.
 weight layer's output that weights a value and goes on into a weight layer (a global-context block's
 attention pooling) is not attention: its weights come from one operand (docs/placement.md).
 
-Every regularizer asks this module (through :func:`regfw.placement.surgery.analyse`): a model with an attention
-site is Transformer-family for every regularizer (every rate 0-0.1), and ``attention_dropout`` sets the rate of each site.
+Every regularizer asks this module (through :func:`regfw.placement.surgery.analyse`): a model with an
+attention site is Transformer-family for every regularizer (every rate 0-0.1), and ``attention_dropout``
+sets the rate of each site.
 
 Two sources give the same events: one eval-mode pass of an example input (:func:`detect`, every
 model), or a ``torch.fx`` graph (:func:`detect_fx`, models fx can trace, without an example input).
