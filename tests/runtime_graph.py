@@ -276,8 +276,9 @@ def attention_operands(graph: Graph, consumers: dict[int, list[int]]) -> list[in
       operand ``v`` completes an attention;
     * the softmax of a computed value that is not scores (``softmax(k)``) is a factorised weighting: its
       product with ``v`` is a *context*, and the context's product with a third operand ``q`` (no weight
-      op between) completes an attention. A context that meets a weight op first is attention pooling
-      (a global-context block's ``softmax(conv(x))`` weighting ``x``), not attention.
+      op between) completes an attention. Weightings combined elementwise (ConViT's gated sum of
+      ``softmax(q kᵀ)`` and a positional softmax) are one weighting. A context that meets a weight op
+      first is attention pooling (a global-context block's ``softmax(conv(x))`` weighting ``x``), not attention.
 
     Walking back from a softmax through weight ops instead (as an earlier version did) reached the
     product of an earlier block (an attention-pooling product, a factorised attention's output) and called
@@ -316,12 +317,15 @@ def attention_operands(graph: Graph, consumers: dict[int, list[int]]) -> list[in
                 weighting[node.index] = _Weighting([source], factorised=True)
             continue
         labels_s = {scores[i] for i in node.inputs if i in scores}
-        labels_w = [weighting[i] for i in node.inputs if i in weighting]
-        labels_c = [context[i] for i in node.inputs if i in context]
+        labels_w = list({id(weighting[i]): weighting[i] for i in node.inputs if i in weighting}.values())
+        if node.weight:  # a factorised weighting waits for its value and query with no weight op between
+            labels_w = [w for w in labels_w if not w.factorised]
+        labels_c = list({id(context[i]): context[i] for i in node.inputs if i in context}.values())
         if len(labels_s) == 1 and not labels_w:
             scores[node.index] = labels_s.pop()
-        elif len(labels_w) == 1 and not labels_s:
-            weighting[node.index] = labels_w[0]
+        elif labels_w and not labels_s:  # several weightings summed (a gated mix) make one
+            weighting[node.index] = labels_w[0] if len(labels_w) == 1 else _Weighting(
+                [i for w in labels_w for i in w.operands], all(w.factorised for w in labels_w))
         if len(labels_c) == 1 and not node.weight:
             context[node.index] = labels_c[0]
     return found

@@ -109,6 +109,31 @@ class _Mark:
     context: AttentionSite | None = None
 
 
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    """The values that are not None, each object once (``attn / attn.sum(-1)`` carries one site twice)."""
+    out: list[Any] = []
+    for v in values:
+        if v is not None and not any(v is o for o in out):
+            out.append(v)
+    return out
+
+
+def _merged(sites: list[AttentionSite], weighted: bool = False) -> AttentionSite | None:
+    """One weighting made of several (ConViT's gated sum of ``softmax(q kᵀ)`` and a positional softmax):
+    the first with a query and key takes the others' query, key and feeders. A weighting still waiting
+    for its value and query (:data:`FACTORISED`) does not pass a weight layer (``weighted``)."""
+    if weighted:
+        sites = [s for s in sites if s.how != FACTORISED]
+    if not sites:
+        return None
+    first = next((s for s in sites if s.how != FACTORISED), sites[0])
+    for other in sites:
+        if other is not first:
+            first.query, first.key = first.query | other.query, first.key | other.key
+            first.feeders = first.feeders | other.feeders
+    return first
+
+
 def _product_operands(name: str, marks: list[_Mark]) -> tuple[_Mark, _Mark]:
     return (marks[-2], marks[-1]) if name == "baddbmm" else (marks[0], marks[1])
 
@@ -155,7 +180,8 @@ class _Propagator:
         for k in keys:
             old = self.mark(k)
             if weight_layer(module):
-                self.marks[k] = _Mark(frozenset({path}), frozenset({path}), old.scores, old.probs)
+                self.marks[k] = _Mark(frozenset({path}), frozenset({path}), old.scores,
+                                      _merged([old.probs] if old.probs else [], weighted=True))
             elif path:
                 self.marks[k] = _Mark(old.layers, old.feeders | {path}, old.scores, old.probs, old.context)
 
@@ -188,11 +214,11 @@ class _Propagator:
             site = AttentionSite(host, FACTORISED, key=marks[0].layers, feeders=marks[0].feeders)
             result = _Mark(layers, probs=site)  # waits for a value, then a query
         else:  # reshapes, scaling, masks, dtype casts, dropout: scores and probabilities stay what they are
-            scores = [m.scores for m in marks if m.scores is not None]
-            probs = [m.probs for m in marks if m.probs is not None]
-            contexts = [m.context for m in marks if m.context is not None]
+            scores = _distinct(m.scores for m in marks)
+            probs = _merged(_distinct(m.probs for m in marks), weighted=bool(owners))
+            contexts = _distinct(m.context for m in marks)
             result = _Mark(layers, feeders, scores=scores[0] if len(scores) == 1 and not probs else None,
-                           probs=probs[0] if len(probs) == 1 and not scores else None,
+                           probs=probs if not scores else None,
                            context=contexts[0] if len(contexts) == 1 and not owners else None)
         for k in outputs:
             self.marks[k] = result

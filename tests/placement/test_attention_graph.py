@@ -8,6 +8,7 @@
 * a query read off a convolutional stream with no projection of its own: every unit on that stream's
   residual path feeds q (no dropout after it, no stochastic depth on its branches);
 * factorised attention ``q (softmax(k)ᵀ v)``: attention;
+* a gated sum of ``softmax(q kᵀ)`` and a positional softmax, renormalised, weighting the values: attention;
 * attention pooling (a softmax over one conv's output weighting the features): not attention.
 
 A model with attention takes the Transformer range (0-0.1) for every row, and the sweep's own check
@@ -110,6 +111,25 @@ class FactorisedMixer(nn.Module):
         return self.out(q @ (k.softmax(dim=1).transpose(-1, -2) @ v))
 
 
+class GatedPositionalMixer(nn.Module):
+    """A gated sum of ``softmax(q kᵀ)`` and a softmax of positions, renormalised, weighting the values."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.pair, self.values, self.where = nn.Linear(C, 2 * C), nn.Linear(C, C), nn.Linear(2, 1)
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.register_buffer("offsets", torch.randn(n, n, 2, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.pair(x).chunk(2, dim=-1)
+        content = (q @ k.transpose(-1, -2)).softmax(dim=-1)
+        position = self.where(self.offsets).squeeze(-1).softmax(dim=-1)
+        g = torch.sigmoid(self.gate)
+        weights = (1 - g) * content + g * position
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights @ self.values(x)
+
+
 class SoftmaxPool(nn.Module):
     """Attention pooling: a softmax over the positions of one conv's output weights the features."""
 
@@ -181,6 +201,8 @@ ATTENDING = {
         lambda: ConvNet(StreamQueryMixer(16)), _image,
         {"block.stream.0.conv2", "block.stream.1.conv2", "block.to_kv", "stem"}),
     "factorised": (lambda: TokenNet(FactorisedMixer()), _tokens, {"block.mix"}),
+    "gated sum with a positional softmax": (lambda: TokenNet(GatedPositionalMixer(5)), _tokens,
+                                            {"block.pair", "block.values", "block.where"}),
 }
 
 
