@@ -353,8 +353,20 @@ def detect_fx(graph: torch.fx.Graph, model: nn.Module) -> list[AttentionSite]:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             if node.target is operator.getitem:
                 name = "__getitem__"
-            core.function(name, _host(node), inputs, [node])
+            core.function(name, _host(node), inputs, [] if _metadata(node, name) else [node])
     return core.result()
+
+
+#: Calls whose result describes a tensor (its sizes) rather than carrying its values.
+_METADATA_CALLS = frozenset({"size", "dim", "numel", "len"})
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def _metadata(node: torch.fx.Node, name: str) -> bool:
+    """A graph node that reads a tensor's sizes (``x.shape``, ``x.size(1)``): in an eager pass these are
+    plain numbers, so no feature flows through them (a reshape to ``(b, heads, c // heads, n)`` does not
+    make the query depend on what ``b`` was read from)."""
+    return name in _METADATA_CALLS or (name == "getattr" and len(node.args) > 1 and node.args[1] in _METADATA_ATTRS)
 
 
 def _host(node: torch.fx.Node) -> str:

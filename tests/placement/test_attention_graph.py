@@ -24,6 +24,7 @@ import torch
 from model_checks import injected, placement_failures, stochastic
 from torch import nn
 
+from regfw.placement.attention import detect, find
 from regfw.placement.kinds import TRANSFORMER_RANGE
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.placement.surgery import analyse
@@ -242,3 +243,15 @@ def test_attention_pooling_is_not_attention_and_keeps_the_cnn_ranges():
     _regs, plan = _plan(model, x, {"spatial_dropout": {}})
     conv = [r for r in _rows(plan) if r.kind == "conv"]
     assert conv and all(r.rate > TRANSFORMER_RANGE.high for r in conv), [(r.path, r.rate) for r in conv]
+
+
+@pytest.mark.parametrize("name", list(ATTENDING))
+def test_the_fx_graph_finds_the_same_attention_and_feeders_as_a_pass(name):
+    build, make_input, _feeders = ATTENDING[name]
+    model = build()
+    from_pass = detect(model, make_input())
+    from_graph, note = find(model)  # no example input: the torch.fx graph
+    assert note is None
+    leaves = {p for p, m in model.named_modules() if not any(True for _ in m.children())}
+    assert ([(s.host, s.how, s.feeders & leaves) for s in from_graph]
+            == [(s.host, s.how, s.feeders & leaves) for s in from_pass])  # fx does not call containers
