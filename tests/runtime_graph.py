@@ -15,9 +15,10 @@ Ops are classified by what they compute, never by module or attribute names:
 * a **weight op** is a matrix product, convolution or embedding lookup one of whose operands is
   derived from a parameter of at least two dimensions only (``aten.t(weight)`` counts);
 * a **normalisation** is a batch, layer, group, instance or RMS normalisation op;
-* an **attention** is ``scaled_dot_product_attention`` (q, k, v are its first three operands) or a
-  softmax whose output multiplies another path by a matrix product (q and k feed the softmax, v is the
-  other operand);
+* an **attention** is ``scaled_dot_product_attention`` (q, k, v are its first three operands), a
+  softmax of scores (a product of two computed operands q and k) whose output multiplies a computed
+  operand v by a matrix product, or a factorised one, ``q (softmax(k)ᵀ v)`` (:func:`attention_operands`);
+  a softmax over one weight op's output weighting a value (attention pooling) is not one;
 * a **gate** is an elementwise multiply of two computed paths with a common ancestor: every op since
   they forked, inside the module that multiplies, on the path that ends in a squashing op (sigmoid,
   hard sigmoid, tanh, softmax) is on the gate; where neither or both do (a gated MLP's ``u * v``),
@@ -248,24 +249,85 @@ def reaches_output(graph: Graph, node: int, consumers: dict[int, list[int]]) -> 
                for n in _walk(graph, node, True, lambda n: not n.weight, consumers))
 
 
+@dataclass
+class _Weighting:
+    """A softmax's output on its way to the value: the operand nodes seen so far (q and k of the scores,
+    or k alone for a factorised softmax) and whether the query is still to come (factorised)."""
+
+    operands: list[int]
+    factorised: bool
+
+
+def _product(node: Node) -> tuple[int, int] | None:
+    """The two operand producers of a matrix product of computed values (not a weight op), else None."""
+    if not _is_matmul(node) or node.weight or node.param_derived:
+        return None
+    ops = node.operands[-2:] if node.name == "baddbmm" else node.operands[:2]
+    return (ops[0], ops[1]) if len(ops) == 2 else None
+
+
 def attention_operands(graph: Graph, consumers: dict[int, list[int]]) -> list[int]:
-    """The producing nodes of every attention's query, key and value operands (see the module docstring)."""
+    """The producing nodes of every attention's query, key and value operands (and of the probabilities
+    the value is weighted by), labelling values forward in execution order:
+
+    * a product of two computed operands is *scores*; scores stay scores through every op that is not
+      a product (reshapes, scaling, masks, biases, a weight op mixing heads);
+    * the softmax of scores is a weighting (q, k: the product's operands); its product with a computed
+      operand ``v`` completes an attention;
+    * the softmax of a computed value that is not scores (``softmax(k)``) is a factorised weighting: its
+      product with ``v`` is a *context*, and the context's product with a third operand ``q`` (no weight
+      op between) completes an attention. Weightings combined elementwise (ConViT's gated sum of
+      ``softmax(q kᵀ)`` and a positional softmax) are one weighting. A context that meets a weight op
+      first is attention pooling (a global-context block's ``softmax(conv(x))`` weighting ``x``), not attention.
+
+    Walking back from a softmax through weight ops instead (as an earlier version did) reached the
+    product of an earlier block (an attention-pooling product, a factorised attention's output) and called
+    any later softmax attention, with that product's operands as its q and k."""
+    del consumers  # the labels follow execution order
     found: list[int] = []
+    scores: dict[int, tuple[int, int]] = {}
+    weighting: dict[int, _Weighting] = {}
+    context: dict[int, list[int]] = {}
     for node in graph.nodes:
-        if node.kind != "op":
-            continue
-        if node.name.startswith(SDPA_PREFIX):
+        if node.kind == "op" and node.name.startswith(SDPA_PREFIX):
             found.extend(i for i in node.operands[:3] if i >= 0)
-        elif node.name in SOFTMAX_OPS:
-            scores = [n for n in _walk(graph, node.index, False, lambda n: not _is_matmul(n), consumers)
-                      if _is_matmul(n) and not n.weight]
-            if not scores:
-                continue
-            found.extend(i for s in scores for i in s.inputs)
-            for n in _walk(graph, node.index, True, lambda n: not _is_matmul(n), consumers):
-                if _is_matmul(n) and not n.weight:
-                    ancestors = graph.ancestors(node.index)
-                    found.extend(i for i in n.inputs if i not in ancestors)
+            continue
+        product = _product(node) if node.kind == "op" else None
+        if product is not None:
+            a, b = product
+            side = a if a in weighting else b if b in weighting else None
+            ctx = a if a in context else b if b in context else None
+            if side is not None:
+                w, other = weighting[side], b if side == a else a
+                if w.factorised:
+                    context[node.index] = [*w.operands, side, other]
+                else:
+                    found.extend(i for i in (*w.operands, side, other) if i >= 0)
+            elif ctx is not None:
+                other = b if ctx == a else a
+                found.extend(i for i in (*context[ctx], ctx, other) if i >= 0)
+            else:
+                scores[node.index] = (a, b)
+            continue
+        if node.kind == "op" and node.name in SOFTMAX_OPS and node.operands:
+            source = node.operands[0]
+            if source in scores:
+                weighting[node.index] = _Weighting(list(scores[source]), factorised=False)
+            elif source not in weighting and source not in context:
+                weighting[node.index] = _Weighting([source], factorised=True)
+            continue
+        labels_s = {scores[i] for i in node.inputs if i in scores}
+        labels_w = list({id(weighting[i]): weighting[i] for i in node.inputs if i in weighting}.values())
+        if node.weight:  # a factorised weighting waits for its value and query with no weight op between
+            labels_w = [w for w in labels_w if not w.factorised]
+        labels_c = list({id(context[i]): context[i] for i in node.inputs if i in context}.values())
+        if len(labels_s) == 1 and not labels_w:
+            scores[node.index] = labels_s.pop()
+        elif labels_w and not labels_s:  # several weightings summed (a gated mix) make one
+            weighting[node.index] = labels_w[0] if len(labels_w) == 1 else _Weighting(
+                [i for w in labels_w for i in w.operands], all(w.factorised for w in labels_w))
+        if len(labels_c) == 1 and not node.weight:
+            context[node.index] = labels_c[0]
     return found
 
 

@@ -94,11 +94,11 @@ def mc_sampling_lines(cfg: Any, plan: Any) -> list[str]:
         return []
     from regfw.uncertainty.own_layers import listing, own_layers, plan_kinds
 
-    model = plan.context.model_map.model if plan.context.model_map is not None else None
-    if model is None:
+    mm = plan.context.model_map
+    if mm is None:
         return []
     setting = unc.sample_model_stochastic
-    return listing(own_layers(model, setting, plan_kinds(plan.rows())), setting)
+    return listing(own_layers(mm.model, setting, plan_kinds(plan.rows()), mm.attention), setting)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

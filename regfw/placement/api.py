@@ -179,6 +179,11 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
             rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
                                  f"not inserted at {where}: {site.problem}", action="note"))
             continue
+        if site.anchor in mm.qkv and not is_path_drop(mm.module(site.anchor)):
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
+                                 f"not inserted at {where}: the branch's output reaches attention's query, key or "
+                                 f"value with no weight layer between (q/k/v get no dropout)", action="note"))
+            continue
         index = blocks.index(site.block)
         rate = rates[index]
         reason = f"{why}{',' if note else ';'} block {index + 1} of {len(blocks)}; {where}"

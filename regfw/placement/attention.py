@@ -1,7 +1,8 @@
 """Attention blocks found by what they compute, whatever their classes and names: the one attention
 detector of regfw.
 
-An attention block is where a forward computes ``softmax(q kᵀ) v`` (Vaswani et al. 2017), either as
+An attention block is where a forward computes ``softmax(q kᵀ) v`` (Vaswani et al. 2017): a
+softmax-normalised weighting whose weights come from computed operands multiplied together, either as
 one call (``F.scaled_dot_product_attention``, torch's ``multi_head_attention_forward``) or spelled out
 (``torch.matmul(q, k.transpose(-1, -2))``, scaling, a mask, ``softmax``, maybe a dropout, then a
 product with ``v``, as Hugging Face's eager attention and timm's ``Attention`` do). The detector
@@ -14,10 +15,19 @@ reports for each attention computation
   timm's ``Attention``, ``nn.MultiheadAttention``);
 * *q/k/v*: the weight layers whose outputs become the query, the key and the value (DistilBERT's
   ``q_lin``, GPT-2's fused ``c_attn``, ``nn.MultiheadAttention`` itself);
-* the dropout module applied to the attention probabilities, when one is (timm's ``attn_drop``).
+* the dropout module applied to the attention probabilities, when one is (timm's ``attn_drop``);
+* *feeders*: every module whose output reaches the query, key, value, scores or probabilities with
+  no weight layer between (a projection's ``BatchNorm`` wrapper, a talking-heads layer, the residual
+  stream a projection-free query is read from): none of them gets hidden dropout.
 
-Every regularizer asks this module (through :func:`regfw.placement.surgery.analyse`): a model with an attention
-site is Transformer-family for ``dropout``, and ``attention_dropout`` sets the rate of each site.
+The attention spelled out may also be factorised, ``q (softmax(k)ᵀ v)`` (CoaT, efficient attention):
+a softmax of one computed operand whose product with a value then meets a query. A softmax over one
+weight layer's output that weights a value and goes on into a weight layer (a global-context block's
+attention pooling) is not attention: its weights come from one operand (docs/placement.md).
+
+Every regularizer asks this module (through :func:`regfw.placement.surgery.analyse`): a model with an
+attention site is Transformer-family for every regularizer (every rate 0-0.1), and ``attention_dropout``
+sets the rate of each site.
 
 Two sources give the same events: one eval-mode pass of an example input (:func:`detect`, every
 model), or a ``torch.fx`` graph (:func:`detect_fx`, models fx can trace, without an example input).
@@ -46,6 +56,8 @@ _MATMUL = frozenset({"matmul", "bmm", "__matmul__", "__rmatmul__", "einsum", "ba
 _SOFTMAX = frozenset({"softmax", "_softmax", "softmax_"})
 #: Fused attention calls that take their projection weights as arguments: q/k/v are inside the call.
 _INNER_PROJECTIONS = FUSED_ATTENTION - {"scaled_dot_product_attention"}
+#: How a factorised site is named: the softmax of the keys weights the values first, the query reads the result.
+FACTORISED = "q·(softmax(k)ᵀ·v)"
 
 
 @dataclass
@@ -53,12 +65,17 @@ class AttentionSite:
     """One attention computation of a model (see the module docstring)."""
 
     host: str
-    how: str  #: ``scaled_dot_product_attention``, ``multi_head_attention_forward`` or ``softmax(q·kᵀ)``
+    #: ``scaled_dot_product_attention``, ``multi_head_attention_forward``, ``softmax(q·kᵀ)`` or :data:`FACTORISED`
+    how: str
     query: frozenset[str] = frozenset()
     key: frozenset[str] = frozenset()
     value: frozenset[str] = frozenset()
     #: The dropout module applied to the attention probabilities, when one is.
     dropout: str | None = None
+    #: Every module whose output reaches the query, key, value, scores or probabilities with no weight
+    #: layer between (the projections, a norm or pool after them, a talking-heads layer on the scores,
+    #: the residual stream a projection-free query is read from): none of them gets hidden dropout.
+    feeders: frozenset[str] = frozenset()
 
     @property
     def projections(self) -> frozenset[str]:
@@ -80,17 +97,66 @@ def weight_layer(module: nn.Module) -> bool:
 
 @dataclass
 class _Mark:
-    """What one value is: the weight layers it comes from, and whether it is attention scores
-    (``q kᵀ``, with the layers of q and k) or probabilities (their softmax, with the site)."""
+    """What one value is: the weight layers it comes from, the modules it passed since (``feeders``),
+    and whether it is attention scores (a product of two computed operands, ``q kᵀ``, with the marks
+    of q and k), probabilities (their softmax, or the softmax of one computed operand waiting for a
+    value, with the site) or a factorised context (``softmax(k)ᵀ v``, waiting for its query)."""
 
     layers: frozenset[str] = frozenset()
-    scores: tuple[frozenset[str], frozenset[str], str] | None = None
+    feeders: frozenset[str] = frozenset()
+    scores: tuple[_Mark, _Mark, str] | None = None
     probs: AttentionSite | None = None
+    context: AttentionSite | None = None
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    """The values that are not None, each object once (``attn / attn.sum(-1)`` carries one site twice)."""
+    out: list[Any] = []
+    for v in values:
+        if v is not None and not any(v is o for o in out):
+            out.append(v)
+    return out
+
+
+def _merged(sites: list[AttentionSite], weighted: bool = False) -> AttentionSite | None:
+    """One weighting made of several (ConViT's gated sum of ``softmax(q kᵀ)`` and a positional softmax):
+    the first with a query and key takes the others' query, key and feeders. A weighting still waiting
+    for its value and query (:data:`FACTORISED`) does not pass a weight layer (``weighted``)."""
+    if weighted:
+        sites = [s for s in sites if s.how != FACTORISED]
+    if not sites:
+        return None
+    first = next((s for s in sites if s.how != FACTORISED), sites[0])
+    for other in sites:
+        if other is not first:
+            first.query, first.key = first.query | other.query, first.key | other.key
+            first.feeders = first.feeders | other.feeders
+    return first
+
+
+def _product_operands(name: str, marks: list[_Mark]) -> tuple[_Mark, _Mark]:
+    return (marks[-2], marks[-1]) if name == "baddbmm" else (marks[0], marks[1])
 
 
 @dataclass
 class _Propagator:
-    """The shared core: fed events (a module's output, a function call) keyed by value identity."""
+    """The shared core: fed events (a module's output, a function call) keyed by value identity.
+
+    The rules, each a property of the computation (docs/placement.md, "attention"):
+
+    * a product of two computed operands (neither a weight, neither probabilities) is **scores**;
+      scores stay scores through every op but a product: reshapes, scaling, masks, added position
+      biases, and a weight layer mixing them (talking heads, Shazeer et al. 2020);
+    * the softmax of scores is **probabilities**; probabilities times a computed operand (on either
+      side) completes a site: ``softmax(q kᵀ) v``;
+    * the softmax of a computed operand that is not scores (``softmax(k)``) waits for a value: its
+      product with one is a **context** ``softmax(k)ᵀ v``, and the product of that context with a
+      third computed operand (the query) completes a factorised site (CoaT, efficient attention,
+      Shen et al. 2021). A context that reaches a weight layer first was a pooling (a global-context
+      block's ``softmax(conv(x))`` weighting ``x``): a weighting by one operand, not attention;
+    * ``feeders`` run back from a value to the weight layers it comes from (those included) through
+      every other module and function, stopping at products and softmaxes.
+    """
 
     #: value key of a weight (a parameter of two or more dimensions) -> the module owning it: a function
     #: computing with it (``F.linear(x, self.qkv.weight)``) is that module's weight layer at work.
@@ -109,9 +175,18 @@ class _Propagator:
                 site.dropout = path
 
     def module_output(self, path: str, module: nn.Module, keys: list[Any]) -> None:
-        if weight_layer(module):
-            for k in keys:
-                self.marks[k] = _Mark(frozenset({path}))
+        """A weight layer starts a new trail (scores and probabilities it mixes stay what they are:
+        talking heads); any other module joins the feeders of its output."""
+        for k in keys:
+            old = self.mark(k)
+            if weight_layer(module):
+                self.marks[k] = _Mark(frozenset({path}), frozenset({path}), old.scores,
+                                      _merged([old.probs] if old.probs else [], weighted=True))
+            elif path:
+                self.marks[k] = _Mark(old.layers, old.feeders | {path}, old.scores, old.probs, old.context)
+
+    def _complete(self, site: AttentionSite, *operands: _Mark) -> None:
+        site.feeders = site.feeders.union(*(m.feeders for m in operands))
 
     def function(self, name: str, host: str, inputs: list[Any], outputs: list[Any]) -> None:
         if not outputs:
@@ -120,29 +195,53 @@ class _Propagator:
         inputs = [k for k in inputs if k not in self.weights]
         marks = [self.mark(k) for k in inputs]
         layers = owners or frozenset().union(*(m.layers for m in marks))
+        feeders = owners or frozenset().union(*(m.feeders for m in marks))
         if name in FUSED_ATTENTION and len(inputs) >= 3:
             q, k, v = (_Mark(), _Mark(), _Mark()) if name in _INNER_PROJECTIONS or owners else marks[:3]
-            self.sites.append(AttentionSite(host, name, q.layers, k.layers, v.layers))
+            site = AttentionSite(host, name, q.layers, k.layers, v.layers)
+            self._complete(site, q, k, v)
+            self.sites.append(site)
             result = _Mark(layers)
         elif name in _MATMUL and len(marks) >= 2:
-            a, b = marks[-2:] if name == "baddbmm" else marks[:2]
-            if a.probs is not None:  # probabilities times values: the site is complete
-                a.probs.value = b.layers
-                result = _Mark(layers)
-            else:
-                result = _Mark(layers, scores=(a.layers, b.layers, host))
+            result = self._product(host, layers, *_product_operands(name, marks))
         elif name in _SOFTMAX and marks and marks[0].scores is not None:
             query, key, where = marks[0].scores
-            site = AttentionSite(where, "softmax(q·kᵀ)", query, key)
+            site = AttentionSite(where, "softmax(q·kᵀ)", query.layers, key.layers)
+            self._complete(site, query, key, marks[0])
             self.sites.append(site)
             result = _Mark(layers, probs=site)
+        elif name in _SOFTMAX and marks and marks[0].probs is None and marks[0].context is None:
+            site = AttentionSite(host, FACTORISED, key=marks[0].layers, feeders=marks[0].feeders)
+            result = _Mark(layers, probs=site)  # waits for a value, then a query
         else:  # reshapes, scaling, masks, dtype casts, dropout: scores and probabilities stay what they are
-            scores = [m.scores for m in marks if m.scores is not None]
-            probs = [m.probs for m in marks if m.probs is not None]
-            result = _Mark(layers, scores=scores[0] if len(scores) == 1 and not probs else None,
-                           probs=probs[0] if len(probs) == 1 and not scores else None)
+            scores = _distinct(m.scores for m in marks)
+            probs = _merged(_distinct(m.probs for m in marks), weighted=bool(owners))
+            contexts = _distinct(m.context for m in marks)
+            result = _Mark(layers, feeders, scores=scores[0] if len(scores) == 1 and not probs else None,
+                           probs=probs if not scores else None,
+                           context=contexts[0] if len(contexts) == 1 and not owners else None)
         for k in outputs:
             self.marks[k] = result
+
+    def _product(self, host: str, layers: frozenset[str], a: _Mark, b: _Mark) -> _Mark:
+        """A product of two computed values (see the class docstring)."""
+        weighting, other = (a, b) if a.probs is not None else (b, a)
+        site = weighting.probs
+        if site is not None and other.probs is None:
+            site.value = other.layers
+            self._complete(site, weighting, other)
+            if site.how != FACTORISED:
+                return _Mark(layers)  # probabilities times values: the site is complete
+            return _Mark(layers, context=site)
+        pending, query = (a, b) if a.context is not None else (b, a)
+        site = pending.context
+        if site is not None and query.context is None:
+            site.query = query.layers
+            self._complete(site, query)
+            site.host = host
+            self.sites.append(site)
+            return _Mark(layers)
+        return _Mark(layers, scores=(a, b, host))
 
     def result(self) -> list[AttentionSite]:
         """The sites whose probabilities met their values (a softmax of scores that never multiplies a
@@ -254,8 +353,20 @@ def detect_fx(graph: torch.fx.Graph, model: nn.Module) -> list[AttentionSite]:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             if node.target is operator.getitem:
                 name = "__getitem__"
-            core.function(name, _host(node), inputs, [node])
+            core.function(name, _host(node), inputs, [] if _metadata(node, name) else [node])
     return core.result()
+
+
+#: Calls whose result describes a tensor (its sizes) rather than carrying its values.
+_METADATA_CALLS = frozenset({"size", "dim", "numel", "len"})
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def _metadata(node: torch.fx.Node, name: str) -> bool:
+    """A graph node that reads a tensor's sizes (``x.shape``, ``x.size(1)``): in an eager pass these are
+    plain numbers, so no feature flows through them (a reshape to ``(b, heads, c // heads, n)`` does not
+    make the query depend on what ``b`` was read from)."""
+    return name in _METADATA_CALLS or (name == "getattr" and len(node.args) > 1 and node.args[1] in _METADATA_ATTRS)
 
 
 def _host(node: torch.fx.Node) -> str:

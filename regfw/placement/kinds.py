@@ -79,18 +79,19 @@ RATE_TABLE: dict[str, RateRange] = {
     EMBEDDING: RateRange(0.05, 0.2, 0.1),
 }
 
-#: The Transformer range: input (token), hidden, residual and existing-dropout rates of a model with
-#: attention blocks (Vaswani et al. 2017 use P_drop = 0.1, on the embeddings too; timm and DeiT keep
-#: dropout and drop path <= 0.1, and ViTs trained on large data use 0). Replaces the
-#: input/hidden/conv/residual rows for such a model.
+#: The Transformer range: every rate of a model with attention (Vaswani et al. 2017 use P_drop = 0.1,
+#: on the embeddings too; timm and DeiT keep dropout and drop path <= 0.1, and ViTs trained on large
+#: data use 0). Replaces the rows of every kind for such a model, hybrids included (a conv stem, a
+#: recurrent or embedding layer in a model that attends).
 TRANSFORMER_RANGE = RateRange(0.0, 0.1, 0.1)
-#: The kinds whose rows the Transformer range replaces.
-TRANSFORMER_KINDS: tuple[str, ...] = (INPUT, HIDDEN, CONV, RESIDUAL)
+#: The kinds whose rows the Transformer range replaces: every kind with a rate (attention is 0.1 already).
+TRANSFORMER_KINDS: tuple[str, ...] = tuple(k for k in RATE_KINDS if k != ATTENTION)
 
 
 def transformer_ranges(model_map: object) -> dict[str, RateRange]:
     """The Transformer range for :data:`TRANSFORMER_KINDS` when the analysed model (a
-    :class:`regfw.placement.surgery.ModelMap`) has attention blocks, else nothing."""
+    :class:`regfw.placement.surgery.ModelMap`) has attention, found by what its forward computes
+    (:mod:`regfw.placement.attention`: ``ModelMap.attention``), else nothing."""
     if getattr(model_map, "attention", None):
         return {kind: TRANSFORMER_RANGE for kind in TRANSFORMER_KINDS}
     return {}

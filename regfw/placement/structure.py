@@ -11,9 +11,10 @@ Placement rules need facts that a module's type does not tell for models written
   -- the squeeze-excitation ``scale * x`` (Hu et al., CVPR 2018), gated linear units ``a * s(b)``
   (Dauphin et al., ICML 2017). Dropout there would let gates exceed 1, so no unit of the branch
   gets dropout after it.
-* **attention internals** (:func:`attention_like`, :func:`qkv_projections`): the q/k/v
-  projections of an attention block never get hidden-layer dropout; the attention-probability
-  dropout (timm's ``attn_drop``, ``nn.MultiheadAttention.dropout``) is the one slot there.
+* **attention internals**: found by what the forward computes, in :mod:`regfw.placement.attention`
+  (the one detector: q/k/v and everything feeding them with no weight layer between never get
+  hidden-layer dropout). :func:`attention_modules` here is only the fallback for a bare model with
+  no example input and no graph.
 * **Transformer family**: a model with attention blocks takes its hidden, residual and
   existing-dropout rates from the Transformer range of :data:`regfw.placement.kinds.TRANSFORMER_RANGE`
   (0-0.1, Vaswani et al. 2017; timm and DeiT use <= 0.1), and the plan says why.
@@ -46,11 +47,6 @@ _ARITHMETIC = frozenset({
     "__rtruediv__", "sub", "__sub__", "__rsub__", "pow", "__pow__", "sqrt", "clamp", "clamp_", "clamp_min",
     "neg", "__neg__", "exp", "abs",
 })
-
-#: Child names of q/k/v projections in attention blocks (timm, torchvision, common code).
-QKV_NAMES = frozenset({"qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "query", "key", "value",
-                       "to_q", "to_k", "to_v", "to_qkv", "in_proj"})
-
 
 #: Functions that normalise over a dimension.
 NORMALISING = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
@@ -110,8 +106,10 @@ def gate_units(flow: Dataflow) -> set[str]:
 
 
 def attention_like(module: nn.Module) -> bool:
-    """An attention block by its structure: ``nn.MultiheadAttention``, or a module with q/k/v
-    projection children or an ``attn_drop`` dropout (timm's ``Attention`` and its relatives)."""
+    """The fallback attention test by structure, for a bare model with neither an example input nor a
+    graph (:func:`attention_modules`): ``nn.MultiheadAttention``, or a module with q/k/v projection
+    children or an ``attn_drop`` dropout. Everything that has an example input or a graph asks
+    :func:`regfw.placement.attention.find` instead, which reads what the forward computes."""
     if isinstance(module, nn.MultiheadAttention):
         return True
     names = set(module._modules)
@@ -121,21 +119,12 @@ def attention_like(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, module)`` of every attention block (:func:`attention_like`) and torch Transformer layer."""
+    """The fallback list of attention blocks (:func:`attention_like`) and torch Transformer layers of a
+    bare model, for which no pass and no graph is at hand (:mod:`regfw.uncertainty.own_layers` on a
+    model alone). Where a plan was made, its attention blocks come from the graph
+    (:attr:`regfw.placement.surgery.ModelMap.attention`) and this is not used."""
     return [(p, m) for p, m in model.named_modules()
             if attention_like(m) or isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
-
-
-def qkv_projections(model: nn.Module) -> set[str]:
-    """Paths of the q/k/v projections inside attention blocks."""
-    out: set[str] = set()
-    for path, module in model.named_modules():
-        if not attention_like(module):
-            continue
-        for name in module._modules:
-            if name in QKV_NAMES:
-                out.add(f"{path}.{name}" if path else name)
-    return out
 
 
 #: The dropout children of torch's Transformer layers and the sub-layer each follows, in forward order.
@@ -174,14 +163,6 @@ def token_dropout_slot(flow: Dataflow, attention: list[str], is_dropout: Callabl
         elif is_layer(path):
             found = None
     return None
-
-
-def named_like_attention(model: nn.Module) -> list[str]:
-    """Class names of modules that are called attention but are not recognised as attention
-    blocks, for a message saying what was seen."""
-    return sorted({type(m).__name__ for m in model.modules()
-                   if ("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower())
-                   and not attention_like(m)})
 
 
 #: Parameter names of a ``forward`` that takes the targets and computes its own losses in training.

@@ -70,7 +70,9 @@ class ModelMap:
     notes: list[str] = field(default_factory=list)
     #: Units on a gating path (squeeze-excitation, gated linear units): nothing goes after them.
     gates: set[str] = field(default_factory=set)
-    #: The q/k/v projections of attention blocks: no hidden-layer dropout after them.
+    #: What feeds attention's query, key, value, scores and probabilities with no weight layer between (the
+    #: projections, norms and wrappers after them: :attr:`regfw.placement.attention.AttentionSite.feeders`): no
+    #: hidden-layer dropout after them.
     qkv: set[str] = field(default_factory=set)
     #: Paths of the attention blocks; a model with any is Transformer-family (:mod:`regfw.placement.structure`).
     attention: list[str] = field(default_factory=list)
@@ -261,8 +263,8 @@ def _analyse(model: nn.Module, example_input: Any) -> ModelMap:
         stem = {p for p in flow.order[start + 1:end] if kinds.get(p) in _LAYER_KINDS}
     residuals = ResidualAnalysis(model, leaves, example_input)
     return ModelMap(model, infos, flow, residuals, notes, gates=structure.gate_units(flow),
-                    qkv={p for s in sites for p in s.projections}, attention=attention, token_drop=token_drop,
-                    stem=stem, attention_sites=sites)
+                    qkv={p for s in sites for p in s.projections | s.feeders}, attention=attention,
+                    token_drop=token_drop, stem=stem, attention_sites=sites)
 
 
 def classify_model(model: nn.Module, example_input: Any = None) -> list[LayerInfo]:

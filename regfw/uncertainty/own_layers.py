@@ -72,14 +72,18 @@ def _kind(path: str, module: nn.Module, attention: list[str]) -> str:
     return DROPOUT
 
 
-def _attention_blocks(model: nn.Module) -> list[str]:
-    return [p for p, _ in attention_modules(model)]
+def _attention_blocks(model: nn.Module, known: Iterable[str] | None = None) -> list[str]:
+    """The attention blocks: ``known`` where the caller has them from the graph (a plan's
+    :attr:`~regfw.placement.surgery.ModelMap.attention`), else the structural fallback for a bare model
+    (:func:`regfw.placement.structure.attention_modules`)."""
+    return list(known) if known is not None else [p for p, _ in attention_modules(model)]
 
 
-def own_stochastic(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def own_stochastic(model: nn.Module, attention: Iterable[str] | None = None) -> list[tuple[str, nn.Module, str]]:
     """``(path, module, kind)`` of every stochastic layer with a rate > 0 that regfw did not insert,
-    and of every module random only through its own flag (fused attention, functional dropout)."""
-    attention = _attention_blocks(model)
+    and of every module random only through its own flag (fused attention, functional dropout);
+    ``attention``: the attention blocks found in the graph, when known."""
+    attention = _attention_blocks(model, attention)
     found = {id(m): (p, m) for p, m in stochastic_modules(model) if not _injected(p)}
     for p, m in foreign.mc_train_modules(model):
         if not _injected(p):
@@ -110,9 +114,11 @@ def check_setting(value: object) -> str:
     return str(value)
 
 
-def own_layers(model: nn.Module, setting: str = "auto", selected: Iterable[str] | None = None) -> list[OwnLayer]:
+def own_layers(model: nn.Module, setting: str = "auto", selected: Iterable[str] | None = None,
+               attention: Iterable[str] | None = None) -> list[OwnLayer]:
     """The model's own stochastic layers, each marked sampled or not under ``setting``; ``selected``: the
-    kinds the user selected (default: :func:`inserted_kinds`, everything when regfw inserted nothing)."""
+    kinds the user selected (default: :func:`inserted_kinds`, everything when regfw inserted nothing);
+    ``attention``: the attention blocks found in the graph, when known (a plan's model map)."""
     setting = check_setting(setting)
     kinds = set(KINDS)
     if setting == "none":
@@ -121,7 +127,8 @@ def own_layers(model: nn.Module, setting: str = "auto", selected: Iterable[str] 
         chosen = set(selected) if selected is not None else inserted_kinds(model)
         if selected is not None or chosen:
             kinds = chosen
-    return [OwnLayer(p, foreign.describe(m), k, foreign.get_rate(m), k in kinds) for p, m, k in own_stochastic(model)]
+    return [OwnLayer(p, foreign.describe(m), k, foreign.get_rate(m), k in kinds)
+            for p, m, k in own_stochastic(model, attention)]
 
 
 def excluded(model: nn.Module, setting: str = "auto", selected: Iterable[str] | None = None) -> list[nn.Module]:

@@ -93,3 +93,62 @@ class ScaledHead(nn.Module):
 def test_the_gate_is_the_squashed_branch_of_a_multiply():
     assert "gate" in failures(ScaledHead(drop_in_scale=True), (6, 4))
     assert failures(ScaledHead(drop_in_scale=False), (6, 4)) == {}
+
+
+class SoftmaxPool(nn.Module):
+    """Attention pooling (a global-context block): a softmax over the positions of one linear map of the
+    tokens weights the tokens; the pooled context goes through a weight layer and is added back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score, self.transform = nn.Linear(4, 1), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.score(x).softmax(dim=1)  # [B, N, 1]
+        return x + self.transform((x.transpose(1, 2) @ weights).transpose(1, 2))
+
+
+class Factorised(nn.Module):
+    """``q (softmax(k)ᵀ v)``: the softmax is over the keys alone, no ``q kᵀ`` product is formed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.mix(x).chunk(3, dim=-1)
+        return q @ (k.softmax(dim=1).transpose(-1, -2) @ v)
+
+
+def _operands(model: nn.Module) -> list[int]:
+    graph = runtime_graph.record(model.eval(), torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)),
+                                 stochastic)
+    return runtime_graph.attention_operands(graph, graph.consumers())
+
+
+def test_attention_pooling_is_not_attention_even_after_an_earlier_pooling_product():
+    # Walking back from the second softmax past its weight op reached the first block's pooling
+    # product, and called the second block attention (with the first block's operands as q and k).
+    assert _operands(nn.Sequential(SoftmaxPool(), nn.Linear(4, 4), SoftmaxPool())) == []
+
+
+def test_factorised_attention_is_attention():
+    # The softmax of the keys is fed by no product: a walk back from it found no scores.
+    assert _operands(Factorised())
+    assert _operands(nn.Sequential(SoftmaxPool(), Factorised()))
+
+
+class TalkingHeads(nn.Module):
+    """Scores mixed by a weight layer before the softmax: still attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.heads = nn.Linear(4, 12), nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.mix(x).chunk(3, dim=-1)
+        return self.heads(q @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+
+
+def test_scores_through_a_weight_layer_are_still_scores():
+    assert _operands(TalkingHeads())
