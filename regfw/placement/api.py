@@ -187,6 +187,11 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
             rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), 0.0,
                                  reason + "; rate 0, nothing inserted", action="note"))
             continue
+        if existing is None and mm.reaches_output(site.anchor):
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
+                                 f"not inserted at {where}: the branch's {site.anchor} reaches a model output with "
+                                 f"no weight layer between (an output: nothing goes after it)", action="note"))
+            continue
         reused = reuse_existing(reg, mm, K.RESIDUAL, site.anchor, "after", rate, reason, existing, site.block)
         if reused is not None:
             rows.extend(reused)

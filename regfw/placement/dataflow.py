@@ -107,10 +107,15 @@ class Dataflow:
     #: every unit, or whose training pass ran too): a unit absent from ``calls`` is then dead (its weights
     #: are used functionally, or it is never reached). Never set for the fx and sequential sources.
     complete: bool = False
+    #: ``(a, b) -> n``: how many calls of unit ``b`` received the output of a call of unit ``a`` as their
+    #: input (trace and fx; :attr:`successors` records each link once).
+    feeds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def link(self, a: str, b: str, function: str = "") -> None:
         """Record that ``b`` (a unit, or :data:`FUNCTION` named ``function``) consumes the output of
         unit ``a``."""
+        if b != FUNCTION:
+            self.feeds[(a, b)] = self.feeds.get((a, b), 0) + 1
         if b == FUNCTION and function:
             self.function_users.setdefault(a, set()).add(function)
         if b not in self.successors.setdefault(a, []):
@@ -147,6 +152,17 @@ class Dataflow:
         module, such as the one ``nn.ReLU`` a torchvision ResNet block calls twice): a hook on
         such a module would act at every call."""
         return self.calls.get(path, 1) == 1
+
+    def paired(self, a: str, b: str) -> bool:
+        """True when every call of unit ``b`` consumes the output of one call of unit ``a`` and every call of
+        ``a`` feeds one call of ``b``: both run once, or equally often with each of ``b``'s calls fed by ``a``
+        (a detection head's ``conv -> GroupNorm -> ReLU`` applied once per feature level). A hook on ``b`` then
+        acts exactly where a hook on ``a`` would; a shared module (the one ``nn.ReLU`` a ResNet block calls
+        twice, once on another path) is not paired."""
+        if self.called_once(a) and self.called_once(b):
+            return True
+        n = self.calls.get(b, 0)
+        return n > 0 and self.calls.get(a) == n == self.feeds.get((a, b))
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -329,6 +345,8 @@ def _merge_training(flow: Dataflow, train: Dataflow) -> None:
         for b in succ:
             if a in flow.training_only or b in flow.training_only:
                 flow.link(a, b)
+                if b != FUNCTION:
+                    flow.feeds[(a, b)] = train.feeds.get((a, b), 1)
     for p in extra:
         flow.calls[p] = train.calls[p]
         for table in ("out_dims", "inner_calls", "function_users"):
