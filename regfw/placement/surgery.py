@@ -449,7 +449,7 @@ def plan_insertions(reg: Planner, model: nn.Module, ctx: PlanContext) -> list[Pl
         norm = feeds_norm(mm, anchor) if existing is None else None
         if norm:
             items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), None,
-                                  f"not inserted: the output of {anchor} also goes to {norm}, a normalisation, "
+                                  f"not inserted: the output of {anchor} feeds {norm}, a normalisation, "
                                   f"through shape ops only (never dropout before a norm: it would normalise the "
                                   f"mask away and shift its statistics at inference)", action="note"))
             continue

@@ -90,7 +90,7 @@ def test_no_dropout_where_the_output_also_feeds_a_norm(via, name):
     got = places(plan)
     assert "down" not in got
     expected = {"module": "pre", "reshape": "ln", "function": "the function 'layer_norm'"}[via]
-    assert f"also goes to {expected}, a normalisation" in notes(plan)["down"]
+    assert f"the output of down feeds {expected}, a normalisation" in notes(plan)["down"]
     assert got["mix"] == "mix"
     apply_plan(model, regs, plan)
     assert not hasattr(model.down, f"regfw_{name}")  # (the input dropout before it is another place)
