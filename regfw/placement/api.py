@@ -171,7 +171,7 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         why += f"; {note}"
     rows: list[PlanItem] = []
     capture = getattr(mm.residuals, "capture", None)
-    if capture and "torch.export" in capture:  # say how the residual adds were found where torch.fx could not
+    if capture and capture != "graph: torch.fx":  # say how the residual adds were found where torch.fx could not
         rows.append(PlanItem(reg.name, "", K.RESIDUAL, reg.variant_for(K.RESIDUAL), None, capture, action="note"))
     for site in sites:
         where = f"residual add {site.node!r}"

@@ -26,8 +26,9 @@ A unit whose output also goes to a function (the residual stream ``x`` of ``x + 
 has no single successor, so nothing is placed past it: dropout after ``norm`` would drop only the
 branch, not ``x``. Reading a tensor's shape, size or dtype does not count as consuming it.
 
-Residual adds come from ``torch.fx`` only (:func:`find_residuals`): an add is invisible to
-module hooks. The add ``a + b`` is residual when one operand is computed from the other or both
+Residual adds come from a captured graph (:func:`find_residuals`: ``torch.fx``, else ``torch.export``; where
+neither takes the whole model, the submodules ``torch.fx`` can trace, :func:`residuals_by_parts`): an add is
+invisible to module hooks. The add ``a + b`` is residual when one operand is computed from the other or both
 from a common tensor, and one of them (the *branch*) runs more parameterised modules than the
 other (the *shortcut*). DropPath then hangs, as a forward hook, on the module that produces the
 branch operand, so the model object, its class and its parameter names stay as they are.
@@ -769,8 +770,51 @@ class ResidualAnalysis:
             return sites, None
         except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note
             why = str(exc) if isinstance(exc, tracing.CaptureError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            parts: list[str] = []
+            sites = residuals_by_parts(self.model, self.leaves, parts)
+            if sites:
+                self.capture = (f"graph: torch.fx of the parts it can trace ({', '.join(parts)}); "
+                                f"{type(self.model).__name__} as a whole cannot be captured ({why})")
+                return sites, None
             return [], (
                 f"torch.fx cannot trace {type(self.model).__name__} ({why}), so its residual adds are unknown and "
                 f"DropPath was not inserted. Make forward traceable (no Python control flow on tensor values) or put "
                 f"regfw.layers.DropPath on the residual branches by hand"
             )
+
+
+def residuals_by_parts(model: nn.Module, leaves: Iterable[nn.Module] = (), parts: list[str] | None = None,
+                       prefix: str = "") -> list[ResidualSite]:
+    """The residual adds of a model that cannot be captured as a whole (a detection model: its forward
+    iterates a list of images, and its post-processing branches on data-dependent sizes), found in the largest
+    submodules ``torch.fx`` can trace (the backbone): each child is traced on its own, and a child that cannot be
+    is searched through its own children. Paths, blocks and node names are the model's (``backbone.body.layer1.0``,
+    ``add in backbone.body``). ``parts`` gets the paths of the submodules traced that hold residual adds.
+
+    A submodule's residual adds are those its own forward makes, whoever calls it; a module on a branch that
+    the rest of the model also calls is found by the usual rule of :func:`find_residuals` only within the part."""
+    keep = tuple(leaves)
+    leaf_ids = {id(m) for m in keep}
+    sites: list[ResidualSite] = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if name.startswith(INJECTED_PREFIX) or id(child) in leaf_ids or not any(True for _ in child.parameters()):
+            continue
+        try:
+            found = find_residuals(child, keep)
+        except Exception:  # noqa: BLE001 - this part cannot be traced: look at its parts
+            sites.extend(residuals_by_parts(child, keep, parts, path + "."))
+            continue
+        if found and parts is not None:
+            parts.append(path)
+        sites.extend(_within(site, path) for site in found)
+    return sites
+
+
+def _within(site: ResidualSite, path: str) -> ResidualSite:
+    """``site``, found in the submodule at ``path``, with the model's paths."""
+    def full(p: str | None) -> str | None:
+        return f"{path}.{p}" if p else p
+    block = path if site.block.startswith("<") else f"{path}.{site.block}"
+    return ResidualSite(f"{site.node} in {path}", block, site.branch, site.shortcut, full(site.anchor), site.problem,
+                        full(site.shortcut_module))

@@ -202,3 +202,61 @@ def test_no_stochastic_depth_on_a_branch_that_is_an_output():
                for why in notes(plan).values())
     regs, plan = plan_with(Residual().eval(), torch.randn(2, 3, 8, 8), "drop_path")
     assert places(plan) == {"body": "body.high"}
+
+
+# --------------------------------------------------------------------------- a model no capture takes whole
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Block(), Block())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+class ListDetector(nn.Module):
+    """A detector's shape: its forward iterates a list of images (torch.fx cannot trace that) and keeps the
+    boxes whose score passes a threshold (a data-dependent branch torch.export cannot capture); its body is a
+    plain residual network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Body()
+        self.score = nn.Conv2d(8, 1, 1)
+
+    def forward(self, images):
+        x = torch.stack([im for im in images])
+        scores = self.score(self.body(x)).flatten(1)
+        if bool((scores > 0).any()):
+            return scores[scores > 0]
+        return scores[:, :1]
+
+
+def test_residual_adds_are_found_in_the_parts_that_can_be_traced():
+    """The whole model cannot be captured: each residual block of the traceable body still gets its stochastic
+    depth, and the plan says how the adds were found."""
+    model = ListDetector().eval()
+    images = [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    regs, plan = plan_with(model, images, "drop_path")
+    assert places(plan) == {"body.blocks.1": "body.blocks.1.conv2"}
+    assert notes(plan)["body.blocks.0"].endswith("block 1 of 2; residual add 'add in body'; rate 0, nothing "
+                                                 "inserted")  # the linear depth schedule starts at 0
+    assert any(why.startswith("graph: torch.fx of the parts it can trace (body); ListDetector as a whole cannot be "
+                              "captured") for why in notes(plan).values())
+    with torch.no_grad():
+        reference = model(images)
+    apply_plan(model, regs, plan)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), reference)
