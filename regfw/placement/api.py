@@ -171,7 +171,7 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         why += f"; {note}"
     rows: list[PlanItem] = []
     capture = getattr(mm.residuals, "capture", None)
-    if capture and "torch.export" in capture:  # say how the residual adds were found where torch.fx could not
+    if capture and capture != "graph: torch.fx":  # say how the residual adds were found where torch.fx could not
         rows.append(PlanItem(reg.name, "", K.RESIDUAL, reg.variant_for(K.RESIDUAL), None, capture, action="note"))
     for site in sites:
         where = f"residual add {site.node!r}"
@@ -191,6 +191,11 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         if rate == 0 and existing is None:
             rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), 0.0,
                                  reason + "; rate 0, nothing inserted", action="note"))
+            continue
+        if existing is None and mm.reaches_output(site.anchor):
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
+                                 f"not inserted at {where}: the branch's {site.anchor} reaches a model output with "
+                                 f"no weight layer between (an output: nothing goes after it)", action="note"))
             continue
         reused = reuse_existing(reg, mm, K.RESIDUAL, site.anchor, "after", rate, reason, existing, site.block)
         if reused is not None:

@@ -26,8 +26,9 @@ A unit whose output also goes to a function (the residual stream ``x`` of ``x + 
 has no single successor, so nothing is placed past it: dropout after ``norm`` would drop only the
 branch, not ``x``. Reading a tensor's shape, size or dtype does not count as consuming it.
 
-Residual adds come from ``torch.fx`` only (:func:`find_residuals`): an add is invisible to
-module hooks. The add ``a + b`` is residual when one operand is computed from the other or both
+Residual adds come from a captured graph (:func:`find_residuals`: ``torch.fx``, else ``torch.export``; where
+neither takes the whole model, the submodules ``torch.fx`` can trace, :func:`residuals_by_parts`): an add is
+invisible to module hooks. The add ``a + b`` is residual when one operand is computed from the other or both
 from a common tensor, and one of them (the *branch*) runs more parameterised modules than the
 other (the *shortcut*). DropPath then hangs, as a forward hook, on the module that produces the
 branch operand, so the model object, its class and its parameter names stay as they are.
@@ -107,10 +108,15 @@ class Dataflow:
     #: every unit, or whose training pass ran too): a unit absent from ``calls`` is then dead (its weights
     #: are used functionally, or it is never reached). Never set for the fx and sequential sources.
     complete: bool = False
+    #: ``(a, b) -> n``: how many calls of unit ``b`` received the output of a call of unit ``a`` as their
+    #: input (trace and fx; :attr:`successors` records each link once).
+    feeds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def link(self, a: str, b: str, function: str = "") -> None:
         """Record that ``b`` (a unit, or :data:`FUNCTION` named ``function``) consumes the output of
         unit ``a``."""
+        if b != FUNCTION:
+            self.feeds[(a, b)] = self.feeds.get((a, b), 0) + 1
         if b == FUNCTION and function:
             self.function_users.setdefault(a, set()).add(function)
         if b not in self.successors.setdefault(a, []):
@@ -147,6 +153,17 @@ class Dataflow:
         module, such as the one ``nn.ReLU`` a torchvision ResNet block calls twice): a hook on
         such a module would act at every call."""
         return self.calls.get(path, 1) == 1
+
+    def paired(self, a: str, b: str) -> bool:
+        """True when every call of unit ``b`` consumes the output of one call of unit ``a`` and every call of
+        ``a`` feeds one call of ``b``: both run once, or equally often with each of ``b``'s calls fed by ``a``
+        (a detection head's ``conv -> GroupNorm -> ReLU`` applied once per feature level). A hook on ``b`` then
+        acts exactly where a hook on ``a`` would; a shared module (the one ``nn.ReLU`` a ResNet block calls
+        twice, once on another path) is not paired."""
+        if self.called_once(a) and self.called_once(b):
+            return True
+        n = self.calls.get(b, 0)
+        return n > 0 and self.calls.get(a) == n == self.feeds.get((a, b))
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -329,6 +346,8 @@ def _merge_training(flow: Dataflow, train: Dataflow) -> None:
         for b in succ:
             if a in flow.training_only or b in flow.training_only:
                 flow.link(a, b)
+                if b != FUNCTION:
+                    flow.feeds[(a, b)] = train.feeds.get((a, b), 1)
     for p in extra:
         flow.calls[p] = train.calls[p]
         for table in ("out_dims", "inner_calls", "function_users"):
@@ -751,8 +770,51 @@ class ResidualAnalysis:
             return sites, None
         except Exception as exc:  # noqa: BLE001 - reported to the user as a plan note
             why = str(exc) if isinstance(exc, tracing.CaptureError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            parts: list[str] = []
+            sites = residuals_by_parts(self.model, self.leaves, parts)
+            if sites:
+                self.capture = (f"graph: torch.fx of the parts it can trace ({', '.join(parts)}); "
+                                f"{type(self.model).__name__} as a whole cannot be captured ({why})")
+                return sites, None
             return [], (
                 f"torch.fx cannot trace {type(self.model).__name__} ({why}), so its residual adds are unknown and "
                 f"DropPath was not inserted. Make forward traceable (no Python control flow on tensor values) or put "
                 f"regfw.layers.DropPath on the residual branches by hand"
             )
+
+
+def residuals_by_parts(model: nn.Module, leaves: Iterable[nn.Module] = (), parts: list[str] | None = None,
+                       prefix: str = "") -> list[ResidualSite]:
+    """The residual adds of a model that cannot be captured as a whole (a detection model: its forward
+    iterates a list of images, and its post-processing branches on data-dependent sizes), found in the largest
+    submodules ``torch.fx`` can trace (the backbone): each child is traced on its own, and a child that cannot be
+    is searched through its own children. Paths, blocks and node names are the model's (``backbone.body.layer1.0``,
+    ``add in backbone.body``). ``parts`` gets the paths of the submodules traced that hold residual adds.
+
+    A submodule's residual adds are those its own forward makes, whoever calls it; a module on a branch that
+    the rest of the model also calls is found by the usual rule of :func:`find_residuals` only within the part."""
+    keep = tuple(leaves)
+    leaf_ids = {id(m) for m in keep}
+    sites: list[ResidualSite] = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if name.startswith(INJECTED_PREFIX) or id(child) in leaf_ids or not any(True for _ in child.parameters()):
+            continue
+        try:
+            found = find_residuals(child, keep)
+        except Exception:  # noqa: BLE001 - this part cannot be traced: look at its parts
+            sites.extend(residuals_by_parts(child, keep, parts, path + "."))
+            continue
+        if found and parts is not None:
+            parts.append(path)
+        sites.extend(_within(site, path) for site in found)
+    return sites
+
+
+def _within(site: ResidualSite, path: str) -> ResidualSite:
+    """``site``, found in the submodule at ``path``, with the model's paths."""
+    def full(p: str | None) -> str | None:
+        return f"{path}.{p}" if p else p
+    block = path if site.block.startswith("<") else f"{path}.{site.block}"
+    return ResidualSite(f"{site.node} in {path}", block, site.branch, site.shortcut, full(site.anchor), site.problem,
+                        full(site.shortcut_module))

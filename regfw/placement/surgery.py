@@ -13,7 +13,10 @@ Placement rules (:func:`after_anchor`, :func:`plan_insertions`), read from the m
   that directly follow it (through reshapes and placeholders), so it never sits between a layer
   and the norm that normalises it, and comes after the nonlinearity as in Srivastava et al. 2014;
 * a module called more than once per forward pass (a shared ``nn.ReLU``) never carries one:
-  the walk stops before it (for a non-negative mask, ``relu(m * x) = m * relu(x)``);
+  the walk stops before it (for a non-negative mask, ``relu(m * x) = m * relu(x)``), unless each of
+  its calls pairs with one call of the layer (a head applied once per feature level);
+* a place whose output also reaches a normalisation through shape ops (the next block's pre-norm
+  beside its residual add) gets none (:func:`feeds_norm`);
 * where the model already has a dropout module at that place (even one called at several
   places), its rate is set (``existing: override``) or left alone (``existing: keep``), and
   nothing is inserted;
@@ -95,6 +98,13 @@ class ModelMap:
         outer = [p for p in self.attention if not any(p.startswith(a + ".") for a in self.attention if a)]
         kinds = sorted({type(self.module(p)).__name__ for p in outer})
         return f"{len(outer)} x {'/'.join(kinds)}"
+
+    def reaches_output(self, path: str) -> bool:
+        """Whether the unit's output reaches a model output with no weight layer between (an *output*:
+        nothing goes after it). Read from the traced outputs' sources (training-only outputs included); without
+        them (no example input), the layer :func:`analyse` marked as the output layer."""
+        info = self.by_path.get(path)
+        return path in self.flow.output_sources or (info is not None and info.is_output)
 
     def kind(self, path: str) -> str | None:
         info = self.by_path.get(path)
@@ -312,9 +322,12 @@ def _walk_after(mm: ModelMap, path: str) -> tuple[str, str | None, list[str], bo
             # the model's own dropout at this place, even one module called at several places (each call
             # is a dropout slot): it is reused, never doubled by an insertion before it
             return anchor, nxt, skipped, pooled
-        if (not through_pool and flow.prev(nxt) != cursor) or not flow.called_once(nxt) or is_path_drop(module):
-            # a module fed by more than this path, one called again elsewhere, or a residual branch's
-            # stochastic depth (not this slot): the walk stops before it
+        paired = flow.called_once(nxt) if through_pool else flow.paired(cursor, nxt)
+        if (not through_pool and flow.prev(nxt) != cursor) or not paired or is_path_drop(module):
+            # a module fed by more than this path, one called again elsewhere (more often than this path
+            # runs, or on another path), or a residual branch's stochastic depth (not this slot): the walk
+            # stops before it. A unit called once per call of this path (a detection head applied once per
+            # feature level) is passed: a hook on it acts exactly where one on the layer would
             return anchor, None, skipped, False
         cursor = nxt
         if isinstance(module, nn.Identity) or nxt in flow.reshapes:
@@ -326,6 +339,34 @@ def _walk_after(mm: ModelMap, path: str) -> tuple[str, str | None, list[str], bo
             return anchor, None, skipped, False
         anchor = nxt
         skipped.append(nxt)
+
+
+def feeds_norm(mm: ModelMap, anchor: str) -> str | None:
+    """The normalisation the output of ``anchor`` reaches on any of its consumers through shape ops only
+    (reshapes, permutes, a ``Permute`` module, ``nn.Identity``; a functional nonlinearity is transparent in the
+    dataflow's links too): a norm unit (by type or behaviour), or a normalising function called outside any unit
+    (``F.layer_norm(x, ...)``); None when it reaches none.
+
+    A dropout there would feed the norm: at training time the norm normalises the masked values (the mask's
+    scale is normalised away), at inference it sees other statistics (Li et al., CVPR 2019, for BatchNorm).
+    The walk of :func:`after_anchor` already moves past a norm that is the place's one consumer; this finds a
+    norm among several consumers (the pre-norm of the next block next to the residual add of ``x``)."""
+    flow = mm.flow
+    stack, seen = [anchor], {anchor}
+    while stack:
+        unit = stack.pop()
+        functions = flow.function_users.get(unit, set()) & structure.NORMALISING
+        if functions:
+            return f"the function {sorted(functions)[0]!r}"
+        for nxt in flow.successors.get(unit, []):
+            if nxt == FUNCTION or nxt in seen:
+                continue
+            seen.add(nxt)
+            if mm.kind(nxt) == K.NORM:
+                return nxt
+            if isinstance(mm.module(nxt), nn.Identity) or nxt in flow.reshapes:
+                stack.append(nxt)
+    return None
 
 
 def injected_name(reg_name: str, action: str) -> str:
@@ -406,6 +447,13 @@ def plan_insertions(reg: Planner, model: nn.Module, ctx: PlanContext) -> list[Pl
                                   f"not inserted: the output goes to the function {nonlinear!r} (an activation no "
                                   f"hook can follow); use an activation module to get dropout after it",
                                   action="note"))
+            continue
+        norm = feeds_norm(mm, anchor) if existing is None else None
+        if norm:
+            items.append(PlanItem(reg.name, info.path, info.kind, reg.variant_for(info.kind), None,
+                                  f"not inserted: the output of {anchor} feeds {norm}, a normalisation, "
+                                  f"through shape ops only (never dropout before a norm: it would normalise the "
+                                  f"mask away and shift its statistics at inference)", action="note"))
             continue
         reused = reuse_existing(reg, mm, info.kind, anchor, "after", rate, reason, existing, info.path)
         if reused is not None:

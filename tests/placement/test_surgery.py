@@ -19,7 +19,8 @@ from torch import nn
 import regfw
 from regfw.build.models import BUILTIN_MODELS
 from regfw.errors import ConfigError
-from regfw.placement.plan import apply_plan, make_plan
+from regfw.placement.plan import apply_plan, batchnorm_warnings, make_plan
+from regfw.placement.plan_items import PlanItem
 from regfw.placement.surgery import analyse, attach, is_batchnorm
 from regfw.registry.regularizers import build_regularizers
 from regfw.train.module import RegularizedModule
@@ -105,11 +106,14 @@ def test_transformer_encoder_layers_are_units_and_the_residual_stream_is_not_spl
     # the encoder layers' own dropouts (after self-attention, in and after the feed-forward block) are reused
     assert where(plan) == [("input", "before", "proj"), ("hidden", "after", "proj")] + [
         ("hidden", "set", f"encoder.layers.{i}.{d}") for i in (0, 1) for d in ("dropout1", "dropout", "dropout2")]
-    # Pre-norm blocks: proj's output feeds blocks.0.ln1 *and* the residual add, so dropout goes on
-    # proj itself; after ln1 it would drop only the attention branch.
+    # Pre-norm blocks: proj's output feeds blocks.0.ln1 *and* the residual add. After ln1 a dropout would
+    # drop only the attention branch; on proj it would feed ln1 (never dropout before a norm): none.
     _, plan = plan_for(PreNormTransformer(), X_SEQ, {"dropout": {"input": 0}})
-    anchors = {r.path: r.anchor for r in plan.rows()}
-    assert anchors["proj"] == "proj"
+    anchors = {r.path: r.anchor for r in plan.rows() if r.action != "note"}
+    assert "proj" not in anchors
+    assert [r.reason for r in plan.rows() if r.path == "proj"] == [
+        "not inserted: the output of proj feeds blocks.0.ln1, a normalisation, through shape ops only (never dropout "
+        "before a norm: it would normalise the mask away and shift its statistics at inference)"]
     assert anchors["blocks.0.mlp.0"] == "blocks.0.mlp.1"  # past the GELU
 
 
@@ -243,7 +247,13 @@ def test_planning_an_insertion_directly_before_a_batchnorm_warns():
             return self.head(self.bn(self.fc2(self.bn(self.fc1(x)))))
 
     _, plan = plan_for(SharedBN(), torch.randn(4, 8), {"dropout": {"input": 0}})
-    assert any("puts dropout on the output of 'fc1', which feeds BatchNorm 'bn'" in w for w in plan.warnings)
+    # the built-in planner puts nothing there (never dropout before a norm) ...
+    assert not plan.warnings
+    assert [r.action for r in plan.rows() if r.path == "fc1"] == ["note"]
+    # ... and a row another planner puts there anyway is warned about
+    row = PlanItem("dropout", "fc1", "hidden", "dropout", 0.3, "a plugin's own row", action="after", anchor="fc1")
+    assert any("puts dropout on the output of 'fc1', which feeds BatchNorm 'bn'" in w
+               for w in batchnorm_warnings(plan.context.model_map, [row]))
 
 
 def test_two_variants_for_one_kind_is_a_config_error_naming_both():
