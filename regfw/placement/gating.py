@@ -22,8 +22,9 @@ The rule is one property of the graph, the same for a traced pass and a ``torch.
 :class:`Lineage` records this during the example-input trace at the granularity of unit *calls*: each
 tensor carries the set of unit calls it was last computed by (through any functions), each call the
 calls its inputs came from. Factories that read only a tensor's shape or dtype (``torch.zeros_like``,
-``x.new_ones``) start a new lineage, and an index or mask only picks positions (``anchors[idx]`` of
-indices ``idx`` computed from the scores depends on the anchors alone). :func:`fx_gates` applies the
+``x.new_ones``) and ``detach`` (a constant to training: a detector's proposals, decoded from detached
+deltas) start a new lineage, and an index or mask only picks positions (``anchors[idx]`` of indices
+``idx`` computed from the scores depends on the anchors alone). :func:`fx_gates` applies the
 same rule to a ``torch.fx`` graph (where an index cannot be told from a value: no dtypes there).
 """
 from __future__ import annotations
@@ -59,6 +60,10 @@ _INDEXING = frozenset({
     "masked_fill", "masked_fill_", "index_put", "index_put_", "index_add", "index_copy", "index_fill", "scatter",
     "scatter_add", "scatter_reduce", "masked_scatter",
 })
+
+
+#: Functions whose output carries no gradient: a constant to training, as a parameter-free value is.
+_DETACH = frozenset({"detach", "detach_"})
 
 
 def shape_only_factory(name: str) -> bool:
@@ -115,8 +120,9 @@ class Lineage:
         """A function outside any unit read ``inputs`` and returned ``outputs``. The values it reads are
         those of every tensor operand except an index or mask (:data:`_INDEXING`: ``x[idx]`` depends on
         ``x``, not on the positions ``idx`` picks) and the operand of a factory that reads its shape only;
-        ``x[idx] = v`` makes ``x`` depend on ``v`` too."""
-        if shape_only_factory(name):
+        ``x[idx] = v`` makes ``x`` depend on ``v`` too. A detached value (``boxes.detach()``) is a constant
+        to training: it depends on nothing, so multiplying by it scales a path and gates nothing."""
+        if shape_only_factory(name) or name in _DETACH:
             source: frozenset[int] = frozenset()
         elif name in _INDEXING:
             source = self._union([t for k, t in enumerate(inputs)

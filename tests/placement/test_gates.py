@@ -201,3 +201,70 @@ class Decoder(nn.Module):
 def test_an_index_is_no_path():
     mm = analyse(Decoder().eval(), torch.randn(6, 4))
     assert mm.gates == set()
+
+
+class PositionConv(nn.Module):
+    """A convolutional position encoding with its own residual add: ``proj(t) + t``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, t):
+        return self.proj(t) + t
+
+
+class SpatialScale(nn.Module):
+    """A block scaled by a spatial map computed from its own output: the map's branch (pooling, a
+    convolution, a position encoding with a residual add) is a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.reduce, self.position = nn.Conv2d(1, 1, 3, padding=1), PositionConv()
+        self.out = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        m = self.position(self.reduce(h.mean(1, keepdim=True)))
+        return x + self.out(h * m)
+
+
+class SpatialNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 4, 3), SpatialScale(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_no_stochastic_depth_on_a_residual_branch_inside_a_gate():
+    """The position encoding's ``proj(t) + t`` lies on the gate of ``h * m``: DropPath there would drop
+    the gate for a sample, so that add gets a note; the block's own residual branch still gets one."""
+    regs = build_regularizers({"drop_path": {"rate": 0.1}})
+    plan = make_plan(SpatialNet().eval(), regs, n_examples=1000, example_input=torch.randn(2, 3, 10, 10))
+    anchors = {r.anchor for r in plan.rows() if r.action == "after"}
+    assert anchors == {"block.out"}, [(r.action, r.anchor, r.reason) for r in plan.rows()]
+    assert any("on a gate" in r.reason for r in plan.rows() if r.action == "note"), [r.reason for r in plan.rows()]
+
+
+class TwoStage(nn.Module):
+    """A two-stage refinement: coarse boxes, detached (a constant to the second stage, as a detector's
+    proposals are), feed a refining MLP whose deltas are scaled by the coarse boxes' widths. The widths
+    depend on nothing the training would change through this product: a scale, no gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.coarse = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.fine = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        boxes = self.coarse(h).detach()
+        return self.fine(torch.cat([h, boxes], -1)) * (boxes[:, 2:] - boxes[:, :2])
+
+
+def test_a_detached_operand_scales_and_gates_nothing():
+    mm = analyse(TwoStage().eval(), torch.randn(6, 4))
+    assert mm.gates == set()
