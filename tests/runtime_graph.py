@@ -27,7 +27,9 @@ Ops are classified by what they compute, never by module or attribute names:
   (a detection loss's ``regression[fg] * anchor_widths[fg]`` multiplies the image's features by values
   of the image size: the matched indices ``fg`` they share are no fork of one path). Both paths, and
   their common ancestor, must depend on the input's values (:meth:`Graph.computed`): a value made of
-  parameters, constants or labels only scales a path, it does not gate it.
+  parameters, constants or labels only scales a path, it does not gate it. An in-place write into a
+  view writes its base: a batch made by ``images[0].new_full(shape, 0)`` and ``batch[i].copy_(img)``
+  (torchvision's detection transform) depends on the images.
 """
 from __future__ import annotations
 
@@ -185,6 +187,10 @@ class _Recorder(TorchDispatchMode):
         node.param_derived = bool(flat_in) and all(d or id(a) in self.params for a, d in zip(flat_in, derived,
                                                                                                 strict=True))
         node.weight = name in WEIGHT_OPS and any(derived) and not node.param_derived
+        base = flat_in[0]._base if name.endswith("_") and flat_in else None
+        if base is not None:  # an in-place write into a view (``batch[i].copy_(img)``) writes its base too
+            self.producer[id(base)] = node.index
+            self.keep.append(base)
         return out
 
 

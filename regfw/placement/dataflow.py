@@ -391,7 +391,7 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
             read = [t for t in ts if id(t) in used] if flow.inner_calls.get(path) else ts
             in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in read))
             if call_index:
-                lineage.finish(call_index.pop(), read, iter_tensors(output), given)
+                lineage.finish(call_index.pop(), read, output, given)
             out = _first_tensor(output)
             if out is not None:
                 keep.append(out)

@@ -7,8 +7,8 @@ on a gate lets the gate exceed its range, so no unit on one gets dropout after i
 
 The rule is one property of the graph, the same for a traced pass and a ``torch.fx`` graph:
 
-* a **product** is an elementwise multiply of two operands that both depend on computed values with a
-  common ancestor (the model's input, usually): ``x * gamma`` of a parameter is a scale, not a gate;
+* a **product** is an elementwise multiply of two operands that both depend on the model's input: ``x *
+  gamma`` of a parameter, or ``deltas * widths`` of anchors computed from shapes only, is a scale;
 * of a product ``a * b``, the *gating branch* of ``a`` is every unit ``a`` depends on that ``b`` does not,
   called inside the module that multiplies (so the gating branch starts where it leaves the main path,
   and a gate in block ``k`` never reaches back into block ``k - 1``);
@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
+from regfw.tensors import iter_tensors
 
 #: Elementwise products, by the torch function or method name.
 MUL = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"})
@@ -66,6 +69,15 @@ _INDEXING = frozenset({
 _DETACH = frozenset({"detach", "detach_"})
 
 
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: nested tuples, lists and dicts, and the attributes of a plain object
+    holding them (torchvision's ``ImageList``: ``.tensors``)."""
+    found = list(iter_tensors(value))
+    if not found and hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor)):
+        found = list(iter_tensors(list(vars(value).values())))
+    return found
+
+
 def shape_only_factory(name: str) -> bool:
     """A function that reads only its tensor operand's shape, dtype and device (``zeros_like``,
     ``new_ones``): its output does not depend on the operand's values."""
@@ -79,8 +91,9 @@ class Lineage:
     def __init__(self) -> None:
         self.paths: list[str | None] = [None]
         self.preds: list[frozenset[int]] = [frozenset()]
-        #: per call, the calls with no predecessor it depends on (for "a common ancestor exists")
-        self.roots: list[frozenset[int]] = [frozenset({INPUT})]
+        #: per call, whether it depends on the model's inputs (a call of constants only does not: an anchor
+        #: generator that reads its inputs' shapes only)
+        self.from_input: list[bool] = [True]
         #: tensor id -> the calls that last computed it
         self.of: dict[int, frozenset[int]] = {}
         #: tensor id -> the squashing function it comes out of
@@ -89,25 +102,30 @@ class Lineage:
         self.scopes: list[int] = [1]
         #: the last function a unit's own forward called, and its output
         self.last_inner: tuple[str, object] | None = None
+        #: tensors whose ids are recorded here and that nothing else keeps alive
+        self.keep: list[torch.Tensor] = []
 
     def start(self, path: str) -> int:
         """A unit call begins: its index."""
         self.paths.append(path)
         self.preds.append(frozenset())
-        self.roots.append(frozenset())
+        self.from_input.append(False)
         return len(self.paths) - 1
 
-    def finish(self, call: int, inputs: list[torch.Tensor], outputs: Iterable[torch.Tensor],
-               given: set[int]) -> None:
-        """A unit call ended: it read ``inputs`` and returned ``outputs``. An output that is one of its
+    def finish(self, call: int, inputs: list[torch.Tensor], output: Any, given: set[int]) -> None:
+        """A unit call ended: it read ``inputs`` and returned ``output`` (tensors in tuples, lists,
+        dicts, or attributes of an object such as torchvision's ``ImageList``). An output that is one of its
         inputs (``given``) is the unit's own when the unit read it (an in-place ``ReLU``), and keeps its
         lineage when the unit only passed it on (FPN's extra block returns the list it got)."""
         preds = self._union(inputs)
         self.preds[call] = preds
-        self.roots[call] = frozenset().union(*(self.roots[p] for p in preds)) if preds else frozenset({call})
+        # an input of unknown origin (a parameter or buffer passed in, or a tensor no function returned
+        # in sight) may depend on the model's inputs: counted so, as gating more only places less
+        unknown = any(id(t) not in self.of for t in inputs)
+        self.from_input[call] = unknown or any(self.from_input[p] for p in preds)
         read = {id(t) for t in inputs}
         last = self.last_inner
-        for t in outputs:
+        for t in tensors_in(output):
             if id(t) in given and id(t) not in read:
                 continue
             self.of[id(t)] = frozenset({call})
@@ -120,8 +138,10 @@ class Lineage:
         """A function outside any unit read ``inputs`` and returned ``outputs``. The values it reads are
         those of every tensor operand except an index or mask (:data:`_INDEXING`: ``x[idx]`` depends on
         ``x``, not on the positions ``idx`` picks) and the operand of a factory that reads its shape only;
-        ``x[idx] = v`` makes ``x`` depend on ``v`` too. A detached value (``boxes.detach()``) is a constant
-        to training: it depends on nothing, so multiplying by it scales a path and gates nothing."""
+        ``x[idx] = v`` makes ``x`` depend on ``v`` too, and an in-place write into a view makes its base
+        depend on what was written (torchvision's detection transform batches its images so). A detached
+        value (``boxes.detach()``) is a constant to training: it depends on nothing, so multiplying by it
+        scales a path and gates nothing."""
         if shape_only_factory(name) or name in _DETACH:
             source: frozenset[int] = frozenset()
         elif name in _INDEXING:
@@ -131,13 +151,15 @@ class Lineage:
             source = self._union(inputs)
         if name == "__setitem__" and inputs:
             outputs = [inputs[0]]
+        if inputs and (name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))):
+            base = inputs[0]._base  # an in-place write into a view (``batch[i].copy_(img)``) writes its base
+            if base is not None:
+                self.keep.append(base)
+                self.of[id(base)] = self.of.get(id(base), frozenset()) | source
         squash = name if name in SQUASH else (
             self.squashed.get(id(inputs[0])) if name in _PASSING and len(inputs) == 1 else None)
         for t in outputs:
-            if source:
-                self.of[id(t)] = source
-            else:
-                self.of.pop(id(t), None)
+            self.of[id(t)] = source  # empty: a constant (a factory's, or of constants only)
             if squash:
                 self.squashed[id(t)] = squash
             else:
@@ -167,9 +189,8 @@ class Lineage:
         fa, fb = self.of.get(id(a)), self.of.get(id(b))
         if not fa or not fb or fa == fb:
             return set()
-        roots_a = frozenset().union(*(self.roots[c] for c in fa))
-        if not roots_a & frozenset().union(*(self.roots[c] for c in fb)):
-            return set()  # no common ancestor
+        if not any(self.from_input[c] for c in fa) or not any(self.from_input[c] for c in fb):
+            return set()  # a value of constants or parameters only on one side: a scale
         squash = [self.squashed.get(id(a)), self.squashed.get(id(b))]
         if name in MATMUL:
             picked = [s in SOFTMAX for s in squash]

@@ -268,3 +268,51 @@ class TwoStage(nn.Module):
 def test_a_detached_operand_scales_and_gates_nothing():
     mm = analyse(TwoStage().eval(), torch.randn(6, 4))
     assert mm.gates == set()
+
+
+class Positions(nn.Module):
+    """Per-row positions built from the input's shape only (an anchor generator reads the feature maps'
+    sizes, never their values)."""
+
+    def forward(self, feats):
+        return torch.arange(feats.shape[0], dtype=feats.dtype).unsqueeze(-1) + 1.0
+
+
+class ScaledByPosition(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.positions = nn.Linear(4, 8), Positions()
+        self.delta = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return self.delta(h) * self.positions(h)
+
+
+def test_a_unit_that_reads_shapes_only_gives_a_scale_not_a_gate():
+    """``delta(h) * positions(h)``: the positions depend on ``h``'s shape, not on the input's values."""
+    mm = analyse(ScaledByPosition().eval(), torch.randn(6, 4))
+    assert mm.gates == set()
+
+
+class BatchedExcite(nn.Module):
+    """Squeeze-excitation behind a batching step written in place (``new_full``, then each image copied
+    into its slice, as torchvision's detection transform does): the batch depends on the images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.squeeze, self.expand = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, images):
+        batch = images[0].new_full((len(images), *images[0].shape), 0.0)
+        for i, img in enumerate(images):
+            batch[i].copy_(img)
+        x = self.conv(batch)
+        s = torch.sigmoid(self.expand(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        return self.head((x * s).mean((2, 3)))
+
+
+def test_a_batch_written_in_place_depends_on_its_images():
+    mm = analyse(BatchedExcite().eval(), [torch.randn(3, 8, 8), torch.randn(3, 8, 8)])
+    assert mm.gates == {"squeeze", "expand"}

@@ -155,6 +155,27 @@ class IndexedGate(nn.Module):
         return x[fg] * torch.sigmoid(self.drop(torch.relu(self.fc(x))))[fg]
 
 
+class Batched(nn.Module):
+    """A squeeze-excitation gate with a dropout inside, behind a batching step as torchvision's detection
+    transform writes it: ``new_full`` of the batch shape, then each image copied into its slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate(4, True)
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        batch = images[0].new_full((len(images), *images[0].shape), 0.0)
+        for i, img in enumerate(images):
+            batch[i].copy_(img)
+        return self.gate(batch)
+
+
+def test_a_batch_written_in_place_depends_on_its_images():
+    torch.manual_seed(0)
+    graph = runtime_graph.record(Batched().train(), [torch.randn(4), torch.randn(4)], stochastic)
+    assert graph.modules["gate.drop"][0] in runtime_graph.gate_nodes(graph)
+
+
 def test_shared_indices_shape_factories_and_labels_make_no_gate():
     """An index or mask selects positions, a ``*_like`` factory reads a shape, a target holds labels:
     none is a path of the input, so a dropout on a path multiplied by a value they produce is on no gate
