@@ -22,7 +22,15 @@ Ops are classified by what they compute, never by module or attribute names:
 * a **gate** is an elementwise multiply of two computed paths with a common ancestor: every op since
   they forked, inside the module that multiplies, on the path that ends in a squashing op (sigmoid,
   hard sigmoid, tanh, softmax) is on the gate; where neither or both do (a gated MLP's ``u * v``),
-  both paths are.
+  both paths are. Paths are followed through the *values* an op reads (:attr:`Node.values`): the
+  index or mask operand of an indexing op only selects positions, and a factory (``zeros_like``,
+  ``new_ones``) reads its operand's shape and dtype only, so neither makes two paths share an ancestor
+  (a detection loss's ``regression[fg] * anchor_widths[fg]`` multiplies the image's features by values
+  of the image size: the matched indices ``fg`` they share are no fork of one path). Both paths, and
+  their common ancestor, must depend on the input's values (:meth:`Graph.computed`): a value made of
+  parameters, constants or labels only scales a path, it does not gate it. An in-place write into a
+  view writes its base: a batch made by ``images[0].new_full(shape, 0)`` and ``batch[i].copy_(img)``
+  (torchvision's detection transform) depends on the images.
 """
 from __future__ import annotations
 
@@ -49,6 +57,10 @@ SHAPE_OPS = frozenset({"view", "_unsafe_view", "reshape", "permute", "transpose"
 SOFTMAX_OPS = frozenset({"_softmax", "softmax", "_safe_softmax", "_log_softmax"})
 SDPA_PREFIX = "_scaled_dot_product"
 MUL_OPS = frozenset({"mul", "mul_"})
+#: Ops whose integer or bool operands (after the first, the indexed tensor) select positions.
+INDEX_OPS = frozenset({"index", "_index_put_impl_", "index_put", "index_put_", "index_select", "gather", "take",
+                       "masked_select", "masked_fill", "masked_fill_", "masked_scatter", "index_add",
+                       "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce", "_unsafe_index"})
 #: Ops that squash a value into a fixed range: the branch ending in one is the gate of a multiply.
 SQUASH_OPS = frozenset({"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "tanh", "tanh_", *SOFTMAX_OPS})
 
@@ -71,6 +83,9 @@ class Node:
     weight: bool = False
     param_derived: bool = False
     operands: list[int] = field(default_factory=list)  #: the producer per tensor operand, -1 for none
+    #: the producers of the operands whose values the op reads: not an index or mask of an indexing op
+    #: (:data:`INDEX_OPS`), nothing of a factory that reads its operand's shape only (:func:`shape_only`)
+    values: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -90,7 +105,9 @@ class Graph:
                     out.setdefault(i, []).append(node.index)
         return out
 
-    def ancestors(self, start: int) -> set[int]:
+    def ancestors(self, start: int, values: bool = False) -> set[int]:
+        """``start`` and every node it depends on; with ``values``, through the operands whose values
+        each op reads only (:attr:`Node.values`)."""
         seen: set[int] = set()
         stack = [start]
         while stack:
@@ -98,8 +115,33 @@ class Graph:
             if i < 0 or i in seen:
                 continue
             seen.add(i)
-            stack.extend(self.nodes[i].inputs)
+            stack.extend(self.nodes[i].values if values else self.nodes[i].inputs)
         return seen
+
+
+    def computed(self) -> set[int]:
+        """The nodes whose values depend on the input's (through :attr:`Node.values`): the paths of the
+        forward pass. A value made of parameters, constants or labels only is none (a loss's class
+        weights ``alpha * t + (1 - alpha) * (1 - t)`` of a target ``t`` scattered into ``zeros_like(logits)``)."""
+        out: set[int] = set()
+        for node in self.nodes:  # in execution order: every operand comes first
+            if node.kind == "input" or any(i in out for i in node.values):
+                out.add(node.index)
+        return out
+
+
+def shape_only(name: str) -> bool:
+    """An op that reads only its tensor operand's shape, dtype and device (``zeros_like``, ``new_ones``)."""
+    return name.endswith("_like") or name.startswith("new_")
+
+
+def _value_operands(name: str, args: list[Tensor], operands: list[int]) -> list[int]:
+    if shape_only(name):
+        return []
+    if name in INDEX_OPS:
+        return [i for k, (a, i) in enumerate(zip(args, operands, strict=True))
+                if i >= 0 and (k == 0 or a.is_floating_point() or a.is_complex())]
+    return [i for i in operands if i >= 0]
 
 
 class _Recorder(TorchDispatchMode):
@@ -117,7 +159,9 @@ class _Recorder(TorchDispatchMode):
 
     def add(self, kind: str, name: str, args: list[Tensor], outs: list[Tensor]) -> Node:
         operands = [self.producer_of(a) for a in args]
-        node = Node(len(self.nodes), kind, name, [i for i in operands if i >= 0], self.scopes[-1], operands=operands)
+        node_inputs = [i for i in operands if i >= 0]
+        node = Node(len(self.nodes), kind, name, node_inputs, self.scopes[-1], operands=operands,
+                    values=_value_operands(name, args, operands) if kind == "op" else node_inputs)
         self.nodes.append(node)
         for t in outs:
             self.producer[id(t)] = node.index
@@ -144,6 +188,10 @@ class _Recorder(TorchDispatchMode):
         node.param_derived = bool(flat_in) and all(d or id(a) in self.params for a, d in zip(flat_in, derived,
                                                                                                 strict=True))
         node.weight = name in WEIGHT_OPS and any(derived) and not node.param_derived
+        base = flat_in[0]._base if name.endswith("_") and flat_in else None
+        if base is not None:  # an in-place write into a view (``batch[i].copy_(img)``) writes its base too
+            self.producer[id(base)] = node.index
+            self.keep.append(base)
         return out
 
 
@@ -348,14 +396,17 @@ def feeds_qkv(graph: Graph, node: int, qkv: list[int], consumers: dict[int, list
 def gate_nodes(graph: Graph) -> set[int]:
     """Every node on a gate (see the module docstring)."""
     on_gate: set[int] = set()
+    computed = graph.computed()
     for node in graph.nodes:
         if node.kind != "op" or node.name not in MUL_OPS or len(node.operands) < 2:
             continue
         a, b = node.operands[0], node.operands[1]
         if a < 0 or b < 0 or graph.nodes[a].param_derived or graph.nodes[b].param_derived:
             continue
-        left, right = graph.ancestors(a), graph.ancestors(b)
-        common = {i for i in left & right if not graph.nodes[i].param_derived}
+        if a not in computed or b not in computed:
+            continue
+        left, right = graph.ancestors(a, values=True), graph.ancestors(b, values=True)
+        common = {i for i in left & right if i in computed}
         if not common:
             continue
         squashed = [_squashed(graph, a), _squashed(graph, b)]

@@ -133,9 +133,12 @@ def planned_module(model: nn.Module, row: PlanItem | Any) -> tuple[str, nn.Modul
 def residual_branches(model: nn.Module, ctx: PlanContext | Any) -> tuple[list[ResidualSite], list[str], str | None]:
     """``(sites, blocks, error)``: every residual add of ``model`` (a :class:`ResidualSite` each), the
     blocks holding a branch that can carry a module, in forward order (adds in one block share a
-    rate), and why the adds could not be found (the model cannot be traced), else None."""
-    sites, error = model_map(model, ctx).residuals.result
-    blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None))
+    rate), and why the adds could not be found (the model cannot be traced), else None. A branch whose
+    anchor lies on a gate (the position convolution inside a spatial-attention branch that scales the
+    features) carries nothing: dropping it for a sample would change the gate, not skip a block."""
+    mm = model_map(model, ctx)
+    sites, error = mm.residuals.result
+    blocks = list(dict.fromkeys(s.block for s in sites if s.anchor is not None and s.anchor not in mm.gates))
     return sites, blocks, error
 
 
@@ -175,14 +178,15 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         rows.append(PlanItem(reg.name, "", K.RESIDUAL, reg.variant_for(K.RESIDUAL), None, capture, action="note"))
     for site in sites:
         where = f"residual add {site.node!r}"
-        if site.anchor is None:
-            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
-                                 f"not inserted at {where}: {site.problem}", action="note"))
-            continue
-        if site.anchor in mm.qkv and not is_path_drop(mm.module(site.anchor)):
+        if site.anchor is not None and site.anchor in mm.qkv and not is_path_drop(mm.module(site.anchor)):
             rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
                                  f"not inserted at {where}: the branch's output reaches attention's query, key or "
                                  f"value with no weight layer between (q/k/v get no dropout)", action="note"))
+            continue
+        if site.anchor is None or site.anchor in mm.gates:  # (attention's scores weight a path too: q/k/v first)
+            problem = site.problem or f"the branch ends in {site.anchor!r}, on a gate (docs/placement.md)"
+            rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), None,
+                                 f"not inserted at {where}: {problem}", action="note"))
             continue
         index = blocks.index(site.block)
         rate = rates[index]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regfw.placement import foreign, tracing
+from regfw.placement import foreign, gating, tracing
 from regfw.placement import kinds as K
 from regfw.placement.untouched import untouched
 from regfw.tensors import iter_tensors
@@ -79,8 +79,9 @@ class Dataflow:
     out_dims: dict[str, int] = field(default_factory=dict)
     #: Units in the order a forward pass first calls them (trace and fx only).
     order: list[str] = field(default_factory=list)
-    #: Units whose output is the *gate* operand of an elementwise product (``scale * x`` of a
-    #: squeeze-excitation block, both operands of a gated linear unit ``a * sigmoid(b)``).
+    #: Units on a *gating branch* (:mod:`regfw.placement.gating`): those one operand of a product depends on
+    #: and the other does not, inside the module that multiplies (the whole ``fc1 -> relu -> fc2 -> sigmoid``
+    #: branch of a squeeze-excitation ``x * s``, both branches of a gated linear unit ``u * v``).
     gates: set[str] = field(default_factory=set)
     #: Units whose output reaches a model output with no unit with parameters in between (trace only;
     #: parameterless units and norms pass their sources on).
@@ -174,9 +175,6 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-_MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
-
-
 def is_pool_op(name: str) -> bool:
     """A torch function that pools over positions: every ``*pool*`` function (max, average, adaptive, Lp)
     and the reductions ``mean`` / ``amax`` a global pool is written with."""
@@ -197,13 +195,14 @@ _SHAPE_OF_SECOND = frozenset({"view_as", "reshape_as", "expand_as", "type_as"})
 class _FunctionWatch(torch.overrides.TorchFunctionMode):
     """Sees every torch function called outside a unit and marks the units whose outputs it
     consumes (``x + a``, ``F.relu(a)``, ``a.flatten(1)``); records the functions a unit calls
-    itself, the gate operands of elementwise products, and which units each tensor comes from
-    without a unit with parameters in between (``sources``)."""
+    itself, the gating branches of products (by the lineage of unit calls, :class:`gating.Lineage`), and
+    which units each tensor comes from without a unit with parameters in between (``sources``)."""
 
     def __init__(self, flow: Dataflow, producer: dict[int, str], depth: list[int], current: list[str],
                  sources: dict[int, frozenset], keep: list, unit_inputs: list[tuple[set[int], set[int]]],
-                 silent: list[int], pooled: dict[int, str]) -> None:
+                 silent: list[int], pooled: dict[int, str], lineage: gating.Lineage) -> None:
         super().__init__()
+        self.lineage = lineage
         #: tensor id -> the unit whose output it is, pooled (then reshaped): see :attr:`Dataflow.pooled`
         self.pooled = pooled
         self.flow, self.producer, self.depth, self.current = flow, producer, depth, current
@@ -225,12 +224,25 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 if self.unit_inputs:
                     given, used = self.unit_inputs[-1]
                     used.update(i for i in map(id, (*iter_tensors(args), *iter_tensors(kwargs))) if i in given)
+                out = func(*args, **kwargs)
+                self.lineage.last_inner = (name, out)  # a unit's forward ending in a squash squashes
+                return out
             return func(*args, **kwargs)
         if name in _METADATA:
             return func(*args, **kwargs)
         inputs = [*iter_tensors(args), *iter_tensors(kwargs)]
         if name in _SHAPE_OF_SECOND and len(inputs) == 2:
             inputs = inputs[:1]
+        out = self._outside(func, name, inputs, args, kwargs)
+        outputs = list(iter_tensors(out))
+        self.keep.extend(outputs)
+        self.lineage.follow(name, inputs, outputs)
+        if name in gating.MUL or name in gating.MATMUL:
+            self.flow.gates |= self.lineage.gates(name, inputs)
+        return out
+
+    def _outside(self, func, name: str, inputs: list[torch.Tensor], args, kwargs):
+        """Call ``func`` (run outside any unit) and record which units' outputs it consumes."""
         if name in SHAPE_OPS and len(inputs) == 1 and id(inputs[0]) in self.producer:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):  # a reshaped unit output is that unit's output
@@ -253,9 +265,9 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 self.sources[id(out)] = self.sources[id(inputs[0])]
             return out
         for t in inputs:
-            src = self.producer.get(id(t))
-            if src is not None:
-                self.flow.link(src, FUNCTION, name)
+            consumed = self.producer.get(id(t))
+            if consumed is not None:
+                self.flow.link(consumed, FUNCTION, name)
         if len(inputs) == 1 and isinstance(out, torch.Tensor):
             # ``x.mean((2, 3))``, ``F.adaptive_avg_pool2d(x, 1).flatten(1)``: the unit the pooled value reaches
             via = self.producer.get(id(inputs[0])) if is_pool_op(name) else None
@@ -264,8 +276,6 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
             if via is not None:
                 self.keep.append(out)
                 self.pooled[id(out)] = via
-        if name in _MUL:
-            self._gates(inputs)
         # a chain of one-tensor functions after a unit (``F.dropout(torch.relu(fc(x)))``): each function
         # on it counts as a user of that unit
         origin = self.chain.get(id(inputs[0])) if len(inputs) == 1 else None
@@ -283,23 +293,6 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 self.keep.append(t)
                 self.sources[id(t)] = self.sources.get(id(t), frozenset()) | carried
         return out
-
-    def _gates(self, operands: list[torch.Tensor]) -> None:
-        """``a * b`` of two feature tensors from two paths: the broadcast (smaller) operand is the gate;
-        of equal sizes (a gated linear unit), both are. An operand counts as its unit's output through a
-        chain of one-tensor functions (``x * torch.sigmoid(self.fc(s))``, ``softmax`` weights); two
-        operands from one unit (``h * torch.sigmoid(h)``, a swish written out) are an activation, not a gate."""
-        if len(operands) != 2 or min(t.numel() for t in operands) <= 1:
-            return
-        a, b = operands
-        origin = {id(t): self.producer.get(id(t)) or self.chain.get(id(t)) for t in operands}
-        if origin[id(a)] is not None and origin[id(a)] == origin[id(b)]:
-            return
-        gates = [a, b] if a.numel() == b.numel() else [min(operands, key=lambda t: t.numel())]
-        for t in gates:
-            src = origin[id(t)]
-            if src is not None:
-                self.flow.gates.add(src)
 
 
 #: Elementwise nonlinearities by function name (those of :data:`regfw.placement.structure.NONLINEAR` that may act in
@@ -380,11 +373,14 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
     handles = []
     silent = [0]
     pooled: dict[int, str] = {}
+    lineage = gating.Lineage()
+    call_index: list[int] = []  # per running unit call: its index in ``lineage``
 
     def pre(path: str):
         def hook(module, args, kwargs):
             depth[0] += 1
             current.append(path)
+            call_index.append(lineage.start(path))
             ts = [*iter_tensors(args), *iter_tensors(kwargs)]
             in_tensors[path] = ts
             unit_inputs.append(({id(t) for t in ts}, set()))
@@ -413,6 +409,8 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
             # input counts as used
             read = [t for t in ts if id(t) in used] if flow.inner_calls.get(path) else ts
             in_sources[path] = frozenset().union(*(sources.get(id(t), frozenset()) for t in read))
+            if call_index:
+                lineage.finish(call_index.pop(), read, output, given)
             out = _first_tensor(output)
             if out is not None:
                 keep.append(out)
@@ -436,6 +434,12 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
                 sources[id(t)] = carried
         return hook
 
+    def enter(module, args):  # a module that is no unit: a scope for the gates of the products it computes
+        lineage.scopes.append(len(lineage.paths))
+
+    def leave(module, args, output):
+        lineage.scopes.pop()
+
     def hush(module, args):
         silent[0] += 1
 
@@ -452,10 +456,16 @@ def _trace_pass(model: nn.Module, units: dict[str, nn.Module], example_input: An
             if path.rsplit(".", 1)[-1].startswith(INJECTED_PREFIX):
                 handles.append(module.register_forward_pre_hook(hush))
                 handles.append(module.register_forward_hook(unhush, always_call=True))
+            elif path not in units:
+                handles.append(module.register_forward_pre_hook(enter))
+                handles.append(module.register_forward_hook(leave, always_call=True))
+        for t in iter_tensors(example_input):
+            lineage.of[id(t)] = frozenset({gating.INPUT})
         try:
             model.train(training)
             with torch.no_grad(), foreign.watch_functional_dropout(model), \
-                    _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs, silent, pooled):
+                    _FunctionWatch(flow, producer, depth, current, sources, keep, unit_inputs, silent, pooled,
+                                   lineage):
                 output = call_with_example(model, example_input)
             for t in iter_tensors(output):
                 flow.output_sources |= sources.get(id(t), frozenset())
@@ -505,7 +515,7 @@ def _module_producer(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
+def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module], modules: dict[str, nn.Module]) -> Dataflow:
     flow = Dataflow("fx")
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in units:
@@ -525,8 +535,7 @@ def _from_fx(graph: torch.fx.Graph, units: dict[str, nn.Module]) -> Dataflow:
             else:
                 name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
                 flow.link(node.target, FUNCTION, name)
-                if name in _MUL:  # no sizes without an example input: every operand counts as a gate
-                    flow.gates.add(node.target)
+    flow.gates = gating.fx_gates(graph, units, modules)
     return flow
 
 
@@ -593,7 +602,7 @@ def build_dataflow(model: nn.Module, units: dict[str, nn.Module],
             f"followed by BatchNorm outside an nn.Sequential may get dropout before the BatchNorm. "
             f"Pass example_input (one input batch) to plan with a traced forward pass"
         )
-    return _from_fx(graph, units), None
+    return _from_fx(graph, units, dict(model.named_modules())), None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -622,24 +631,6 @@ class ResidualSite:
     #: The module producing the shortcut operand (a projection's BatchNorm), if any: the residual
     #: stream itself, which never gets dropout.
     shortcut_module: str | None = None
-
-
-def _ancestors(node: torch.fx.Node, cache: dict) -> frozenset:
-    if node in cache:
-        return cache[node]
-    out: set = set()
-    stack = [a for a in node.all_input_nodes]
-    while stack:
-        n = stack.pop()
-        if n in out:
-            continue
-        out.add(n)
-        if n in cache:
-            out |= cache[n]
-            continue
-        stack.extend(n.all_input_nodes)
-    cache[node] = frozenset(out)
-    return cache[node]
 
 
 def _param_modules(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> int:
@@ -698,7 +689,7 @@ def find_residuals(model: nn.Module, leaves: Iterable[nn.Module] = (), example_i
         if not _is_add(node):
             continue
         a, b = node.args[0], node.args[1]
-        anc_a, anc_b = _ancestors(a, cache) | {a}, _ancestors(b, cache) | {b}
+        anc_a, anc_b = gating.ancestors(a, cache) | {a}, gating.ancestors(b, cache) | {b}
         common = anc_a & anc_b
         if not common:
             continue  # e.g. x + a learned positional embedding: not a residual connection

@@ -7,10 +7,11 @@ Placement rules need facts that a module's type does not tell for models written
   has its input's shape and whose forward calls only elementwise functions, at least one of them
   a nonlinearity (timm's ``GELU`` calls ``F.gelu``; it is not an ``nn.GELU``). The score softmax
   of attention is not elementwise and never counts.
-* **gating paths** (:func:`gate_units`): the branch whose output multiplies the main feature map
-  -- the squeeze-excitation ``scale * x`` (Hu et al., CVPR 2018), gated linear units ``a * s(b)``
-  (Dauphin et al., ICML 2017). Dropout there would let gates exceed 1, so no unit of the branch
-  gets dropout after it.
+* **gating paths** (:func:`gate_units`): the branch whose output multiplies, or softmax-weights,
+  another path -- the squeeze-excitation ``scale * x`` (Hu et al., CVPR 2018), gated linear units
+  ``a * s(b)`` (Dauphin et al., ICML 2017), focal modulation's ``ctx * gates``, global-context
+  pooling's ``x @ softmax(conv(x))``. Dropout there would let gates exceed their range, so no unit of
+  the branch gets dropout after it; the branch is found by lineage (:mod:`regfw.placement.gating`).
 * **attention internals**: found by what the forward computes, in :mod:`regfw.placement.attention`
   (the one detector: q/k/v and everything feeding them with no weight layer between never get
   hidden-layer dropout). :func:`attention_modules` here is only the fallback for a bare model with
@@ -90,19 +91,9 @@ def is_norm(path: str, module: nn.Module, flow: Dataflow) -> bool:
 
 
 def gate_units(flow: Dataflow) -> set[str]:
-    """Every unit on a gating path: a gate operand's producer and the chain of units feeding it
-    back to where the branch leaves the main path (a unit with a single consumer each)."""
-    found: set[str] = set()
-    for gate in flow.gates:
-        found.add(gate)
-        cur = gate
-        while True:
-            before = flow.prev(cur)
-            if before is None or flow.successors.get(before) != [cur] or before in found:
-                break
-            found.add(before)
-            cur = before
-    return found
+    """Every unit on a gating branch (:mod:`regfw.placement.gating`): the units one operand of a product
+    depends on and the other does not, inside the module that multiplies."""
+    return set(flow.gates)
 
 
 def attention_like(module: nn.Module) -> bool:

@@ -152,3 +152,100 @@ class TalkingHeads(nn.Module):
 
 def test_scores_through_a_weight_layer_are_still_scores():
     assert _operands(TalkingHeads())
+
+
+class MatchedLoss(nn.Module):
+    """A detection loss in miniature: the regression of the positions a comparison selects, times a
+    per-position constant table (anchor widths) picked by the same indices. The indices only select
+    positions: the table's values do not come from the features, so nothing here is a gate."""
+
+    def __init__(self, drop: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5) if drop else nn.Identity()
+        self.register_buffer("widths", torch.arange(1.0, 7.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reg = self.drop(torch.relu(self.fc(x)))
+        fg = (x[:, 0] > 0).nonzero().squeeze(1)  # the matched positions, computed from the input
+        return reg[fg, 0] * self.widths[fg]
+
+
+class FactoryScale(nn.Module):
+    """``h * ramp`` where the ramp is built by ``ones_like(x)``: the factory reads ``x``'s shape only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.relu(self.fc(x))) * torch.ones_like(x).cumsum(-1)
+
+
+class WeightedLoss(nn.Module):
+    """A focal loss in miniature: the per-element loss of the logits against a target scattered into
+    ``zeros_like(logits)`` at matched positions, times class weights computed from that target alone.
+    The weights depend on the labels, not on the input: a scale of the loss, no gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(self.drop(torch.relu(self.fc(x))))
+        target = torch.zeros_like(logits)
+        target[torch.arange(len(x)), (x[:, 0] > 0).long()] = 1.0
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return (0.25 * target + 0.75 * (1 - target)) * loss
+
+
+class IndexedGate(nn.Module):
+    """The positive control: both operands are values of ``x`` (indexed alike), one squashed: a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = (x[:, 0] > 0).nonzero().squeeze(1)
+        return x[fg] * torch.sigmoid(self.drop(torch.relu(self.fc(x))))[fg]
+
+
+class Batched(nn.Module):
+    """A squeeze-excitation gate with a dropout inside, behind a batching step as torchvision's detection
+    transform writes it: ``new_full`` of the batch shape, then each image copied into its slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate(4, True)
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        batch = images[0].new_full((len(images), *images[0].shape), 0.0)
+        for i, img in enumerate(images):
+            batch[i].copy_(img)
+        return self.gate(batch)
+
+
+def test_a_batch_written_in_place_depends_on_its_images():
+    torch.manual_seed(0)
+    graph = runtime_graph.record(Batched().train(), [torch.randn(4), torch.randn(4)], stochastic)
+    assert graph.modules["gate.drop"][0] in runtime_graph.gate_nodes(graph)
+
+
+def test_shared_indices_shape_factories_and_labels_make_no_gate():
+    """An index or mask selects positions, a ``*_like`` factory reads a shape, a target holds labels:
+    none is a path of the input, so a dropout on a path multiplied by a value they produce is on no gate
+    (the recorded training pass of RetinaNet put its whole backbone "on a gate" through its box loss's
+    matched indices and its focal loss's class weights); a dropout on a sigmoid branch indexed the same
+    way still is."""
+    x = torch.tensor([[1.0, 0, 0, 0], [-1, 0, 0, 0], [2, 1, 0, 0], [3, 0, 1, 0], [-2, 1, 1, 1], [1, 1, 1, 1]])
+    for model in (MatchedLoss(drop=True), FactoryScale(), WeightedLoss()):
+        model.train()
+        graph = runtime_graph.record(model, x, stochastic)
+        drop = graph.modules["drop"][0]
+        assert drop not in runtime_graph.gate_nodes(graph), type(model).__name__
+    graph = runtime_graph.record(IndexedGate().train(), x, stochastic)
+    assert graph.modules["drop"][0] in runtime_graph.gate_nodes(graph)
