@@ -79,10 +79,21 @@ def test_head_only_dropout_keeps_the_split_at_least_twice_as_fast_as_batched():
 # --------------------------------------------------------------------------- the default: predicted from the graph
 
 
-def input_dropout() -> nn.Module:
-    """The same trunk with dropout on its input: nothing before the first stochastic layer to reuse."""
+class Centred(nn.Module):
+    """Subtracts the batch mean: rows mix, so a split must replay one sample at a time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+def row_mixing(depth: int = 12) -> nn.Module:
+    """Dropout on the input, then rows that mix, then a deep narrow stack: nothing to reuse, and a replay
+    of T passes over a few rows, each paying every layer's call again."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Dropout(0.2), head_only()).eval()
+    layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(0.2), Centred(), nn.Linear(3 * 12 * 12, 16)]
+    for _ in range(depth):
+        layers += [nn.ReLU(), nn.Linear(16, 16)]
+    return nn.Sequential(*layers).eval()
 
 
 def test_the_work_meter_counts_a_linear_layers_flops_and_the_bytes_it_writes():
@@ -106,12 +117,12 @@ def test_by_default_auto_runs_the_split_where_the_prediction_says_it_pays(monkey
     assert torch.equal(got.outputs, forced.outputs)
 
 
-def test_by_default_auto_runs_batched_where_nothing_is_reused(monkeypatch):
-    model, x = input_dropout(), inputs()
+def test_by_default_auto_runs_batched_where_a_replay_one_sample_at_a_time_costs_more(monkeypatch):
+    model, x = row_mixing(), inputs()
     monkeypatch.setattr(strategy, "clock", lambda: pytest.fail("the default choice must not read a clock"))
     got = mc_predict(model, x, 30, strategy="auto", seed=3)
     split = split_model(model, x)
-    assert split.ok and not split.pays(4, 30)
+    assert split.ok and split.mode == "samples" and not split.pays(4, 30)
     assert split.predicted_ratio(4, 30) > work.MARGIN
     plain = mc_predict(model, x, 30, strategy="batched", seed=3)
     assert torch.equal(got.outputs, plain.outputs) and torch.equal(got.deterministic, plain.deterministic)
@@ -121,7 +132,7 @@ def test_the_prediction_is_the_same_for_two_builds_of_one_model():
     """A seed's samples may not depend on the machine: the choice is a function of the graph and the sizes."""
     ratios = {split_model(head_only(), inputs()).predicted_ratio(4, 30) for _ in range(2)}
     assert len(ratios) == 1
-    ratios = {split_model(input_dropout(), inputs()).predicted_ratio(4, 30) for _ in range(2)}
+    ratios = {split_model(row_mixing(), inputs()).predicted_ratio(4, 30) for _ in range(2)}
     assert len(ratios) == 1
 
 

@@ -93,9 +93,9 @@ class Split:
                                     (len(self._prefix), len(self.replay)), passes)
 
     def pays(self, rows: int, samples: int) -> bool:
-        """Whether the split is predicted to cost less than :data:`.work.MARGIN` times ``batched`` for a call
+        """Whether the split is predicted to cost at most :data:`.work.MARGIN` times ``batched`` for a call
         of this size."""
-        return self.predicted_ratio(rows, samples) < work.MARGIN
+        return self.predicted_ratio(rows, samples) <= work.MARGIN
 
     @property
     def deterministic_names(self) -> list[str]:
