@@ -163,10 +163,22 @@ def _stop(tmp_path, kind: str, signum: int, samples: int = 0, *, val_rows: int =
     return took, proc.returncode, state, output
 
 
+def _bare_stop(tmp_path, signum):
+    """:func:`_stop` of the bare module: the baseline the regfw run is held to. A bare Lightning fit that is
+    still running after the wait (seen once, on a machine building two environments beside the suite) is run
+    once more: the baseline measures Lightning and the machine, and regfw is not in that process."""
+    try:
+        return _stop(tmp_path, "bare", signum)
+    except pytest.fail.Exception as exc:
+        if "still running" not in str(exc):
+            raise
+        return _stop(tmp_path, "bare", signum)
+
+
 @pytest.mark.parametrize("kind,samples", [("regularized", 0), ("regularized", 30)],
                          ids=["RegularizedModule", "RegularizedModule+MC"])
 def test_sigterm_stops_a_plain_fit_like_a_bare_module(tmp_path, kind, samples):
-    bare_took, bare_rc, bare, bare_out = _stop(tmp_path, "bare", signal.SIGTERM)
+    bare_took, bare_rc, bare, bare_out = _bare_stop(tmp_path, signal.SIGTERM)
     took, rc, state, out = _stop(tmp_path, kind, signal.SIGTERM, samples)
     # the bare module: Lightning's own behaviour, the reference (SIGTERMException is SystemExit(None))
     assert bare["status"] == "interrupted" and bare_rc == 0, bare_out[-3000:]
@@ -183,7 +195,7 @@ def test_sigterm_stops_a_plain_fit_like_a_bare_module(tmp_path, kind, samples):
 
 
 def test_sigint_stops_a_plain_fit_like_a_bare_module(tmp_path):
-    bare_took, bare_rc, bare, bare_out = _stop(tmp_path, "bare", signal.SIGINT)
+    bare_took, bare_rc, bare, bare_out = _bare_stop(tmp_path, signal.SIGINT)
     took, rc, state, out = _stop(tmp_path, "regularized", signal.SIGINT, 30)
     assert (bare["status"], bare_rc) == ("interrupted", 1), bare_out[-3000:]
     assert took < bound(bare_took), \
