@@ -24,6 +24,14 @@ import pytest
 BOUND = 5.0
 
 
+#: Seconds the test waits for a signalled process before calling it hung.
+WAIT = 180
+#: Real processes timed from a signal to their exit: run alone after the parallel tests (``make test``'s
+#: serial stage), not beside the pytest workers and the environments being built (a bare Lightning fit
+#: once took over 60 s to exit there).
+pytestmark = pytest.mark.serial
+
+
 def bound(bare_took: float) -> float:
     """How long the regfw process may take to stop: :data:`BOUND`, or on a machine so loaded that
     the bare module (the same script without regfw) itself takes longer, twice what it took."""
@@ -150,11 +158,11 @@ def _stop(tmp_path, kind: str, signum: int, samples: int = 0, *, val_rows: int =
     start = time.monotonic()
     proc.send_signal(signum)
     try:
-        rest, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=WAIT)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        pytest.fail(f"the {kind} script was still running 60 s after {signal.Signals(signum).name}")
+        pytest.fail(f"the {kind} script was still running {WAIT} s after {signal.Signals(signum).name}")
     took = time.monotonic() - start
     output = "".join(lines) + rest
     state_lines = [ln for ln in output.splitlines() if ln.startswith("STATE ")]
