@@ -191,7 +191,7 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         index = blocks.index(site.block)
         rate = rates[index]
         reason = f"{why}{',' if note else ';'} block {index + 1} of {len(blocks)}; {where}"
-        existing = site.anchor if is_path_drop(mm.module(site.anchor)) else None
+        existing = _branch_path_drop(mm, site.anchor)
         if rate == 0 and existing is None:
             rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), 0.0,
                                  reason + "; rate 0, nothing inserted", action="note"))
@@ -208,3 +208,15 @@ def plan_residual_rows(reg: Any, model: nn.Module, ctx: PlanContext | Any,
         rows.append(PlanItem(reg.name, site.block, K.RESIDUAL, reg.variant_for(K.RESIDUAL), rate, reason,
                              action="after", anchor=site.anchor))
     return rows
+
+
+def _branch_path_drop(mm: ModelMap, anchor: str) -> str | None:
+    """The stochastic depth that ends the branch at ``anchor``: the anchor itself, or the path-drop unit that
+    consumes its output and nothing else, as its only consumer. An eval-mode capture (``torch.export``) sees no
+    call of the latter, which returns its input unchanged; the recorded dataflow does."""
+    if is_path_drop(mm.module(anchor)):
+        return anchor
+    after = mm.flow.next(anchor)
+    if after is not None and mm.flow.prev(after) == anchor and is_path_drop(mm.module(after)):
+        return after
+    return None

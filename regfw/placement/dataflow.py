@@ -252,11 +252,12 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                     self.sources[id(out)] = self.sources[id(inputs[0])]
             return out
         out = func(*args, **kwargs)
-        if name in _ELEMENTWISE_NONLINEAR and len(inputs) == 1 and id(inputs[0]) in self.producer \
-                and isinstance(out, torch.Tensor):
-            # ``F.relu(fc(x))``, in place or not: the unit's output, rectified, goes on to whatever reads it
-            # next (a dropout module there is that place's dropout); the function is recorded as a user of
-            # the unit (a nonlinearity no hook can follow), not as a branch
+        if len(inputs) == 1 and id(inputs[0]) in self.producer and isinstance(out, torch.Tensor) and (
+                name in _ELEMENTWISE_NONLINEAR or (name in SCALAR_ARITHMETIC and out.shape == inputs[0].shape)):
+            # ``F.relu(fc(x))``, in place or not, or ``0 + bn(x)``, ``x * 0.5``: the unit's output, changed
+            # elementwise with nothing else flowing in, goes on to whatever reads it next (a dropout module there
+            # is that place's dropout); the function is recorded as a user of the unit (no hook can follow
+            # it), not as a branch
             src = self.producer[id(inputs[0])]
             self.flow.function_users.setdefault(src, set()).add(name)
             self.keep.append(out)
@@ -294,6 +295,14 @@ class _FunctionWatch(torch.overrides.TorchFunctionMode):
                 self.sources[id(t)] = self.sources.get(id(t), frozenset()) | carried
         return out
 
+
+#: Elementwise arithmetic by function name (methods, operators and in-place forms): applied to one tensor and
+#: constants (``0 + x``, ``x * 0.5``, ``out += 0``) it passes that tensor on with no other value flowing in.
+SCALAR_ARITHMETIC = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "neg", "rsub", "add_", "sub_", "mul_", "div_", "neg_",
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__neg__", "iadd", "isub", "imul", "itruediv", "truediv",
+})
 
 #: Elementwise nonlinearities by function name (those of :data:`regfw.placement.structure.NONLINEAR` that may act in
 #: place; kept here so that this module does not import the one that reads it).
@@ -545,8 +554,9 @@ def _fx_name(node: torch.fx.Node) -> str:
 
 def _users_through(values: list[torch.fx.Node], flow: Dataflow, unit: str) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """``(value, user)`` pairs of the nodes using ``values``, looking through shape functions and
-    functional elementwise nonlinearities applied to the value alone (as the traced source does: the
-    value they return is still the unit's output; a nonlinearity is recorded as a user of ``unit``)."""
+    functional elementwise nonlinearities applied to the value alone and arithmetic with constants (as the
+    traced source does: the value they return is still the unit's output; such a function is recorded as a
+    user of ``unit``)."""
     pairs: list[tuple[torch.fx.Node, torch.fx.Node]] = []
     stack = list(values)
     while stack:
@@ -557,8 +567,10 @@ def _users_through(values: list[torch.fx.Node], flow: Dataflow, unit: str) -> li
                 continue  # ``y.reshape_as(value)`` reads the value's shape only
             rest = (*user.args[1 + (name in _SHAPE_OF_SECOND):], *user.kwargs.values())
             alone = bool(user.args) and user.args[0] is value and not any(isinstance(a, torch.fx.Node) for a in rest)
-            if alone and name in SHAPE_OPS | _ELEMENTWISE_NONLINEAR:
-                if name in _ELEMENTWISE_NONLINEAR:
+            with_constants = name in SCALAR_ARITHMETIC and [a for a in (*user.args, *user.kwargs.values())
+                                                            if isinstance(a, torch.fx.Node)] == [value]
+            if (alone and name in SHAPE_OPS | _ELEMENTWISE_NONLINEAR) or with_constants:
+                if name not in SHAPE_OPS:
                     flow.function_users.setdefault(unit, set()).add(name)
                 stack.append(user)
             else:

@@ -139,7 +139,12 @@ def get_rate(module: nn.Module) -> float | None:
 
 def set_rate(module: nn.Module, rate: float) -> None:
     """Set the rate of a dropout-family module; a ``ValueError`` naming the module when it has no
-    rate attribute regfw can set (a functional call whose rate is a constant in the code)."""
+    rate attribute regfw can set (a functional call whose rate is a constant in the code).
+
+    A module that drops in place (``nn.Dropout(inplace=True)``) is made to drop out of place when it gets a
+    rate above 0: the same values, but its input may be a value autograd saved for the backward pass (timm's
+    TNT drops its attention probabilities, a softmax's output, in place; at the rate 0 it was built with
+    that never ran), and masking it in place would make the training step fail."""
     global _generation
     sources = _RATE_SOURCES.get(module)
     if sources:
@@ -153,6 +158,8 @@ def set_rate(module: nn.Module, rate: float) -> None:
         raise ValueError(f"{type(module).__name__} has no rate attribute regfw can set (its dropout rate is fixed "
                          f"in its forward); use existing: keep for this model")
     setattr(module, attr, float(rate))
+    if rate > 0 and getattr(module, "inplace", False) is True:
+        module.inplace = False
     if module in _FUNCTIONAL_HOSTS:
         _FUNCTIONAL_HOSTS[module] = (_FUNCTIONAL_HOSTS[module][0], float(rate))
         _generation += 1

@@ -164,3 +164,31 @@ def test_attention_dropout_that_finds_nothing_names_the_attention_like_modules_i
     plan = make_plan(model, regs, example_input=torch.randn(2, 4))
     assert any("found no attention layer in Sequential; nothing was changed; attention-like modules seen: "
                "MyAttention" in w for w in plan.warnings), plan.warnings
+
+
+class InPlaceAttention(nn.Module):
+    """Attention whose probabilities go through the model's own in-place dropout, built at rate 0 (timm's TNT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.attn_drop, self.proj = nn.Linear(8, 24), nn.Dropout(0.0, inplace=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = self.attn_drop((q @ k.transpose(-2, -1)).softmax(dim=-1))
+        return self.proj((attn @ v).mean(1))
+
+
+def test_a_rate_set_on_an_in_place_dropout_keeps_the_training_step_working():
+    """The softmax saves its output for the backward pass: masked in place, the backward pass would fail
+    ("modified by an inplace operation"). The set row drops out of place, with the same values."""
+    model = InPlaceAttention()
+    x = torch.randn(4, 5, 8)
+    regs = build_regularizers({"attention_dropout": {}})
+    plan = make_plan(model, regs, n_examples=1000, example_input=x)
+    assert [(r.action, r.anchor) for r in plan.rows()] == [("set", "attn_drop")]
+    apply_plan(model, regs, plan)
+    assert model.attn_drop.p == plan.rows()[0].rate > 0 and model.attn_drop.inplace is False
+    model.train()
+    model(x).sum().backward()
+    assert model.qkv.weight.grad is not None

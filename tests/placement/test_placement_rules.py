@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfw.layers import DropPath
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.placement.surgery import analyse, is_dropout, is_injected
 from regfw.registry.regularizers import build_regularizers
@@ -327,6 +328,61 @@ def test_no_dropout_in_series_through_a_pool_before_the_models_own(functional):
 def test_a_pool_without_dropout_after_it_keeps_the_insertion_before_it(functional):
     regs, plan = plan_dropout(PooledHead(functional, head_dropout=False).eval(), POOL_X)
     assert places(plan)["conv"] == "act" and not set_rows(plan)
+
+
+class BranchSum(nn.Module):
+    """A re-parameterisable block (timm's MobileOne): ``out = 0; out += branch(x); out += 0`` with Python
+    zeros where a branch is absent, then an activation and the model's own dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        self.drop, self.fc = nn.Dropout2d(0.2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        identity_out, scale_out = 0, 0
+        out = scale_out
+        out += self.bn(self.conv(x))
+        out += identity_out
+        x = self.drop(self.act(out * 1.0))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["traced", "fx"])
+def test_arithmetic_with_constants_keeps_a_layer_in_series_with_the_models_dropout(example):
+    """``0 + bn(x)``, ``out += 0``, ``out * 1.0``: nothing else flows in, so the dropout after the activation is
+    still this layer's dropout (set, never doubled by an insertion after the BatchNorm)."""
+    regs, plan = plan_dropout(BranchSum().eval(), POOL_X if example else None)
+    assert "conv" not in places(plan) and set_rows(plan)["conv"] == "drop"
+
+
+class CapturedBlock(nn.Module):
+    """A pre-norm residual block whose branch ends in the model's own stochastic depth, in a forward that
+    ``torch.fx`` cannot trace (``int`` of a traced shape): ``torch.export`` captures it in eval mode, where the
+    stochastic depth returns its input and leaves no node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc, self.act, self.proj = nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+        self.drop_path = DropPath(0.1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        width = int(x.shape[-1])
+        x = x + self.drop_path(self.proj(self.act(self.fc(self.norm(x)))))
+        return self.head(x[..., :width])
+
+
+@pytest.mark.parametrize("existing", ["override", "keep"])
+def test_the_models_own_stochastic_depth_is_reused_where_only_export_captures_the_block(existing):
+    model = CapturedBlock().eval()
+    regs = build_regularizers({"drop_path": {"rate": 0.3, "depth": "uniform", "existing": existing}})
+    plan = make_plan(model, regs, n_examples=1000, example_input=torch.randn(4, 8))
+    assert "torch.export" in plan.rows()[0].reason
+    assert places(plan) == {}
+    assert set_rows(plan) == ({"": "drop_path"} if existing == "override" else {})
+    apply_plan(model, regs, plan)
+    assert inserted(model) == [] and model.drop_path.p == (0.3 if existing == "override" else 0.1)
 
 
 # --------------------------------------------------------------------------- dead modules
