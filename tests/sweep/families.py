@@ -1,16 +1,20 @@
-"""Which models the registry sweep runs: one model per timm family, every torchvision builder.
+"""Which models the registry sweep runs: one model per timm family, every torchvision builder up to
+:data:`MAX_PARAMS` parameters.
 
 A timm *family* is a model name up to its first size or variant suffix (:func:`family`): the name is
 split at ``_``; the first token is cut at its first digit (a version ``v2`` stays: ``mobilenetv3``,
 ``resnetv2``), and later tokens are kept while they are plain words that are not a size
 (``coat_lite_mini`` -> ``coat_lite``, ``vit_tiny_patch16_224`` -> ``vit``, ``resnet18d`` -> ``resnet``).
 
-From each family the sweep takes the smallest model by its name (:func:`size_rank`: the size word,
-then the numbers in the name) that builds on the CPU with random weights and runs one forward at a
-small input (:data:`SIZES`) within :data:`BUILD_SECONDS`; the next smallest are tried when it does
-not (:data:`CANDIDATES` in all). ``python -m tests.sweep.families`` (zoo environment) writes
-the choice to ``selection.json`` beside this file, with the reason for every family or builder
-that has no such model; the sweep reads it and prints it in its table.
+From each family the sweep takes the smallest model that builds on the CPU with random weights and
+runs one forward at a small input (:data:`SIZES`) within :data:`BUILD_SECONDS`. Smallest means fewest
+parameters, counted on the ``meta`` device (nothing allocated); a name whose count is unknown (it cannot
+be built on ``meta``) is ranked by its name (:func:`size_rank`: the size word, then the numbers in the
+name) after the counted ones. Models over :data:`MAX_PARAMS` are not run (timm names and torchvision
+builders alike); of the rest the next smallest is tried when one does not build or run
+(:data:`CANDIDATES` tries in all). ``python -m tests.sweep.families`` (zoo environment) writes the choice
+to ``selection.json`` beside this file, with the reason for every family or builder that has no such
+model; the sweep reads it and prints it in its table.
 """
 from __future__ import annotations
 
@@ -29,10 +33,14 @@ SELECTION = Path(os.environ.get("REGFW_SWEEP_SELECTION") or Path(__file__).with_
 SIZES = (64, 96, 128)
 #: How long building one model and one forward of batch 2 may take on the CPU.
 BUILD_SECONDS = 5.0
-#: Models tried per family, smallest first.
+#: Models built per family, smallest first (names over :data:`MAX_PARAMS` are not counted: never built).
 CANDIDATES = 3
-#: A model with more parameters (counted on the ``meta`` device, nothing allocated) is not built: at random
-#: initialisation on the CPU it takes longer than :data:`BUILD_SECONDS`.
+#: A model (a timm model or a torchvision builder) with more parameters is not run, counted on the ``meta``
+#: device (nothing allocated) or, where that cannot build it, after building it: each of the sweep's cases copies
+#: the model and runs it dozens of times (MC samples of two strategies, the noise floor, BatchNorm statistics):
+#: the 29 torchvision builders over this size (ViT-B/L, VGG, AlexNet, ResNet-101/152, EfficientNet-B6/B7/V2-M/L,
+#: ...) took 840 CPU seconds at 20 samples, measured one by one, more than a third of the sweep's 20 minutes
+#: on 2 cores.
 MAX_PARAMS = 40_000_000
 NUM_CLASSES = 10
 BATCH = 2
@@ -83,13 +91,23 @@ def meta_params(build: Any) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
+def too_big(model: torch.nn.Module) -> str:
+    """Why a built model is not run (over :data:`MAX_PARAMS` parameters), or ``""``: for the models whose
+    parameters cannot be counted on the ``meta`` device before they are built."""
+    n = sum(p.numel() for p in model.parameters())
+    return f"too slow ({n / 1e6:.0f} M parameters)" if n > MAX_PARAMS else ""
+
+
+def timm_params(name: str) -> int | None:
+    import timm
+
+    return meta_params(lambda: timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES))
+
+
 def try_timm(name: str) -> tuple[dict[str, Any] | None, str]:
     """The build arguments and input size at which ``name`` builds and runs, or None and why not."""
     import timm
 
-    n = meta_params(lambda: timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES))
-    if n is not None and n > MAX_PARAMS:
-        return None, f"too slow ({n / 1e6:.0f} M parameters)"
     last = ""
     for size in SIZES:
         for with_size in (True, False):
@@ -108,6 +126,8 @@ def try_timm(name: str) -> tuple[dict[str, Any] | None, str]:
                     return None, f"needs pretrained weights ({last})"
                 continue
             took = time.process_time() - start
+            if too_big(model):
+                return None, too_big(model)
             if not isinstance(out, torch.Tensor) or out.shape != (BATCH, NUM_CLASSES):
                 last = f"output {type(out).__name__} {getattr(out, 'shape', '')}, not logits [B, C]"
                 continue
@@ -127,13 +147,20 @@ def select_timm() -> dict[str, Any]:
     chosen, excluded = {}, {}
     for fam, names in sorted(families.items()):
         reasons = []
-        for name in sorted(names, key=size_rank)[:CANDIDATES]:
+        params = {name: timm_params(name) for name in names}
+        ranked = sorted(names, key=lambda n: (params[n] is None, params[n] or 0, size_rank(n)))
+        big = [n for n in ranked if (params[n] or 0) > MAX_PARAMS]
+        small = [n for n in ranked if n not in big]
+        for name in small[:CANDIDATES]:
             found, why = try_timm(name)
             if found is not None:
                 chosen[fam] = {"model": name, **found}
                 break
             reasons.append(f"{name}: {why}")
         else:
+            if big:
+                reasons.append(f"{len(big)} models too slow (over {MAX_PARAMS // 10**6} M parameters, smallest "
+                               f"{big[0]}: {params[big[0]] / 1e6:.0f} M)")
             excluded[fam] = "; ".join(reasons)
         print(fam, chosen.get(fam) or excluded.get(fam), file=sys.stderr, flush=True)
     return {"chosen": chosen, "excluded": excluded}
@@ -162,6 +189,9 @@ def tv_input(kind: str, size: int) -> Any:
 def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[str, Any] | None, str]:
     import torchvision
 
+    n = meta_params(lambda: torchvision.models.get_model(name, weights=None, **base))
+    if n is not None and n > MAX_PARAMS:
+        return None, f"too slow ({n / 1e6:.0f} M parameters)"
     last = ""
     for size in SIZES:
         for extra in ({"image_size": size}, {}):
@@ -176,6 +206,8 @@ def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[st
                 last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 continue
             took = time.process_time() - start
+            if too_big(model):
+                return None, too_big(model)
             if took > BUILD_SECONDS:
                 return None, f"too slow (build and one forward {took:.1f} s CPU at {size}x{size})"
             return {"kwargs": kw, "size": size, "input": kind}, ""
