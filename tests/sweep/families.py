@@ -91,6 +91,18 @@ def meta_params(build: Any) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
+def train_forward(model: torch.nn.Module, x: Any) -> None:
+    """One training-mode forward (the sweep's training step runs one): an auxiliary head that runs in training
+    only may need a larger input than the eval pass (torchvision's Inception v3 below about 299 pixels).
+    A failure is raised again naming the mode; the model is left in eval mode."""
+    try:
+        model.train()(x)
+    except Exception as exc:
+        raise RuntimeError(f"in training mode: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.eval()
+
+
 def too_big(model: torch.nn.Module) -> str:
     """Why a built model is not run (over :data:`MAX_PARAMS` parameters), or ``""``: for the models whose
     parameters cannot be counted on the ``meta`` device before they are built."""
@@ -120,6 +132,7 @@ def try_timm(name: str) -> tuple[dict[str, Any] | None, str]:
                 model = timm.create_model(name, pretrained=False, **kw).eval()
                 with torch.no_grad():
                     out = model(torch.randn(BATCH, 3, size, size))
+                    train_forward(model, torch.randn(BATCH, 3, size, size))
             except Exception as exc:  # noqa: BLE001 - recorded as the reason
                 last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 if "pretrained" in str(exc).lower():
@@ -202,6 +215,8 @@ def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[st
                 model = torchvision.models.get_model(name, weights=None, **kw).eval()
                 with torch.no_grad():
                     model(tv_input(kind, size))
+                    if kind != "images":  # a detection model's training pass needs targets: the sweep gives them
+                        train_forward(model, tv_input(kind, size))
             except Exception as exc:  # noqa: BLE001 - recorded as the reason
                 last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 continue

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,14 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
 @pytest.mark.parametrize(("entry", "variant"), _params())
 def test_sweep(entry: SweepModel, variant: str) -> None:
     cid = case_id(entry, variant)
+    start = time.process_time()
     fails, info = run_case(entry, variant)
     record = os.environ.get("REGFW_SWEEP_RECORD")
-    if record:
+    if record:  # with the case's CPU seconds (the model's build counts in the first case of each model)
         Path(record).mkdir(parents=True, exist_ok=True)
-        (Path(record) / (cid.replace("/", "__") + ".json")).write_text(
-            json.dumps({"case": cid, "failures": fails.by_class, **info}, indent=1))
+        (Path(record) / (cid.replace("/", "__") + ".json")).write_text(json.dumps(
+            {"case": cid, "failures": fails.by_class, "cpu_seconds": round(time.process_time() - start, 2), **info},
+            indent=1))
     if info.get("rows", 1) == 0 and not fails.by_class:
         return  # nothing to place: the regularizer does not apply (planning checked)
     found = sorted(fails.by_class)
