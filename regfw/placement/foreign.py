@@ -159,7 +159,7 @@ def set_rate(module: nn.Module, rate: float) -> None:
                          f"in its forward); use existing: keep for this model")
     setattr(module, attr, float(rate))
     if rate > 0 and getattr(module, "inplace", False) is True:
-        module.inplace = False
+        setattr(module, "inplace", False)  # noqa: B010 - not every dropout-family module declares it
     if module in _FUNCTIONAL_HOSTS:
         _FUNCTIONAL_HOSTS[module] = (_FUNCTIONAL_HOSTS[module][0], float(rate))
         _generation += 1

@@ -106,8 +106,12 @@ def train_forward(model: torch.nn.Module, x: Any) -> None:
 def too_big(model: torch.nn.Module) -> str:
     """Why a built model is not run (over :data:`MAX_PARAMS` parameters), or ``""``: for the models whose
     parameters cannot be counted on the ``meta`` device before they are built."""
-    n = sum(p.numel() for p in model.parameters())
-    return f"too slow ({n / 1e6:.0f} M parameters)" if n > MAX_PARAMS else ""
+    return over_cap(sum(p.numel() for p in model.parameters()))
+
+
+def over_cap(n: int | None) -> str:
+    """Why a model of ``n`` parameters is not run, or ``""`` (at most :data:`MAX_PARAMS`, or not counted)."""
+    return f"too slow ({n / 1e6:.0f} M parameters)" if n is not None and n > MAX_PARAMS else ""
 
 
 def timm_params(name: str) -> int | None:
@@ -202,9 +206,9 @@ def tv_input(kind: str, size: int) -> Any:
 def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[str, Any] | None, str]:
     import torchvision
 
-    n = meta_params(lambda: torchvision.models.get_model(name, weights=None, **base))
-    if n is not None and n > MAX_PARAMS:
-        return None, f"too slow ({n / 1e6:.0f} M parameters)"
+    big = over_cap(meta_params(lambda: torchvision.models.get_model(name, weights=None, **base)))
+    if big:
+        return None, big
     last = ""
     for size in SIZES:
         for extra in ({"image_size": size}, {}):

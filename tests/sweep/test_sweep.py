@@ -51,7 +51,7 @@ KNOWN = Path(__file__).with_name("known_failures.json")
 #: Monte Carlo samples per strategy in the sweep (fewer than the zoo's 30: the sweep's time budget). With 12
 #: samples a side, an entry's z statistic exceeds ``model_checks.Z`` = 4 by chance with probability about 6e-4
 #: (Student's t, 22 degrees of freedom); a classifier's case fails only when 2 of its 20 entries do, about 7e-5,
-#: or 0.05 false failures expected over the sweep's 700 cases.
+#: so fewer than 0.1 false failures are expected over the sweep's thousand cases.
 T = 12
 VARIANTS = {
     "dropout": {"dropout": {}},
