@@ -38,8 +38,9 @@ CASES = [pytest.param(name, entry.variants[0], id=f"{name}-{entry.variants[0]}")
 CASES += [pytest.param(name, "drop_path", id=f"{name}-drop_path") for name, entry in ZOO.items()
           if "drop_path" in entry.variants and entry.variants[0] != "drop_path"]
 CASES += [pytest.param(name, "dropout", id=f"{name}-dropout") for name in CACHING]
-#: What applying a row may change on its anchor.
-APPLIED = ("_forward_hooks", "_forward_pre_hooks", "p", "drop_prob")
+#: What applying a row may change on its anchor (``inplace``: a rate set on an in-place dropout makes it drop out
+#: of place, :func:`regfw.placement.foreign.set_rate`).
+APPLIED = ("_forward_hooks", "_forward_pre_hooks", "p", "drop_prob", "inplace")
 
 
 def unexplained(changes: list[str], plan) -> list[str]:
