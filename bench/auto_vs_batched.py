@@ -11,8 +11,9 @@ classifier dropout ``drop_rate``, torchvision's own classifier dropout with its 
 sampled).
 
 Needs the zoo environment (torchvision, timm): ``make bench-auto`` or
-``.venv-zoo/bin/python bench/auto_vs_batched.py [--sweep N] [--threads 1]`` (``--sweep N``: the first
-N models of tests/sweep/selection.json besides the zoo; 0 for the zoo alone; -1 for all).
+``.venv-zoo/bin/python bench/auto_vs_batched.py [--sweep N] [--threads 1] [--skip N]`` (``--sweep N``: the
+first N models of tests/sweep/selection.json besides the zoo; 0 for the zoo alone; -1 for all; ``--skip N``
+leaves out the first N cases, to go on with a run that was stopped).
 """
 from __future__ import annotations
 
@@ -131,11 +132,12 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model; the least time of each is kept")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N cases (to go on with a run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     worst = 0.0
     print(f"{'model':52} {'split/b':>7} {'pred.':>6} {'auto/b':>6}  auto ran")
-    for name, make in cases(args.sweep):
+    for name, make in cases(args.sweep)[args.skip:]:
         try:
             model, x, kw = make()
             r = compare(model, x, repeats=args.repeats, **kw)
