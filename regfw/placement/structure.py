@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from regfw.placement.dataflow import INJECTED_PREFIX, Dataflow
+from regfw.placement.dataflow import INJECTED_PREFIX, SCALAR_ARITHMETIC, Dataflow
 
 #: Elementwise nonlinearities, by the torch function name a forward calls.
 NONLINEAR = frozenset({
@@ -42,11 +42,10 @@ NONLINEAR = frozenset({
     "tanh", "tanh_", "mish", "elu", "selu", "celu", "leaky_relu", "softplus", "hardtanh", "erf", "logsigmoid",
     "softsign", "tanhshrink", "prelu", "threshold",
 })
-#: Elementwise arithmetic an activation may also use (``x * sigmoid(x)``, ``0.5 * x * (1 + erf(..))``).
-_ARITHMETIC = frozenset({
-    "mul", "mul_", "__mul__", "__rmul__", "add", "add_", "__add__", "__radd__", "div", "div_", "__truediv__",
-    "__rtruediv__", "sub", "__sub__", "__rsub__", "pow", "__pow__", "sqrt", "clamp", "clamp_", "clamp_min",
-    "neg", "__neg__", "exp", "abs",
+#: Elementwise arithmetic an activation may also use (``x * sigmoid(x)``, ``0.5 * x * (1 + erf(..))``): the four
+#: operations of :data:`~regfw.placement.dataflow.SCALAR_ARITHMETIC` and a few elementwise functions.
+_ARITHMETIC = SCALAR_ARITHMETIC | frozenset({
+    "pow", "__pow__", "sqrt", "clamp", "clamp_", "clamp_min", "exp", "abs",
 })
 
 #: Functions that normalise over a dimension.
