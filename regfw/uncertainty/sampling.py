@@ -95,6 +95,7 @@ __all__ = [
     "loop_strategy",
     "batched_strategy",
     "estimate_row_bytes",
+    "chunk_rows_for",
     "deterministic_pass",
     "forward_output",
     "scan_functional_dropout",
@@ -105,6 +106,14 @@ __all__ = [
 
 #: Default memory budget of the ``batched`` strategy for the activations of one chunk.
 DEFAULT_BUDGET_BYTES: int = 256 * 2**20
+#: On a CPU a chunk holds about this many activation bytes at most (fewer where the budget says so): cache-sized
+#: chunks reuse memory that is already mapped, where one big chunk takes fresh pages for every tensor. An MLP
+#: 784-512-512-10 with dropout on every layer, batch 256 and T = 30, ran in 0.85x the CPU time in chunks of 1024
+#: rows than in one chunk of 7680.
+CPU_CHUNK_BYTES: int = 1 * 2**20
+#: ... but at least this many rows: per-chunk Python cost and small matrix products (the same MLP ran 1.45x slower
+#: in chunks of 64 rows than of 1024).
+CPU_MIN_ROWS: int = 1024
 #: Default number of Monte Carlo samples T.
 DEFAULT_SAMPLES: int = 30
 TASKS: tuple[str, ...] = ("classification", "regression")
@@ -184,6 +193,15 @@ def loop_strategy(model: nn.Module, inputs: Any, samples: int, *, budget_bytes: 
     return torch.stack([forward_output(model, inputs, output_key) for _ in range(samples)])
 
 
+def chunk_rows_for(budget_rows: int, row_bytes: int, device: torch.device) -> int:
+    """Rows per chunk: ``budget_rows`` (what the memory budget allows), on a CPU at most
+    :data:`CPU_CHUNK_BYTES` of activations but never under :data:`CPU_MIN_ROWS` rows. Used by ``batched``
+    and by the replay of ``auto``'s split, so the two run chunks of the same size."""
+    if device.type != "cpu" or row_bytes <= 0:
+        return budget_rows
+    return min(budget_rows, max(CPU_MIN_ROWS, CPU_CHUNK_BYTES // row_bytes))
+
+
 def estimate_row_bytes(model: nn.Module, row: Any, output_key: OutputKey = None) -> int:
     """Estimate the activation memory of one input row in one forward pass, in bytes.
 
@@ -237,8 +255,10 @@ def batched_strategy(
 
     Each chunk holds at most ``chunk_rows`` rows; by default ``budget_bytes //
     estimate_row_bytes(...)`` (at least 1), so a large ``T x B`` runs in several passes
-    instead of failing with out-of-memory. The repeated batch is never materialised: each
-    chunk gathers its own rows. ``budget_bytes=None`` means one chunk.
+    instead of failing with out-of-memory, and on a CPU at most about 1 MiB of activations but no
+    fewer than 1024 rows (:func:`chunk_rows_for`; cache-sized chunks run faster there). The
+    repeated batch is never materialised: each chunk gathers its own rows. ``budget_bytes=None``
+    means one chunk (on a CPU, as the CPU rule allows).
 
     A model with a batch-shared stochastic module (``batch_shared = True``, e.g. weight drop:
     one mask per forward pass) runs as ``loop`` instead: repeated rows in one pass would all see
@@ -249,12 +269,11 @@ def batched_strategy(
     b = batch_size(inputs)
     total = samples * b
     if chunk_rows is None:
-        if budget_bytes is None:
-            chunk_rows = total
-        else:
-            if budget_bytes <= 0:
-                raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
-            chunk_rows = max(1, int(budget_bytes) // estimate_row_bytes(model, _first_row(inputs), output_key))
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be > 0 or None, got {budget_bytes!r}")
+        row_bytes = estimate_row_bytes(model, _first_row(inputs), output_key)
+        budget_rows = total if budget_bytes is None else max(1, int(budget_bytes) // row_bytes)
+        chunk_rows = chunk_rows_for(budget_rows, row_bytes, next(iter_tensors(inputs)).device)
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     chunk_rows = min(int(chunk_rows), total)

@@ -427,6 +427,66 @@ def test_random_functions_in_forward_are_stochastic_sources():
     agree_up_to_kernel_noise(a, b, batch_noise_floor(nn.Sequential(model.fc, model.out), x, rows=10 * 5))
 
 
+class PooledHead(nn.Module):
+    """A small CNN whose own ``forward`` drops its pooled features functionally before the classifier, as
+    timm's models do with ``drop_rate`` (``F.dropout`` in ``forward_head``): the model itself is the host.
+    ``more_flag``: its forward reads its ``training`` flag for something besides the dropout too."""
+
+    def __init__(self, drop_rate: float = 0.3, more_flag: bool = False) -> None:
+        super().__init__()
+        self.drop_rate, self.more_flag = drop_rate, more_flag
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                                      nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x).mean((2, 3))
+        if self.more_flag and self.training:
+            h = h * 2
+        return self.fc(F.dropout(h, p=self.drop_rate, training=self.training))
+
+
+def pooled_head(**kw) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return PooledHead(**kw).eval(), torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_models_own_functional_dropout_is_traced_through_and_what_comes_before_it_is_computed_once():
+    model, x = pooled_head()
+    auto, batched = samples(model, x, "auto", 1000), samples(model, x, "batched", 1000)
+    split = split_model(model, x)
+    assert split.ok and split.source_targets == ["dropout"] and split.mode == "rows"
+    # the convolutions and the pooling run once, not once per sample
+    assert split.deterministic_names == ["m_features_0", "m_features_1", "m_features_2", "m_features_3", "mean"]
+    assert split.replay_names == ["m_training", "dropout", "m_fc"]  # the model's flag is read as the replay runs
+    assert same_distribution(auto, batched, batch_noise_floor(model, x, rows=1000 * 6))
+    assert not model.training  # every flag restored
+    # the eval output from the same prefix is the model's: the dropout call reads the model's flag when it runs
+    det = mc_predict(model, x, 5, strategy="auto", choose=False, seed=0, deterministic=True).deterministic
+    with torch.no_grad():
+        torch.testing.assert_close(det, model(x), rtol=0, atol=1e-6)
+
+
+def test_a_changed_functional_rate_makes_a_new_split_with_it():
+    model, x = pooled_head()
+    low = samples(model, x, "auto", 400)
+    first = split_model(model, x)
+    model.drop_rate = 0.7
+    high = samples(model, x, "auto", 400)
+    second = split_model(model, x)
+    assert second is not first and [n.kwargs["p"] for n in second.sources] == [0.7]
+    assert float(high.std(0).mean()) > 1.5 * float(low.std(0).mean())
+
+
+def test_a_host_that_reads_its_flag_for_more_than_its_dropout_is_called_whole():
+    model, x = pooled_head(more_flag=True)
+    auto, batched = samples(model, x, "auto", 1000), samples(model, x, "batched", 1000)
+    split = split_model(model, x)
+    # traced through, the eval probe would take the training branch: the model is one stochastic call instead
+    assert split.ok and split.source_targets == ["m"]
+    assert same_distribution(auto, batched, batch_noise_floor(model, x, rows=1000 * 6))
+
+
 # --------------------------------------------------------------------------- mixed mask kinds
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from regfw.train.module import RegularizedModule
 from regfw.train.regularize import Regularize
 from regfw.uncertainty import MCDropoutUncertainty
+from regfw.uncertainty.fast import cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is built from a config
 
@@ -225,7 +226,13 @@ def test_mc_callback_samples_dict_batches_through_a_model_output():
         assert math.isfinite(metrics["mc/nll"]) and metrics["mc/nll"] > 0
         assert metrics["mc/mean_mi"] > 0  # the hidden dropout sampled the logits
     assert found["auto", 1] == found["auto", 2]  # the same seed, the same masks, the same statistics
-    assert found["auto", 1] != found["batched", 0]  # auto drew its own samples: it did not fall back
+    splits = list(cache._CACHE[module].splits.values())  # the module of the last run
+    assert splits and all(s.ok and s.capture == "torch.export" for s in splits)  # auto split it: no fallback
+    rows = next(iter(TokenData().val_dataloader()))["input_ids"].shape[0]
+    # the embeddings' dropout is next to the input: the split computes little once, so auto chose batched
+    # (work.MIN_REUSED) and drew exactly its samples
+    assert not splits[0].pays(rows, 6)
+    assert found["auto", 1] == found["batched", 0]
 
 
 def test_mc_callback_output_key_from_yaml_and_a_wrong_key_named():

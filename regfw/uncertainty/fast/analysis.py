@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from regfw.model_io import OutputKey, OutputSelectionError, select_output
-from regfw.placement import tracing
+from regfw.placement import foreign, tracing
 from regfw.placement.surgery import ApplyAfter, ApplyBefore
 from regfw.placement.untouched import untouched
 from regfw.uncertainty.modes import excluded_ids
@@ -17,6 +17,7 @@ from regfw.uncertainty.sampling import eval_mode, is_stochastic, isolated_rng
 
 from . import work
 from .graph import (
+    _DROPOUT_FUNCTIONS,
     _aliases_input,
     _closure,
     _cost,
@@ -62,7 +63,27 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
 
     The graph comes from ``torch.fx`` where it traces the model (stochastic modules as calls), else
     from ``torch.export`` (:func:`_capture`: the random operators themselves, captured in MC mode),
-    unless ``may_capture`` is False (the model had its share of captures)."""
+    unless ``may_capture`` is False (the model had its share of captures).
+
+    A module that calls ``F.dropout`` in its own ``forward`` (a functional-dropout host, such as a
+    timm model's classifier dropout ``drop_rate`` in the model's own ``forward_head``) is traced
+    through, its dropout calls the sources (:func:`_host_flags`), so that what comes before them is
+    computed once; where that trace fails its checks, the host is called whole, as any stochastic
+    module (for the model itself: nothing is computed once)."""
+    off = excluded_ids()  # own stochastic layers this call does not sample: deterministic here
+    through = {id(m) for _, m, _, _ in foreign.functional_hosts(model)
+               if id(m) not in off and not isinstance(m, types)}
+    if through:
+        try:
+            return _analyse_once(model, inputs, types, output_key, may_capture, through)
+        except _Fallback:
+            pass
+    return _analyse_once(model, inputs, types, output_key, may_capture, set())
+
+
+def _analyse_once(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey, may_capture: bool,
+                  through: set[int]) -> Split:
+    """:func:`_analyse` with the functional-dropout hosts in ``through`` traced through (their ids)."""
     try:
         packed = pack(inputs)
     except TypeError as exc:
@@ -73,7 +94,7 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
         raise _Fallback("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
     off = excluded_ids()  # own stochastic layers this call does not sample: deterministic here
     stochastic = {id(m): (path or "<model>") for path, m in model.named_modules()
-                  if is_stochastic(m, types) and id(m) not in off}
+                  if is_stochastic(m, types) and id(m) not in off and id(m) not in through}
     x1, x2, distinct = _probe_inputs(packed)
     devices = model_devices(model, packed.tensors[0])
 
@@ -84,6 +105,10 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
         split, mods, why = _trace(model, x2, {**stochastic, **dict.fromkeys(off, "")}, records)
     else:
         split, mods, why = None, {}, f"the model returns {type(raw).__name__}, not one tensor"
+    if through:
+        if split is None:
+            raise _Fallback(why)
+        _host_flags(split, model, through)
     if split is None:
         try:
             ref = select_output(raw, output_key)
@@ -159,6 +184,43 @@ def _trace(model: nn.Module, x: Packed, stochastic: dict[int, str], records: dic
     return split, mods, ""
 
 
+def _host_flags(split: Split, model: nn.Module, through: set[int]) -> None:
+    """Let each dropout call traced inside a functional-dropout host in ``through`` read the host's
+    ``training`` flag when it runs, not the value the flag had while tracing: the probes run in eval
+    mode, the samples in MC mode, the deterministic suffix in eval mode again. Raises
+    :class:`_Fallback` when a host's dropout is not among the traced calls (it would be lost).
+
+    The graph then holds the rates the hosts passed (``split.holds_rates``); a change of a host's scalar
+    attributes makes a new split (:meth:`Split.hosts_changed`)."""
+    graph = split.nodes[0].graph
+    seen: set[int] = set()
+    paths: set[str] = set()
+    for node in list(split.nodes):
+        spec = _DROPOUT_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        stack = node.meta.get("nn_module_stack") or {}
+        if spec is None or not stack:
+            continue
+        path = next(reversed(stack.values()))[0]  # the innermost module calling it
+        host = _resolve(model, path)
+        if id(host) not in through:
+            continue
+        with graph.inserting_before(node):
+            flag = graph.create_node("get_attr", f"{path}.training", (), {})
+        name, pos, _ = spec
+        if len(node.args) > pos:
+            node.args = (*node.args[:pos], flag, *node.args[pos + 1:])
+        else:
+            node.kwargs = {**node.kwargs, name: flag}
+        seen.add(id(host))
+        paths.add(path)
+    if seen != through:
+        raise _Fallback("a functional-dropout host's dropout call is not in the traced graph")
+    split.nodes = list(graph.nodes)
+    split.holds_rates = True
+    split.host_paths = tuple(sorted(paths))
+    split.host_scalars = split.scalars_of_hosts(model)
+
+
 def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
 
@@ -183,7 +245,7 @@ def _capture(model: nn.Module, x: Packed, output_key: OutputKey, why: str) -> Sp
         graph = tracing.executable(program)
     except Exception as exc:  # noqa: BLE001 - both captures failed: say why for each
         raise _Fallback(f"{why}; torch.export cannot capture it either ({_first_line(exc)})") from None
-    split = Split(mode="rows", capture="torch.export", capture_note=why, selects=True)
+    split = Split(mode="rows", capture="torch.export", capture_note=why, selects=True, holds_rates=True)
     split.nodes = list(graph.nodes)
     split._placeholder = next(n for n in split.nodes if n.op == "placeholder")
     split.output = next(n for n in split.nodes if n.op == "output").args[0]
@@ -219,7 +281,8 @@ def _partition(split: Split, sources: list, env: dict, mods: dict, types: tuple)
 
     Stochastic: the sources and everything downstream (grown by :func:`_fix_inplace`). The
     replay also recomputes the non-tensor values it reads (``x.shape[0]`` gives the chunk's rows,
-    not ``B``); those stay in the prefix as well when the prefix reads them.
+    not ``B``; a host's ``training`` flag is read in the mode the replay runs in); those stay in the
+    prefix as well when the prefix reads them.
     """
     work = _work(split)
     stoch = _closure(set(sources), work)
@@ -229,7 +292,8 @@ def _partition(split: Split, sources: list, env: dict, mods: dict, types: tuple)
     while todo:
         node = todo.pop()
         for inp in _inputs(node):
-            if inp not in replay and inp.op in ("call_function", "call_method") and not _has_tensor(env.get(inp)):
+            if inp not in replay and inp.op in ("call_function", "call_method", "get_attr") \
+                    and not _has_tensor(env.get(inp)):
                 replay.add(inp)
                 todo.append(inp)
     split.sources = sources

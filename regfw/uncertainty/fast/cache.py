@@ -115,8 +115,8 @@ def split_model(model: nn.Module, inputs: Any, types: tuple | None = None, outpu
         _CACHE[model] = entry
     sig = (_signature(inputs, output_key), excluded_ids())
     split = entry.splits.get(sig)
-    if split is not None and split.capture == "torch.export" and split.rates != _rates(model, index):
-        split = None  # a rate changed since the capture
+    if split is not None and split.holds_rates and (split.rates != _rates(model, index) or split.hosts_changed(model)):
+        split = None  # a rate the graph holds changed
     if split is None:
         types = index.types
         off = excluded_ids()

@@ -7,16 +7,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from regfw.uncertainty.sampling import chunk_rows_for
+
 from .graph import _eval, _resolve
 from .inputs import Packed
 from .layout import _alloc, _gather, _nbytes, _write
 from .split import RunStats, Split
-
-#: On CPU the replay runs in chunks of about this many activation bytes (fewer if the budget
-#: says so): measured 20-35% faster than one big chunk (cache reuse, no fresh pages per tensor).
-_CPU_CHUNK_BYTES = 1 * 2**20
-_CPU_MIN_ROWS = 1024  # ... but at least this many rows: per-chunk Python cost and small-GEMM inefficiency
-# (an MLP 784-512-512-10 with dropout everywhere ran 1.45x slower in chunks of 64 rows than of 1024)
 
 
 def _even_chunks(total: int, rows: int) -> list[tuple[int, int]]:
@@ -68,9 +64,12 @@ def _suffix_once(split: Split, model: nn.Module, mods: dict, values: dict) -> Te
     """
     env = {n: _gather(v, split.boundary[n], None, n in split.mutated) for n, v in values.items()}
     # Under mc_mode only the stochastic modules train, and each lies inside a module the replay
-    # calls: switching those off is eval mode for the replay, without walking the whole model
+    # calls or is a host whose flag it reads: switching those off is eval mode for the replay, without
+    # walking the whole model
     # (``model.eval()`` on a 200-module network costs about as much as a small suffix).
     on = [m for node in split.replay if node.op == "call_module" for m in mods[node.target].modules() if m.training]
+    on += [host for node in split.replay if node.op == "get_attr" and str(node.target).endswith(".training")
+           for host in (_resolve(model, str(node.target).rsplit(".", 1)[0]),) if host.training]
     try:
         for m in on:
             m.training = False
@@ -143,8 +142,7 @@ def _execute(
     else:
         if chunk_rows is None:
             chunk_rows = total if budget is None or r_r == 0 else max(2, (budget - kept - c_r) // r_r)
-            if device.type == "cpu" and r_r > 0:  # cache-sized chunks run faster on CPU
-                chunk_rows = min(chunk_rows, max(_CPU_MIN_ROWS, _CPU_CHUNK_BYTES // r_r))
+            chunk_rows = chunk_rows_for(chunk_rows, r_r, device)  # the chunks batched runs on this device
         elif chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
         chunks = _even_chunks(total, int(chunk_rows))

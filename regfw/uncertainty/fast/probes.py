@@ -230,7 +230,9 @@ def _independent_rows(node: fx.Node, env: dict, layouts: dict, mods: dict, model
     copies = max(8, min(_INDEPENDENCE_COPIES, _INDEPENDENCE_BYTES // max(1, row_bytes)))
     trials = max(_INDEPENDENCE_TRIALS, math.ceil(_INDEPENDENCE_COPIES * _INDEPENDENCE_TRIALS / copies))
     try:
-        local = {a: _repeat_row(env[a], layouts.get(a), row, copies) for a in arg_nodes}
+        # attributes (a host's training flag) are read now, in MC mode, not as the eval-mode probe saw them
+        local = {a: (_eval(a, {}, mods, model) if a.op == "get_attr"
+                     else _repeat_row(env[a], layouts.get(a), row, copies)) for a in arg_nodes}
         for _ in range(trials):
             out = _eval(node, local, mods, model)
             if _rows_differ(out, out_layout, copies):

@@ -47,8 +47,15 @@ class Split:
     capture: str = "torch.fx"
     capture_note: str | None = None
     selects: bool = False  #: the graph's output is already the tensor ``output_key`` selects
-    #: the stochastic modules' rates the graph was captured with (a captured graph holds them as numbers)
+    #: the graph holds rates as numbers (a captured graph; dropout calls traced inside their host): a
+    #: change of :attr:`rates` makes a new split
+    holds_rates: bool = False
+    #: the stochastic modules' rates the graph was made with
     rates: tuple = ()
+    #: the functional-dropout hosts traced through (paths under the tracing wrapper) and their scalar
+    #: attributes then (:meth:`hosts_changed`): the rate they pass is a number in the graph
+    host_paths: tuple = ()
+    host_scalars: tuple = ()
     input_layout: Any = field(default=None, repr=False)  #: where the batch is in the graph's input
     nodes: list = field(default_factory=list, repr=False)
     replay: list = field(default_factory=list, repr=False)  #: replayed nodes, in graph order
@@ -81,6 +88,17 @@ class Split:
     _verified: bool = field(default=False, repr=False)  #: ran once without error
     _warned: bool = field(default=False, repr=False)  #: the fallback warning was given
 
+    def scalars_of_hosts(self, model: nn.Module) -> tuple:
+        """The scalar attributes (``drop_rate``, flags) of the hosts traced through, as they are now."""
+        hosts = (_resolve(model, path) for path in self.host_paths)
+        return tuple(tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float)) and k != "training")
+                     for m in hosts)
+
+    def hosts_changed(self, model: nn.Module) -> bool:
+        """Whether a host traced through has changed a scalar attribute since (its rate, a flag its
+        forward reads): the graph holds what they were."""
+        return bool(self.host_paths) and self.scalars_of_hosts(model) != self.host_scalars
+
     @property
     def ok(self) -> bool:
         """True when the split is used (no fallback)."""
@@ -92,10 +110,15 @@ class Split:
         return work.predicted_ratio(self.prefix_work, self.replay_work, self.boundary_cost, rows, samples,
                                     (len(self._prefix), len(self.replay)), passes)
 
+    def reused_share(self, rows: int) -> float:
+        """The share of one pass's work the split computes once for ``rows`` rows (:func:`.work.reused_share`)."""
+        return work.reused_share(self.prefix_work, self.replay_work, rows)
+
     def pays(self, rows: int, samples: int) -> bool:
-        """Whether the split is predicted to cost at most :data:`.work.MARGIN` times ``batched`` for a call
-        of this size."""
-        return self.predicted_ratio(rows, samples) <= work.MARGIN
+        """Whether the split reuses at least :data:`.work.MIN_REUSED` of a pass's work and is predicted to
+        cost at most :data:`.work.MARGIN` times ``batched`` for a call of this size."""
+        return (self.reused_share(rows) >= work.MIN_REUSED
+                and self.predicted_ratio(rows, samples) <= work.MARGIN)
 
     @property
     def deterministic_names(self) -> list[str]:

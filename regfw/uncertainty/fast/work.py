@@ -19,9 +19,10 @@ a seed must be the same on every run), so it is a prediction from the graph, not
   node, and the split costs ``prefix + T x (replay + gather)`` plus one call of every prefix node and
   one (``rows`` mode) or T (``samples`` mode) calls of every replayed node, the gather being
   :data:`BYTE_COST` per byte of the boundary values copied into each sample's rows. The split is
-  used unless its predicted cost exceeds :data:`MARGIN` times ``batched``'s (:func:`predicted_ratio`):
-  a near tie keeps the split, so a wrapper that adds a node or two never changes which samples a
-  seed draws.
+  used where the prefix is at least :data:`MIN_REUSED` of one pass's work (:func:`reused_share`) and
+  its predicted cost is at most :data:`MARGIN` times ``batched``'s (:func:`predicted_ratio`): a near
+  tie keeps the split, so a wrapper that adds a node or two never changes which samples a seed
+  draws.
 
 ``bench/auto_vs_batched.py`` prints the predicted and the measured ratio side by side.
 """
@@ -41,13 +42,17 @@ BYTE_COST = 4.0
 #: Work units charged per call of a node (about 50 us of Python and dispatch on a CPU that does 2e10 work
 #: units a second): what makes a replay of T passes over a few rows slower than one pass over T x B rows.
 NODE_COST = 1e6
-#: The split is used unless its predicted cost is above this multiple of ``batched``'s. Where little or nothing is
-#: reused the prediction is near 1 and off by up to about 0.2 either way (``bench/auto_vs_batched.py``): splits
-#: predicted at 0.97-1.00 measured 1.06-1.25x ``batched`` on six models (MLP-Mixer, gMixer, EfficientNet-B0 with
-#: dropout after every layer, ...) and 0.84x on a 784-512-512-10 MLP. A margin of 0.95 sent all of them to
-#: ``batched`` but made a near tie's choice, and so a seed's samples, differ between a model and the same model
-#: called through ``Trainer.predict``; it was not kept.
+#: The split is used unless its predicted cost is above this multiple of ``batched``'s; a near tie keeps the split,
+#: so a wrapper that adds a node or two never changes which samples a seed draws.
 MARGIN = 1.05
+#: ... and only where the prefix it computes once is at least this share of one pass's work (:func:`reused_share`).
+#: The split's whole gain is the prefix's ``T - 1`` repeats; where it reuses less, the gain is smaller than the
+#: prediction's error. With nothing reused (dropout on the input) the prediction is near 1 and the split measured
+#: 1.09-1.40x ``batched`` (``bench/auto_vs_batched.py``: gMixer 1.40, Swin-V2-T 1.26, R3D-18 1.18, CoaT-Lite 1.09;
+#: node-by-node Python and the gathered copies the work model does not see), while every split predicted at 0.93 or
+#: less measured at most 0.92x. The share is a ratio of work, not of node calls, so a wrapper's extra node does
+#: not move it.
+MIN_REUSED = 0.1
 
 
 def _attention_flops(args: tuple) -> int:
@@ -107,6 +112,13 @@ def total(linear: dict[Any, tuple[float, float]], nodes: Iterable[Any]) -> tuple
         nc, nr = linear.get(node, (0.0, 0.0))
         c, r = c + nc, r + nr
     return c, r
+
+
+def reused_share(prefix: tuple[float, float], replay: tuple[float, float], rows: int) -> float:
+    """The prefix's share of one pass's work for ``rows`` rows: what the split computes once instead of T times."""
+    p = prefix[0] + prefix[1] * rows
+    whole = p + replay[0] + replay[1] * rows
+    return p / whole if whole > 0 else 0.0
 
 
 def predicted_ratio(prefix: tuple[float, float], replay: tuple[float, float], gather_bytes: tuple[float, float],
