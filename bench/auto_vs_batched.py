@@ -13,7 +13,8 @@ sampled).
 Needs the zoo environment (torchvision, timm): ``make bench-auto`` or
 ``.venv-zoo/bin/python bench/auto_vs_batched.py [--sweep N] [--threads 1] [--skip N]`` (``--sweep N``: the
 first N models of tests/sweep/selection.json besides the zoo; 0 for the zoo alone; -1 for all; ``--skip N``
-leaves out the first N cases, to go on with a run that was stopped).
+leaves out the first N cases, to go on with a run that was stopped; ``--match TEXT``, repeatable: only the cases
+whose name contains it).
 """
 from __future__ import annotations
 
@@ -133,11 +134,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model; the least time of each is kept")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N cases (to go on with a run)")
+    parser.add_argument("--match", action="append", default=[],
+                        help="only the cases whose name contains this text (may be given again)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     worst = 0.0
     print(f"{'model':52} {'split/b':>7} {'pred.':>6} {'auto/b':>6}  auto ran")
     for name, make in cases(args.sweep)[args.skip:]:
+        if args.match and not any(m in name for m in args.match):
+            continue
         try:
             model, x, kw = make()
             r = compare(model, x, repeats=args.repeats, **kw)

@@ -128,6 +128,23 @@ def test_by_default_auto_runs_batched_where_a_replay_one_sample_at_a_time_costs_
     assert torch.equal(got.outputs, plain.outputs) and torch.equal(got.deterministic, plain.deterministic)
 
 
+def test_by_default_auto_runs_batched_where_its_split_computes_too_little_once(monkeypatch):
+    """Dropout on the input: nothing is computed once, so the split can only tie (its prediction is within
+    MARGIN) while its node-by-node replay and gathered copies cost more; auto runs batched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(3 * 12 * 12, 256), nn.ReLU(),
+                          nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x = inputs()
+    monkeypatch.setattr(strategy, "clock", lambda: pytest.fail("the default choice must not read a clock"))
+    got = mc_predict(model, x, 30, strategy="auto", seed=3)
+    split = split_model(model, x)
+    assert split.ok and split.mode == "rows" and split.reused_share(4) < work.MIN_REUSED
+    assert split.predicted_ratio(4, 30) <= work.MARGIN  # the work alone would have kept the split
+    assert not split.pays(4, 30)
+    plain = mc_predict(model, x, 30, strategy="batched", seed=3)
+    assert torch.equal(got.outputs, plain.outputs) and torch.equal(got.deterministic, plain.deterministic)
+
+
 def test_the_prediction_is_the_same_for_two_builds_of_one_model():
     """A seed's samples may not depend on the machine: the choice is a function of the graph and the sizes."""
     ratios = {split_model(head_only(), inputs()).predicted_ratio(4, 30) for _ in range(2)}

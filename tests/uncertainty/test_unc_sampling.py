@@ -185,6 +185,24 @@ def test_loop_and_batched_sample_the_same_distribution():
     assert a.var(0).min() > 1e-4  # not degenerate: dropout was on
 
 
+def test_batched_runs_cache_sized_chunks_on_a_cpu_as_the_split_does():
+    from regfw.uncertainty.sampling import CPU_MIN_ROWS, chunk_rows_for
+
+    model = small_net().eval()
+    x = torch.randn(100, 4)
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    try:
+        mc_predict(model, x, samples=30, strategy="batched", seed=0, deterministic=False)
+    finally:
+        handle.remove()
+    # the budget allows all 3000 rows at once; a CPU runs them in chunks of 1024 (tiny rows: 1 MiB is more)
+    assert sizes[-3:] == [CPU_MIN_ROWS, CPU_MIN_ROWS, 3000 - 2 * CPU_MIN_ROWS]
+    assert chunk_rows_for(3000, 4096, torch.device("cpu")) == CPU_MIN_ROWS  # big rows: never under 1024
+    assert chunk_rows_for(50, 16, torch.device("cpu")) == 50  # never over what the budget allows
+    assert chunk_rows_for(3000, 16, torch.device("meta")) == 3000  # the rule is the CPU's
+
+
 def test_batched_respects_a_tiny_budget_by_chunking():
     model = small_net().eval()
     x = torch.randn(4, 4)
