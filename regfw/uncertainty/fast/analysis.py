@@ -2,6 +2,8 @@
 values between them, the replay mode and the memory plan."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch.fx as fx
@@ -165,7 +167,9 @@ def _trace(model: nn.Module, x: Packed, stochastic: dict[int, str], records: dic
     leaves = [m for m in model.modules() if id(m) in stochastic]
     unpack = None if x.template is None else x.unpack
     try:
-        with untouched(model):  # a forward that caches what it computes keeps no proxy of this trace
+        # a forward that caches what it computes keeps no proxy of this trace; a module compiled in place
+        # (``module.compile()``) is traced through its own Python code, which its compiled call runs
+        with untouched(model), _eager_calls(model):
             graph = tracing.trace(tracing.Root(model, unpack), leaves, hooks=TRACEABLE_HOOKS, records=records)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: capture with torch.export
         return None, {}, f"torch.fx cannot trace it: {_first_line(exc)}"
@@ -182,6 +186,20 @@ def _trace(model: nn.Module, x: Packed, stochastic: dict[int, str], records: dic
     except AttributeError as exc:
         raise _Fallback(f"a traced module could not be found again ({exc})") from None
     return split, mods, ""
+
+
+@contextlib.contextmanager
+def _eager_calls(model: nn.Module) -> Iterator[None]:
+    """The modules of ``model`` compiled in place (``module.compile()``) call their own ``forward`` while
+    the block runs (``torch.fx`` cannot trace a compiled call); the compiled calls are restored after."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
 
 
 def _host_flags(split: Split, model: nn.Module, through: set[int]) -> None:
