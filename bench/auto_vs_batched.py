@@ -4,17 +4,16 @@
 of the graph's nodes (``regfw.uncertainty.fast.work``), and runs the faster. Per model and regularizer
 this bench times, after one warm-up call each (CPU time of the process, all threads; T = 30; the least
 of three interleaved rounds): the split itself (``choose=False``), ``batched``, and ``auto`` as a user
-gets it; it prints the predicted and
-the measured split / batched ratios and what ``auto`` ran. Targets: ``auto / batched`` at most 1.05
-everywhere, and at most 0.5 where only a model's head is stochastic (the ``head`` rows: timm's
-classifier dropout ``drop_rate``, torchvision's own classifier dropout with its stochastic depth not
-sampled).
+gets it; it prints the predicted and the measured split / batched ratios, the share of a pass's work
+the split computes once, and what ``auto`` ran. Targets: ``auto / batched`` at most 1.05 everywhere,
+and at most 0.5 where only a model's head is stochastic (the ``head`` rows: timm's classifier dropout
+``drop_rate``, torchvision's own classifier dropout with its stochastic depth not sampled).
 
 Needs the zoo environment (torchvision, timm): ``make bench-auto`` or
 ``.venv-zoo/bin/python bench/auto_vs_batched.py [--sweep N] [--threads 1] [--skip N]`` (``--sweep N``: the
 first N models of tests/sweep/selection.json besides the zoo; 0 for the zoo alone; -1 for all; ``--skip N``
 leaves out the first N cases, to go on with a run that was stopped; ``--match TEXT``, repeatable: only the cases
-whose name contains it).
+whose name contains it; ``--shard K/N``: every N-th case from the K-th, to run N processes side by side).
 """
 from __future__ import annotations
 
@@ -62,6 +61,7 @@ def compare(model: nn.Module, x: torch.Tensor, repeats: int = 3, **kw: Any) -> d
     rows = x.shape[0]
     return {"split": split_s, "batched": batched_s, "auto": auto_s,
             "predicted": split.predicted_ratio(rows, T) if split else None,
+            "reused": split.reused_share(rows) if split else None,
             "ran": ("split" if split.pays(rows, T) else "batched") if split else "batched (fallback)"}
 
 
@@ -134,13 +134,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model; the least time of each is kept")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N cases (to go on with a run)")
+    parser.add_argument("--shard", default="0/1", help="K/N: every N-th case from the K-th (to run N processes)")
     parser.add_argument("--match", action="append", default=[],
                         help="only the cases whose name contains this text (may be given again)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     worst = 0.0
-    print(f"{'model':52} {'split/b':>7} {'pred.':>6} {'auto/b':>6}  auto ran")
-    for name, make in cases(args.sweep)[args.skip:]:
+    print(f"{'model':52} {'split/b':>7} {'pred.':>6} {'reused':>6} {'auto/b':>6}  auto ran")
+    k, n = (int(v) for v in args.shard.split("/"))
+    for name, make in cases(args.sweep)[args.skip:][k::n]:
         if args.match and not any(m in name for m in args.match):
             continue
         try:
@@ -152,8 +154,9 @@ def main() -> None:
         ratio = r["auto"] / max(r["batched"], 1e-9)
         worst = max(worst, ratio)
         predicted = "-" if r["predicted"] is None else f"{r['predicted']:.2f}"
-        print(f"{name:52} {r['split'] / max(r['batched'], 1e-9):7.2f} {predicted:>6} {ratio:6.2f}  {r['ran']}",
-              flush=True)
+        reused = "-" if r["reused"] is None else f"{r['reused']:.2f}"
+        print(f"{name:52} {r['split'] / max(r['batched'], 1e-9):7.2f} {predicted:>6} {reused:>6} {ratio:6.2f}  "
+              f"{r['ran']}", flush=True)
     print(f"worst auto / batched: {worst:.2f} (target <= 1.05)")
 
 
