@@ -229,10 +229,9 @@ def test_mc_callback_samples_dict_batches_through_a_model_output():
     splits = list(cache._CACHE[module].splits.values())  # the module of the last run
     assert splits and all(s.ok and s.capture == "torch.export" for s in splits)  # auto split it: no fallback
     rows = next(iter(TokenData().val_dataloader()))["input_ids"].shape[0]
-    # the embeddings' dropout is next to the input: the split computes little once, so auto chose batched
-    # (work.MIN_REUSED) and drew exactly its samples
-    assert not splits[0].pays(rows, 6)
-    assert found["auto", 1] == found["batched", 0]
+    # what auto ran is work.py's choice (tests/uncertainty/test_auto_choice.py): its split drew its own samples,
+    # batched exactly batched's
+    assert (found["auto", 1] != found["batched", 0]) == splits[0].pays(rows, 6)
 
 
 def test_mc_callback_output_key_from_yaml_and_a_wrong_key_named():
