@@ -9,7 +9,13 @@ The ``"auto"`` strategy registered here computes it once:
    an anchor module, called from a forward hook (:class:`regfw.placement.surgery.ApplyAfter` /
    :class:`~regfw.placement.surgery.ApplyBefore`); fx would treat the anchor (``nn.Linear``, ``nn.ReLU``...)
    as an opaque leaf and never see the hook, so the tracer here runs those hooks itself and the
-   injected module becomes a node of its own. Stochastic modules are leaves.
+   injected module becomes a node of its own. Stochastic modules are leaves, except a module whose
+   own ``forward`` calls ``F.dropout`` (timm's classifier dropout ``drop_rate``, in the model's own
+   ``forward_head``): it is traced through, each dropout call reading the module's ``training``
+   flag when it runs, so what comes before the call is computed once; a change of one of its scalar
+   attributes (the rate) makes a new trace. Where that trace fails a check below (its forward reads
+   its flag for anything else), the module is a leaf after all. A module compiled in place
+   (``module.compile()``) is traced through its own ``forward``.
    Where fx cannot trace the model (Hugging Face models; a model returning a ``ModelOutput`` or a
    dict), the graph is **captured** with ``torch.export`` in MC mode, every dimension carrying the
    batch symbolic, its output the tensor ``output_key`` selects: it holds the random operators
@@ -25,7 +31,8 @@ The ``"auto"`` strategy registered here computes it once:
    including that block's residual branch. In-place ops that would make the reordering observable
    are moved into the replay (see ``graph._fix_inplace``).
 3. **Replay** over ``T x B`` rows, sample-major like ``batched`` (row ``t * B + b``), in chunks
-   sized to ``budget_bytes`` (on CPU also to about 1 MiB of activations, which runs faster). The
+   sized to ``budget_bytes`` (on CPU also to about 1 MiB of activations but at least 1024 rows, as
+   ``batched`` does: :func:`regfw.uncertainty.sampling.chunk_rows_for`). The
    boundary activations are gathered per chunk: a ``[T, B, ...]`` expand must be copied anyway
    to become ``[T * B, ...]`` rows for the next module, so the copy is kept chunk-sized and the
    ``T x B`` rows never exist at once. When one pass of the prefix would exceed the budget, and
@@ -57,8 +64,9 @@ The package, by concern: :mod:`.inputs` (a dict or tuple of arguments as the gra
 :mod:`.graph` (node evaluation, random / view / in-place ops, closures), :mod:`.stand_in`,
 :mod:`.layout` (where the batch is in each value, row gathering), :mod:`.probes` (the checks
 above), :mod:`.analysis` (trace, partition, memory plan), :mod:`.execute` (prefix and chunked
-replay), :mod:`.cache` (one split per model and input signature) and :mod:`.strategy` (the
-registered function). The tracer is :mod:`regfw.placement.tracing`, shared with placement.
+replay), :mod:`.cache` (one split per model and input signature), :mod:`.work` (whether the split
+beats ``batched``: the work of each node, the share computed once, the predicted cost) and
+:mod:`.strategy` (the registered function). The tracer is :mod:`regfw.placement.tracing`, shared with placement.
 """
 from __future__ import annotations
 
