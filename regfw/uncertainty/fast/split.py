@@ -89,13 +89,14 @@ class Split:
     _warned: bool = field(default=False, repr=False)  #: the fallback warning was given
 
     def scalars_of_hosts(self, model: nn.Module) -> tuple:
-        """The scalar attributes (``drop_rate``, flags) of the hosts traced through, as they are now."""
+        """The float and bool attributes (``drop_rate``, flags) of the hosts traced through, as they are now
+        (not ints: a forward may count its calls in one)."""
         hosts = (_resolve(model, path) for path in self.host_paths)
-        return tuple(tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float)) and k != "training")
+        return tuple(tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, float)) and k != "training")
                      for m in hosts)
 
     def hosts_changed(self, model: nn.Module) -> bool:
-        """Whether a host traced through has changed a scalar attribute since (its rate, a flag its
+        """Whether a host traced through has changed a float or bool attribute since (its rate, a flag its
         forward reads): the graph holds what they were."""
         return bool(self.host_paths) and self.scalars_of_hosts(model) != self.host_scalars
 
