@@ -435,11 +435,13 @@ class PooledHead(nn.Module):
     def __init__(self, drop_rate: float = 0.3, more_flag: bool = False) -> None:
         super().__init__()
         self.drop_rate, self.more_flag = drop_rate, more_flag
+        self.calls = 0  # counted by the forward, as some models do
         self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
                                       nn.ReLU())
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         h = self.features(x).mean((2, 3))
         if self.more_flag and self.training:
             h = h * 2
@@ -476,6 +478,8 @@ def test_a_changed_functional_rate_makes_a_new_split_with_it():
     second = split_model(model, x)
     assert second is not first and [n.kwargs["p"] for n in second.sources] == [0.7]
     assert float(high.std(0).mean()) > 1.5 * float(low.std(0).mean())
+    samples(model, x, "batched", 3)  # the forward counts its calls: an int the graph does not hold
+    assert split_model(model, x) is second
 
 
 def test_a_host_that_reads_its_flag_for_more_than_its_dropout_is_called_whole():
