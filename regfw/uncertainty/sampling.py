@@ -48,7 +48,6 @@ from regfw.placement import foreign
 from regfw.tensors import iter_tensors, split_mean_variance
 from regfw.train.batch import batch_size, index_batch
 from regfw.uncertainty.accepted import check_inputs
-from regfw.uncertainty.live_bytes import LiveBytes
 from regfw.uncertainty.modes import (
     TORCH_STOCHASTIC_TYPES,
     ModelIndex,
@@ -206,26 +205,35 @@ def chunk_rows_for(budget_rows: int, row_bytes: int, device: torch.device) -> in
 def estimate_row_bytes(model: nn.Module, row: Any, output_key: OutputKey = None) -> int:
     """Estimate the activation memory of one input row in one forward pass, in bytes.
 
-    One probe pass of the single row ``row`` (batch size 1) measures the most bytes its tensors
-    hold at once (:class:`regfw.uncertainty.live_bytes.LiveBytes`: every storage a torch operator
-    creates, until its last tensor is freed). The estimate is::
+    One probe pass of the single row ``row`` (batch size 1) is run with forward hooks on every
+    leaf module. The estimate is::
 
-        bytes(input row) + 2 * (that peak)
+        bytes(input row) + 2 * (sum of the output bytes of every leaf module + root output)
 
-    the factor 2 covering what the count does not see (an operator's own scratch memory, the
-    allocator's slack). Activations scale linearly with the number of rows, so a chunk of ``n``
-    rows is estimated at ``n`` times this value (what does not grow with the rows, such as a
-    position table, is counted per row too). Weights are not counted (they are already resident)
-    and neither is the final ``[T, B, ...]`` output buffer. A compiled module is measured on the
-    module it wraps (:func:`uncompiled`). Under ``no_grad`` a pass holds a few layers' activations
-    at a time; the sum of every layer's output, which this estimate once was, is several times more
-    and made chunks needlessly small (2.5x the CPU time of one chunk on a CSP-ResNeXt).
+    Under ``no_grad`` each intermediate is freed once consumed, so the sum over all module
+    outputs is an upper bound for what the modules hold at once; the factor 2 covers tensors
+    made by functional operations between modules (``F.relu``, ``torch.cat``, views made
+    contiguous), which have no hook. Activations scale linearly with the number of rows, so a
+    chunk of ``n`` rows is estimated at ``n`` times this value. Weights are not counted (they
+    are already resident) and neither is the final ``[T, B, ...]`` output buffer.
     """
-    meter = LiveBytes()
-    with torch.no_grad(), meter:
-        forward_output(uncompiled(model), row, output_key)
+    total = 0
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        for t in iter_tensors(out):
+            total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None and m is not model]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        out = forward_output(model, row, output_key)
+    finally:
+        for h in handles:
+            h.remove()
+    total += out.numel() * out.element_size()
     in_bytes = sum(t.numel() * t.element_size() for t in iter_tensors(row))
-    return max(1, in_bytes + 2 * meter.peak)
+    return max(1, in_bytes + 2 * total)
 
 
 def batched_strategy(
