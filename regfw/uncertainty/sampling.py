@@ -196,7 +196,7 @@ def loop_strategy(model: nn.Module, inputs: Any, samples: int, *, budget_bytes: 
 def chunk_rows_for(budget_rows: int, row_bytes: int, device: torch.device) -> int:
     """Rows per chunk: ``budget_rows`` (what the memory budget allows), on a CPU at most
     :data:`CPU_CHUNK_BYTES` of activations but never under :data:`CPU_MIN_ROWS` rows. Used by ``batched``
-    and by the replay of ``auto``'s split, so the two run chunks of the same size."""
+    and by the replay of ``auto``'s split, each with its own count of a row's bytes."""
     if device.type != "cpu" or row_bytes <= 0:
         return budget_rows
     return min(budget_rows, max(CPU_MIN_ROWS, CPU_CHUNK_BYTES // row_bytes))
