@@ -77,15 +77,16 @@ def _analyse(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey 
                if id(m) not in off and not isinstance(m, types)}
     if through:
         try:
-            return _analyse_once(model, inputs, types, output_key, may_capture, through)
+            return _analyse_once(model, inputs, types, output_key, may_capture, off, through)
         except _Fallback:
             pass
-    return _analyse_once(model, inputs, types, output_key, may_capture, set())
+    return _analyse_once(model, inputs, types, output_key, may_capture, off, set())
 
 
 def _analyse_once(model: nn.Module, inputs: Any, types: tuple, output_key: OutputKey, may_capture: bool,
-                  through: set[int]) -> Split:
-    """:func:`_analyse` with the functional-dropout hosts in ``through`` traced through (their ids)."""
+                  off: frozenset[int], through: set[int]) -> Split:
+    """:func:`_analyse` with the functional-dropout hosts in ``through`` traced through (their ids); ``off``: the
+    own stochastic layers this call does not sample (deterministic here)."""
     try:
         packed = pack(inputs)
     except TypeError as exc:
@@ -94,7 +95,6 @@ def _analyse_once(model: nn.Module, inputs: Any, types: tuple, output_key: Outpu
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         raise _Fallback("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)")
-    off = excluded_ids()  # own stochastic layers this call does not sample: deterministic here
     stochastic = {id(m): (path or "<model>") for path, m in model.named_modules()
                   if is_stochastic(m, types) and id(m) not in off and id(m) not in through}
     x1, x2, distinct = _probe_inputs(packed)
