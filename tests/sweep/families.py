@@ -1,5 +1,5 @@
-"""Which models the registry sweep runs: one model per timm family, every torchvision builder up to
-:data:`MAX_PARAMS` parameters.
+"""Which models the registry sweep runs: one model per timm family (up to :data:`MAX_PARAMS` parameters),
+every torchvision builder up to :data:`TV_MAX_PARAMS`.
 
 A timm *family* is a model name up to its first size or variant suffix (:func:`family`): the name is
 split at ``_``; the first token is cut at its first digit (a version ``v2`` stays: ``mobilenetv3``,
@@ -10,11 +10,13 @@ From each family the sweep takes the smallest model that builds on the CPU with 
 runs one forward at a small input (:data:`SIZES`) within :data:`BUILD_SECONDS`. Smallest means fewest
 parameters, counted on the ``meta`` device (nothing allocated); a name whose count is unknown (it cannot
 be built on ``meta``) is ranked by its name (:func:`size_rank`: the size word, then the numbers in the
-name) after the counted ones. Models over :data:`MAX_PARAMS` are not run (timm names and torchvision
-builders alike); of the rest the next smallest is tried when one does not build or run
-(:data:`CANDIDATES` tries in all). ``python -m tests.sweep.families`` (zoo environment) writes the choice
-to ``selection.json`` beside this file, with the reason for every family or builder that has no such
-model; the sweep reads it and prints it in its table.
+name) after the counted ones. Models over :data:`MAX_PARAMS` are not run; of the rest the next smallest is
+tried when one does not build or run (:data:`CANDIDATES` tries in all). A torchvision builder is run at the
+first of :data:`SIZES` at which it builds and runs, a detector with fewer proposals and detections than
+torchvision's defaults (:data:`DETECTION_LIGHT`), and not over :data:`TV_MAX_PARAMS`.
+``python -m tests.sweep.families`` (zoo environment) writes the choice to ``selection.json`` beside this
+file, with the reason for every family or builder that has no such model; the sweep reads it and prints it
+in its table.
 """
 from __future__ import annotations
 
@@ -35,13 +37,15 @@ SIZES = (64, 96, 128)
 BUILD_SECONDS = 5.0
 #: Models built per family, smallest first (names over :data:`MAX_PARAMS` are not counted: never built).
 CANDIDATES = 3
-#: A model (a timm model or a torchvision builder) with more parameters is not run, counted on the ``meta``
+#: A timm model with more parameters is not run (a family's smallest is tried first), counted on the ``meta``
 #: device (nothing allocated) or, where that cannot build it, after building it: each of the sweep's cases copies
-#: the model and runs it dozens of times (MC samples of two strategies, the noise floor, BatchNorm statistics):
-#: the 29 torchvision builders over this size (ViT-B/L, VGG, AlexNet, ResNet-101/152, EfficientNet-B6/B7/V2-M/L,
-#: ...) took 840 CPU seconds at 20 samples, measured one by one, more than a third of the sweep's 20 minutes
-#: on 2 cores.
+#: the model and runs it dozens of times (MC samples of two strategies, the noise floor, BatchNorm statistics).
 MAX_PARAMS = 40_000_000
+#: The same for a torchvision builder (each builder is run, not one per family): the sweep's 20 minutes on 2
+#: cores hold those up to this size. Measured over the 44 larger builders one by one (CPU seconds, all four
+#: regularizers), those up to 50 M took 146 s; all of them 1210 s (Mask and Keypoint R-CNN 14-39 s each;
+#: RegNetY-128GF 200 s and 19 GB of memory, ViT-L/16 73 s, EfficientNetV2-L 49 s).
+TV_MAX_PARAMS = 50_000_000
 NUM_CLASSES = 10
 BATCH = 2
 #: Words that name a size, never a family.
@@ -81,14 +85,19 @@ def size_rank(name: str) -> tuple:
     return (min(ranks) if ranks else SIZE_ORDER.index("base") - 0.5, numbers, len(name), name)
 
 
-def meta_params(build: Any) -> int | None:
-    """The parameter count of ``build()`` constructed on the meta device; None when it cannot be."""
+def meta_model(build: Any) -> torch.nn.Module | None:
+    """``build()`` constructed on the meta device (nothing allocated); None when it cannot be."""
     try:
         with torch.device("meta"):
-            model = build()
-    except Exception:  # noqa: BLE001 - a model that needs real tensors at init is not counted
+            return build()
+    except Exception:  # noqa: BLE001 - a model that needs real tensors at init
         return None
-    return sum(p.numel() for p in model.parameters())
+
+
+def meta_params(build: Any) -> int | None:
+    """The parameter count of ``build()`` constructed on the meta device; None when it cannot be."""
+    model = meta_model(build)
+    return None if model is None else sum(p.numel() for p in model.parameters())
 
 
 def train_forward(model: torch.nn.Module, x: Any) -> None:
@@ -103,15 +112,15 @@ def train_forward(model: torch.nn.Module, x: Any) -> None:
         model.eval()
 
 
-def too_big(model: torch.nn.Module) -> str:
-    """Why a built model is not run (over :data:`MAX_PARAMS` parameters), or ``""``: for the models whose
-    parameters cannot be counted on the ``meta`` device before they are built."""
-    return over_cap(sum(p.numel() for p in model.parameters()))
+def too_big(model: torch.nn.Module, cap: int = MAX_PARAMS) -> str:
+    """Why a built model is not run (over ``cap`` parameters), or ``""``: for the models whose parameters
+    cannot be counted on the ``meta`` device before they are built."""
+    return over_cap(sum(p.numel() for p in model.parameters()), cap)
 
 
-def over_cap(n: int | None) -> str:
-    """Why a model of ``n`` parameters is not run, or ``""`` (at most :data:`MAX_PARAMS`, or not counted)."""
-    return f"too slow ({n / 1e6:.0f} M parameters)" if n is not None and n > MAX_PARAMS else ""
+def over_cap(n: int | None, cap: int = MAX_PARAMS) -> str:
+    """Why a model of ``n`` parameters is not run, or ``""`` (at most ``cap``, or not counted)."""
+    return f"too slow ({n / 1e6:.0f} M parameters)" if n is not None and n > cap else ""
 
 
 def timm_params(name: str) -> int | None:
@@ -192,6 +201,24 @@ TV_GROUPS: dict[str, tuple[str, dict[str, Any], str]] = {
     "video": ("video", {"num_classes": NUM_CLASSES}, "video"),
 }
 VIDEO_FRAMES = 4
+#: A detector's proposal and detection counts, cut from torchvision's defaults (1000-2000 proposals, 100-300
+#: detections an image) as its small input allows: with the defaults, random weights fill every slot and one
+#: forward of Mask R-CNN at 64x64 takes 6 CPU s, almost all in the heads run on each of 100 detections; with
+#: these, 0.4 s. A detector gets those of these arguments its model's constructor names.
+DETECTION_LIGHT = {"rpn_pre_nms_top_n_train": 200, "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_train": 50,
+                   "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 64, "box_detections_per_img": 10,
+                   "topk_candidates": 100, "detections_per_img": 10}
+
+
+def detection_light(build: Any) -> dict[str, Any]:
+    """The :data:`DETECTION_LIGHT` arguments that the constructor of the model ``build()`` names."""
+    import inspect
+
+    model = meta_model(build)
+    if model is None:
+        return {}
+    named = inspect.signature(type(model).__init__).parameters
+    return {k: v for k, v in DETECTION_LIGHT.items() if k in named}
 
 
 def tv_input(kind: str, size: int) -> Any:
@@ -206,9 +233,11 @@ def tv_input(kind: str, size: int) -> Any:
 def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[str, Any] | None, str]:
     import torchvision
 
-    big = over_cap(meta_params(lambda: torchvision.models.get_model(name, weights=None, **base)))
+    big = over_cap(meta_params(lambda: torchvision.models.get_model(name, weights=None, **base)), TV_MAX_PARAMS)
     if big:
         return None, big
+    if kind == "images":
+        base = {**base, **detection_light(lambda: torchvision.models.get_model(name, weights=None, **base))}
     last = ""
     for size in SIZES:
         for extra in ({"image_size": size}, {}):
@@ -225,8 +254,8 @@ def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[st
                 last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 continue
             took = time.process_time() - start
-            if too_big(model):
-                return None, too_big(model)
+            if too_big(model, TV_MAX_PARAMS):
+                return None, too_big(model, TV_MAX_PARAMS)
             if took > BUILD_SECONDS:
                 return None, f"too slow (build and one forward {took:.1f} s CPU at {size}x{size})"
             return {"kwargs": kw, "size": size, "input": kind}, ""

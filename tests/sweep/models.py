@@ -2,11 +2,13 @@
 weights, feed it a small input, read its logits and compute its own training loss."""
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import model_checks as checks
 import torch
 from torch import Tensor, nn
 from zoo.models import pixel_logits, prepare, train_like_scales
@@ -77,7 +79,18 @@ def load() -> tuple[list[SweepModel], dict[str, str]]:
     return models, excluded
 
 
-_PROTOTYPE: dict[str, tuple[nn.Module, Any]] = {}
+@dataclass
+class Prototype:
+    """A built model (eval mode) with its example input and what every case of it compares against, computed
+    once per model: each case's surgery starts from a copy (:func:`build`), so these are the same for all."""
+
+    model: nn.Module
+    x: Any
+    reference: Any  #: the eval output before any surgery
+    own_doing: dict[str, set]  #: what a plain forward pass changes in the model (:func:`model_checks.volatile`)
+
+
+_PROTOTYPE: dict[str, Prototype] = {}
 
 
 @torch.no_grad()
@@ -96,7 +109,8 @@ def train_like_weights(model: nn.Module, seed: int = 4) -> list[str]:
     return found
 
 
-def _prototype(entry: SweepModel) -> tuple[nn.Module, Any]:
+def prototype(entry: SweepModel) -> Prototype:
+    """The model of ``entry`` built once per worker (cases of one model run together: ``xdist_group``)."""
     if entry.key in _PROTOTYPE:
         return _PROTOTYPE[entry.key]
     _PROTOTYPE.clear()  # cases of one model run together (xdist_group): keep one prototype
@@ -107,7 +121,10 @@ def _prototype(entry: SweepModel) -> tuple[nn.Module, Any]:
     x = entry.example()
     if not entry.detection:
         prepare(model, x)
-    _PROTOTYPE[entry.key] = (model.eval(), x)
+    model.eval()
+    with torch.no_grad():
+        reference = copy.deepcopy(model(x))
+    _PROTOTYPE[entry.key] = Prototype(model, x, reference, checks.volatile(model, lambda m: m(x)))
     return _PROTOTYPE[entry.key]
 
 
@@ -126,7 +143,5 @@ def statistics_with_dropout(model: nn.Module, x: Tensor) -> None:
 def build(entry: SweepModel) -> tuple[nn.Module, Any]:
     """A fresh copy of the model (random weights, trained-like scales and BatchNorm statistics, eval
     mode) and its example input; built once per worker and copied per case."""
-    import copy
-
-    model, x = _prototype(entry)
-    return copy.deepcopy(model), x
+    proto = prototype(entry)
+    return copy.deepcopy(proto.model), proto.x

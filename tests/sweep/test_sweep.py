@@ -45,7 +45,7 @@ from torch import nn
 from regfw.placement.plan import apply_plan, make_plan
 from regfw.registry.regularizers import build_regularizers
 
-from .models import SweepModel, build, load, statistics_with_dropout
+from .models import SweepModel, build, load, prototype, statistics_with_dropout
 
 KNOWN = Path(__file__).with_name("known_failures.json")
 #: Monte Carlo samples per strategy in the sweep (fewer than the zoo's 30: the sweep's time budget). With 12
@@ -132,11 +132,9 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
     fails = Failures()
     info: dict[str, Any] = {}
     model, x = build(entry)
-    with torch.no_grad():
-        reference = copy.deepcopy(model(x))
+    reference, own_doing = prototype(entry).reference, prototype(entry).own_doing
     own = checks.existing_stochastic(model)
     regs = build_regularizers(VARIANTS[variant])
-    own_doing = checks.volatile(model, lambda m: m(x))
     state = checks.model_state(model)
     plan = None
     with fails.step("plan-error"):
