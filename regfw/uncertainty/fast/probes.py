@@ -33,6 +33,7 @@ from .work import WorkMeter
 _PROBE_ROWS = (2, 3)  # the two probe batch sizes (not 1: squeeze() would hide the batch dim)
 _INDEPENDENCE_COPIES = 64  # copies of one row for the per-row randomness check
 _INDEPENDENCE_TRIALS = 3
+_INDEPENDENCE_FIRST = 4  # copies in a first, cheap trial: enough for a layer that draws per element
 _INDEPENDENCE_BYTES = 16 * 2**20  # fewer copies (at least 8, more trials) for rows larger than this / 64
 
 
@@ -205,10 +206,11 @@ def _declared_shared(sources: list, mods: dict, types: tuple) -> str | None:
 def _independent_rows(node: fx.Node, env: dict, layouts: dict, mods: dict, model: nn.Module) -> bool:
     """Whether a stochastic node draws its randomness per row: identical rows in, different rows out.
 
-    Runs the node on 64 copies of one probe row (fewer for large rows, with more trials), up to 3
-    times. A module that draws one mask for the whole batch (weight drop) gives identical rows
-    every time. A per-row module gives identical rows with a probability like ``(1 - p) ** 63``
-    per trial (DropPath, one draw per row); then the samples mode, slower but exact, is chosen.
+    Runs the node on 4 copies of one probe row, then, unless their rows differ, on 64 copies (fewer
+    for large rows, with more trials), up to 3 times. A module that draws one mask for the whole
+    batch (weight drop) gives identical rows every time. A per-row module gives identical rows with a
+    probability like ``(1 - p) ** 63`` per trial (DropPath, one draw per row); then the samples mode,
+    slower but exact, is chosen.
     """
     if node.op != "call_module":
         return True  # random functions and methods draw per element
@@ -229,14 +231,17 @@ def _independent_rows(node: fx.Node, env: dict, layouts: dict, mods: dict, model
                     if isinstance(layouts.get(a), (_Batch, _Seq)))
     copies = max(8, min(_INDEPENDENCE_COPIES, _INDEPENDENCE_BYTES // max(1, row_bytes)))
     trials = max(_INDEPENDENCE_TRIALS, math.ceil(_INDEPENDENCE_COPIES * _INDEPENDENCE_TRIALS / copies))
-    try:
+    def repeated(n: int) -> dict:
         # attributes (a host's training flag) are read now, in MC mode, not as the eval-mode probe saw them
-        local = {a: (_eval(a, {}, mods, model) if a.op == "get_attr"
-                     else _repeat_row(env[a], layouts.get(a), row, copies)) for a in arg_nodes}
-        for _ in range(trials):
-            out = _eval(node, local, mods, model)
-            if _rows_differ(out, out_layout, copies):
-                return True
+        return {a: (_eval(a, {}, mods, model) if a.op == "get_attr"
+                    else _repeat_row(env[a], layouts.get(a), row, n)) for a in arg_nodes}
+
+    try:
+        # a first trial on a few copies settles a layer that draws per element; the full trials decide the rest
+        few = min(_INDEPENDENCE_FIRST, copies)
+        if _rows_differ(_eval(node, repeated(few), mods, model), out_layout, few):
+            return True
+        local = repeated(copies)
+        return any(_rows_differ(_eval(node, local, mods, model), out_layout, copies) for _ in range(trials))
     except Exception:  # noqa: BLE001 - cannot tell: assume shared, the samples mode is exact
         return False
-    return False
