@@ -42,9 +42,10 @@ CANDIDATES = 3
 #: the model and runs it dozens of times (MC samples of two strategies, the noise floor, BatchNorm statistics).
 MAX_PARAMS = 40_000_000
 #: The same for a torchvision builder (each builder is run, not one per family): the sweep's 20 minutes on 2
-#: cores hold those up to this size. Measured over the 44 larger builders one by one (CPU seconds, all four
-#: regularizers), those up to 50 M took 146 s; all of them 1210 s (Mask and Keypoint R-CNN 14-39 s each;
-#: RegNetY-128GF 200 s and 19 GB of memory, ViT-L/16 73 s, EfficientNetV2-L 49 s).
+#: cores hold those up to this size. Measured one by one (CPU seconds, all four regularizers, detectors with
+#: :data:`DETECTION_LIGHT`), the 10 builders of 40-50 M took 146 s; 34 of the 35 over 50 M took 1020 s, half the
+#: whole sweep's 1950 (Keypoint R-CNN 39 s, ViT-L/16 73 s, RegNetY-128GF 200 s and 19 GB of memory; ViT-H/14
+#: was not run: none of :data:`SIZES` is a multiple of its 14-pixel patch).
 TV_MAX_PARAMS = 50_000_000
 NUM_CLASSES = 10
 BATCH = 2
