@@ -68,8 +68,7 @@ def _suffix_once(split: Split, model: nn.Module, mods: dict, values: dict) -> Te
     # walking the whole model
     # (``model.eval()`` on a 200-module network costs about as much as a small suffix).
     on = [m for node in split.replay if node.op == "call_module" for m in mods[node.target].modules() if m.training]
-    on += [host for node in split.replay if node.op == "get_attr" and str(node.target).endswith(".training")
-           for host in (_resolve(model, str(node.target).rsplit(".", 1)[0]),) if host.training]
+    on += [host for host in (_resolve(model, path) for path in split.host_paths) if host.training]
     try:
         for m in on:
             m.training = False
