@@ -192,3 +192,23 @@ def test_a_rate_set_on_an_in_place_dropout_keeps_the_training_step_working():
     model.train()
     model(x).sum().backward()
     assert model.qkv.weight.grad is not None
+
+
+class DropRateHead(nn.Module):
+    """A classifier head's dropout as timm writes it: ``F.dropout(h, p=self.drop_rate, training=self.training)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop_rate = nn.Linear(6, 16), nn.Linear(16, 3), 0.3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(torch.relu(self.fc1(x)), p=self.drop_rate, training=self.training))
+
+
+def test_a_functional_hosts_rate_follows_an_assignment_to_its_attribute():
+    model = DropRateHead().eval()
+    mc_predict(model, torch.randn(4, 6), samples=2, strategy="loop", seed=0)  # finds the host
+    assert [(p, rate) for p, _, _, rate in foreign.functional_hosts(model)] == [("", 0.3)]
+    assert foreign.get_rate(model) == 0.3 and foreign.rate_attr(model) == "drop_rate"
+    model.drop_rate = 0.7  # no longer the value the call was found with: still the attribute that holds the rate
+    assert foreign.get_rate(model) == 0.7 and foreign.rate_attr(model) == "drop_rate"
