@@ -21,7 +21,10 @@ This module imports nothing from regfw, so every other module may import it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -240,11 +243,24 @@ def capture(model: nn.Module, leaves: Iterable[nn.Module] = (), example_input: A
 
 def export(module: nn.Module, args: tuple, kwargs: dict | None = None, dynamic_shapes: Any = None) -> Any:
     """``torch.export`` (non-strict: the Python of the forward runs, as in eager mode) of ``module``
-    in the modes its modules are in, without gradients: the one place regfw calls it."""
+    in the modes its modules are in, without gradients: the one place regfw calls it.
+
+    A failed export prints the graph it had traced so far to stderr before raising (thousands of lines
+    for a detector whose proposals have data-dependent shapes); regfw falls back from a failed capture
+    and says why in one line, so that graph is left out; anything else written to stderr passes."""
     import torch
 
-    with torch.no_grad():
-        return torch.export.export(module, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+    written = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(written):
+            return torch.export.export(module, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        partial = getattr(exc, "partial_fx_graph", None)
+        if partial is not None:
+            written = io.StringIO(written.getvalue().replace(f"{partial}\n", ""))
+        raise
+    finally:
+        sys.stderr.write(written.getvalue())
 
 
 class Call(nn.Module):
