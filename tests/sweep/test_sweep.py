@@ -1,6 +1,7 @@
 """The registry sweep: regfw's rules checked on one model of each timm family and on every torchvision
 classification, segmentation, detection and video builder (random weights, small inputs; up to 40 M
-parameters; which ones, and why the others are excluded: :mod:`.families`, ``selection.json``).
+parameters for timm, 50 M for torchvision; which ones, and why the others are excluded: :mod:`.families`,
+``selection.json``).
 `make test-sweep` runs it in the zoo environment.
 
 For every model and every regularizer that places something on it (dropout, spatial dropout, drop
