@@ -74,8 +74,7 @@ FUNCTIONAL_NAMES = frozenset(f.__name__ for f in FUNCTIONAL_DROPOUT)
 #: Modules found calling functional dropout: module -> (function name, rate). Weak, so a model's
 #: modules are not kept alive by being recorded.
 _FUNCTIONAL_HOSTS: weakref.WeakKeyDictionary[nn.Module, tuple[str, float]] = weakref.WeakKeyDictionary()
-#: The attribute of a host that held its functional call's rate when the host was found (:func:`_functional_rate_attr`):
-#: read from then on, so that the rate follows a later assignment to it (``model.drop_rate = 0.7``).
+#: The attribute of a host that held its functional call's rate when the host was found (:func:`_remember_rate_attr`).
 _RATE_ATTR: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 #: Models whose forward has been watched, with their module count then (a changed model is watched again).
 _SCANNED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
@@ -196,18 +195,29 @@ def describe(module: nn.Module) -> str:
 
 
 def _functional_rate_attr(module: nn.Module) -> str | None:
-    """The float attribute of a host that holds its functional call's rate: the one attribute named like a
-    rate (``p``, ``*drop*``) that had the call's rate when the host was found, remembered from then on."""
+    """The float attribute of a host that holds its functional call's rate: the one remembered when the host
+    was found (:func:`_remember_rate_attr`), else the one attribute named like a rate that has it now."""
     known = _RATE_ATTR.get(module)
     if known is not None and isinstance(vars(module).get(known), float):
         return known
+    return _rate_attr_by_value(module)
+
+
+def _rate_attr_by_value(module: nn.Module) -> str | None:
+    """The one float attribute named like a rate (``p``, ``*drop*``) whose value is the host's recorded rate."""
     p = _FUNCTIONAL_HOSTS[module][1]
     names = [k for k, v in vars(module).items()
              if (k == "p" or "drop" in k.lower()) and isinstance(v, float) and not isinstance(v, bool) and v == p]
-    if len(names) != 1:
-        return None
-    _RATE_ATTR[module] = names[0]
-    return names[0]
+    return names[0] if len(names) == 1 else None
+
+
+def _remember_rate_attr(host: nn.Module) -> None:
+    """Remember the attribute holding a host's rate while it still has the rate its call passed, so the rate
+    follows a later assignment to it (``model.drop_rate = 0.7``)."""
+    if host not in _RATE_ATTR:
+        name = _rate_attr_by_value(host)
+        if name is not None:
+            _RATE_ATTR[host] = name
 
 
 #: Fused attention functions whose ``dropout_p`` is a dropout of the attention probabilities.
@@ -337,7 +347,7 @@ def watch_functional_dropout(model: nn.Module) -> Iterator[dict[nn.Module, tuple
             if _FUNCTIONAL_HOSTS.get(host) != value:
                 _FUNCTIONAL_HOSTS[host] = value
                 _generation += 1
-            _functional_rate_attr(host)  # remembered while it still has the rate the call passed
+            _remember_rate_attr(host)
         _SCANNED[model] = _size(model)
 
 

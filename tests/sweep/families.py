@@ -42,7 +42,7 @@ CANDIDATES = 3
 #: the model and runs it dozens of times (MC samples of two strategies, the noise floor, BatchNorm statistics).
 MAX_PARAMS = 40_000_000
 #: The same for a torchvision builder (each builder is run, not one per family): the sweep's 20 minutes on 2
-#: cores hold those up to this size. Measured one by one (CPU seconds, all four regularizers, detectors with
+#: cores hold those up to this size. Summed over their cases (CPU seconds, all four regularizers, detectors with
 #: :data:`DETECTION_LIGHT`), the 10 builders of 40-50 M took 146 s; 34 of the 35 over 50 M took 1020 s, half the
 #: whole sweep's 1950 (Keypoint R-CNN 39 s, ViT-L/16 73 s, RegNetY-128GF 200 s and 19 GB of memory; ViT-H/14
 #: was not run: none of :data:`SIZES` is a multiple of its 14-pixel patch).
@@ -95,10 +95,14 @@ def meta_model(build: Any) -> torch.nn.Module | None:
         return None
 
 
+def params(model: torch.nn.Module | None) -> int | None:
+    """The parameter count of ``model``; None for no model."""
+    return None if model is None else sum(p.numel() for p in model.parameters())
+
+
 def meta_params(build: Any) -> int | None:
     """The parameter count of ``build()`` constructed on the meta device; None when it cannot be."""
-    model = meta_model(build)
-    return None if model is None else sum(p.numel() for p in model.parameters())
+    return params(meta_model(build))
 
 
 def train_forward(model: torch.nn.Module, x: Any) -> None:
@@ -116,7 +120,7 @@ def train_forward(model: torch.nn.Module, x: Any) -> None:
 def too_big(model: torch.nn.Module, cap: int = MAX_PARAMS) -> str:
     """Why a built model is not run (over ``cap`` parameters), or ``""``: for the models whose parameters
     cannot be counted on the ``meta`` device before they are built."""
-    return over_cap(sum(p.numel() for p in model.parameters()), cap)
+    return over_cap(params(model), cap)
 
 
 def over_cap(n: int | None, cap: int = MAX_PARAMS) -> str:
@@ -211,11 +215,10 @@ DETECTION_LIGHT = {"rpn_pre_nms_top_n_train": 200, "rpn_pre_nms_top_n_test": 200
                    "topk_candidates": 100, "detections_per_img": 10}
 
 
-def detection_light(build: Any) -> dict[str, Any]:
-    """The :data:`DETECTION_LIGHT` arguments that the constructor of the model ``build()`` names."""
+def detection_light(model: torch.nn.Module | None) -> dict[str, Any]:
+    """The :data:`DETECTION_LIGHT` arguments that the constructor of ``model`` (built on ``meta``) names."""
     import inspect
 
-    model = meta_model(build)
     if model is None:
         return {}
     named = inspect.signature(type(model).__init__).parameters
@@ -234,11 +237,12 @@ def tv_input(kind: str, size: int) -> Any:
 def try_torchvision(name: str, base: dict[str, Any], kind: str) -> tuple[dict[str, Any] | None, str]:
     import torchvision
 
-    big = over_cap(meta_params(lambda: torchvision.models.get_model(name, weights=None, **base)), TV_MAX_PARAMS)
+    meta = meta_model(lambda: torchvision.models.get_model(name, weights=None, **base))
+    big = over_cap(params(meta), TV_MAX_PARAMS)
     if big:
         return None, big
     if kind == "images":
-        base = {**base, **detection_light(lambda: torchvision.models.get_model(name, weights=None, **base))}
+        base = {**base, **detection_light(meta)}
     last = ""
     for size in SIZES:
         for extra in ({"image_size": size}, {}):

@@ -133,7 +133,8 @@ def run_case(entry: SweepModel, variant: str) -> tuple[Failures, dict[str, Any]]
     fails = Failures()
     info: dict[str, Any] = {}
     model, x = build(entry)
-    reference, own_doing = prototype(entry).reference, prototype(entry).own_doing
+    proto = prototype(entry)
+    reference, own_doing = proto.reference, proto.own_doing
     own = checks.existing_stochastic(model)
     regs = build_regularizers(VARIANTS[variant])
     state = checks.model_state(model)
